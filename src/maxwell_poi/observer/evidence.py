@@ -1,0 +1,26 @@
+"""What Maxwell itself observed of one lease. Evidence, not claims: the agent cannot edit it."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Any
+
+
+@dataclass(frozen=True)
+class ChannelEvidence:
+    """Measured by the runner around the agent's process and its stdin/stdout channel."""
+
+    started_at: float  # Maxwell's clock, unix seconds
+    finished_at: float
+    wall_s: float
+    cpu_s: float  # user + system CPU time of the agent process (rusage of the child)
+    max_rss_kb: int
+    bytes_in: int  # lease bytes Maxwell wrote to the agent
+    bytes_out: int  # receipt bytes the agent wrote back
+    sha256_in: str
+    sha256_out: str
+    exit_code: int | None
+    stderr_tail: str = ""
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)

@@ -1,0 +1,181 @@
+"""The receipt: an in-toto Statement in a DSSE envelope, signed with the agent's Ed25519 key.
+
+Everything in it is a *claim* by the agent. The verifier checks the signature and the bindings
+(L0), then tests the claims against Maxwell's own recomputation (L4).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import numpy as np
+from google.protobuf import json_format
+from in_toto_attestation.v1 import statement_pb2
+from in_toto_attestation.v1.statement import Statement
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from securesystemslib.dsse import Envelope
+
+from .encoding import b64, sha256_hex, unb64, unpack_tokens
+from .errors import ReceiptFormatError
+from .keys import AgentKey
+from .lease import _preview
+
+STATEMENT_TYPE = "https://in-toto.io/Statement/v1"
+PREDICATE_TYPE = "https://maxwell-poi.dev/receipt/v1"
+PAYLOAD_TYPE = "application/vnd.in-toto+json"
+
+HEX64 = r"^[0-9a-f]{64}$"
+
+
+class Fingerprints(BaseModel):
+    """Top-k activation commitments, one encoded chunk after another (see protocol.fingerprint)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+    k: int = Field(ge=1, le=1024)
+    chunk: int = Field(ge=1, le=1024)
+    data: str
+
+
+class Output(BaseModel):
+    """The answer itself: token ids for generation, a float32 matrix for embeddings."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+    tokens: str | None = None
+    width: Literal[2, 4] = 2
+    embedding: str | None = None
+    shape: list[int] | None = None
+
+    def to_bytes(self) -> bytes:
+        return unb64(self.tokens if self.tokens is not None else self.embedding or "", "output")
+
+
+class ReceiptClaims(BaseModel):
+    """The predicate of the Statement. Field names are short because they travel per receipt."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+    lease: str = Field(pattern=r"^[0-9a-f]{32}$")
+    nonce: str = Field(pattern=HEX64)
+    agent: str = Field(min_length=1, max_length=128)
+    model: str = Field(min_length=1, max_length=128)
+    weights: str = Field(pattern=HEX64, description="blake3 of the weights the agent says it ran")
+    precision: Literal["fp32", "bf16"]
+    input: str = Field(pattern=HEX64, description="sha256 of the lease input as the agent read it")
+    output: Output
+    fp: Fingerprints
+    layers: str = Field(pattern=HEX64, description="Merkle root of nonce-bound per-layer digests")
+    runtime: dict[str, str | int] = Field(default_factory=dict, description="self-reported")
+
+    def tokens(self) -> list[int]:
+        if self.output.tokens is None:
+            return []
+        return unpack_tokens(unb64(self.output.tokens, "output.tokens"), self.output.width)
+
+    def embedding(self) -> np.ndarray:
+        if self.output.embedding is None or self.output.shape is None:
+            raise ValueError("receipt carries no embedding")
+        raw = unb64(self.output.embedding, "output.embedding")
+        return np.frombuffer(raw, dtype="<f4").reshape(self.output.shape)
+
+    def fingerprint_bytes(self) -> bytes:
+        return unb64(self.fp.data, "fp.data")
+
+    def output_digest(self) -> str:
+        return sha256_hex(self.output.to_bytes())
+
+
+def embedding_output(matrix: np.ndarray) -> Output:
+    arr = np.ascontiguousarray(matrix, dtype="<f4")
+    return Output(embedding=b64(arr.tobytes()), shape=list(arr.shape))
+
+
+def statement_for(claims: ReceiptClaims) -> dict[str, Any]:
+    return {
+        "_type": STATEMENT_TYPE,
+        "subject": [{"name": f"lease/{claims.lease}/output", "digest": {"sha256": claims.output_digest()}}],
+        "predicateType": PREDICATE_TYPE,
+        "predicate": claims.model_dump(exclude_none=True),
+    }
+
+
+def sign_receipt(claims: ReceiptClaims, key: AgentKey) -> bytes:
+    """Serialise the claims as a Statement, wrap it in DSSE, sign it: the bytes an agent returns."""
+    payload = json.dumps(statement_for(claims), separators=(",", ":")).encode()
+    envelope = Envelope(payload=payload, payload_type=PAYLOAD_TYPE, signatures={})
+    envelope.sign(key.signer)
+    return json.dumps(envelope.to_dict(), separators=(",", ":")).encode()
+
+
+@dataclass(frozen=True)
+class OpenedReceipt:
+    """A receipt whose shape is valid. Its signature is NOT yet checked (that is L0's job)."""
+
+    envelope: Envelope
+    claims: ReceiptClaims
+    size: int
+
+    @property
+    def keyid(self) -> str:
+        return next(iter(self.envelope.signatures))
+
+
+def open_receipt(raw: bytes, max_bytes: int) -> OpenedReceipt:
+    """Parse and shape-check a receipt; every refusal says what was expected and what came."""
+    if len(raw) > max_bytes:
+        raise ReceiptFormatError(f"at most {max_bytes} bytes for this lease", f"{len(raw)} bytes")
+    if not raw.strip():
+        raise ReceiptFormatError("a DSSE envelope (JSON)", "an empty message")
+    try:
+        outer = json.loads(raw)
+    except (ValueError, UnicodeDecodeError):
+        raise ReceiptFormatError("a DSSE envelope (JSON)", _preview(raw)) from None
+    if not isinstance(outer, dict):
+        raise ReceiptFormatError("a JSON object", type(outer).__name__)
+    try:
+        envelope = Envelope.from_dict(outer)
+    except Exception as exc:  # securesystemslib raises KeyError/TypeError/binascii errors here
+        raise ReceiptFormatError(
+            "a DSSE envelope with payload, payloadType and signatures", f"{type(exc).__name__}: {exc}"
+        ) from None
+    if envelope.payload_type != PAYLOAD_TYPE:
+        raise ReceiptFormatError(f"payloadType {PAYLOAD_TYPE!r}", repr(envelope.payload_type)[:80])
+    if len(envelope.signatures) != 1:
+        raise ReceiptFormatError("exactly one signature", f"{len(envelope.signatures)}")
+    statement = _statement(envelope.payload)
+    try:
+        claims = ReceiptClaims.model_validate(statement["predicate"])
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        where = ".".join(str(p) for p in first["loc"])
+        raise ReceiptFormatError(f"valid claims ({where}: {first['msg']})", _preview(
+            json.dumps(first.get("input"), default=str))) from None
+    try:
+        subject_digest = statement["subject"][0]["digest"].get("sha256")
+        actual = claims.output_digest()
+    except (ValueError, KeyError, IndexError, AttributeError) as exc:
+        raise ReceiptFormatError("a decodable output and subject digest", str(exc)) from None
+    if subject_digest != actual:
+        raise ReceiptFormatError(f"subject sha256 {actual} (of the output carried)", str(subject_digest))
+    return OpenedReceipt(envelope=envelope, claims=claims, size=len(raw))
+
+
+def _statement(payload: bytes) -> dict[str, Any]:
+    try:
+        statement = json.loads(payload)
+    except (ValueError, UnicodeDecodeError):
+        raise ReceiptFormatError("an in-toto Statement (JSON) as payload", _preview(payload)) from None
+    if not isinstance(statement, dict):
+        raise ReceiptFormatError("a Statement object", type(statement).__name__)
+    if statement.get("_type") != STATEMENT_TYPE:
+        raise ReceiptFormatError(f"_type {STATEMENT_TYPE!r}", repr(statement.get("_type"))[:80])
+    if statement.get("predicateType") != PREDICATE_TYPE:
+        raise ReceiptFormatError(
+            f"predicateType {PREDICATE_TYPE!r}", repr(statement.get("predicateType"))[:80]
+        )
+    try:  # the reference in-toto implementation checks subjects and digests
+        pb = json_format.ParseDict(statement, statement_pb2.Statement())
+        Statement.copy_from_pb(pb).validate()
+    except (json_format.ParseError, ValueError) as exc:
+        raise ReceiptFormatError("a valid in-toto v1 Statement", str(exc)[:120]) from None
+    return statement

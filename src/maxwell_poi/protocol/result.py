@@ -1,0 +1,80 @@
+"""Attestation results: one verdict, with each layer's status, reason and cost."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from enum import Enum
+from typing import Any
+
+
+class Status(str, Enum):
+    PASS = "pass"
+    WARN = "warn"
+    FAIL = "fail"
+    SKIPPED = "skipped"
+
+
+class Verdict(str, Enum):
+    AFFIRMING = "affirming"
+    WARNING = "warning"
+    CONTRAINDICATED = "contraindicated"
+
+
+@dataclass(frozen=True)
+class LayerResult:
+    layer: str
+    status: Status
+    reason: str
+    score: float | None = None  # layer-specific: 1.0 = fully consistent with honest work
+    cost_s: float = 0.0
+    details: dict[str, Any] = field(default_factory=dict)
+
+    def as_dict(self) -> dict[str, Any]:
+        out = asdict(self)
+        out["status"] = self.status.value
+        return out
+
+
+@dataclass(frozen=True)
+class AttestationResult:
+    lease_id: str
+    agent_id: str
+    model_id: str
+    verdict: Verdict
+    layers: tuple[LayerResult, ...]
+
+    @property
+    def caught_by(self) -> list[str]:
+        return [r.layer for r in self.layers if r.status is Status.FAIL]
+
+    @property
+    def reason(self) -> str:
+        failing = [r for r in self.layers if r.status in (Status.FAIL, Status.WARN)]
+        if not failing:
+            return "; ".join(r.reason for r in self.layers if r.status is Status.PASS)
+        return "; ".join(f"{r.layer}: {r.reason}" for r in failing)
+
+    @property
+    def cost_s(self) -> float:
+        return sum(r.cost_s for r in self.layers)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "lease_id": self.lease_id,
+            "agent_id": self.agent_id,
+            "model_id": self.model_id,
+            "verdict": self.verdict.value,
+            "caught_by": self.caught_by,
+            "reason": self.reason,
+            "cost_s": round(self.cost_s, 6),
+            "layers": [r.as_dict() for r in self.layers],
+        }
+
+
+def verdict_of(layers: list[LayerResult]) -> Verdict:
+    statuses = {r.status for r in layers}
+    if Status.FAIL in statuses:
+        return Verdict.CONTRAINDICATED
+    if Status.WARN in statuses:
+        return Verdict.WARNING
+    return Verdict.AFFIRMING

@@ -1,0 +1,87 @@
+"""The forward passes both sides run: seeded generation (agent) and one-pass prefill (verifier)."""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable
+
+import numpy as np
+import torch
+
+from ..protocol.sampling import SeededSampler
+from ..registry.models import BERT_CLS, BERT_SEP, LoadedModel
+
+EMBED_MAX_TOKENS = 256  # all-MiniLM-L6-v2 was trained with 256-token inputs
+
+
+def _cache_keyword(module: torch.nn.Module) -> str:
+    """transformers >= 5.2x names the KV-cache argument `cache`; older releases `past_key_values`."""
+    return "cache" if "cache" in inspect.signature(module.forward).parameters else "past_key_values"
+
+
+def generate(
+    model: LoadedModel,
+    prompt_ids: list[int],
+    new_tokens: int,
+    sampler: SeededSampler,
+    *,
+    after_step: Callable[[int], None] | None = None,
+    peers: list[list[int]] | None = None,
+) -> list[int]:
+    """Seeded generation with a KV cache. Row 0 is the lease; `peers` are other prompts of the
+    same length batched alongside (a serving engine's batch), decoded greedily and discarded.
+
+    `after_step(pos)` runs after each forward pass (pos = -1 after the prefill).
+    """
+    rows = [prompt_ids, *(peers or [])]
+    if any(len(r) != len(prompt_ids) for r in rows):
+        raise ValueError("batched peers must have the prompt's length")
+    device = next(model.module.parameters()).device
+    tokens: list[int] = []
+    cache_kw = _cache_keyword(model.module)
+    with torch.inference_mode():
+        out = model.module(input_ids=torch.tensor(rows, device=device), use_cache=True, logits_to_keep=1)
+        if after_step:
+            after_step(-1)
+        for pos in range(new_tokens):
+            logits = out.logits[:, -1]
+            tokens.append(sampler.choose(logits[0], pos))
+            if pos == new_tokens - 1:
+                break
+            feed = [[tokens[-1]]] + [[int(logits[b].argmax())] for b in range(1, len(rows))]
+            out = model.module(
+                input_ids=torch.tensor(feed, device=device),
+                use_cache=True,
+                logits_to_keep=1,
+                **{cache_kw: out.past_key_values},
+            )
+            if after_step:
+                after_step(pos)
+    return tokens
+
+
+def prefill(model: LoadedModel, prompt_ids: list[int], tokens: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """One forward pass over prompt + output[:-1]: (final hidden states [P+N-1, d], logits [N, V]).
+
+    Logits are computed only where a new token was chosen (the prompt's last position onward),
+    which keeps the verifier's output projection to N rows.
+    """
+    ids = torch.tensor([prompt_ids + tokens[:-1]])
+    with torch.inference_mode():
+        hidden = model.module.base_model(input_ids=ids).last_hidden_state[0]
+        head = model.module.get_output_embeddings()
+        logits = head(hidden[len(prompt_ids) - 1 :])
+    return hidden, logits
+
+
+def embed_one(model: LoadedModel, text: str) -> tuple[torch.Tensor, np.ndarray]:
+    """Sentence-transformers pipeline for one text: last hidden states and the L2-normalised
+    mean-pooled embedding."""
+    ids = model.tokenizer(text, add_special_tokens=False)["input_ids"][: EMBED_MAX_TOKENS - 2]
+    ids = [BERT_CLS, *ids, BERT_SEP]
+    device = next(model.module.parameters()).device
+    with torch.inference_mode():
+        hidden = model.module(input_ids=torch.tensor([ids], device=device)).last_hidden_state[0]
+        pooled = hidden.float().mean(dim=0)
+        emb = torch.nn.functional.normalize(pooled, dim=0)
+    return hidden, emb.cpu().numpy().astype(np.float32)

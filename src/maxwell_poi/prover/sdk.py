@@ -1,0 +1,155 @@
+"""The prover SDK: what an honest agent runs to answer a lease with a signed receipt.
+
+    key = AgentKey.load("agent.key")
+    receipt_bytes = Prover(key).run(lease)
+
+Third-party agents can use the pieces (`ActivationRecorder`, `CommitmentBuilder`,
+`claims_for`, `sign_receipt`) or produce the documented format themselves (docs/receipt.md).
+"""
+
+from __future__ import annotations
+
+import copy
+import platform
+
+import numpy as np
+import torch
+
+from ..protocol.encoding import b64, pack_tokens, sha256_hex, token_width
+from ..protocol.keys import AgentKey
+from ..protocol.lease import EmbedJob, GenerateJob, Lease
+from ..protocol.receipt import Fingerprints, Output, ReceiptClaims, embedding_output, sign_receipt
+from ..protocol.sampling import SeededSampler
+from ..registry.models import LoadedModel, ReferenceValues, Registry, find_final_norm, find_layers
+from .inference import embed_one, generate
+from .recorder import ActivationRecorder, CommitmentBuilder
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
+def claims_for(
+    lease: Lease,
+    reference: ReferenceValues,
+    builder: CommitmentBuilder,
+    *,
+    output: Output,
+    runtime: dict[str, str | int] | None = None,
+) -> ReceiptClaims:
+    """The predicate an agent signs for `lease`, from its output and its commitments."""
+    job = lease.job
+    return ReceiptClaims(
+        lease=lease.lease_id,
+        nonce=lease.nonce,
+        agent=lease.agent_id,
+        model=lease.model_id,
+        weights=reference.weights_digest,
+        precision=lease.precision,
+        input=sha256_hex(lease.input_bytes()),
+        output=output,
+        fp=Fingerprints(k=job.topk, chunk=getattr(job, "chunk", 1), data=b64(builder.fingerprint_bytes)),
+        layers=builder.layer_root,
+        runtime=runtime or {},
+    )
+
+
+def token_output(tokens: list[int], vocab: int) -> Output:
+    width = token_width(vocab)
+    return Output(tokens=b64(pack_tokens(tokens, width)), width=width)
+
+
+def with_dtype(model: LoadedModel, dtype: torch.dtype) -> LoadedModel:
+    """A copy of the model in another dtype (the registry's copy stays float32)."""
+    if dtype == torch.float32:
+        return model
+    module = copy.deepcopy(model.module).to(dtype)
+    return LoadedModel(
+        spec=model.spec,
+        module=module,
+        tokenizer=model.tokenizer,
+        layers=find_layers(module, module.config.num_hidden_layers),
+        final_norm=find_final_norm(module) if model.final_norm is not None else None,
+        reference=model.reference,
+    )
+
+
+def batch_peers(prompt_len: int, count: int, vocab: int, seed: int = 7) -> list[list[int]]:
+    """Other requests of the same length to batch beside the lease (an honest serving variant)."""
+    rng = np.random.default_rng(seed)
+    return rng.integers(1000, vocab, size=(count, prompt_len)).tolist()
+
+
+class Prover:
+    """Runs a lease honestly on the model it names and returns the signed receipt bytes."""
+
+    def __init__(
+        self,
+        key: AgentKey,
+        registry: Registry | None = None,
+        *,
+        threads: int | None = None,
+        batch: int = 1,
+    ) -> None:
+        self.key = key
+        self.registry = registry or Registry()
+        self.batch = max(1, batch)
+        if threads:
+            torch.set_num_threads(threads)
+        self._converted: dict[tuple[str, str], LoadedModel] = {}
+
+    def model_for(self, lease: Lease) -> LoadedModel:
+        key = (lease.model_id, lease.precision)
+        if key not in self._converted:
+            self._converted[key] = with_dtype(self.registry.load(lease.model_id), DTYPES[lease.precision])
+        return self._converted[key]
+
+    def runtime(self) -> dict[str, str | int]:
+        return {
+            "device": "cpu",
+            "threads": torch.get_num_threads(),
+            "batch": self.batch,
+            "torch": torch.__version__,
+            "host": platform.machine(),
+        }
+
+    def run(self, lease: Lease) -> bytes:
+        return sign_receipt(self.claims(lease), self.key)
+
+    def claims(self, lease: Lease) -> ReceiptClaims:
+        model = self.model_for(lease)
+        if isinstance(lease.job, GenerateJob):
+            tokens, builder = self.generate(lease, model)
+            output = token_output(tokens, model.reference.vocab)
+        else:
+            matrix, builder = self.embed(lease, model)
+            output = embedding_output(matrix)
+        return claims_for(lease, model.reference, builder, output=output, runtime=self.runtime())
+
+    def generate(self, lease: Lease, model: LoadedModel) -> tuple[list[int], CommitmentBuilder]:
+        job = lease.job
+        assert isinstance(job, GenerateJob)
+        prompt = model.encode_prompt(job.prompt)
+        builder = CommitmentBuilder(lease.nonce_bytes, job.topk)
+        sampler = SeededSampler(lease.seed_bytes, job.temperature)
+        peers = batch_peers(len(prompt), self.batch - 1, model.reference.vocab)
+        with ActivationRecorder(model) as recorder:
+
+            def commit_full_chunks(pos: int) -> None:
+                if pos < 0 or recorder.pending >= job.chunk:
+                    builder.drain(recorder)
+
+            tokens = generate(model, prompt, job.max_new_tokens, sampler,
+                              after_step=commit_full_chunks, peers=peers)
+            builder.drain(recorder)
+        return tokens, builder
+
+    def embed(self, lease: Lease, model: LoadedModel) -> tuple[np.ndarray, CommitmentBuilder]:
+        job = lease.job
+        assert isinstance(job, EmbedJob)
+        builder = CommitmentBuilder(lease.nonce_bytes, job.topk)
+        rows = []
+        with ActivationRecorder(model) as recorder:
+            for text in job.texts:
+                _, emb = embed_one(model, text)
+                rows.append(emb)
+                builder.drain(recorder)  # one chunk per text
+        return np.stack(rows), builder

