@@ -1,0 +1,106 @@
+"""Adversary agents: real programs that each actually do their cheat, for the test suite and demo.
+
+Each module is runnable as `python -m maxwell_poi.adversaries.<name> --key KEY [options]` and
+speaks the same stdin/stdout protocol as the honest agent (`poi agent`). The catalogue below
+maps attack classes (design.md section 4) to the program and options that carry them out.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True)
+class Attack:
+    name: str  # attack class, as reported by `poi demo`
+    module: str  # maxwell_poi.adversaries.<module>
+    summary: str
+    args: tuple[str, ...] = ()
+    kinds: tuple[str, ...] = ("generate",)  # which jobs it applies to
+    needs_priming: bool = False  # must have answered one earlier lease honestly first
+    options: dict[str, str] = field(default_factory=dict)
+
+
+CATALOGUE: list[Attack] = [
+    Attack(
+        "smaller-model",
+        "substitute_model",
+        "runs a much smaller model, claims the leased one",
+        ("--substitute", "{small}"),
+    ),
+    Attack(
+        "other-weights",
+        "substitute_model",
+        "same architecture, other weights (seed 1)",
+        ("--substitute", "{alt}"),
+    ),
+    Attack(
+        "perturbed-weights", "perturbed_weights", "weights with ~1% multiplicative noise", ("--noise", "0.01")
+    ),
+    Attack(
+        "precision-bf16",
+        "precision_downgrade",
+        "runs bfloat16 weights while claiming fp32",
+        ("--dtype", "bf16"),
+        kinds=("generate", "embed"),
+    ),
+    Attack(
+        "precision-int8",
+        "precision_downgrade",
+        "int8-rounded weights while claiming fp32",
+        ("--dtype", "int8"),
+    ),
+    Attack("prompt-alteration", "prompt_alteration", "answers an altered prompt"),
+    Attack("output-tampering", "output_tampering", "changes output tokens after generating"),
+    Attack(
+        "replay-old-receipt",
+        "replay",
+        "returns a receipt from an earlier lease verbatim",
+        ("--store", "{store}"),
+        needs_priming=True,
+    ),
+    Attack(
+        "old-answer-new-nonce",
+        "resign_old_answer",
+        "re-signs an earlier answer under the new lease and nonce",
+        ("--store", "{store}"),
+        needs_priming=True,
+    ),
+    Attack(
+        "fabricated-fingerprints",
+        "fabricated_fingerprints",
+        "cheap tokens plus invented fingerprints",
+        ("--substitute", "{small}"),
+    ),
+    Attack(
+        "skipped-layers",
+        "skipped_layers",
+        "early exit: runs only the first half of the layers",
+        kinds=("generate", "embed"),
+    ),
+    Attack(
+        "cheap-draft",
+        "cheap_draft",
+        "a small model decodes, the leased model only prefills to build fingerprints",
+        ("--draft", "{small}"),
+    ),
+    Attack("forged-signature", "forged_signature", "signs with a key that is not the agent's"),
+    Attack("other-agents-lease", "lease_thief", "an enrolled agent answers a lease issued to another agent"),
+    Attack(
+        "sleeper", "sleeper", "sleeps, then returns garbage in a well-formed signed receipt", ("--sleep", "1")
+    ),
+    Attack("malformed-receipt", "malformed", "returns a truncated receipt", ("--mode", "truncated")),
+    Attack(
+        "oversized-receipt",
+        "malformed",
+        "floods the channel with an oversized receipt",
+        ("--mode", "oversized"),
+    ),
+]
+
+
+def by_name(name: str) -> Attack:
+    for attack in CATALOGUE:
+        if attack.name == name:
+            return attack
+    raise KeyError(f"unknown attack {name!r}; known: {', '.join(a.name for a in CATALOGUE)}")

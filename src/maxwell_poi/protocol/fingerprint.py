@@ -54,13 +54,11 @@ def interpolate(xs: np.ndarray, ys: np.ndarray) -> np.ndarray:
         c[j:] = num * _inverse(den) % PRIME
     poly = np.zeros(n, dtype=np.int64)
     poly[0] = c[n - 1]
-    degree = 0
-    for i in range(n - 2, -1, -1):  # poly = poly * (X - x_i) + c_i
+    for degree, i in enumerate(range(n - 2, -1, -1)):  # poly = poly * (X - x_i) + c_i
         shifted = np.zeros_like(poly)
         shifted[1 : degree + 2] = poly[: degree + 1]
-        poly = (shifted - x[i] * poly + 0) % PRIME
+        poly = (shifted - x[i] * poly) % PRIME
         poly[0] = (poly[0] + c[i]) % PRIME
-        degree += 1
     return poly
 
 
@@ -138,9 +136,7 @@ class ChunkComparison:
 CLOSE_REL = 2.0**-9  # two float16 ulps: what honest float32 reruns on other kernels stay within
 
 
-def compare_chunk(
-    chunk: bytes, hidden: torch.Tensor, k: int, positions: tuple[int, int]
-) -> ChunkComparison:
+def compare_chunk(chunk: bytes, hidden: torch.Tensor, k: int, positions: tuple[int, int]) -> ChunkComparison:
     idx, mine = top_entries(hidden, k)
     theirs = read_back(chunk, idx)
     with np.errstate(invalid="ignore", over="ignore"):

@@ -41,9 +41,7 @@ class EmbedJob(BaseModel):
 
     model_config = ConfigDict(frozen=True, extra="forbid")
     kind: Literal["embed"] = "embed"
-    texts: list[Annotated[str, Field(min_length=1, max_length=4000)]] = Field(
-        min_length=1, max_length=64
-    )
+    texts: list[Annotated[str, Field(min_length=1, max_length=4000)]] = Field(min_length=1, max_length=64)
     topk: int = Field(default=32, ge=4, le=1024)
 
     def input_bytes(self) -> bytes:
@@ -125,9 +123,7 @@ class Lease(BaseModel):
         except ValidationError as exc:
             first = exc.errors()[0]
             where = ".".join(str(p) for p in first["loc"]) or "lease"
-            raise LeaseFormatError(
-                f"a valid lease ({where}: {first['msg']})", _preview(raw)
-            ) from exc
+            raise LeaseFormatError(f"a valid lease ({where}: {first['msg']})", _preview(raw)) from exc
 
 
 def _preview(raw: str | bytes, limit: int = 60) -> str:

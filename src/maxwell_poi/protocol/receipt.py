@@ -148,8 +148,9 @@ def open_receipt(raw: bytes, max_bytes: int) -> OpenedReceipt:
     except ValidationError as exc:
         first = exc.errors()[0]
         where = ".".join(str(p) for p in first["loc"])
-        raise ReceiptFormatError(f"valid claims ({where}: {first['msg']})", _preview(
-            json.dumps(first.get("input"), default=str))) from None
+        raise ReceiptFormatError(
+            f"valid claims ({where}: {first['msg']})", _preview(json.dumps(first.get("input"), default=str))
+        ) from None
     try:
         subject_digest = statement["subject"][0]["digest"].get("sha256")
         actual = claims.output_digest()

@@ -3,18 +3,18 @@
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
-from enum import Enum
+from enum import StrEnum
 from typing import Any
 
 
-class Status(str, Enum):
+class Status(StrEnum):
     PASS = "pass"
     WARN = "warn"
     FAIL = "fail"
     SKIPPED = "skipped"
 
 
-class Verdict(str, Enum):
+class Verdict(StrEnum):
     AFFIRMING = "affirming"
     WARNING = "warning"
     CONTRAINDICATED = "contraindicated"

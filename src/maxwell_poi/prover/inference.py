@@ -60,7 +60,9 @@ def generate(
     return tokens
 
 
-def prefill(model: LoadedModel, prompt_ids: list[int], tokens: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+def prefill(
+    model: LoadedModel, prompt_ids: list[int], tokens: list[int]
+) -> tuple[torch.Tensor, torch.Tensor]:
     """One forward pass over prompt + output[:-1]: (final hidden states [P+N-1, d], logits [N, V]).
 
     Logits are computed only where a new token was chosen (the prompt's last position onward),

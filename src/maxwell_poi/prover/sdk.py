@@ -20,7 +20,7 @@ from ..protocol.keys import AgentKey
 from ..protocol.lease import EmbedJob, GenerateJob, Lease
 from ..protocol.receipt import Fingerprints, Output, ReceiptClaims, embedding_output, sign_receipt
 from ..protocol.sampling import SeededSampler
-from ..registry.models import LoadedModel, ReferenceValues, Registry, find_final_norm, find_layers
+from ..registry.models import LoadedModel, ReferenceValues, Registry
 from .inference import embed_one, generate
 from .recorder import ActivationRecorder, CommitmentBuilder
 
@@ -61,15 +61,7 @@ def with_dtype(model: LoadedModel, dtype: torch.dtype) -> LoadedModel:
     """A copy of the model in another dtype (the registry's copy stays float32)."""
     if dtype == torch.float32:
         return model
-    module = copy.deepcopy(model.module).to(dtype)
-    return LoadedModel(
-        spec=model.spec,
-        module=module,
-        tokenizer=model.tokenizer,
-        layers=find_layers(module, module.config.num_hidden_layers),
-        final_norm=find_final_norm(module) if model.final_norm is not None else None,
-        reference=model.reference,
-    )
+    return model.with_module(copy.deepcopy(model.module).to(dtype))
 
 
 def batch_peers(prompt_len: int, count: int, vocab: int, seed: int = 7) -> list[list[int]]:
@@ -116,13 +108,14 @@ class Prover:
 
     def claims(self, lease: Lease) -> ReceiptClaims:
         model = self.model_for(lease)
+        claimed = self.registry.load(lease.model_id).reference  # what the lease asked for
         if isinstance(lease.job, GenerateJob):
             tokens, builder = self.generate(lease, model)
-            output = token_output(tokens, model.reference.vocab)
+            output = token_output(tokens, claimed.vocab)
         else:
             matrix, builder = self.embed(lease, model)
             output = embedding_output(matrix)
-        return claims_for(lease, model.reference, builder, output=output, runtime=self.runtime())
+        return claims_for(lease, claimed, builder, output=output, runtime=self.runtime())
 
     def generate(self, lease: Lease, model: LoadedModel) -> tuple[list[int], CommitmentBuilder]:
         job = lease.job
@@ -137,8 +130,9 @@ class Prover:
                 if pos < 0 or recorder.pending >= job.chunk:
                     builder.drain(recorder)
 
-            tokens = generate(model, prompt, job.max_new_tokens, sampler,
-                              after_step=commit_full_chunks, peers=peers)
+            tokens = generate(
+                model, prompt, job.max_new_tokens, sampler, after_step=commit_full_chunks, peers=peers
+            )
             builder.drain(recorder)
         return tokens, builder
 

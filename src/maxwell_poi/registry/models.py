@@ -65,24 +65,59 @@ GPT2_SMALL = dict(n_embd=768, n_layer=12, n_head=12, n_positions=1024)
 BUILTIN: dict[str, ModelSpec] = {
     s.model_id: s
     for s in [
-        ModelSpec("minilm-l6-v2", "embedding", "bert",
-                  "all-MiniLM-L6-v2, real pretrained 6-layer BERT encoder (22.7M), 384-d embeddings"),
-        ModelSpec("gpt2-small", "causal-lm", "gpt2",
-                  "GPT-2-small shape (12 x 768, 109M with the 30,522 BERT vocabulary), seed 0",
-                  GPT2_SMALL, seed=0),
-        ModelSpec("gpt2-small-alt", "causal-lm", "gpt2",
-                  "same architecture as gpt2-small, other weights (seed 1)", GPT2_SMALL, seed=1),
-        ModelSpec("llama-small", "causal-lm", "llama",
-                  "Llama shape (8 x 512, GQA 8/4 heads, SwiGLU 1408), seed 0",
-                  dict(hidden_size=512, intermediate_size=1408, num_hidden_layers=8,
-                       num_attention_heads=8, num_key_value_heads=4, max_position_embeddings=2048),
-                  seed=0),
-        ModelSpec("gpt2-mini", "causal-lm", "gpt2",
-                  "small GPT-2 (4 x 256), the cheap substitute and draft model",
-                  dict(n_embd=256, n_layer=4, n_head=4, n_positions=1024), seed=0),
-        ModelSpec("gpt2-micro", "causal-lm", "gpt2",
-                  "test-sized GPT-2 (2 x 64); the cheap substitute for gpt2-mini in tests",
-                  dict(n_embd=64, n_layer=2, n_head=2, n_positions=1024), seed=0),
+        ModelSpec(
+            "minilm-l6-v2",
+            "embedding",
+            "bert",
+            "all-MiniLM-L6-v2, real pretrained 6-layer BERT encoder (22.7M), 384-d embeddings",
+        ),
+        ModelSpec(
+            "gpt2-small",
+            "causal-lm",
+            "gpt2",
+            "GPT-2-small shape (12 x 768, 109M with the 30,522 BERT vocabulary), seed 0",
+            GPT2_SMALL,
+            seed=0,
+        ),
+        ModelSpec(
+            "gpt2-small-alt",
+            "causal-lm",
+            "gpt2",
+            "same architecture as gpt2-small, other weights (seed 1)",
+            GPT2_SMALL,
+            seed=1,
+        ),
+        ModelSpec(
+            "llama-small",
+            "causal-lm",
+            "llama",
+            "Llama shape (8 x 512, GQA 8/4 heads, SwiGLU 1408), seed 0",
+            dict(
+                hidden_size=512,
+                intermediate_size=1408,
+                num_hidden_layers=8,
+                num_attention_heads=8,
+                num_key_value_heads=4,
+                max_position_embeddings=2048,
+            ),
+            seed=0,
+        ),
+        ModelSpec(
+            "gpt2-mini",
+            "causal-lm",
+            "gpt2",
+            "small GPT-2 (4 x 256), the cheap substitute and draft model",
+            dict(n_embd=256, n_layer=4, n_head=4, n_positions=1024),
+            seed=0,
+        ),
+        ModelSpec(
+            "gpt2-micro",
+            "causal-lm",
+            "gpt2",
+            "test-sized GPT-2 (2 x 64); the cheap substitute for gpt2-mini in tests",
+            dict(n_embd=64, n_layer=2, n_head=2, n_positions=1024),
+            seed=0,
+        ),
     ]
 }
 
@@ -174,6 +209,17 @@ class LoadedModel:
     def decode(self, tokens: list[int]) -> str:
         return self.tokenizer.decode(tokens)
 
+    def with_module(self, module: nn.Module) -> LoadedModel:
+        """The same entry around another module (a converted or modified copy of the weights)."""
+        return LoadedModel(
+            spec=self.spec,
+            module=module,
+            tokenizer=self.tokenizer,
+            layers=find_layers(module, len(self.layers)),
+            final_norm=find_final_norm(module) if self.final_norm is not None else None,
+            reference=self.reference,
+        )
+
 
 def _reference(spec: ModelSpec, module: nn.Module) -> ReferenceValues:
     cfg = module.config
@@ -229,7 +275,9 @@ class Registry:
             spec = self.get(model_id)
             module = _build(spec).eval()
             cfg = module.config
-            tokenizer = shared_tokenizer(spec.path if spec.family == "local" and _has_tokenizer(spec.path) else None)
+            tokenizer = shared_tokenizer(
+                spec.path if spec.family == "local" and _has_tokenizer(spec.path) else None
+            )
             self._cache[model_id] = LoadedModel(
                 spec=spec,
                 module=module,
@@ -240,7 +288,9 @@ class Registry:
             )
         return self._cache[model_id]
 
-    def add_local(self, model_id: str, path: Path, kind: Kind = "causal-lm", description: str = "") -> ModelSpec:
+    def add_local(
+        self, model_id: str, path: Path, kind: Kind = "causal-lm", description: str = ""
+    ) -> ModelSpec:
         """Register a local `transformers` directory (config.json + weights) under `model_id`."""
         path = Path(path).resolve()
         if not (path / "config.json").exists():

@@ -75,8 +75,15 @@ class IntegrityLayer:
             key = self.keyring.key_for(lease.agent_id)
         except (UnknownModelError, UnknownAgentError) as exc:
             return _fail(self.name, str(exc), start)
+        limit = max_receipt_bytes(lease, model.reference.hidden)
+        if ctx.evidence and ctx.evidence.bytes_out > limit:  # Maxwell counted the whole flood
+            return _fail(
+                self.name,
+                f"receipt: expected at most {limit} bytes for this lease, got {ctx.evidence.bytes_out}",
+                start,
+            )
         try:
-            receipt = open_receipt(ctx.raw, max_receipt_bytes(lease, model.reference.hidden))
+            receipt = open_receipt(ctx.raw, limit)
         except ReceiptFormatError as exc:
             return _fail(self.name, str(exc), start)
         try:
@@ -99,8 +106,12 @@ class IntegrityLayer:
         self._settled.add(lease.lease_id)
         ctx.receipt = receipt
         return LayerResult(
-            self.name, Status.PASS, "signed by the leased agent; bound to lease, nonce, model, input",
-            1.0, time.perf_counter() - start, {"receipt_bytes": receipt.size},
+            self.name,
+            Status.PASS,
+            "signed by the leased agent; bound to lease, nonce, model, input",
+            1.0,
+            time.perf_counter() - start,
+            {"receipt_bytes": receipt.size},
         )
 
     def _binding_problem(self, ctx: Appraisal, receipt: OpenedReceipt, model: LoadedModel) -> str | None:
@@ -190,18 +201,26 @@ class AuditLayer:
         details["score"] = min(c.close_fraction for c in comparisons)
         if gaps[worst] > tol.token_gap:
             bad = int((gaps > tol.token_gap).sum())
-            return Status.FAIL, (
-                f"token choice: expected the claimed model's seeded choice at every position "
-                f"(score gap <= {tol.token_gap:g}), got {bad}/{len(tokens)} off, worst at "
-                f"position {worst} (gap {float(gaps[worst]):.4g})"
-            ), details
+            return (
+                Status.FAIL,
+                (
+                    f"token choice: expected the claimed model's seeded choice at every position "
+                    f"(score gap <= {tol.token_gap:g}), got {bad}/{len(tokens)} off, worst at "
+                    f"position {worst} (gap {float(gaps[worst]):.4g})"
+                ),
+                details,
+            )
         bad_chunk = _worst_chunk(comparisons, tol)
         if bad_chunk:
             return Status.FAIL, bad_chunk, details
-        return Status.PASS, (
-            f"{len(tokens)} tokens match the seeded choice; {len(comparisons)} fingerprint chunks "
-            f"within {ctx.lease.precision} tolerance"
-        ), details
+        return (
+            Status.PASS,
+            (
+                f"{len(tokens)} tokens match the seeded choice; {len(comparisons)} fingerprint chunks "
+                f"within {ctx.lease.precision} tolerance"
+            ),
+            details,
+        )
 
     def _embedding(self, ctx: Appraisal, model: LoadedModel, tol) -> tuple[Status, str, dict]:
         job, claims = ctx.lease.job, ctx.receipt.claims
@@ -218,10 +237,14 @@ class AuditLayer:
         details["score"] = min(c.close_fraction for c in comparisons)
         if max(diffs) > tol.embed_max_abs or not np.isfinite(max(diffs)):
             i = int(np.argmax(diffs))
-            return Status.FAIL, (
-                f"embedding: expected within {tol.embed_max_abs:g} of the reference, got max "
-                f"difference {diffs[i]:.4g} on text {i}"
-            ), details
+            return (
+                Status.FAIL,
+                (
+                    f"embedding: expected within {tol.embed_max_abs:g} of the reference, got max "
+                    f"difference {diffs[i]:.4g} on text {i}"
+                ),
+                details,
+            )
         bad_chunk = _worst_chunk(comparisons, tol)
         if bad_chunk:
             return Status.FAIL, bad_chunk, details

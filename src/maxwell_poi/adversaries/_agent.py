@@ -1,0 +1,45 @@
+"""Shared plumbing for adversary programs: argument parsing, and a Prover whose model is swapped.
+
+The cheat itself lives in each program; this module only saves them repeating the harness.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+from ..protocol.keys import AgentKey
+from ..protocol.lease import Lease
+from ..prover.harness import quiet_libraries, serve_one
+from ..prover.sdk import Prover
+from ..registry.models import LoadedModel, Registry
+
+
+def parser(description: str) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=description)
+    p.add_argument("--key", type=Path, required=True, help="this agent's private key (PEM)")
+    p.add_argument("--threads", type=int, default=None)
+    return p
+
+
+class SwappedProver(Prover):
+    """Runs the honest pipeline on `swap(lease)`'s model while claiming the leased model."""
+
+    def __init__(self, key: AgentKey, swap: Callable[[Lease, Registry], LoadedModel], **kw) -> None:
+        super().__init__(key, **kw)
+        self._swap = swap
+
+    def model_for(self, lease: Lease) -> LoadedModel:
+        return self._swap(lease, self.registry)
+
+
+def run(args: argparse.Namespace, make_answer: Callable[[AgentKey], Callable[[Lease], bytes]]) -> None:
+    quiet_libraries()
+    key = AgentKey.load(args.key)
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    sys.exit(serve_one(make_answer(key)))

@@ -1,0 +1,45 @@
+"""Cheat: a small draft model decodes every token (cheap, sequential); the leased model then runs
+one prefill over prompt + draft output, so the fingerprints and layer digests really are the
+leased model's activations. Known to get past TOPLOC-style fingerprint checks; only a check of
+each token against the leased model's own seeded choice catches it."""
+
+from __future__ import annotations
+
+from ..protocol.fingerprint import chunk_spans
+from ..protocol.lease import GenerateJob, Lease
+from ..protocol.sampling import SeededSampler
+from ..prover.inference import generate, prefill
+from ..prover.recorder import ActivationRecorder, CommitmentBuilder
+from ..prover.sdk import Prover
+from ..registry.models import LoadedModel
+from ._agent import parser, run
+
+
+class DraftProver(Prover):
+    def __init__(self, key, draft_id: str) -> None:
+        super().__init__(key)
+        self.draft_id = draft_id
+
+    def generate(self, lease: Lease, model: LoadedModel):
+        job = lease.job
+        assert isinstance(job, GenerateJob)
+        prompt = model.encode_prompt(job.prompt)
+        draft = self.registry.load(self.draft_id)
+        tokens = generate(draft, prompt, job.max_new_tokens, SeededSampler(lease.seed_bytes, job.temperature))
+        builder = CommitmentBuilder(lease.nonce_bytes, job.topk)
+        with ActivationRecorder(model) as recorder:
+            prefill(model, prompt, tokens)
+            for start, end in chunk_spans(len(prompt), len(tokens), job.chunk):
+                builder.drain(recorder, end - start)
+        return tokens, builder
+
+
+def main() -> None:
+    p = parser(__doc__)
+    p.add_argument("--draft", required=True, help="small model that decodes")
+    args = p.parse_args()
+    run(args, lambda key: DraftProver(key, args.draft).run)
+
+
+if __name__ == "__main__":
+    main()

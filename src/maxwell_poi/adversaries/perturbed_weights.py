@@ -1,0 +1,35 @@
+"""Cheat: weights with small multiplicative noise (a cheaper fine-tune, a corrupted copy)."""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+
+from ..registry.models import LoadedModel
+from ._agent import SwappedProver, parser, run
+
+
+def perturbed(model: LoadedModel, noise: float, seed: int = 1234) -> LoadedModel:
+    module = copy.deepcopy(model.module)
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in module.parameters():
+            p.mul_(1 + noise * torch.randn(p.shape, generator=gen))
+    return model.with_module(module)
+
+
+def main() -> None:
+    p = parser(__doc__)
+    p.add_argument("--noise", type=float, default=0.01, help="relative noise (0.01 = 1%%)")
+    args = p.parse_args()
+    run(
+        args,
+        lambda key: (
+            SwappedProver(key, lambda lease, reg: perturbed(reg.load(lease.model_id), args.noise)).run
+        ),
+    )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,368 @@
+"""The `poi` command."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+app = typer.Typer(
+    help="Maxwell Proof of Inference: leases, agents, receipts and verdicts.", no_args_is_help=True
+)
+models_app = typer.Typer(help="List the model registry or add your own model.", invoke_without_command=True)
+app.add_typer(models_app, name="models")
+out = Console()
+err = Console(stderr=True)
+
+EXIT_OK, EXIT_REJECTED, EXIT_BAD_INPUT = 0, 1, 2
+JsonOpt = Annotated[bool, typer.Option("--json", help="machine-readable output on stdout")]
+
+
+def _quiet() -> None:
+    from .prover.harness import quiet_libraries
+
+    quiet_libraries()
+
+
+def _bad_input(message: str) -> typer.Exit:
+    err.print(f"[bold red]error:[/] {message}")
+    return typer.Exit(EXIT_BAD_INPUT)
+
+
+def _read(path: Path, what: str) -> bytes:
+    try:
+        return path.read_bytes() if str(path) != "-" else sys.stdin.buffer.read()
+    except OSError as exc:
+        raise _bad_input(f"cannot read {what} {path}: {exc.strerror}") from None
+
+
+@models_app.callback()
+def models(
+    ctx: typer.Context,
+    json_out: JsonOpt = False,
+    digests: Annotated[bool, typer.Option(help="build each model and show its reference values")] = True,
+) -> None:
+    """List registered models with their reference values (weights digest, parameters, FLOPs/token)."""
+    if ctx.invoked_subcommand:
+        return
+    _quiet()
+    from .protocol.errors import PoiError
+    from .registry.models import Registry
+
+    registry = Registry()
+    rows = []
+    try:
+        specs = registry.specs()
+    except PoiError as exc:
+        raise _bad_input(str(exc)) from None
+    with err.status("building models to measure their reference values…"):
+        for model_id, spec in specs.items():
+            row = {
+                "model_id": model_id,
+                "kind": spec.kind,
+                "family": spec.family,
+                "description": spec.description,
+            }
+            if digests:
+                row["reference"] = registry.load(model_id).reference.as_dict()
+            rows.append(row)
+    if json_out:
+        print(json.dumps({"models": rows}, indent=2))
+        return
+    table = Table(title="Model registry")
+    for col in ("model", "kind", "params", "FLOPs/token", "weights (blake3)", "description"):
+        table.add_column(col)
+    for r in rows:
+        ref = r.get("reference", {})
+        table.add_row(
+            r["model_id"],
+            r["kind"],
+            f"{ref.get('param_count', 0) / 1e6:.1f}M" if ref else "",
+            f"{ref.get('flops_per_token', 0) / 1e6:.0f}M" if ref else "",
+            ref.get("weights_digest", "")[:16],
+            r["description"],
+        )
+    out.print(table)
+
+
+@models_app.command("add")
+def models_add(
+    model_id: str,
+    path: Path,
+    kind: Annotated[str, typer.Option(help="causal-lm or embedding")] = "causal-lm",
+) -> None:
+    """Register a local `transformers` model directory (config.json + weights) under MODEL_ID."""
+    _quiet()
+    from .protocol.errors import PoiError
+    from .registry.models import Registry
+
+    if kind not in ("causal-lm", "embedding"):
+        raise _bad_input(f"--kind: expected causal-lm or embedding, got {kind!r}")
+    registry = Registry()
+    try:
+        spec = registry.add_local(model_id, path, kind)  # type: ignore[arg-type]
+        ref = registry.load(model_id).reference
+    except (PoiError, OSError, ValueError) as exc:
+        raise _bad_input(str(exc)) from None
+    out.print(
+        f"registered {spec.model_id} ({ref.param_count / 1e6:.1f}M parameters, "
+        f"weights {ref.weights_digest[:16]}…) in {registry.user_file}"
+    )
+
+
+@app.command()
+def keygen(
+    out_path: Annotated[Path, typer.Option("--out", help="where to write the private key (PEM)")],
+    agent_id: Annotated[str | None, typer.Option(help="enroll the public key under this agent id")] = None,
+    keyring: Annotated[Path | None, typer.Option(help="keyring file to enroll into")] = None,
+) -> None:
+    """Create an agent's Ed25519 key; optionally enroll it in Maxwell's keyring."""
+    from .protocol.keys import AgentKey, Keyring
+
+    if out_path.exists():
+        raise _bad_input(f"{out_path} exists; refusing to overwrite a key")
+    key = AgentKey.generate()
+    key.save(out_path)
+    if agent_id:
+        path = keyring or Path("keyring.json")
+        ring = Keyring.load(path)
+        ring.enroll(agent_id, key.public_hex)
+        ring.save(path)
+        err.print(f"enrolled {agent_id} in {path}")
+    print(key.public_hex)
+
+
+@app.command()
+def lease(
+    agent_id: Annotated[str, typer.Option(help="agent the lease is issued to")],
+    model: Annotated[str, typer.Option(help="model id from `poi models`")] = "gpt2-small",
+    prompt: Annotated[str | None, typer.Option(help="prompt for a generation job")] = None,
+    text: Annotated[list[str] | None, typer.Option(help="text for an embedding job (repeatable)")] = None,
+    max_new_tokens: int = 64,
+    temperature: float = 0.8,
+    precision: str = "fp32",
+    ttl: Annotated[float, typer.Option(help="seconds until the deadline")] = 600.0,
+    out_path: Annotated[Path | None, typer.Option("--out", help="write here instead of stdout")] = None,
+) -> None:
+    """Issue a lease (fresh 32-byte nonce, seeded sampler, deadline) as JSON."""
+    from pydantic import ValidationError
+
+    from .protocol.lease import EmbedJob, GenerateJob, Lease
+
+    if (prompt is None) == (not text):
+        raise _bad_input("give either --prompt (generation) or --text (embedding)")
+    try:
+        job = (
+            GenerateJob(prompt=prompt, max_new_tokens=max_new_tokens, temperature=temperature)
+            if prompt is not None
+            else EmbedJob(texts=text or [])
+        )
+        issued = Lease.issue(agent_id, model, job, precision=precision, ttl_s=ttl)  # type: ignore[arg-type]
+    except ValidationError as exc:
+        raise _bad_input(str(exc.errors()[0]["msg"])) from None
+    data = issued.model_dump_json(indent=2)
+    if out_path:
+        out_path.write_text(data)
+        err.print(f"lease {issued.lease_id} written to {out_path}")
+    else:
+        print(data)
+
+
+@app.command()
+def agent(
+    key: Annotated[Path, typer.Option(help="this agent's private key (PEM)")],
+    lease_path: Annotated[Path | None, typer.Option("--lease", help="lease file (default: stdin)")] = None,
+    threads: Annotated[int | None, typer.Option(help="torch intra-op threads")] = None,
+    batch: Annotated[int, typer.Option(help="batch the lease with this many same-length requests")] = 1,
+) -> None:
+    """The honest reference agent: reads a lease, runs it with the prover SDK, prints the receipt."""
+    _quiet()
+    from .protocol.errors import PoiError
+    from .protocol.keys import AgentKey
+    from .prover.harness import serve_one
+    from .prover.sdk import Prover
+
+    try:
+        prover = Prover(AgentKey.load(key), threads=threads, batch=batch)
+    except PoiError as exc:
+        raise _bad_input(str(exc)) from None
+    raw = _read(lease_path, "lease") if lease_path else None
+    raise typer.Exit(serve_one(prover.run, raw))
+
+
+def _load_verifier(keyring: Path, audit_rate: float):
+    from .protocol.errors import PoiError
+    from .protocol.keys import Keyring
+    from .registry.models import Registry
+    from .verifier.policy import Verifier
+
+    if not keyring.exists():
+        raise _bad_input(f"keyring {keyring} does not exist (create it with `poi keygen --agent-id`)")
+    try:
+        return Verifier(Registry(), Keyring.load(keyring), audit_rate=audit_rate)
+    except (PoiError, ValueError) as exc:
+        raise _bad_input(str(exc)) from None
+
+
+def _load_lease(path: Path):
+    from .protocol.errors import LeaseFormatError
+    from .protocol.lease import Lease
+
+    try:
+        return Lease.from_json(_read(path, "lease"))
+    except LeaseFormatError as exc:
+        raise _bad_input(str(exc)) from None
+
+
+def _report(result, json_out: bool, extra: dict | None = None) -> None:
+    if json_out:
+        print(json.dumps({**result.as_dict(), **(extra or {})}, indent=2))
+    else:
+        colour = {"affirming": "green", "warning": "yellow", "contraindicated": "red"}[result.verdict.value]
+        out.print(
+            f"[bold {colour}]{result.verdict.value}[/] lease {result.lease_id} "
+            f"agent {result.agent_id} model {result.model_id}"
+        )
+        table = Table()
+        for col in ("layer", "status", "reason", "cost"):
+            table.add_column(col)
+        for r in result.layers:
+            table.add_row(r.layer, r.status.value, r.reason, f"{r.cost_s * 1000:.1f} ms")
+        out.print(table)
+    raise typer.Exit(EXIT_OK if result.verdict.value == "affirming" else EXIT_REJECTED)
+
+
+@app.command()
+def verify(
+    lease_path: Annotated[Path, typer.Option("--lease", help="the lease JSON Maxwell issued")],
+    receipt: Annotated[Path, typer.Option(help="the agent's receipt (DSSE JSON); - for stdin")],
+    keyring: Annotated[Path, typer.Option(help="Maxwell's keyring of enrolled agents")] = Path(
+        "keyring.json"
+    ),
+    audit_rate: Annotated[float, typer.Option(help="L4 lottery probability")] = 1.0,
+    json_out: JsonOpt = False,
+) -> None:
+    """Appraise a receipt. Exit 0 affirming, 1 contraindicated or warning, 2 bad input."""
+    _quiet()
+    from .protocol.errors import ReceiptFormatError
+    from .protocol.receipt import open_receipt
+
+    the_lease = _load_lease(lease_path)
+    raw = _read(receipt, "receipt")
+    verifier = _load_verifier(keyring, audit_rate)
+    try:
+        open_receipt(raw, max_bytes=len(raw) + 1)  # shape only; the size limit is L0's
+    except ReceiptFormatError as exc:
+        raise _bad_input(str(exc)) from None
+    _report(verifier.appraise(the_lease, raw), json_out)
+
+
+@app.command()
+def run(
+    agent_cmd: Annotated[
+        str, typer.Option("--agent", help='agent command line, e.g. "poi agent --key a.pem"')
+    ],
+    lease_path: Annotated[Path, typer.Option("--lease", help="lease JSON to hand to the agent")],
+    keyring: Annotated[Path, typer.Option(help="Maxwell's keyring of enrolled agents")] = Path(
+        "keyring.json"
+    ),
+    receipt_out: Annotated[Path | None, typer.Option("--receipt-out", help="keep the receipt here")] = None,
+    audit_rate: float = 1.0,
+    json_out: JsonOpt = False,
+) -> None:
+    """Run an agent as a separate process on a lease, observe the channel, and appraise."""
+    _quiet()
+    from .observer.channel import run_agent
+    from .verifier.layers import max_receipt_bytes
+
+    the_lease = _load_lease(lease_path)
+    verifier = _load_verifier(keyring, audit_rate)
+    hidden = verifier.audit.registry.load(the_lease.model_id).reference.hidden
+    with err.status(f"agent running lease {the_lease.lease_id}…"):
+        try:
+            ran = run_agent(agent_cmd, the_lease, max_bytes=max_receipt_bytes(the_lease, hidden))
+        except OSError as exc:
+            raise _bad_input(f"cannot start agent {agent_cmd!r}: {exc.strerror}") from None
+    if receipt_out:
+        receipt_out.write_bytes(ran.receipt)
+    if ran.evidence.exit_code:
+        err.print(f"[yellow]agent exited with {ran.evidence.exit_code}:[/] {ran.evidence.stderr_tail[-500:]}")
+    result = verifier.appraise(the_lease, ran.receipt, ran.evidence)
+    _report(result, json_out, {"evidence": ran.evidence.as_dict()})
+
+
+@app.command()
+def demo(
+    json_out: JsonOpt = False,
+    out_dir: Annotated[Path, typer.Option("--out", help="where receipts and results go")] = Path("poi-demo"),
+    model: Annotated[str, typer.Option(help="claimed model for the generation jobs")] = "gpt2-small",
+    small: Annotated[str, typer.Option(help="model the substitution and draft cheats run")] = "gpt2-mini",
+    alt: Annotated[str, typer.Option(help="same-architecture model with other weights")] = "gpt2-small-alt",
+    tokens: Annotated[int, typer.Option(help="new tokens per generation lease")] = 48,
+    attack: Annotated[list[str] | None, typer.Option(help="run only these attack classes")] = None,
+    quick: Annotated[
+        bool, typer.Option(help="small models only (gpt2-mini claimed, gpt2-micro cheats)")
+    ] = False,
+) -> None:
+    """Issue leases to honest and cheating agents, run them, appraise, and show who got caught."""
+    _quiet()
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from .adversaries import CATALOGUE
+    from .demo import Demo, DemoConfig, report
+
+    known = {a.name for a in CATALOGUE}
+    for name in attack or []:
+        if name not in known:
+            raise _bad_input(f"--attack: expected one of {', '.join(sorted(known))}, got {name!r}")
+    cfg = DemoConfig(model=model, small=small, alt=alt, tokens=tokens, attacks=attack, out=out_dir)
+    if quick:
+        cfg.model, cfg.small, cfg.alt, cfg.second_model = "gpt2-mini", "gpt2-micro", "gpt2-micro", None
+    progress = Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        TextColumn("{task.completed}/{task.total}"),
+        TimeElapsedColumn(),
+        console=err,
+    )
+    with progress:
+        task = progress.add_task("planning", total=None)
+
+        def on_progress(label: str, done: int, total: int) -> None:
+            progress.update(task, description=label, completed=done, total=total)
+
+        rows = Demo(cfg).run(on_progress)
+    data = report(rows)
+    if json_out:
+        print(json.dumps(data, indent=2))
+        return
+    table = Table(title=f"poi demo — results in {out_dir}/results.json")
+    for col in ("agent", "attack", "model", "verdict", "caught by", "reason", "agent s", "verify s"):
+        table.add_column(col, overflow="fold")
+    for r in rows:
+        colour = "green" if r.verdict == "affirming" else "red"
+        table.add_row(
+            r.agent,
+            r.attack or "—",
+            r.model,
+            f"[{colour}]{r.verdict}[/]",
+            ", ".join(r.caught_by),
+            (r.reason if r.attack else r.output_preview or r.reason)[:160],
+            f"{r.agent_wall_s:.1f}",
+            f"{r.verify_s:.2f}",
+        )
+    out.print(table)
+    s = data["summary"]
+    out.print(
+        f"honest affirmed {s['honest_affirmed']}/{s['honest_runs']}; attacks contraindicated "
+        f"{s['attacks_contraindicated']}/{s['attack_runs']} across {s['attack_classes']} classes"
+    )
+
+
+if __name__ == "__main__":
+    app()
