@@ -7,7 +7,7 @@ maps attack classes (design.md section 4) to the program and options that carry 
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 
 @dataclass(frozen=True)
@@ -18,85 +18,50 @@ class Attack:
     args: tuple[str, ...] = ()
     kinds: tuple[str, ...] = ("generate",)  # which jobs it applies to
     needs_priming: bool = False  # must have answered one earlier lease honestly first
-    options: dict[str, str] = field(default_factory=dict)
+    caught_by: str = "L4-audit"  # the layer that must reject it
+    reason_has: str = ""  # a fragment the rejection reason must contain
 
 
+# fmt: off
+L0 = "L0-integrity"
 CATALOGUE: list[Attack] = [
-    Attack(
-        "smaller-model",
-        "substitute_model",
-        "runs a much smaller model, claims the leased one",
-        ("--substitute", "{small}"),
-    ),
-    Attack(
-        "other-weights",
-        "substitute_model",
-        "same architecture, other weights (seed 1)",
-        ("--substitute", "{alt}"),
-    ),
-    Attack(
-        "perturbed-weights", "perturbed_weights", "weights with ~1% multiplicative noise", ("--noise", "0.01")
-    ),
-    Attack(
-        "precision-bf16",
-        "precision_downgrade",
-        "runs bfloat16 weights while claiming fp32",
-        ("--dtype", "bf16"),
-        kinds=("generate", "embed"),
-    ),
-    Attack(
-        "precision-int8",
-        "precision_downgrade",
-        "int8-rounded weights while claiming fp32",
-        ("--dtype", "int8"),
-    ),
+    Attack("smaller-model", "substitute_model", "runs a much smaller model, claims the leased one",
+           ("--substitute", "{small}")),
+    Attack("other-weights", "substitute_model", "same architecture, other weights (seed 1)",
+           ("--substitute", "{alt}")),
+    Attack("perturbed-weights", "perturbed_weights", "weights with ~1% multiplicative noise",
+           ("--noise", "0.01")),
+    Attack("precision-bf16", "precision_downgrade", "runs bfloat16 weights while claiming fp32",
+           ("--dtype", "bf16"), kinds=("generate", "embed")),
+    Attack("precision-int8", "precision_downgrade", "int8-rounded weights while claiming fp32",
+           ("--dtype", "int8")),
     Attack("prompt-alteration", "prompt_alteration", "answers an altered prompt"),
-    Attack("output-tampering", "output_tampering", "changes output tokens after generating"),
-    Attack(
-        "replay-old-receipt",
-        "replay",
-        "returns a receipt from an earlier lease verbatim",
-        ("--store", "{store}"),
-        needs_priming=True,
-    ),
-    Attack(
-        "old-answer-new-nonce",
-        "resign_old_answer",
-        "re-signs an earlier answer under the new lease and nonce",
-        ("--store", "{store}"),
-        needs_priming=True,
-    ),
-    Attack(
-        "fabricated-fingerprints",
-        "fabricated_fingerprints",
-        "cheap tokens plus invented fingerprints",
-        ("--substitute", "{small}"),
-    ),
-    Attack(
-        "skipped-layers",
-        "skipped_layers",
-        "early exit: runs only the first half of the layers",
-        kinds=("generate", "embed"),
-    ),
-    Attack(
-        "cheap-draft",
-        "cheap_draft",
-        "a small model decodes, the leased model only prefills to build fingerprints",
-        ("--draft", "{small}"),
-    ),
-    Attack("forged-signature", "forged_signature", "signs with a key that is not the agent's"),
-    Attack("other-agents-lease", "lease_thief", "an enrolled agent answers a lease issued to another agent"),
-    Attack(
-        "sleeper", "sleeper", "sleeps, then returns garbage in a well-formed signed receipt", ("--sleep", "1")
-    ),
-    Attack("malformed-receipt", "malformed", "returns a truncated receipt", ("--mode", "truncated")),
-    Attack(
-        "oversized-receipt",
-        "malformed",
-        "floods the channel with an oversized receipt",
-        ("--mode", "oversized"),
-    ),
+    Attack("output-tampering", "output_tampering", "changes output tokens after generating",
+           reason_has="token choice"),
+    Attack("replay-old-receipt", "replay", "returns a receipt from an earlier lease verbatim",
+           ("--store", "{store}"), needs_priming=True, caught_by=L0, reason_has="lease id"),
+    Attack("old-answer-new-nonce", "resign_old_answer",
+           "re-signs an earlier answer under the new lease and nonce", ("--store", "{store}"),
+           needs_priming=True, reason_has="token choice"),
+    Attack("fabricated-fingerprints", "fabricated_fingerprints", "cheap tokens plus invented fingerprints",
+           ("--substitute", "{small}")),
+    Attack("skipped-layers", "skipped_layers", "early exit: runs only the first half of the layers",
+           kinds=("generate", "embed")),
+    Attack("cheap-draft", "cheap_draft",
+           "a small model decodes, the leased model only prefills to build fingerprints",
+           ("--draft", "{small}"), reason_has="token choice"),
+    Attack("forged-signature", "forged_signature", "signs with a key that is not the agent's",
+           caught_by=L0, reason_has="not in the keyring"),
+    Attack("other-agents-lease", "lease_thief", "an enrolled agent answers a lease issued to another agent",
+           caught_by=L0, reason_has="enrolled agent 'mallory'"),
+    Attack("sleeper", "sleeper", "sleeps, then returns garbage in a well-formed signed receipt",
+           ("--sleep", "1")),
+    Attack("malformed-receipt", "malformed", "returns a truncated receipt", ("--mode", "truncated"),
+           caught_by=L0, reason_has="DSSE envelope"),
+    Attack("oversized-receipt", "malformed", "floods the channel with an oversized receipt",
+           ("--mode", "oversized"), caught_by=L0, reason_has="at most"),
 ]
+# fmt: on
 
 
 def by_name(name: str) -> Attack:

@@ -13,15 +13,15 @@ from securesystemslib.exceptions import VerificationError
 from ..observer.evidence import ChannelEvidence
 from ..protocol.encoding import sha256_hex
 from ..protocol.errors import ReceiptFormatError, UnknownAgentError, UnknownModelError
-from ..protocol.fingerprint import chunk_size_bytes, chunk_spans, compare_chunk
+from ..protocol.fingerprint import ChunkComparison, chunk_size_bytes, chunk_spans, compare_chunk
 from ..protocol.keys import Keyring
 from ..protocol.lease import EmbedJob, GenerateJob, Lease
-from ..protocol.receipt import OpenedReceipt, open_receipt
+from ..protocol.receipt import OpenedReceipt, ReceiptClaims, open_receipt
 from ..protocol.result import LayerResult, Status
 from ..protocol.sampling import SeededSampler
 from ..prover.inference import embed_one, prefill
 from ..registry.models import LoadedModel, Registry
-from .thresholds import Thresholds
+from .thresholds import Thresholds, Tolerance
 
 
 @dataclass
@@ -182,76 +182,115 @@ class AuditLayer:
         score = details.pop("score", None)
         return LayerResult(self.name, status, reason, score, time.perf_counter() - start, details)
 
-    def _generation(self, ctx: Appraisal, model: LoadedModel, tol) -> tuple[Status, str, dict]:
-        job, claims = ctx.lease.job, ctx.receipt.claims
-        assert isinstance(job, GenerateJob)
-        prompt = model.encode_prompt(job.prompt)
-        tokens = claims.tokens()
-        hidden, logits = prefill(model, prompt, tokens)
-        gaps = SeededSampler(ctx.lease.seed_bytes, job.temperature).score_gaps(logits, tokens)
-        worst = int(gaps.argmax())
-        details: dict = {"max_token_gap": float(gaps.max()), "token_gap_tolerance": tol.token_gap}
-        fp = claims.fingerprint_bytes()
-        size = len(fp) // len(chunk_spans(len(prompt), len(tokens), job.chunk))
-        comparisons = [
-            compare_chunk(fp[i * size : (i + 1) * size], hidden[s:e], job.topk, (s, e))
-            for i, (s, e) in enumerate(chunk_spans(len(prompt), len(tokens), job.chunk))
-        ]
-        details["chunks"] = [c.as_dict() for c in comparisons]
-        details["score"] = min(c.close_fraction for c in comparisons)
-        if gaps[worst] > tol.token_gap:
-            bad = int((gaps > tol.token_gap).sum())
+    def _generation(self, ctx: Appraisal, model: LoadedModel, tol: Tolerance) -> tuple[Status, str, dict]:
+        m = measure_generation(ctx.lease, ctx.receipt.claims, model)
+        details: dict = {
+            "max_token_gap": m.max_gap,
+            "token_gap_tolerance": tol.token_gap,
+            "chunks": [c.as_dict() for c in m.chunks],
+            "score": m.worst_close,
+        }
+        if m.max_gap > tol.token_gap:
+            bad = int((m.gaps > tol.token_gap).sum())
+            worst = int(m.gaps.argmax())
             return (
                 Status.FAIL,
-                (
-                    f"token choice: expected the claimed model's seeded choice at every position "
-                    f"(score gap <= {tol.token_gap:g}), got {bad}/{len(tokens)} off, worst at "
-                    f"position {worst} (gap {float(gaps[worst]):.4g})"
-                ),
+                f"token choice: expected the claimed model's seeded choice at every position "
+                f"(score gap <= {tol.token_gap:g}), got {bad}/{len(m.gaps)} off, worst at "
+                f"position {worst} (gap {m.max_gap:.4g})",
                 details,
             )
-        bad_chunk = _worst_chunk(comparisons, tol)
+        bad_chunk = _worst_chunk(m.chunks, tol)
         if bad_chunk:
             return Status.FAIL, bad_chunk, details
         return (
             Status.PASS,
-            (
-                f"{len(tokens)} tokens match the seeded choice; {len(comparisons)} fingerprint chunks "
-                f"within {ctx.lease.precision} tolerance"
-            ),
+            f"{len(m.gaps)} tokens match the seeded choice; {len(m.chunks)} fingerprint chunks "
+            f"within {ctx.lease.precision} tolerance",
             details,
         )
 
-    def _embedding(self, ctx: Appraisal, model: LoadedModel, tol) -> tuple[Status, str, dict]:
-        job, claims = ctx.lease.job, ctx.receipt.claims
-        assert isinstance(job, EmbedJob)
-        claimed = claims.embedding()
-        fp = claims.fingerprint_bytes()
-        size = len(fp) // len(job.texts)
-        comparisons, diffs = [], []
-        for i, text in enumerate(job.texts):
-            hidden, emb = embed_one(model, text)
-            diffs.append(float(np.max(np.abs(emb - claimed[i]))))
-            comparisons.append(compare_chunk(fp[i * size : (i + 1) * size], hidden, job.topk, (i, i + 1)))
-        details: dict = {"max_embedding_diff": max(diffs), "chunks": [c.as_dict() for c in comparisons]}
-        details["score"] = min(c.close_fraction for c in comparisons)
-        if max(diffs) > tol.embed_max_abs or not np.isfinite(max(diffs)):
-            i = int(np.argmax(diffs))
+    def _embedding(self, ctx: Appraisal, model: LoadedModel, tol: Tolerance) -> tuple[Status, str, dict]:
+        m = measure_embedding(ctx.lease, ctx.receipt.claims, model)
+        details: dict = {
+            "max_embedding_diff": m.max_diff,
+            "chunks": [c.as_dict() for c in m.chunks],
+            "score": m.worst_close,
+        }
+        if not m.max_diff <= tol.embed_max_abs:  # also catches NaN
+            i = int(np.nanargmax(m.diffs)) if np.isfinite(m.diffs).any() else 0
             return (
                 Status.FAIL,
-                (
-                    f"embedding: expected within {tol.embed_max_abs:g} of the reference, got max "
-                    f"difference {diffs[i]:.4g} on text {i}"
-                ),
+                f"embedding: expected within {tol.embed_max_abs:g} of the reference, got max "
+                f"difference {m.max_diff:.4g} on text {i}",
                 details,
             )
-        bad_chunk = _worst_chunk(comparisons, tol)
+        bad_chunk = _worst_chunk(m.chunks, tol)
         if bad_chunk:
             return Status.FAIL, bad_chunk, details
-        return Status.PASS, f"{len(job.texts)} embeddings and fingerprints match the reference", details
+        return Status.PASS, f"{len(m.chunks)} embeddings and fingerprints match the reference", details
 
 
-def _worst_chunk(comparisons, tol) -> str | None:
+@dataclass(frozen=True)
+class AuditMeasurement:
+    """What re-execution found, before any threshold is applied (calibration reads these)."""
+
+    chunks: list[ChunkComparison]
+    gaps: np.ndarray = field(default_factory=lambda: np.zeros(0))  # per new token (generation)
+    diffs: np.ndarray = field(default_factory=lambda: np.zeros(0))  # per text (embedding)
+
+    @property
+    def max_gap(self) -> float:
+        return float(self.gaps.max()) if len(self.gaps) else 0.0
+
+    @property
+    def max_diff(self) -> float:
+        return float(self.diffs.max()) if len(self.diffs) else 0.0
+
+    @property
+    def worst_close(self) -> float:
+        return min(c.close_fraction for c in self.chunks)
+
+    @property
+    def worst_median_rel(self) -> float:
+        return max(c.median_rel_error for c in self.chunks)
+
+
+def _split(data: bytes, parts: int) -> list[bytes]:
+    size = len(data) // parts
+    return [data[i * size : (i + 1) * size] for i in range(parts)]
+
+
+def measure_generation(lease: Lease, claims: ReceiptClaims, model: LoadedModel) -> AuditMeasurement:
+    job = lease.job
+    assert isinstance(job, GenerateJob)
+    prompt = model.encode_prompt(job.prompt)
+    tokens = claims.tokens()
+    hidden, logits = prefill(model, prompt, tokens)
+    gaps = SeededSampler(lease.seed_bytes, job.temperature).score_gaps(logits, tokens).numpy()
+    spans = chunk_spans(len(prompt), len(tokens), job.chunk)
+    chunks = [
+        compare_chunk(data, hidden[s:e], job.topk, (s, e))
+        for data, (s, e) in zip(_split(claims.fingerprint_bytes(), len(spans)), spans, strict=True)
+    ]
+    return AuditMeasurement(chunks=chunks, gaps=gaps)
+
+
+def measure_embedding(lease: Lease, claims: ReceiptClaims, model: LoadedModel) -> AuditMeasurement:
+    job = lease.job
+    assert isinstance(job, EmbedJob)
+    claimed = claims.embedding()
+    chunks, diffs = [], []
+    for i, (text, data) in enumerate(
+        zip(job.texts, _split(claims.fingerprint_bytes(), len(job.texts)), strict=True)
+    ):
+        hidden, emb = embed_one(model, text)
+        diffs.append(float(np.max(np.abs(emb - claimed[i]))))
+        chunks.append(compare_chunk(data, hidden, job.topk, (i, i + 1)))
+    return AuditMeasurement(chunks=chunks, diffs=np.asarray(diffs))
+
+
+def _worst_chunk(comparisons: list[ChunkComparison], tol: Tolerance) -> str | None:
     for c in comparisons:
         if c.close_fraction < tol.min_close or c.median_rel_error > tol.max_median_rel:
             return (
