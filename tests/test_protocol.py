@@ -10,7 +10,12 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from maxwell_poi.protocol.encoding import b64, pack_tokens, sha256_hex, unpack_tokens
-from maxwell_poi.protocol.errors import KeyFormatError, LeaseFormatError, ReceiptFormatError, UnknownAgentError
+from maxwell_poi.protocol.errors import (
+    KeyFormatError,
+    LeaseFormatError,
+    ReceiptFormatError,
+    UnknownAgentError,
+)
 from maxwell_poi.protocol.keys import AgentKey, Keyring
 from maxwell_poi.protocol.lease import EmbedJob, GenerateJob, Lease
 from maxwell_poi.protocol.receipt import Fingerprints, ReceiptClaims, open_receipt, sign_receipt
@@ -26,10 +31,16 @@ def synthetic_claims(lease: Lease, tokens: int = 8) -> ReceiptClaims:
     from maxwell_poi.prover.sdk import token_output
 
     return ReceiptClaims(
-        lease=lease.lease_id, nonce=lease.nonce, agent=lease.agent_id, model=lease.model_id,
-        weights="ab" * 32, precision="fp32", input=sha256_hex(lease.input_bytes()),
+        lease=lease.lease_id,
+        nonce=lease.nonce,
+        agent=lease.agent_id,
+        model=lease.model_id,
+        weights="ab" * 32,
+        precision="fp32",
+        input=sha256_hex(lease.input_bytes()),
         output=token_output(list(range(100, 100 + tokens)), 30522),
-        fp=Fingerprints(k=32, chunk=32, data=b64(secrets.token_bytes(66))), layers="cd" * 32,
+        fp=Fingerprints(k=32, chunk=32, data=b64(secrets.token_bytes(66))),
+        layers="cd" * 32,
     )
 
 
@@ -130,8 +141,10 @@ def _with_payload(raw: bytes, statement: dict) -> bytes:
         (lambda raw: b"", "empty message"),
         (lambda raw: b"[1, 2]", "JSON object"),
         (lambda raw: raw[:-10], r"DSSE envelope \(JSON\)"),
-        (lambda raw: json.dumps({k: v for k, v in _envelope(raw).items() if k != "payload"}).encode(),
-         "payload"),
+        (
+            lambda raw: json.dumps({k: v for k, v in _envelope(raw).items() if k != "payload"}).encode(),
+            "payload",
+        ),
         (lambda raw: json.dumps({**_envelope(raw), "payloadType": "text/plain"}).encode(), "payloadType"),
         (lambda raw: json.dumps({**_envelope(raw), "signatures": []}).encode(), "exactly one signature"),
         (lambda raw: json.dumps({**_envelope(raw), "payload": b64(b"hello")}).encode(), "Statement"),
