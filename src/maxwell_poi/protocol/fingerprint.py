@@ -82,7 +82,7 @@ def injective_modulus(indices: np.ndarray) -> int:
 
 def top_entries(hidden: torch.Tensor, k: int) -> tuple[np.ndarray, np.ndarray]:
     """Indices and float16 values of the k largest |entries| of a chunk of hidden states."""
-    flat = hidden.detach().reshape(-1).float()
+    flat = hidden.detach().reshape(-1).float().cpu()
     k = min(k, flat.numel())
     idx = torch.topk(flat.abs(), k, sorted=True).indices
     values = flat[idx].to(torch.float16).numpy()

@@ -43,9 +43,15 @@ class SeededSampler:
         return int(torch.argmax(self.scores(logits, position)).item())
 
     def score_gaps(self, logits: torch.Tensor, chosen: list[int]) -> torch.Tensor:
-        """For each position, best score minus the chosen token's score (0 = it was the argmax)."""
-        gaps = torch.empty(len(chosen), dtype=torch.float32)
-        for pos, tok in enumerate(chosen):
-            s = self.scores(logits[pos], pos)
-            gaps[pos] = s.max() - s[tok]
-        return gaps
+        """For each position, best score minus the chosen token's score (0 = it was the argmax).
+
+        Vectorised over positions: the noise matrix is drawn on the CPU and moved once.
+        """
+        logits = logits.float()
+        if self.temperature == 0:
+            scores = logits
+        else:
+            noise = torch.stack([self.noise(pos, logits.shape[-1]) for pos in range(len(chosen))])
+            scores = logits / self.temperature + noise.to(logits.device)
+        picked = scores.gather(1, torch.tensor(chosen, device=scores.device).unsqueeze(1)).squeeze(1)
+        return (scores.max(dim=1).values - picked).cpu()

@@ -68,7 +68,7 @@ def prefill(
     Logits are computed only where a new token was chosen (the prompt's last position onward),
     which keeps the verifier's output projection to N rows.
     """
-    ids = torch.tensor([prompt_ids + tokens[:-1]])
+    ids = torch.tensor([prompt_ids + tokens[:-1]], device=next(model.module.parameters()).device)
     with torch.inference_mode():
         hidden = model.module.base_model(input_ids=ids).last_hidden_state[0]
         head = model.module.get_output_embeddings()

@@ -97,7 +97,7 @@ class CommitmentBuilder:
         for layer, acts in enumerate(layers):
             h = blake3.blake3(self.nonce)
             h.update(index.to_bytes(4, "little") + layer.to_bytes(4, "little"))
-            h.update(acts.to(torch.float16).contiguous().numpy().tobytes())
+            h.update(acts.to(torch.float16).contiguous().cpu().numpy().tobytes())
             leaf = h.digest()
             self.leaves.append(leaf)
             self._tree.append_entry(leaf)

@@ -80,10 +80,12 @@ class Prover:
         *,
         threads: int | None = None,
         batch: int = 1,
+        device: str = "cpu",
     ) -> None:
         self.key = key
         self.registry = registry or Registry()
         self.batch = max(1, batch)
+        self.device = device
         if threads:
             torch.set_num_threads(threads)
         self._converted: dict[tuple[str, str], LoadedModel] = {}
@@ -91,12 +93,15 @@ class Prover:
     def model_for(self, lease: Lease) -> LoadedModel:
         key = (lease.model_id, lease.precision)
         if key not in self._converted:
-            self._converted[key] = with_dtype(self.registry.load(lease.model_id), DTYPES[lease.precision])
+            model = with_dtype(self.registry.load(lease.model_id), DTYPES[lease.precision])
+            if self.device != "cpu":  # a copy on the accelerator; the registry's stays on the CPU
+                model = model.with_module(copy.deepcopy(model.module).to(self.device))
+            self._converted[key] = model
         return self._converted[key]
 
     def runtime(self) -> dict[str, str | int]:
         return {
-            "device": "cpu",
+            "device": self.device if self.device == "cpu" else torch.cuda.get_device_name(self.device),
             "threads": torch.get_num_threads(),
             "batch": self.batch,
             "torch": torch.__version__,

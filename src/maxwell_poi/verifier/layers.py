@@ -3,6 +3,7 @@ names what was expected and what came."""
 
 from __future__ import annotations
 
+import copy
 import time
 from dataclasses import dataclass, field
 from typing import Protocol
@@ -165,15 +166,26 @@ class AuditLayer:
 
     name = "L4-audit"
 
-    def __init__(self, registry: Registry, thresholds: Thresholds | None = None) -> None:
+    def __init__(self, registry: Registry, thresholds: Thresholds | None = None, device: str = "cpu") -> None:
         self.registry = registry
         self.thresholds = thresholds or Thresholds.load()
+        self.device = device
+        self._on_device: dict[str, LoadedModel] = {}
+
+    def reference_model(self, model_id: str) -> LoadedModel:
+        """Maxwell's float32 reference copy, on the audit device."""
+        model = self.registry.load(model_id)
+        if self.device == "cpu":
+            return model
+        if model_id not in self._on_device:
+            self._on_device[model_id] = model.with_module(copy.deepcopy(model.module).to(self.device))
+        return self._on_device[model_id]
 
     def appraise(self, ctx: Appraisal) -> LayerResult:
         start = time.perf_counter()
         if ctx.receipt is None:
             return LayerResult(self.name, Status.SKIPPED, "not run: receipt failed integrity")
-        model = self.registry.load(ctx.lease.model_id)
+        model = self.reference_model(ctx.lease.model_id)
         tol = self.thresholds.for_precision(ctx.lease.precision)
         if isinstance(ctx.lease.job, GenerateJob):
             status, reason, details = self._generation(ctx, model, tol)
@@ -267,7 +279,7 @@ def measure_generation(lease: Lease, claims: ReceiptClaims, model: LoadedModel) 
     prompt = model.encode_prompt(job.prompt)
     tokens = claims.tokens()
     hidden, logits = prefill(model, prompt, tokens)
-    gaps = SeededSampler(lease.seed_bytes, job.temperature).score_gaps(logits, tokens).numpy()
+    gaps = SeededSampler(lease.seed_bytes, job.temperature).score_gaps(logits, tokens).cpu().numpy()
     spans = chunk_spans(len(prompt), len(tokens), job.chunk)
     chunks = [
         compare_chunk(data, hidden[s:e], job.topk, (s, e))

@@ -44,12 +44,13 @@ class Verifier:
         *,
         audit_rate: float = 1.0,
         thresholds: Thresholds | None = None,
+        device: str = "cpu",
     ) -> None:
         if not 0.0 <= audit_rate <= 1.0:
             raise ValueError(f"audit_rate must be in [0, 1], got {audit_rate}")
         self.audit_rate = audit_rate
         self.integrity = IntegrityLayer(registry, keyring)
-        self.audit = AuditLayer(registry, thresholds)
+        self.audit = AuditLayer(registry, thresholds, device)
         self.policy = AllOf(self.integrity, [self.audit])
 
     def _draw_audit(self) -> bool:
