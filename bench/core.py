@@ -61,7 +61,7 @@ def prover_and_audit(reg: Registry, key: AgentKey, ring: Keyring, model: str, to
             "bench", model, GenerateJob(prompt=PROMPT, max_new_tokens=tokens, temperature=0.8)
         )
         t0 = time.perf_counter()
-        generate(loaded, prompt_ids, tokens, SeededSampler(lease.seed_bytes, 0.8))
+        generate(loaded, prompt_ids, tokens, SeededSampler(lease.seed_bytes, 0.8, 50))
         plain.append(time.perf_counter() - t0)
         t0 = time.perf_counter()
         raw = prover.run(lease)

@@ -195,16 +195,35 @@ def test_every_truncation_of_a_receipt_is_a_format_error(cut):
 
 
 def test_sampler_is_deterministic_and_greedy_at_temperature_zero():
-    logits = np.random.default_rng(0).standard_normal(1000).astype(np.float32)
     import torch
 
-    t = torch.from_numpy(logits)
-    assert SeededSampler(b"s", 0.0).choose(t, 3) == int(np.argmax(logits))
+    t = torch.from_numpy(np.random.default_rng(0).standard_normal(1000).astype(np.float32))
+    assert SeededSampler(b"s", 0.0).choose(t, 3) == int(torch.argmax(t))
     a, b, c = SeededSampler(b"s", 1.0), SeededSampler(b"s", 1.0), SeededSampler(b"t", 1.0)
-    assert torch.equal(a.noise(5, 1000), b.noise(5, 1000))
-    assert not torch.equal(a.noise(5, 1000), a.noise(6, 1000))
-    assert not torch.equal(a.noise(5, 1000), c.noise(5, 1000))
-    picks = {a.choose(t, pos) for pos in range(50)}
-    assert len(picks) > 5  # sampling, not greedy
-    gaps = a.score_gaps(t.repeat(3, 1), [a.choose(t, 0), a.choose(t, 1), 0])
-    assert gaps[0] == 0 and gaps[1] == 0 and gaps[2] >= 0
+    ids = np.arange(1000)
+    assert torch.equal(a.noise(5, ids), b.noise(5, ids))
+    assert not torch.equal(a.noise(5, ids), a.noise(6, ids))
+    assert not torch.equal(a.noise(5, ids), c.noise(5, ids))
+    picks = [a.choose(t, pos) for pos in range(200)]
+    assert len(set(picks)) > 20  # sampling, not greedy
+    gaps = a.score_gaps(t.repeat(3, 1), [picks[0], picks[1], int(torch.argmin(t))])
+    assert gaps[0] == 0 and gaps[1] == 0 and gaps[2] > 0
+
+
+def test_gumbel_noise_has_the_gumbel_distribution():
+    g = SeededSampler(b"seed", 1.0).noise(np.arange(200)[:, None], np.arange(1000)[None, :]).numpy().ravel()
+    assert abs(g.mean() - 0.5772) < 0.01  # Euler-Mascheroni constant
+    assert abs(g.std() - np.pi / np.sqrt(6)) < 0.01
+
+
+def test_top_k_sampling_only_picks_candidates_and_flags_outsiders():
+    import torch
+
+    t = torch.from_numpy(np.random.default_rng(1).standard_normal(500).astype(np.float32))
+    top = set(torch.topk(t, 5).indices.tolist())
+    s = SeededSampler(b"s", 2.0, top_k=5)
+    picks = [s.choose(t, pos) for pos in range(100)]
+    assert set(picks) <= top and len(set(picks)) > 1
+    outsider = int(torch.argmin(t))
+    gaps = s.score_gaps(t.repeat(2, 1), [picks[0], outsider])
+    assert gaps[0] == 0 and gaps[1] == float("inf")

@@ -25,7 +25,9 @@ class DraftProver(Prover):
         assert isinstance(job, GenerateJob)
         prompt = model.encode_prompt(job.prompt)
         draft = self.registry.load(self.draft_id)
-        tokens = generate(draft, prompt, job.max_new_tokens, SeededSampler(lease.seed_bytes, job.temperature))
+        tokens = generate(
+            draft, prompt, job.max_new_tokens, SeededSampler(lease.seed_bytes, job.temperature, job.top_k)
+        )
         builder = CommitmentBuilder(lease.nonce_bytes, job.topk)
         with ActivationRecorder(model) as recorder:
             prefill(model, prompt, tokens)

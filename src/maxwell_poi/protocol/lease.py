@@ -29,6 +29,7 @@ class GenerateJob(BaseModel):
     prompt: str = Field(min_length=1, max_length=20_000)
     max_new_tokens: int = Field(default=64, ge=1, le=4096)
     temperature: float = Field(default=0.8, ge=0.0, le=10.0)
+    top_k: int = Field(default=50, ge=0, le=1_000_000, description="sample among the k best; 0 = all")
     chunk: int = Field(default=32, ge=1, le=1024, description="decode tokens per fingerprint")
     topk: int = Field(default=32, ge=4, le=1024, description="values committed per chunk")
 

