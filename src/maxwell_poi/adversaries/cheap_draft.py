@@ -11,6 +11,7 @@ from ..protocol.sampling import SeededSampler
 from ..prover.inference import generate, prefill
 from ..prover.recorder import ActivationRecorder, CommitmentBuilder
 from ..prover.sdk import Prover
+from ..prover.stream import current_sink
 from ..registry.models import LoadedModel
 from ._agent import parser, run
 
@@ -26,7 +27,11 @@ class DraftProver(Prover):
         prompt = model.encode_prompt(job.prompt)
         draft = self.registry.load(self.draft_id)
         tokens = generate(
-            draft, prompt, job.max_new_tokens, SeededSampler(lease.seed_bytes, job.temperature, job.top_k)
+            draft,
+            prompt,
+            job.max_new_tokens,
+            SeededSampler(lease.seed_bytes, job.temperature, job.top_k),
+            on_token=current_sink(),  # streams the draft's tokens, as if it were the real thing
         )
         builder = CommitmentBuilder(lease.nonce_bytes, job.topk)
         with ActivationRecorder(model) as recorder:

@@ -16,6 +16,7 @@ import time
 from dataclasses import dataclass
 
 from ..protocol.lease import Lease
+from ..prover.stream import parse_stream_line
 from .evidence import ChannelEvidence
 
 HARD_READ_LIMIT = 256 << 20  # stop draining a flooding agent after this many bytes
@@ -29,6 +30,7 @@ class AgentRun:
 
 
 def _drain(stream, keep: int, sink: dict) -> None:
+    """Keep up to `keep` bytes, hash and count everything, up to HARD_READ_LIMIT."""
     h = hashlib.sha256()
     kept = bytearray()
     total = 0
@@ -41,6 +43,61 @@ def _drain(stream, keep: int, sink: dict) -> None:
         if len(kept) < keep:
             kept.extend(block[: keep - len(kept)])
     sink.update(data=bytes(kept), total=total, sha256=h.hexdigest())
+
+
+class _StdoutReader:
+    """Reads the agent's stdout line by line: token stream lines are timestamped (and the agent's
+    CPU time read) on arrival; everything else is the receipt."""
+
+    def __init__(self, stream, pid: int, t0: float, keep: int) -> None:
+        self.stream, self.t0, self.keep = stream, t0, keep
+        self.proc = _process(pid)
+        self.h = hashlib.sha256()
+        self.total = 0
+        self.receipt = bytearray()
+        self.receipt_total = 0  # all non-stream bytes, also those past `keep`
+        self.tokens: list[int] = []
+        self.times: list[float] = []
+        self.cpu: list[float] = []
+        self.errors = 0
+
+    def _cpu_now(self) -> float:
+        try:
+            t = self.proc.cpu_times()
+            return t.user + t.system + t.children_user + t.children_system
+        except Exception:  # the process may have just exited; the point is lost, not invented
+            return float("nan")
+
+    def run(self) -> None:
+        while self.total < HARD_READ_LIMIT:
+            line = self.stream.readline(self.keep + 1)
+            if not line:
+                break
+            arrived = time.perf_counter() - self.t0
+            self.h.update(line)
+            self.total += len(line)
+            item = parse_stream_line(line)
+            if item is not None and not self.receipt:
+                pos, tok = item
+                if pos != len(self.tokens):
+                    self.errors += 1
+                    continue
+                self.tokens.append(tok)
+                self.times.append(arrived)
+                self.cpu.append(self._cpu_now())
+            else:
+                self.receipt_total += len(line)
+                if len(self.receipt) <= self.keep:
+                    self.receipt.extend(line[: self.keep + 1 - len(self.receipt)])
+
+
+def _process(pid: int):
+    import psutil
+
+    try:
+        return psutil.Process(pid)
+    except psutil.Error:
+        return None
 
 
 def run_agent(
@@ -65,10 +122,10 @@ def run_agent(
         stderr=subprocess.PIPE,
         env={**os.environ, **(env or {})},
     )
-    out: dict = {}
+    out = _StdoutReader(proc.stdout, proc.pid, t0, max_bytes)
     err: dict = {}
     readers = [
-        threading.Thread(target=_drain, args=(proc.stdout, max_bytes + 1, out), daemon=True),
+        threading.Thread(target=out.run, daemon=True),
         threading.Thread(target=_drain, args=(proc.stderr, 1 << 16, err), daemon=True),
     ]
     for r in readers:
@@ -96,13 +153,18 @@ def run_agent(
         cpu_s=rusage.ru_utime + rusage.ru_stime,
         max_rss_kb=rusage.ru_maxrss,
         bytes_in=len(payload),
-        bytes_out=out.get("total", 0),
+        bytes_out=out.total,
+        receipt_bytes=out.receipt_total,
         sha256_in=hashlib.sha256(payload).hexdigest(),
-        sha256_out=out.get("sha256", hashlib.sha256(b"").hexdigest()),
+        sha256_out=out.h.hexdigest(),
         exit_code=proc.returncode,
         stderr_tail=err.get("data", b"")[-2000:].decode("utf-8", "replace"),
+        stream_tokens=tuple(out.tokens),
+        stream_t=tuple(round(x, 6) for x in out.times),
+        stream_cpu_s=tuple(out.cpu),
+        stream_errors=out.errors,
     )
-    return AgentRun(receipt=out.get("data", b""), evidence=evidence, timed_out=timed_out)
+    return AgentRun(receipt=bytes(out.receipt).strip(), evidence=evidence, timed_out=timed_out)
 
 
 def _wait(pid: int, deadline: float):

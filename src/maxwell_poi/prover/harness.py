@@ -12,6 +12,7 @@ from collections.abc import Callable
 
 from ..protocol.errors import PoiError
 from ..protocol.lease import Lease
+from .stream import streaming_to
 
 
 def quiet_libraries() -> None:
@@ -24,11 +25,13 @@ def quiet_libraries() -> None:
 
 
 def serve_one(answer: Callable[[Lease], bytes], lease_bytes: bytes | None = None) -> int:
-    """Read a lease, compute the answer bytes, write them to stdout. Exit status 0 or 2."""
+    """Read a lease, compute the answer (streaming tokens as they come), write the receipt to
+    stdout as the last line. Exit status 0 or 2."""
     raw = sys.stdin.buffer.read() if lease_bytes is None else lease_bytes
     try:
         lease = Lease.from_json(raw)
-        receipt = answer(lease)
+        with streaming_to(sys.stdout.buffer):
+            receipt = answer(lease)
     except PoiError as exc:
         print(f"agent: {exc}", file=sys.stderr)
         return 2

@@ -27,11 +27,13 @@ def generate(
     *,
     after_step: Callable[[int], None] | None = None,
     peers: list[list[int]] | None = None,
+    on_token: Callable[[int, int], None] | None = None,
 ) -> list[int]:
     """Seeded generation with a KV cache. Row 0 is the lease; `peers` are other prompts of the
     same length batched alongside (a serving engine's batch), decoded greedily and discarded.
 
-    `after_step(pos)` runs after each forward pass (pos = -1 after the prefill).
+    `after_step(pos)` runs after each forward pass (pos = -1 after the prefill);
+    `on_token(pos, token)` the moment a token is chosen (streaming).
     """
     rows = [prompt_ids, *(peers or [])]
     if any(len(r) != len(prompt_ids) for r in rows):
@@ -46,6 +48,8 @@ def generate(
         for pos in range(new_tokens):
             logits = out.logits[:, -1]
             tokens.append(sampler.choose(logits[0], pos))
+            if on_token:
+                on_token(pos, tokens[-1])
             if pos == new_tokens - 1:
                 break
             feed = [[tokens[-1]]] + [[int(logits[b].argmax())] for b in range(1, len(rows))]

@@ -23,6 +23,7 @@ from ..protocol.sampling import SeededSampler
 from ..registry.models import LoadedModel, ReferenceValues, Registry
 from .inference import embed_one, generate
 from .recorder import ActivationRecorder, CommitmentBuilder
+from .stream import current_sink
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
@@ -136,7 +137,13 @@ class Prover:
                     builder.drain(recorder)
 
             tokens = generate(
-                model, prompt, job.max_new_tokens, sampler, after_step=commit_full_chunks, peers=peers
+                model,
+                prompt,
+                job.max_new_tokens,
+                sampler,
+                after_step=commit_full_chunks,
+                peers=peers,
+                on_token=current_sink(),
             )
             builder.drain(recorder)
         return tokens, builder

@@ -77,10 +77,10 @@ class IntegrityLayer:
         except (UnknownModelError, UnknownAgentError) as exc:
             return _fail(self.name, str(exc), start)
         limit = max_receipt_bytes(lease, model.reference.hidden)
-        if ctx.evidence and ctx.evidence.bytes_out > limit:  # Maxwell counted the whole flood
+        if ctx.evidence and ctx.evidence.receipt_bytes > limit:  # Maxwell counted the whole flood
             return _fail(
                 self.name,
-                f"receipt: expected at most {limit} bytes for this lease, got {ctx.evidence.bytes_out}",
+                f"receipt: expected at most {limit} bytes for this lease, got {ctx.evidence.receipt_bytes}",
                 start,
             )
         try:
