@@ -225,5 +225,9 @@ def test_top_k_sampling_only_picks_candidates_and_flags_outsiders():
     picks = [s.choose(t, pos) for pos in range(100)]
     assert set(picks) <= top and len(set(picks)) > 1
     outsider = int(torch.argmin(t))
-    gaps = s.score_gaps(t.repeat(2, 1), [picks[0], outsider])
-    assert gaps[0] == 0 and gaps[1] == float("inf")
+    edge = int(torch.topk(t, 6).indices[-1])  # the best token just outside the top 5
+    gaps = s.score_gaps(t.repeat(3, 1), [picks[0], outsider, edge])
+    kth = float(torch.topk(t, 5).values[-1])
+    assert gaps[0] == 0
+    assert gaps[1] >= (kth - float(t[outsider])) / 2.0 > 1.0  # far outside: a large gap
+    assert gaps[2] >= (kth - float(t[edge])) / 2.0  # just outside: at least its shortfall

@@ -65,7 +65,7 @@ def acceptance(reg, key, cpu_verifier, device, models, tokens) -> dict:
                 lease = Lease.issue("gpu", model, job, precision=precision)
                 raw = prover.run(lease)
                 result = cpu_verifier.appraise(lease, raw)
-                audit = result.layers[1].details
+                audit = result.layer("L4-audit").details
                 rows.append(
                     {
                         "verdict": result.verdict.value,

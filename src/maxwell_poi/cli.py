@@ -297,6 +297,40 @@ def run(
 
 
 @app.command()
+def profile(
+    model: Annotated[str, typer.Argument(help="model id to profile on this device")],
+    runs: Annotated[int, typer.Option(help="honest runs (alternating 1 and 2 threads)")] = 4,
+    tokens: Annotated[int, typer.Option(help="new tokens per run")] = 48,
+    json_out: JsonOpt = False,
+) -> None:
+    """Measure what honest inference of MODEL looks like on this device (L1/L2 reference)."""
+    _quiet()
+    from .protocol.errors import PoiError
+    from .registry.profiles import ProfileStore, measure_profile
+
+    if runs < 2 or tokens < 4:
+        raise _bad_input(f"--runs must be >= 2 and --tokens >= 4, got {runs} and {tokens}")
+    try:
+        with err.status(f"profiling {model}…") as status:
+            prof = measure_profile(model, runs=runs, tokens=tokens, on_progress=lambda m: status.update(m))
+    except (PoiError, RuntimeError) as exc:
+        raise _bad_input(str(exc)) from None
+    store = ProfileStore()
+    store.put(prof)
+    if json_out:
+        print(json.dumps(prof.as_dict(), indent=2))
+        return
+    out.print(f"[bold]{model}[/] on {prof.device_class} → {store.path}")
+    out.print(
+        f"  {prof.interval_s['median'] * 1000:.1f} ms/token (runs {prof.interval_s['min'] * 1000:.1f}–"
+        f"{prof.interval_s['max'] * 1000:.1f}), "
+        f"{prof.decode_cpu_s_per_token['mean'] * 1000:.1f} CPU-ms/token, "
+        f"peak RSS {prof.peak_rss_mb['min']:.0f}–{prof.peak_rss_mb['max']:.0f} MB, "
+        f"peak {prof.peak_flops_per_s / 1e9:.0f} GFLOP/s"
+    )
+
+
+@app.command()
 def demo(
     json_out: JsonOpt = False,
     out_dir: Annotated[Path, typer.Option("--out", help="where receipts and results go")] = Path("poi-demo"),

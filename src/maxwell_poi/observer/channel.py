@@ -17,7 +17,9 @@ from dataclasses import dataclass
 
 from ..protocol.lease import Lease
 from ..prover.stream import parse_stream_line
+from ..registry.profiles import device_class
 from .evidence import ChannelEvidence
+from .telemetry import Observer
 
 HARD_READ_LIMIT = 256 << 20  # stop draining a flooding agent after this many bytes
 
@@ -107,9 +109,11 @@ def run_agent(
     max_bytes: int,
     timeout_s: float | None = None,
     env: dict[str, str] | None = None,
+    observer: Observer | None = None,
 ) -> AgentRun:
     """Run one agent process for one lease. `timeout_s` defaults to the time left before the
-    lease deadline; an agent that overruns is killed and its partial output kept as evidence."""
+    lease deadline; an agent that overruns is killed and its partial output kept as evidence.
+    With an `observer`, its telemetry window covers the agent process from start to exit."""
     argv = shlex.split(command) if isinstance(command, str) else list(command)
     payload = lease.to_json().encode() + b"\n"
     timeout = timeout_s if timeout_s is not None else max(0.1, lease.deadline - time.time())
@@ -122,6 +126,8 @@ def run_agent(
         stderr=subprocess.PIPE,
         env={**os.environ, **(env or {})},
     )
+    if observer is not None:
+        observer.begin_window(proc.pid)
     out = _StdoutReader(proc.stdout, proc.pid, t0, max_bytes)
     err: dict = {}
     readers = [
@@ -142,6 +148,7 @@ def run_agent(
         timed_out = True
         proc.kill()
         _, status, rusage = os.wait4(proc.pid, 0)
+    telemetry = observer.end_window() if observer is not None else {}
     proc.returncode = os.waitstatus_to_exitcode(status)
     for r in readers:
         r.join(timeout=5)
@@ -163,6 +170,8 @@ def run_agent(
         stream_t=tuple(round(x, 6) for x in out.times),
         stream_cpu_s=tuple(out.cpu),
         stream_errors=out.errors,
+        telemetry=telemetry,
+        device_class=device_class(),
     )
     return AgentRun(receipt=bytes(out.receipt).strip(), evidence=evidence, timed_out=timed_out)
 

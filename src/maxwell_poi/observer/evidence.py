@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass, field, fields
 from typing import Any
+
+from .telemetry import Measurement
 
 
 @dataclass(frozen=True)
@@ -28,10 +30,28 @@ class ChannelEvidence:
     stream_t: tuple[float, ...] = ()
     stream_cpu_s: tuple[float, ...] = ()
     stream_errors: int = 0  # stream lines out of order or malformed
+    telemetry: dict[str, Measurement] = field(default_factory=dict)  # Observer sources, by name
+    device_class: str = ""  # the kind of device Maxwell ran the agent on (selects the profile)
 
     @property
     def streamed(self) -> bool:
         return bool(self.stream_tokens)
 
+    @property
+    def decode_window(self) -> tuple[float, float, int] | None:
+        """(seconds, agent CPU seconds, tokens) between the first and last streamed token."""
+        if len(self.stream_t) < 2:
+            return None
+        cpu = self.stream_cpu_s[-1] - self.stream_cpu_s[0]
+        return self.stream_t[-1] - self.stream_t[0], cpu, len(self.stream_t) - 1
+
+    def peak_rss_mb(self) -> float:
+        return self.max_rss_kb / 1024
+
     def as_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        out = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "telemetry"}
+        out["stream_tokens"] = list(self.stream_tokens)
+        out["stream_t"] = list(self.stream_t)
+        out["stream_cpu_s"] = list(self.stream_cpu_s)
+        out["telemetry"] = {name: m.to_dict() for name, m in self.telemetry.items()}
+        return out

@@ -43,6 +43,12 @@ class AttestationResult:
     verdict: Verdict
     layers: tuple[LayerResult, ...]
 
+    def layer(self, name: str) -> LayerResult:
+        for r in self.layers:
+            if r.layer == name:
+                return r
+        raise KeyError(f"no layer {name!r} in this result ({', '.join(r.layer for r in self.layers)})")
+
     @property
     def caught_by(self) -> list[str]:
         return [r.layer for r in self.layers if r.status is Status.FAIL]

@@ -65,11 +65,12 @@ class SeededSampler:
         g = self.noise(np.full(ids.shape, position), ids.cpu().numpy()).to(logits.device)
         return int(ids[torch.argmax(values / self.temperature + g)])
 
-    def score_gaps(self, logits: torch.Tensor, chosen: list[int], boundary_tol: float = 0.0) -> torch.Tensor:
-        """Per position: best candidate score minus the chosen token's score (0 = it was the pick).
+    def score_gaps(self, logits: torch.Tensor, chosen: list[int]) -> torch.Tensor:
+        """Per position: how far the chosen token is from being the pick (0 = it was the pick).
 
-        A chosen token outside the top-k gets +inf, unless its logit is within `boundary_tol` of the
-        k-th largest (an honest near-tie at the edge of the candidate set).
+        For a candidate: best score minus its score. For a token outside the top-k: the larger of
+        that and the amount its scaled logit falls short of the k-th candidate's, so an honest
+        near-tie at the edge of the candidate set shows as a small gap, not a refusal.
         """
         logits = logits.float()
         chosen_t = torch.tensor(chosen, device=logits.device).unsqueeze(1)
@@ -77,17 +78,12 @@ class SeededSampler:
         if self.temperature == 0:
             return (logits.max(dim=1).values - chosen_logit).cpu()
         values, ids = self._candidates(logits)
-        positions = np.arange(len(chosen))[:, None]
-        best = (
-            (values / self.temperature + self.noise(positions, ids.cpu().numpy()).to(logits.device))
-            .max(1)
-            .values
-        )
-        own = chosen_logit / self.temperature + self.noise(np.arange(len(chosen)), np.asarray(chosen)).to(
-            logits.device
-        )
-        gaps = (best - own).clamp_min(0)
+        positions = np.arange(len(chosen))
+        noise = self.noise(positions[:, None], ids.cpu().numpy()).to(logits.device)
+        best = (values / self.temperature + noise).max(dim=1).values
+        own_noise = self.noise(positions, np.asarray(chosen)).to(logits.device)
+        gaps = (best - (chosen_logit / self.temperature + own_noise)).clamp_min(0)
         if self.top_k and self.top_k < logits.shape[-1]:
-            outside = chosen_logit < values[:, -1] - boundary_tol
-            gaps = torch.where(outside, torch.full_like(gaps, float("inf")), gaps)
+            short = ((values[:, -1] - chosen_logit) / self.temperature).clamp_min(0)
+            gaps = torch.maximum(gaps, short)
         return gaps.cpu()

@@ -286,6 +286,27 @@ class Registry:
             )
         return self._cache[model_id]
 
+    def reference(self, model_id: str) -> ReferenceValues:
+        """Reference values without building the model when this machine measured them before
+        ($POI_HOME/reference/<id>.json, keyed by the spec and library versions)."""
+        if model_id in self._cache:
+            return self._cache[model_id].reference
+        spec = self.get(model_id)
+        path = self.user_file.parent / "reference" / f"{model_id}.json"
+        key = _spec_key(spec)
+        try:
+            data = json.loads(path.read_text())
+            if data.get("key") == key:
+                return ReferenceValues(**data["values"])
+        except (OSError, ValueError, TypeError):
+            pass  # absent or stale: measure it
+        ref = self.load(model_id).reference
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(f".{os.getpid()}.tmp")
+        tmp.write_text(json.dumps({"key": key, "values": ref.as_dict()}, indent=2))
+        tmp.replace(path)
+        return ref
+
     def add_local(
         self, model_id: str, path: Path, kind: Kind = "causal-lm", description: str = ""
     ) -> ModelSpec:
@@ -304,6 +325,16 @@ class Registry:
         tmp.replace(self.user_file)
         self._cache.pop(model_id, None)
         return spec
+
+
+def _spec_key(spec: ModelSpec) -> str:
+    import transformers
+
+    files = []
+    if spec.path:  # a local model's weights can change on disk: key on their sizes and times too
+        files = sorted((p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in Path(spec.path).iterdir())
+    blob = json.dumps([spec.as_dict(), torch.__version__, transformers.__version__, files], sort_keys=True)
+    return blake3.blake3(blob.encode()).hexdigest()
 
 
 def _has_tokenizer(path: str | None) -> bool:

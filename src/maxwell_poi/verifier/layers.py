@@ -195,9 +195,7 @@ class AuditLayer:
         return LayerResult(self.name, status, reason, score, time.perf_counter() - start, details)
 
     def _generation(self, ctx: Appraisal, model: LoadedModel, tol: Tolerance) -> tuple[Status, str, dict]:
-        job = ctx.lease.job
-        assert isinstance(job, GenerateJob)
-        m = measure_generation(ctx.lease, ctx.receipt.claims, model, tol.token_gap * job.temperature)
+        m = measure_generation(ctx.lease, ctx.receipt.claims, model)
         details: dict = {
             "max_token_gap": m.max_gap,
             "token_gap_tolerance": tol.token_gap,
@@ -275,17 +273,15 @@ def _split(data: bytes, parts: int) -> list[bytes]:
     return [data[i * size : (i + 1) * size] for i in range(parts)]
 
 
-def measure_generation(
-    lease: Lease, claims: ReceiptClaims, model: LoadedModel, boundary_tol: float = 0.0
-) -> AuditMeasurement:
-    """Re-execute and compare. `boundary_tol` (logits) forgives near-ties at the top-k edge."""
+def measure_generation(lease: Lease, claims: ReceiptClaims, model: LoadedModel) -> AuditMeasurement:
+    """Re-execute the claimed model on prompt + output and compare, before any threshold."""
     job = lease.job
     assert isinstance(job, GenerateJob)
     prompt = model.encode_prompt(job.prompt)
     tokens = claims.tokens()
     hidden, logits = prefill(model, prompt, tokens)
     sampler = SeededSampler(lease.seed_bytes, job.temperature, job.top_k)
-    gaps = sampler.score_gaps(logits, tokens, boundary_tol).numpy()
+    gaps = sampler.score_gaps(logits, tokens).numpy()
     spans = chunk_spans(len(prompt), len(tokens), job.chunk)
     chunks = [
         compare_chunk(data, hidden[s:e], job.topk, (s, e))

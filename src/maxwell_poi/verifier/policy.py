@@ -10,12 +10,15 @@ from ..protocol.keys import Keyring
 from ..protocol.lease import Lease
 from ..protocol.result import AttestationResult, LayerResult, Status, verdict_of
 from ..registry.models import Registry
+from ..registry.profiles import ProfileStore
 from .layers import Appraisal, AuditLayer, IntegrityLayer, Layer
+from .physics import BoundaryLayer, ThermodynamicLayer
 from .thresholds import Thresholds
 
 
 class AllOf:
-    """Runs the gate layer first; if it fails, the costly layers are not run (and say so)."""
+    """Runs the gate layer first; if it fails, the other layers are not run (and say so).
+    Layers outside `run` (the costly ones, by lottery) are skipped with that reason."""
 
     def __init__(self, gate: Layer, layers: list[Layer]) -> None:
         self.gate = gate
@@ -45,13 +48,17 @@ class Verifier:
         audit_rate: float = 1.0,
         thresholds: Thresholds | None = None,
         device: str = "cpu",
+        profiles: ProfileStore | None = None,
     ) -> None:
         if not 0.0 <= audit_rate <= 1.0:
             raise ValueError(f"audit_rate must be in [0, 1], got {audit_rate}")
         self.audit_rate = audit_rate
+        profiles = profiles or ProfileStore()
         self.integrity = IntegrityLayer(registry, keyring)
+        self.thermo = ThermodynamicLayer(registry, profiles)
+        self.boundary = BoundaryLayer(profiles)
         self.audit = AuditLayer(registry, thresholds, device)
-        self.policy = AllOf(self.integrity, [self.audit])
+        self.policy = AllOf(self.integrity, [self.thermo, self.boundary, self.audit])
 
     def _draw_audit(self) -> bool:
         return secrets.randbelow(1_000_000) < self.audit_rate * 1_000_000
@@ -60,7 +67,9 @@ class Verifier:
         self, lease: Lease, raw_receipt: bytes, evidence: ChannelEvidence | None = None
     ) -> AttestationResult:
         ctx = Appraisal(lease=lease, raw=raw_receipt, evidence=evidence, received_at=time.time())
-        run = {self.audit.name} if self._draw_audit() else set()
+        run = {self.thermo.name, self.boundary.name}  # cheap: always
+        if self._draw_audit():
+            run.add(self.audit.name)
         layers = self.policy.appraise(ctx, run)
         return AttestationResult(
             lease_id=lease.lease_id,
