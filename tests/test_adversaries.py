@@ -1,7 +1,9 @@
 """Every adversary program in the catalogue, run as its own process through Maxwell's runner,
-is contraindicated by the layer meant to catch it; the honest agent runs beside them pass.
+is contraindicated by the layers meant to catch it; the honest agents run beside them pass.
 
-Claimed model gpt2-mini, cheats run gpt2-micro (the same programs `poi demo` runs on GPT-2-small).
+Claimed model llama-small (big enough that holding its weights shows in memory), cheats run
+gpt2-micro / gpt2-mini: the same programs `poi demo` runs against GPT-2-small. L1 and L2 compare
+with a reference profile that the demo measures on this machine first.
 """
 
 from __future__ import annotations
@@ -9,56 +11,69 @@ from __future__ import annotations
 import pytest
 
 from maxwell_poi.adversaries import CATALOGUE
-from maxwell_poi.demo import Demo, DemoConfig, report
+from maxwell_poi.demo import Demo, DemoConfig
+
+CPU_ATTACKS = [a for a in CATALOGUE if not a.needs_gpu]
 
 
 @pytest.fixture(scope="module")
 def demo_rows(tmp_path_factory):
     cfg = DemoConfig(
-        model="gpt2-mini",
+        model="llama-small",
         small="gpt2-micro",
-        alt="gpt2-micro",
+        alt="gpt2-mini",
         second_model=None,
         tokens=24,
         out=tmp_path_factory.mktemp("demo"),
+        profile_runs=4,
     )
-    return Demo(cfg).run(), cfg
+    demo = Demo(cfg)
+    return demo.run(), cfg, demo
 
 
 def test_honest_agents_are_affirmed(demo_rows):
-    rows, _ = demo_rows
+    rows, _, _ = demo_rows
     honest = [r for r in rows if r.attack is None]
     assert len(honest) == 4  # 1 thread, 2 threads, batch of 4, MiniLM embeddings
     for row in honest:
         assert row.verdict == "affirming", (row.agent, row.reason)
 
 
-@pytest.mark.parametrize("attack", CATALOGUE, ids=[a.name for a in CATALOGUE])
-def test_attack_is_contraindicated_by_the_right_layer(demo_rows, attack):
-    rows, _ = demo_rows
+@pytest.mark.parametrize("attack", CPU_ATTACKS, ids=[a.name for a in CPU_ATTACKS])
+def test_attack_is_contraindicated_by_the_right_layers(demo_rows, attack):
+    rows, _, _ = demo_rows
     mine = [r for r in rows if r.attack == attack.name]
     assert len(mine) == len(attack.kinds)  # one run per job kind it applies to
     for row in mine:
         assert row.verdict == "contraindicated", (row.attack, row.reason)
-        assert row.caught_by == [attack.caught_by], row.reason
+        # embedding leases have no token stream: there only the last listed layer applies
+        expected = attack.must_catch if row.model != "minilm-l6-v2" else attack.must_catch[-1:]
+        assert set(expected) <= set(row.caught_by), (row.caught_by, row.reason)
         assert attack.reason_has in row.reason
 
 
+def test_gpu_only_attacks_are_reported_as_skipped_without_a_gpu(demo_rows):
+    _, _, demo = demo_rows
+    assert set(demo.skipped) == {a.name for a in CATALOGUE if a.needs_gpu}
+    assert all("CUDA" in why for why in demo.skipped.values())
+
+
 def test_demo_writes_its_report_and_evidence(demo_rows):
-    rows, cfg = demo_rows
-    data = report(rows)
-    assert data["summary"]["attack_classes"] == len(CATALOGUE) >= 12
+    rows, cfg, demo = demo_rows
+    data = demo.report(rows)
+    assert data["summary"]["attack_classes"] == len(CPU_ATTACKS) >= 12
     assert data["summary"]["attacks_contraindicated"] == data["summary"]["attack_runs"]
     assert (cfg.out / "results.json").exists()
     runs = sorted((cfg.out / "runs").iterdir())
-    assert len(runs) == len(rows) + sum(a.needs_priming for a in CATALOGUE)
+    assert len(runs) == len(rows) + sum(a.needs_priming for a in CPU_ATTACKS)
     assert all((d / "evidence.json").exists() and (d / "result.json").exists() for d in runs)
 
 
 def test_runner_measures_the_sleeper_as_idle(demo_rows):
-    """Maxwell's own evidence already shows the sleeper barely used the CPU (L1 builds on this)."""
-    rows, _ = demo_rows
+    """Maxwell's own evidence shows the sleeper barely used the CPU while it 'decoded'."""
+    rows, _, _ = demo_rows
     sleeper = next(r for r in rows if r.attack == "sleeper")
-    honest = next(r for r in rows if r.attack is None and r.model == "gpt2-mini")
-    assert sleeper.agent_wall_s >= 1.0
-    assert sleeper.agent_cpu_s / sleeper.agent_wall_s < honest.agent_cpu_s / honest.agent_wall_s
+    honest = next(r for r in rows if r.attack is None and r.model == "llama-small")
+    s_l1 = sleeper.result["layers"][1]["details"]
+    h_l1 = honest.result["layers"][1]["details"]
+    assert s_l1["cpu_ms_per_token"] < 0.2 * h_l1["cpu_ms_per_token"]

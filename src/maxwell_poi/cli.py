@@ -348,7 +348,7 @@ def demo(
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
     from .adversaries import CATALOGUE
-    from .demo import Demo, DemoConfig, report
+    from .demo import Demo, DemoConfig
 
     known = {a.name for a in CATALOGUE}
     for name in attack or []:
@@ -370,8 +370,9 @@ def demo(
         def on_progress(label: str, done: int, total: int) -> None:
             progress.update(task, description=label, completed=done, total=total)
 
-        rows = Demo(cfg).run(on_progress)
-    data = report(rows)
+        the_demo = Demo(cfg)
+        rows = the_demo.run(on_progress)
+    data = the_demo.report(rows)
     if json_out:
         print(json.dumps(data, indent=2))
         return

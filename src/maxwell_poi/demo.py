@@ -13,10 +13,12 @@ from typing import Any
 
 from .adversaries import CATALOGUE, Attack
 from .observer.channel import run_agent
+from .observer.telemetry import Observer, default_sources
 from .protocol.keys import AgentKey, Keyring
 from .protocol.lease import EmbedJob, GenerateJob, Lease
 from .protocol.result import AttestationResult
 from .registry.models import Registry
+from .registry.profiles import ProfileStore, measure_profile
 from .verifier.layers import max_receipt_bytes
 from .verifier.policy import Verifier
 
@@ -26,7 +28,7 @@ PROMPTS = [
     "Proof of inference lets a hypervisor check that an agent",
 ]
 TEXTS = ["Maxwell verifies inference.", "A GPU hypervisor meters energy per lease."]
-VICTIM = "honest-gpt2"
+VICTIM = "honest"
 
 
 @dataclass
@@ -41,6 +43,7 @@ class DemoConfig:
     attacks: list[str] | None = None  # None = the whole catalogue
     honest_variants: bool = True
     out: Path = Path("poi-demo")
+    profile_runs: int = 4  # honest runs per model when this device has no reference profile yet
 
 
 @dataclass
@@ -92,6 +95,7 @@ class Demo:
         self.registry = registry or Registry()
         self.keyring = Keyring()
         self.keys_dir = config.out / "keys"
+        self.skipped: dict[str, str] = {}  # attack classes not run here, with the reason
 
     def _key(self, agent: str) -> Path:
         path = self.keys_dir / f"{agent}.pem"
@@ -118,22 +122,26 @@ class Demo:
         if cfg.honest_variants:
             plans.append(
                 honest_run(
-                    "honest-gpt2-2threads",
-                    self._gen("honest-gpt2-2threads", cfg.model, PROMPTS[1]),
+                    "honest-2threads",
+                    self._gen("honest-2threads", cfg.model, PROMPTS[1]),
                     "--threads",
                     "2",
                 )
             )
             plans.append(
                 honest_run(
-                    "honest-gpt2-batch4",
-                    self._gen("honest-gpt2-batch4", cfg.model, PROMPTS[2]),
+                    "honest-batch4",
+                    self._gen("honest-batch4", cfg.model, PROMPTS[2]),
                     "--batch",
                     "4",
                 )
             )
         if cfg.second_model:
-            plans.append(honest_run("honest-llama", self._gen("honest-llama", cfg.second_model, PROMPTS[0])))
+            plans.append(
+                honest_run(
+                    "honest-second-model", self._gen("honest-second-model", cfg.second_model, PROMPTS[0])
+                )
+            )
         if cfg.embed_model:
             plans.append(
                 honest_run(
@@ -144,8 +152,24 @@ class Demo:
         for attack in CATALOGUE:
             if cfg.attacks is not None and attack.name not in cfg.attacks:
                 continue
+            if attack.needs_gpu and not _has_cuda():
+                self.skipped[attack.name] = "needs a CUDA GPU; none on this machine"
+                continue
             plans.extend(self._attack_plans(attack, subs))
         return plans
+
+    def ensure_profiles(self, on_progress: Callable[[str, int, int], None] | None = None) -> None:
+        """L1 and L2 compare with this device's honest profile; measure it once if missing."""
+        store = ProfileStore()
+        for model in filter(None, {self.cfg.model, self.cfg.second_model}):
+            if store.get(model) is None:
+                if on_progress:
+                    on_progress(f"profiling {model} on this device (once)", 0, self.cfg.profile_runs)
+                store.put(
+                    measure_profile(
+                        model, runs=self.cfg.profile_runs, tokens=self.cfg.tokens, registry=self.registry
+                    )
+                )
 
     def _attack_plans(self, attack: Attack, subs: dict[str, str]) -> list[Planned]:
         cfg = self.cfg
@@ -179,6 +203,7 @@ class Demo:
         if self.cfg.out.exists():
             shutil.rmtree(self.cfg.out / "runs", ignore_errors=True)
             shutil.rmtree(self.cfg.out / "store", ignore_errors=True)
+        self.ensure_profiles(on_progress)
         plans = self.plan()
         verifier = Verifier(self.registry, self.keyring)
         rows: list[DemoRow] = []
@@ -194,10 +219,19 @@ class Demo:
         self._write(rows)
         return rows
 
+    def report(self, rows: list[DemoRow]) -> dict[str, Any]:
+        return report(rows, self.skipped)
+
     def _run_one(self, verifier: Verifier, plan: Planned, index: int) -> DemoRow:
         model = self.registry.load(plan.lease.model_id)
         limit = max_receipt_bytes(plan.lease, model.reference.hidden)
-        run = run_agent(plan.argv, plan.lease, max_bytes=limit, env={"HF_HUB_OFFLINE": "1"})
+        run = run_agent(
+            plan.argv,
+            plan.lease,
+            max_bytes=limit,
+            env={"HF_HUB_OFFLINE": "1"},
+            observer=Observer(default_sources()),
+        )
         t0 = time.perf_counter()
         result: AttestationResult = verifier.appraise(plan.lease, run.receipt, run.evidence)
         verify_s = time.perf_counter() - t0
@@ -223,7 +257,7 @@ class Demo:
 
     def _write(self, rows: list[DemoRow]) -> None:
         self.cfg.out.mkdir(parents=True, exist_ok=True)
-        (self.cfg.out / "results.json").write_text(json.dumps(report(rows), indent=2))
+        (self.cfg.out / "results.json").write_text(json.dumps(report(rows, self.skipped), indent=2))
 
 
 def _short_pass(result: AttestationResult) -> str:
@@ -239,7 +273,13 @@ def _preview(model, result: AttestationResult, raw: bytes) -> str:
     return model.decode(tokens)[:80]
 
 
-def report(rows: list[DemoRow]) -> dict[str, Any]:
+def _has_cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def report(rows: list[DemoRow], skipped: dict[str, str] | None = None) -> dict[str, Any]:
     honest = [r for r in rows if r.attack is None]
     cheats = [r for r in rows if r.attack is not None]
     return {
@@ -251,4 +291,5 @@ def report(rows: list[DemoRow]) -> dict[str, Any]:
             "attack_classes": len({r.attack for r in cheats}),
             "attacks_contraindicated": sum(r.verdict == "contraindicated" for r in cheats),
         },
+        "skipped_attacks": skipped or {},
     }

@@ -18,12 +18,13 @@ class Attack:
     args: tuple[str, ...] = ()
     kinds: tuple[str, ...] = ("generate",)  # which jobs it applies to
     needs_priming: bool = False  # must have answered one earlier lease honestly first
-    caught_by: str = "L4-audit"  # the layer that must reject it
+    must_catch: tuple[str, ...] = ("L4-audit",)  # layers that must each reject it
     reason_has: str = ""  # a fragment the rejection reason must contain
+    needs_gpu: bool = False  # runs only where CUDA is available
 
 
 # fmt: off
-L0 = "L0-integrity"
+L0, L1, L2, L4 = ("L0-integrity",), ("L1-thermodynamic",), ("L2-boundary",), ("L4-audit",)
 CATALOGUE: list[Attack] = [
     Attack("smaller-model", "substitute_model", "runs a much smaller model, claims the leased one",
            ("--substitute", "{small}")),
@@ -37,12 +38,12 @@ CATALOGUE: list[Attack] = [
            ("--dtype", "int8")),
     Attack("prompt-alteration", "prompt_alteration", "answers an altered prompt"),
     Attack("output-tampering", "output_tampering", "changes output tokens after generating",
-           reason_has="token choice"),
+           must_catch=L2 + L4, reason_has="differ from the"),
     Attack("replay-old-receipt", "replay", "returns a receipt from an earlier lease verbatim",
-           ("--store", "{store}"), needs_priming=True, caught_by=L0, reason_has="lease id"),
+           ("--store", "{store}"), needs_priming=True, must_catch=L0, reason_has="lease id"),
     Attack("old-answer-new-nonce", "resign_old_answer",
            "re-signs an earlier answer under the new lease and nonce", ("--store", "{store}"),
-           needs_priming=True, reason_has="token choice"),
+           needs_priming=True, must_catch=L1 + L2 + L4, reason_has="token choice"),
     Attack("fabricated-fingerprints", "fabricated_fingerprints", "cheap tokens plus invented fingerprints",
            ("--substitute", "{small}")),
     Attack("skipped-layers", "skipped_layers", "early exit: runs only the first half of the layers",
@@ -51,15 +52,26 @@ CATALOGUE: list[Attack] = [
            "a small model decodes, the leased model only prefills to build fingerprints",
            ("--draft", "{small}"), reason_has="token choice"),
     Attack("forged-signature", "forged_signature", "signs with a key that is not the agent's",
-           caught_by=L0, reason_has="not in the keyring"),
+           must_catch=L0, reason_has="not in the keyring"),
     Attack("other-agents-lease", "lease_thief", "an enrolled agent answers a lease issued to another agent",
-           caught_by=L0, reason_has="enrolled agent 'mallory'"),
-    Attack("sleeper", "sleeper", "sleeps, then returns garbage in a well-formed signed receipt",
-           ("--sleep", "1")),
+           must_catch=L0, reason_has="enrolled agent 'mallory'"),
+    Attack("sleeper", "sleeper", "sleeps; streams random tokens at an honest pace; invented receipt",
+           ("--sleep", "1"), must_catch=L1 + L4, reason_has="work: expected"),
+    Attack("busy-loop", "busy_loop", "spins a core between paced random tokens; never loads the model",
+           must_catch=L1 + L4),
+    Attack("cpu-miner", "cpu_miner", "SHA-256 mining on every core between paced random tokens",
+           must_catch=L1 + L4),
+    Attack("power-burner", "power_burner",
+           "burns matmuls to look busy, answers from a small model at the leased model's pace",
+           ("--substitute", "{small}"), must_catch=L1 + L4),
+    Attack("fast-fabricator", "fast_fabricator", "streams an invented answer at once, faster than physics",
+           must_catch=L1 + L2 + L4),
+    Attack("gpu-miner", "gpu_miner", "integer-hash kernel on the GPU between paced random tokens",
+           must_catch=L1 + L4, needs_gpu=True),
     Attack("malformed-receipt", "malformed", "returns a truncated receipt", ("--mode", "truncated"),
-           caught_by=L0, reason_has="DSSE envelope"),
+           must_catch=L0, reason_has="DSSE envelope"),
     Attack("oversized-receipt", "malformed", "floods the channel with an oversized receipt",
-           ("--mode", "oversized"), caught_by=L0, reason_has="at most"),
+           ("--mode", "oversized"), must_catch=L0, reason_has="at most"),
 ]
 # fmt: on
 

@@ -6,7 +6,7 @@ import secrets
 import sys
 
 from ._agent import parser
-from .sleeper import garbage_claims
+from ._fake import garbage_claims
 
 
 def main() -> None:

@@ -36,6 +36,16 @@ def streaming_to(out: BinaryIO) -> Iterator[None]:
         _sink.reset(token)
 
 
+@contextlib.contextmanager
+def silenced() -> Iterator[None]:
+    """Stop streaming for a while (a cheater that wants to pace its own stream)."""
+    token = _sink.set(None)
+    try:
+        yield
+    finally:
+        _sink.reset(token)
+
+
 def parse_stream_line(line: bytes) -> tuple[int, int] | None:
     """(position, token) for a stream line, None for anything else (the receipt)."""
     if not line.startswith(PREFIX):

@@ -42,13 +42,23 @@ def interval_lower_bound(profile: Profile) -> float:
     return 0.5 * profile.interval_s["min"]
 
 
+def memory_floor_mb(profile: Profile, param_count: int, precision: str) -> float:
+    """Least peak RSS an agent holding the weights can show: the honest minimum less half the
+    weights' size (the runtime's own memory varies by far less than that for models that matter;
+    for tiny models this check is weak, and says so by a floor close to the runtime's size)."""
+    weights_mb = param_count * (4 if precision == "fp32" else 2) / 2**20
+    return profile.peak_rss_mb["min"] - 0.5 * weights_mb
+
+
 class ThermodynamicLayer:
     """L1: the work Maxwell measured must fit the work claimed.
 
     - physics floor: the claimed FLOPs cannot be done in fewer CPU seconds than the device's
       measured peak rate allows;
     - work: CPU seconds per decoded token at least the profile's honest lower bound;
-    - memory: the agent's peak resident memory must reach what holding the weights takes.
+    - memory: the agent's peak resident memory must reach what holding the weights takes
+      (necessary, not sufficient: an agent can pad memory; the audit and, on GPUs, the DRAM
+      bandwidth seen by NVML GPM catch what this misses).
     """
 
     name = "L1-thermodynamic"
@@ -95,7 +105,7 @@ class ThermodynamicLayer:
         floor = n * ref.flops_per_token / profile.peak_flops_per_cpu_s
         per_token = cpu / n
         lo = work_lower_bound(profile)
-        rss_floor = 0.8 * profile.peak_rss_mb["min"]
+        rss_floor = memory_floor_mb(profile, ref.param_count, lease.precision)
         details = {
             "decode_tokens": n,
             "decode_wall_s": round(wall, 4),

@@ -1,0 +1,71 @@
+"""Pieces the physics adversaries share: an invented answer, and a token stream paced like an
+honest one while the process does something else (sleeps, spins, hashes, burns matmuls)."""
+
+from __future__ import annotations
+
+import secrets
+import time
+from collections.abc import Callable
+
+import numpy as np
+
+from ..protocol.encoding import b64, sha256_hex
+from ..protocol.fingerprint import chunk_size_bytes, chunk_spans
+from ..protocol.lease import GenerateJob, Lease
+from ..protocol.receipt import Fingerprints, ReceiptClaims, embedding_output
+from ..prover.sdk import token_output
+from ..prover.stream import current_sink
+from ..registry.models import Registry, shared_tokenizer
+from ..registry.profiles import ProfileStore
+
+DEFAULT_PACE_S = 0.03
+
+
+def honest_pace(model_id: str) -> float:
+    """The honest per-token interval, which any agent can measure for itself; the profile if there."""
+    profile = ProfileStore().get(model_id)
+    return profile.interval_s["median"] if profile else DEFAULT_PACE_S
+
+
+def garbage_claims(lease: Lease, registry: Registry, tokens: list[int] | None = None) -> ReceiptClaims:
+    """Well-formed claims with invented content, built from public reference values only (the
+    leased model is never loaded)."""
+    ref = registry.reference(lease.model_id)
+    job = lease.job
+    rng = np.random.default_rng(secrets.randbits(64))
+    if isinstance(job, GenerateJob):
+        tokens = tokens if tokens is not None else rng.integers(1000, ref.vocab, job.max_new_tokens).tolist()
+        output = token_output(tokens, ref.vocab)
+        prompt_len = 1 + len(shared_tokenizer()(job.prompt, add_special_tokens=False)["input_ids"])
+        chunks, chunk = len(chunk_spans(prompt_len, job.max_new_tokens, job.chunk)), job.chunk
+    else:
+        matrix = rng.standard_normal((len(job.texts), ref.hidden)).astype(np.float32)
+        output = embedding_output(matrix / np.linalg.norm(matrix, axis=1, keepdims=True))
+        chunks, chunk = len(job.texts), 1
+    return ReceiptClaims(
+        lease=lease.lease_id,
+        nonce=lease.nonce,
+        agent=lease.agent_id,
+        model=lease.model_id,
+        weights=ref.weights_digest,
+        precision=lease.precision,
+        input=sha256_hex(lease.input_bytes()),
+        output=output,
+        fp=Fingerprints(
+            k=job.topk, chunk=chunk, data=b64(secrets.token_bytes(chunks * chunk_size_bytes(job.topk)))
+        ),
+        layers=secrets.token_hex(32),
+    )
+
+
+def stream_paced(tokens: list[int], pace_s: float, fill: Callable[[float], None]) -> None:
+    """Stream `tokens` one per `pace_s`, running `fill(deadline)` in between."""
+    sink = current_sink()
+    for pos, tok in enumerate(tokens):
+        fill(time.perf_counter() + pace_s)
+        if sink:
+            sink(pos, tok)
+
+
+def sleep_until(deadline: float) -> None:
+    time.sleep(max(0.0, deadline - time.perf_counter()))
