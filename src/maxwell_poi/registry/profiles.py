@@ -44,6 +44,16 @@ def device_class() -> str:
     return f"cpu:{model}:{os.cpu_count()}cores"
 
 
+_DEVICE: str | None = None
+
+
+def _this_device() -> str:
+    global _DEVICE
+    if _DEVICE is None:
+        _DEVICE = device_class()
+    return _DEVICE
+
+
 def measure_peak_flops(seconds: float = 0.5, n: int = 1024) -> dict[str, float]:
     """Best fp32 matmul rate on this CPU with the current torch threads (and per busy core)."""
     import torch
@@ -100,17 +110,24 @@ class ProfileStore:
 
     def __init__(self, path: Path | None = None) -> None:
         self.path = path or poi_home() / "profiles.json"
+        self._cached: tuple[float, dict] | None = None  # (mtime, data): appraisals stay sub-ms
 
     def _all(self) -> dict[str, dict[str, dict]]:
-        if not self.path.exists():
-            return {}
         try:
-            return json.loads(self.path.read_text())
+            mtime = self.path.stat().st_mtime
+        except FileNotFoundError:
+            return {}
+        if self._cached and self._cached[0] == mtime:
+            return self._cached[1]
+        try:
+            data = json.loads(self.path.read_text())
         except ValueError as exc:
             raise ValueError(f"profile store {self.path} is unreadable: {exc}") from exc
+        self._cached = (mtime, data)
+        return data
 
     def get(self, model_id: str, device: str | None = None) -> Profile | None:
-        entry = self._all().get(device or device_class(), {}).get(model_id)
+        entry = self._all().get(device or _this_device(), {}).get(model_id)
         return Profile(**entry) if entry else None
 
     def put(self, profile: Profile) -> None:

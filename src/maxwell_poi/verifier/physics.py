@@ -21,7 +21,10 @@ from ..protocol.lease import GenerateJob
 from ..protocol.result import LayerResult, Status
 from ..registry.models import Registry
 from ..registry.profiles import Profile, ProfileStore
+from .classify import WorkloadClassifier, trace_features
 from .layers import Appraisal
+
+CLASSIFIER_REJECT_BELOW = 0.2  # P(inference) under which the trace shape alone rejects
 
 
 def _result(
@@ -56,6 +59,8 @@ class ThermodynamicLayer:
     - physics floor: the claimed FLOPs cannot be done in fewer CPU seconds than the device's
       measured peak rate allows;
     - work: CPU seconds per decoded token at least the profile's honest lower bound;
+    - shape: a classifier of the trace (work, pace, memory, load steadiness, burstiness) must
+      not be confident that this is something other than inference;
     - memory: the agent's peak resident memory must reach what holding the weights takes
       (necessary, not sufficient: an agent can pad memory; the audit and, on GPUs, the DRAM
       bandwidth seen by NVML GPM catch what this misses).
@@ -63,9 +68,12 @@ class ThermodynamicLayer:
 
     name = "L1-thermodynamic"
 
-    def __init__(self, registry: Registry, profiles: ProfileStore) -> None:
+    def __init__(
+        self, registry: Registry, profiles: ProfileStore, classifier: WorkloadClassifier | None = None
+    ) -> None:
         self.registry = registry
         self.profiles = profiles
+        self.classifier = classifier
 
     def appraise(self, ctx: Appraisal) -> LayerResult:
         start = time.perf_counter()
@@ -150,6 +158,20 @@ class ThermodynamicLayer:
                 score,
                 **details,
             )
+        if self.classifier is not None:
+            feats = trace_features(ev, profile, ref, lease.precision)
+            if feats is not None:
+                label, p, extra = self.classifier.predict(feats)
+                details.update(trace_class=label, trace_class_p=round(p, 3), **extra)
+                if extra["p_inference"] < CLASSIFIER_REJECT_BELOW:
+                    return _result(
+                        self.name,
+                        Status.FAIL,
+                        f"trace shape: expected inference, the trace classifier says {label} (p={p:.2f})",
+                        start,
+                        extra["p_inference"],
+                        **details,
+                    )
         return _result(
             self.name,
             Status.PASS,

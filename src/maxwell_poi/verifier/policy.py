@@ -11,6 +11,7 @@ from ..protocol.lease import Lease
 from ..protocol.result import AttestationResult, LayerResult, Status, verdict_of
 from ..registry.models import Registry
 from ..registry.profiles import ProfileStore
+from .classify import WorkloadClassifier
 from .layers import Appraisal, AuditLayer, IntegrityLayer, Layer
 from .physics import BoundaryLayer, ThermodynamicLayer
 from .thresholds import Thresholds
@@ -55,7 +56,7 @@ class Verifier:
         self.audit_rate = audit_rate
         profiles = profiles or ProfileStore()
         self.integrity = IntegrityLayer(registry, keyring)
-        self.thermo = ThermodynamicLayer(registry, profiles)
+        self.thermo = ThermodynamicLayer(registry, profiles, WorkloadClassifier.load())
         self.boundary = BoundaryLayer(profiles)
         self.audit = AuditLayer(registry, thresholds, device)
         self.policy = AllOf(self.integrity, [self.thermo, self.boundary, self.audit])
