@@ -331,6 +331,48 @@ def profile(
 
 
 @app.command()
+def trace(
+    run_dir: Annotated[
+        Path | None, typer.Argument(help="a `poi demo` run folder (evidence.json, result.json, lease.json)")
+    ] = None,
+    evidence: Annotated[Path | None, typer.Option(help="evidence JSON (instead of RUN_DIR)")] = None,
+    result: Annotated[Path | None, typer.Option(help="result JSON to go with --evidence")] = None,
+    lease_path: Annotated[
+        Path | None, typer.Option("--lease", help="lease JSON to go with --evidence")
+    ] = None,
+    out_path: Annotated[
+        Path | None, typer.Option("--out", help="PNG to write (default RUN_DIR/trace.png)")
+    ] = None,
+) -> None:
+    """Draw what Maxwell measured of one lease (CPU, tokens, memory) against its profile as a PNG."""
+    from .observer.plot import plot_evidence, trace_inputs
+    from .registry.models import Registry
+    from .registry.profiles import ProfileStore
+
+    if (run_dir is None) == (evidence is None):
+        raise _bad_input("give either RUN_DIR or --evidence FILE (with --result FILE)")
+    if run_dir is not None:
+        if not run_dir.is_dir():
+            raise _bad_input(f"run folder {run_dir} does not exist")
+        evidence = run_dir / "evidence.json"
+        result = result or run_dir / "result.json"
+        lease_path = lease_path or run_dir / "lease.json"
+        if not evidence.exists():
+            raise _bad_input(f"{run_dir} has no evidence.json: expected a `poi demo` run folder")
+        if not result.exists():
+            result = None
+    target = out_path or (run_dir / "trace.png" if run_dir is not None else evidence.with_suffix(".png"))
+    try:
+        ev, res, the_lease = trace_inputs(evidence, result, lease_path)
+        written = plot_evidence(ev, res, the_lease, target, ProfileStore(), registry=Registry())
+    except ValueError as exc:
+        raise _bad_input(str(exc)) from None
+    except OSError as exc:
+        raise _bad_input(f"cannot write {target}: {exc.strerror}") from None
+    print(written)
+
+
+@app.command()
 def demo(
     json_out: JsonOpt = False,
     out_dir: Annotated[Path, typer.Option("--out", help="where receipts and results go")] = Path("poi-demo"),

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import shutil
 import sys
 import time
@@ -29,6 +30,7 @@ PROMPTS = [
 ]
 TEXTS = ["Maxwell verifies inference.", "A GPU hypervisor meters energy per lease."]
 VICTIM = "honest"
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -241,6 +243,13 @@ class Demo:
         (run_dir / "receipt.json").write_bytes(run.receipt)
         (run_dir / "evidence.json").write_text(json.dumps(run.evidence.as_dict(), indent=2))
         (run_dir / "result.json").write_text(json.dumps(result.as_dict(), indent=2))
+        try:  # a picture of the evidence is a convenience: it never fails the demo
+            from .observer.plot import plot_demo_dir
+
+            attack = plan.attack.name if plan.attack else None
+            plot_demo_dir(run_dir, ProfileStore(), attack=attack, registry=self.registry)
+        except Exception as exc:
+            log.warning("%s: trace.png not drawn: %s: %s", run_dir, type(exc).__name__, exc)
         return DemoRow(
             agent=plan.signer if plan.signer != plan.agent else plan.agent,
             attack=plan.attack.name if plan.attack else None,

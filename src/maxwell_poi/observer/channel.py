@@ -61,11 +61,13 @@ class _StdoutReader:
         self.tokens: list[int] = []
         self.times: list[float] = []
         self.cpu: list[float] = []
+        self.rss_mb = 0.0  # peak resident memory seen at token arrivals
         self.errors = 0
 
     def _cpu_now(self) -> float:
         try:
             t = self.proc.cpu_times()
+            self.rss_mb = max(self.rss_mb, self.proc.memory_info().rss / 2**20)
             return t.user + t.system + t.children_user + t.children_system
         except Exception:  # the process may have just exited; the point is lost, not invented
             return float("nan")
@@ -91,6 +93,12 @@ class _StdoutReader:
                 self.receipt_total += len(line)
                 if len(self.receipt) <= self.keep:
                     self.receipt.extend(line[: self.keep + 1 - len(self.receipt)])
+
+
+def _sampled_peak_rss_mb(telemetry: dict) -> float:
+    m = telemetry.get("process")
+    value = m.totals.get("peak_rss_mb", 0.0) if m is not None else 0.0
+    return value if value == value else 0.0  # NaN when no sample succeeded
 
 
 def _process(pid: int):
@@ -158,7 +166,8 @@ def run_agent(
         finished_at=started + wall,
         wall_s=wall,
         cpu_s=rusage.ru_utime + rusage.ru_stime,
-        max_rss_kb=rusage.ru_maxrss,
+        # not rusage's ru_maxrss: Linux counts the pre-exec copy of *this* process in it
+        max_rss_kb=int(1024 * max(out.rss_mb, _sampled_peak_rss_mb(telemetry))),
         bytes_in=len(payload),
         bytes_out=out.total,
         receipt_bytes=out.receipt_total,

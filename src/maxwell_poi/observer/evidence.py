@@ -16,7 +16,7 @@ class ChannelEvidence:
     finished_at: float
     wall_s: float
     cpu_s: float  # user + system CPU time of the agent process (rusage of the child)
-    max_rss_kb: int
+    max_rss_kb: int  # peak resident memory Maxwell sampled (telemetry, token arrivals); 0 = unseen
     bytes_in: int  # lease bytes Maxwell wrote to the agent
     bytes_out: int  # all bytes the agent wrote back (token stream + receipt)
     sha256_in: str
