@@ -81,7 +81,30 @@ def cheats(registry: Registry, key: AgentKey, small: str, alt: str) -> dict[str,
     }
 
 
-def generation_runs(args, registry: Registry, key: AgentKey, log) -> list[dict]:
+def logit_noise(args, registry: Registry, log) -> dict[str, float]:
+    """How far honest rounding moves logits: bf16 and fp32 prefill of the same sequences, read on
+    the top candidates where sampling decisions are made."""
+    from maxwell_poi.prover.inference import prefill
+    from maxwell_poi.prover.sdk import with_dtype
+
+    reference = registry.load(args.model)
+    low = with_dtype(reference, torch.bfloat16)
+    diffs = []
+    for i, prompt in enumerate(PROMPTS[: args.prompts]):
+        ids = reference.encode_prompt(prompt)
+        gen = torch.Generator().manual_seed(i)
+        cont = torch.randint(1000, reference.reference.vocab, (args.tokens,), generator=gen).tolist()
+        _, fp32 = prefill(reference, ids, cont)
+        _, bf16 = prefill(low, ids, cont)
+        top = torch.topk(fp32, 64, dim=1).indices
+        diffs.append((fp32.gather(1, top) - bf16.float().gather(1, top)).abs().flatten())
+    d = torch.cat(diffs)
+    out = {"bf16_p99": float(torch.quantile(d, 0.99)), "bf16_max": float(d.max())}
+    log(f"bf16 vs fp32 logit error on top candidates: p99 {out['bf16_p99']:.4g}, max {out['bf16_max']:.4g}")
+    return out
+
+
+def generation_runs(args, registry: Registry, key: AgentKey, log, edge: dict[str, float]) -> list[dict]:
     reference = registry.load(args.model)
     honest = {
         "honest-fp32-1thread": (Prover(key, registry), 1, "fp32"),
@@ -102,9 +125,12 @@ def generation_runs(args, registry: Registry, key: AgentKey, log) -> list[dict]:
             t0 = time.perf_counter()
             claims = prover.claims(lease)
             torch.set_num_threads(2)
-            m = measure_generation(lease, claims, reference)
+            m = measure_generation(lease, claims, reference, edge[precision])
+            # the same run judged with the bf16 claim's rounding allowance (cheats face both claims)
+            m16 = m if precision == "bf16" else measure_generation(lease, claims, reference, edge["bf16"])
             runs.append(
                 {
+                    "max_token_gap_bf16": m16.max_gap,
                     "job": "generate",
                     "variant": name,
                     "honest": is_honest,
@@ -196,7 +222,7 @@ def _between(low: float, high: float) -> float:
     return math.sqrt(low * high) if low > 0 and high > 0 else (low + high) / 2
 
 
-def derive(gen: list[dict], emb: list[dict]) -> tuple[dict, dict]:
+def derive(gen: list[dict], emb: list[dict], edge: dict[str, float]) -> tuple[dict, dict]:
     thresholds, report = {}, {}
     for precision in ("fp32", "bf16"):
         floor = FLOORS[precision]
@@ -215,7 +241,8 @@ def derive(gen: list[dict], emb: list[dict]) -> tuple[dict, dict]:
         c_close = max(r["worst_close"] for r in cf)
         h_med = max(max(r["worst_median_rel"] for r in h), floor["median_rel"])
         c_med = min(r["worst_median_rel"] for r in cf)
-        h_gap = max(max(r["max_token_gap"] for r in h), floor["token_gap"] / 4)
+        gap = "max_token_gap" if precision == "fp32" else "max_token_gap_bf16"
+        h_gap = max(max(r[gap] for r in h), floor["token_gap"] / 4)
         # separated: halfway between; overlapping: keep honest runs passing with a 2x margin
         min_close = (h_close + c_close) / 2 if h_close > c_close else h_close / 2
         max_med = max(1.5 * h_med, _between(h_med, c_med)) if c_med > h_med else 1.5 * h_med
@@ -234,13 +261,18 @@ def derive(gen: list[dict], emb: list[dict]) -> tuple[dict, dict]:
             "max_median_rel": float(f"{max_med:.4g}"),
             "token_gap": float(f"{token_gap:.4g}"),
             "embed_max_abs": float(f"{embed:.4g}"),
+            "logit_tol": float(f"{edge[precision]:.4g}"),
         }
+        if not all(math.isfinite(v) for v in thresholds[precision].values()):
+            raise SystemExit(
+                f"calibration produced a non-finite threshold for {precision}: {thresholds[precision]}"
+            )
         by_variant = {}
         for r in c:
             v = by_variant.setdefault(r["variant"], {"runs": 0, "fingerprint_flags": 0, "token_flags": 0})
             v["runs"] += 1
             v["fingerprint_flags"] += r["worst_close"] < min_close or r["worst_median_rel"] > max_med
-            v["token_flags"] += r["max_token_gap"] > token_gap
+            v["token_flags"] += r[gap] > token_gap
         report[precision] = {
             "honest_runs": len(h),
             "cheat_runs": len(c),
@@ -248,7 +280,7 @@ def derive(gen: list[dict], emb: list[dict]) -> tuple[dict, dict]:
             "cheat_best_close": c_close,
             "honest_worst_median_rel": max(r["worst_median_rel"] for r in h),
             "cheat_best_median_rel": c_med,
-            "honest_max_token_gap": max(r["max_token_gap"] for r in h),
+            "honest_max_token_gap": max(r[gap] for r in h),
             "fingerprint_separated": h_close > c_close or c_med > h_med,
             "not_separated_by_fingerprint": sorted(
                 {
@@ -263,9 +295,7 @@ def derive(gen: list[dict], emb: list[dict]) -> tuple[dict, dict]:
             "cheat_embed_min_diff": ce_diff,
             "cheats_flagged": by_variant,
             "honest_flagged": sum(
-                r["worst_close"] < min_close
-                or r["worst_median_rel"] > max_med
-                or r["max_token_gap"] > token_gap
+                r["worst_close"] < min_close or r["worst_median_rel"] > max_med or r[gap] > token_gap
                 for r in h
             ),
         }
@@ -289,9 +319,13 @@ def main() -> None:
     def log(msg: str) -> None:
         print(msg, file=sys.stderr, flush=True)
 
-    gen = generation_runs(args, registry, key, log)
+    noise = logit_noise(args, registry, log)
+    # fp32: other CPU kernels move logits by ~1e-5; bf16: the measured worst case, with 50% margin
+    edge = {"fp32": 1e-4, "bf16": 1.5 * noise["bf16_max"]}
+    gen = generation_runs(args, registry, key, log, edge)
     emb = embedding_runs(args, registry, key, log)
-    thresholds, report = derive(gen, emb)
+    thresholds, report = derive(gen, emb, edge)
+    report["logit_noise"] = noise
     result = {
         "what": "L4 audit calibration: honest vs cheating provers, measured by the fp32 CPU verifier",
         "device": f"CPU {platform.processor() or platform.machine()}, torch {torch.__version__}",

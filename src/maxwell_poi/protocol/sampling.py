@@ -65,25 +65,34 @@ class SeededSampler:
         g = self.noise(np.full(ids.shape, position), ids.cpu().numpy()).to(logits.device)
         return int(ids[torch.argmax(values / self.temperature + g)])
 
-    def score_gaps(self, logits: torch.Tensor, chosen: list[int]) -> torch.Tensor:
+    def score_gaps(self, logits: torch.Tensor, chosen: list[int], edge_tol: float = 0.0) -> torch.Tensor:
         """Per position: how far the chosen token is from being the pick (0 = it was the pick).
 
-        For a candidate: best score minus its score. For a token outside the top-k: the larger of
-        that and the amount its scaled logit falls short of the k-th candidate's, so an honest
-        near-tie at the edge of the candidate set shows as a small gap, not a refusal.
+        `edge_tol` (in logits) is the verifier's allowance for the prover's own rounding: a
+        candidate whose logit is within it of the k-th largest may not have been a candidate for
+        the prover, so it cannot outbid the chosen token; and a chosen token within it below the
+        k-th largest counts as a candidate. For a token outside the top-k by more than that, the
+        gap is at least how far its scaled logit falls short.
         """
         logits = logits.float()
         chosen_t = torch.tensor(chosen, device=logits.device).unsqueeze(1)
         chosen_logit = logits.gather(1, chosen_t).squeeze(1)
         if self.temperature == 0:
-            return (logits.max(dim=1).values - chosen_logit).cpu()
+            return (logits.max(dim=1).values - chosen_logit - edge_tol).clamp_min(0).cpu()
         values, ids = self._candidates(logits)
         positions = np.arange(len(chosen))
-        noise = self.noise(positions[:, None], ids.cpu().numpy()).to(logits.device)
-        best = (values / self.temperature + noise).max(dim=1).values
+        scores = values / self.temperature + self.noise(positions[:, None], ids.cpu().numpy()).to(
+            logits.device
+        )
+        topk = bool(self.top_k and self.top_k < logits.shape[-1])
+        if topk and edge_tol > 0:  # edge candidates may have been outside the prover's set
+            edge = values < (values[:, -1:] + edge_tol)
+            scores = torch.where(edge & (ids != chosen_t), torch.full_like(scores, -float("inf")), scores)
+        best = scores.max(dim=1).values
         own_noise = self.noise(positions, np.asarray(chosen)).to(logits.device)
-        gaps = (best - (chosen_logit / self.temperature + own_noise)).clamp_min(0)
-        if self.top_k and self.top_k < logits.shape[-1]:
-            short = ((values[:, -1] - chosen_logit) / self.temperature).clamp_min(0)
+        own = chosen_logit / self.temperature + own_noise
+        gaps = (best - own - edge_tol / self.temperature).clamp_min(0)
+        if topk:
+            short = ((values[:, -1] - chosen_logit - edge_tol) / self.temperature).clamp_min(0)
             gaps = torch.maximum(gaps, short)
         return gaps.cpu()

@@ -195,7 +195,7 @@ class AuditLayer:
         return LayerResult(self.name, status, reason, score, time.perf_counter() - start, details)
 
     def _generation(self, ctx: Appraisal, model: LoadedModel, tol: Tolerance) -> tuple[Status, str, dict]:
-        m = measure_generation(ctx.lease, ctx.receipt.claims, model)
+        m = measure_generation(ctx.lease, ctx.receipt.claims, model, tol.logit_tol)
         details: dict = {
             "max_token_gap": m.max_gap,
             "token_gap_tolerance": tol.token_gap,
@@ -273,15 +273,18 @@ def _split(data: bytes, parts: int) -> list[bytes]:
     return [data[i * size : (i + 1) * size] for i in range(parts)]
 
 
-def measure_generation(lease: Lease, claims: ReceiptClaims, model: LoadedModel) -> AuditMeasurement:
-    """Re-execute the claimed model on prompt + output and compare, before any threshold."""
+def measure_generation(
+    lease: Lease, claims: ReceiptClaims, model: LoadedModel, edge_tol: float = 0.0
+) -> AuditMeasurement:
+    """Re-execute the claimed model on prompt + output and compare, before any threshold.
+    `edge_tol` is the logit allowance for the prover's rounding (see SeededSampler.score_gaps)."""
     job = lease.job
     assert isinstance(job, GenerateJob)
     prompt = model.encode_prompt(job.prompt)
     tokens = claims.tokens()
     hidden, logits = prefill(model, prompt, tokens)
     sampler = SeededSampler(lease.seed_bytes, job.temperature, job.top_k)
-    gaps = sampler.score_gaps(logits, tokens).numpy()
+    gaps = sampler.score_gaps(logits, tokens, edge_tol).numpy()
     spans = chunk_spans(len(prompt), len(tokens), job.chunk)
     chunks = [
         compare_chunk(data, hidden[s:e], job.topk, (s, e))

@@ -7,6 +7,7 @@ the distributions behind it are in bench/results/calibration.json.
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -18,6 +19,7 @@ class Tolerance:
     max_median_rel: float  # per chunk: median relative error of the committed values
     token_gap: float  # per position: best sampler score minus the chosen token's score
     embed_max_abs: float  # embeddings: largest element-wise difference
+    logit_tol: float = 0.0  # logits: the prover's rounding allowance at the top-k edge and near-ties
 
 
 @dataclass(frozen=True)
@@ -34,4 +36,9 @@ class Thresholds:
         else:
             text = Path(path).read_text()
         data = json.loads(text)
-        return cls({p: Tolerance(**v) for p, v in data.items() if not p.startswith("_")})
+        out = {p: Tolerance(**v) for p, v in data.items() if not p.startswith("_")}
+        for precision, tol in out.items():
+            bad = [k for k, v in vars(tol).items() if not math.isfinite(v) or v < 0]
+            if bad:  # an infinite tolerance would switch a check off without saying so
+                raise ValueError(f"thresholds for {precision}: expected finite values >= 0, got {bad}")
+        return cls(out)
