@@ -96,12 +96,17 @@ def load_runs(dirs: list[Path]) -> list[dict]:
 
 
 def attack_of(run: dict) -> str | None:
-    agent = run["lease"].agent_id
-    return (
-        None
-        if agent.startswith("honest") and run["dir"].name.split("-", 1)[1].startswith("honest")
-        else (run["dir"].name.split("-", 1)[1])
-    )
+    """The attack class of a demo run (its run.json; older runs: the folder name)."""
+    meta = run["dir"] / "run.json"
+    if meta.exists():
+        return json.loads(meta.read_text())["attack"]
+    name = run["dir"].name.split("-", 1)[1]
+    if name.startswith("honest"):  # older demos named the forger's and the thief's runs after the victim
+        reason = run["result"]["reason"]
+        if "signature" in reason:
+            return "forged-signature" if "not in the keyring" in reason else "other-agents-lease"
+        return None
+    return name
 
 
 def status(run: dict, layer: str) -> str:

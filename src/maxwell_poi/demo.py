@@ -237,9 +237,18 @@ class Demo:
         t0 = time.perf_counter()
         result: AttestationResult = verifier.appraise(plan.lease, run.receipt, run.evidence)
         verify_s = time.perf_counter() - t0
-        run_dir = self.cfg.out / "runs" / f"{index:02d}-{plan.agent}{'-priming' if plan.priming else ''}"
+        name = plan.attack.name if plan.attack else plan.agent
+        run_dir = self.cfg.out / "runs" / f"{index:02d}-{name}{'-priming' if plan.priming else ''}"
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "lease.json").write_text(plan.lease.to_json())
+        meta = {
+            "leased_to": plan.agent,
+            "signer": plan.signer,
+            "attack": plan.attack.name if plan.attack else None,
+            "priming": plan.priming,
+            "argv": plan.argv[1:],
+        }
+        (run_dir / "run.json").write_text(json.dumps(meta, indent=2))
         (run_dir / "receipt.json").write_bytes(run.receipt)
         (run_dir / "evidence.json").write_text(json.dumps(run.evidence.as_dict(), indent=2))
         (run_dir / "result.json").write_text(json.dumps(result.as_dict(), indent=2))

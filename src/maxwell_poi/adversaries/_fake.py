@@ -11,8 +11,9 @@ import numpy as np
 
 from ..protocol.encoding import b64, sha256_hex
 from ..protocol.fingerprint import chunk_size_bytes, chunk_spans
+from ..protocol.keys import AgentKey
 from ..protocol.lease import GenerateJob, Lease
-from ..protocol.receipt import Fingerprints, ReceiptClaims, embedding_output
+from ..protocol.receipt import Fingerprints, ReceiptClaims, embedding_output, sign_receipt
 from ..prover.sdk import token_output
 from ..prover.stream import current_sink
 from ..registry.models import Registry, shared_tokenizer
@@ -69,3 +70,25 @@ def stream_paced(tokens: list[int], pace_s: float, fill: Callable[[float], None]
 
 def sleep_until(deadline: float) -> None:
     time.sleep(max(0.0, deadline - time.perf_counter()))
+
+
+def paced_garbage_agent(
+    fill: Callable[[float], None], pace_s: float | None = None, before: Callable[[], None] | None = None
+) -> Callable[[AgentKey], Callable[[Lease], bytes]]:
+    """An agent that never runs the model: invented claims, tokens streamed one per `pace_s`
+    (default: the honest pace) with `fill(deadline)` in between, then a validly signed receipt."""
+
+    def answer_for(key: AgentKey) -> Callable[[Lease], bytes]:
+        registry = Registry()
+
+        def answer(lease: Lease) -> bytes:
+            if before:
+                before()
+            claims = garbage_claims(lease, registry)
+            if isinstance(lease.job, GenerateJob):
+                stream_paced(claims.tokens(), honest_pace(lease.model_id) if pace_s is None else pace_s, fill)
+            return sign_receipt(claims, key)
+
+        return answer
+
+    return answer_for

@@ -5,10 +5,8 @@ from __future__ import annotations
 
 import time
 
-from ..protocol.receipt import sign_receipt
-from ..registry.models import Registry
 from ._agent import parser, run
-from ._fake import garbage_claims, honest_pace, stream_paced
+from ._fake import paced_garbage_agent
 
 
 def spin_until(deadline: float) -> None:
@@ -18,19 +16,7 @@ def spin_until(deadline: float) -> None:
 
 
 def main() -> None:
-    args = parser(__doc__).parse_args()
-
-    def answer_for(key):
-        registry = Registry()
-
-        def answer(lease):
-            claims = garbage_claims(lease, registry)
-            stream_paced(claims.tokens(), honest_pace(lease.model_id), spin_until)
-            return sign_receipt(claims, key)
-
-        return answer
-
-    run(args, answer_for)
+    run(parser(__doc__).parse_args(), paced_garbage_agent(spin_until))
 
 
 if __name__ == "__main__":

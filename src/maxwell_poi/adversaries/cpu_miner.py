@@ -9,10 +9,8 @@ import os
 import threading
 import time
 
-from ..protocol.receipt import sign_receipt
-from ..registry.models import Registry
 from ._agent import parser, run
-from ._fake import garbage_claims, honest_pace, stream_paced
+from ._fake import paced_garbage_agent
 
 FOUND: list[bytes] = []
 
@@ -27,28 +25,19 @@ def mine_until(deadline: float, header: bytes = b"block") -> None:
             nonce += 1
 
 
+def mine_on_every_core(deadline: float) -> None:
+    """The main thread mines one pace; helper threads keep the other cores mining meanwhile."""
+    helpers = [
+        threading.Thread(target=mine_until, args=(deadline, b"w%d" % i), daemon=True)
+        for i in range((os.cpu_count() or 2) - 1)
+    ]
+    for h in helpers:
+        h.start()
+    mine_until(deadline)
+
+
 def main() -> None:
-    args = parser(__doc__).parse_args()
-
-    def answer_for(key):
-        registry = Registry()
-
-        def answer(lease):
-            claims = garbage_claims(lease, registry)
-            pace = honest_pace(lease.model_id)
-            end = time.perf_counter() + pace * (len(claims.tokens()) + 1)
-            helpers = [
-                threading.Thread(target=mine_until, args=(end, b"w%d" % i), daemon=True)
-                for i in range((os.cpu_count() or 2) - 1)
-            ]
-            for h in helpers:
-                h.start()
-            stream_paced(claims.tokens(), pace, mine_until)
-            return sign_receipt(claims, key)
-
-        return answer
-
-    run(args, answer_for)
+    run(parser(__doc__).parse_args(), paced_garbage_agent(mine_on_every_core))
 
 
 if __name__ == "__main__":

@@ -3,26 +3,12 @@ receipt follows immediately: a result that arrives faster than the claimed work 
 
 from __future__ import annotations
 
-from ..protocol.receipt import sign_receipt
-from ..registry.models import Registry
 from ._agent import parser, run
-from ._fake import garbage_claims, stream_paced
+from ._fake import paced_garbage_agent
 
 
 def main() -> None:
-    args = parser(__doc__).parse_args()
-
-    def answer_for(key):
-        registry = Registry()
-
-        def answer(lease):
-            claims = garbage_claims(lease, registry)
-            stream_paced(claims.tokens(), 0.0, lambda _deadline: None)
-            return sign_receipt(claims, key)
-
-        return answer
-
-    run(args, answer_for)
+    run(parser(__doc__).parse_args(), paced_garbage_agent(lambda _deadline: None, pace_s=0.0))
 
 
 if __name__ == "__main__":

@@ -9,10 +9,8 @@ import time
 
 import torch
 
-from ..protocol.receipt import sign_receipt
-from ..registry.models import Registry
 from ._agent import parser, run
-from ._fake import garbage_claims, honest_pace, stream_paced
+from ._fake import paced_garbage_agent
 
 
 def hash_until(deadline: float, n: int = 1 << 24) -> None:
@@ -30,18 +28,7 @@ def main() -> None:
     if not torch.cuda.is_available():
         print("gpu_miner: needs a CUDA GPU; none here", file=sys.stderr)
         sys.exit(2)
-
-    def answer_for(key):
-        registry = Registry()
-
-        def answer(lease):
-            claims = garbage_claims(lease, registry)
-            stream_paced(claims.tokens(), honest_pace(lease.model_id), hash_until)
-            return sign_receipt(claims, key)
-
-        return answer
-
-    run(args, answer_for)
+    run(args, paced_garbage_agent(hash_until))
 
 
 if __name__ == "__main__":

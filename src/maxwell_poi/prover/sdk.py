@@ -114,7 +114,7 @@ class Prover:
 
     def claims(self, lease: Lease) -> ReceiptClaims:
         model = self.model_for(lease)
-        claimed = self.registry.load(lease.model_id).reference  # what the lease asked for
+        claimed = self.registry.reference(lease.model_id)  # what the lease asked for (no build)
         if isinstance(lease.job, GenerateJob):
             tokens, builder = self.generate(lease, model)
             output = token_output(tokens, claimed.vocab)
