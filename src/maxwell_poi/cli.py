@@ -16,7 +16,7 @@ app = typer.Typer(
 )
 models_app = typer.Typer(help="List the model registry or add your own model.", invoke_without_command=True)
 app.add_typer(models_app, name="models")
-out = Console()
+out = Console(width=None if sys.stdout.isatty() else 180)  # piped output: keep tables readable
 err = Console(stderr=True)
 
 EXIT_OK, EXIT_REJECTED, EXIT_BAD_INPUT = 0, 1, 2

@@ -1,0 +1,156 @@
+"""L1 and L2 decisions on hand-built evidence (synthetic inputs, labelled as such: the real
+adversary programs are run through the runner in test_adversaries.py). Fast: no model runs."""
+
+from __future__ import annotations
+
+import hashlib
+import time
+
+import pytest
+
+from maxwell_poi.observer.evidence import ChannelEvidence
+from maxwell_poi.protocol.keys import AgentKey
+from maxwell_poi.protocol.lease import GenerateJob, Lease
+from maxwell_poi.protocol.receipt import open_receipt, sign_receipt
+from maxwell_poi.protocol.result import Status
+from maxwell_poi.registry.profiles import Profile, ProfileStore
+from maxwell_poi.verifier.layers import Appraisal
+from maxwell_poi.verifier.physics import BoundaryLayer, ThermodynamicLayer, memory_floor_mb, work_lower_bound
+
+DEVICE = "test-device"
+
+
+def stats(values):
+    import numpy as np
+
+    a = np.asarray(values, dtype=float)
+    return {
+        "mean": a.mean(),
+        "std": a.std(),
+        "min": a.min(),
+        "max": a.max(),
+        "median": float(np.median(a)),
+        "runs": list(a),
+    }
+
+
+@pytest.fixture()
+def store(tmp_path):
+    s = ProfileStore(tmp_path / "profiles.json")
+    s.put(
+        Profile(
+            DEVICE,
+            "gpt2-micro",
+            4,
+            16,
+            interval_s=stats([0.030, 0.031, 0.029, 0.032]),
+            decode_cpu_s_per_token=stats([0.050, 0.052, 0.049, 0.051]),
+            decode_cores_busy=stats([1.7, 1.8, 1.6, 1.7]),
+            peak_rss_mb=stats([900, 910, 905, 920]),
+            peak_flops_per_s=1e11,
+            peak_flops_per_cpu_s=6e10,
+            measured_at=time.time(),
+            threads=[1, 2],
+        )
+    )
+    return s
+
+
+def appraisal(tokens, *, stream=None, gap=0.03, cpu_per_token=0.05, rss_mb=905.0, lease=None):
+    """A lease, its (synthetic) signed receipt, and synthetic runner evidence."""
+    lease = lease or Lease.issue("a", "gpt2-micro", GenerateJob(prompt="hi", max_new_tokens=len(tokens)))
+    from maxwell_poi.protocol.encoding import b64, sha256_hex
+    from maxwell_poi.protocol.receipt import Fingerprints, ReceiptClaims
+    from maxwell_poi.prover.sdk import token_output
+
+    claims = ReceiptClaims(
+        lease=lease.lease_id,
+        nonce=lease.nonce,
+        agent="a",
+        model="gpt2-micro",
+        weights="0" * 64,
+        precision="fp32",
+        input=sha256_hex(lease.input_bytes()),
+        output=token_output(tokens, 30522),
+        fp=Fingerprints(k=32, chunk=32, data=b64(b"")),
+        layers="0" * 64,
+    )
+    raw = sign_receipt(claims, AgentKey.generate())
+    stream = tokens if stream is None else stream
+    t = [1.0 + i * gap for i in range(len(stream))]
+    cpu = [2.0 + i * cpu_per_token for i in range(len(stream))]
+    ev = ChannelEvidence(
+        started_at=0,
+        finished_at=2,
+        wall_s=2,
+        cpu_s=3,
+        max_rss_kb=int(rss_mb * 1024),
+        bytes_in=10,
+        bytes_out=10,
+        sha256_in=hashlib.sha256(lease.to_json().encode() + b"\n").hexdigest(),
+        sha256_out="",
+        exit_code=0,
+        stream_tokens=tuple(stream),
+        stream_t=tuple(t),
+        stream_cpu_s=tuple(cpu),
+        device_class=DEVICE,
+    )
+    return Appraisal(lease=lease, raw=raw, evidence=ev, receipt=open_receipt(raw, 1 << 20))
+
+
+TOKENS = list(range(1000, 1020))
+
+
+def test_honest_looking_evidence_passes_both(store, registry):
+    ctx = appraisal(TOKENS)
+    assert ThermodynamicLayer(registry, store).appraise(ctx).status is Status.PASS
+    assert BoundaryLayer(store).appraise(ctx).status is Status.PASS
+
+
+def test_idle_decoding_fails_the_work_check(store, registry):
+    r = ThermodynamicLayer(registry, store).appraise(appraisal(TOKENS, cpu_per_token=0.002))
+    assert r.status is Status.FAIL and r.reason.startswith("work: expected >=")
+    assert work_lower_bound(store.get("gpt2-micro", DEVICE)) > 0.002
+
+
+def test_zero_cpu_is_below_the_physics_floor(store, registry):
+    r = ThermodynamicLayer(registry, store).appraise(appraisal(TOKENS, cpu_per_token=0.0))
+    assert r.status is Status.FAIL and r.reason.startswith("physics floor")
+
+
+def test_missing_weights_fail_the_memory_check(store, registry):
+    r = ThermodynamicLayer(registry, store).appraise(appraisal(TOKENS, rss_mb=300))
+    assert r.status is Status.FAIL and r.reason.startswith("memory: expected the weights resident")
+    ref = registry.reference("gpt2-micro")
+    assert memory_floor_mb(store.get("gpt2-micro", DEVICE), ref.param_count, "fp32") > 300
+
+
+def test_tampered_output_differs_from_the_stream(store):
+    streamed = list(TOKENS)
+    streamed[7] += 1
+    r = BoundaryLayer(store).appraise(appraisal(TOKENS, stream=streamed))
+    assert r.status is Status.FAIL and "at positions [7]" in r.reason
+
+
+def test_no_stream_and_too_fast_streams_fail_l2(store, registry):
+    assert "got none" in BoundaryLayer(store).appraise(appraisal(TOKENS, stream=[])).reason
+    fast = BoundaryLayer(store).appraise(appraisal(TOKENS, gap=0.001))
+    assert fast.status is Status.FAIL and fast.reason.startswith("timing: expected tokens >=")
+    no_window = ThermodynamicLayer(registry, store).appraise(appraisal(TOKENS, stream=[]))
+    assert no_window.status is Status.FAIL
+
+
+def test_without_profile_or_evidence_the_layers_skip_and_say_why(tmp_path, registry):
+    empty = ProfileStore(tmp_path / "none.json")
+    r = ThermodynamicLayer(registry, empty).appraise(appraisal(TOKENS))
+    assert r.status is Status.SKIPPED and "poi profile gpt2-micro" in r.reason
+    ctx = appraisal(TOKENS)
+    ctx.evidence = None
+    assert BoundaryLayer(empty).appraise(ctx).status is Status.SKIPPED
+
+
+def test_a_different_lease_on_the_channel_fails_l2(store):
+    ctx = appraisal(TOKENS)
+    other = Lease.issue("a", "gpt2-micro", GenerateJob(prompt="hi", max_new_tokens=len(TOKENS)))
+    ctx.lease = other
+    assert BoundaryLayer(store).appraise(ctx).reason.startswith("channel input")
