@@ -220,16 +220,18 @@ def split_eval(x: np.ndarray, y: list[str], seed: int = 0) -> dict:
 def fused_scores(feats: list[dict], honest: list[bool], seed: int = 0) -> dict:
     """Logistic regression on L1/L2 features, cross-validated: one probability of honest work."""
     from sklearn.linear_model import LogisticRegression
-    from sklearn.model_selection import cross_val_predict
+    from sklearn.model_selection import StratifiedKFold, cross_val_predict
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
 
     x = np.array([[float(np.clip(f[k], -50, 50)) for k in FEATURES] for f in feats])
     y = np.array(honest, dtype=int)
     folds = min(5, int(min(y.sum(), len(y) - y.sum())))
     if folds < 2:
         return {"note": "too few runs of one class for cross-validation"}
-    p = cross_val_predict(LogisticRegression(max_iter=2000, C=1.0), x, y, cv=folds, method="predict_proba")[
-        :, 1
-    ]
+    model = make_pipeline(StandardScaler(), LogisticRegression(max_iter=2000, class_weight="balanced"))
+    cv = StratifiedKFold(n_splits=folds, shuffle=True, random_state=seed)
+    p = cross_val_predict(model, x, y, cv=cv, method="predict_proba")[:, 1]
     return {"p_honest": p.tolist(), "folds": folds}
 
 
@@ -247,6 +249,11 @@ def main() -> None:
     ap.add_argument("--traces", type=Path, default=ROOT / "data/traces/cpu")
     ap.add_argument("--out", type=Path, default=ROOT / "bench/results/signals.json")
     ap.add_argument("--features-out", type=Path, default=ROOT / "src/maxwell_poi/data/workload_features.json")
+    ap.add_argument(
+        "--analyse-only",
+        action="store_true",
+        help="record nothing: analyse the runs already in --work and keep the model-id runs",
+    )
     args = ap.parse_args()
     args.work.mkdir(parents=True, exist_ok=True)
     args.traces.mkdir(parents=True, exist_ok=True)
@@ -261,7 +268,10 @@ def main() -> None:
     overhead = measure_sampling_overhead(5.0, 10.0)
     log(f"sampling overhead {overhead}")
     dirs = list(args.reuse)
-    record(args, dirs)
+    if args.analyse_only:
+        dirs += sorted(args.work.glob("trial*"))
+    else:
+        record(args, dirs)
     runs = [r for r in load_runs(dirs) if r["lease"].model_id == args.model]
     log(f"{len(runs)} recorded runs")
 
@@ -321,8 +331,11 @@ def main() -> None:
         )
     )
 
-    id_rows = model_id_runs(args, registry)
     id_keys = ["cpu_ms_per_token", "interval_ms", "peak_rss_mb", "cores_busy", "util_mean"]
+    if args.analyse_only and args.out.exists():
+        id_rows = json.loads(args.out.read_text())["model_identification"]["runs"]
+    else:
+        id_rows = model_id_runs(args, registry)
     model_id = split_eval(np.array([[r[k] for k in id_keys] for r in id_rows]), [r["model"] for r in id_rows])
 
     # L1 + L2 appraisal time on one recorded honest run
