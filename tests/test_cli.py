@@ -140,7 +140,7 @@ def test_demo_json_shape(tmp_path):
     assert res.returncode == 0, res.stderr.decode()[-2000:]
     data = json.loads(res.stdout)
     runs = data["runs"]
-    assert {r["attack"] for r in runs} == {None, "fast-fabricator", "forged-signature"}
+    assert {r["attack"] for r in runs} == {None, "sleeper", "forged-signature"}
     for r in runs:
         assert set(r) >= {"agent", "attack", "verdict", "caught_by", "reason"}
         expected = "affirming" if r["attack"] is None else "contraindicated"

@@ -56,7 +56,7 @@ CATALOGUE: list[Attack] = [
     Attack("other-agents-lease", "lease_thief", "an enrolled agent answers a lease issued to another agent",
            must_catch=L0, reason_has="enrolled agent 'mallory'"),
     Attack("sleeper", "sleeper", "sleeps; streams random tokens at an honest pace; invented receipt",
-           ("--sleep", "1"), must_catch=L1 + L4, reason_has="work: expected"),
+           ("--sleep", "1"), must_catch=L1 + L4, reason_has="CPU"),  # physics floor or work check
     Attack("busy-loop", "busy_loop", "spins a core between paced random tokens; never loads the model",
            must_catch=L1 + L4),
     Attack("cpu-miner", "cpu_miner", "SHA-256 mining on every core between paced random tokens",
