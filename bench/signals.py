@@ -34,22 +34,18 @@ from maxwell_poi.prover.harness import quiet_libraries
 quiet_libraries()
 
 from maxwell_poi.demo import Demo, DemoConfig  # noqa: E402
-from maxwell_poi.observer.channel import run_agent  # noqa: E402
 from maxwell_poi.observer.evidence import ChannelEvidence  # noqa: E402
 from maxwell_poi.observer.telemetry import (
     Measurement,
-    Observer,
-    ProcessSource,
     measure_sampling_overhead,
     save_trace,
 )  # noqa: E402,E501
-from maxwell_poi.protocol.keys import AgentKey  # noqa: E402
-from maxwell_poi.protocol.lease import GenerateJob, Lease  # noqa: E402
+from maxwell_poi.protocol.lease import Lease  # noqa: E402
 from maxwell_poi.protocol.receipt import open_receipt  # noqa: E402
 from maxwell_poi.registry.models import Registry  # noqa: E402
-from maxwell_poi.registry.profiles import ProfileStore, measure_profile  # noqa: E402
+from maxwell_poi.registry.profiles import ProfileStore, honest_runs, measure_profile  # noqa: E402
 from maxwell_poi.verifier.classify import FEATURES, trace_features  # noqa: E402
-from maxwell_poi.verifier.layers import Appraisal, max_receipt_bytes  # noqa: E402
+from maxwell_poi.verifier.layers import Appraisal  # noqa: E402
 from maxwell_poi.verifier.physics import BoundaryLayer, ThermodynamicLayer  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -131,34 +127,10 @@ def record(args, out_dirs: list[Path]) -> None:
 
 def model_id_runs(args, registry: Registry) -> list[dict]:
     """Honest runs of several models: can the trace tell which model ran?"""
-    key_path = args.work / "modelid.pem"
-    if not key_path.exists():
-        AgentKey.generate().save(key_path)
     rows = []
     for model in args.id_models:
-        hidden = registry.reference(model).hidden
-        for i in range(args.id_runs):
-            lease = Lease.issue(
-                "id", model, GenerateJob(prompt=f"Trace run {i}: the river", max_new_tokens=args.tokens)
-            )
-            argv = [
-                sys.executable,
-                "-m",
-                "maxwell_poi",
-                "agent",
-                "--key",
-                str(key_path),
-                "--threads",
-                str(1 + i % 2),
-            ]
-            run = run_agent(
-                argv, lease, max_bytes=max_receipt_bytes(lease, hidden), observer=Observer([ProcessSource()])
-            )
-            ev = run.evidence
-            w = ev.decode_window
-            if w is None:
-                continue
-            wall, cpu, n = w
+        for i, (_threads, ev) in enumerate(honest_runs(model, args.id_runs, args.tokens, registry=registry)):
+            wall, cpu, n = ev.decode_window
             u = ev.telemetry["process"].series.get("cpu_util", np.array([]))
             rows.append(
                 {
@@ -265,7 +237,7 @@ def main() -> None:
             log(f"profiling {model}")
             store.put(measure_profile(model, registry=registry, tokens=args.tokens))
 
-    overhead = measure_sampling_overhead(5.0, 10.0)
+    overhead = measure_sampling_overhead(15.0, 10.0)
     log(f"sampling overhead {overhead}")
     dirs = list(args.reuse)
     if args.analyse_only:

@@ -114,6 +114,10 @@ def test_idle_decoding_fails_the_work_check(store, registry):
 
 
 def test_zero_cpu_is_below_the_physics_floor(store, registry):
+    from dataclasses import replace
+
+    slow_device = replace(store.get("gpt2-micro", DEVICE), peak_flops_per_cpu_s=1e7)  # floor: ~8 CPU-s
+    store.put(slow_device)
     r = ThermodynamicLayer(registry, store).appraise(appraisal(TOKENS, cpu_per_token=0.0))
     assert r.status is Status.FAIL and r.reason.startswith("physics floor")
 

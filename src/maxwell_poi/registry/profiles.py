@@ -14,14 +14,17 @@ import os
 import platform
 import statistics
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from .models import poi_home
+
+if TYPE_CHECKING:
+    from ..observer.evidence import ChannelEvidence
 
 
 def device_class() -> str:
@@ -147,16 +150,11 @@ PROMPTS = [
 ]
 
 
-def measure_profile(
-    model_id: str,
-    *,
-    runs: int = 4,
-    tokens: int = 48,
-    threads: tuple[int, ...] = (1, 2),
-    registry=None,
-    on_progress: Callable[[str], None] | None = None,
-) -> Profile:
-    """Run the honest agent `runs` times (alternating thread counts) through Maxwell's runner."""
+def honest_runs(
+    model_id: str, runs: int, tokens: int, threads: tuple[int, ...] = (1, 2), registry=None
+) -> Iterator[tuple[int, ChannelEvidence]]:
+    """Run the honest reference agent `runs` times (alternating thread counts) through Maxwell's
+    runner with process telemetry; yields (threads, evidence) and raises if a run fails."""
     import sys
     import tempfile
 
@@ -169,15 +167,13 @@ def measure_profile(
 
     registry = registry or Registry()
     hidden = registry.reference(model_id).hidden
-    intervals, cpu_per_token, busy, rss = [], [], [], []
     with tempfile.TemporaryDirectory() as tmp:
-        key_path = Path(tmp) / "profile.pem"
+        key_path = Path(tmp) / "honest.pem"
         AgentKey.generate().save(key_path)
         for i in range(runs):
             n_threads = threads[i % len(threads)]
-            lease = Lease.issue(
-                "profiler", model_id, GenerateJob(prompt=PROMPTS[i % len(PROMPTS)], max_new_tokens=tokens)
-            )
+            job = GenerateJob(prompt=PROMPTS[i % len(PROMPTS)], max_new_tokens=tokens)
+            lease = Lease.issue("profiler", model_id, job)
             argv = [
                 sys.executable,
                 "-m",
@@ -191,19 +187,33 @@ def measure_profile(
             run = run_agent(
                 argv, lease, max_bytes=max_receipt_bytes(lease, hidden), observer=Observer([ProcessSource()])
             )
-            window = run.evidence.decode_window
-            if run.evidence.exit_code != 0 or window is None:
-                raise RuntimeError(f"profiling run {i} failed: {run.evidence.stderr_tail[-500:]}")
-            wall, cpu, n = window
-            intervals.append(statistics.median(np.diff(run.evidence.stream_t)))
-            cpu_per_token.append(cpu / n)
-            busy.append(cpu / wall if wall > 0 else 0.0)
-            rss.append(run.evidence.peak_rss_mb())
-            if on_progress:
-                on_progress(
-                    f"{model_id} run {i + 1}/{runs} ({n_threads} threads): "
-                    f"{intervals[-1] * 1000:.1f} ms/token, {cpu_per_token[-1] * 1000:.1f} CPU-ms/token"
-                )
+            if run.evidence.exit_code != 0 or run.evidence.decode_window is None:
+                raise RuntimeError(f"honest run {i} of {model_id} failed: {run.evidence.stderr_tail[-500:]}")
+            yield n_threads, run.evidence
+
+
+def measure_profile(
+    model_id: str,
+    *,
+    runs: int = 4,
+    tokens: int = 48,
+    threads: tuple[int, ...] = (1, 2),
+    registry=None,
+    on_progress: Callable[[str], None] | None = None,
+) -> Profile:
+    """What honest decoding of `model_id` looks like on this device, from `runs` honest runs."""
+    intervals, cpu_per_token, busy, rss = [], [], [], []
+    for i, (n_threads, ev) in enumerate(honest_runs(model_id, runs, tokens, threads, registry)):
+        wall, cpu, n = ev.decode_window
+        intervals.append(statistics.median(np.diff(ev.stream_t)))
+        cpu_per_token.append(cpu / n)
+        busy.append(cpu / wall if wall > 0 else 0.0)
+        rss.append(ev.peak_rss_mb())
+        if on_progress:
+            on_progress(
+                f"{model_id} run {i + 1}/{runs} ({n_threads} threads): "
+                f"{intervals[-1] * 1000:.1f} ms/token, {cpu_per_token[-1] * 1000:.1f} CPU-ms/token"
+            )
     peak = measure_peak_flops()
     return Profile(
         device_class=device_class(),
