@@ -281,7 +281,7 @@ def plot_run(
     peak = (evidence.get("max_rss_kb") or 0) / 1024
     if peak > 0:
         levels.append(peak)
-        handles.append(ax_rss.axhline(peak, color=RSS_C, ls=":", lw=1, label=f"peak (Maxwell-sampled) {peak:.0f} MB"))
+        handles.append(ax_rss.axhline(peak, color=RSS_C, ls=":", lw=1, label=f"peak (sampled) {peak:.0f} MB"))
     if memory_floor_mb is not None and math.isfinite(memory_floor_mb):
         if memory_floor_mb > 0:
             levels.append(memory_floor_mb)
