@@ -74,10 +74,3 @@ CATALOGUE: list[Attack] = [
            ("--mode", "oversized"), must_catch=L0, reason_has="at most"),
 ]
 # fmt: on
-
-
-def by_name(name: str) -> Attack:
-    for attack in CATALOGUE:
-        if attack.name == name:
-            return attack
-    raise KeyError(f"unknown attack {name!r}; known: {', '.join(a.name for a in CATALOGUE)}")

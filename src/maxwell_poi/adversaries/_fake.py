@@ -16,7 +16,7 @@ from ..protocol.lease import GenerateJob, Lease
 from ..protocol.receipt import Fingerprints, ReceiptClaims, embedding_output, sign_receipt
 from ..prover.sdk import token_output
 from ..prover.stream import current_sink
-from ..registry.models import Registry, shared_tokenizer
+from ..registry.models import Registry
 from ..registry.profiles import ProfileStore
 
 DEFAULT_PACE_S = 0.03
@@ -37,7 +37,7 @@ def garbage_claims(lease: Lease, registry: Registry, tokens: list[int] | None = 
     if isinstance(job, GenerateJob):
         tokens = tokens if tokens is not None else rng.integers(1000, ref.vocab, job.max_new_tokens).tolist()
         output = token_output(tokens, ref.vocab)
-        prompt_len = 1 + len(shared_tokenizer()(job.prompt, add_special_tokens=False)["input_ids"])
+        prompt_len = len(registry.encode_prompt(lease.model_id, job.prompt))
         chunks, chunk = len(chunk_spans(prompt_len, job.max_new_tokens, job.chunk)), job.chunk
     else:
         matrix = rng.standard_normal((len(job.texts), ref.hidden)).astype(np.float32)

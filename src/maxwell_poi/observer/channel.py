@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 from ..protocol.lease import Lease
 from ..prover.stream import parse_stream_line
-from ..registry.profiles import device_class
+from ..registry.profiles import this_device
 from .evidence import ChannelEvidence
 from .telemetry import Observer
 
@@ -180,7 +180,7 @@ def run_agent(
         stream_cpu_s=tuple(out.cpu),
         stream_errors=out.errors,
         telemetry=telemetry,
-        device_class=device_class(),
+        device_class=this_device(),
     )
     return AgentRun(receipt=bytes(out.receipt).strip(), evidence=evidence, timed_out=timed_out)
 

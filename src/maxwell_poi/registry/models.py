@@ -189,6 +189,17 @@ def find_final_norm(module: nn.Module) -> nn.Module | None:
     return None
 
 
+def encode_prompt(tokenizer: Any, spec: ModelSpec, text: str) -> list[int]:
+    """Prompt token ids as prover and verifier both feed them: built-in models get [CLS] first."""
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    return [BERT_CLS, *ids] if spec.family != "local" else (ids or [0])
+
+
+def tokenizer_for(spec: ModelSpec) -> Any:
+    """A local model's own tokenizer when its folder has one, else the shared BERT WordPiece."""
+    return shared_tokenizer(spec.path if spec.family == "local" and _has_tokenizer(spec.path) else None)
+
+
 @dataclass
 class LoadedModel:
     """A built model in eval mode plus what the prover and verifier need to drive it."""
@@ -201,8 +212,7 @@ class LoadedModel:
     reference: ReferenceValues
 
     def encode_prompt(self, text: str) -> list[int]:
-        ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
-        return [BERT_CLS, *ids] if self.spec.family != "local" else (ids or [0])
+        return encode_prompt(self.tokenizer, self.spec, text)
 
     def decode(self, tokens: list[int]) -> str:
         return self.tokenizer.decode(tokens)
@@ -273,9 +283,7 @@ class Registry:
             spec = self.get(model_id)
             module = _build(spec).eval()
             cfg = module.config
-            tokenizer = shared_tokenizer(
-                spec.path if spec.family == "local" and _has_tokenizer(spec.path) else None
-            )
+            tokenizer = tokenizer_for(spec)
             self._cache[model_id] = LoadedModel(
                 spec=spec,
                 module=module,
@@ -285,6 +293,11 @@ class Registry:
                 reference=_reference(spec, module),
             )
         return self._cache[model_id]
+
+    def encode_prompt(self, model_id: str, text: str) -> list[int]:
+        """The prompt's token ids for `model_id` without building the model."""
+        spec = self.get(model_id)
+        return encode_prompt(tokenizer_for(spec), spec, text)
 
     def reference(self, model_id: str) -> ReferenceValues:
         """Reference values without building the model when this machine measured them before

@@ -50,7 +50,8 @@ def device_class() -> str:
 _DEVICE: str | None = None
 
 
-def _this_device() -> str:
+def this_device() -> str:
+    """`device_class()` of this host, worked out once per process."""
     global _DEVICE
     if _DEVICE is None:
         _DEVICE = device_class()
@@ -130,7 +131,7 @@ class ProfileStore:
         return data
 
     def get(self, model_id: str, device: str | None = None) -> Profile | None:
-        entry = self._all().get(device or _this_device(), {}).get(model_id)
+        entry = self._all().get(device or this_device(), {}).get(model_id)
         return Profile(**entry) if entry else None
 
     def put(self, profile: Profile) -> None:

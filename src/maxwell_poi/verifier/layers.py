@@ -21,7 +21,7 @@ from ..protocol.receipt import OpenedReceipt, ReceiptClaims, open_receipt
 from ..protocol.result import LayerResult, Status
 from ..protocol.sampling import SeededSampler
 from ..prover.inference import embed_one, prefill
-from ..registry.models import LoadedModel, Registry
+from ..registry.models import LoadedModel, ReferenceValues, Registry
 from .thresholds import Thresholds, Tolerance
 
 
@@ -72,11 +72,11 @@ class IntegrityLayer:
         start = time.perf_counter()
         lease = ctx.lease
         try:
-            model = self.registry.load(lease.model_id)
+            ref = self.registry.reference(lease.model_id)  # L0 never needs the model itself
             key = self.keyring.key_for(lease.agent_id)
         except (UnknownModelError, UnknownAgentError) as exc:
             return _fail(self.name, str(exc), start)
-        limit = max_receipt_bytes(lease, model.reference.hidden)
+        limit = max_receipt_bytes(lease, ref.hidden)
         if ctx.evidence and ctx.evidence.receipt_bytes > limit:  # Maxwell counted the whole flood
             return _fail(
                 self.name,
@@ -99,7 +99,7 @@ class IntegrityLayer:
                 f"({who}) that does not verify under it",
                 start,
             )
-        problem = self._binding_problem(ctx, receipt, model)
+        problem = self._binding_problem(ctx, receipt, ref)
         if problem:
             return _fail(self.name, problem, start)
         if lease.lease_id in self._settled:
@@ -115,14 +115,14 @@ class IntegrityLayer:
             {"receipt_bytes": receipt.size},
         )
 
-    def _binding_problem(self, ctx: Appraisal, receipt: OpenedReceipt, model: LoadedModel) -> str | None:
+    def _binding_problem(self, ctx: Appraisal, receipt: OpenedReceipt, ref: ReferenceValues) -> str | None:
         lease, c = ctx.lease, receipt.claims
         expected = [
             ("lease id", lease.lease_id, c.lease),
             ("nonce", lease.nonce, c.nonce),
             ("agent", lease.agent_id, c.agent),
             ("model", lease.model_id, c.model),
-            ("weights digest", model.reference.weights_digest, c.weights),
+            ("weights digest", ref.weights_digest, c.weights),
             ("precision", lease.precision, c.precision),
             ("input sha256", sha256_hex(lease.input_bytes()), c.input),
         ]
@@ -132,10 +132,12 @@ class IntegrityLayer:
         arrived = ctx.evidence.finished_at if ctx.evidence else ctx.received_at
         if arrived > lease.deadline:
             return f"deadline: expected by {lease.deadline:.3f}, arrived {arrived:.3f}"
-        return _output_shape_problem(lease, receipt, model)
+        return _output_shape_problem(lease, receipt, ref, self.registry)
 
 
-def _output_shape_problem(lease: Lease, receipt: OpenedReceipt, model: LoadedModel) -> str | None:
+def _output_shape_problem(
+    lease: Lease, receipt: OpenedReceipt, ref: ReferenceValues, registry: Registry
+) -> str | None:
     c, job = receipt.claims, lease.job
     fp_len = len(c.fingerprint_bytes())
     if c.fp.k != job.topk:
@@ -144,13 +146,14 @@ def _output_shape_problem(lease: Lease, receipt: OpenedReceipt, model: LoadedMod
         tokens = c.tokens()
         if c.output.tokens is None or len(tokens) != job.max_new_tokens:
             return f"output tokens: expected {job.max_new_tokens}, got {len(tokens)}"
-        if max(tokens) >= model.reference.vocab:
-            return f"output tokens: expected ids < {model.reference.vocab}, got {max(tokens)}"
+        if max(tokens) >= ref.vocab:
+            return f"output tokens: expected ids < {ref.vocab}, got {max(tokens)}"
         if c.fp.chunk != job.chunk:
             return f"fingerprint chunk: expected {job.chunk}, got {c.fp.chunk}"
-        chunks = len(chunk_spans(len(model.encode_prompt(job.prompt)), job.max_new_tokens, job.chunk))
+        prompt_len = len(registry.encode_prompt(lease.model_id, job.prompt))
+        chunks = len(chunk_spans(prompt_len, job.max_new_tokens, job.chunk))
     else:
-        want = [len(job.texts), model.reference.hidden]
+        want = [len(job.texts), ref.hidden]
         if c.output.shape != want or c.output.embedding is None:
             return f"embedding shape: expected {want}, got {c.output.shape}"
         chunks = len(job.texts)

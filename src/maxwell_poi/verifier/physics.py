@@ -28,6 +28,7 @@ CLASSIFIER_REJECT_BELOW = 0.2  # P(inference) under which the trace shape alone 
 # The kernel accounts CPU time in 10 ms ticks: a short decode window is given two ticks of benefit
 # of the doubt before the floor and the work check may reject it.
 ACCOUNTING_SLACK_S = 0.02
+NO_EVIDENCE = "no Maxwell-side evidence (receipt appraised offline)"
 
 
 def _result(
@@ -82,9 +83,7 @@ class ThermodynamicLayer:
         start = time.perf_counter()
         ev, lease = ctx.evidence, ctx.lease
         if ev is None:
-            return _result(
-                self.name, Status.SKIPPED, "no Maxwell-side evidence (receipt appraised offline)", start
-            )
+            return _result(self.name, Status.SKIPPED, NO_EVIDENCE, start)
         if not isinstance(lease.job, GenerateJob):
             return _result(
                 self.name,
@@ -204,9 +203,7 @@ class BoundaryLayer:
         start = time.perf_counter()
         ev, lease = ctx.evidence, ctx.lease
         if ev is None:
-            return _result(
-                self.name, Status.SKIPPED, "no Maxwell-side evidence (receipt appraised offline)", start
-            )
+            return _result(self.name, Status.SKIPPED, NO_EVIDENCE, start)
         sent = hashlib.sha256(lease.to_json().encode() + b"\n").hexdigest()
         if ev.sha256_in != sent:
             return _result(
