@@ -344,7 +344,7 @@ def main() -> None:
     args.out.write_text(json.dumps(result, indent=2))
     args.thresholds_out.write_text(
         json.dumps(
-            {"_note": f"written by bench/calibrate.py; data in {args.out.relative_to(ROOT)}", **thresholds},
+            {"_note": f"written by bench/calibrate.py; data in bench/results/{args.out.name}", **thresholds},
             indent=2,
         )
     )

@@ -9,7 +9,6 @@ Third-party agents can use the pieces (`ActivationRecorder`, `CommitmentBuilder`
 
 from __future__ import annotations
 
-import copy
 import platform
 
 import numpy as np
@@ -62,7 +61,7 @@ def with_dtype(model: LoadedModel, dtype: torch.dtype) -> LoadedModel:
     """A copy of the model in another dtype (the registry's copy stays float32)."""
     if dtype == torch.float32:
         return model
-    return model.with_module(copy.deepcopy(model.module).to(dtype))
+    return model.copied_to(dtype)
 
 
 def batch_peers(prompt_len: int, count: int, vocab: int, seed: int = 7) -> list[list[int]]:
@@ -96,7 +95,7 @@ class Prover:
         if key not in self._converted:
             model = with_dtype(self.registry.load(lease.model_id), DTYPES[lease.precision])
             if self.device != "cpu":  # a copy on the accelerator; the registry's stays on the CPU
-                model = model.with_module(copy.deepcopy(model.module).to(self.device))
+                model = model.copied_to(self.device)
             self._converted[key] = model
         return self._converted[key]
 

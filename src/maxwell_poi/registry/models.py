@@ -7,6 +7,7 @@ download is possible or needed). Users add their own local `transformers` direct
 
 from __future__ import annotations
 
+import copy
 import functools
 import json
 import os
@@ -216,6 +217,10 @@ class LoadedModel:
 
     def decode(self, tokens: list[int]) -> str:
         return self.tokenizer.decode(tokens)
+
+    def copied_to(self, where: torch.dtype | str) -> LoadedModel:
+        """A copy in another dtype or on another device; this one (the registry's) is left as is."""
+        return self.with_module(copy.deepcopy(self.module).to(where))
 
     def with_module(self, module: nn.Module) -> LoadedModel:
         """The same entry around another module (a converted or modified copy of the weights)."""

@@ -3,7 +3,6 @@ names what was expected and what came."""
 
 from __future__ import annotations
 
-import copy
 import time
 from dataclasses import dataclass, field
 from typing import Protocol
@@ -181,7 +180,7 @@ class AuditLayer:
         if self.device == "cpu":
             return model
         if model_id not in self._on_device:
-            self._on_device[model_id] = model.with_module(copy.deepcopy(model.module).to(self.device))
+            self._on_device[model_id] = model.copied_to(self.device)
         return self._on_device[model_id]
 
     def appraise(self, ctx: Appraisal) -> LayerResult:
