@@ -84,7 +84,7 @@ def cheats(registry: Registry, key: AgentKey, small: str, alt: str) -> dict[str,
 def logit_noise(args, registry: Registry, log) -> dict[str, float]:
     """How far honest rounding moves logits: bf16 and fp32 prefill of the same sequences, read on
     the top candidates where sampling decisions are made."""
-    from maxwell_poi.prover.inference import prefill
+    from maxwell_poi.registry.forward import prefill
     from maxwell_poi.prover.sdk import with_dtype
 
     reference = registry.load(args.model)

@@ -31,7 +31,7 @@ from maxwell_poi.protocol.keys import AgentKey, Keyring  # noqa: E402
 from maxwell_poi.protocol.lease import GenerateJob, Lease  # noqa: E402
 from maxwell_poi.protocol.receipt import open_receipt  # noqa: E402
 from maxwell_poi.protocol.sampling import SeededSampler  # noqa: E402
-from maxwell_poi.prover.inference import generate  # noqa: E402
+from maxwell_poi.registry.forward import generate  # noqa: E402
 from maxwell_poi.prover.sdk import Prover  # noqa: E402
 from maxwell_poi.registry.models import Registry  # noqa: E402
 from maxwell_poi.verifier.layers import Appraisal, AuditLayer, IntegrityLayer  # noqa: E402
@@ -194,7 +194,7 @@ def honest_false_reject(
     out = {}
     for name, v in variants.items():
         prover = Prover(key, reg, threads=v["threads"], batch=v["batch"])
-        verifier = Verifier(reg, ring)
+        verifier = Verifier.default(reg, ring)
         rejected, reasons = 0, []
         for t in range(trials):
             job = GenerateJob(

@@ -33,13 +33,11 @@ from maxwell_poi.prover.harness import quiet_libraries
 
 quiet_libraries()
 
+from sampling_overhead import measure_sampling_overhead  # noqa: E402
+
 from maxwell_poi.demo import Demo, DemoConfig  # noqa: E402
 from maxwell_poi.observer.evidence import ChannelEvidence  # noqa: E402
-from maxwell_poi.observer.telemetry import (
-    Measurement,
-    measure_sampling_overhead,
-    save_trace,
-)  # noqa: E402,E501
+from maxwell_poi.observer.telemetry import Measurement, save_trace  # noqa: E402
 from maxwell_poi.protocol.lease import Lease  # noqa: E402
 from maxwell_poi.protocol.receipt import open_receipt  # noqa: E402
 from maxwell_poi.registry.models import Registry  # noqa: E402

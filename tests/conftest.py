@@ -41,7 +41,7 @@ def keyring(agent_key):
 def verifier(registry, keyring):
     from maxwell_poi.verifier.policy import Verifier
 
-    return Verifier(registry, keyring)
+    return Verifier.default(registry, keyring)
 
 
 @pytest.fixture(scope="session")

@@ -13,25 +13,15 @@ from maxwell_poi.protocol.keys import AgentKey
 from maxwell_poi.protocol.lease import GenerateJob, Lease
 from maxwell_poi.protocol.receipt import open_receipt, sign_receipt
 from maxwell_poi.protocol.result import Status
-from maxwell_poi.registry.profiles import Profile, ProfileStore
-from maxwell_poi.verifier.layers import Appraisal
-from maxwell_poi.verifier.physics import BoundaryLayer, ThermodynamicLayer, memory_floor_mb, work_lower_bound
+from maxwell_poi.registry.profiles import Profile, ProfileStore, Stats
+from maxwell_poi.verifier.appraisal import Appraisal
+from maxwell_poi.verifier.boundary import BoundaryLayer
+from maxwell_poi.verifier.thermodynamic import ThermodynamicLayer, memory_floor_mb, work_lower_bound
 
 DEVICE = "test-device"
 
 
-def stats(values):
-    import numpy as np
-
-    a = np.asarray(values, dtype=float)
-    return {
-        "mean": a.mean(),
-        "std": a.std(),
-        "min": a.min(),
-        "max": a.max(),
-        "median": float(np.median(a)),
-        "runs": list(a),
-    }
+stats = Stats.of
 
 
 @pytest.fixture()
@@ -60,8 +50,7 @@ def appraisal(tokens, *, stream=None, gap=0.03, cpu_per_token=0.05, rss_mb=905.0
     """A lease, its (synthetic) signed receipt, and synthetic runner evidence."""
     lease = lease or Lease.issue("a", "gpt2-micro", GenerateJob(prompt="hi", max_new_tokens=len(tokens)))
     from maxwell_poi.protocol.encoding import b64, sha256_hex
-    from maxwell_poi.protocol.receipt import Fingerprints, ReceiptClaims
-    from maxwell_poi.prover.sdk import token_output
+    from maxwell_poi.protocol.receipt import Fingerprints, ReceiptClaims, token_output
 
     claims = ReceiptClaims(
         lease=lease.lease_id,

@@ -1,4 +1,4 @@
-"""`poi trace` and observer.plot: a PNG of one lease's evidence, drawn from the JSON files alone.
+"""`poi trace` and report.trace_plot: a PNG of one lease's evidence, drawn from the JSON files alone.
 
 Every evidence dict here is SYNTHETIC TEST INPUT built by hand in the shape of
 ChannelEvidence.as_dict(); no model runs and no figure from it is a measurement.
@@ -17,19 +17,11 @@ import pytest
 from typer.testing import CliRunner
 
 from maxwell_poi.cli import app
-from maxwell_poi.observer.plot import plot_demo_dir, plot_run
-from maxwell_poi.registry.profiles import Profile
+from maxwell_poi.observer.evidence import ChannelEvidence
+from maxwell_poi.registry.profiles import Profile, Stats
+from maxwell_poi.report.trace_plot import plot_demo_dir, plot_run
 
-
-def _stats(values: list[float]) -> dict:
-    return {
-        "mean": sum(values) / len(values),
-        "std": 0.0,
-        "min": min(values),
-        "max": max(values),
-        "median": sorted(values)[len(values) // 2],
-        "runs": values,
-    }
+_stats = Stats.of
 
 
 def synthetic_profile() -> Profile:
@@ -158,7 +150,7 @@ def assert_png(path: Path) -> None:
 )
 def test_plot_run_writes_a_png(tmp_path, case):
     out = plot_run(
-        synthetic_evidence(**case),
+        ChannelEvidence.from_dict(synthetic_evidence(**case)),
         synthetic_result(),
         synthetic_profile(),
         tmp_path / "sub" / "trace.png",
@@ -170,12 +162,12 @@ def test_plot_run_writes_a_png(tmp_path, case):
 
 
 def test_plot_run_without_profile_or_result_and_for_embedding(tmp_path):
-    assert_png(plot_run(synthetic_evidence(), None, None, tmp_path / "a.png"))
-    embed = synthetic_evidence(tokens=0)
+    assert_png(plot_run(ChannelEvidence.from_dict(synthetic_evidence()), None, None, tmp_path / "a.png"))
+    embed = ChannelEvidence.from_dict(synthetic_evidence(tokens=0))
     assert_png(plot_run(embed, synthetic_result("affirming"), None, tmp_path / "b.png", job="embed"))
     assert_png(
         plot_run(
-            synthetic_evidence(),
+            ChannelEvidence.from_dict(synthetic_evidence()),
             synthetic_result(),
             synthetic_profile(),
             tmp_path / "c.png",
@@ -235,14 +227,14 @@ def test_poi_trace_refuses_missing_and_malformed_input(tmp_path):
     assert runner.invoke(app, ["trace", "--evidence", str(bad)]).exit_code == 2
     bad.write_text(json.dumps({"wall_s": 1.0}))
     wrong = runner.invoke(app, ["trace", "--evidence", str(bad)])
-    assert wrong.exit_code == 2 and "stream_t" in _said(wrong)
+    assert wrong.exit_code == 2 and "started_at" in _said(wrong)  # the first missing field, named
     assert runner.invoke(app, ["trace"]).exit_code == 2
 
 
 def test_verification_does_not_import_matplotlib():
     code = (
         "import sys, maxwell_poi.cli, maxwell_poi.demo, maxwell_poi.verifier.policy;"
-        "import maxwell_poi.observer.plot;"
+        "import maxwell_poi.report.trace_plot;"
         "assert 'matplotlib' not in sys.modules, 'matplotlib imported eagerly'"
     )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, timeout=120)

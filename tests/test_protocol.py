@@ -28,7 +28,7 @@ def make_lease(**job) -> Lease:
 
 def synthetic_claims(lease: Lease, tokens: int = 8) -> ReceiptClaims:
     """Claims with the right shape but invented content: for wire-format tests only."""
-    from maxwell_poi.prover.sdk import token_output
+    from maxwell_poi.protocol.receipt import token_output
 
     return ReceiptClaims(
         lease=lease.lease_id,

@@ -4,6 +4,7 @@ processes, RAPL on a fake sysfs tree, trace files, replay and the Observer."""
 from __future__ import annotations
 
 import gzip
+import importlib.util
 import json
 import math
 import subprocess
@@ -16,9 +17,9 @@ from typing import Any
 
 import numpy as np
 import pytest
+from simulated import SimulatedSource
 
 from maxwell_poi.observer.telemetry import (
-    GPM_METRICS,
     TRACE_FORMAT,
     Capability,
     Measurement,
@@ -27,14 +28,15 @@ from maxwell_poi.observer.telemetry import (
     ProcessSource,
     RaplSource,
     ReplaySource,
-    SimulatedSource,
     TelemetrySource,
     TrustLevel,
     default_sources,
     load_trace,
-    measure_sampling_overhead,
     save_trace,
 )
+from maxwell_poi.observer.telemetry.nvml import GPM_METRICS
+
+ROOT = Path(__file__).resolve().parents[1]
 
 # --------------------------------------------------------------------------------------------
 # a pynvml stand-in: the functions NvmlSource calls, returning recorded values
@@ -56,6 +58,23 @@ class FakeGpmMetricsGet:
 class FakeNvml:
     NVMLError = FakeNVMLError
     c_nvmlGpmMetricsGet_t = FakeGpmMetricsGet
+    # the constants NvmlSource reads from its nvml module, with nvml.h's values (checked against the
+    # installed pynvml below); the fake's functions refuse any other argument
+    NVML_SUCCESS = 0
+    NVML_FI_DEV_POWER_AVERAGE = 185
+    NVML_FI_DEV_POWER_INSTANT = 186
+    NVML_VALUE_TYPE_DOUBLE = 0
+    NVML_VALUE_TYPE_UNSIGNED_INT = 1
+    NVML_CLOCK_SM = 1
+    NVML_TEMPERATURE_GPU = 0
+    NVML_PCIE_UTIL_TX_BYTES = 0
+    NVML_PCIE_UTIL_RX_BYTES = 1
+    NVML_GPM_METRICS_GET_VERSION = 1
+    NVML_GPM_METRIC_ANY_TENSOR_UTIL = 5
+    NVML_GPM_METRIC_INTEGER_UTIL = 4
+    NVML_GPM_METRIC_FP16_UTIL = 13
+    NVML_GPM_METRIC_FP32_UTIL = 12
+    NVML_GPM_METRIC_DRAM_BW_UTIL = 10
 
     def __init__(
         self,
@@ -78,9 +97,9 @@ class FakeNvml:
         self.shutdown = 0
 
     def __getattribute__(self, name: str) -> Any:
+        if name.startswith(("nvml", "NVML_")) and name in object.__getattribute__(self, "missing"):
+            raise AttributeError(name)
         if name.startswith("nvml"):
-            if name in object.__getattribute__(self, "missing"):
-                raise AttributeError(name)
             calls = object.__getattribute__(self, "calls")
             calls[name] = calls.get(name, 0) + 1
             if name in object.__getattribute__(self, "broken"):
@@ -108,10 +127,14 @@ class FakeNvml:
         return self.power_mw[n % len(self.power_mw)]
 
     def nvmlDeviceGetFieldValues(self, h: str, ids: list[int]) -> list[SimpleNamespace]:
+        assert set(ids) <= {self.NVML_FI_DEV_POWER_AVERAGE, self.NVML_FI_DEV_POWER_INSTANT}, ids
         p = self._power()
         return [
             SimpleNamespace(
-                fieldId=i, nvmlReturn=self.field_errors.get(i, 0), valueType=1, value=SimpleNamespace(uiVal=p)
+                fieldId=i,
+                nvmlReturn=self.field_errors.get(i, self.NVML_SUCCESS),
+                valueType=self.NVML_VALUE_TYPE_UNSIGNED_INT,
+                value=SimpleNamespace(uiVal=p),
             )
             for i in ids
         ]
@@ -123,13 +146,15 @@ class FakeNvml:
         return SimpleNamespace(gpu=97, memory=41)
 
     def nvmlDeviceGetClockInfo(self, h: str, kind: int) -> int:
+        assert kind == self.NVML_CLOCK_SM, kind
         return 1980
 
     def nvmlDeviceGetTemperature(self, h: str, sensor: int) -> int:
+        assert sensor == self.NVML_TEMPERATURE_GPU, sensor
         return 55
 
     def nvmlDeviceGetPcieThroughput(self, h: str, counter: int) -> int:
-        return 1200 if counter == 0 else 3400
+        return {self.NVML_PCIE_UTIL_TX_BYTES: 1200, self.NVML_PCIE_UTIL_RX_BYTES: 3400}[counter]
 
     def nvmlDeviceGetTotalEnergyConsumption(self, h: str) -> int:
         return self.energy_mj.pop(0) if len(self.energy_mj) > 1 else self.energy_mj[0]
@@ -147,6 +172,7 @@ class FakeNvml:
         return s
 
     def nvmlGpmMetricsGet(self, mg: FakeGpmMetricsGet) -> FakeGpmMetricsGet:
+        assert mg.version == self.NVML_GPM_METRICS_GET_VERSION, mg.version
         for m in mg.metrics[: mg.numMetrics]:
             if m.metricId in self.gpm_values:
                 m.value = self.gpm_values[m.metricId]
@@ -259,6 +285,52 @@ def test_nvml_real_library_without_gpu_does_not_crash() -> None:
     src = NvmlSource()  # real pynvml; on a host without a driver everything is unavailable with a reason
     assert all(c.reason for c in src.capabilities() if not c.available)
     src.close()
+
+
+def test_fake_nvml_constants_match_the_installed_pynvml() -> None:
+    pynvml = pytest.importorskip("pynvml")
+    consts = {n: v for n, v in vars(FakeNvml).items() if n.startswith("NVML_")}
+    assert consts == {n: getattr(pynvml, n) for n in consts}
+
+
+def test_nvml_constants_come_from_the_binding() -> None:
+    # a binding without a constant (an older nvidia-ml-py) makes that capability unavailable, by name
+    fake = FakeNvml(missing={"NVML_CLOCK_SM", "NVML_GPM_METRIC_FP16_UTIL", "NVML_FI_DEV_POWER_AVERAGE"})
+    src = NvmlSource(nvml=fake, hz=50, gpm_min_interval_s=0.0)
+    c = caps(src)
+    assert not c["sm_clock_mhz"].available and "NVML_CLOCK_SM" in c["sm_clock_mhz"].reason
+    assert not c["fp16_util"].available and "NVML_GPM_METRIC_FP16_UTIL" in c["fp16_util"].reason
+    assert not c["power_avg_w"].available and "NVML_FI_DEV_POWER_AVERAGE" in c["power_avg_w"].reason
+    assert c["power_w"].available and c["tensor_util"].available and c["temp_c"].available
+    src.begin_window()
+    time.sleep(0.05)
+    m = src.end_window()
+    assert "sm_clock_mhz" not in m.series and "fp16_util" not in m.series and "power_avg_w" not in m.series
+    assert m.totals["sample_errors"] == 0
+
+
+def test_nvml_reads_pcie_at_pcie_hz_and_power_every_tick() -> None:
+    fake = FakeNvml()
+    src = NvmlSource(nvml=fake, hz=50, pcie_hz=4.0, gpm_min_interval_s=0.0)
+    assert "pcie_hz" in (NvmlSource.__doc__ or "")
+    fake.calls.clear()
+    src.begin_window()
+    time.sleep(1.0)
+    m = src.end_window()
+    # PCIe reads are at least 1/pcie_hz apart and all fall inside the window
+    limit = m.duration_s * src.pcie_hz + 1
+    assert 2 <= fake.calls["nvmlDeviceGetPcieThroughput"] / 2 <= limit
+    power, tx, rx = m.series["power_w"], m.series["pcie_tx_kbs"], m.series["pcie_rx_kbs"]
+    assert np.all(np.isfinite(power))  # power on every tick
+    assert fake.calls["nvmlDeviceGetFieldValues"] == len(m.t)
+    assert len(m.t) > 3 * limit  # so the two rates are told apart
+    read = np.isfinite(tx)
+    assert np.array_equal(read, np.isfinite(rx)) and read[0]  # t=0 carries PCIe
+    assert 2 <= read.sum() <= limit
+    assert np.all(tx[read] == 1200) and np.all(rx[read] == 3400)
+    assert np.all(np.diff(m.t[read]) > 0.8 / src.pcie_hz)  # sample times jitter a little around reads
+    with pytest.raises(ValueError, match="pcie_hz"):
+        NvmlSource(nvml=FakeNvml(), pcie_hz=0)
 
 
 # --------------------------------------------------------------------------------------------
@@ -472,7 +544,51 @@ def test_default_sources_here() -> None:
     assert names[0] == "process"  # NVML / RAPL only where this host can read them
 
 
+def _bench_module(rel: str, name: str) -> Any:
+    spec = importlib.util.spec_from_file_location(name, ROOT / rel)
+    assert spec and spec.loader
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
 def test_sampling_overhead_report_shape() -> None:
-    r = measure_sampling_overhead(seconds=0.3, hz=10)
+    bench = _bench_module("bench/sampling_overhead.py", "bench_sampling_overhead")
+    r = bench.measure_sampling_overhead(seconds=0.3, hz=10)
     assert set(r) >= {"hz", "wall_s", "sampler_cpu_s", "sampling_overhead_cpu_fraction"}
     assert r["sampling_overhead_cpu_fraction"] == pytest.approx(r["sampler_cpu_s"] / r["wall_s"])
+
+
+STANDALONE = """
+import sys
+import importlib.util
+spec = importlib.util.spec_from_file_location("collect_traces_under_test", sys.argv[1])
+ct = importlib.util.module_from_spec(spec)
+sys.modules[spec.name] = ct  # its dataclasses look their module up by name
+spec.loader.exec_module(ct)
+tel = ct.load_telemetry_standalone("other_name_telemetry")
+assert tel.__name__ == "other_name_telemetry" and "other_name_telemetry.nvml" in sys.modules
+leaked = sorted(k for k in sys.modules if k.startswith("maxwell_poi") or k == "torch")
+assert not leaked, leaked
+src = tel.NvmlSource(nvml=None)  # real pynvml: usable whether or not this host has a GPU
+src.close()
+proc = tel.ProcessSource(hz=20)
+proc.begin_window()
+m = proc.end_window()
+out = tel.save_trace(m, sys.argv[2])
+assert tel.load_trace(out).source == "process"
+print("standalone ok", tel.TRACE_FORMAT)
+"""
+
+
+def test_collect_traces_loads_the_package_without_maxwell_poi(tmp_path: Path) -> None:
+    """bench/gpu/collect_traces.py's fallback loader, as a GPU machine without torch would run it."""
+    script = ROOT / "bench/gpu/collect_traces.py"
+    r = subprocess.run(
+        [sys.executable, "-c", STANDALONE, str(script), str(tmp_path / "t.json")],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert r.returncode == 0, r.stderr
+    assert f"standalone ok {TRACE_FORMAT}" in r.stdout

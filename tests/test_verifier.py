@@ -85,7 +85,7 @@ def test_receipt_signed_by_another_key_is_refused(registry, keyring, honest_rece
     lease, _ = honest_receipt
     claims = Prover(AgentKey.generate(), registry).claims(lease)
     raw = sign_receipt(claims, AgentKey.generate())
-    result = Verifier(registry, keyring).appraise(lease, raw)
+    result = Verifier.default(registry, keyring).appraise(lease, raw)
     assert result.caught_by == ["L0-integrity"]
     assert "signature" in result.reason and "not in the keyring" in result.reason
     assert result.layer("L4-audit").status is Status.SKIPPED
@@ -94,9 +94,9 @@ def test_receipt_signed_by_another_key_is_refused(registry, keyring, honest_rece
 def test_unknown_agent_and_unknown_model_are_refused(registry, keyring, honest_receipt):
     lease, raw = honest_receipt
     stranger = lease.model_copy(update={"agent_id": "nobody"})
-    assert "not in the keyring" in Verifier(registry, keyring).appraise(stranger, raw).reason
+    assert "not in the keyring" in Verifier.default(registry, keyring).appraise(stranger, raw).reason
     unknown = lease.model_copy(update={"model_id": "no-such-model"})
-    assert "unknown model" in Verifier(registry, keyring).appraise(unknown, raw).reason
+    assert "unknown model" in Verifier.default(registry, keyring).appraise(unknown, raw).reason
 
 
 @pytest.mark.parametrize(
@@ -112,7 +112,7 @@ def test_receipt_for_another_lease_is_refused(registry, keyring, honest_receipt,
 
         data["seed"] = sampler_seed(value)
     other = Lease.model_validate(data)
-    result = Verifier(registry, keyring).appraise(other, raw)
+    result = Verifier.default(registry, keyring).appraise(other, raw)
     assert result.verdict is Verdict.CONTRAINDICATED
     assert result.reason.startswith(f"L0-integrity: {fragment}: expected")
 
@@ -120,20 +120,20 @@ def test_receipt_for_another_lease_is_refused(registry, keyring, honest_receipt,
 def test_changed_prompt_in_the_lease_breaks_the_input_binding(registry, keyring, honest_receipt):
     lease, raw = honest_receipt
     other = lease.model_copy(update={"job": lease.job.model_copy(update={"prompt": "something else"})})
-    assert "input sha256: expected" in Verifier(registry, keyring).appraise(other, raw).reason
+    assert "input sha256: expected" in Verifier.default(registry, keyring).appraise(other, raw).reason
 
 
 def test_late_receipt_is_refused(registry, keyring, prover):
     lease = Lease.issue(
         "agent-1", "gpt2-mini", GenerateJob(prompt=PROMPT, max_new_tokens=8), ttl_s=1, now=1_000_000.0
     )
-    result = Verifier(registry, keyring).appraise(lease, prover.run(lease))
+    result = Verifier.default(registry, keyring).appraise(lease, prover.run(lease))
     assert "deadline: expected by" in result.reason
 
 
 def test_second_appraisal_of_the_same_lease_is_refused_and_first_kept(registry, keyring, honest_receipt):
     lease, raw = honest_receipt
-    verifier = Verifier(registry, keyring)
+    verifier = Verifier.default(registry, keyring)
     first = verifier.appraise(lease, raw)
     second = verifier.appraise(lease, raw)
     assert first.verdict is Verdict.AFFIRMING
@@ -142,11 +142,11 @@ def test_second_appraisal_of_the_same_lease_is_refused_and_first_kept(registry, 
 
 def test_audit_lottery_skips_l4_and_says_so(registry, keyring, honest_receipt):
     lease, raw = honest_receipt
-    result = Verifier(registry, keyring, audit_rate=0.0).appraise(lease, raw)
+    result = Verifier.default(registry, keyring, audit_rate=0.0).appraise(lease, raw)
     assert result.layer("L4-audit").status is Status.SKIPPED
     assert "lottery" in result.layer("L4-audit").reason
     with pytest.raises(ValueError, match="audit_rate"):
-        Verifier(registry, keyring, audit_rate=1.5)
+        Verifier.default(registry, keyring, audit_rate=1.5)
 
 
 def test_registry_reference_values_distinguish_seeds(registry):
@@ -170,7 +170,7 @@ def test_user_model_from_a_local_directory(tmp_path, registry, prover):
 
     key = AgentKey.generate()
     lease = Lease.issue("me", "my-model", GenerateJob(prompt=PROMPT, max_new_tokens=8))
-    result = Verifier(user_registry, Keyring({"me": key.public_hex})).appraise(
+    result = Verifier.default(user_registry, Keyring({"me": key.public_hex})).appraise(
         lease, Prover(key, user_registry).run(lease)
     )
     assert result.verdict is Verdict.AFFIRMING, result.reason

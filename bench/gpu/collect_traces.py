@@ -61,20 +61,32 @@ def log(msg: str) -> None:
 
 def load_telemetry() -> Any:
     """maxwell_poi.observer.telemetry; if the package's other dependencies are missing on this
-    machine, the module file itself (it needs only numpy, psutil and pynvml)."""
+    machine, the telemetry package loaded by path (it needs only numpy, psutil and pynvml)."""
     try:
         from maxwell_poi.observer import telemetry
 
         return telemetry
     except ImportError as e:
-        path = Path(__file__).resolve().parents[2] / "src/maxwell_poi/observer/telemetry.py"
-        log(f"import maxwell_poi failed ({e}); loading {path} directly")
-        spec = importlib.util.spec_from_file_location("poi_telemetry", path)
-        assert spec and spec.loader
-        mod = importlib.util.module_from_spec(spec)
-        sys.modules["poi_telemetry"] = mod  # dataclasses resolve the module by name
+        log(f"import maxwell_poi failed ({e}); loading the telemetry package directly")
+        return load_telemetry_standalone()
+
+
+def load_telemetry_standalone(name: str = "poi_telemetry") -> Any:
+    """src/maxwell_poi/observer/telemetry/ as a top-level package called `name`, without importing
+    maxwell_poi: its modules import only each other (relatively), numpy, psutil and pynvml."""
+    folder = Path(__file__).resolve().parents[2] / "src/maxwell_poi/observer/telemetry"
+    spec = importlib.util.spec_from_file_location(
+        name, folder / "__init__.py", submodule_search_locations=[str(folder)]
+    )
+    assert spec and spec.loader
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[name] = mod  # before exec: relative imports and dataclasses find the package by name
+    try:
         spec.loader.exec_module(mod)
-        return mod
+    except BaseException:
+        sys.modules.pop(name, None)
+        raise
+    return mod
 
 
 # ---------------------------------------------------------------------------------------------

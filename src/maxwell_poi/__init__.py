@@ -5,17 +5,20 @@ The public API is small on purpose:
 - `Lease` (what Maxwell asks for), `GenerateJob`, `EmbedJob`
 - `AgentKey`, `Keyring` (Ed25519 keys of agents)
 - `Prover` (agent SDK: run a lease, get signed receipt bytes)
-- `Verifier` (appraise receipt bytes against a lease, get an `AttestationResult`)
+- `Verifier` (`Verifier.default(registry, keyring)`: appraise receipt bytes against a lease,
+  get an `AttestationResult`)
 - `Registry` (models and their reference values)
-- `run_agent` (Maxwell's runner: agent as a separate process, evidence of the channel)
+- `run_lease` (Maxwell's runner with the Observer: agent as a separate process, evidence of the
+  channel and telemetry); `run_agent` underneath it
 """
 
 from .observer.channel import run_agent
 from .observer.evidence import ChannelEvidence
+from .observer.runs import run_lease
 from .protocol.keys import AgentKey, Keyring
 from .protocol.lease import EmbedJob, GenerateJob, Lease
 from .protocol.receipt import ReceiptClaims, open_receipt, sign_receipt
-from .protocol.result import AttestationResult, LayerResult, Status, Verdict
+from .protocol.result import AttestationResult, LayerName, LayerResult, Status, Verdict
 from .prover.sdk import Prover
 from .registry.models import Registry
 from .verifier.policy import Verifier
@@ -27,6 +30,7 @@ __all__ = [
     "EmbedJob",
     "GenerateJob",
     "Keyring",
+    "LayerName",
     "LayerResult",
     "Lease",
     "Prover",
@@ -37,6 +41,7 @@ __all__ = [
     "Verifier",
     "open_receipt",
     "run_agent",
+    "run_lease",
     "sign_receipt",
 ]
 __version__ = "0.1.0"

@@ -69,7 +69,7 @@ def models(
                 "description": spec.description,
             }
             if digests:
-                row["reference"] = registry.load(model_id).reference.as_dict()
+                row["reference"] = registry.reference(model_id).as_dict()
             rows.append(row)
     if json_out:
         print(json.dumps({"models": rows}, indent=2))
@@ -204,7 +204,7 @@ def _load_verifier(keyring: Path, audit_rate: float):
     if not keyring.exists():
         raise _bad_input(f"keyring {keyring} does not exist (create it with `poi keygen --agent-id`)")
     try:
-        return Verifier(Registry(), Keyring.load(keyring), audit_rate=audit_rate)
+        return Verifier.default(Registry(), Keyring.load(keyring), audit_rate=audit_rate)
     except (PoiError, ValueError) as exc:
         raise _bad_input(str(exc)) from None
 
@@ -220,10 +220,14 @@ def _load_lease(path: Path):
 
 
 def _report(result, json_out: bool, extra: dict | None = None) -> None:
+    from .protocol.result import Verdict
+
     if json_out:
         print(json.dumps({**result.as_dict(), **(extra or {})}, indent=2))
     else:
-        colour = {"affirming": "green", "warning": "yellow", "contraindicated": "red"}[result.verdict.value]
+        colour = {Verdict.AFFIRMING: "green", Verdict.WARNING: "yellow", Verdict.CONTRAINDICATED: "red"}[
+            result.verdict
+        ]
         out.print(
             f"[bold {colour}]{result.verdict.value}[/] lease {result.lease_id} "
             f"agent {result.agent_id} model {result.model_id}"
@@ -234,7 +238,7 @@ def _report(result, json_out: bool, extra: dict | None = None) -> None:
         for r in result.layers:
             table.add_row(r.layer, r.status.value, r.reason, f"{r.cost_s * 1000:.1f} ms")
         out.print(table)
-    raise typer.Exit(EXIT_OK if result.verdict.value == "affirming" else EXIT_REJECTED)
+    raise typer.Exit(EXIT_OK if result.verdict is Verdict.AFFIRMING else EXIT_REJECTED)
 
 
 @app.command()
@@ -277,15 +281,17 @@ def run(
 ) -> None:
     """Run an agent as a separate process on a lease, observe the channel, and appraise."""
     _quiet()
-    from .observer.channel import run_agent
-    from .verifier.layers import max_receipt_bytes
+    from .observer.runs import run_lease
+    from .protocol.errors import PoiError
+    from .registry.models import Registry
 
     the_lease = _load_lease(lease_path)
     verifier = _load_verifier(keyring, audit_rate)
-    hidden = verifier.audit.registry.load(the_lease.model_id).reference.hidden
     with err.status(f"agent running lease {the_lease.lease_id}…"):
         try:
-            ran = run_agent(agent_cmd, the_lease, max_bytes=max_receipt_bytes(the_lease, hidden))
+            ran = run_lease(agent_cmd, the_lease, Registry())
+        except PoiError as exc:
+            raise _bad_input(str(exc)) from None
         except OSError as exc:
             raise _bad_input(f"cannot start agent {agent_cmd!r}: {exc.strerror}") from None
     if receipt_out:
@@ -305,8 +311,9 @@ def profile(
 ) -> None:
     """Measure what honest inference of MODEL looks like on this device (L1/L2 reference)."""
     _quiet()
+    from .observer.runs import measure_profile
     from .protocol.errors import PoiError
-    from .registry.profiles import ProfileStore, measure_profile
+    from .registry.profiles import ProfileStore
 
     if runs < 2 or tokens < 4:
         raise _bad_input(f"--runs must be >= 2 and --tokens >= 4, got {runs} and {tokens}")
@@ -345,9 +352,9 @@ def trace(
     ] = None,
 ) -> None:
     """Draw what Maxwell measured of one lease (CPU, tokens, memory) against its profile as a PNG."""
-    from .observer.plot import plot_evidence, trace_inputs
     from .registry.models import Registry
     from .registry.profiles import ProfileStore
+    from .report.trace_plot import plot_evidence, trace_inputs
 
     if (run_dir is None) == (evidence is None):
         raise _bad_input("give either RUN_DIR or --evidence FILE (with --result FILE)")

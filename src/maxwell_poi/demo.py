@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import shutil
 import sys
@@ -13,22 +12,19 @@ from pathlib import Path
 from typing import Any
 
 from .adversaries import CATALOGUE, Attack
-from .observer.channel import run_agent
-from .observer.telemetry import Observer, default_sources
+from .observer.host import this_device
+from .observer.runs import honest_agent_argv, measure_profile, run_lease
+from .protocol.files import write_json_atomic
 from .protocol.keys import AgentKey, Keyring
 from .protocol.lease import EmbedJob, GenerateJob, Lease
-from .protocol.result import AttestationResult
+from .protocol.receipt import open_receipt
+from .protocol.result import AttestationResult, Status, Verdict
 from .registry.models import Registry
-from .registry.profiles import ProfileStore, measure_profile
-from .verifier.layers import max_receipt_bytes
+from .registry.profiles import ProfileStore
+from .registry.prompts import PROMPTS, TEXTS
+from .report.trace_plot import plot_demo_dir
 from .verifier.policy import Verifier
 
-PROMPTS = [
-    "The history of the steam engine begins with",
-    "In a quiet village by the sea, the old lighthouse keeper",
-    "Proof of inference lets a hypervisor check that an agent",
-]
-TEXTS = ["Maxwell verifies inference.", "A GPU hypervisor meters energy per lease."]
 VICTIM = "honest"
 log = logging.getLogger(__name__)
 
@@ -117,8 +113,7 @@ class Demo:
         plans: list[Planned] = []
 
         def honest_run(agent: str, lease: Lease, *extra: str) -> Planned:
-            argv = [sys.executable, "-m", "maxwell_poi", "agent", "--key", str(self._key(agent)), *extra]
-            return Planned(agent, None, lease, argv, agent)
+            return Planned(agent, None, lease, honest_agent_argv(self._key(agent), *extra), agent)
 
         plans.append(honest_run(VICTIM, self._gen(VICTIM, cfg.model, PROMPTS[0])))
         if cfg.honest_variants:
@@ -164,7 +159,7 @@ class Demo:
         """L1 and L2 compare with this device's honest profile; measure it once if missing."""
         store = ProfileStore()
         for model in filter(None, {self.cfg.model, self.cfg.second_model}):
-            if store.get(model) is None:
+            if store.get(model, this_device()) is None:
                 if on_progress:
                     on_progress(f"profiling {model} on this device (once)", 0, self.cfg.profile_runs)
                 store.put(
@@ -207,7 +202,7 @@ class Demo:
             shutil.rmtree(self.cfg.out / "store", ignore_errors=True)
         self.ensure_profiles(on_progress)
         plans = self.plan()
-        verifier = Verifier(self.registry, self.keyring)
+        verifier = Verifier.default(self.registry, self.keyring)
         rows: list[DemoRow] = []
         for i, plan in enumerate(plans):
             label = f"{plan.attack.name if plan.attack else 'honest'} ({plan.lease.model_id})"
@@ -225,15 +220,7 @@ class Demo:
         return report(rows, self.skipped)
 
     def _run_one(self, verifier: Verifier, plan: Planned, index: int) -> DemoRow:
-        model = self.registry.load(plan.lease.model_id)
-        limit = max_receipt_bytes(plan.lease, model.reference.hidden)
-        run = run_agent(
-            plan.argv,
-            plan.lease,
-            max_bytes=limit,
-            env={"HF_HUB_OFFLINE": "1"},
-            observer=Observer(default_sources()),
-        )
+        run = run_lease(plan.argv, plan.lease, self.registry)
         t0 = time.perf_counter()
         result: AttestationResult = verifier.appraise(plan.lease, run.receipt, run.evidence)
         verify_s = time.perf_counter() - t0
@@ -248,13 +235,11 @@ class Demo:
             "priming": plan.priming,
             "argv": plan.argv[1:],
         }
-        (run_dir / "run.json").write_text(json.dumps(meta, indent=2))
+        write_json_atomic(run_dir / "run.json", meta)
         (run_dir / "receipt.json").write_bytes(run.receipt)
-        (run_dir / "evidence.json").write_text(json.dumps(run.evidence.as_dict(), indent=2))
-        (run_dir / "result.json").write_text(json.dumps(result.as_dict(), indent=2))
+        write_json_atomic(run_dir / "evidence.json", run.evidence.as_dict())
+        write_json_atomic(run_dir / "result.json", result.as_dict())
         try:  # a picture of the evidence is a convenience: it never fails the demo
-            from .observer.plot import plot_demo_dir
-
             attack = plan.attack.name if plan.attack else None
             plot_demo_dir(run_dir, ProfileStore(), attack=attack, registry=self.registry)
         except Exception as exc:
@@ -264,31 +249,28 @@ class Demo:
             attack=plan.attack.name if plan.attack else None,
             model=plan.lease.model_id,
             verdict=result.verdict.value,
-            caught_by=result.caught_by,
+            caught_by=[str(name) for name in result.caught_by],
             reason=result.reason if result.caught_by else _short_pass(result),
             agent_wall_s=run.evidence.wall_s,
             agent_cpu_s=run.evidence.cpu_s,
             verify_s=verify_s,
-            output_preview=_preview(model, result, run.receipt) if not plan.attack else "",
+            output_preview=self._preview(plan.lease, result, run.receipt) if not plan.attack else "",
             result=result.as_dict(),
         )
 
     def _write(self, rows: list[DemoRow]) -> None:
-        self.cfg.out.mkdir(parents=True, exist_ok=True)
-        (self.cfg.out / "results.json").write_text(json.dumps(report(rows, self.skipped), indent=2))
+        write_json_atomic(self.cfg.out / "results.json", report(rows, self.skipped))
+
+    def _preview(self, lease: Lease, result: AttestationResult, raw: bytes) -> str:
+        """The start of an affirmed generation's text (tokenizer only; no model is built)."""
+        if result.verdict is not Verdict.AFFIRMING or not isinstance(lease.job, GenerateJob):
+            return ""
+        tokens = open_receipt(raw, len(raw)).claims.tokens()
+        return self.registry.decode(lease.model_id, tokens)[:80]
 
 
 def _short_pass(result: AttestationResult) -> str:
-    return "; ".join(r.reason for r in result.layers if r.status.value == "pass")
-
-
-def _preview(model, result: AttestationResult, raw: bytes) -> str:
-    if result.verdict.value != "affirming" or model.spec.kind != "causal-lm":
-        return ""
-    from .protocol.receipt import open_receipt
-
-    tokens = open_receipt(raw, len(raw)).claims.tokens()
-    return model.decode(tokens)[:80]
+    return "; ".join(r.reason for r in result.layers if r.status is Status.PASS)
 
 
 def _has_cuda() -> bool:

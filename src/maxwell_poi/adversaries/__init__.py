@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from ..protocol.result import LayerName
+
 
 @dataclass(frozen=True)
 class Attack:
@@ -18,13 +20,13 @@ class Attack:
     args: tuple[str, ...] = ()
     kinds: tuple[str, ...] = ("generate",)  # which jobs it applies to
     needs_priming: bool = False  # must have answered one earlier lease honestly first
-    must_catch: tuple[str, ...] = ("L4-audit",)  # layers that must each reject it
+    must_catch: tuple[LayerName, ...] = (LayerName.AUDIT,)  # layers that must each reject it
     reason_has: str = ""  # a fragment the rejection reason must contain
     needs_gpu: bool = False  # runs only where CUDA is available
 
 
 # fmt: off
-L0, L1, L2, L4 = ("L0-integrity",), ("L1-thermodynamic",), ("L2-boundary",), ("L4-audit",)
+L0, L1, L2, L4 = (LayerName.INTEGRITY,), (LayerName.THERMODYNAMIC,), (LayerName.BOUNDARY,), (LayerName.AUDIT,)
 CATALOGUE: list[Attack] = [
     Attack("smaller-model", "substitute_model", "runs a much smaller model, claims the leased one",
            ("--substitute", "{small}")),

@@ -9,12 +9,18 @@ from collections.abc import Callable
 
 import numpy as np
 
-from ..protocol.encoding import b64, sha256_hex
-from ..protocol.fingerprint import chunk_size_bytes, chunk_spans
+from ..observer.host import this_device
+from ..protocol.fingerprint import chunk_size_bytes
 from ..protocol.keys import AgentKey
 from ..protocol.lease import GenerateJob, Lease
-from ..protocol.receipt import Fingerprints, ReceiptClaims, embedding_output, sign_receipt
-from ..prover.sdk import token_output
+from ..protocol.receipt import (
+    ReceiptClaims,
+    claims_for_lease,
+    embedding_output,
+    fingerprint_chunks,
+    sign_receipt,
+    token_output,
+)
 from ..prover.stream import current_sink
 from ..registry.models import Registry
 from ..registry.profiles import ProfileStore
@@ -24,8 +30,8 @@ DEFAULT_PACE_S = 0.03
 
 def honest_pace(model_id: str) -> float:
     """The honest per-token interval, which any agent can measure for itself; the profile if there."""
-    profile = ProfileStore().get(model_id)
-    return profile.interval_s["median"] if profile else DEFAULT_PACE_S
+    profile = ProfileStore().get(model_id, this_device())
+    return profile.interval_s.median if profile else DEFAULT_PACE_S
 
 
 def garbage_claims(lease: Lease, registry: Registry, tokens: list[int] | None = None) -> ReceiptClaims:
@@ -37,26 +43,13 @@ def garbage_claims(lease: Lease, registry: Registry, tokens: list[int] | None = 
     if isinstance(job, GenerateJob):
         tokens = tokens if tokens is not None else rng.integers(1000, ref.vocab, job.max_new_tokens).tolist()
         output = token_output(tokens, ref.vocab)
-        prompt_len = len(registry.encode_prompt(lease.model_id, job.prompt))
-        chunks, chunk = len(chunk_spans(prompt_len, job.max_new_tokens, job.chunk)), job.chunk
+        chunks = fingerprint_chunks(lease, len(registry.encode_prompt(lease.model_id, job.prompt)))
     else:
         matrix = rng.standard_normal((len(job.texts), ref.hidden)).astype(np.float32)
         output = embedding_output(matrix / np.linalg.norm(matrix, axis=1, keepdims=True))
-        chunks, chunk = len(job.texts), 1
-    return ReceiptClaims(
-        lease=lease.lease_id,
-        nonce=lease.nonce,
-        agent=lease.agent_id,
-        model=lease.model_id,
-        weights=ref.weights_digest,
-        precision=lease.precision,
-        input=sha256_hex(lease.input_bytes()),
-        output=output,
-        fp=Fingerprints(
-            k=job.topk, chunk=chunk, data=b64(secrets.token_bytes(chunks * chunk_size_bytes(job.topk)))
-        ),
-        layers=secrets.token_hex(32),
-    )
+        chunks = fingerprint_chunks(lease, 0)
+    fingerprints = secrets.token_bytes(chunks * chunk_size_bytes(job.fingerprint_k))
+    return claims_for_lease(lease, ref.weights_digest, output, fingerprints, secrets.token_hex(32))
 
 
 def stream_paced(tokens: list[int], pace_s: float, fill: Callable[[float], None]) -> None:

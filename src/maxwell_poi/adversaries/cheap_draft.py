@@ -8,10 +8,10 @@ from __future__ import annotations
 from ..protocol.fingerprint import chunk_spans
 from ..protocol.lease import GenerateJob, Lease
 from ..protocol.sampling import SeededSampler
-from ..prover.inference import generate, prefill
 from ..prover.recorder import ActivationRecorder, CommitmentBuilder
 from ..prover.sdk import Prover
 from ..prover.stream import current_sink
+from ..registry.forward import generate, prefill
 from ..registry.models import LoadedModel
 from ._agent import parser, run
 
@@ -33,7 +33,7 @@ class DraftProver(Prover):
             SeededSampler(lease.seed_bytes, job.temperature, job.top_k),
             on_token=current_sink(),  # streams the draft's tokens, as if it were the real thing
         )
-        builder = CommitmentBuilder(lease.nonce_bytes, job.topk)
+        builder = CommitmentBuilder(lease.nonce_bytes, job.fingerprint_k)
         with ActivationRecorder(model) as recorder:
             prefill(model, prompt, tokens)
             for start, end in chunk_spans(len(prompt), len(tokens), job.chunk):

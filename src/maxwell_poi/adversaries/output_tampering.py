@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from ..protocol.receipt import sign_receipt
-from ..prover.sdk import Prover, token_output
+from ..protocol.receipt import sign_receipt, token_output
+from ..prover.sdk import Prover
 from ._agent import parser, run
 
 

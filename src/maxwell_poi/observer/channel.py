@@ -16,8 +16,8 @@ import time
 from dataclasses import dataclass
 
 from ..protocol.lease import Lease
-from ..prover.stream import parse_stream_line
-from ..registry.profiles import this_device
+from ..protocol.stream import parse_stream_line
+from .host import this_device
 from .evidence import ChannelEvidence
 from .telemetry import Observer
 

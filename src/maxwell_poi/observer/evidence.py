@@ -2,10 +2,23 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, fields
-from typing import Any
+import functools
+import typing
+from collections.abc import Mapping
+from dataclasses import MISSING, dataclass, field, fields
+from typing import Any, NamedTuple
 
-from .telemetry import Measurement
+from pydantic import TypeAdapter, ValidationError
+
+from .telemetry.trace import Measurement
+
+
+class DecodeWindow(NamedTuple):
+    """From the first to the last streamed token, as Maxwell measured it."""
+
+    wall_s: float  # Maxwell's clock
+    cpu_s: float  # the agent process's CPU seconds (kernel accounting, read by Maxwell)
+    tokens: int  # tokens decoded inside the window (streamed tokens - 1)
 
 
 @dataclass(frozen=True)
@@ -38,12 +51,12 @@ class ChannelEvidence:
         return bool(self.stream_tokens)
 
     @property
-    def decode_window(self) -> tuple[float, float, int] | None:
-        """(seconds, agent CPU seconds, tokens) between the first and last streamed token."""
+    def decode_window(self) -> DecodeWindow | None:
+        """The decode window, or None when fewer than two tokens streamed."""
         if len(self.stream_t) < 2:
             return None
         cpu = self.stream_cpu_s[-1] - self.stream_cpu_s[0]
-        return self.stream_t[-1] - self.stream_t[0], cpu, len(self.stream_t) - 1
+        return DecodeWindow(self.stream_t[-1] - self.stream_t[0], cpu, len(self.stream_t) - 1)
 
     def peak_rss_mb(self) -> float:
         return self.max_rss_kb / 1024
@@ -55,3 +68,49 @@ class ChannelEvidence:
         out["stream_cpu_s"] = list(self.stream_cpu_s)
         out["telemetry"] = {name: m.to_dict() for name, m in self.telemetry.items()}
         return out
+
+    @classmethod
+    def from_dict(cls, data: Any, where: str = "evidence") -> ChannelEvidence:
+        """The inverse of `as_dict` (an evidence.json file); a ValueError names the bad field,
+        what it should be and what came."""
+        if not isinstance(data, Mapping):
+            raise ValueError(f"{where}: expected a JSON object of ChannelEvidence, got {type(data).__name__}")
+        unknown = sorted(set(data) - {f.name for f in fields(cls)})
+        if unknown:
+            raise ValueError(f"{where}: expected ChannelEvidence fields only, got unknown {unknown}")
+        values: dict[str, Any] = {}
+        for f in fields(cls):
+            if f.name == "telemetry":
+                continue
+            if f.name not in data:
+                if f.default is MISSING and f.default_factory is MISSING:
+                    raise ValueError(f"{where}: expected field {f.name!r}, missing")
+                continue
+            hint, adapter = _adapters()[f.name]
+            try:
+                values[f.name] = adapter.validate_python(data[f.name])
+            except ValidationError:
+                got = repr(data[f.name])
+                raise ValueError(
+                    f"{where}: {f.name}: expected {hint}, got {got[:60] + ('…' if len(got) > 60 else '')}"
+                ) from None
+        telemetry = data.get("telemetry") or {}
+        if not isinstance(telemetry, Mapping):
+            kind = type(telemetry).__name__
+            raise ValueError(f"{where}: telemetry: expected an object of traces, got {kind}")
+        try:
+            values["telemetry"] = {str(k): Measurement.from_dict(v) for k, v in telemetry.items()}
+        except ValueError as exc:
+            raise ValueError(f"{where}: telemetry: {exc}") from None
+        return cls(**values)
+
+
+@functools.cache
+def _adapters() -> dict[str, tuple[str, TypeAdapter]]:
+    """One pydantic validator per field, built once (field name -> (type as text, adapter))."""
+    hints = typing.get_type_hints(ChannelEvidence)
+    return {
+        f.name: (str(hints[f.name]).replace("typing.", ""), TypeAdapter(hints[f.name]))
+        for f in fields(ChannelEvidence)
+        if f.name != "telemetry"
+    }

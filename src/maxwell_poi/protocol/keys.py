@@ -12,6 +12,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey,
 from securesystemslib.signer import CryptoSigner, SSlibKey
 
 from .errors import KeyFormatError, UnknownAgentError
+from .files import write_json_atomic
 
 
 def public_key_from_hex(hex_key: str) -> SSlibKey:
@@ -112,10 +113,7 @@ class Keyring:
         return sorted(self._keys)
 
     def save(self, path: Path) -> None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(path.suffix + ".tmp")
-        tmp.write_text(json.dumps({"agents": self._hex}, indent=2, sort_keys=True))
-        tmp.replace(path)  # atomic: a crash never leaves a half-written keyring
+        write_json_atomic(path, {"agents": self._hex}, sort_keys=True)
 
     @classmethod
     def load(cls, path: Path) -> Keyring:

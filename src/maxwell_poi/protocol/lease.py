@@ -14,6 +14,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from .errors import LeaseFormatError
 
 MAX_LEASE_BYTES = 1 << 20
+# 2: the job field `topk` (values committed per fingerprint chunk) became `fingerprint_k`
+LEASE_VERSION = 2
 Precision = Literal["fp32", "bf16"]
 
 
@@ -31,7 +33,7 @@ class GenerateJob(BaseModel):
     temperature: float = Field(default=0.8, ge=0.0, le=10.0)
     top_k: int = Field(default=50, ge=0, le=1_000_000, description="sample among the k best; 0 = all")
     chunk: int = Field(default=32, ge=1, le=1024, description="decode tokens per fingerprint")
-    topk: int = Field(default=32, ge=4, le=1024, description="values committed per chunk")
+    fingerprint_k: int = Field(default=32, ge=4, le=1024, description="values committed per chunk")
 
     def input_bytes(self) -> bytes:
         return self.prompt.encode("utf-8")
@@ -43,7 +45,7 @@ class EmbedJob(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
     kind: Literal["embed"] = "embed"
     texts: list[Annotated[str, Field(min_length=1, max_length=4000)]] = Field(min_length=1, max_length=64)
-    topk: int = Field(default=32, ge=4, le=1024)
+    fingerprint_k: int = Field(default=32, ge=4, le=1024, description="values committed per text")
 
     def input_bytes(self) -> bytes:
         return json.dumps(self.texts, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
@@ -56,7 +58,7 @@ class Lease(BaseModel):
     """Issued by Maxwell. Everything here is Maxwell's own choice; nothing comes from the agent."""
 
     model_config = ConfigDict(frozen=True, extra="forbid")
-    version: Literal[1] = 1
+    version: Literal[2] = LEASE_VERSION
     lease_id: str = Field(pattern=r"^[0-9a-f]{32}$")
     agent_id: str = Field(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9_.:-]+$")
     model_id: str = Field(min_length=1, max_length=128)

@@ -14,16 +14,17 @@ import numpy as np
 from google.protobuf import json_format
 from in_toto_attestation.v1 import statement_pb2
 from in_toto_attestation.v1.statement import Statement
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, JsonValue, ValidationError
 from securesystemslib.dsse import Envelope
 
-from .encoding import b64, sha256_hex, unb64, unpack_tokens
+from .encoding import b64, pack_tokens, sha256_hex, token_width, unb64, unpack_tokens
 from .errors import ReceiptFormatError
+from .fingerprint import chunk_size_bytes, chunk_spans
 from .keys import AgentKey
-from .lease import _preview
+from .lease import EmbedJob, GenerateJob, Lease, _preview
 
 STATEMENT_TYPE = "https://in-toto.io/Statement/v1"
-PREDICATE_TYPE = "https://maxwell-poi.dev/receipt/v1"
+PREDICATE_TYPE = "https://maxwell-poi.dev/receipt/v2"  # v2: leases of version 2 (fingerprint_k)
 PAYLOAD_TYPE = "application/vnd.in-toto+json"
 
 HEX64 = r"^[0-9a-f]{64}$"
@@ -65,7 +66,7 @@ class ReceiptClaims(BaseModel):
     output: Output
     fp: Fingerprints
     layers: str = Field(pattern=HEX64, description="Merkle root of nonce-bound per-layer digests")
-    runtime: dict[str, str | int] = Field(default_factory=dict, description="self-reported")
+    runtime: dict[str, JsonValue] = Field(default_factory=dict, description="self-reported, any JSON")
 
     def tokens(self) -> list[int]:
         if self.output.tokens is None:
@@ -88,6 +89,62 @@ class ReceiptClaims(BaseModel):
 def embedding_output(matrix: np.ndarray) -> Output:
     arr = np.ascontiguousarray(matrix, dtype="<f4")
     return Output(embedding=b64(arr.tobytes()), shape=list(arr.shape))
+
+
+def token_output(tokens: list[int], vocab: int) -> Output:
+    width = token_width(vocab)
+    return Output(tokens=b64(pack_tokens(tokens, width)), width=width)
+
+
+def claims_for_lease(
+    lease: Lease,
+    weights_digest: str,
+    output: Output,
+    fingerprints: bytes,
+    layer_root: str,
+    runtime: dict[str, JsonValue] | None = None,
+) -> ReceiptClaims:
+    """The predicate an agent signs for `lease`: the lease's own bindings plus what it computed.
+    One builder for the SDK and for every adversary program, so they differ only in content."""
+    job = lease.job
+    return ReceiptClaims(
+        lease=lease.lease_id,
+        nonce=lease.nonce,
+        agent=lease.agent_id,
+        model=lease.model_id,
+        weights=weights_digest,
+        precision=lease.precision,
+        input=sha256_hex(lease.input_bytes()),
+        output=output,
+        fp=Fingerprints(
+            k=job.fingerprint_k,
+            chunk=job.chunk if isinstance(job, GenerateJob) else 1,
+            data=b64(fingerprints),
+        ),
+        layers=layer_root,
+        runtime=runtime or {},
+    )
+
+
+def fingerprint_chunks(lease: Lease, prompt_len: int) -> int:
+    """How many fingerprint chunks a receipt for `lease` carries (prompt_len in tokens)."""
+    job = lease.job
+    if isinstance(job, GenerateJob):
+        return len(chunk_spans(prompt_len, job.max_new_tokens, job.chunk))
+    return len(job.texts)
+
+
+def max_receipt_bytes(lease: Lease, hidden: int) -> int:
+    """Size limit for a lease's receipt: generous for honest receipts, fatal for floods.
+    `hidden` is the model's hidden size (reference values; the model is never built for it)."""
+    job = lease.job
+    if isinstance(job, GenerateJob):
+        chunks = 1 + -(-job.max_new_tokens // job.chunk)
+        body = job.max_new_tokens * 4 + chunks * chunk_size_bytes(job.fingerprint_k)
+    else:
+        assert isinstance(job, EmbedJob)
+        body = len(job.texts) * (hidden * 4 + chunk_size_bytes(job.fingerprint_k))
+    return 16384 + 2 * body * 2  # x2 double base64 (payload + blob), x2 slack
 
 
 def statement_for(claims: ReceiptClaims) -> dict[str, Any]:

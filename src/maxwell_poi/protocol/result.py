@@ -14,6 +14,15 @@ class Status(StrEnum):
     SKIPPED = "skipped"
 
 
+class LayerName(StrEnum):
+    """The verification layers, by the names results carry (design.md section 3)."""
+
+    INTEGRITY = "L0-integrity"
+    THERMODYNAMIC = "L1-thermodynamic"
+    BOUNDARY = "L2-boundary"
+    AUDIT = "L4-audit"
+
+
 class Verdict(StrEnum):
     AFFIRMING = "affirming"
     WARNING = "warning"
@@ -22,7 +31,7 @@ class Verdict(StrEnum):
 
 @dataclass(frozen=True)
 class LayerResult:
-    layer: str
+    layer: LayerName
     status: Status
     reason: str
     score: float | None = None  # layer-specific: 1.0 = fully consistent with honest work
@@ -31,6 +40,7 @@ class LayerResult:
 
     def as_dict(self) -> dict[str, Any]:
         out = asdict(self)
+        out["layer"] = str(self.layer)
         out["status"] = self.status.value
         return out
 
@@ -43,14 +53,14 @@ class AttestationResult:
     verdict: Verdict
     layers: tuple[LayerResult, ...]
 
-    def layer(self, name: str) -> LayerResult:
+    def layer(self, name: LayerName | str) -> LayerResult:
         for r in self.layers:
             if r.layer == name:
                 return r
         raise KeyError(f"no layer {name!r} in this result ({', '.join(r.layer for r in self.layers)})")
 
     @property
-    def caught_by(self) -> list[str]:
+    def caught_by(self) -> list[LayerName]:
         return [r.layer for r in self.layers if r.status is Status.FAIL]
 
     @property
@@ -70,7 +80,7 @@ class AttestationResult:
             "agent_id": self.agent_id,
             "model_id": self.model_id,
             "verdict": self.verdict.value,
-            "caught_by": self.caught_by,
+            "caught_by": [str(name) for name in self.caught_by],
             "reason": self.reason,
             "cost_s": round(self.cost_s, 6),
             "layers": [r.as_dict() for r in self.layers],

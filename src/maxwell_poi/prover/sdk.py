@@ -13,14 +13,21 @@ import platform
 
 import numpy as np
 import torch
+from pydantic import JsonValue
 
-from ..protocol.encoding import b64, pack_tokens, sha256_hex, token_width
 from ..protocol.keys import AgentKey
 from ..protocol.lease import EmbedJob, GenerateJob, Lease
-from ..protocol.receipt import Fingerprints, Output, ReceiptClaims, embedding_output, sign_receipt
+from ..protocol.receipt import (
+    Output,
+    ReceiptClaims,
+    claims_for_lease,
+    embedding_output,
+    sign_receipt,
+    token_output,
+)
 from ..protocol.sampling import SeededSampler
+from ..registry.forward import embed_one, generate
 from ..registry.models import LoadedModel, ReferenceValues, Registry
-from .inference import embed_one, generate
 from .recorder import ActivationRecorder, CommitmentBuilder
 from .stream import current_sink
 
@@ -33,28 +40,12 @@ def claims_for(
     builder: CommitmentBuilder,
     *,
     output: Output,
-    runtime: dict[str, str | int] | None = None,
+    runtime: dict[str, JsonValue] | None = None,
 ) -> ReceiptClaims:
     """The predicate an agent signs for `lease`, from its output and its commitments."""
-    job = lease.job
-    return ReceiptClaims(
-        lease=lease.lease_id,
-        nonce=lease.nonce,
-        agent=lease.agent_id,
-        model=lease.model_id,
-        weights=reference.weights_digest,
-        precision=lease.precision,
-        input=sha256_hex(lease.input_bytes()),
-        output=output,
-        fp=Fingerprints(k=job.topk, chunk=getattr(job, "chunk", 1), data=b64(builder.fingerprint_bytes)),
-        layers=builder.layer_root,
-        runtime=runtime or {},
+    return claims_for_lease(
+        lease, reference.weights_digest, output, builder.fingerprint_bytes, builder.layer_root, runtime
     )
-
-
-def token_output(tokens: list[int], vocab: int) -> Output:
-    width = token_width(vocab)
-    return Output(tokens=b64(pack_tokens(tokens, width)), width=width)
 
 
 def with_dtype(model: LoadedModel, dtype: torch.dtype) -> LoadedModel:
@@ -99,7 +90,7 @@ class Prover:
             self._converted[key] = model
         return self._converted[key]
 
-    def runtime(self) -> dict[str, str | int]:
+    def runtime(self) -> dict[str, JsonValue]:
         return {
             "device": self.device if self.device == "cpu" else torch.cuda.get_device_name(self.device),
             "threads": torch.get_num_threads(),
@@ -126,7 +117,7 @@ class Prover:
         job = lease.job
         assert isinstance(job, GenerateJob)
         prompt = model.encode_prompt(job.prompt)
-        builder = CommitmentBuilder(lease.nonce_bytes, job.topk)
+        builder = CommitmentBuilder(lease.nonce_bytes, job.fingerprint_k)
         sampler = SeededSampler(lease.seed_bytes, job.temperature, job.top_k)
         peers = batch_peers(len(prompt), self.batch - 1, model.reference.vocab)
         with ActivationRecorder(model) as recorder:
@@ -150,7 +141,7 @@ class Prover:
     def embed(self, lease: Lease, model: LoadedModel) -> tuple[np.ndarray, CommitmentBuilder]:
         job = lease.job
         assert isinstance(job, EmbedJob)
-        builder = CommitmentBuilder(lease.nonce_bytes, job.topk)
+        builder = CommitmentBuilder(lease.nonce_bytes, job.fingerprint_k)
         rows = []
         with ActivationRecorder(model) as recorder:
             for text in job.texts:

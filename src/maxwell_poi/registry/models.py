@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from ..protocol.errors import PoiError, UnknownModelError
+from ..protocol.files import write_json_atomic
 
 Kind = Literal["causal-lm", "embedding"]
 BERT_CLS, BERT_SEP, BERT_PAD = 101, 102, 0
@@ -304,6 +305,10 @@ class Registry:
         spec = self.get(model_id)
         return encode_prompt(tokenizer_for(spec), spec, text)
 
+    def decode(self, model_id: str, tokens: list[int]) -> str:
+        """Token ids back to text with the model's tokenizer, without building the model."""
+        return tokenizer_for(self.get(model_id)).decode(tokens)
+
     def reference(self, model_id: str) -> ReferenceValues:
         """Reference values without building the model when this machine measured them before
         ($POI_HOME/reference/<id>.json, keyed by the spec and library versions)."""
@@ -319,10 +324,7 @@ class Registry:
         except (OSError, ValueError, TypeError):
             pass  # absent or stale: measure it
         ref = self.load(model_id).reference
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(f".{os.getpid()}.tmp")
-        tmp.write_text(json.dumps({"key": key, "values": ref.as_dict()}, indent=2))
-        tmp.replace(path)
+        write_json_atomic(path, {"key": key, "values": ref.as_dict()})
         return ref
 
     def add_local(
@@ -337,10 +339,7 @@ class Registry:
         spec = ModelSpec(model_id, kind, "local", description or f"local model at {path}", path=str(path))
         specs = {k: v.as_dict() for k, v in self._user_specs().items()}
         specs[model_id] = spec.as_dict()
-        self.user_file.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.user_file.with_suffix(".tmp")
-        tmp.write_text(json.dumps({"models": specs}, indent=2))
-        tmp.replace(self.user_file)
+        write_json_atomic(self.user_file, {"models": specs})
         self._cache.pop(model_id, None)
         return spec
 

@@ -9,6 +9,7 @@ writes the table `maxwell_poi/data/workload_features.json`).
 
 from __future__ import annotations
 
+import functools
 import json
 import statistics
 from importlib import resources
@@ -31,7 +32,7 @@ def trace_features(
     window = ev.decode_window
     if window is None:
         return None
-    wall, cpu, n = window
+    wall, cpu, n = window.wall_s, window.cpu_s, window.tokens
     gaps = np.diff(np.asarray(ev.stream_t))
     weights_mb = ref.param_count * (4 if precision == "fp32" else 2) / 2**20
     util = ev.telemetry.get("process")
@@ -41,12 +42,12 @@ def trace_features(
         u = u[np.isfinite(u)]
         util_cv = float(u.std() / u.mean()) if u.size and u.mean() > 0 else 0.0
     return {
-        "cpu_ratio": (cpu / n) / profile.decode_cpu_s_per_token["mean"],
-        "interval_ratio": float(statistics.median(gaps)) / profile.interval_s["median"],
-        "memory_margin": (ev.peak_rss_mb() - profile.peak_rss_mb["min"]) / max(weights_mb, 1.0),
+        "cpu_ratio": (cpu / n) / profile.decode_cpu_s_per_token.mean,
+        "interval_ratio": float(statistics.median(gaps)) / profile.interval_s.median,
+        "memory_margin": (ev.peak_rss_mb() - profile.peak_rss_mb.min) / max(weights_mb, 1.0),
         "cores_busy": cpu / wall if wall > 0 else 0.0,
         "util_cv": util_cv,
-        "burst": float(np.mean(gaps < 0.1 * profile.interval_s["median"])),
+        "burst": float(np.mean(gaps < 0.1 * profile.interval_s.median)),
     }
 
 
@@ -75,13 +76,19 @@ class WorkloadClassifier:
 
     @classmethod
     def load(cls, path: Path | None = None) -> WorkloadClassifier | None:
-        """The shipped training table, or None when it has not been recorded yet."""
-        try:
-            if path is None:
-                text = resources.files("maxwell_poi.data").joinpath("workload_features.json").read_text()
-            else:
-                text = Path(path).read_text()
-        except (FileNotFoundError, OSError):
-            return None
-        rows = json.loads(text)["rows"]
-        return cls(rows) if len({r["label"] for r in rows}) >= 2 else None
+        """The shipped training table (or `path`), fitted once per process and shared, or None
+        when it has not been recorded yet. Fitting takes ~0.2 s; every Verifier used to pay it."""
+        return _fitted(str(path) if path is not None else None)
+
+
+@functools.cache
+def _fitted(path: str | None) -> WorkloadClassifier | None:
+    try:
+        if path is None:
+            text = resources.files("maxwell_poi.data").joinpath("workload_features.json").read_text()
+        else:
+            text = Path(path).read_text()
+    except (FileNotFoundError, OSError):
+        return None
+    rows = json.loads(text)["rows"]
+    return WorkloadClassifier(rows) if len({r["label"] for r in rows}) >= 2 else None

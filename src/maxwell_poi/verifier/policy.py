@@ -1,31 +1,35 @@
-"""Compose the layers into one verdict (sigstore-python's AllOf style)."""
+"""Compose the layers into one verdict (sigstore-python's AllOf style, with an audit lottery)."""
 
 from __future__ import annotations
 
 import secrets
 import time
+from collections.abc import Sequence
 
 from ..observer.evidence import ChannelEvidence
 from ..protocol.keys import Keyring
 from ..protocol.lease import Lease
-from ..protocol.result import AttestationResult, LayerResult, Status, verdict_of
+from ..protocol.result import AttestationResult, LayerName, LayerResult, Status, verdict_of
 from ..registry.models import Registry
 from ..registry.profiles import ProfileStore
+from .appraisal import Appraisal, Layer
+from .audit import AuditLayer
+from .boundary import BoundaryLayer
 from .classify import WorkloadClassifier
-from .layers import Appraisal, AuditLayer, IntegrityLayer, Layer
-from .physics import BoundaryLayer, ThermodynamicLayer
+from .integrity import IntegrityLayer
+from .thermodynamic import ThermodynamicLayer
 from .thresholds import Thresholds
 
 
-class AllOf:
-    """Runs the gate layer first; if it fails, the other layers are not run (and say so).
-    Layers outside `run` (the costly ones, by lottery) are skipped with that reason."""
+class GateThenDrawn:
+    """Runs the gate layer first; if it fails, no other layer runs (each says so). Of the others,
+    those not in `run` (the costly ones the lottery did not draw) are skipped with that reason."""
 
-    def __init__(self, gate: Layer, layers: list[Layer]) -> None:
+    def __init__(self, gate: Layer, layers: Sequence[Layer]) -> None:
         self.gate = gate
-        self.layers = layers
+        self.layers = list(layers)
 
-    def appraise(self, ctx: Appraisal, run: set[str]) -> list[LayerResult]:
+    def appraise(self, ctx: Appraisal, run: set[LayerName]) -> list[LayerResult]:
         results = [self.gate.appraise(ctx)]
         for layer in self.layers:
             if results[0].status is Status.FAIL:
@@ -38,11 +42,29 @@ class AllOf:
 
 
 class Verifier:
-    """Maxwell's appraisal engine. `audit_rate` is the lottery probability for L4 (1.0 = always);
-    the draw happens after the receipt arrives, from the OS CSPRNG, so an agent cannot know it."""
+    """Maxwell's appraisal engine over ready layers: the `gate` (L0) always first, the `always`
+    layers (cheap: L1, L2) on every receipt, the `drawn` layers (costly: L4) with probability
+    `audit_rate`, drawn after the receipt arrives from the OS CSPRNG so an agent cannot know it.
+    `Verifier.default(registry, keyring)` builds the standard stack."""
 
     def __init__(
         self,
+        gate: Layer,
+        always: Sequence[Layer] = (),
+        drawn: Sequence[Layer] = (),
+        *,
+        audit_rate: float = 1.0,
+    ) -> None:
+        if not 0.0 <= audit_rate <= 1.0:
+            raise ValueError(f"audit_rate must be in [0, 1], got {audit_rate}")
+        self.audit_rate = audit_rate
+        self.always = [layer.name for layer in always]
+        self.drawn = [layer.name for layer in drawn]
+        self.policy = GateThenDrawn(gate, [*always, *drawn])
+
+    @classmethod
+    def default(
+        cls,
         registry: Registry,
         keyring: Keyring,
         *,
@@ -50,16 +72,16 @@ class Verifier:
         thresholds: Thresholds | None = None,
         device: str = "cpu",
         profiles: ProfileStore | None = None,
-    ) -> None:
-        if not 0.0 <= audit_rate <= 1.0:
-            raise ValueError(f"audit_rate must be in [0, 1], got {audit_rate}")
-        self.audit_rate = audit_rate
+    ) -> Verifier:
+        """L0 gate; L1 and L2 on the device profiles in `profiles` ($POI_HOME by default) with the
+        shipped workload classifier; L4 on `device` with the shipped (or given) thresholds."""
         profiles = profiles or ProfileStore()
-        self.integrity = IntegrityLayer(registry, keyring)
-        self.thermo = ThermodynamicLayer(registry, profiles, WorkloadClassifier.load())
-        self.boundary = BoundaryLayer(profiles)
-        self.audit = AuditLayer(registry, thresholds, device)
-        self.policy = AllOf(self.integrity, [self.thermo, self.boundary, self.audit])
+        return cls(
+            IntegrityLayer(registry, keyring),
+            [ThermodynamicLayer(registry, profiles, WorkloadClassifier.load()), BoundaryLayer(profiles)],
+            [AuditLayer(registry, thresholds, device)],
+            audit_rate=audit_rate,
+        )
 
     def _draw_audit(self) -> bool:
         return secrets.randbelow(1_000_000) < self.audit_rate * 1_000_000
@@ -68,9 +90,9 @@ class Verifier:
         self, lease: Lease, raw_receipt: bytes, evidence: ChannelEvidence | None = None
     ) -> AttestationResult:
         ctx = Appraisal(lease=lease, raw=raw_receipt, evidence=evidence, received_at=time.time())
-        run = {self.thermo.name, self.boundary.name}  # cheap: always
+        run = set(self.always)
         if self._draw_audit():
-            run.add(self.audit.name)
+            run.update(self.drawn)
         layers = self.policy.appraise(ctx, run)
         return AttestationResult(
             lease_id=lease.lease_id,

@@ -1,4 +1,5 @@
-"""The forward passes both sides run: seeded generation (agent) and one-pass prefill (verifier)."""
+"""Forward passes of registered models, shared by every role: seeded generation (the agent),
+one-pass prefill and embeddings (the verifier's re-execution)."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import numpy as np
 import torch
 
 from ..protocol.sampling import SeededSampler
-from ..registry.models import BERT_CLS, BERT_SEP, LoadedModel
+from .models import BERT_CLS, BERT_SEP, LoadedModel
 
 EMBED_MAX_TOKENS = 256  # all-MiniLM-L6-v2 was trained with 256-token inputs
 

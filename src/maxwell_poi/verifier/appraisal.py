@@ -1,0 +1,88 @@
+"""What every verification layer shares: the appraisal it reads, the outcome it returns, and the
+opening steps (timing, no evidence, no profile) that would otherwise open each `appraise`."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from ..observer.evidence import ChannelEvidence
+from ..protocol.lease import Lease
+from ..protocol.receipt import OpenedReceipt
+from ..protocol.result import LayerName, LayerResult, Status
+from ..registry.profiles import Profile, ProfileStore
+
+NO_EVIDENCE = "no Maxwell-side evidence (receipt appraised offline)"
+
+
+@dataclass
+class Appraisal:
+    """Everything the layers look at for one receipt. L0 fills in `receipt` once it parses."""
+
+    lease: Lease
+    raw: bytes
+    evidence: ChannelEvidence | None = None
+    received_at: float = field(default_factory=time.time)
+    receipt: OpenedReceipt | None = None
+
+
+class Layer(Protocol):
+    name: LayerName
+
+    def appraise(self, ctx: Appraisal) -> LayerResult: ...
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """A layer's decision before it is timed: status, a reason naming expected vs got, a score
+    (1.0 = fully consistent with honest work) and the measurements behind it."""
+
+    status: Status
+    reason: str
+    score: float | None = None
+    details: dict[str, Any] = field(default_factory=dict)
+
+
+def passed(reason: str, score: float | None = 1.0, **details: Any) -> Outcome:
+    return Outcome(Status.PASS, reason, score, details)
+
+
+def failed(reason: str, score: float | None = 0.0, **details: Any) -> Outcome:
+    return Outcome(Status.FAIL, reason, score, details)
+
+
+def skipped(reason: str) -> Outcome:
+    return Outcome(Status.SKIPPED, reason)
+
+
+@dataclass(frozen=True)
+class Finding:
+    """What one failed check found: the reason and the layer score it implies."""
+
+    reason: str
+    score: float | None = 0.0
+
+
+class TimedLayer:
+    """Base of every layer: `decide` returns an Outcome, `appraise` times it into a LayerResult."""
+
+    name: LayerName
+
+    def decide(self, ctx: Appraisal) -> Outcome:
+        raise NotImplementedError
+
+    def appraise(self, ctx: Appraisal) -> LayerResult:
+        start = time.perf_counter()
+        o = self.decide(ctx)
+        return LayerResult(self.name, o.status, o.reason, o.score, time.perf_counter() - start, o.details)
+
+
+def evidence_of(ctx: Appraisal) -> ChannelEvidence | Outcome:
+    """Maxwell's evidence for the lease, or the SKIPPED outcome of a layer that needs it."""
+    return ctx.evidence if ctx.evidence is not None else skipped(NO_EVIDENCE)
+
+
+def profile_for(profiles: ProfileStore, ctx: Appraisal, evidence: ChannelEvidence) -> Profile | None:
+    """The reference profile of the leased model on the device Maxwell ran the agent on."""
+    return profiles.get(ctx.lease.model_id, evidence.device_class)

@@ -1,0 +1,169 @@
+"""L4 audit: Maxwell re-executes the claimed model on its own reference weights, one prefill pass.
+
+Checks, in order:
+1. generation: `token_choice`   every output token is the seeded sampler's choice under the
+   model's logits (near-ties within the calibrated logit allowance tolerated);
+   embeddings: `embedding_match` every embedding within the calibrated distance of the reference;
+2. `fingerprint_chunks`          the committed top-k values match chunk by chunk within the
+   claimed precision's tolerance.
+`measure_generation` / `measure_embedding` return what re-execution found before any threshold
+(bench/calibrate.py reads them).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from ..protocol.fingerprint import ChunkComparison, chunk_spans, compare_chunk
+from ..protocol.lease import EmbedJob, GenerateJob, Lease
+from ..protocol.receipt import ReceiptClaims
+from ..protocol.result import LayerName
+from ..protocol.sampling import SeededSampler
+from ..registry.forward import embed_one, prefill
+from ..registry.models import LoadedModel, Registry
+from .appraisal import Appraisal, Finding, Outcome, TimedLayer, failed, passed, skipped
+from .thresholds import Thresholds, Tolerance
+
+
+class AuditLayer(TimedLayer):
+    """L4: re-execution of the claimed model; see the module docstring for the checks."""
+
+    name = LayerName.AUDIT
+
+    def __init__(self, registry: Registry, thresholds: Thresholds | None = None, device: str = "cpu") -> None:
+        self.registry = registry
+        self.thresholds = thresholds or Thresholds.load()
+        self.device = device
+        self._on_device: dict[str, LoadedModel] = {}
+
+    def reference_model(self, model_id: str) -> LoadedModel:
+        """Maxwell's float32 reference copy, on the audit device."""
+        model = self.registry.load(model_id)
+        if self.device == "cpu":
+            return model
+        if model_id not in self._on_device:
+            self._on_device[model_id] = model.copied_to(self.device)
+        return self._on_device[model_id]
+
+    def decide(self, ctx: Appraisal) -> Outcome:
+        if ctx.receipt is None:
+            return skipped("not run: receipt failed integrity")
+        model = self.reference_model(ctx.lease.model_id)
+        tol = self.thresholds.for_precision(ctx.lease.precision)
+        if isinstance(ctx.lease.job, GenerateJob):
+            m = measure_generation(ctx.lease, ctx.receipt.claims, model, tol.logit_tol)
+            details = {"max_token_gap": m.max_gap, "token_gap_tolerance": tol.token_gap}
+            first = token_choice(m, tol)
+            ok = f"{len(m.gaps)} tokens match the seeded choice; {len(m.chunks)} fingerprint chunks " + (
+                f"within {ctx.lease.precision} tolerance"
+            )
+        else:
+            m = measure_embedding(ctx.lease, ctx.receipt.claims, model)
+            details = {"max_embedding_diff": m.max_diff}
+            first = embedding_match(m, tol)
+            ok = f"{len(m.chunks)} embeddings and fingerprints match the reference"
+        details["chunks"] = [c.as_dict() for c in m.chunks]
+        problem = first or fingerprint_chunks(m.chunks, tol)
+        if problem:
+            return failed(problem.reason, m.worst_close, **details)
+        return passed(ok, m.worst_close, **details)
+
+
+def token_choice(m: AuditMeasurement, tol: Tolerance) -> Finding | None:
+    if m.max_gap <= tol.token_gap:
+        return None
+    bad = int((m.gaps > tol.token_gap).sum())
+    worst = int(m.gaps.argmax())
+    return Finding(
+        f"token choice: expected the claimed model's seeded choice at every position "
+        f"(score gap <= {tol.token_gap:g}), got {bad}/{len(m.gaps)} off, worst at "
+        f"position {worst} (gap {m.max_gap:.4g})"
+    )
+
+
+def embedding_match(m: AuditMeasurement, tol: Tolerance) -> Finding | None:
+    if m.max_diff <= tol.embed_max_abs:  # NaN fails this comparison, so it is caught too
+        return None
+    i = int(np.nanargmax(m.diffs)) if np.isfinite(m.diffs).any() else 0
+    return Finding(
+        f"embedding: expected within {tol.embed_max_abs:g} of the reference, got max "
+        f"difference {m.max_diff:.4g} on text {i}"
+    )
+
+
+def fingerprint_chunks(comparisons: list[ChunkComparison], tol: Tolerance) -> Finding | None:
+    for c in comparisons:
+        if c.close_fraction < tol.min_close or c.median_rel_error > tol.max_median_rel:
+            return Finding(
+                f"fingerprint chunk at positions {c.positions[0]}-{c.positions[1]}: expected "
+                f">= {tol.min_close:.0%} of top-k values close and median error <= "
+                f"{tol.max_median_rel:g}, got {c.close_fraction:.0%} close, median error "
+                f"{c.median_rel_error:.3g}"
+            )
+    return None
+
+
+@dataclass(frozen=True)
+class AuditMeasurement:
+    """What re-execution found, before any threshold is applied (calibration reads these)."""
+
+    chunks: list[ChunkComparison]
+    gaps: np.ndarray = field(default_factory=lambda: np.zeros(0))  # per new token (generation)
+    diffs: np.ndarray = field(default_factory=lambda: np.zeros(0))  # per text (embedding)
+
+    @property
+    def max_gap(self) -> float:
+        return float(self.gaps.max()) if len(self.gaps) else 0.0
+
+    @property
+    def max_diff(self) -> float:
+        return float(self.diffs.max()) if len(self.diffs) else 0.0
+
+    @property
+    def worst_close(self) -> float:
+        return min(c.close_fraction for c in self.chunks)
+
+    @property
+    def worst_median_rel(self) -> float:
+        return max(c.median_rel_error for c in self.chunks)
+
+
+def _split(data: bytes, parts: int) -> list[bytes]:
+    size = len(data) // parts
+    return [data[i * size : (i + 1) * size] for i in range(parts)]
+
+
+def measure_generation(
+    lease: Lease, claims: ReceiptClaims, model: LoadedModel, edge_tol: float = 0.0
+) -> AuditMeasurement:
+    """Re-execute the claimed model on prompt + output and compare, before any threshold.
+    `edge_tol` is the logit allowance for the prover's rounding (see SeededSampler.score_gaps)."""
+    job = lease.job
+    assert isinstance(job, GenerateJob)
+    prompt = model.encode_prompt(job.prompt)
+    tokens = claims.tokens()
+    hidden, logits = prefill(model, prompt, tokens)
+    sampler = SeededSampler(lease.seed_bytes, job.temperature, job.top_k)
+    gaps = sampler.score_gaps(logits, tokens, edge_tol).numpy()
+    spans = chunk_spans(len(prompt), len(tokens), job.chunk)
+    chunks = [
+        compare_chunk(data, hidden[s:e], job.fingerprint_k, (s, e))
+        for data, (s, e) in zip(_split(claims.fingerprint_bytes(), len(spans)), spans, strict=True)
+    ]
+    return AuditMeasurement(chunks=chunks, gaps=gaps)
+
+
+def measure_embedding(lease: Lease, claims: ReceiptClaims, model: LoadedModel) -> AuditMeasurement:
+    job = lease.job
+    assert isinstance(job, EmbedJob)
+    claimed = claims.embedding()
+    chunks, diffs = [], []
+    for i, (text, data) in enumerate(
+        zip(job.texts, _split(claims.fingerprint_bytes(), len(job.texts)), strict=True)
+    ):
+        hidden, emb = embed_one(model, text)
+        diffs.append(float(np.max(np.abs(emb - claimed[i]))))
+        chunks.append(compare_chunk(data, hidden, job.fingerprint_k, (i, i + 1)))
+    return AuditMeasurement(chunks=chunks, diffs=np.asarray(diffs))

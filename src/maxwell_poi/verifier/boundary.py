@@ -1,0 +1,143 @@
+"""L2 boundary: what crossed the channel must be what the receipt claims, at a plausible pace.
+
+Reads only the runner's evidence (observer.channel), never a number the agent reports.
+
+Checks, in order:
+1. `channel_input`   the lease bytes the agent was handed are the lease being appraised;
+2. `stream_order`    stream lines came with positions 0, 1, 2, ... in order;
+3. `stream_present`  the agent streamed its tokens as they were chosen;
+4. `stream_matches`  the tokens Maxwell saw stream by are exactly the receipt's output;
+5. `pace`            the median gap between tokens is not shorter than this model allows on this
+                     device (the profile's fastest honest run, halved);
+6. `steady`          tokens did not arrive in bursts.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import statistics
+
+import numpy as np
+
+from ..observer.evidence import ChannelEvidence
+from ..protocol.encoding import pack_tokens
+from ..protocol.lease import GenerateJob
+from ..protocol.result import LayerName
+from ..registry.profiles import Profile, ProfileStore
+from .appraisal import Appraisal, Finding, Outcome, TimedLayer, evidence_of, failed, passed, profile_for
+
+BURST_GAP = 0.1  # a gap under this fraction of the profile's median counts as a burst
+MAX_BURST_FRACTION = 0.5
+
+
+def interval_lower_bound(profile: Profile) -> float:
+    """Shortest median gap between tokens an honest run can show: half its fastest run's."""
+    return 0.5 * profile.interval_s.min
+
+
+def channel_input(ev: ChannelEvidence, ctx: Appraisal) -> Finding | None:
+    sent = hashlib.sha256(ctx.lease.to_json().encode() + b"\n").hexdigest()
+    if ev.sha256_in == sent:
+        return None
+    return Finding(
+        f"channel input: expected sha256 {sent[:16]}… of this lease, "
+        f"the agent was handed {ev.sha256_in[:16]}…"
+    )
+
+
+def stream_order(ev: ChannelEvidence) -> Finding | None:
+    if not ev.stream_errors:
+        return None
+    return Finding(
+        f"token stream: expected positions 0, 1, 2, … in order, got {ev.stream_errors} lines out of order"
+    )
+
+
+def stream_present(ev: ChannelEvidence, claimed: list[int]) -> Finding | None:
+    if ev.stream_tokens:
+        return None
+    return Finding(f"token stream: expected {len(claimed)} tokens streamed as they were chosen, got none")
+
+
+def stream_matches(ev: ChannelEvidence, claimed: list[int]) -> Finding | None:
+    streamed = list(ev.stream_tokens)
+    if streamed == claimed:
+        return None
+    diff = [
+        i
+        for i in range(max(len(streamed), len(claimed)))
+        if i >= len(streamed) or i >= len(claimed) or streamed[i] != claimed[i]
+    ]
+    return Finding(
+        f"output: the receipt's {len(claimed)} tokens differ from the {len(streamed)} Maxwell saw "
+        f"streamed, at positions {diff[:5]} (streamed sha256 "
+        f"{hashlib.sha256(pack_tokens(streamed, 4)).hexdigest()[:16]}…)"
+    )
+
+
+def pace(median: float, profile: Profile, model_id: str) -> Finding | None:
+    lo = interval_lower_bound(profile)
+    if median >= lo:
+        return None
+    return Finding(
+        f"timing: expected tokens >= {lo * 1000:.1f} ms apart ({model_id} here: "
+        f"{profile.interval_s.median * 1000:.1f} ms), measured median {median * 1000:.2f} ms",
+        _pace_score(median, profile),
+    )
+
+
+def steady(burst: float, median: float, profile: Profile) -> Finding | None:
+    if burst <= MAX_BURST_FRACTION:
+        return None
+    return Finding(
+        f"timing: expected a steady stream, got {burst:.0%} of tokens arriving in bursts",
+        _pace_score(median, profile),
+    )
+
+
+def _pace_score(median: float, profile: Profile) -> float:
+    return float(min(1.0, median / profile.interval_s.median))
+
+
+class BoundaryLayer(TimedLayer):
+    """L2; see the module docstring for the checks."""
+
+    name = LayerName.BOUNDARY
+
+    def __init__(self, profiles: ProfileStore) -> None:
+        self.profiles = profiles
+
+    def decide(self, ctx: Appraisal) -> Outcome:
+        ev = evidence_of(ctx)
+        if isinstance(ev, Outcome):
+            return ev
+        problem = channel_input(ev, ctx)
+        if problem:
+            return failed(problem.reason)
+        if not isinstance(ctx.lease.job, GenerateJob) or ctx.receipt is None:
+            return passed("lease bytes on the channel match")
+        claimed = ctx.receipt.claims.tokens()
+        for problem in (stream_order(ev), stream_present(ev, claimed), stream_matches(ev, claimed)):
+            if problem:
+                return failed(problem.reason)
+        profile = profile_for(self.profiles, ctx, ev)
+        if profile is None or len(ev.stream_t) < 3:
+            return passed("streamed tokens match the receipt (no profile for timing)")
+        gaps = np.diff(np.asarray(ev.stream_t))
+        median = float(statistics.median(gaps))
+        burst = float(np.mean(gaps < BURST_GAP * profile.interval_s.median))
+        details = {
+            "median_interval_ms": round(median * 1000, 3),
+            "lower_bound_ms": round(interval_lower_bound(profile) * 1000, 3),
+            "profile_interval_ms": round(profile.interval_s.median * 1000, 3),
+            "burst_fraction": round(burst, 3),
+        }
+        for problem in (pace(median, profile, ctx.lease.model_id), steady(burst, median, profile)):
+            if problem:
+                return failed(problem.reason, problem.score, **details)
+        return passed(
+            f"streamed tokens match the receipt; median {median * 1000:.1f} ms/token "
+            f"(profile {profile.interval_s.median * 1000:.1f})",
+            _pace_score(median, profile),
+            **details,
+        )
