@@ -36,7 +36,7 @@ from maxwell_poi.protocol.keys import AgentKey  # noqa: E402
 from maxwell_poi.protocol.lease import EmbedJob, GenerateJob, Lease  # noqa: E402
 from maxwell_poi.prover.sdk import Prover  # noqa: E402
 from maxwell_poi.registry.models import Registry  # noqa: E402
-from maxwell_poi.verifier.layers import measure_embedding, measure_generation  # noqa: E402
+from maxwell_poi.verifier.audit import measure_embedding, measure_generation  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 PROMPTS = [
@@ -84,8 +84,8 @@ def cheats(registry: Registry, key: AgentKey, small: str, alt: str) -> dict[str,
 def logit_noise(args, registry: Registry, log) -> dict[str, float]:
     """How far honest rounding moves logits: bf16 and fp32 prefill of the same sequences, read on
     the top candidates where sampling decisions are made."""
-    from maxwell_poi.registry.forward import prefill
     from maxwell_poi.prover.sdk import with_dtype
+    from maxwell_poi.registry.forward import prefill
 
     reference = registry.load(args.model)
     low = with_dtype(reference, torch.bfloat16)

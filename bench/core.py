@@ -31,10 +31,12 @@ from maxwell_poi.protocol.keys import AgentKey, Keyring  # noqa: E402
 from maxwell_poi.protocol.lease import GenerateJob, Lease  # noqa: E402
 from maxwell_poi.protocol.receipt import open_receipt  # noqa: E402
 from maxwell_poi.protocol.sampling import SeededSampler  # noqa: E402
-from maxwell_poi.registry.forward import generate  # noqa: E402
 from maxwell_poi.prover.sdk import Prover  # noqa: E402
+from maxwell_poi.registry.forward import generate  # noqa: E402
 from maxwell_poi.registry.models import Registry  # noqa: E402
-from maxwell_poi.verifier.layers import Appraisal, AuditLayer, IntegrityLayer  # noqa: E402
+from maxwell_poi.verifier.appraisal import Appraisal  # noqa: E402
+from maxwell_poi.verifier.audit import AuditLayer  # noqa: E402
+from maxwell_poi.verifier.integrity import IntegrityLayer  # noqa: E402
 from maxwell_poi.verifier.policy import Verifier  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -37,14 +37,18 @@ from sampling_overhead import measure_sampling_overhead  # noqa: E402
 
 from maxwell_poi.demo import Demo, DemoConfig  # noqa: E402
 from maxwell_poi.observer.evidence import ChannelEvidence  # noqa: E402
+from maxwell_poi.observer.host import this_device  # noqa: E402
+from maxwell_poi.observer.runs import honest_runs, measure_profile  # noqa: E402
 from maxwell_poi.observer.telemetry import Measurement, save_trace  # noqa: E402
 from maxwell_poi.protocol.lease import Lease  # noqa: E402
 from maxwell_poi.protocol.receipt import open_receipt  # noqa: E402
+from maxwell_poi.protocol.result import LayerName  # noqa: E402
 from maxwell_poi.registry.models import Registry  # noqa: E402
-from maxwell_poi.registry.profiles import ProfileStore, honest_runs, measure_profile  # noqa: E402
+from maxwell_poi.registry.profiles import ProfileStore  # noqa: E402
+from maxwell_poi.verifier.appraisal import Appraisal  # noqa: E402
+from maxwell_poi.verifier.boundary import BoundaryLayer  # noqa: E402
 from maxwell_poi.verifier.classify import FEATURES, trace_features  # noqa: E402
-from maxwell_poi.verifier.layers import Appraisal  # noqa: E402
-from maxwell_poi.verifier.physics import BoundaryLayer, ThermodynamicLayer  # noqa: E402
+from maxwell_poi.verifier.thermodynamic import ThermodynamicLayer  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 WORKLOAD = {  # attack class -> what its trace is (classifier label)
@@ -55,19 +59,11 @@ WORKLOAD = {  # attack class -> what its trace is (classifier label)
     "power-burner": "burner",
     "fast-fabricator": "fabricator",
 }
-L1, L2, L4 = "L1-thermodynamic", "L2-boundary", "L4-audit"
+L1, L2, L4 = LayerName.THERMODYNAMIC, LayerName.BOUNDARY, LayerName.AUDIT
 
 
 def log(msg: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
-
-
-def evidence_from(d: dict) -> ChannelEvidence:
-    d = dict(d)
-    d["telemetry"] = {k: Measurement.from_dict(v) for k, v in d.get("telemetry", {}).items()}
-    for k in ("stream_tokens", "stream_t", "stream_cpu_s"):
-        d[k] = tuple(d.get(k, ()))
-    return ChannelEvidence(**d)
 
 
 def load_runs(dirs: list[Path]) -> list[dict]:
@@ -231,7 +227,7 @@ def main() -> None:
     registry = Registry()
     store = ProfileStore()
     for model in {args.model, *args.id_models}:
-        if store.get(model) is None:
+        if store.get(model, this_device()) is None:
             log(f"profiling {model}")
             store.put(measure_profile(model, registry=registry, tokens=args.tokens))
 
@@ -260,7 +256,7 @@ def main() -> None:
         c["l1_or_l2"] += l1 == "fail" or l2 == "fail"
         c["l4"] += l4 == "fail"
         c["any"] += run["result"]["verdict"] != "affirming"
-        ev = evidence_from(run["evidence"])
+        ev = ChannelEvidence.from_dict(run["evidence"])
         profile = store.get(args.model, ev.device_class)
         ref = registry.reference(args.model)
         f = trace_features(ev, profile, ref, run["lease"].precision) if profile else None
@@ -310,7 +306,7 @@ def main() -> None:
 
     # L1 + L2 appraisal time on one recorded honest run
     honest_run = next(r for r in runs if attack_of(r) is None)
-    ev = evidence_from(honest_run["evidence"])
+    ev = ChannelEvidence.from_dict(honest_run["evidence"])
     raw = (honest_run["dir"] / "receipt.json").read_bytes()
     ctx = Appraisal(lease=honest_run["lease"], raw=raw, evidence=ev, receipt=open_receipt(raw, 1 << 24))
     boundary = BoundaryLayer(store)

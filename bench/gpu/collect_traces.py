@@ -7,22 +7,30 @@ writes them as maxwell-poi-trace/v1 files (`.json.gz`) with an `index.json`:
   cache, greedy, 128 new tokens per call, looped until the window is used, at batch 1 and batch 8:
   GPT-2 124M (GPT2Config defaults, vocab 30,522), a ~1B Llama shape (2048 x 16, 32 heads, SwiGLU
   5632), Llama-2-7B shape (4096 x 32, 32 heads, 11008) and Mistral-7B shape (4096 x 32, GQA 32/8,
-  14336); the Llama/Mistral shapes keep their real 32,000-token vocabulary;
-- non-inference: an integer-hash miner (splitmix64-style multiply-xor-shift on int64 CUDA tensors,
-  no tensor cores), a bf16 matmul power burner (8192^3 matmuls back to back), and idle (sleep with
-  the CUDA context held).
+  14336); the Llama/Mistral shapes keep their real 32,000-token vocabulary. FLOPs per window count
+  every call's prefill as well as its decode steps (`generation_flops`);
+- non-inference: an integer-hash miner (the Triton kernel of maxwell_poi/adversaries/gpu_hash.py:
+  256 rounds of real uint64 splitmix64 per element in registers, no tensor cores, little DRAM
+  traffic), a bf16 matmul power burner (8192^3 matmuls back to back), and idle (sleep with the
+  CUDA context held).
+
+NVML on the lent machine is the guest VM's driver, so its traces are labelled
+`TrustLevel.GUEST` (`--nvml-trust`, default guest-driver); index.json records the kernel, the
+virtualisation hints, the CUDA runtime and driver versions, the precision switches and the commit.
 
 Repetitions are interleaved in rounds (every label once, then again), so when the global deadline
 (--budget-s) comes the missing ones are the last round's, never a whole label; everything skipped is
-listed in index.json with the reason. index.json is rewritten after every recording, and with
---pack the folder is re-packed into one .tar.gz after every recording, so a kill leaves a usable
-result. Total size is capped (--max-mb).
+listed in index.json with the reason. index.json is rewritten (atomically) after every recording,
+and with --pack the folder is re-packed into one .tar.gz after every recording, so a kill leaves a
+usable result. The total size is capped (--max-mb, 15 MiB: one file that comes back from the lent
+machine may be 16 MiB).
 
-    python bench/gpu/collect_traces.py                          # GPU, ~5.5 min on one H100
-    python bench/gpu/collect_traces.py --out /tmp/t --pack $OUT/traces.tar.gz
-    python bench/gpu/collect_traces.py --device cpu --quick     # CPU smoke run, < 2 min
+    python bench/gpu/collect_traces.py                          # GPU, ~6.5 min on one H100 (budget 520 s)
+    python bench/gpu/collect_traces.py --out /tmp/t --pack $OUT/traces.tar.gz --budget-s 520
+    python bench/gpu/collect_traces.py --device cpu --quick     # CPU smoke run, < 1 min
 
-`--device cpu` records ProcessSource traces of tiny models: smoke traces, NOT GPU telemetry.
+`--device cpu` records ProcessSource traces of tiny models (and the numpy reference of the miner
+kernel): smoke traces, NOT GPU telemetry.
 """
 
 from __future__ import annotations
@@ -42,17 +50,20 @@ import shutil
 import sys
 import tarfile
 import time
+import traceback
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 T0 = time.monotonic()  # the global deadline counts from here (before torch is imported)
 INDEX_FORMAT = "maxwell-poi-trace-index/v1"
+# The lent machine is a Firecracker VM: its NVML is the guest's driver, which the agent controls
+NVML_TRUST_DEFAULT = "guest-driver"  # TrustLevel.GUEST
+HERE = Path(__file__).resolve().parent
+GPU_HASH_PY = HERE.parents[1] / "src/maxwell_poi/adversaries/gpu_hash.py"
 
-# splitmix64 constants as signed int64 (torch has no uint64 arithmetic on CUDA)
-GOLDEN = 0x9E3779B97F4A7C15 - (1 << 64)
-MIX1 = 0xBF58476D1CE4E5B9 - (1 << 64)
-MIX2 = 0x94D049BB133111EB - (1 << 64)
+sys.path.insert(0, str(HERE))
+import gpu_env  # bench/gpu/gpu_env.py: environment block, atomic JSON write (stdlib only)
 
 
 def log(msg: str) -> None:
@@ -87,6 +98,31 @@ def load_telemetry_standalone(name: str = "poi_telemetry") -> Any:
         sys.modules.pop(name, None)
         raise
     return mod
+
+
+def load_gpu_hash() -> Any:
+    """maxwell_poi.adversaries.gpu_hash (the miner kernel, one copy shared with the gpu_miner
+    adversary); if `import maxwell_poi` fails here, the same file loaded by path (it imports
+    nothing of the package)."""
+    try:
+        from maxwell_poi.adversaries import gpu_hash
+
+        return gpu_hash
+    except ImportError as e:
+        log(f"import maxwell_poi failed ({e}); loading {GPU_HASH_PY} directly")
+        name = "poi_gpu_hash"
+        if name in sys.modules:
+            return sys.modules[name]
+        spec = importlib.util.spec_from_file_location(name, GPU_HASH_PY)
+        assert spec and spec.loader
+        mod = importlib.util.module_from_spec(spec)
+        sys.modules[name] = mod
+        try:
+            spec.loader.exec_module(mod)
+        except BaseException:
+            sys.modules.pop(name, None)
+            raise
+        return mod
 
 
 # ---------------------------------------------------------------------------------------------
@@ -188,19 +224,65 @@ def build_model(shape: ModelShape, device: str, quick: bool) -> Any:
 
 
 def model_facts(model: Any) -> dict[str, Any]:
-    """Parameter count and FLOPs/token estimate (2 x weights touched; embedding look-ups excluded)."""
+    """Parameter count and FLOPs per token position (2 x weights touched; embedding look-ups
+    excluded). The LM head is counted once, tied (GPT-2: the token embedding) or not (Llama,
+    Mistral: its own Linear), and kept apart: generate() computes its logits only at the last
+    prompt position (see generation_flops). Attention-score FLOPs (4 x layers x hidden x context
+    per position) are left out: under 5% at these shapes' 64 + 128 positions."""
     from torch import nn
 
     cfg = model.config
     embed = {id(p) for m in model.modules() if isinstance(m, nn.Embedding) for p in m.parameters()}
+    head = model.get_output_embeddings()
+    head_ids = {id(p) for p in head.parameters()} if head is not None else set()
     params = list({id(p): p for p in model.parameters()}.values())
-    touched = sum(p.numel() for p in params if id(p) not in embed) + cfg.hidden_size * cfg.vocab_size
+    body = sum(p.numel() for p in params if id(p) not in embed and id(p) not in head_ids)
+    head_params = sum(p.numel() for p in params if id(p) in head_ids) if head_ids else 0
+    if not head_params:  # no separate head module found: a hidden x vocab projection
+        head_params = cfg.hidden_size * cfg.vocab_size
     return {
         "params": sum(p.numel() for p in params),
-        "flops_per_token_est": 2 * touched,
+        "flops_per_token_est": 2 * (body + head_params),
+        "body_flops_per_token_est": 2 * body,
+        "head_flops_per_token_est": 2 * head_params,
         "layers": cfg.num_hidden_layers,
         "hidden": cfg.hidden_size,
         "vocab": cfg.vocab_size,
+    }
+
+
+def generation_flops(
+    body_flops_per_token: float,
+    head_flops_per_token: float,
+    *,
+    batch: int,
+    prompt_len: int,
+    calls: int,
+    new_tokens_per_row: int,
+) -> dict[str, float]:
+    """Estimated FLOPs of `calls` generate() calls of `batch` rows each, `new_tokens_per_row`
+    tokens generated per row over all calls together. Each call first runs the whole prompt
+    through the model (prefill: `prompt_len` positions, which yields the first new token), then
+    one position per further new token; the last new token is never fed back. The LM head runs
+    once per new token (prefill keeps only the last position's logits, `logits_to_keep=1`). Per
+    row, so times `batch`:
+
+        body x (calls x prompt_len + new_tokens_per_row - calls)  +  head x new_tokens_per_row
+
+    (Counting decode tokens alone, as before, left out every prefill: a third of the positions at
+    64 prompt + 128 new tokens.)"""
+    calls = max(0, int(calls))
+    new = max(0, int(new_tokens_per_row))
+    fed_back = max(0, new - calls)  # new tokens that went through the body as inputs
+    prefill_positions = calls * prompt_len
+    body = body_flops_per_token * batch * (prefill_positions + fed_back)
+    head = head_flops_per_token * batch * new
+    return {
+        "prompt_tokens": batch * prefill_positions,
+        "new_tokens": batch * new,
+        "positions_through_body": batch * (prefill_positions + fed_back),
+        "prefill_flops_est": body_flops_per_token * batch * prefill_positions,
+        "flops_est": body + head,
     }
 
 
@@ -263,41 +345,60 @@ class Inference:
 
 
 class Miner:
-    """Integer hashing like a GPU miner's inner loop: splitmix64 rounds over int64 tensors."""
+    """A GPU miner's inner loop: gpu_hash.py's Triton kernel, 256 rounds of uint64 splitmix64 per
+    element in registers, launched back to back (integer pipes busy; no tensor cores, little DRAM).
+    On a CPU (smoke runs) the numpy reference of the same computation stands in."""
 
     def __init__(self, n: int, device: str) -> None:
-        import torch
-
         self.device = device
-        self.x = torch.arange(n, dtype=torch.int64, device=device)
-        self.hits = torch.zeros((), dtype=torch.int64, device=device)
+        self.gpu_hash = load_gpu_hash()
+        if device.startswith("cuda"):
+            why = self.gpu_hash.unavailable_reason()
+            if why:
+                raise RuntimeError(f"the miner kernel cannot run: {why}")
+            self.hasher = self.gpu_hash.GpuHasher(n, device)
+        else:
+            import numpy as np
 
-    def round(self) -> None:
-        x = self.x
-        x.add_(GOLDEN)
-        z = x ^ (x >> 30)
-        z.mul_(MIX1)
-        z.bitwise_xor_(z >> 27)
-        z.mul_(MIX2)
-        z.bitwise_xor_(z >> 31)
-        self.hits += ((z & 0xFFFFF) == 0).sum()  # "difficulty" check: 20 low bits zero
+            self.states = np.arange(n, dtype=np.uint64)
+            self.cpu_rounds, self.cpu_launches, self.cpu_hits = 8, 0, 0
+        self.n = n
+
+    def step(self) -> None:
+        if self.device.startswith("cuda"):
+            self.hasher.step()
+        else:
+            self.states, _, hits = self.gpu_hash.reference_rounds(self.states, self.cpu_rounds)
+            self.cpu_launches += 1
+            self.cpu_hits += int(hits.sum())
 
     def warmup(self) -> None:
-        self.round()
+        self.step()  # compiles the kernel on first use
         sync(self.device)
 
     def __call__(self, until: float) -> dict[str, Any]:
-        rounds = 0
-        while time.monotonic() < until:
-            for _ in range(8):
-                self.round()
-            rounds += 8
-            sync(self.device)  # keep the queue short so the work ends with the window
+        if self.device.startswith("cuda"):
+            start = self.hasher.launches
+            while time.monotonic() < until:
+                for _ in range(4):
+                    self.hasher.step()
+                sync(self.device)  # keep the queue short so the work ends with the window
+            launches, rounds = self.hasher.launches - start, self.hasher.rounds
+            hits = int(self.hasher.hits.item())
+            impl = "triton splitmix64 kernel (uint64, in registers)"
+        else:
+            start = self.cpu_launches
+            while time.monotonic() < until:
+                self.step()
+            launches, rounds, hits = self.cpu_launches - start, self.cpu_rounds, self.cpu_hits
+            impl = "numpy reference of the kernel (CPU smoke)"
         return {
-            "hashes": rounds * self.x.numel(),
-            "rounds": rounds,
-            "tensor_elems": self.x.numel(),
-            "hits": int(self.hits.item()),
+            "impl": impl,
+            "hashes": launches * rounds * self.n,
+            "launches": launches,
+            "rounds_per_launch": rounds,
+            "elements": self.n,
+            "hits_total": hits,
         }
 
 
@@ -384,9 +485,7 @@ class Models:
             return
         import torch
 
-        c = shape.config
-        h, n_layers, inter = c["hidden_size"], c["num_hidden_layers"], c["intermediate_size"]
-        need = 2 * (n_layers * (4 * h * h + 3 * h * inter) + 2 * h * c["vocab_size"]) * 1.3 + 4e9
+        need = approx_bytes(shape) * 1.3 + 4e9  # weights, plus KV cache, activations, allocator slack
         free, _ = torch.cuda.mem_get_info()
         if free < need:
             log(f"{free / 1e9:.1f} GB free, {shape.key} needs ~{need / 1e9:.1f} GB: evicting built models")
@@ -396,6 +495,31 @@ class Models:
                     job.workload = None
             gc.collect()
             torch.cuda.empty_cache()
+
+
+def approx_params(shape: ModelShape) -> int:
+    """Parameters of the full-size shape, from its config (GPT-2 names its sizes n_embd, n_layer,
+    n_inner; Llama and Mistral hidden_size, num_hidden_layers, intermediate_size)."""
+    import transformers as tf
+
+    config_cls = {"gpt2": tf.GPT2Config, "llama": tf.LlamaConfig, "mistral": tf.MistralConfig}[shape.family]
+    cfg = config_cls(**shape.config)
+    h, layers, vocab = cfg.hidden_size, cfg.num_hidden_layers, cfg.vocab_size
+    if shape.family == "gpt2":
+        inter = getattr(cfg, "n_inner", None) or 4 * h
+        per_layer = 4 * h * h + 2 * h * inter
+        embeddings = vocab * h + cfg.n_positions * h  # the head is tied to the token embedding
+    else:
+        inter = cfg.intermediate_size
+        heads, kv = cfg.num_attention_heads, cfg.num_key_value_heads or cfg.num_attention_heads
+        per_layer = 2 * h * h + 2 * h * (h * kv // heads) + 3 * h * inter
+        embeddings = 2 * vocab * h  # token embedding and an untied head
+    return int(layers * per_layer + embeddings)
+
+
+def approx_bytes(shape: ModelShape) -> int:
+    """bf16 weights of the full-size shape."""
+    return 2 * approx_params(shape)
 
 
 def plan(args: argparse.Namespace, models: Models) -> list[Job]:
@@ -411,11 +535,12 @@ def plan(args: argparse.Namespace, models: Models) -> list[Job]:
             Idle,
         ),
         Job(
-            "miner-int64",
-            f"miner: splitmix64 int64 multiply-xor-shift hashing, no tensor cores ({where})",
+            "miner-splitmix64",
+            "miner: 256 rounds of uint64 splitmix64 per element in registers, no tensor cores "
+            + ("(GPU, Triton kernel)" if gpu else "(CPU, numpy reference of the kernel)"),
             "miner",
-            2.0,
-            lambda: Miner(1 << (18 if quick else 24), dev),
+            6.0 if gpu else 1.0,  # the first launch compiles the kernel
+            lambda: Miner(1 << (16 if quick or not gpu else 24), dev),
         ),
         Job(
             "burner-bf16-mm",
@@ -458,18 +583,22 @@ def slug(s: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "-", s).strip("-")
 
 
-def env_info(device: str) -> dict[str, Any]:
+def env_info(device: str, commit: str) -> dict[str, Any]:
+    """Card, driver, versions; the kernel, virtualisation hints, CUDA runtime and driver versions
+    and the precision switches (gpu_env.environment, under "platform"); the commit."""
     import numpy
     import torch
     import transformers
 
     info: dict[str, Any] = {
+        "commit": commit,
         "host": platform.node(),
         "python": platform.python_version(),
         "torch": torch.__version__,
         "cuda": torch.version.cuda,
         "transformers": transformers.__version__,
         "numpy": numpy.__version__,
+        "platform": gpu_env.environment(commit),
     }
     if device.startswith("cuda"):
         info["card"] = torch.cuda.get_device_name(device)
@@ -536,7 +665,7 @@ def pack(folder: Path, target: Path) -> None:
 # ---------------------------------------------------------------------------------------------
 
 
-def main() -> int:
+def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     out_default = Path(os.environ["OUT"]) / "traces" if os.environ.get("OUT") else Path("data/traces/gpu")
     ap.add_argument("--device", default="cuda", help="cuda (NVML traces) or cpu (ProcessSource smoke)")
@@ -545,22 +674,40 @@ def main() -> int:
     ap.add_argument("--pack", type=Path, help="also pack the folder into this .tar.gz after every window")
     ap.add_argument("--reps", type=int, help="repetitions per label (default 3; 1 with --quick)")
     ap.add_argument("--seconds", type=float, help="window length (default 8; 2 with --quick)")
-    ap.add_argument("--budget-s", type=float, help="global deadline from start (default 330; 100 --quick)")
+    ap.add_argument("--budget-s", type=float, help="global deadline from start (default 520; 100 --quick)")
     ap.add_argument("--hz", type=float, default=20.0)
     ap.add_argument("--new-tokens", type=int, default=128)
     ap.add_argument("--prompt-len", type=int, default=64)
-    ap.add_argument("--max-mb", type=float, default=20.0, help="cap on the folder's total size")
+    ap.add_argument(
+        "--max-mb",
+        type=float,
+        default=15.0,
+        help="cap (MiB) on the folder and on the packed .tar.gz (default 15: a file that comes back "
+        "from the lent machine may be 16 MiB)",
+    )
     ap.add_argument("--only", help="regex: record only labels whose key matches")
-    args = ap.parse_args()
+    ap.add_argument(
+        "--nvml-trust",
+        default=NVML_TRUST_DEFAULT,
+        help="TrustLevel of the NVML traces (default guest-driver: on the lent machine, a Firecracker "
+        "VM, NVML is the guest's driver, not Maxwell's host; 'host' only where it really is)",
+    )
+    ap.add_argument("--commit", help="the project commit (default $POI_COMMIT, else git rev-parse HEAD)")
+    args = ap.parse_args(argv)
     reps = args.reps or (1 if args.quick else 3)
     seconds = args.seconds or (2.0 if args.quick else 8.0)
-    budget = args.budget_s or (100.0 if args.quick else 330.0)
+    budget = args.budget_s or (100.0 if args.quick else 520.0)
+    commit = gpu_env.commit_of(args.commit)
     deadline = T0 + budget
     gpu = args.device.startswith("cuda")
     if args.pack and not args.pack.name.endswith(".tar.gz"):
         ap.error(f"--pack: expected a .tar.gz path, got {args.pack}")
 
     telemetry = load_telemetry()
+    try:
+        nvml_trust = telemetry.TrustLevel(args.nvml_trust)
+    except ValueError:
+        ap.error(f"--nvml-trust: one of {', '.join(t.value for t in telemetry.TrustLevel)}")
     import torch
 
     args.out.mkdir(parents=True, exist_ok=True)
@@ -572,6 +719,7 @@ def main() -> int:
         index = {
             "format": INDEX_FORMAT,
             "kind": "failed",
+            "commit": commit,
             "errors": [why],
             "recordings": [],
             "complete": False,
@@ -584,7 +732,7 @@ def main() -> int:
     if gpu and not torch.cuda.is_available():
         return give_up("no CUDA device visible to torch: nothing recorded (--device cpu for a smoke run)", 2)
     if gpu:
-        nvml = telemetry.NvmlSource(index=torch.cuda.current_device(), hz=args.hz)
+        nvml = telemetry.NvmlSource(index=torch.cuda.current_device(), hz=args.hz, trust=nvml_trust)
         if not nvml.available:
             reasons = "; ".join(sorted({c.reason for c in nvml.capabilities()}))
             return give_up(f"NVML unavailable, nothing recorded: {reasons}", 3)
@@ -594,7 +742,7 @@ def main() -> int:
     observer = telemetry.Observer(sources)
     primary = sources[0].name
 
-    info = env_info(args.device)
+    info = env_info(args.device, commit)
     log(f"device: {info.get('card')} driver {info.get('driver')}; torch {info['torch']}")
     models = Models(args.device, args.quick)
     jobs = plan(args, models)
@@ -611,7 +759,12 @@ def main() -> int:
             "they test the script, and must never be used as GPU results or for calibration."
         ),
         "trace_format": telemetry.TRACE_FORMAT,
+        "commit": commit,
         "env": info,
+        "precision": {
+            "note": "the models run in bf16; these switches decide fp32 matmuls and attention kernels",
+            "settings": gpu_env.precision_settings(),
+        },
         "config": {
             "device": args.device,
             "quick": args.quick,
@@ -622,6 +775,13 @@ def main() -> int:
             "new_tokens": args.new_tokens,
             "prompt_len": args.prompt_len,
             "sources": [s.name for s in sources],
+            "trust": {s.name: str(getattr(s, "trust", "?")) for s in sources},
+            "nvml_trust_why": "the lent machine is a VM (Firecracker): its NVML is the guest's driver"
+            if gpu and nvml_trust == telemetry.TrustLevel.GUEST
+            else None,
+            "max_mb": args.max_mb,
+            "flops": "generation_flops: every call's prefill (prompt positions) plus decode positions, "
+            "2 x weights per position; LM head once per new token",
             "capabilities": {s.name: [dataclasses.asdict(c) for c in s.capabilities()] for s in sources},
         },
         "workloads": {j.key: {"label": j.label, "kind": j.kind, "model": j.model} for j in jobs},
@@ -632,33 +792,46 @@ def main() -> int:
         "complete": False,
     }
 
+    max_bytes = args.max_mb * 2**20
+
     def save_index() -> None:
         index["wall_s"] = round(time.monotonic() - T0, 1)
         write_index(args.out, index)
         if args.pack:
             pack(args.out, args.pack)
+            index["packed_bytes"] = args.pack.stat().st_size
+            if index["packed_bytes"] > max_bytes:
+                log(f"!! {args.pack} is {index['packed_bytes'] / 2**20:.1f} MiB, over {args.max_mb:g} MiB")
+
+    def skip(job: Job, rep: int, why: str) -> None:
+        index["skipped"].append({"key": job.key, "rep": rep, "reason": why})
+        log(f"skip {job.key} rep {rep}: {why}")
+        save_index()
 
     save_index()
-    max_bytes = args.max_mb * 2**20
+    largest = 0  # bytes of the largest recording so far: the next one is assumed no larger
     for rep in range(reps):
         for job in jobs:
             if job.failed:
-                index["skipped"].append(
-                    {"key": job.key, "rep": rep, "reason": f"failed earlier: {job.failed}"}
-                )
+                skip(job, rep, f"failed earlier: {job.failed}")
                 continue
             left = deadline - time.monotonic()
             need = seconds + 3.0
             if job.workload is None:
                 need += job.setup_s + (job.build_s if job.model not in models.built else 0.0)
             if left < need:
-                why = f"deadline: {left:.0f} s left of the {budget:.0f} s budget, needs ~{need:.0f} s"
-                index["skipped"].append({"key": job.key, "rep": rep, "reason": why})
-                log(f"skip {job.key} rep {rep}: {why}")
+                skip(
+                    job, rep, f"deadline: {left:.0f} s left of the {budget:.0f} s budget, needs ~{need:.0f} s"
+                )
                 continue
-            if folder_bytes(args.out) > max_bytes:
-                why = f"size cap: folder over {args.max_mb:g} MB"
-                index["skipped"].append({"key": job.key, "rep": rep, "reason": why})
+            size = max(folder_bytes(args.out), index.get("packed_bytes", 0))
+            if size + largest > max_bytes:
+                skip(
+                    job,
+                    rep,
+                    f"size cap: {size / 2**20:.1f} MiB written, the next recording (~{largest / 2**20:.1f} "
+                    f"MiB) would pass {args.max_mb:g} MiB",
+                )
                 continue
             try:
                 if job.workload is None:
@@ -679,19 +852,27 @@ def main() -> int:
             except Exception as e:  # one workload failing must not cost the others
                 job.failed = f"{type(e).__name__}: {e}"[:500]
                 job.workload = None
-                index["errors"].append({"key": job.key, "rep": rep, "error": job.failed})
+                index["errors"].append(
+                    {
+                        "key": job.key,
+                        "rep": rep,
+                        "error": job.failed,
+                        "traceback": "".join(traceback.format_exception(e))[-6000:],
+                    }
+                )
                 log(f"FAILED {job.key} rep {rep}: {job.failed}")
                 if gpu:
                     gc.collect()
                     torch.cuda.empty_cache()
                 save_index()
                 continue
-            files, summaries = {}, {}
+            files, summaries, written = {}, {}, 0
             for name, m in ms.items():
                 m = dataclasses.replace(m, label=job.label)
                 fname = f"{job.key}__r{rep}.{slug(name.split(':')[0])}.json.gz"
                 telemetry.save_trace(m, args.out / fname)
                 files[name] = fname
+                written += (args.out / fname).stat().st_size
                 summaries[name] = clean(m.summary())
                 summaries[name]["achieved_hz"] = round((m.t.shape[0] - 1) / max(m.duration_s, 1e-9), 2)
             rec = {
@@ -705,13 +886,26 @@ def main() -> int:
                 "setup": job.facts,
                 "summary": summaries,
             }
+            largest = max(largest, written)
             p = summaries[primary]
             if job.kind == "inference" and work.get("new_tokens"):
                 dur = p["duration_s"] or seconds
                 rec["work"]["tokens_per_s"] = round(work["new_tokens"] / dur, 2)
-                fpt = job.facts.get("flops_per_token_est")
-                if fpt:
-                    rec["work"]["flops_est"] = fpt * work["new_tokens"]
+                body, head = (
+                    job.facts.get("body_flops_per_token_est"),
+                    job.facts.get("head_flops_per_token_est"),
+                )
+                if body:
+                    rec["work"].update(
+                        generation_flops(
+                            body,
+                            head or 0,
+                            batch=work["batch"],
+                            prompt_len=work["prompt_len"],
+                            calls=work["generate_calls"],
+                            new_tokens_per_row=work["decode_steps"],
+                        )
+                    )
             energy = p.get("energy_j")
             flops = rec["work"].get("flops_est") or rec["work"].get("flops")
             if energy and flops:

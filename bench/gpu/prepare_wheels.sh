@@ -9,15 +9,20 @@
 #   .whl/tokenizer/       the BERT WordPiece tokenizer of the MiniLM package ($POI_TOKENIZER)
 #
 # The maxwell-poi package itself is not a wheel: the working tree travels, PYTHONPATH=src.
-# Versions are those installed in .venv here (pydantic-core must match pydantic exactly).
+# Versions are pinned to those installed in .venv here (pydantic-core must match pydantic exactly);
+# when the pinned version has no cp312 manylinux wheel the script stops with an error (it does not
+# take another version: the GPU machine must run what was tested here).
 #
-#   bash bench/gpu/prepare_wheels.sh        # then: run ... carry=[".whl"] bash bench/gpu/run_all.sh
+#   bash bench/gpu/prepare_wheels.sh        # then: run ... carry=[".whl"] bash bench/gpu/run_all.sh core
+#
+# Environment: PY (the Python whose versions are pinned, default .venv/bin/python), DEST (default
+# .whl), MAX_MB (size limit, default 40).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 
 PY=${PY:-.venv/bin/python}
 PIP=("$PY" -m pip)
-DEST=.whl
+DEST=${DEST:-.whl}
 MAX_MB=${MAX_MB:-40}
 PLATFORM_ARGS=(--no-deps --only-binary=:all: --python-version 3.12 --implementation cp
   --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64)
@@ -29,7 +34,7 @@ FALLBACK=(protobuf)
 
 mkdir -p "$DEST" "$DEST/fallback" "$DEST/tokenizer"
 exclude=.git/info/exclude
-if [ -d .git ]; then
+if [ "$DEST" = .whl ] && [ -d .git ]; then
   mkdir -p .git/info
   grep -qxF '/.whl/' "$exclude" 2>/dev/null || echo '/.whl/' >>"$exclude"
 fi
@@ -38,11 +43,17 @@ version_of() { "$PY" -c "import importlib.metadata as m, sys; print(m.version(sy
 
 fetch() { # name dest
   local name=$1 dest=$2 v
-  v=$(version_of "$name") || { echo "!! $name is not installed in $PY" >&2; return 1; }
+  v=$(version_of "$name") || {
+    echo "!! $name is not installed in $PY: cannot pin its version" >&2
+    exit 1
+  }
   rm -f "$dest"/"${name//-/_}"-*.whl "$dest"/"${name}"-*.whl
   if ! "${PIP[@]}" download -q "${PLATFORM_ARGS[@]}" -d "$dest" "$name==$v"; then
-    echo "!! no cp312 manylinux wheel of $name==$v; taking the newest that has one (check it!)" >&2
-    "${PIP[@]}" download -q "${PLATFORM_ARGS[@]}" -d "$dest" "$name"
+    echo "!! no cp312 manylinux x86_64 wheel of the pinned $name==$v (the version in $PY)." >&2
+    echo "!! Not taking another version: the GPU machine must run what was tested here. Install a" >&2
+    echo "!! version of $name that has such a wheel into $PY, or add the platform tag it needs" >&2
+    echo "!! (e.g. --platform manylinux_2_34_x86_64) to PLATFORM_ARGS, then run this again." >&2
+    exit 1
   fi
   echo "   $name==$v"
 }

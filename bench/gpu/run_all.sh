@@ -1,39 +1,93 @@
 #!/usr/bin/env bash
-# The ONE command to run on the lent GPU machine (one H100/H200, no internet, no pip index), with
-# .whl/ carried from `bash bench/gpu/prepare_wheels.sh`:
+# The GPU session in two commands, each fitting one 10-minute device command (one H100/H200, no
+# internet, no pip index), with .whl/ carried from `bash bench/gpu/prepare_wheels.sh`:
 #
-#   bash bench/gpu/run_all.sh           # OUT=<folder that comes back>; ~8.5 min in all
+#   POI_COMMIT=<sha> bash bench/gpu/run_all.sh core     # ~4 min: wheels, environment, cross_hardware
+#   POI_COMMIT=<sha> bash bench/gpu/run_all.sh traces   # ~9.5 min: wheels, collect_traces (budget 520 s)
 #
-# 1. installs .whl/*.whl into /tmp/site (PYTHONPATH=/tmp/site:src; the tree itself is the package)
-# 2. $OUT/env.txt            nvidia-smi, driver, versions, what imports
-# 3. $OUT/gpu_core.json      bench/gpu/cross_hardware.py (log: $OUT/cross_hardware.log)
-# 4. $OUT/traces.tar.gz      bench/gpu/collect_traces.py, every trace + index.json in one file,
-#    $OUT/traces_index.json  and a copy of the index (log: $OUT/collect_traces.log)
-# 5. $OUT/run_all.log        this script's own log
+# (no argument means core; -h prints this). The device's copy of the tree has no .git: pass the
+# commit, POI_COMMIT=$(git rev-parse HEAD), in the command. Each part writes into $OUT as it goes,
+# flat, at most 5 files (only 8 come back, 16 MiB each):
 #
-# Seven files at most, flat, because only a few files come back from $OUT. Each step runs under
-# `timeout` and a failure does not stop the next. The trace collection gets whatever is left of the
-# whole budget (POI_GPU_BUDGET_S, default 500 s) after the cross-hardware check (XH_TIMEOUT, 270 s),
-# and degrades by dropping the last repetitions, never whole workloads.
+#   core:    $OUT/env.txt          nvidia-smi, driver, kernel, versions, what imports
+#            $OUT/gpu_core.json    bench/gpu/cross_hardware.py: audit speed-up FIRST (the main GPU
+#                                  figure), then acceptance, then the cheats; rewritten atomically
+#                                  after every trial, so a timeout or a crash keeps what was measured
+#            $OUT/cross_hardware.log
+#            $OUT/run_all.log      this script's own log and the summary
+#   traces:  $OUT/env.txt
+#            $OUT/traces.tar.gz    bench/gpu/collect_traces.py: every trace + index.json (<= 15 MiB),
+#            $OUT/traces_index.json  re-packed after every window, and a copy of the index
+#            $OUT/collect_traces.log
+#            $OUT/run_all.log
 #
-# Rehearsal without a GPU (uses the current environment, no install, CPU smoke runs):
-#   POI_SMOKE=1 PYTHON=.venv/bin/python OUT=/tmp/run_all_smoke bash bench/gpu/run_all.sh
+# Budgets (seconds from the start of this script; the device kills a command at 600): install and
+# environment ~30; core: cross_hardware under `timeout` of min(XH_TIMEOUT=480, what is left - 45),
+# no trial started in its last 40; traces: collect_traces --budget-s min(POI_TRACES_BUDGET_S=520,
+# what is left - 45), killed 20 s after. collect_traces degrades by dropping the last round's
+# repetitions, never whole workloads; cross_hardware by skipping its last trials (listed).
+#
+# Rehearsal without a GPU (the current environment, no install, CPU smoke runs):
+#   POI_SMOKE=1 PYTHON=.venv/bin/python OUT=/tmp/run_all_smoke bash bench/gpu/run_all.sh core
+#   POI_SMOKE=1 PYTHON=.venv/bin/python OUT=/tmp/run_all_smoke bash bench/gpu/run_all.sh traces
 set -uo pipefail
-cd "$(dirname "$0")/../.."
 
+usage() {
+  cat <<'EOF'
+usage: [POI_COMMIT=<sha>] [OUT=<dir>] bash bench/gpu/run_all.sh [core|traces]
+
+  core    install .whl/, record the environment, run bench/gpu/cross_hardware.py
+          (audit speed-up first, then acceptance and cheats)       -> $OUT/gpu_core.json
+  traces  install .whl/, run bench/gpu/collect_traces.py with a time budget
+                                                                    -> $OUT/traces.tar.gz
+  (no argument: core). Each part fits one 10-minute device command.
+
+environment: POI_COMMIT (the project commit; the device copy has no .git), OUT (default ./gpu-out),
+  PYTHON (default python3), POI_SMOKE=1 (CPU smoke rehearsal, no install), XH_TIMEOUT (core, 480),
+  POI_TRACES_BUDGET_S (traces, 520), POI_CMD_LIMIT_S (the device's per-command limit, 600)
+EOF
+}
+
+if [ $# -gt 1 ]; then
+  echo "run_all.sh: one part at a time, got: $*" >&2
+  usage >&2
+  exit 2
+fi
+PART=${1:-core}
+case "$PART" in
+  core | traces) ;;
+  -h | --help | help)
+    usage
+    exit 0
+    ;;
+  *)
+    echo "run_all.sh: unknown part '$PART'" >&2
+    usage >&2
+    exit 2
+    ;;
+esac
+
+cd "$(dirname "$0")/../.." || exit 2
 START=$(date +%s)
-BUDGET=${POI_GPU_BUDGET_S:-500}
-XH_TIMEOUT=${XH_TIMEOUT:-270}
+LIMIT=${POI_CMD_LIMIT_S:-600}
+XH_TIMEOUT=${XH_TIMEOUT:-480}
+TRACES_BUDGET=${POI_TRACES_BUDGET_S:-520}
 OUT=${OUT:-$PWD/gpu-out}
 PY=${PYTHON:-python3}
 SITE=/tmp/site
+COMMIT=${POI_COMMIT:-$(git rev-parse HEAD 2>/dev/null || echo "unknown (no POI_COMMIT given, no .git)")}
 SMOKE=()
 [ -n "${POI_SMOKE:-}" ] && SMOKE=(--device cpu --quick)
 mkdir -p "$OUT"
 : >"$OUT/run_all.log"
 
 elapsed() { echo $(($(date +%s) - START)); }
+left() { echo $((LIMIT - $(elapsed))); }
 log() { echo "[$(date +%H:%M:%S) +$(elapsed)s] $*" | tee -a "$OUT/run_all.log" >&2; }
+min() { echo $(($1 < $2 ? $1 : $2)); }
+
+log "run_all.sh $PART; commit $COMMIT"
+case "$COMMIT" in unknown*) log "!! no commit recorded: pass POI_COMMIT=\$(git rev-parse HEAD) in the command" ;; esac
 
 # ---- 1. wheels ------------------------------------------------------------------------------
 rm -rf "$SITE"
@@ -51,10 +105,12 @@ else
     "$SITE" .whl/*.whl
 fi
 export PYTHONPATH=$SITE:$PWD/src${PYTHONPATH:+:$PYTHONPATH}
-export POI_TOKENIZER=$PWD/.whl/tokenizer HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 PYTHONUNBUFFERED=1
-export POI_HOME=/tmp/poi-home TOKENIZERS_PARALLELISM=false
+[ -d .whl/tokenizer ] && export POI_TOKENIZER=$PWD/.whl/tokenizer
+export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
+export POI_HOME=${POI_HOME:-/tmp/poi-home} POI_COMMIT=$COMMIT
 
-if ! "$PY" -c "from in_toto_attestation.v1.statement import Statement" 2>>"$OUT/run_all.log"; then
+if [ -z "${POI_SMOKE:-}" ] &&
+  ! "$PY" -c "from in_toto_attestation.v1.statement import Statement" 2>>"$OUT/run_all.log"; then
   log "the machine's protobuf cannot load the in-toto statement: using .whl/fallback (protobuf)"
   "$PY" -c "import sys, zipfile; [zipfile.ZipFile(w).extractall(sys.argv[1]) for w in sys.argv[2:]]" \
     /tmp/site-fallback .whl/fallback/*.whl
@@ -63,22 +119,27 @@ fi
 if "$PY" -c "import maxwell_poi" 2>>"$OUT/run_all.log"; then
   log "import maxwell_poi: ok"
 else
-  log "!! import maxwell_poi FAILED (see above); collect_traces still runs on the telemetry module alone"
+  log "!! import maxwell_poi FAILED (see above); collect_traces still runs on the telemetry package alone"
 fi
 
 # ---- 2. environment -------------------------------------------------------------------------
 {
-  echo "# run_all.sh environment, $(date -u +%Y-%m-%dT%H:%M:%SZ), host $(hostname)"
-  echo "## git: $(git rev-parse HEAD 2>/dev/null || echo 'no .git in this copy')"
+  echo "# run_all.sh $PART environment, $(date -u +%Y-%m-%dT%H:%M:%SZ), host $(hostname)"
+  echo "## commit: $COMMIT"
+  echo "## kernel: $(uname -r) ($(uname -v))"
+  echo "## virtualisation: $(systemd-detect-virt 2>/dev/null || echo 'systemd-detect-virt: n/a')" \
+    "dmi: $(cat /sys/class/dmi/id/product_name 2>/dev/null || echo n/a)"
   echo "## nvidia-smi"
-  nvidia-smi 2>&1
-  echo "## nvidia-smi -q -d POWER,CLOCK,PERFORMANCE"
-  timeout 20 nvidia-smi -q -d POWER,CLOCK,PERFORMANCE 2>&1 | head -120
+  timeout 20 nvidia-smi 2>&1
+  if [ "$PART" = core ]; then
+    echo "## nvidia-smi -q -d POWER,CLOCK,PERFORMANCE"
+    timeout 20 nvidia-smi -q -d POWER,CLOCK,PERFORMANCE 2>&1 | head -120
+  fi
   echo "## python"
-  "$PY" - <<'EOF' 2>&1
+  timeout 60 "$PY" - <<'EOF' 2>&1
 import importlib, platform
-print("python", platform.python_version(), platform.machine())
-for name in ["torch", "transformers", "numpy", "pynvml", "psutil", "google.protobuf", "pydantic",
+print("python", platform.python_version(), platform.machine(), "kernel", platform.release())
+for name in ["torch", "triton", "transformers", "numpy", "pynvml", "psutil", "google.protobuf", "pydantic",
              "pydantic_core", "cryptography", "securesystemslib", "blake3", "pymerkle", "typing_extensions"]:
     try:
         m = importlib.import_module(name)
@@ -86,12 +147,17 @@ for name in ["torch", "transformers", "numpy", "pynvml", "psutil", "google.proto
     except Exception as e:
         print(f"{name:18} NOT IMPORTABLE: {type(e).__name__}: {e}")
 import torch
-print("cuda", torch.version.cuda, "available", torch.cuda.is_available(),
+print("cuda runtime", torch.version.cuda, "available", torch.cuda.is_available(),
       torch.cuda.get_device_name(0) if torch.cuda.is_available() else "")
+print("tf32 matmul", torch.backends.cuda.matmul.allow_tf32, "cudnn", torch.backends.cudnn.allow_tf32,
+      "fp32 matmul precision", torch.get_float32_matmul_precision(),
+      "sdpa flash/mem-eff/math", torch.backends.cuda.flash_sdp_enabled(),
+      torch.backends.cuda.mem_efficient_sdp_enabled(), torch.backends.cuda.math_sdp_enabled())
 try:
     import pynvml
     pynvml.nvmlInit()
-    print("driver", pynvml.nvmlSystemGetDriverVersion())
+    cv = pynvml.nvmlSystemGetCudaDriverVersion()
+    print("driver", pynvml.nvmlSystemGetDriverVersion(), "driver CUDA", f"{cv // 1000}.{cv % 1000 // 10}")
 except Exception as e:
     print("nvml:", type(e).__name__, e)
 EOF
@@ -101,51 +167,66 @@ EOF
 } >"$OUT/env.txt" 2>&1
 log "wrote $OUT/env.txt"
 
-# ---- 3. cross-hardware acceptance and GPU audit speed ----------------------------------------
-log "cross_hardware.py (timeout ${XH_TIMEOUT}s)"
-timeout -k 10 "$XH_TIMEOUT" "$PY" bench/gpu/cross_hardware.py "${SMOKE[@]}" --out "$OUT/gpu_core.json" 2>&1 |
-  tee "$OUT/cross_hardware.log"
-rc=${PIPESTATUS[0]}
-log "cross_hardware.py exit $rc$([ "$rc" = 124 ] && echo ' (TIMED OUT: it writes only at the end)')"
-
-# ---- 4. telemetry traces ----------------------------------------------------------------------
-left=$((BUDGET - $(elapsed) - 20))
-tb=$((left < 330 ? left : 330))
-if [ "$tb" -ge 60 ]; then
-  log "collect_traces.py (budget ${tb}s)"
-  timeout -k 10 $((tb + 40)) "$PY" bench/gpu/collect_traces.py --out /tmp/poi-traces \
-    --pack "$OUT/traces.tar.gz" --budget-s "$tb" "${SMOKE[@]}" 2>&1 | tee "$OUT/collect_traces.log"
-  rc=${PIPESTATUS[0]}
-  log "collect_traces.py exit $rc"
+# ---- 3. the part ----------------------------------------------------------------------------
+if [ "$PART" = core ]; then
+  t=$(min "$XH_TIMEOUT" $(($(left) - 45)))
+  if [ "$t" -lt 60 ]; then
+    log "!! only $(left)s left: cross_hardware.py not started"
+  else
+    log "cross_hardware.py (timeout ${t}s, no trial started after $((t - 40))s)"
+    timeout -k 10 "$t" "$PY" bench/gpu/cross_hardware.py "${SMOKE[@]}" --commit "$COMMIT" \
+      --budget-s $((t - 40)) --out "$OUT/gpu_core.json" 2>&1 | tee "$OUT/cross_hardware.log"
+    rc=${PIPESTATUS[0]}
+    log "cross_hardware.py exit $rc$([ "$rc" = 124 ] && echo ' (TIMED OUT: gpu_core.json holds every trial finished before)')"
+  fi
 else
-  log "!! only ${left}s left of ${BUDGET}s: collect_traces.py skipped"
+  tb=$(min "$TRACES_BUDGET" $(($(left) - 45)))
+  if [ "$tb" -lt 60 ]; then
+    log "!! only $(left)s left: collect_traces.py not started"
+  else
+    log "collect_traces.py (budget ${tb}s)"
+    timeout -k 10 $((tb + 20)) "$PY" bench/gpu/collect_traces.py "${SMOKE[@]}" --commit "$COMMIT" \
+      --out /tmp/poi-traces --pack "$OUT/traces.tar.gz" --budget-s "$tb" 2>&1 | tee "$OUT/collect_traces.log"
+    rc=${PIPESTATUS[0]}
+    log "collect_traces.py exit $rc"
+  fi
 fi
 
-# ---- 5. what comes back -------------------------------------------------------------------------
+# ---- 4. what comes back -------------------------------------------------------------------------
 log "done in $(elapsed)s; results:"
 ls -l "$OUT" | tee -a "$OUT/run_all.log"
-"$PY" - "$OUT" <<'EOF' 2>&1 | tee -a "$OUT/run_all.log"
+timeout 30 "$PY" - "$OUT" "$PART" <<'EOF' 2>&1 | tee -a "$OUT/run_all.log"
 import json, sys
 from pathlib import Path
-out = Path(sys.argv[1])
-try:
-    d = json.loads((out / "gpu_core.json").read_text())
-    print("card:", d.get("card"))
-    print("acceptance:", {k: f"{v['affirmed']}/{v['trials']}" for k, v in d["acceptance"].items()})
-    print("cheats caught:", {k: f"{v['caught']}/{v['trials']}" for k, v in d["cheats_on_gpu"].items()})
-    print("speedup:", {k: v.get("audit_speedup_256_gpu") for k, v in d["speedup"].items()})
-except Exception as e:
-    print("gpu_core.json:", type(e).__name__, e)
-try:
-    d = json.loads((out / "traces_index.json").read_text())
-    print(f"traces: {len(d['recordings'])} recordings, {len(d['skipped'])} skipped, "
-          f"{len(d['errors'])} errors, complete={d['complete']}, wall {d.get('wall_s')} s")
-    for r in d["recordings"]:
-        s = next(iter(r["summary"].values()))
-        print(f"  {r['key']:24} r{r['rep']} P={s.get('power_w_mean')} W E={s.get('energy_j')} J "
-              f"tensor={s.get('tensor_util_mean')} int={s.get('int_util_mean')} hz={s.get('achieved_hz')}")
-    for e in d["errors"]:
-        print("  ERROR", e)
-except Exception as e:
-    print("traces_index.json:", type(e).__name__, e)
+out, part = Path(sys.argv[1]), sys.argv[2]
+if part == "core":
+    try:
+        d = json.loads((out / "gpu_core.json").read_text())
+        print("card:", d.get("card"), "| commit:", d.get("commit"), "| complete:", d.get("complete"))
+        print("sections:", d.get("sections"))
+        print("speedup:", {k: v.get("audit_speedup") for k, v in d.get("speedup", {}).items()})
+        print("acceptance:", {k: f"{v['affirmed']}/{v['trials']}" for k, v in d.get("acceptance", {}).items()})
+        print("cheats caught:", {k: f"{v['caught']}/{v['trials']}" for k, v in d.get("cheats_on_gpu", {}).items()})
+        for e in d.get("errors", []):
+            print("  ERROR", e.get("section"), e.get("trial"), e.get("error"))
+        for s in d.get("skipped", []):
+            print("  SKIPPED", s)
+    except Exception as e:
+        print("gpu_core.json:", type(e).__name__, e)
+else:
+    try:
+        d = json.loads((out / "traces_index.json").read_text())
+        print(f"traces: {len(d['recordings'])} recordings, {len(d['skipped'])} skipped, "
+              f"{len(d['errors'])} errors, complete={d['complete']}, wall {d.get('wall_s')} s, "
+              f"packed {d.get('packed_bytes')} B, commit {d.get('commit')}")
+        for r in d["recordings"]:
+            s = next(iter(r["summary"].values()))
+            print(f"  {r['key']:24} r{r['rep']} P={s.get('power_w_mean')} W E={s.get('energy_j')} J "
+                  f"tensor={s.get('tensor_util_mean')} int={s.get('int_util_mean')} "
+                  f"dram={s.get('dram_bw_util_mean')} hz={s.get('achieved_hz')} "
+                  f"J/TFLOP={r['work'].get('j_per_tflop_est')}")
+        for e in d["errors"]:
+            print("  ERROR", e.get("key"), e.get("rep"), e.get("error"))
+    except Exception as e:
+        print("traces_index.json:", type(e).__name__, e)
 EOF

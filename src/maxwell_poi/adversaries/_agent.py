@@ -43,3 +43,8 @@ def run(args: argparse.Namespace, make_answer: Callable[[AgentKey], Callable[[Le
 
         torch.set_num_threads(args.threads)
     sys.exit(serve_one(make_answer(key)))
+
+
+def run_modified(args: argparse.Namespace, modify: Callable[[LoadedModel], LoadedModel]) -> None:
+    """Serve leases with the honest pipeline on `modify(leased model)`, claiming the original."""
+    run(args, lambda key: SwappedProver(key, lambda lease, reg: modify(reg.load(lease.model_id))).run)

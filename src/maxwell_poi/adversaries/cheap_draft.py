@@ -17,15 +17,23 @@ from ._agent import parser, run
 
 
 class DraftProver(Prover):
-    def __init__(self, key, draft_id: str) -> None:
-        super().__init__(key)
+    def __init__(self, key, draft_id: str, **kw) -> None:
+        super().__init__(key, **kw)
         self.draft_id = draft_id
+        self._draft: LoadedModel | None = None
+
+    def draft(self) -> LoadedModel:
+        """The draft model, on the same device as the leased model (`device=` of the Prover)."""
+        if self._draft is None:
+            draft = self.registry.load(self.draft_id)
+            self._draft = draft if self.device == "cpu" else draft.copied_to(self.device)
+        return self._draft
 
     def generate(self, lease: Lease, model: LoadedModel):
         job = lease.job
         assert isinstance(job, GenerateJob)
         prompt = model.encode_prompt(job.prompt)
-        draft = self.registry.load(self.draft_id)
+        draft = self.draft()
         tokens = generate(
             draft,
             prompt,

@@ -1,6 +1,9 @@
 """Cheat (GPU only): an integer-hash mining kernel keeps the GPU busy (integer pipes, no tensor
 cores) between invented tokens streamed at an honest pace. L1 on NVML telemetry sees integer
-utilisation without tensor-pipe activity and an energy profile unlike inference."""
+utilisation without tensor-pipe activity and an energy profile unlike inference.
+
+The kernel is gpu_hash.py's Triton kernel: hundreds of rounds of real splitmix64 (uint64) per
+element in registers, each element read and written once, as a miner's inner loop is."""
 
 from __future__ import annotations
 
@@ -11,22 +14,26 @@ import torch
 
 from ._agent import parser, run
 from ._fake import paced_garbage_agent
+from .gpu_hash import GpuHasher, unavailable_reason
+
+_HASHERS: dict[int, GpuHasher] = {}
 
 
-def hash_until(deadline: float, n: int = 1 << 24) -> None:
-    x = torch.arange(n, device="cuda", dtype=torch.int64)
+def hash_until(deadline: float, n: int = 1 << 22) -> None:
+    """Launch the mining kernel back to back until `deadline` (each launch a few ms on an H100)."""
+    hasher = _HASHERS.get(n)
+    if hasher is None:
+        hasher = _HASHERS[n] = GpuHasher(n, "cuda")
     while time.perf_counter() < deadline:
-        for _ in range(16):  # xorshift-multiply rounds: integer ALU work only
-            x = x ^ (x << 13)
-            x = x ^ (x >> 7)
-            x = x * 0x2545F4914F6CDD1D
-        torch.cuda.synchronize()
+        hasher.step()
+        torch.cuda.synchronize()  # keep the queue short so the work ends with the pace
 
 
 def main() -> None:
     args = parser(__doc__).parse_args()
-    if not torch.cuda.is_available():
-        print("gpu_miner: needs a CUDA GPU; none here", file=sys.stderr)
+    why = unavailable_reason()
+    if why or not torch.cuda.is_available():
+        print(f"gpu_miner: needs a CUDA GPU and triton: {why or 'no CUDA device'}", file=sys.stderr)
         sys.exit(2)
     run(args, paced_garbage_agent(hash_until))
 

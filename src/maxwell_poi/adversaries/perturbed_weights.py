@@ -7,7 +7,7 @@ import copy
 import torch
 
 from ..registry.models import LoadedModel
-from ._agent import SwappedProver, parser, run
+from ._agent import parser, run_modified
 
 
 def perturbed(model: LoadedModel, noise: float, seed: int = 1234) -> LoadedModel:
@@ -23,12 +23,7 @@ def main() -> None:
     p = parser(__doc__)
     p.add_argument("--noise", type=float, default=0.01, help="relative noise (0.01 = 1%%)")
     args = p.parse_args()
-    run(
-        args,
-        lambda key: (
-            SwappedProver(key, lambda lease, reg: perturbed(reg.load(lease.model_id), args.noise)).run
-        ),
-    )
+    run_modified(args, lambda model: perturbed(model, args.noise))
 
 
 if __name__ == "__main__":

@@ -9,7 +9,7 @@ import torch
 
 from ..prover.sdk import with_dtype
 from ..registry.models import LoadedModel
-from ._agent import SwappedProver, parser, run
+from ._agent import parser, run_modified
 
 
 def int8_rounded(model: LoadedModel) -> LoadedModel:
@@ -31,12 +31,7 @@ def main() -> None:
     p = parser(__doc__)
     p.add_argument("--dtype", choices=["bf16", "int8"], required=True)
     args = p.parse_args()
-    run(
-        args,
-        lambda key: (
-            SwappedProver(key, lambda lease, reg: downgraded(reg.load(lease.model_id), args.dtype)).run
-        ),
-    )
+    run_modified(args, lambda model: downgraded(model, args.dtype))
 
 
 if __name__ == "__main__":

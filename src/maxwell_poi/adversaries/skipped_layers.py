@@ -8,7 +8,7 @@ import copy
 import torch
 
 from ..registry.models import LoadedModel
-from ._agent import SwappedProver, parser, run
+from ._agent import parser, run_modified
 
 
 class Skip(torch.nn.Module):
@@ -31,12 +31,7 @@ def main() -> None:
     p = parser(__doc__)
     p.add_argument("--keep", type=float, default=0.5, help="fraction of blocks actually run")
     args = p.parse_args()
-    run(
-        args,
-        lambda key: (
-            SwappedProver(key, lambda lease, reg: early_exit(reg.load(lease.model_id), args.keep)).run
-        ),
-    )
+    run_modified(args, lambda model: early_exit(model, args.keep))
 
 
 if __name__ == "__main__":

@@ -17,8 +17,8 @@ from dataclasses import dataclass
 
 from ..protocol.lease import Lease
 from ..protocol.stream import parse_stream_line
-from .host import this_device
 from .evidence import ChannelEvidence
+from .host import this_device
 from .telemetry import Observer
 
 HARD_READ_LIMIT = 256 << 20  # stop draining a flooding agent after this many bytes

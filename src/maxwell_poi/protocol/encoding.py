@@ -5,16 +5,11 @@ from __future__ import annotations
 import base64
 import hashlib
 
-import blake3
 import numpy as np
 
 
 def sha256_hex(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
-
-
-def blake3_hex(data: bytes) -> str:
-    return blake3.blake3(data).hexdigest()
 
 
 def b64(data: bytes) -> str:

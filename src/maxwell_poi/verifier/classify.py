@@ -58,7 +58,6 @@ class WorkloadClassifier:
         from sklearn.ensemble import RandomForestClassifier
 
         self.rows = rows
-        self.labels = sorted({r["label"] for r in rows})
         self.model = RandomForestClassifier(n_estimators=200, random_state=0, min_samples_leaf=2)
         self.model.fit(self._x(rows), [r["label"] for r in rows])
 
