@@ -249,7 +249,7 @@ def generate(lease: dict, module, blocks, final_norm, tokenizer, commit: Commitm
             sys.stdout.buffer.flush()
             if pos == n - 1:
                 break  # the last token is never fed back
-            cache = getattr(out, "cache", None) or out.past_key_values
+            cache = getattr(out, cache_kw)  # the output names the KV cache as the input does
             out = module(input_ids=torch.tensor([[tokens[-1]]]), use_cache=True, **{cache_kw: cache})
     p, end, chunk = len(prompt), len(prompt) + n - 1, job["chunk"]
     spans = [(0, p)] + [(s, min(s + chunk, end)) for s in range(p, end, chunk)]

@@ -149,6 +149,21 @@ def test_audit_lottery_skips_l4_and_says_so(registry, keyring, honest_receipt):
         Verifier.default(registry, keyring, audit_rate=1.5)
 
 
+def test_verifier_runs_the_layers_it_is_given(registry, keyring, honest_receipt):
+    """The constructor takes ready layers: a gate-only verifier runs L0 and nothing else, and a
+    failing gate stops a drawn layer from running."""
+    from maxwell_poi.verifier.audit import AuditLayer
+    from maxwell_poi.verifier.integrity import IntegrityLayer
+
+    lease, raw = honest_receipt
+    gate_only = Verifier(IntegrityLayer(registry, keyring)).appraise(lease, raw)
+    assert [r.layer for r in gate_only.layers] == ["L0-integrity"] and gate_only.verdict is Verdict.AFFIRMING
+    with_audit = Verifier(IntegrityLayer(registry, keyring), drawn=[AuditLayer(registry)])
+    replayed = with_audit.appraise(lease, raw[:-5])
+    assert replayed.layer("L4-audit").status is Status.SKIPPED
+    assert replayed.layer("L4-audit").reason == "not run: integrity failed"
+
+
 def test_registry_reference_values_distinguish_seeds(registry):
     a = registry.load("gpt2-micro").reference
     b = registry.load("gpt2-mini").reference

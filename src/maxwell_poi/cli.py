@@ -398,6 +398,7 @@ def demo(
 
     from .adversaries import CATALOGUE
     from .demo import Demo, DemoConfig
+    from .protocol.result import Verdict
 
     known = {a.name for a in CATALOGUE}
     for name in attack or []:
@@ -429,7 +430,7 @@ def demo(
     for col in ("agent", "attack", "model", "verdict", "caught by", "reason", "agent s", "verify s"):
         table.add_column(col, overflow="fold")
     for r in rows:
-        colour = "green" if r.verdict == "affirming" else "red"
+        colour = "green" if r.verdict == Verdict.AFFIRMING else "red"
         table.add_row(
             r.agent,
             r.attack or "—",

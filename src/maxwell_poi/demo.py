@@ -286,10 +286,10 @@ def report(rows: list[DemoRow], skipped: dict[str, str] | None = None) -> dict[s
         "runs": [r.summary() for r in rows],
         "summary": {
             "honest_runs": len(honest),
-            "honest_affirmed": sum(r.verdict == "affirming" for r in honest),
+            "honest_affirmed": sum(r.verdict == Verdict.AFFIRMING for r in honest),
             "attack_runs": len(cheats),
             "attack_classes": len({r.attack for r in cheats}),
-            "attacks_contraindicated": sum(r.verdict == "contraindicated" for r in cheats),
+            "attacks_contraindicated": sum(r.verdict == Verdict.CONTRAINDICATED for r in cheats),
         },
         "skipped_attacks": skipped or {},
     }

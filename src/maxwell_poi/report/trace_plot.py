@@ -28,12 +28,17 @@ import numpy as np
 from ..adversaries import CATALOGUE
 from ..observer.evidence import ChannelEvidence
 from ..observer.telemetry.trace import Measurement
+from ..protocol.result import Status, Verdict
 from ..registry.models import Registry
 from ..registry.profiles import Profile, ProfileStore
 from ..verifier.boundary import interval_lower_bound
 from ..verifier.thermodynamic import memory_floor_mb, work_lower_bound
 
-VERDICT_COLOURS = {"affirming": "#2e7d32", "warning": "#ef6c00", "contraindicated": "#c62828"}
+VERDICT_COLOURS = {
+    Verdict.AFFIRMING: "#2e7d32",
+    Verdict.WARNING: "#ef6c00",
+    Verdict.CONTRAINDICATED: "#c62828",
+}
 CPU_C, GPU_C, TOK_C, WORK_C, RSS_C, BAND_C, BOUND_C = (
     "#1565c0",
     "#6a1b9a",
@@ -77,7 +82,7 @@ def _header(ev: ChannelEvidence, result: dict[str, Any] | None, title: str) -> t
     head = f"{title}  —  {verdict}" if title else str(verdict)
     lines = []
     for layer in (result or {}).get("layers", []):
-        if layer.get("status") in ("fail", "warn"):
+        if layer.get("status") in (Status.FAIL, Status.WARN):
             lines += textwrap.wrap(
                 f"{layer.get('layer', '?')} {layer['status'].upper()}: {layer.get('reason', '')}",
                 width=150,
