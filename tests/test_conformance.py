@@ -7,6 +7,7 @@ Only Maxwell's side of the protocol is imported here (lease, keyring, registry, 
 
 from __future__ import annotations
 
+import ast
 import base64
 import json
 import sys
@@ -26,6 +27,15 @@ from maxwell_poi.verifier.policy import Verifier
 
 AGENT = Path(__file__).with_name("conformance_agent.py")
 AGENT_ID = "third-party"
+# Maxwell's side only: nothing that builds, samples, fingerprints, records, streams or signs
+MAXWELL_SIDE = {
+    "maxwell_poi.observer.runs",
+    "maxwell_poi.protocol.keys",
+    "maxwell_poi.protocol.lease",
+    "maxwell_poi.protocol.result",
+    "maxwell_poi.registry.models",
+    "maxwell_poi.verifier.policy",
+}
 PROMPT = "The wire spec must be enough to build an agent"
 
 
@@ -107,3 +117,18 @@ def test_the_same_agent_with_two_formulas_broken_is_caught_by_the_audit(maxwell)
     assert audit.reason.startswith("token choice"), audit.reason
     assert audit.details["max_token_gap"] > audit.details["token_gap_tolerance"]
     assert max(chunk["close"] for chunk in audit.details["chunks"]) < 0.2, audit.details["chunks"]
+
+
+def _maxwell_imports(path: Path) -> set[str]:
+    names: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            names.update(a.name for a in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            names.add(node.module or "")
+    return {n for n in names if n.split(".")[0] == "maxwell_poi"}
+
+
+def test_the_agent_knows_only_the_document():
+    assert _maxwell_imports(AGENT) == set()
+    assert _maxwell_imports(Path(__file__)) <= MAXWELL_SIDE
