@@ -3,7 +3,7 @@
 # internet, no pip index), with .whl/ carried from `bash bench/gpu/prepare_wheels.sh`:
 #
 #   POI_COMMIT=<sha> bash bench/gpu/run_all.sh core     # ~4 min: wheels, environment, cross_hardware
-#   POI_COMMIT=<sha> bash bench/gpu/run_all.sh traces   # ~9.5 min: wheels, collect_traces (budget 520 s)
+#   POI_COMMIT=<sha> bash bench/gpu/run_all.sh traces   # ~7 min: wheels, collect_traces (budget 520 s)
 #
 # (no argument means core; -h prints this). The device's copy of the tree has no .git: pass the
 # commit, POI_COMMIT=$(git rev-parse HEAD), in the command. Each part writes into $OUT as it goes,
@@ -24,7 +24,7 @@
 # Budgets (seconds from the start of this script; the device kills a command at 600): install and
 # environment ~30; core: cross_hardware under `timeout` of min(XH_TIMEOUT=480, what is left - 45),
 # no trial started in its last 40; traces: collect_traces --budget-s min(POI_TRACES_BUDGET_S=520,
-# what is left - 45), killed 20 s after. collect_traces degrades by dropping the last round's
+# what is left - 45), killed 15 s after. collect_traces degrades by dropping the last round's
 # repetitions, never whole workloads; cross_hardware by skipping its last trials (listed).
 #
 # Rehearsal without a GPU (the current environment, no install, CPU smoke runs):
@@ -185,7 +185,7 @@ else
     log "!! only $(left)s left: collect_traces.py not started"
   else
     log "collect_traces.py (budget ${tb}s)"
-    timeout -k 10 $((tb + 20)) "$PY" bench/gpu/collect_traces.py "${SMOKE[@]}" --commit "$COMMIT" \
+    timeout -k 10 $((tb + 15)) "$PY" bench/gpu/collect_traces.py "${SMOKE[@]}" --commit "$COMMIT" \
       --out /tmp/poi-traces --pack "$OUT/traces.tar.gz" --budget-s "$tb" 2>&1 | tee "$OUT/collect_traces.log"
     rc=${PIPESTATUS[0]}
     log "collect_traces.py exit $rc"

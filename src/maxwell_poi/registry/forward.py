@@ -58,7 +58,7 @@ def generate(
                 input_ids=torch.tensor(feed, device=device),
                 use_cache=True,
                 logits_to_keep=1,
-                **{cache_kw: out.past_key_values},
+                **{cache_kw: getattr(out, cache_kw)},  # the output names the cache as the input does
             )
             if after_step:
                 after_step(pos)
