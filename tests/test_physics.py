@@ -118,6 +118,13 @@ def test_missing_weights_fail_the_memory_check(store, registry):
     assert memory_floor_mb(store.get("gpt2-micro", DEVICE), ref.param_count, "fp32") > 300
 
 
+def test_one_token_lease_has_no_decode_window_and_is_skipped_not_failed(store, registry):
+    one = ThermodynamicLayer(registry, store).appraise(appraisal([1000]))
+    assert one.status is Status.SKIPPED and "no decode window" in one.reason
+    silent = ThermodynamicLayer(registry, store).appraise(appraisal(TOKENS, stream=[1000]))
+    assert silent.status is Status.FAIL and "decode window" in silent.reason  # 20 leased, 1 streamed
+
+
 def test_tampered_output_differs_from_the_stream(store):
     streamed = list(TOKENS)
     streamed[7] += 1

@@ -10,7 +10,7 @@ import torch
 
 from maxwell_poi.protocol.keys import AgentKey
 from maxwell_poi.protocol.lease import EmbedJob, GenerateJob, Lease
-from maxwell_poi.protocol.receipt import sign_receipt
+from maxwell_poi.protocol.receipt import open_receipt, sign_receipt
 from maxwell_poi.protocol.result import Status, Verdict
 from maxwell_poi.prover.sdk import Prover
 from maxwell_poi.verifier.policy import Verifier
@@ -189,3 +189,29 @@ def test_user_model_from_a_local_directory(tmp_path, registry, prover):
         lease, Prover(key, user_registry).run(lease)
     )
     assert result.verdict is Verdict.AFFIRMING, result.reason
+
+
+def _resigned(raw: bytes, key, **update) -> bytes:
+    """The same receipt with some claims changed, validly signed again by the agent."""
+    claims = open_receipt(raw, len(raw)).claims
+    return sign_receipt(claims.model_copy(update=update), key)
+
+
+def test_token_width_must_fit_the_vocabulary(registry, keyring, agent_key, honest_receipt):
+    from maxwell_poi.protocol.receipt import token_output
+
+    lease, raw = honest_receipt
+    tokens = open_receipt(raw, len(raw)).claims.tokens()
+    wide = token_output(tokens, 1 << 20)  # 4-byte ids for a 30,522-token vocabulary
+    result = Verifier.default(registry, keyring).appraise(lease, _resigned(raw, agent_key, output=wide))
+    assert result.reason.startswith("L0-integrity: output token width: expected 2 bytes, got 4")
+
+
+def test_embedding_fingerprints_come_one_chunk_per_text(registry, keyring, agent_key):
+    lease = Lease.issue("agent-1", "minilm-l6-v2", EmbedJob(texts=["one text"]))
+    raw = Prover(agent_key, registry).run(lease)
+    claims = open_receipt(raw, len(raw)).claims
+    bad = _resigned(raw, agent_key, fp=claims.fp.model_copy(update={"chunk": 32}))
+    result = Verifier.default(registry, keyring).appraise(lease, bad)
+    assert result.reason.startswith("L0-integrity: fingerprint chunk: expected 1 (one chunk per text)")
+    assert Verifier.default(registry, keyring).appraise(lease, raw).verdict is Verdict.AFFIRMING

@@ -114,4 +114,4 @@ class CommitmentBuilder:
 
     @property
     def layer_root(self) -> str:
-        return self._tree.get_state().hex() if self.leaves else blake3.blake3(self.nonce).hexdigest()
+        return self._tree.get_root().hex() if self.leaves else blake3.blake3(self.nonce).hexdigest()

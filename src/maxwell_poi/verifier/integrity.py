@@ -7,7 +7,8 @@ Checks, in order (each refusal names what was expected and what came):
 4. `signature`       one Ed25519 signature by the leased agent's enrolled key;
 5. `bindings`        lease id, nonce, agent, model, weights digest, precision, input digest;
 6. `deadline`        the receipt arrived before the lease's deadline;
-7. `output_shape`    the output and fingerprints have the sizes the lease implies;
+7. `output_shape`    the output (token width, ids, embedding shape) and fingerprints (k, chunk,
+                     bytes) have the sizes the lease and the model imply;
 8. `not_settled`     the lease was not settled before (replay).
 """
 
@@ -16,7 +17,7 @@ from __future__ import annotations
 from securesystemslib.exceptions import VerificationError
 from securesystemslib.signer import SSlibKey
 
-from ..protocol.encoding import sha256_hex
+from ..protocol.encoding import sha256_hex, token_width
 from ..protocol.errors import ReceiptFormatError, UnknownAgentError, UnknownModelError
 from ..protocol.fingerprint import chunk_size_bytes
 from ..protocol.keys import Keyring
@@ -128,6 +129,9 @@ def output_shape(
         tokens = c.tokens()
         if c.output.tokens is None or len(tokens) != job.max_new_tokens:
             return Finding(f"output tokens: expected {job.max_new_tokens}, got {len(tokens)}")
+        width = token_width(ref.vocab)
+        if c.output.width != width:
+            return Finding(f"output token width: expected {width} bytes, got {c.output.width}")
         if max(tokens) >= ref.vocab:
             return Finding(f"output tokens: expected ids < {ref.vocab}, got {max(tokens)}")
         if c.fp.chunk != job.chunk:
@@ -137,6 +141,8 @@ def output_shape(
         want = [len(job.texts), ref.hidden]
         if c.output.shape != want or c.output.embedding is None:
             return Finding(f"embedding shape: expected {want}, got {c.output.shape}")
+        if c.fp.chunk != 1:
+            return Finding(f"fingerprint chunk: expected 1 (one chunk per text), got {c.fp.chunk}")
         chunks = fingerprint_chunks(lease, 0)
     fp_len, want_len = len(c.fingerprint_bytes()), chunks * chunk_size_bytes(job.fingerprint_k)
     if fp_len != want_len:

@@ -191,6 +191,8 @@ class ThermodynamicLayer(TimedLayer):
                 f"no reference profile for {lease.model_id} on {ev.device_class}: "
                 f"run `poi profile {lease.model_id}`"
             )
+        if lease.job.max_new_tokens < 2:
+            return skipped("a one-token lease has no decode window (first to last streamed token)")
         window = ev.decode_window
         if window is None:
             return failed(
