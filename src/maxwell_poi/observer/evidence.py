@@ -42,7 +42,7 @@ class ChannelEvidence:
     stream_tokens: tuple[int, ...] = ()
     stream_t: tuple[float, ...] = ()
     stream_cpu_s: tuple[float, ...] = ()
-    stream_errors: int = 0  # stream lines out of order (a malformed line counts as receipt bytes)
+    stream_errors: int = 0  # stream lines out of order or unreadable
     telemetry: dict[str, Measurement] = field(default_factory=dict)  # Observer sources, by name
     device_class: str = ""  # the kind of device Maxwell ran the agent on (selects the profile)
 
