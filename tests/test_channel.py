@@ -43,3 +43,12 @@ def test_stream_line_round_trip():
     assert stream_line(3, 30521) == b'{"s":[3,30521]}\n'
     assert parse_stream_line(stream_line(3, 30521)) == (3, 30521)
     assert parse_stream_line(b'{"payloadType": 1}') is None
+
+
+def test_stderr_keeps_the_tail_of_a_long_diagnostic():
+    from maxwell_poi.observer.channel import _drain
+
+    sink: dict = {}
+    _drain(io.BytesIO(b"x" * 200_000 + b"the real error\n"), 1 << 16, sink)
+    assert sink["data"].endswith(b"the real error\n") and len(sink["data"]) == 1 << 16
+    assert sink["total"] == 200_015

@@ -32,7 +32,8 @@ class AgentRun:
 
 
 def _drain(stream, keep: int, sink: dict) -> None:
-    """Keep up to `keep` bytes, hash and count everything, up to HARD_READ_LIMIT."""
+    """Keep the last `keep` bytes (the tail is what explains a failure), hash and count everything,
+    up to HARD_READ_LIMIT."""
     h = hashlib.sha256()
     kept = bytearray()
     total = 0
@@ -42,8 +43,9 @@ def _drain(stream, keep: int, sink: dict) -> None:
             break
         h.update(block)
         total += len(block)
-        if len(kept) < keep:
-            kept.extend(block[: keep - len(kept)])
+        kept.extend(block)
+        if len(kept) > keep:
+            del kept[: len(kept) - keep]
     sink.update(data=bytes(kept), total=total, sha256=h.hexdigest())
 
 
