@@ -195,7 +195,7 @@ def agent(
     raise typer.Exit(serve_one(prover.run, raw))
 
 
-def _load_verifier(keyring: Path, audit_rate: float):
+def _load_verifier(keyring: Path, audit_rate: float, registry=None):
     from .protocol.errors import PoiError
     from .protocol.keys import Keyring
     from .registry.models import Registry
@@ -204,7 +204,7 @@ def _load_verifier(keyring: Path, audit_rate: float):
     if not keyring.exists():
         raise _bad_input(f"keyring {keyring} does not exist (create it with `poi keygen --agent-id`)")
     try:
-        return Verifier.default(Registry(), Keyring.load(keyring), audit_rate=audit_rate)
+        return Verifier.default(registry or Registry(), Keyring.load(keyring), audit_rate=audit_rate)
     except (PoiError, ValueError) as exc:
         raise _bad_input(str(exc)) from None
 
@@ -286,10 +286,11 @@ def run(
     from .registry.models import Registry
 
     the_lease = _load_lease(lease_path)
-    verifier = _load_verifier(keyring, audit_rate)
+    registry = Registry()  # one registry for the runner and the verifier
+    verifier = _load_verifier(keyring, audit_rate, registry)
     with err.status(f"agent running lease {the_lease.lease_id}…"):
         try:
-            ran = run_lease(agent_cmd, the_lease, Registry())
+            ran = run_lease(agent_cmd, the_lease, registry)
         except PoiError as exc:
             raise _bad_input(str(exc)) from None
         except OSError as exc:

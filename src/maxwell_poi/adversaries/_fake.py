@@ -10,14 +10,13 @@ from collections.abc import Callable
 import numpy as np
 
 from ..observer.host import this_device
-from ..protocol.fingerprint import chunk_size_bytes
 from ..protocol.keys import AgentKey
 from ..protocol.lease import GenerateJob, Lease
 from ..protocol.receipt import (
     ReceiptClaims,
     claims_for_lease,
     embedding_output,
-    fingerprint_chunks,
+    fingerprint_size,
     sign_receipt,
     token_output,
 )
@@ -43,12 +42,10 @@ def garbage_claims(lease: Lease, registry: Registry, tokens: list[int] | None = 
     if isinstance(job, GenerateJob):
         tokens = tokens if tokens is not None else rng.integers(1000, ref.vocab, job.max_new_tokens).tolist()
         output = token_output(tokens, ref.vocab)
-        chunks = fingerprint_chunks(lease, len(registry.encode_prompt(lease.model_id, job.prompt)))
     else:
         matrix = rng.standard_normal((len(job.texts), ref.hidden)).astype(np.float32)
         output = embedding_output(matrix / np.linalg.norm(matrix, axis=1, keepdims=True))
-        chunks = fingerprint_chunks(lease, 0)
-    fingerprints = secrets.token_bytes(chunks * chunk_size_bytes(job.fingerprint_k))
+    fingerprints = secrets.token_bytes(fingerprint_size(lease))
     return claims_for_lease(lease, ref.weights_digest, output, fingerprints, secrets.token_hex(32))
 
 

@@ -16,7 +16,7 @@ import time
 from dataclasses import dataclass
 
 from ..protocol.lease import Lease
-from ..protocol.stream import PREFIX, parse_stream_line
+from ..protocol.stream import parse_stream_line
 from .evidence import ChannelEvidence
 from .host import this_device
 from .telemetry import Observer
@@ -82,24 +82,27 @@ class _StdoutReader:
             arrived = time.perf_counter() - self.t0
             self.h.update(line)
             self.total += len(line)
-            if not self.receipt and not line.strip():
-                continue  # a blank line (a library's stray newline) is neither stream nor receipt
-            item = parse_stream_line(line)
-            if not self.receipt and item is None and line.startswith(PREFIX):
-                self.errors += 1  # meant as a stream line but unreadable: a stream error, not receipt
-                continue
-            if item is not None and not self.receipt:
-                pos, tok = item
-                if pos != len(self.tokens):
-                    self.errors += 1
+            item = None
+            if not self.receipt:  # once the receipt has begun, every line belongs to it
+                if not line.strip():
+                    continue  # a blank line (a library's stray newline) is neither stream nor receipt
+                try:
+                    item = parse_stream_line(line)
+                except ValueError:
+                    self.errors += 1  # meant as a stream line but unreadable
                     continue
-                self.tokens.append(tok)
-                self.times.append(arrived)
-                self.cpu.append(self._cpu_now())
-            else:
+            if item is None:
                 self.receipt_total += len(line)
                 if len(self.receipt) <= self.keep:
                     self.receipt.extend(line[: self.keep + 1 - len(self.receipt)])
+                continue
+            pos, tok = item
+            if pos != len(self.tokens):
+                self.errors += 1
+                continue
+            self.tokens.append(tok)
+            self.times.append(arrived)
+            self.cpu.append(self._cpu_now())
 
 
 def _sampled_peak_rss_mb(telemetry: dict) -> float:

@@ -126,12 +126,15 @@ def claims_for_lease(
     )
 
 
-def fingerprint_chunks(lease: Lease, prompt_len: int) -> int:
-    """How many fingerprint chunks a receipt for `lease` carries (prompt_len in tokens)."""
+def fingerprint_size(lease: Lease) -> int:
+    """Bytes of fingerprints a receipt for `lease` carries. The prompt is one chunk whatever its
+    length, so the count needs no tokenizer: one chunk per text, or the prompt's plus the decode
+    chunks."""
     job = lease.job
-    if isinstance(job, GenerateJob):
-        return len(chunk_spans(prompt_len, job.max_new_tokens, job.chunk))
-    return len(job.texts)
+    chunks = (
+        len(chunk_spans(0, job.max_new_tokens, job.chunk)) if isinstance(job, GenerateJob) else len(job.texts)
+    )
+    return chunks * chunk_size_bytes(job.fingerprint_k)
 
 
 def max_receipt_bytes(lease: Lease, hidden: int) -> int:

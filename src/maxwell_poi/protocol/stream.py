@@ -17,12 +17,13 @@ def stream_line(position: int, token: int) -> bytes:
 
 
 def parse_stream_line(line: bytes) -> tuple[int, int] | None:
-    """(position, token) for a stream line, None for anything else (the receipt)."""
+    """(position, token) for a stream line, None for any other line (the receipt). A line that
+    starts like a stream line but does not read as one raises ValueError."""
     if not line.startswith(PREFIX):
         return None
+    body = line[len(PREFIX) :].rstrip().removesuffix(b"]}")
     try:
-        body = line[len(PREFIX) :].rstrip().removesuffix(b"]}")
         pos, tok = body.split(b",")
         return int(pos), int(tok)
     except ValueError:
-        return None
+        raise ValueError(f'stream line: expected {{"s":[position,token]}}, got {line[:60]!r}') from None

@@ -1,5 +1,6 @@
 """What every verification layer shares: the appraisal it reads, the outcome it returns, and the
-opening steps (timing, no evidence, no profile) that would otherwise open each `appraise`."""
+opening steps (timing; for evidence layers: no evidence, the profile) that would otherwise open
+each `appraise`."""
 
 from __future__ import annotations
 
@@ -78,11 +79,18 @@ class TimedLayer:
         return LayerResult(self.name, o.status, o.reason, o.score, time.perf_counter() - start, o.details)
 
 
-def evidence_of(ctx: Appraisal) -> ChannelEvidence | Outcome:
-    """Maxwell's evidence for the lease, or the SKIPPED outcome of a layer that needs it."""
-    return ctx.evidence if ctx.evidence is not None else skipped(NO_EVIDENCE)
+class EvidenceLayer(TimedLayer):
+    """Base of the layers built on Maxwell's own evidence (L1, L2): skipped without it, and with
+    the reference profile of the leased model on the device Maxwell ran the agent on at hand."""
 
+    def __init__(self, profiles: ProfileStore) -> None:
+        self.profiles = profiles
 
-def profile_for(profiles: ProfileStore, ctx: Appraisal, evidence: ChannelEvidence) -> Profile | None:
-    """The reference profile of the leased model on the device Maxwell ran the agent on."""
-    return profiles.get(ctx.lease.model_id, evidence.device_class)
+    def decide(self, ctx: Appraisal) -> Outcome:
+        return skipped(NO_EVIDENCE) if ctx.evidence is None else self.decide_on(ctx, ctx.evidence)
+
+    def decide_on(self, ctx: Appraisal, ev: ChannelEvidence) -> Outcome:
+        raise NotImplementedError
+
+    def profile(self, ctx: Appraisal, ev: ChannelEvidence) -> Profile | None:
+        return self.profiles.get(ctx.lease.model_id, ev.device_class)

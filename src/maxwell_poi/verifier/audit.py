@@ -4,7 +4,7 @@ Checks, in order:
 1. generation: `token_choice`   every output token is the seeded sampler's choice under the
    model's logits (near-ties within the calibrated logit allowance tolerated);
    embeddings: `embedding_match` every embedding within the calibrated distance of the reference;
-2. `fingerprint_chunks`          the committed top-k values match chunk by chunk within the
+2. `fingerprints_match`          the committed top-k values match chunk by chunk within the
    claimed precision's tolerance.
 `measure_generation` / `measure_embedding` return what re-execution found before any threshold
 (bench/calibrate.py reads them).
@@ -65,7 +65,7 @@ class AuditLayer(TimedLayer):
             first = embedding_match(m, tol)
             ok = f"{len(m.chunks)} embeddings and fingerprints match the reference"
         details["chunks"] = [c.as_dict() for c in m.chunks]
-        problem = first or fingerprint_chunks(m.chunks, tol)
+        problem = first or fingerprints_match(m.chunks, tol)
         if problem:
             return failed(problem.reason, m.worst_close, **details)
         return passed(ok, m.worst_close, **details)
@@ -93,7 +93,7 @@ def embedding_match(m: AuditMeasurement, tol: Tolerance) -> Finding | None:
     )
 
 
-def fingerprint_chunks(comparisons: list[ChunkComparison], tol: Tolerance) -> Finding | None:
+def fingerprints_match(comparisons: list[ChunkComparison], tol: Tolerance) -> Finding | None:
     for c in comparisons:
         if c.close_fraction < tol.min_close or c.median_rel_error > tol.max_median_rel:
             return Finding(

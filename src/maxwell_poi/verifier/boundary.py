@@ -23,8 +23,8 @@ from ..observer.evidence import ChannelEvidence
 from ..protocol.encoding import pack_tokens
 from ..protocol.lease import GenerateJob
 from ..protocol.result import LayerName
-from ..registry.profiles import Profile, ProfileStore
-from .appraisal import Appraisal, Finding, Outcome, TimedLayer, evidence_of, failed, passed, profile_for
+from ..registry.profiles import Profile
+from .appraisal import Appraisal, EvidenceLayer, Finding, Outcome, failed, passed
 
 BURST_GAP = 0.1  # a gap under this fraction of the profile's median counts as a burst
 MAX_BURST_FRACTION = 0.5
@@ -99,18 +99,12 @@ def _pace_score(median: float, profile: Profile) -> float:
     return float(min(1.0, median / profile.interval_s.median))
 
 
-class BoundaryLayer(TimedLayer):
+class BoundaryLayer(EvidenceLayer):
     """L2; see the module docstring for the checks."""
 
     name = LayerName.BOUNDARY
 
-    def __init__(self, profiles: ProfileStore) -> None:
-        self.profiles = profiles
-
-    def decide(self, ctx: Appraisal) -> Outcome:
-        ev = evidence_of(ctx)
-        if isinstance(ev, Outcome):
-            return ev
+    def decide_on(self, ctx: Appraisal, ev: ChannelEvidence) -> Outcome:
         problem = channel_input(ev, ctx)
         if problem:
             return failed(problem.reason)
@@ -120,7 +114,7 @@ class BoundaryLayer(TimedLayer):
         for problem in (stream_order(ev), stream_present(ev, claimed), stream_matches(ev, claimed)):
             if problem:
                 return failed(problem.reason)
-        profile = profile_for(self.profiles, ctx, ev)
+        profile = self.profile(ctx, ev)
         if profile is None or len(ev.stream_t) < 3:
             return passed("streamed tokens match the receipt (no profile for timing)")
         gaps = np.diff(np.asarray(ev.stream_t))

@@ -19,10 +19,9 @@ from securesystemslib.signer import SSlibKey
 
 from ..protocol.encoding import sha256_hex, token_width
 from ..protocol.errors import ReceiptFormatError, UnknownAgentError, UnknownModelError
-from ..protocol.fingerprint import chunk_size_bytes
 from ..protocol.keys import Keyring
 from ..protocol.lease import GenerateJob
-from ..protocol.receipt import OpenedReceipt, fingerprint_chunks, max_receipt_bytes, open_receipt
+from ..protocol.receipt import OpenedReceipt, fingerprint_size, max_receipt_bytes, open_receipt
 from ..protocol.result import LayerName
 from ..registry.models import ReferenceValues, Registry
 from .appraisal import Appraisal, Finding, Outcome, TimedLayer, failed, passed
@@ -56,7 +55,7 @@ class IntegrityLayer(TimedLayer):
             signature(self.keyring, key, ctx, receipt),
             bindings(ctx, receipt, ref),
             deadline(ctx),
-            output_shape(self.registry, ctx, receipt, ref),
+            output_shape(ctx, receipt, ref),
             not_settled(self._settled, ctx),
         ):
             if problem:
@@ -118,9 +117,7 @@ def deadline(ctx: Appraisal) -> Finding | None:
     return None
 
 
-def output_shape(
-    registry: Registry, ctx: Appraisal, receipt: OpenedReceipt, ref: ReferenceValues
-) -> Finding | None:
+def output_shape(ctx: Appraisal, receipt: OpenedReceipt, ref: ReferenceValues) -> Finding | None:
     lease = ctx.lease
     c, job = receipt.claims, lease.job
     if c.fp.k != job.fingerprint_k:
@@ -136,15 +133,13 @@ def output_shape(
             return Finding(f"output tokens: expected ids < {ref.vocab}, got {max(tokens)}")
         if c.fp.chunk != job.chunk:
             return Finding(f"fingerprint chunk: expected {job.chunk}, got {c.fp.chunk}")
-        chunks = fingerprint_chunks(lease, len(registry.encode_prompt(lease.model_id, job.prompt)))
     else:
         want = [len(job.texts), ref.hidden]
         if c.output.shape != want or c.output.embedding is None:
             return Finding(f"embedding shape: expected {want}, got {c.output.shape}")
         if c.fp.chunk != 1:
             return Finding(f"fingerprint chunk: expected 1 (one chunk per text), got {c.fp.chunk}")
-        chunks = fingerprint_chunks(lease, 0)
-    fp_len, want_len = len(c.fingerprint_bytes()), chunks * chunk_size_bytes(job.fingerprint_k)
+    fp_len, want_len = len(c.fingerprint_bytes()), fingerprint_size(lease)
     if fp_len != want_len:
         return Finding(f"fingerprint bytes: expected {want_len}, got {fp_len}")
     return None

@@ -26,21 +26,11 @@ from typing import Any
 import numpy as np
 
 from ..observer.evidence import ChannelEvidence, DecodeWindow
-from ..protocol.lease import GenerateJob
+from ..protocol.lease import GenerateJob, Lease
 from ..protocol.result import LayerName
 from ..registry.models import ReferenceValues, Registry
 from ..registry.profiles import Profile, ProfileStore
-from .appraisal import (
-    Appraisal,
-    Finding,
-    Outcome,
-    TimedLayer,
-    evidence_of,
-    failed,
-    passed,
-    profile_for,
-    skipped,
-)
+from .appraisal import Appraisal, EvidenceLayer, Finding, Outcome, failed, passed, skipped
 from .classify import WorkloadClassifier, trace_features
 
 CLASSIFIER_REJECT_BELOW = 0.2  # P(inference) under which the trace shape alone rejects
@@ -78,9 +68,11 @@ class DecodeWork:
     rss_floor_mb: float
 
     @classmethod
-    def of(
-        cls, ev: ChannelEvidence, window: DecodeWindow, profile: Profile, ref: ReferenceValues, lease
-    ) -> DecodeWork:
+    def of(cls, ev: ChannelEvidence, profile: Profile, ref: ReferenceValues, lease: Lease) -> DecodeWork:
+        """From evidence that has a decode window (at least two streamed tokens)."""
+        window = ev.decode_window
+        if window is None:
+            raise ValueError("DecodeWork needs a decode window: at least two streamed tokens")
         return cls(
             window=window,
             profile=profile,
@@ -164,7 +156,7 @@ def trace_shape(
     ), said
 
 
-class ThermodynamicLayer(TimedLayer):
+class ThermodynamicLayer(EvidenceLayer):
     """L1; see the module docstring for the checks."""
 
     name = LayerName.THERMODYNAMIC
@@ -172,20 +164,18 @@ class ThermodynamicLayer(TimedLayer):
     def __init__(
         self, registry: Registry, profiles: ProfileStore, classifier: WorkloadClassifier | None = None
     ) -> None:
+        super().__init__(profiles)
         self.registry = registry
-        self.profiles = profiles
         self.classifier = classifier
 
-    def decide(self, ctx: Appraisal) -> Outcome:
-        ev, lease = evidence_of(ctx), ctx.lease
-        if isinstance(ev, Outcome):
-            return ev
+    def decide_on(self, ctx: Appraisal, ev: ChannelEvidence) -> Outcome:
+        lease = ctx.lease
         if not isinstance(lease.job, GenerateJob):
             return skipped(
                 "embedding jobs are one short forward pass; the prototype's per-lease process "
                 "start-up would dominate the measurement"
             )
-        profile = profile_for(self.profiles, ctx, ev)
+        profile = self.profile(ctx, ev)
         if profile is None:
             return skipped(
                 f"no reference profile for {lease.model_id} on {ev.device_class}: "
@@ -193,12 +183,11 @@ class ThermodynamicLayer(TimedLayer):
             )
         if lease.job.max_new_tokens < 2:
             return skipped("a one-token lease has no decode window (first to last streamed token)")
-        window = ev.decode_window
-        if window is None:
+        if ev.decode_window is None:
             return failed(
                 f"work: expected streamed tokens to measure the decode window, got {len(ev.stream_tokens)}"
             )
-        w = DecodeWork.of(ev, window, profile, self.registry.reference(lease.model_id), lease)
+        w = DecodeWork.of(ev, profile, self.registry.reference(lease.model_id), lease)
         details = w.details()
         for check in (physics_floor, work_per_token, memory_floor):
             problem = check(w)
@@ -211,7 +200,7 @@ class ThermodynamicLayer(TimedLayer):
         return passed(
             f"{w.per_token_s * 1000:.1f} CPU-ms/token "
             f"(profile {profile.decode_cpu_s_per_token.mean * 1000:.1f}), "
-            f"{w.peak_rss_mb:.0f} MB resident, {window.cpu_s / w.floor_cpu_s:.0f}x above the physics floor",
+            f"{w.peak_rss_mb:.0f} MB resident, {w.window.cpu_s / w.floor_cpu_s:.0f}x above the physics floor",
             w.score,
             **details,
         )
