@@ -12,7 +12,7 @@ from pathlib import Path
 
 from ..protocol.keys import AgentKey
 from ..protocol.lease import Lease
-from ..prover.harness import quiet_libraries, serve_one
+from ..prover.harness import one_at_a_time, quiet_libraries, serve_one, serve_resident
 from ..prover.sdk import Prover
 from ..registry.models import LoadedModel, Registry
 
@@ -21,6 +21,7 @@ def parser(description: str) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=description)
     p.add_argument("--key", type=Path, required=True, help="this agent's private key (PEM)")
     p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--resident", action="store_true", help="answer lease after lease until stdin closes")
     return p
 
 
@@ -42,7 +43,8 @@ def run(args: argparse.Namespace, make_answer: Callable[[AgentKey], Callable[[Le
         import torch
 
         torch.set_num_threads(args.threads)
-    sys.exit(serve_one(make_answer(key)))
+    answer = make_answer(key)
+    sys.exit(serve_resident(one_at_a_time(answer)) if args.resident else serve_one(answer))
 
 
 def run_modified(args: argparse.Namespace, modify: Callable[[LoadedModel], LoadedModel]) -> None:

@@ -31,7 +31,7 @@ class AgentRun:
     timed_out: bool
 
 
-def _drain(stream, keep: int, sink: dict) -> None:
+def drain(stream, keep: int, sink: dict) -> None:
     """Keep the last `keep` bytes (the tail is what explains a failure), hash and count everything,
     up to HARD_READ_LIMIT."""
     h = hashlib.sha256()
@@ -150,7 +150,7 @@ def run_agent(
     err: dict = {}
     readers = [
         threading.Thread(target=out.run, daemon=True),
-        threading.Thread(target=_drain, args=(proc.stderr, 1 << 16, err), daemon=True),
+        threading.Thread(target=drain, args=(proc.stderr, 1 << 16, err), daemon=True),
     ]
     for r in readers:
         r.start()

@@ -19,6 +19,14 @@ class DecodeWindow(NamedTuple):
     wall_s: float  # Maxwell's clock
     cpu_s: float  # the agent process's CPU seconds (kernel accounting, read by Maxwell)
     tokens: int  # tokens decoded inside the window (streamed tokens - 1)
+    co_tokens: int = 0  # tokens other leases streamed in the same sandbox inside this window
+
+
+class IdleGap(NamedTuple):
+    """The sandbox between the previous lease's end and this lease's start, no lease in flight."""
+
+    gap_s: float  # Maxwell's clock
+    cpu_s: float  # the sandbox's CPU seconds over the gap (work done between leases)
 
 
 @dataclass(frozen=True)
@@ -45,6 +53,14 @@ class ChannelEvidence:
     stream_errors: int = 0  # stream lines out of order or unreadable
     telemetry: dict[str, Measurement] = field(default_factory=dict)  # Observer sources, by name
     device_class: str = ""  # the kind of device Maxwell ran the agent on (selects the profile)
+    # how the agent ran: "oneshot" (a process per lease, rusage) or "resident" (a sandbox serving
+    # lease after lease); profiles are measured per regime, since what is counted differs
+    regime: str = "oneshot"
+    accounting: dict[str, str | float] = field(default_factory=dict)  # source, trust, resolution_s
+    co_tokens: int = 0  # tokens other leases streamed in the same sandbox inside the decode window
+    co_leases: int = 0  # how many other leases those tokens belonged to (the batch, less this one)
+    overlapped: int = 0  # other leases in flight in the same sandbox at some point of this one's window
+    idle_before: IdleGap | None = None  # resident: the sandbox's idle gap before this lease
 
     @property
     def streamed(self) -> bool:
@@ -56,7 +72,18 @@ class ChannelEvidence:
         if len(self.stream_t) < 2:
             return None
         cpu = self.stream_cpu_s[-1] - self.stream_cpu_s[0]
-        return DecodeWindow(self.stream_t[-1] - self.stream_t[0], cpu, len(self.stream_t) - 1)
+        return DecodeWindow(self.stream_t[-1] - self.stream_t[0], cpu, len(self.stream_t) - 1, self.co_tokens)
+
+    @property
+    def profile_key(self) -> str:
+        """The profile this evidence is compared with: the device class, and the regime when
+        it is not the one-shot default."""
+        return self.device_class if self.regime == "oneshot" else f"{self.device_class}|{self.regime}"
+
+    @property
+    def accounting_resolution_s(self) -> float:
+        """How finely the CPU figures were counted (one-shot: the kernel's 10 ms tick)."""
+        return float(self.accounting.get("resolution_s", 0.01))
 
     def peak_rss_mb(self) -> float:
         return self.max_rss_kb / 1024

@@ -46,3 +46,10 @@ class UnknownAgentError(PoiError):
         self.agent_id = agent_id
         shown = ", ".join(sorted(known)) or "none enrolled"
         super().__init__(f"agent {agent_id!r} is not in the keyring ({shown})")
+
+
+class EvidenceFormatError(FormatError):
+    """A node's signed evidence document could not be read or does not verify."""
+
+    def __init__(self, expected: str, got: str) -> None:
+        super().__init__("evidence", expected, got)

@@ -1,24 +1,54 @@
-"""The token-stream wire format: one line per token on the agent's stdout, the moment it is chosen.
+"""The token-stream wire format, in the two channel modes (docs/receipt.md, "Channel").
 
-    {"s":[position,token]}\n      position 0, 1, 2, ... in order; token = the vocabulary id
+One-shot (one lease per process): one line per token on the agent's stdout, the moment it is
+chosen, then the receipt as the last line:
 
-then the receipt as the last line. Maxwell timestamps each line on its side of the pipe (L1's
-CPU per token, L2's pace) and compares the streamed tokens with the receipt's output (L2).
+    {"s":[position,token]}\n
+
+Resident (lease after lease over the same pipes, several at once): every line names its lease.
+
+    Maxwell -> agent   <lease JSON>\n                                   one lease per line
+    agent -> Maxwell   {"s":[position,token],"l":"<lease_id>"}\n        a token of that lease
+                       {"r":"<lease_id>","e":<DSSE envelope>}\n         its receipt (ends the lease)
+                       {"x":"<lease_id or empty>","error":"<why>"}\n   a lease the agent refuses
+
+Maxwell timestamps each line on its side of the pipe (L1's CPU per token, L2's pace) and compares
+the streamed tokens with the receipt's output (L2). The receipt's bytes are sliced out of the
+`r` line verbatim, never re-serialised.
 """
 
 from __future__ import annotations
 
+import json
+import re
+from dataclasses import dataclass
+
 PREFIX = b'{"s":['
+RECEIPT_PREFIX = b'{"r":"'
+REFUSAL_PREFIX = b'{"x":"'
+_LEASE_ID = re.compile(rb"^[0-9a-f]{32}$")
+_TAGGED_TOKEN = re.compile(rb'^\{"s":\[(\d+),(\d+)\],"l":"([0-9a-f]{32})"\}\s*$')
 
 
-def stream_line(position: int, token: int) -> bytes:
-    """The bytes an agent writes for one chosen token (newline included)."""
-    return b'{"s":[%d,%d]}\n' % (position, token)
+def stream_line(position: int, token: int, lease_id: str | None = None) -> bytes:
+    """The bytes an agent writes for one chosen token (newline included); tagged in resident mode."""
+    if lease_id is None:
+        return b'{"s":[%d,%d]}\n' % (position, token)
+    return b'{"s":[%d,%d],"l":"%s"}\n' % (position, token, lease_id.encode())
+
+
+def receipt_line(lease_id: str, receipt: bytes) -> bytes:
+    """A resident agent's receipt for one lease: the envelope's bytes embedded verbatim."""
+    return RECEIPT_PREFIX + lease_id.encode() + b'","e":' + receipt.strip() + b"}\n"
+
+
+def refusal_line(lease_id: str, why: str) -> bytes:
+    return json.dumps({"x": lease_id, "error": why}, separators=(",", ":")).encode() + b"\n"
 
 
 def parse_stream_line(line: bytes) -> tuple[int, int] | None:
-    """(position, token) for a stream line, None for any other line (the receipt). A line that
-    starts like a stream line but does not read as one raises ValueError."""
+    """(position, token) for a one-shot stream line, None for any other line (the receipt). A line
+    that starts like a stream line but does not read as one raises ValueError."""
     if not line.startswith(PREFIX):
         return None
     body = line[len(PREFIX) :].rstrip().removesuffix(b"]}")
@@ -27,3 +57,53 @@ def parse_stream_line(line: bytes) -> tuple[int, int] | None:
         return int(pos), int(tok)
     except ValueError:
         raise ValueError(f'stream line: expected {{"s":[position,token]}}, got {line[:60]!r}') from None
+
+
+@dataclass(frozen=True)
+class TaggedToken:
+    lease_id: str
+    position: int
+    token: int
+
+
+@dataclass(frozen=True)
+class TaggedReceipt:
+    lease_id: str
+    receipt: bytes  # the envelope, byte for byte as the agent wrote it
+
+
+@dataclass(frozen=True)
+class TaggedRefusal:
+    lease_id: str
+    error: str
+
+
+ResidentLine = TaggedToken | TaggedReceipt | TaggedRefusal
+
+
+def parse_resident_line(line: bytes) -> ResidentLine:
+    """One line of a resident agent's stdout. Raises ValueError saying what was expected and what
+    came for anything that is not one of the three tagged forms."""
+    if line.startswith(PREFIX):
+        m = _TAGGED_TOKEN.match(line)
+        if not m:
+            raise ValueError(f'expected {{"s":[position,token],"l":"<lease_id>"}}, got {_preview(line)}')
+        return TaggedToken(m[3].decode(), int(m[1]), int(m[2]))
+    if line.startswith(RECEIPT_PREFIX):
+        head = len(RECEIPT_PREFIX)
+        lease_id, sep = line[head : head + 32], line[head + 32 : head + 38]
+        body = line[head + 38 :].rstrip()
+        if not _LEASE_ID.match(lease_id) or sep != b'","e":' or not body.endswith(b"}"):
+            raise ValueError(f'expected {{"r":"<lease_id>","e":<envelope>}}, got {_preview(line)}')
+        return TaggedReceipt(lease_id.decode(), body[:-1])
+    if line.startswith(REFUSAL_PREFIX):
+        try:
+            obj = json.loads(line)
+            return TaggedRefusal(str(obj["x"]), str(obj.get("error", ""))[:2000])
+        except (ValueError, KeyError, TypeError):
+            pass
+    raise ValueError(f"expected a tagged stream, receipt or refusal line, got {_preview(line)}")
+
+
+def _preview(line: bytes, limit: int = 60) -> str:
+    return repr(line[:limit]) + ("…" if len(line) > limit else "")

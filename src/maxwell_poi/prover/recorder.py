@@ -23,10 +23,16 @@ class ActivationRecorder:
     """Forward hooks on every block and on the final norm; keeps one batch row, position by position.
 
     Use as a context manager so the hooks are removed even when generation fails.
+
+    For a row of a left-padded batch: `skip` leading positions of each pass are left out (the
+    row's pads in the prefill; set it back to 0 for the decode steps), and `active = False`
+    stops recording (a row that has finished while the batch decodes on).
     """
 
-    def __init__(self, model: LoadedModel, row: int = 0) -> None:
+    def __init__(self, model: LoadedModel, row: int = 0, *, skip: int = 0) -> None:
         self.row = row
+        self.skip = skip
+        self.active = True
         self._layers: list[list[torch.Tensor]] = [[] for _ in model.layers]
         self._final: list[torch.Tensor] = []
         self._handles = [
@@ -41,7 +47,9 @@ class ActivationRecorder:
         last = index == len(self._layers) - 1
 
         def hook(_module: torch.nn.Module, _inputs: object, output: object) -> None:
-            t = _first_tensor(output)[self.row].detach()
+            if not self.active:
+                return
+            t = _first_tensor(output)[self.row, self.skip :].detach()
             self._layers[index].append(t)
             if last and self._final_from_last:
                 self._final.append(t)
@@ -49,7 +57,8 @@ class ActivationRecorder:
         return hook
 
     def _keep_final(self, _module: torch.nn.Module, _inputs: object, output: object) -> None:
-        self._final.append(_first_tensor(output)[self.row].detach())
+        if self.active:
+            self._final.append(_first_tensor(output)[self.row, self.skip :].detach())
 
     @property
     def pending(self) -> int:

@@ -65,6 +65,74 @@ def generate(
     return tokens
 
 
+def _pad_id(model: LoadedModel) -> int:
+    pad = getattr(model.tokenizer, "pad_token_id", None)
+    return int(pad) if pad is not None else 0
+
+
+def generate_batch(
+    model: LoadedModel,
+    prompts: list[list[int]],
+    new_tokens: list[int],
+    samplers: list[SeededSampler],
+    *,
+    after_step: Callable[[int], None] | None = None,
+    on_token: Callable[[int, int, int], None] | None = None,
+) -> list[list[int]]:
+    """Seeded generation of several prompts in one batch, each row with its own sampler and length.
+
+    Prompts are left-padded to a common width (so every row's last prompt position is the batch's
+    last column and the logits kept there are each row's own); an attention mask hides the pads
+    and explicit position ids count from each row's first real token, so a row sees what it
+    would see alone. `after_step(pos)` runs after each forward pass (pos = -1 after the prefill);
+    `on_token(row, pos, token)` the moment a row's token is chosen, rows in order at each step.
+    """
+    if not prompts or not len(prompts) == len(new_tokens) == len(samplers):
+        raise ValueError("generate_batch needs one length and one sampler per prompt")
+    if any(not p for p in prompts) or any(n < 1 for n in new_tokens):
+        raise ValueError("every row needs a prompt and at least one new token")
+    device = next(model.module.parameters()).device
+    pad = _pad_id(model)
+    rows, width, steps = len(prompts), max(len(p) for p in prompts), max(new_tokens)
+    ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts], device=device)
+    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=device)
+    positions = (mask.cumsum(-1) - 1).clamp_min(0)  # pads sit at 0; they are masked anyway
+    tokens: list[list[int]] = [[] for _ in prompts]
+    cache_kw = _cache_keyword(model.module)
+    with torch.inference_mode():
+        out = model.module(
+            input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True, logits_to_keep=1
+        )
+        if after_step:
+            after_step(-1)
+        for pos in range(steps):
+            logits = out.logits[:, -1]
+            for r in range(rows):
+                if pos < new_tokens[r]:
+                    tokens[r].append(samplers[r].choose(logits[r], pos))
+                    if on_token:
+                        on_token(r, pos, tokens[r][-1])
+            if pos == steps - 1:
+                break
+            # A finished row stays in the batch and decodes pad filler (its outputs are ignored):
+            # the cache keeps its shape, which is simpler than re-slicing it per architecture.
+            # Its position is held at its last real one so it never runs past max_positions.
+            feed = [[tokens[r][-1] if pos < new_tokens[r] - 1 else pad] for r in range(rows)]
+            step_pos = [[len(p) + min(pos, n - 2)] for p, n in zip(prompts, new_tokens, strict=True)]
+            mask = torch.cat([mask, mask.new_ones(rows, 1)], dim=1)
+            out = model.module(
+                input_ids=torch.tensor(feed, device=device),
+                attention_mask=mask,
+                position_ids=torch.tensor(step_pos, device=device),
+                use_cache=True,
+                logits_to_keep=1,
+                **{cache_kw: getattr(out, cache_kw)},
+            )
+            if after_step:
+                after_step(pos)
+    return tokens
+
+
 def prefill(
     model: LoadedModel, prompt_ids: list[int], tokens: list[int]
 ) -> tuple[torch.Tensor, torch.Tensor]:

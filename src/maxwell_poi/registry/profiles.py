@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterable, Mapping
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -79,14 +79,37 @@ class Profile:
     peak_flops_per_cpu_s: float
     measured_at: float
     threads: list[int]
+    regime: str = "oneshot"  # how the honest runs were measured (observer.evidence: regime)
+    # resident regime: CPU seconds per streamed token of all rows when `b` leases are decoded in one
+    # batch (keys are str(b)); serving engines batch, and a batch costs less per token than b runs
+    batch_cpu_s_per_token: dict[str, Stats] = field(default_factory=dict)
+    # resident regime: sandbox CPU seconds per input token of an embedding lease (whole lease window)
+    embed_cpu_s_per_token: Stats | None = None
 
     def __post_init__(self) -> None:
         for name in STAT_FIELDS:  # stored profiles and hand-built ones carry plain dicts
             object.__setattr__(self, name, Stats.coerce(getattr(self, name)))
+        batches = {str(b): Stats.coerce(v) for b, v in self.batch_cpu_s_per_token.items()}
+        object.__setattr__(self, "batch_cpu_s_per_token", batches)
+        if self.embed_cpu_s_per_token is not None:
+            object.__setattr__(self, "embed_cpu_s_per_token", Stats.coerce(self.embed_cpu_s_per_token))
+
+    def batch_stats(self, batch: int) -> tuple[int, Stats] | None:
+        """The measured batch size to judge a batch of `batch` leases by, and its statistics: the
+        smallest measured size at least `batch` (a bigger batch costs less per token, so its bound
+        is the safe one), else the largest measured; None when no batch was measured."""
+        sizes = sorted(int(b) for b in self.batch_cpu_s_per_token)
+        if not sizes:
+            return None
+        chosen = next((b for b in sizes if b >= batch), sizes[-1])
+        return chosen, self.batch_cpu_s_per_token[str(chosen)]
 
     def as_dict(self) -> dict[str, Any]:
         out = asdict(self)
         out.update({name: getattr(self, name).as_dict() for name in STAT_FIELDS})
+        out["batch_cpu_s_per_token"] = {b: v.as_dict() for b, v in self.batch_cpu_s_per_token.items()}
+        if self.embed_cpu_s_per_token is not None:
+            out["embed_cpu_s_per_token"] = self.embed_cpu_s_per_token.as_dict()
         return out
 
 

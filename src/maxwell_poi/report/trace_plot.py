@@ -347,7 +347,7 @@ def plot_evidence(
     profile = None
     if profile_store is not None and model_id and job != "embed":
         try:
-            profile = profile_store.get(model_id, ev.device_class)
+            profile = profile_store.get(model_id, ev.profile_key)
         except (OSError, ValueError, TypeError):
             profile = None
     floor = _memory_floor(result, profile, model_id, (lease or {}).get("precision", "fp32"), registry)

@@ -93,4 +93,4 @@ class EvidenceLayer(TimedLayer):
         raise NotImplementedError
 
     def profile(self, ctx: Appraisal, ev: ChannelEvidence) -> Profile | None:
-        return self.profiles.get(ctx.lease.model_id, ev.device_class)
+        return self.profiles.get(ctx.lease.model_id, ev.profile_key)

@@ -15,7 +15,16 @@ Checks, in order, over the decode window (first to last streamed token):
                      sufficient: an agent can pad memory; the audit and, on GPUs, the DRAM
                      bandwidth NVML GPM sees catch what this misses);
 4. `trace_shape`     a classifier of the trace (work, pace, memory, load steadiness, burstiness)
-                     must not be confident that this is something other than inference.
+                     must not be confident that this is something other than inference;
+5. `idle_work`       (resident) the sandbox did no work while no lease was in flight before this
+                     one: a process left running between leases (mining, relaying) shows here.
+
+Resident agents (observer.resident) are measured as a sandbox, over a window: the CPU is the whole
+sandbox's (cgroup nanoseconds), so when leases were batched the decode window's CPU is judged
+against every token streamed in it, at the profile's per-token cost for that batch size; the
+trace classifier, trained on lone leases, only judges unbatched windows. Embedding leases, one
+short forward pass each, are judged by resident agents only (no process start-up in the window):
+sandbox CPU over the lease window against the input tokens, when no other lease overlapped it.
 """
 
 from __future__ import annotations
@@ -26,24 +35,36 @@ from typing import Any
 import numpy as np
 
 from ..observer.evidence import ChannelEvidence, DecodeWindow
-from ..protocol.lease import GenerateJob, Lease
-from ..protocol.result import LayerName
+from ..protocol.lease import EmbedJob, GenerateJob, Lease
+from ..protocol.result import LayerName, Status
 from ..registry.models import ReferenceValues, Registry
-from ..registry.profiles import Profile, ProfileStore
+from ..registry.profiles import Profile, ProfileStore, Stats
 from .appraisal import Appraisal, EvidenceLayer, Finding, Outcome, failed, passed, skipped
 from .classify import WorkloadClassifier, trace_features
 
 CLASSIFIER_REJECT_BELOW = 0.2  # P(inference) under which the trace shape alone rejects
-# The kernel accounts CPU time in 10 ms ticks: a short decode window is given two ticks of benefit
-# of the doubt before the floor and the work check may reject it.
-ACCOUNTING_SLACK_S = 0.02
+# A short window is given two accounting ticks of benefit of the doubt before the floor and the
+# work check may reject it (10 ms ticks for rusage and /proc; cgroups count nanoseconds).
+ACCOUNTING_SLACK_TICKS = 2
+# Between leases an honest resident agent waits on its stdin; the runtime's thread pools may spin
+# down for a moment after a batch. More than this is work nobody leased.
+IDLE_CPU_ALLOWANCE_S = 0.05
+IDLE_CPU_FRACTION = 0.05
+
+
+def accounting_slack_s(ev: ChannelEvidence) -> float:
+    return ACCOUNTING_SLACK_TICKS * ev.accounting_resolution_s
+
+
+def stats_lower_bound(s: Stats) -> float:
+    """Least value an honest run can show: 5 standard deviations under the mean, but never above
+    60% of the smallest run nor below 25% of the mean."""
+    return max(0.25 * s.mean, min(0.6 * s.min, s.mean - 5 * s.std))
 
 
 def work_lower_bound(profile: Profile) -> float:
-    """Least CPU seconds per token an honest run can show: 5 standard deviations under the
-    profile's mean, but never above 60% of its fastest run nor below 25% of its mean."""
-    s = profile.decode_cpu_s_per_token
-    return max(0.25 * s.mean, min(0.6 * s.min, s.mean - 5 * s.std))
+    """Least CPU seconds per token an honest unbatched run can show."""
+    return stats_lower_bound(profile.decode_cpu_s_per_token)
 
 
 def memory_floor_mb(profile: Profile, param_count: int, precision: str) -> float:
@@ -66,10 +87,17 @@ class DecodeWork:
     floor_cpu_s: float  # physics floor for this many tokens
     lower_bound_s: float  # least honest CPU seconds per token
     rss_floor_mb: float
+    slack_s: float  # accounting resolution's benefit of the doubt
+    batch: int = 1  # leases streaming in the window (this one and those it was batched with)
+    honest_per_token_s: float = 0.0  # the profile's mean at that batch size
 
     @classmethod
-    def of(cls, ev: ChannelEvidence, profile: Profile, ref: ReferenceValues, lease: Lease) -> DecodeWork:
-        """From evidence that has a decode window (at least two streamed tokens)."""
+    def of(
+        cls, ev: ChannelEvidence, profile: Profile, ref: ReferenceValues, lease: Lease, per_token: Stats
+    ) -> DecodeWork:
+        """From evidence that has a decode window (at least two streamed tokens); `per_token` is
+        the profile's CPU per token at the window's batch size. Co-served tokens are taken to be
+        of the same model (one model per resident agent in this prototype)."""
         window = ev.decode_window
         if window is None:
             raise ValueError("DecodeWork needs a decode window: at least two streamed tokens")
@@ -79,27 +107,39 @@ class DecodeWork:
             reference=ref,
             model_id=lease.model_id,
             peak_rss_mb=ev.peak_rss_mb(),
-            floor_cpu_s=window.tokens * ref.flops_per_token / profile.peak_flops_per_cpu_s,
-            lower_bound_s=work_lower_bound(profile),
+            floor_cpu_s=(window.tokens + window.co_tokens)
+            * ref.flops_per_token
+            / profile.peak_flops_per_cpu_s,
+            lower_bound_s=stats_lower_bound(per_token),
             rss_floor_mb=memory_floor_mb(profile, ref.param_count, lease.precision),
+            slack_s=accounting_slack_s(ev),
+            batch=1 + ev.co_leases,
+            honest_per_token_s=per_token.mean,
         )
 
     @property
+    def tokens(self) -> int:
+        """Every token the sandbox streamed in the window, this lease's and its batch peers'."""
+        return self.window.tokens + self.window.co_tokens
+
+    @property
     def per_token_s(self) -> float:
-        return self.window.cpu_s / self.window.tokens
+        return self.window.cpu_s / self.tokens
 
     @property
     def score(self) -> float:
-        return float(min(1.0, self.per_token_s / self.profile.decode_cpu_s_per_token.mean))
+        return float(min(1.0, self.per_token_s / self.honest_per_token_s))
 
     def details(self) -> dict[str, Any]:
         w = self.window
         return {
             "decode_tokens": w.tokens,
+            "batch": self.batch,
+            "batch_tokens": self.tokens,
             "decode_wall_s": round(w.wall_s, 4),
             "decode_cpu_s": round(w.cpu_s, 4),
             "cpu_ms_per_token": round(self.per_token_s * 1000, 3),
-            "profile_cpu_ms_per_token": round(self.profile.decode_cpu_s_per_token.mean * 1000, 3),
+            "profile_cpu_ms_per_token": round(self.honest_per_token_s * 1000, 3),
             "lower_bound_cpu_ms": round(self.lower_bound_s * 1000, 3),
             "physics_floor_cpu_s": round(self.floor_cpu_s, 5),
             "peak_rss_mb": round(self.peak_rss_mb, 1),
@@ -109,22 +149,22 @@ class DecodeWork:
 
 def physics_floor(w: DecodeWork) -> Finding | None:
     cpu = w.window.cpu_s
-    if np.isfinite(cpu) and cpu + ACCOUNTING_SLACK_S >= w.floor_cpu_s:
+    if np.isfinite(cpu) and cpu + w.slack_s >= w.floor_cpu_s:
         return None
     return Finding(
-        f"physics floor: {w.window.tokens} tokens of {w.model_id} need at least {w.floor_cpu_s:.4f} "
+        f"physics floor: {w.tokens} tokens of {w.model_id} need at least {w.floor_cpu_s:.4f} "
         f"CPU-s at this device's measured peak, Maxwell measured {cpu:.4f}",
         0.0,
     )
 
 
 def work_per_token(w: DecodeWork) -> Finding | None:
-    if (w.window.cpu_s + ACCOUNTING_SLACK_S) / w.window.tokens >= w.lower_bound_s:
+    if (w.window.cpu_s + w.slack_s) / w.tokens >= w.lower_bound_s:
         return None
+    batched = f" in a batch of {w.batch} ({w.tokens} tokens in the window)" if w.batch > 1 else ""
     return Finding(
-        f"work: expected >= {w.lower_bound_s * 1000:.1f} CPU-ms per token (honest "
-        f"{w.model_id} here: {w.profile.decode_cpu_s_per_token.mean * 1000:.1f}), "
-        f"measured {w.per_token_s * 1000:.2f}",
+        f"work: expected >= {w.lower_bound_s * 1000:.1f} CPU-ms per token{batched} (honest "
+        f"{w.model_id} here: {w.honest_per_token_s * 1000:.1f}), measured {w.per_token_s * 1000:.2f}",
         w.score,
     )
 
@@ -143,8 +183,10 @@ def trace_shape(
     classifier: WorkloadClassifier | None, ev: ChannelEvidence, w: DecodeWork, precision: str
 ) -> tuple[Finding | None, dict[str, Any]]:
     """(a finding when the classifier is confident this is not inference, what it said)."""
-    feats = trace_features(ev, w.profile, w.reference, precision) if classifier is not None else None
-    if classifier is None or feats is None:
+    if classifier is None or w.batch > 1:  # trained on lone leases; a batch's trace is another shape
+        return None, {}
+    feats = trace_features(ev, w.profile, w.reference, precision)
+    if feats is None:
         return None, {}
     label, p, extra = classifier.predict(feats)
     said = {"trace_class": label, "trace_class_p": round(p, 3), **extra}
@@ -154,6 +196,52 @@ def trace_shape(
         f"trace shape: expected inference, the trace classifier says {label} (p={p:.2f})",
         extra["p_inference"],
     ), said
+
+
+def idle_work(ev: ChannelEvidence) -> Finding | None:
+    """A resident sandbox must be quiet while no lease is in flight."""
+    idle = ev.idle_before
+    if idle is None:
+        return None
+    allowed = IDLE_CPU_ALLOWANCE_S + IDLE_CPU_FRACTION * idle.gap_s
+    if idle.cpu_s <= allowed:
+        return None
+    return Finding(
+        f"work between leases: expected an idle sandbox (<= {allowed:.3f} CPU-s in the "
+        f"{idle.gap_s:.2f} s before this lease, no lease in flight), measured {idle.cpu_s:.3f} CPU-s"
+    )
+
+
+def embed_work(ev: ChannelEvidence, profile: Profile, ref: ReferenceValues, input_tokens: int) -> Outcome:
+    """A resident embedding lease: the sandbox's CPU over the lease window against its input."""
+    stats = profile.embed_cpu_s_per_token
+    assert stats is not None
+    floor = input_tokens * ref.flops_per_token / profile.peak_flops_per_cpu_s
+    bound = stats_lower_bound(stats) * input_tokens
+    cpu, slack = ev.cpu_s, accounting_slack_s(ev)
+    details = {
+        "input_tokens": input_tokens,
+        "lease_cpu_s": round(cpu, 5),
+        "lower_bound_cpu_s": round(bound, 5),
+        "physics_floor_cpu_s": round(floor, 6),
+        "peak_rss_mb": round(ev.peak_rss_mb(), 1),
+    }
+    score = float(min(1.0, cpu / (stats.mean * input_tokens)))
+    if not np.isfinite(cpu) or cpu + slack < floor:
+        return failed(
+            f"physics floor: {input_tokens} input tokens of {ref.model_id} need at least {floor:.5f} "
+            f"CPU-s at this device's measured peak, Maxwell measured {cpu:.5f}",
+            0.0,
+            **details,
+        )
+    if cpu + slack < bound:
+        return failed(
+            f"work: expected >= {bound * 1000:.1f} CPU-ms for {input_tokens} input tokens (honest "
+            f"{ref.model_id} here: {stats.mean * input_tokens * 1000:.1f}), measured {cpu * 1000:.2f}",
+            score,
+            **details,
+        )
+    return passed(f"{cpu * 1000:.1f} CPU-ms for {input_tokens} input tokens", score, **details)
 
 
 class ThermodynamicLayer(EvidenceLayer):
@@ -170,24 +258,35 @@ class ThermodynamicLayer(EvidenceLayer):
 
     def decide_on(self, ctx: Appraisal, ev: ChannelEvidence) -> Outcome:
         lease = ctx.lease
-        if not isinstance(lease.job, GenerateJob):
-            return skipped(
-                "embedding jobs are one short forward pass; the prototype's per-lease process "
-                "start-up would dominate the measurement"
+        problem = idle_work(ev)
+        if problem:
+            return failed(
+                problem.reason, problem.score, idle_gap_s=ev.idle_before[0], idle_cpu_s=ev.idle_before[1]
             )
         profile = self.profile(ctx, ev)
         if profile is None:
             return skipped(
-                f"no reference profile for {lease.model_id} on {ev.device_class}: "
-                f"run `poi profile {lease.model_id}`"
+                f"no reference profile for {lease.model_id} on {ev.profile_key}: "
+                f"run `poi profile {lease.model_id}`" + (" --resident" if ev.regime != "oneshot" else "")
             )
+        if isinstance(lease.job, EmbedJob):
+            return self.embedding(ctx, ev, profile)
+        assert isinstance(lease.job, GenerateJob)
         if lease.job.max_new_tokens < 2:
             return skipped("a one-token lease has no decode window (first to last streamed token)")
         if ev.decode_window is None:
             return failed(
                 f"work: expected streamed tokens to measure the decode window, got {len(ev.stream_tokens)}"
             )
-        w = DecodeWork.of(ev, profile, self.registry.reference(lease.model_id), lease)
+        per_token = profile.decode_cpu_s_per_token
+        if ev.co_leases:
+            chosen = profile.batch_stats(1 + ev.co_leases)
+            if chosen is None:
+                return skipped(
+                    f"batched with {ev.co_leases} other leases, and the profile has no batch sizes"
+                )
+            per_token = chosen[1]
+        w = DecodeWork.of(ev, profile, self.registry.reference(lease.model_id), lease, per_token)
         details = w.details()
         for check in (physics_floor, work_per_token, memory_floor):
             problem = check(w)
@@ -198,9 +297,37 @@ class ThermodynamicLayer(EvidenceLayer):
         if problem:
             return failed(problem.reason, problem.score, **details)
         return passed(
-            f"{w.per_token_s * 1000:.1f} CPU-ms/token "
-            f"(profile {profile.decode_cpu_s_per_token.mean * 1000:.1f}), "
-            f"{w.peak_rss_mb:.0f} MB resident, {w.window.cpu_s / w.floor_cpu_s:.0f}x above the physics floor",
+            f"{w.per_token_s * 1000:.1f} CPU-ms/token (profile {w.honest_per_token_s * 1000:.1f}"
+            + (f", batch of {w.batch}" if w.batch > 1 else "")
+            + f"), {w.peak_rss_mb:.0f} MB resident, "
+            f"{w.window.cpu_s / w.floor_cpu_s:.0f}x above the physics floor",
             w.score,
             **details,
         )
+
+    def embedding(self, ctx: Appraisal, ev: ChannelEvidence, profile: Profile) -> Outcome:
+        lease = ctx.lease
+        assert isinstance(lease.job, EmbedJob)
+        if ev.regime == "oneshot" or profile.embed_cpu_s_per_token is None:
+            return skipped(
+                "embedding jobs are one short forward pass: judged only for resident agents, whose "
+                "lease window holds no process start-up (and with a resident embedding profile)"
+            )
+        if ev.overlapped:
+            return skipped(
+                f"embedding lease served alongside {ev.overlapped} other leases: this prototype "
+                "judges embedding work only for leases alone in their window"
+            )
+        tokens = sum(len(self.registry.encode_prompt(lease.model_id, t)) + 1 for t in lease.job.texts)
+        outcome = embed_work(ev, profile, self.registry.reference(lease.model_id), tokens)
+        if outcome.status is not Status.PASS:
+            return outcome
+        floor = memory_floor_mb(profile, self.registry.reference(lease.model_id).param_count, lease.precision)
+        if ev.peak_rss_mb() < floor:
+            return failed(
+                f"memory: expected the weights resident (peak >= {floor:.0f} MB), "
+                f"measured {ev.peak_rss_mb():.0f} MB",
+                outcome.score,
+                **outcome.details,
+            )
+        return outcome

@@ -24,7 +24,7 @@ JsonOpt = Annotated[bool, typer.Option("--json", help="machine-readable output o
 
 
 def _quiet() -> None:
-    from .prover.harness import quiet_libraries
+    from ..prover.harness import quiet_libraries
 
     quiet_libraries()
 
@@ -51,8 +51,8 @@ def models(
     if ctx.invoked_subcommand:
         return
     _quiet()
-    from .protocol.errors import PoiError
-    from .registry.models import Registry
+    from ..protocol.errors import PoiError
+    from ..registry.models import Registry
 
     registry = Registry()
     rows = []
@@ -98,8 +98,8 @@ def models_add(
 ) -> None:
     """Register a local `transformers` model directory (config.json + weights) under MODEL_ID."""
     _quiet()
-    from .protocol.errors import PoiError
-    from .registry.models import Registry
+    from ..protocol.errors import PoiError
+    from ..registry.models import Registry
 
     if kind not in ("causal-lm", "embedding"):
         raise _bad_input(f"--kind: expected causal-lm or embedding, got {kind!r}")
@@ -122,7 +122,7 @@ def keygen(
     keyring: Annotated[Path | None, typer.Option(help="keyring file to enroll into")] = None,
 ) -> None:
     """Create an agent's Ed25519 key; optionally enroll it in Maxwell's keyring."""
-    from .protocol.keys import AgentKey, Keyring
+    from ..protocol.keys import AgentKey, Keyring
 
     if out_path.exists():
         raise _bad_input(f"{out_path} exists; refusing to overwrite a key")
@@ -152,7 +152,7 @@ def lease(
     """Issue a lease (fresh 32-byte nonce, seeded sampler, deadline) as JSON."""
     from pydantic import ValidationError
 
-    from .protocol.lease import EmbedJob, GenerateJob, Lease
+    from ..protocol.lease import EmbedJob, GenerateJob, Lease
 
     if (prompt is None) == (not text):
         raise _bad_input("give either --prompt (generation) or --text (embedding)")
@@ -179,27 +179,46 @@ def agent(
     lease_path: Annotated[Path | None, typer.Option("--lease", help="lease file (default: stdin)")] = None,
     threads: Annotated[int | None, typer.Option(help="torch intra-op threads")] = None,
     batch: Annotated[int, typer.Option(help="batch the lease with this many same-length requests")] = 1,
+    resident: Annotated[
+        bool, typer.Option(help="answer lease after lease on stdin (one per line) until it closes")
+    ] = False,
+    max_batch: Annotated[
+        int, typer.Option(help="resident: decode up to this many waiting leases in one batch")
+    ] = 1,
 ) -> None:
-    """The honest reference agent: reads a lease, runs it with the prover SDK, prints the receipt."""
+    """The honest reference agent: reads a lease, runs it with the prover SDK, prints the receipt
+    (with --resident: stays loaded and answers leases until stdin closes, see docs/receipt.md)."""
     _quiet()
-    from .protocol.errors import PoiError
-    from .protocol.keys import AgentKey
-    from .prover.harness import serve_one
-    from .prover.sdk import Prover
+    from ..protocol.errors import PoiError
+    from ..protocol.keys import AgentKey
+    from ..prover.batched import BatchedProver
+    from ..prover.harness import one_at_a_time, serve_one, serve_resident
+    from ..prover.sdk import Prover
 
+    if max_batch < 1:
+        raise _bad_input(f"--max-batch: expected at least 1, got {max_batch}")
     try:
-        prover = Prover(AgentKey.load(key), threads=threads, batch=batch)
+        key_ = AgentKey.load(key)
     except PoiError as exc:
         raise _bad_input(str(exc)) from None
+    if resident:
+        if lease_path:
+            raise _bad_input("--resident reads leases from stdin; --lease is for one-shot mode")
+        if max_batch > 1:
+            answer = BatchedProver(key_, threads=threads).run_many
+        else:
+            answer = one_at_a_time(Prover(key_, threads=threads).run)
+        raise typer.Exit(serve_resident(answer, max_batch=max_batch))
+    prover = Prover(key_, threads=threads, batch=batch)
     raw = _read(lease_path, "lease") if lease_path else None
     raise typer.Exit(serve_one(prover.run, raw))
 
 
 def _load_verifier(keyring: Path, audit_rate: float, registry=None):
-    from .protocol.errors import PoiError
-    from .protocol.keys import Keyring
-    from .registry.models import Registry
-    from .verifier.policy import Verifier
+    from ..protocol.errors import PoiError
+    from ..protocol.keys import Keyring
+    from ..registry.models import Registry
+    from ..verifier.policy import Verifier
 
     if not keyring.exists():
         raise _bad_input(f"keyring {keyring} does not exist (create it with `poi keygen --agent-id`)")
@@ -210,8 +229,8 @@ def _load_verifier(keyring: Path, audit_rate: float, registry=None):
 
 
 def _load_lease(path: Path):
-    from .protocol.errors import LeaseFormatError
-    from .protocol.lease import Lease
+    from ..protocol.errors import LeaseFormatError
+    from ..protocol.lease import Lease
 
     try:
         return Lease.from_json(_read(path, "lease"))
@@ -220,7 +239,7 @@ def _load_lease(path: Path):
 
 
 def _report(result, json_out: bool, extra: dict | None = None) -> None:
-    from .protocol.result import Verdict
+    from ..protocol.result import Verdict
 
     if json_out:
         print(json.dumps({**result.as_dict(), **(extra or {})}, indent=2))
@@ -253,8 +272,8 @@ def verify(
 ) -> None:
     """Appraise a receipt. Exit 0 affirming, 1 contraindicated or warning, 2 bad input."""
     _quiet()
-    from .protocol.errors import ReceiptFormatError
-    from .protocol.receipt import open_receipt
+    from ..protocol.errors import ReceiptFormatError
+    from ..protocol.receipt import open_receipt
 
     the_lease = _load_lease(lease_path)
     raw = _read(receipt, "receipt")
@@ -281,9 +300,9 @@ def run(
 ) -> None:
     """Run an agent as a separate process on a lease, observe the channel, and appraise."""
     _quiet()
-    from .observer.runs import run_lease
-    from .protocol.errors import PoiError
-    from .registry.models import Registry
+    from ..observer.runs import run_lease
+    from ..protocol.errors import PoiError
+    from ..registry.models import Registry
 
     the_lease = _load_lease(lease_path)
     registry = Registry()  # one registry for the runner and the verifier
@@ -304,41 +323,6 @@ def run(
 
 
 @app.command()
-def profile(
-    model: Annotated[str, typer.Argument(help="model id to profile on this device")],
-    runs: Annotated[int, typer.Option(help="honest runs (alternating 1 and 2 threads)")] = 4,
-    tokens: Annotated[int, typer.Option(help="new tokens per run")] = 48,
-    json_out: JsonOpt = False,
-) -> None:
-    """Measure what honest inference of MODEL looks like on this device (L1/L2 reference)."""
-    _quiet()
-    from .observer.runs import measure_profile
-    from .protocol.errors import PoiError
-    from .registry.profiles import ProfileStore
-
-    if runs < 2 or tokens < 4:
-        raise _bad_input(f"--runs must be >= 2 and --tokens >= 4, got {runs} and {tokens}")
-    try:
-        with err.status(f"profiling {model}…") as status:
-            prof = measure_profile(model, runs=runs, tokens=tokens, on_progress=lambda m: status.update(m))
-    except (PoiError, RuntimeError) as exc:
-        raise _bad_input(str(exc)) from None
-    store = ProfileStore()
-    store.put(prof)
-    if json_out:
-        print(json.dumps(prof.as_dict(), indent=2))
-        return
-    out.print(f"[bold]{model}[/] on {prof.device_class} → {store.path}")
-    out.print(
-        f"  {prof.interval_s['median'] * 1000:.1f} ms/token (runs {prof.interval_s['min'] * 1000:.1f}–"
-        f"{prof.interval_s['max'] * 1000:.1f}), "
-        f"{prof.decode_cpu_s_per_token['mean'] * 1000:.1f} CPU-ms/token, "
-        f"peak RSS {prof.peak_rss_mb['min']:.0f}–{prof.peak_rss_mb['max']:.0f} MB, "
-        f"peak {prof.peak_flops_per_s / 1e9:.0f} GFLOP/s"
-    )
-
-
-@app.command()
 def trace(
     run_dir: Annotated[
         Path | None, typer.Argument(help="a `poi demo` run folder (evidence.json, result.json, lease.json)")
@@ -353,9 +337,9 @@ def trace(
     ] = None,
 ) -> None:
     """Draw what Maxwell measured of one lease (CPU, tokens, memory) against its profile as a PNG."""
-    from .registry.models import Registry
-    from .registry.profiles import ProfileStore
-    from .report.trace_plot import plot_evidence, trace_inputs
+    from ..registry.models import Registry
+    from ..registry.profiles import ProfileStore
+    from ..report.trace_plot import plot_evidence, trace_inputs
 
     if (run_dir is None) == (evidence is None):
         raise _bad_input("give either RUN_DIR or --evidence FILE (with --result FILE)")
@@ -397,9 +381,9 @@ def demo(
     _quiet()
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
-    from .adversaries import CATALOGUE
-    from .demo import Demo, DemoConfig
-    from .protocol.result import Verdict
+    from ..adversaries import CATALOGUE
+    from ..demo import Demo, DemoConfig
+    from ..protocol.result import Verdict
 
     known = {a.name for a in CATALOGUE}
     for name in attack or []:
@@ -452,3 +436,6 @@ def demo(
 
 if __name__ == "__main__":
     app()
+
+
+from . import serving  # noqa: E402,F401  (registers `poi profile` and `poi node` on `app`)

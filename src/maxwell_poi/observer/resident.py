@@ -1,0 +1,287 @@
+"""A resident agent: one long-lived agent process tree in its own sandbox, answering lease after
+lease over the same pipes, several at once (docs/receipt.md, "Resident mode").
+
+Maxwell's side of the channel. Per lease it measures, with its own clock and the sandbox's kernel
+accounting (observer.sandbox): the lease window (lease line written to receipt line read), the
+sandbox's CPU-nanoseconds and memory at that window's ends and at each token's arrival, the
+tokens other leases streamed inside this lease's decode window (batching: L1 judges the sandbox's
+work against the work of every lease it served there), and the sandbox's CPU while no lease was in
+flight before this one (work done between leases). Nothing the agent writes is trusted: its lines
+are only routed by the lease id they carry, and a line naming no lease in flight is an error.
+"""
+
+from __future__ import annotations
+
+import bisect
+import contextlib
+import hashlib
+import os
+import subprocess
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass, field
+
+from ..protocol.lease import Lease
+from ..protocol.stream import TaggedReceipt, TaggedRefusal, TaggedToken, parse_resident_line
+from .channel import AgentRun, drain
+from .evidence import ChannelEvidence, IdleGap
+from .host import this_device
+from .sandbox import Sandbox, Usage, open_sandbox
+
+MAX_LINE_BYTES = 64 << 20  # a resident agent's longest line; a receipt line past it is cut and fails
+RESIDENT_REGIME = "resident"
+
+
+@dataclass
+class _LeaseState:
+    """What Maxwell saw of one lease in flight (filled by the reader thread)."""
+
+    lease: Lease
+    max_bytes: int
+    payload: bytes
+    started_at: float
+    t_in: float
+    usage_in: Usage
+    idle: IdleGap | None
+    tokens: list[int] = field(default_factory=list)
+    times: list[float] = field(default_factory=list)  # perf_counter at arrival
+    cpu: list[float] = field(default_factory=list)  # sandbox CPU seconds at arrival
+    peak_memory: int = 0
+    errors: int = 0
+    bytes_out: int = 0
+    digest: hashlib._Hash = field(default_factory=hashlib.sha256)
+    receipt: bytes = b""
+    receipt_total: int = 0
+    refusal: str = ""
+    t_out: float | None = None
+    usage_out: Usage | None = None
+    overlap: set[str] = field(default_factory=set)  # other leases in flight during this one
+    done: threading.Event = field(default_factory=threading.Event)
+
+
+class ResidentAgent:
+    """Starts `argv` once in a sandbox and serves leases to it until closed.
+
+    `submit(lease, max_bytes)` writes the lease line and returns at once; `collect(lease_id)` waits
+    for that lease's receipt (or its deadline) and returns the run with its evidence. Several leases
+    may be in flight at once; the agent decides how to batch them.
+    """
+
+    def __init__(
+        self, argv: list[str], *, name: str, env: dict[str, str] | None = None, sandbox: Sandbox | None = None
+    ) -> None:
+        self.argv = list(argv)
+        self.sandbox = sandbox or open_sandbox(name)
+        self.t0 = time.perf_counter()
+        self.proc = self.sandbox.spawn(
+            self.argv,
+            env={**os.environ, **(env or {})},
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            cwd=cwd,
+        )
+        self._lock = threading.Lock()
+        self._write_lock = threading.Lock()
+        self._leases: dict[str, _LeaseState] = {}
+        self._arrivals: deque[tuple[float, str]] = deque()  # (arrival, lease id) of every token
+        # idle accounting starts when the first lease ends: start-up (imports, loading) is not idling
+        self._idle_since: tuple[float, Usage] | None = None
+        self.unrouted = 0  # lines naming no lease in flight, or unreadable with none in flight
+        self._stderr: dict = {}
+        self._threads = [
+            threading.Thread(target=self._read, daemon=True),
+            threading.Thread(target=drain, args=(self.proc.stderr, 1 << 16, self._stderr), daemon=True),
+        ]
+        for t in self._threads:
+            t.start()
+
+    # --- Maxwell -> agent -------------------------------------------------------------------
+    def submit(self, lease: Lease, max_bytes: int) -> None:
+        payload = lease.to_json().encode() + b"\n"
+        with self._lock:
+            if lease.lease_id in self._leases:
+                raise ValueError(f"lease {lease.lease_id} is already in flight on this agent")
+            now, usage = time.perf_counter(), self.sandbox.usage()
+            idle = None
+            if not self._in_flight() and self._idle_since is not None:
+                t_idle, u_idle = self._idle_since
+                idle = IdleGap(gap_s=now - t_idle, cpu_s=(usage.cpu_ns - u_idle.cpu_ns) / 1e9)
+            state = _LeaseState(
+                lease, max_bytes, payload, time.time(), now, usage, idle, peak_memory=usage.memory_bytes
+            )
+            for other in self._leases.values():
+                if not other.done.is_set():
+                    other.overlap.add(lease.lease_id)
+                    state.overlap.add(other.lease.lease_id)
+            self._leases[lease.lease_id] = state
+        try:
+            with self._write_lock:
+                self.proc.stdin.write(payload)
+                self.proc.stdin.flush()
+        except (BrokenPipeError, ValueError):
+            self._finish(lease.lease_id, refusal="the agent's stdin is closed (the agent exited)")
+
+    def _in_flight(self) -> int:
+        return sum(1 for s in self._leases.values() if not s.done.is_set())
+
+    # --- agent -> Maxwell -------------------------------------------------------------------
+    def _read(self) -> None:
+        stream = self.proc.stdout
+        while True:
+            line = stream.readline(MAX_LINE_BYTES)
+            if not line:
+                break
+            arrived = time.perf_counter()
+            if not line.strip():
+                continue
+            try:
+                item = parse_resident_line(line)
+            except ValueError:
+                self._unreadable(line)
+                continue
+            with self._lock:
+                state = self._leases.get(item.lease_id)
+                if state is None or state.done.is_set():
+                    self.unrouted += 1
+                    continue
+                state.bytes_out += len(line)
+                state.digest.update(line)
+            if isinstance(item, TaggedToken):
+                self._token(state, item, arrived)
+            elif isinstance(item, TaggedReceipt):
+                state.receipt_total = len(item.receipt)
+                state.receipt = item.receipt[: state.max_bytes + 1]
+                self._finish(item.lease_id)
+            elif isinstance(item, TaggedRefusal):
+                self._finish(item.lease_id, refusal=item.error or "refused without a reason")
+        with self._lock:
+            pending = [lid for lid, s in self._leases.items() if not s.done.is_set()]
+        for lid in pending:  # the agent exited: every lease still open ends here, unanswered
+            self._finish(lid, refusal=f"the agent exited (status {self.proc.poll()}) before answering")
+
+    def _unreadable(self, line: bytes) -> None:
+        """An unreadable line cannot be routed: every lease in flight counts a stream error (the
+        agent garbled its own channel), or none is and it counts as unrouted."""
+        with self._lock:
+            open_ = [s for s in self._leases.values() if not s.done.is_set()]
+            for s in open_:
+                s.errors += 1
+            if not open_:
+                self.unrouted += 1
+
+    def _token(self, state: _LeaseState, item: TaggedToken, arrived: float) -> None:
+        if item.position != len(state.tokens):
+            state.errors += 1
+            return
+        usage = self.sandbox.usage()
+        with self._lock:
+            state.tokens.append(item.token)
+            state.times.append(arrived)
+            state.cpu.append(usage.cpu_ns / 1e9)
+            state.peak_memory = max(state.peak_memory, usage.memory_bytes)
+            self._arrivals.append((arrived, item.lease_id))
+
+    def _finish(self, lease_id: str, refusal: str = "") -> None:
+        now, usage = time.perf_counter(), self.sandbox.usage()
+        with self._lock:
+            state = self._leases.get(lease_id)
+            if state is None or state.done.is_set():
+                return
+            state.t_out, state.usage_out, state.refusal = now, usage, refusal
+            state.peak_memory = max(state.peak_memory, usage.memory_bytes)
+            state.done.set()
+            if not self._in_flight():
+                self._idle_since = (now, usage)
+
+    # --- results ----------------------------------------------------------------------------
+    def collect(self, lease_id: str, timeout_s: float | None = None) -> AgentRun:
+        """Wait for the lease's receipt until `timeout_s` (default: the lease's deadline); a lease
+        that runs out of time is closed as timed out (a late receipt is then unrouted)."""
+        with self._lock:
+            state = self._leases[lease_id]
+        timeout = timeout_s if timeout_s is not None else max(0.1, state.lease.deadline - time.time())
+        timed_out = not state.done.wait(timeout)
+        if timed_out:
+            self._finish(lease_id, refusal=f"no receipt within {timeout:.1f} s")
+        with self._lock:
+            self._leases.pop(lease_id)
+            evidence = self._evidence(state)
+            self._forget_arrivals_before(
+                min((s.t_in for s in self._leases.values()), default=time.perf_counter())
+            )
+        return AgentRun(receipt=state.receipt.strip(), evidence=evidence, timed_out=timed_out)
+
+    def _co_served(self, state: _LeaseState) -> tuple[int, int]:
+        """(tokens, leases) other leases streamed inside this lease's decode window."""
+        if len(state.times) < 2:
+            return 0, 0
+        times = [t for t, _ in self._arrivals]
+        lo = bisect.bisect_left(times, state.times[0])
+        hi = bisect.bisect_right(times, state.times[-1])
+        others = [lid for _, lid in list(self._arrivals)[lo:hi] if lid != state.lease.lease_id]
+        return len(others), len(set(others))
+
+    def _forget_arrivals_before(self, t: float) -> None:
+        while self._arrivals and self._arrivals[0][0] < t:
+            self._arrivals.popleft()
+
+    def _evidence(self, s: _LeaseState) -> ChannelEvidence:
+        assert s.t_out is not None and s.usage_out is not None
+        co_tokens, co_leases = self._co_served(s)
+        desc = self.sandbox.describe()
+        return ChannelEvidence(
+            started_at=s.started_at,
+            finished_at=s.started_at + (s.t_out - s.t_in),
+            wall_s=s.t_out - s.t_in,
+            cpu_s=(s.usage_out.cpu_ns - s.usage_in.cpu_ns) / 1e9,
+            max_rss_kb=s.peak_memory // 1024,
+            bytes_in=len(s.payload),
+            bytes_out=s.bytes_out,
+            receipt_bytes=s.receipt_total,
+            sha256_in=hashlib.sha256(s.payload).hexdigest(),
+            sha256_out=s.digest.hexdigest(),
+            exit_code=self.proc.poll(),
+            stderr_tail=(s.refusal + "\n" if s.refusal else "")
+            + self._stderr.get("data", b"")[-2000:].decode("utf-8", "replace"),
+            stream_tokens=tuple(s.tokens),
+            stream_t=tuple(round(t - s.t_in, 6) for t in s.times),
+            stream_cpu_s=tuple(s.cpu),
+            stream_errors=s.errors,
+            device_class=this_device(),
+            regime=RESIDENT_REGIME,
+            accounting={
+                "source": str(desc["source"]),
+                "trust": str(desc["trust"]),
+                "resolution_s": desc["resolution_ns"] / 1e9,
+            },
+            co_tokens=co_tokens,
+            co_leases=co_leases,
+            overlapped=len(s.overlap),
+            idle_before=s.idle,
+        )
+
+    @property
+    def alive(self) -> bool:
+        return self.proc.poll() is None
+
+    def stderr_tail(self) -> str:
+        return self._stderr.get("data", b"")[-2000:].decode("utf-8", "replace")
+
+    def close(self, grace_s: float = 5.0) -> None:
+        """Close the agent's stdin (a resident agent exits when its input ends), then stop
+        whatever is left in the sandbox, children outside the process tree included."""
+        with contextlib.suppress(OSError):
+            self.proc.stdin.close()
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            self.proc.wait(timeout=grace_s)
+        self.sandbox.close()
+        for t in self._threads:
+            t.join(timeout=2)
+
+    def __enter__(self) -> ResidentAgent:
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        self.close()

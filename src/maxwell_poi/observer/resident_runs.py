@@ -1,0 +1,191 @@
+"""Serving leases to resident agents: the path `poi node`, the demo, resident profiling and the
+node benchmark take, and the honest resident runs a batched reference profile is measured from."""
+
+from __future__ import annotations
+
+import statistics
+import tempfile
+import time
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+
+import numpy as np
+
+from ..protocol.keys import AgentKey
+from ..protocol.lease import EmbedJob, GenerateJob, Lease
+from ..protocol.receipt import max_receipt_bytes
+from ..registry.models import Registry
+from ..registry.profiles import Profile, Stats
+from ..registry.prompts import PROMPTS, TEXTS
+from .channel import AgentRun
+from .host import measure_peak_flops, this_device
+from .resident import RESIDENT_REGIME, ResidentAgent
+from .runs import OFFLINE_ENV, honest_agent_argv
+
+
+def start_resident(argv: list[str], name: str, cwd: str | None = None) -> ResidentAgent:
+    """An agent program started once in its own sandbox, offline, ready for leases."""
+    return ResidentAgent(argv, name=name, env=OFFLINE_ENV, cwd=cwd)
+
+
+def serve_wave(
+    agent: ResidentAgent, leases: Sequence[Lease], registry: Registry, timeout_s: float | None = None
+) -> list[AgentRun]:
+    """Hand `leases` to the agent at once (it may batch them), then collect every answer."""
+    for lease in leases:
+        agent.submit(lease, max_receipt_bytes(lease, registry.reference(lease.model_id).hidden))
+    return [agent.collect(lease.lease_id, timeout_s) for lease in leases]
+
+
+def generate_leases(
+    model_id: str, count: int, tokens: int, start: int = 0, agent_id: str = "profiler"
+) -> list[Lease]:
+    return [
+        Lease.issue(
+            agent_id, model_id, GenerateJob(prompt=PROMPTS[(start + i) % len(PROMPTS)], max_new_tokens=tokens)
+        )
+        for i in range(count)
+    ]
+
+
+def embed_leases(model_id: str, count: int, start: int = 0, agent_id: str = "profiler") -> list[Lease]:
+    return [
+        Lease.issue(agent_id, model_id, EmbedJob(texts=[TEXTS[(start + i) % len(TEXTS)]]))
+        for i in range(count)
+    ]
+
+
+def window_cpu_per_token(run: AgentRun) -> float:
+    """Sandbox CPU seconds per token streamed (by any lease) in this lease's decode window."""
+    w = run.evidence.decode_window
+    if w is None:
+        raise RuntimeError(f"no decode window: {run.evidence.stderr_tail[-300:]}")
+    return w.cpu_s / (w.tokens + w.co_tokens)
+
+
+def embed_input_tokens(lease: Lease, registry: Registry) -> int:
+    """Tokens the embedding pipeline runs over, as the verifier counts them: [CLS] text [SEP]."""
+    job = lease.job
+    assert isinstance(job, EmbedJob)
+    return sum(len(registry.encode_prompt(lease.model_id, t)) + 1 for t in job.texts)
+
+
+def honest_resident(key_dir: Path, max_batch: int, threads: int | None = None) -> ResidentAgent:
+    key = key_dir / "honest.pem"
+    if not key.exists():
+        AgentKey.generate().save(key)
+    extra = ["--resident", "--max-batch", str(max_batch)] + (["--threads", str(threads)] if threads else [])
+    return start_resident(honest_agent_argv(key, *extra), "honest")
+
+
+def _checked(runs: list[AgentRun]) -> list[AgentRun]:
+    for r in runs:
+        if r.timed_out or not r.receipt:
+            raise RuntimeError(f"honest resident run failed: {r.evidence.stderr_tail[-500:]}")
+    return runs
+
+
+def honest_batches(
+    model_id: str,
+    batches: Sequence[int],
+    runs: int,
+    tokens: int,
+    registry: Registry,
+    threads: int | None = None,
+) -> Iterator[tuple[int, list[AgentRun]]]:
+    """Honest resident waves: `runs` waves at each batch size (after one warm-up lease)."""
+    with tempfile.TemporaryDirectory() as tmp, honest_resident(Path(tmp), max(batches), threads) as agent:
+        _checked(serve_wave(agent, generate_leases(model_id, 1, 2), registry))  # loads the model
+        for b in batches:
+            for i in range(runs):
+                yield (
+                    b,
+                    _checked(serve_wave(agent, generate_leases(model_id, b, tokens, start=i * b), registry)),
+                )
+
+
+def measure_resident_profile(
+    model_id: str,
+    *,
+    runs: int = 3,
+    tokens: int = 32,
+    batches: Sequence[int] = (1, 2, 4),
+    registry: Registry | None = None,
+    on_progress: Callable[[str], None] | None = None,
+) -> Profile:
+    """What honest serving of `model_id` by a resident agent looks like on this device: per batch
+    size, sandbox CPU per token of the batch; at batch 1 also pace, cores busy and memory. For an
+    embedding model, CPU per input token over the whole lease window."""
+    registry = registry or Registry()
+    if registry.get(model_id).kind == "embedding":
+        return _embed_profile(model_id, runs, registry, on_progress)
+    per_batch: dict[int, list[float]] = {}
+    intervals, busy, memory = [], [], []
+    for b, wave in honest_batches(model_id, batches, runs, tokens, registry):
+        per_batch.setdefault(b, []).extend(window_cpu_per_token(r) for r in wave)
+        if b == 1:
+            ev = wave[0].evidence
+            w = ev.decode_window
+            assert w is not None
+            intervals.append(statistics.median(np.diff(ev.stream_t)))
+            busy.append(w.cpu_s / w.wall_s if w.wall_s > 0 else 0.0)
+            memory.append(ev.peak_rss_mb())
+        if on_progress:
+            on_progress(f"{model_id} batch {b}: {per_batch[b][-1] * 1000:.1f} CPU-ms per token of the batch")
+    if not intervals:
+        raise ValueError("measure_resident_profile: batch size 1 must be among `batches`")
+    return _profile(
+        model_id, runs, tokens, batches, per_batch[1], intervals, busy, memory, per_batch=per_batch
+    )
+
+
+def _embed_profile(
+    model_id: str, runs: int, registry: Registry, on_progress: Callable[[str], None] | None
+) -> Profile:
+    per_token, walls, memory = [], [], []
+    with tempfile.TemporaryDirectory() as tmp, honest_resident(Path(tmp), 1) as agent:
+        _checked(serve_wave(agent, embed_leases(model_id, 1), registry))  # loads the model
+        for i in range(max(runs, 3)):
+            lease = embed_leases(model_id, 1, start=i)[0]
+            (run,) = _checked(serve_wave(agent, [lease], registry))
+            per_token.append(run.evidence.cpu_s / embed_input_tokens(lease, registry))
+            walls.append(run.evidence.wall_s)
+            memory.append(run.evidence.peak_rss_mb())
+            if on_progress:
+                on_progress(
+                    f"{model_id} embedding {i + 1}: {per_token[-1] * 1000:.2f} CPU-ms per input token"
+                )
+    return _profile(model_id, len(per_token), 0, (1,), per_token, walls, [1.0], memory, embed=per_token)
+
+
+def _profile(
+    model_id: str,
+    runs: int,
+    tokens: int,
+    batches: Sequence[int],
+    cpu_per_token: list[float],
+    intervals: list[float],
+    busy: list[float],
+    memory: list[float],
+    *,
+    per_batch: dict[int, list[float]] | None = None,
+    embed: list[float] | None = None,
+) -> Profile:
+    peak = measure_peak_flops()
+    return Profile(
+        device_class=f"{this_device()}|{RESIDENT_REGIME}",
+        model_id=model_id,
+        runs=runs,
+        tokens=tokens,
+        interval_s=Stats.of(intervals),
+        decode_cpu_s_per_token=Stats.of(cpu_per_token),
+        decode_cores_busy=Stats.of(busy),
+        peak_rss_mb=Stats.of(memory),
+        peak_flops_per_s=peak["peak_flops_per_s"],
+        peak_flops_per_cpu_s=peak["peak_flops_per_cpu_s"],
+        measured_at=time.time(),
+        threads=[],
+        regime=RESIDENT_REGIME,
+        batch_cpu_s_per_token={str(b): Stats.of(v) for b, v in (per_batch or {}).items()},
+        embed_cpu_s_per_token=Stats.of(embed) if embed else None,
+    )
