@@ -5,11 +5,13 @@ level says, and leaves nothing behind on close."""
 from __future__ import annotations
 
 import os
+import subprocess
 import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import psutil
 import pytest
 
 from maxwell_poi.observer.sandbox import (
@@ -103,8 +105,6 @@ def test_cpu_of_a_burning_child_is_counted(sandbox: Sandbox) -> None:
 
 
 def test_memory_and_peak_of_a_child_holding_50_mb(sandbox: Sandbox) -> None:
-    import subprocess
-
     child = sandbox.spawn([sys.executable, "-c", HOLD], stdin=subprocess.PIPE, stdout=subprocess.PIPE)
     assert child.stdout is not None and child.stdin is not None
     assert child.stdout.readline().strip() == b"held"
@@ -128,10 +128,6 @@ def test_memory_and_peak_of_a_child_holding_50_mb(sandbox: Sandbox) -> None:
 
 
 def test_escaped_grandchild(sandbox: Sandbox) -> None:
-    import subprocess
-
-    import psutil
-
     root = sandbox.spawn([sys.executable, "-c", ESCAPE], stdout=subprocess.PIPE)
     assert root.stdout is not None
     gc = int(root.stdout.readline())

@@ -9,7 +9,7 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
-from . import EXIT_OK, EXIT_REJECTED, JsonOpt, _bad_input, _quiet, app, err, out
+from .common import EXIT_OK, EXIT_REJECTED, JsonOpt, _bad_input, _quiet, app, err, out
 
 
 @app.command()

@@ -69,7 +69,13 @@ class ResidentAgent:
     """
 
     def __init__(
-        self, argv: list[str], *, name: str, env: dict[str, str] | None = None, sandbox: Sandbox | None = None
+        self,
+        argv: list[str],
+        *,
+        name: str,
+        env: dict[str, str] | None = None,
+        sandbox: Sandbox | None = None,
+        cwd: str | None = None,
     ) -> None:
         self.argv = list(argv)
         self.sandbox = sandbox or open_sandbox(name)

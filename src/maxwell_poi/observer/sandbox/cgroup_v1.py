@@ -8,8 +8,20 @@ import time
 from pathlib import Path
 from typing import Any
 
-from . import cgroupfs
 from .base import AccountingSource, Sandbox, SandboxTrust, SandboxUnavailable, Usage
+from .cgroupfs import (
+    cgroup1_mount,
+    close_fds,
+    joiner,
+    make_group,
+    mounts_file,
+    open_counter,
+    pread_int,
+    pread_text,
+    read_procs,
+    remove_group,
+    writable,
+)
 
 _CPU_FILES = ("cpuacct.usage",)
 _MEM_FILES = ("memory.usage_in_bytes",)  # the root group has no max_usage on some kernels
@@ -30,11 +42,11 @@ class CgroupV1Sandbox(Sandbox):
 
     @classmethod
     def _mounts(cls) -> tuple[Path, Path]:
-        cpu = cgroupfs.cgroup1_mount("cpuacct")
-        mem = cgroupfs.cgroup1_mount("memory")
+        cpu = cgroup1_mount("cpuacct")
+        mem = cgroup1_mount("memory")
         if cpu is None or mem is None:
             missing = " and ".join(c for c, m in (("cpuacct", cpu), ("memory", mem)) if m is None)
-            raise SandboxUnavailable(f"cgroup v1: no {missing} hierarchy in {cgroupfs.MOUNTS}")
+            raise SandboxUnavailable(f"cgroup v1: no {missing} hierarchy in {mounts_file()}")
         return cpu, mem
 
     @classmethod
@@ -47,7 +59,7 @@ class CgroupV1Sandbox(Sandbox):
             for f in files:
                 if not (root / f).exists():
                     return f"cgroup v1: {root / f} missing"
-            why = cgroupfs.writable(root)
+            why = writable(root)
             if why:
                 return f"cgroup v1: {why}"
         return None
@@ -59,7 +71,7 @@ class CgroupV1Sandbox(Sandbox):
             raise SandboxUnavailable(why)
         cpu_root, mem_root = self._mounts()
         try:
-            self.cpu_group = cgroupfs.make_group(cpu_root, self.name)
+            self.cpu_group = make_group(cpu_root, self.name)
         except SandboxUnavailable as e:
             raise SandboxUnavailable(f"cgroup v1: {e}") from e
         # Co-mounted cpuacct and memory share one hierarchy, hence one group.
@@ -67,7 +79,7 @@ class CgroupV1Sandbox(Sandbox):
         self._fds: list[int] = []
         try:
             if self.mem_group is None:
-                self.mem_group = cgroupfs.make_group(mem_root, self.name)
+                self.mem_group = make_group(mem_root, self.name)
             self._cpu_fd = self._keep(self.cpu_group / "cpuacct.usage")
             self._mem_fd = self._keep(self.mem_group / "memory.usage_in_bytes")
             self._peak_fd = self._keep(self.mem_group / "memory.max_usage_in_bytes")
@@ -78,7 +90,7 @@ class CgroupV1Sandbox(Sandbox):
             raise SandboxUnavailable(f"cgroup v1: {e}") from e
 
     def _keep(self, path: Path) -> int:
-        fd = cgroupfs.open_counter(path)
+        fd = open_counter(path)
         self._fds.append(fd)
         return fd
 
@@ -89,18 +101,18 @@ class CgroupV1Sandbox(Sandbox):
     def _spawn(self, argv: list[str], env: dict[str, str], kw: dict[str, Any]) -> subprocess.Popen[Any]:
         if "preexec_fn" in kw:
             raise ValueError("preexec_fn is taken: the sandbox uses it to join its cgroups before exec")
-        join, fds = cgroupfs.joiner(self.groups)
+        join, fds = joiner(self.groups)
         try:
             return subprocess.Popen(argv, env=env, preexec_fn=join, **kw)
         finally:
-            cgroupfs.close_fds(fds)
+            close_fds(fds)
 
     def usage(self) -> Usage:
         self._check_open()
-        cpu = cgroupfs.pread_int(self._cpu_fd)
-        mem = cgroupfs.pread_int(self._mem_fd)
-        peak = cgroupfs.pread_int(self._peak_fd)
-        n = len(cgroupfs.pread_text(self._procs_fd).split())
+        cpu = pread_int(self._cpu_fd)
+        mem = pread_int(self._mem_fd)
+        peak = pread_int(self._peak_fd)
+        n = len(pread_text(self._procs_fd).split())
         return Usage(cpu, mem, max(peak, mem), n, time.perf_counter())
 
     def reset_peak(self) -> None:
@@ -111,18 +123,18 @@ class CgroupV1Sandbox(Sandbox):
     def pids(self) -> list[int]:
         # A task can only be in one group per hierarchy; the union covers a process that someone
         # with our privileges moved out of one of the two groups.
-        return sorted({p for g in self.groups for p in cgroupfs.read_procs(g)})
+        return sorted({p for g in self.groups for p in read_procs(g)})
 
     def _members(self) -> list[int]:
         return self.pids()
 
     def _release(self) -> None:
-        cgroupfs.close_fds(self._fds)
+        close_fds(self._fds)
         self._fds = []
         errors = []
         for g in self.groups:
             try:
-                cgroupfs.remove_group(g)
+                remove_group(g)
             except OSError as e:
                 errors.append(f"{g}: {e.strerror or e}")
         if errors:

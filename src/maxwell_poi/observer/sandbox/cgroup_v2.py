@@ -9,8 +9,20 @@ import time
 from pathlib import Path
 from typing import Any
 
-from . import cgroupfs
 from .base import AccountingSource, Sandbox, SandboxTrust, SandboxUnavailable, Usage
+from .cgroupfs import (
+    PARENT,
+    cgroup2_mount,
+    close_fds,
+    joiner,
+    make_group,
+    mounts_file,
+    pread_int,
+    pread_text,
+    read_procs,
+    remove_group,
+    writable,
+)
 
 
 def _controllers(path: Path) -> set[str]:
@@ -55,9 +67,9 @@ class CgroupV2Sandbox(Sandbox):
 
     @classmethod
     def _mount(cls) -> Path:
-        root = cgroupfs.cgroup2_mount()
+        root = cgroup2_mount()
         if root is None:
-            raise SandboxUnavailable(f"cgroup v2: no cgroup2 mount in {cgroupfs.MOUNTS}")
+            raise SandboxUnavailable(f"cgroup v2: no cgroup2 mount in {mounts_file()}")
         return root
 
     @classmethod
@@ -72,7 +84,7 @@ class CgroupV2Sandbox(Sandbox):
             return f"cgroup v2: no memory controller in {root} (controllers: {listed})"
         if not (root / "cgroup.procs").exists():
             return f"cgroup v2: {root}/cgroup.procs missing"
-        why = cgroupfs.writable(root)
+        why = writable(root)
         return f"cgroup v2: {why}" if why else None
 
     def __init__(self, label: str) -> None:
@@ -81,7 +93,7 @@ class CgroupV2Sandbox(Sandbox):
         if why:
             raise SandboxUnavailable(why)
         root = self._mount()
-        parent = root / cgroupfs.PARENT
+        parent = root / PARENT
         why = _enable(root, ("memory",))
         if why is None:
             try:
@@ -95,7 +107,7 @@ class CgroupV2Sandbox(Sandbox):
             if "cpu" in _controllers(g):
                 _enable(g, ("cpu",))
         try:
-            self.group = cgroupfs.make_group(root, self.name)
+            self.group = make_group(root, self.name)
         except SandboxUnavailable as e:
             raise SandboxUnavailable(f"cgroup v2: {e}") from e
         self._fds: list[int] = []
@@ -125,21 +137,21 @@ class CgroupV2Sandbox(Sandbox):
     def _spawn(self, argv: list[str], env: dict[str, str], kw: dict[str, Any]) -> subprocess.Popen[Any]:
         if "preexec_fn" in kw:
             raise ValueError("preexec_fn is taken: the sandbox uses it to join its cgroup before exec")
-        join, fds = cgroupfs.joiner([self.group])
+        join, fds = joiner([self.group])
         try:
             return subprocess.Popen(argv, env=env, preexec_fn=join, **kw)
         finally:
-            cgroupfs.close_fds(fds)
+            close_fds(fds)
 
     def usage(self) -> Usage:
         self._check_open()
-        stat = cgroupfs.pread_text(self._cpu_fd)
+        stat = pread_text(self._cpu_fd)
         # First line is "usage_usec N"; search anyway in case a kernel reorders the keys.
         i = stat.index(b"usage_usec ") + len(b"usage_usec ")
         cpu_ns = int(stat[i : stat.index(b"\n", i)]) * 1000
-        mem = cgroupfs.pread_int(self._mem_fd)
-        peak = max(cgroupfs.pread_int(self._peak_fd), mem) if self._peak_fd >= 0 else -1
-        n = len(cgroupfs.pread_text(self._procs_fd).split())
+        mem = pread_int(self._mem_fd)
+        peak = max(pread_int(self._peak_fd), mem) if self._peak_fd >= 0 else -1
+        n = len(pread_text(self._procs_fd).split())
         return Usage(cpu_ns, mem, peak, n, time.perf_counter())
 
     def reset_peak(self) -> None:
@@ -155,7 +167,7 @@ class CgroupV2Sandbox(Sandbox):
             self.peak_resettable = False
 
     def pids(self) -> list[int]:
-        return sorted(cgroupfs.read_procs(self.group))
+        return sorted(read_procs(self.group))
 
     def _members(self) -> list[int]:
         return self.pids()
@@ -168,10 +180,10 @@ class CgroupV2Sandbox(Sandbox):
             super()._kill_members()
 
     def _release(self) -> None:
-        cgroupfs.close_fds(self._fds)
+        close_fds(self._fds)
         self._fds = []
         self._peak_fd = -1
-        cgroupfs.remove_group(self.group)
+        remove_group(self.group)
 
     def _paths(self) -> dict[str, str]:
         return {"cgroup": str(self.group)}

@@ -30,6 +30,10 @@ def _unescape(field: str) -> str:
     return re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), field)
 
 
+def mounts_file() -> str:
+    return MOUNTS
+
+
 def read_mounts(path: str | None = None) -> list[Mount]:
     out = []
     try:
