@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test bench signals lint clean calibrate
+.PHONY: demo test bench bench-node signals lint clean calibrate
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -21,6 +21,9 @@ test: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python bench/core.py
+
+bench-node: $(STAMP)
+	$(BIN)/python bench/node.py
 
 signals: $(STAMP)
 	$(BIN)/python bench/signals.py

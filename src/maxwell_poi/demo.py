@@ -1,19 +1,33 @@
-"""`poi demo`: honest and cheating agents on real models, through Maxwell's runner and verifier."""
+"""`poi demo`: honest and cheating agents on real models, as resident agents in Maxwell's measured
+sandboxes (node.Node), appraised by the verifier.
+
+Every agent program, honest or not, is started once in its own sandbox and handed its leases
+there (several at once where the plan batches them); each run records which accounting source
+measured it (cgroup v2/v1, or the /proc fallback) and the node's signed evidence.
+"""
 
 from __future__ import annotations
 
+import contextlib
+import itertools
 import logging
+import os
 import shutil
+import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from .adversaries import CATALOGUE, Attack
+from .node import Node, NodeResult
+from .observer.attest import NodeKey
 from .observer.host import this_device
-from .observer.runs import honest_agent_argv, measure_profile, run_lease
+from .observer.resident import RESIDENT_REGIME
+from .observer.resident_runs import measure_resident_profile
+from .observer.runs import OFFLINE_ENV, honest_agent_argv
 from .protocol.files import write_json_atomic
 from .protocol.keys import AgentKey, Keyring
 from .protocol.lease import EmbedJob, GenerateJob, Lease
@@ -52,6 +66,8 @@ class Planned:
     argv: list[str]
     signer: str  # whose key the program holds
     priming: bool = False
+    wave: int = 0  # plans sharing a wave number are handed to their agent at once (a batch)
+    pause_s: float = 0.0  # wait this long before handing the lease over (an idle gap)
 
 
 @dataclass
@@ -65,6 +81,8 @@ class DemoRow:
     agent_wall_s: float
     agent_cpu_s: float
     verify_s: float
+    accounting: str = ""  # which source measured the sandbox: cgroup-v2, cgroup-v1 or proc
+    batch: int = 1
     output_preview: str = ""
     result: dict[str, Any] = field(default_factory=dict)
 
@@ -79,6 +97,8 @@ class DemoRow:
             "agent_wall_s": round(self.agent_wall_s, 3),
             "agent_cpu_s": round(self.agent_cpu_s, 3),
             "verify_s": round(self.verify_s, 4),
+            "accounting": self.accounting,
+            "batch": self.batch,
             "output_preview": self.output_preview,
         }
 
@@ -111,89 +131,83 @@ class Demo:
     def plan(self) -> list[Planned]:
         cfg = self.cfg
         plans: list[Planned] = []
+        waves = itertools.count()
 
-        def honest_run(agent: str, lease: Lease, *extra: str) -> Planned:
-            return Planned(agent, None, lease, honest_agent_argv(self._key(agent), *extra), agent)
+        def honest_run(agent: str, leases: list[Lease], *extra: str) -> list[Planned]:
+            argv = honest_agent_argv(self._key(agent), "--resident", *extra)
+            wave = next(waves)
+            return [Planned(agent, None, lease, argv, agent, wave=wave) for lease in leases]
 
-        plans.append(honest_run(VICTIM, self._gen(VICTIM, cfg.model, PROMPTS[0])))
+        plans += honest_run(VICTIM, [self._gen(VICTIM, cfg.model, PROMPTS[0])])
         if cfg.honest_variants:
-            plans.append(
-                honest_run(
-                    "honest-2threads",
-                    self._gen("honest-2threads", cfg.model, PROMPTS[1]),
-                    "--threads",
-                    "2",
-                )
+            plans += honest_run(
+                "honest-2threads", [self._gen("honest-2threads", cfg.model, PROMPTS[1])], "--threads", "2"
             )
-            plans.append(
-                honest_run(
-                    "honest-batch4",
-                    self._gen("honest-batch4", cfg.model, PROMPTS[2]),
-                    "--batch",
-                    "4",
-                )
-            )
+            batch4 = [self._gen("honest-batch4", cfg.model, PROMPTS[i % len(PROMPTS)]) for i in range(4)]
+            plans += honest_run("honest-batch4", batch4, "--max-batch", "4")
         if cfg.second_model:
-            plans.append(
-                honest_run(
-                    "honest-second-model", self._gen("honest-second-model", cfg.second_model, PROMPTS[0])
-                )
+            plans += honest_run(
+                "honest-second-model", [self._gen("honest-second-model", cfg.second_model, PROMPTS[0])]
             )
         if cfg.embed_model:
-            plans.append(
-                honest_run(
-                    "honest-minilm", Lease.issue("honest-minilm", cfg.embed_model, EmbedJob(texts=TEXTS))
-                )
+            plans += honest_run(
+                "honest-minilm", [Lease.issue("honest-minilm", cfg.embed_model, EmbedJob(texts=TEXTS))]
             )
-        subs = {"small": cfg.small, "alt": cfg.alt}
+        subs = {"small": cfg.small, "alt": cfg.alt, "upstream": str(self.worker_socket)}
         for attack in CATALOGUE:
             if cfg.attacks is not None and attack.name not in cfg.attacks:
                 continue
             if attack.needs_gpu and not _has_cuda():
                 self.skipped[attack.name] = "needs a CUDA GPU; none on this machine"
                 continue
-            plans.extend(self._attack_plans(attack, subs))
+            plans.extend(self._attack_plans(attack, subs, waves))
         return plans
 
+    @property
+    def worker_socket(self) -> Path:
+        return (self.cfg.out / "relay-worker.sock").resolve()
+
     def ensure_profiles(self, on_progress: Callable[[str, int, int], None] | None = None) -> None:
-        """L1 and L2 compare with this device's honest profile; measure it once if missing."""
+        """L1 and L2 compare with this device's honest resident profile; measure it once if missing."""
         store = ProfileStore()
-        for model in filter(None, {self.cfg.model, self.cfg.second_model}):
-            if store.get(model, this_device()) is None:
+        device = f"{this_device()}|{RESIDENT_REGIME}"
+        for model in filter(None, (self.cfg.model, self.cfg.second_model, self.cfg.embed_model)):
+            if store.get(model, device) is None:
                 if on_progress:
-                    on_progress(f"profiling {model} on this device (once)", 0, self.cfg.profile_runs)
+                    on_progress(f"profiling {model} as a resident agent on this device (once)", 0, 1)
                 store.put(
-                    measure_profile(
+                    measure_resident_profile(
                         model, runs=self.cfg.profile_runs, tokens=self.cfg.tokens, registry=self.registry
                     )
                 )
 
-    def _attack_plans(self, attack: Attack, subs: dict[str, str]) -> list[Planned]:
+    def _attack_plans(self, attack: Attack, subs: dict[str, str], waves: Iterator[int]) -> list[Planned]:
         cfg = self.cfg
         agent = attack.name
         signer = "mallory" if attack.name == "other-agents-lease" else agent
         leased_to = VICTIM if attack.name in ("other-agents-lease", "forged-signature") else agent
         store = cfg.out / "store" / agent
         args = [a.format(store=store, **subs) for a in attack.args]
-        argv = _python_module(f"maxwell_poi.adversaries.{attack.module}", self._key(signer), *args)
+        argv = _python_module(
+            f"maxwell_poi.adversaries.{attack.module}", self._key(signer), "--resident", *args
+        )
         self._key(leased_to)
         out = []
+
+        def add(leases: list[Lease], **kw: object) -> None:
+            wave = next(waves)
+            out.extend(Planned(leased_to, attack, lease, argv, signer, wave=wave, **kw) for lease in leases)
+
         if "generate" in attack.kinds:
-            if attack.needs_priming:  # the cheat needs an earlier answer to reuse
-                out.append(
-                    Planned(
-                        leased_to,
-                        attack,
-                        self._gen(leased_to, cfg.model, PROMPTS[0]),
-                        argv,
-                        signer,
-                        priming=True,
-                    )
-                )
-            out.append(Planned(leased_to, attack, self._gen(leased_to, cfg.model, PROMPTS[0]), argv, signer))
+            if attack.needs_priming:  # the cheat needs an earlier answer (or an idle gap) first
+                add([self._gen(leased_to, cfg.model, PROMPTS[0])], priming=True)
+            temperature = 0.0 if attack.same_prompt else None
+            prompts = [
+                PROMPTS[0] if attack.same_prompt else PROMPTS[i % len(PROMPTS)] for i in range(attack.batch)
+            ]
+            add([self._gen(leased_to, cfg.model, p, temperature) for p in prompts], pause_s=attack.pause_s)
         if "embed" in attack.kinds and cfg.embed_model:
-            lease = Lease.issue(leased_to, cfg.embed_model, EmbedJob(texts=TEXTS))
-            out.append(Planned(leased_to, attack, lease, argv, signer))
+            add([Lease.issue(leased_to, cfg.embed_model, EmbedJob(texts=TEXTS))], pause_s=attack.pause_s)
         return out
 
     def run(self, on_progress: Callable[[str, int, int], None] | None = None) -> list[DemoRow]:
@@ -204,26 +218,69 @@ class Demo:
         plans = self.plan()
         verifier = Verifier.default(self.registry, self.keyring)
         rows: list[DemoRow] = []
-        for i, plan in enumerate(plans):
-            label = f"{plan.attack.name if plan.attack else 'honest'} ({plan.lease.model_id})"
-            if on_progress:
-                on_progress(("priming " if plan.priming else "") + label, i, len(plans))
-            row = self._run_one(verifier, plan, i)
-            if not plan.priming:
-                rows.append(row)
+        done = 0
+        needs_worker = any(p.attack is not None and p.attack.needs_worker for p in plans)
+        with (
+            Node("demo-node", self._node_key(), verifier, self.registry) as node,
+            self._relay_worker(needs_worker),
+        ):
+            for _, group in itertools.groupby(plans, key=lambda p: (p.agent, p.signer, tuple(p.argv))):
+                group = list(group)
+                name = f"{group[0].attack.name if group[0].attack else group[0].agent}-{done}"
+                node.start_agent(name, group[0].argv)
+                for _, wave_iter in itertools.groupby(group, key=lambda p: p.wave):
+                    wave = list(wave_iter)
+                    if on_progress:
+                        first = wave[0]
+                        label = f"{first.attack.name if first.attack else 'honest'} ({first.lease.model_id})"
+                        batch = f" x{len(wave)}" if len(wave) > 1 else ""
+                        on_progress(("priming " if first.priming else "") + label + batch, done, len(plans))
+                    time.sleep(wave[0].pause_s)
+                    for plan, result in zip(wave, node.serve(name, [p.lease for p in wave]), strict=True):
+                        row = self._record(plan, result, done)
+                        done += 1
+                        if not plan.priming:
+                            rows.append(row)
+                node.stop_agent(name)
         if on_progress:
             on_progress("done", len(plans), len(plans))
         self._write(rows)
         return rows
 
+    def _node_key(self) -> NodeKey:
+        path = self.keys_dir / "node.pem"
+        if not path.exists():
+            NodeKey.generate().save(path)
+        return NodeKey.load(path)
+
+    @contextlib.contextmanager
+    def _relay_worker(self, needed: bool) -> Iterator[None]:
+        """The honest worker a relay forwards its leases to: a plain process, outside every
+        sandbox (standing in for a machine elsewhere)."""
+        if not needed:
+            yield
+            return
+        self.worker_socket.unlink(missing_ok=True)
+        argv = _python_module("maxwell_poi.adversaries.relay_worker", self._key("relay-worker"))
+        worker = subprocess.Popen(
+            [*argv, "--listen", str(self.worker_socket)],
+            env={**os.environ, **OFFLINE_ENV},
+            stderr=subprocess.DEVNULL,
+        )
+        try:
+            deadline = time.monotonic() + 60
+            while not self.worker_socket.exists() and time.monotonic() < deadline and worker.poll() is None:
+                time.sleep(0.05)
+            yield
+        finally:
+            worker.kill()
+            worker.wait()
+
     def report(self, rows: list[DemoRow]) -> dict[str, Any]:
         return report(rows, self.skipped)
 
-    def _run_one(self, verifier: Verifier, plan: Planned, index: int) -> DemoRow:
-        run = run_lease(plan.argv, plan.lease, self.registry)
-        t0 = time.perf_counter()
-        result: AttestationResult = verifier.appraise(plan.lease, run.receipt, run.evidence)
-        verify_s = time.perf_counter() - t0
+    def _record(self, plan: Planned, r: NodeResult, index: int) -> DemoRow:
+        run, result = r.run, r.result
         name = plan.attack.name if plan.attack else plan.agent
         run_dir = self.cfg.out / "runs" / f"{index:02d}-{name}{'-priming' if plan.priming else ''}"
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -237,6 +294,7 @@ class Demo:
         }
         write_json_atomic(run_dir / "run.json", meta)
         (run_dir / "receipt.json").write_bytes(run.receipt)
+        (run_dir / "evidence.dsse.json").write_bytes(r.signed_evidence)
         write_json_atomic(run_dir / "evidence.json", run.evidence.as_dict())
         write_json_atomic(run_dir / "result.json", result.as_dict())
         try:  # a picture of the evidence is a convenience: it never fails the demo
@@ -253,17 +311,19 @@ class Demo:
             reason=result.reason if result.caught_by else _short_pass(result),
             agent_wall_s=run.evidence.wall_s,
             agent_cpu_s=run.evidence.cpu_s,
-            verify_s=verify_s,
-            output_preview=self._preview(plan.lease, result, run.receipt) if not plan.attack else "",
+            verify_s=r.verify_s,
+            accounting=str(run.evidence.accounting.get("source", "")),
+            batch=1 + run.evidence.co_leases,
+            output_preview=self._preview(plan.lease, result.verdict, run.receipt) if not plan.attack else "",
             result=result.as_dict(),
         )
 
     def _write(self, rows: list[DemoRow]) -> None:
         write_json_atomic(self.cfg.out / "results.json", report(rows, self.skipped))
 
-    def _preview(self, lease: Lease, result: AttestationResult, raw: bytes) -> str:
+    def _preview(self, lease: Lease, verdict: Verdict, raw: bytes) -> str:
         """The start of an affirmed generation's text (tokenizer only; no model is built)."""
-        if result.verdict is not Verdict.AFFIRMING or not isinstance(lease.job, GenerateJob):
+        if verdict is not Verdict.AFFIRMING or not isinstance(lease.job, GenerateJob):
             return ""
         tokens = open_receipt(raw, len(raw)).claims.tokens()
         return self.registry.decode(lease.model_id, tokens)[:80]

@@ -23,6 +23,10 @@ class Attack:
     must_catch: tuple[LayerName, ...] = (LayerName.AUDIT,)  # layers that must each reject it
     reason_has: str = ""  # a fragment the rejection reason must contain
     needs_gpu: bool = False  # runs only where CUDA is available
+    batch: int = 1  # leases handed to the (resident) agent at once
+    same_prompt: bool = False  # the batch's leases share one prompt, greedy (a copied answer is right)
+    pause_s: float = 0.0  # idle gap before the judged lease (after the priming one)
+    needs_worker: bool = False  # forwards its leases to an honest relay worker outside its sandbox
 
 
 # fmt: off
@@ -70,6 +74,16 @@ CATALOGUE: list[Attack] = [
            must_catch=L1 + L2 + L4),
     Attack("gpu-miner", "gpu_miner", "integer-hash kernel on the GPU between paced random tokens",
            must_catch=L1 + L4, needs_gpu=True),
+    Attack("relay", "relay",
+           "forwards each lease to an honest worker outside its sandbox, re-signs the answer",
+           ("--upstream", "{upstream}"), kinds=("generate",), needs_worker=True, must_catch=L1,
+           reason_has="memory"),
+    Attack("batch-copier", "batch_copier",
+           "handed 2 same-prompt greedy leases, computes 1 and copies its answer to the other",
+           ("--max-batch", "2"), batch=2, same_prompt=True, must_catch=L1, reason_has="batch"),
+    Attack("moonlighter", "moonlighter",
+           "answers honestly, but a child escaped from its process tree mines between leases",
+           needs_priming=True, pause_s=1.0, must_catch=L1, reason_has="between leases"),
     Attack("malformed-receipt", "malformed", "returns a truncated receipt", ("--mode", "truncated"),
            must_catch=L0, reason_has="DSSE envelope"),
     Attack("oversized-receipt", "malformed", "floods the channel with an oversized receipt",

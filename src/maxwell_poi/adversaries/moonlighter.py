@@ -1,21 +1,21 @@
-"""Cheat: moonlighting, work between leases. A resident agent that answers every lease honestly with
-the reference `Prover`, but at start forks a miner that leaves its process tree (double fork and
-`setsid`: the grandchild is reparented to init, in a session of its own, its stdio on /dev/null)
-and spends the time between leases on SHA-256 proof-of-work. The agent stops the miner (SIGSTOP)
-the moment a lease line arrives and lets it go on (SIGCONT) once the last receipt in flight is
-written, so every lease window, and every per-lease figure measured in it, is honest. With
-`--always` the miner keeps running through the leases too.
+"""Cheat: moonlighting, work between leases. A resident agent that answers every lease honestly
+with the reference `Prover`, but at start forks miners (`--miners`, default one per core) that
+leave its process tree (double fork and `setsid`: each grandchild is reparented to init, in a
+session of its own, its stdio on /dev/null) and spend the time between leases on SHA-256
+proof-of-work. The agent stops the miners (SIGSTOP) the moment a lease line arrives and lets them
+go on (SIGCONT) once the last receipt in flight is written, so every lease window, and every
+per-lease figure measured in it, is honest. With `--always` they keep mining through leases too.
 
 What catches it: L1's idle-work check. Maxwell reads the sandbox's CPU over each gap in which no
 lease was in flight (`ChannelEvidence.idle_before`), and an honest resident agent sits still
-there. Under cgroup accounting the kernel charges the escaped grandchild to the agent's group,
-whatever its parentage, so the mining shows. Under the /proc fallback (`proc-tree` trust) the
-grandchild left the tree before any reading saw it: its CPU is counted nowhere, and this cheat
-passes. That gap is the reason the fallback is marked as the weaker trust.
+there. Under cgroup accounting the kernel charges the escaped grandchildren to the agent's group,
+whatever their parentage, so the mining shows. Under the /proc fallback (`proc-tree` trust) they
+left the tree before any reading saw them: their CPU is counted nowhere, and this cheat passes.
+That gap is the reason the fallback is marked as the weaker trust.
 
-The miner exits when the agent does: the agent kills it when its stdin closes (or on SIGTERM),
-and the miner also checks every quarter second that the agent still runs. Closing the sandbox
-kills it regardless, since it carries the sandbox's environment marker and sits in its cgroup.
+The miners exit with the agent: it kills them when its stdin closes (or on SIGTERM), and each
+checks every quarter second that the agent still runs. Closing the sandbox kills them regardless:
+they sit in its cgroup and carry its environment marker.
 
     python -m maxwell_poi.adversaries.moonlighter --key agent.pem --resident [--always] [--miners N]
 """
@@ -146,7 +146,9 @@ class _WatchedOutput:
 def main() -> None:
     p = parser(__doc__)
     p.add_argument("--always", action="store_true", help="keep mining during leases too")
-    p.add_argument("--miners", type=int, default=1, help="escaped mining processes (one core each)")
+    p.add_argument(
+        "--miners", type=int, default=os.cpu_count() or 1, help="escaped mining processes, one per core"
+    )
     args = p.parse_args()
     moon = Moonlight(args.miners, args.always)  # before any thread starts: fork stays simple
     atexit.register(moon.stop)

@@ -99,6 +99,10 @@ class Node:
         )
         return NodeResult(lease, run, result, signed, verify_s)
 
+    def stop_agent(self, agent_id: str) -> None:
+        """Close the agent's input and stop its sandbox (everything in it, children included)."""
+        self.agents.pop(agent_id).close()
+
     def close(self) -> None:
         for agent in self.agents.values():
             agent.close()

@@ -29,6 +29,9 @@ from .evidence import ChannelEvidence, IdleGap
 from .host import this_device
 from .sandbox import Sandbox, Usage, open_sandbox
 
+# cgroup counters are in nanoseconds, but the kernel folds a running task's time into them only at
+# scheduler ticks and switches (bench/node.py measured ~2 ms steps here): judge by at least this
+EFFECTIVE_TICK_S = 0.004
 MAX_LINE_BYTES = 64 << 20  # a resident agent's longest line; a receipt line past it is cut and fails
 RESIDENT_REGIME = "resident"
 
@@ -260,7 +263,7 @@ class ResidentAgent:
             accounting={
                 "source": str(desc["source"]),
                 "trust": str(desc["trust"]),
-                "resolution_s": desc["resolution_ns"] / 1e9,
+                "resolution_s": max(desc["resolution_ns"] / 1e9, EFFECTIVE_TICK_S),
             },
             co_tokens=co_tokens,
             co_leases=co_leases,
