@@ -5,8 +5,11 @@ lease's work, and the moonlighter mines between leases from a process outside it
 from __future__ import annotations
 
 import contextlib
+import io
+import re
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -17,6 +20,8 @@ from maxwell_poi.observer.sandbox.base import pid_gone
 from maxwell_poi.protocol.keys import AgentKey
 from maxwell_poi.protocol.lease import GenerateJob, Lease
 from maxwell_poi.protocol.receipt import open_receipt
+from maxwell_poi.protocol.stream import parse_resident_line
+from maxwell_poi.prover.stream import streaming_leases_to
 
 MODEL = "gpt2-micro"
 TOKENS = 8
@@ -123,18 +128,44 @@ def test_moonlighter_mines_between_leases_from_outside_its_tree(tmp_path, regist
         (run1,) = serve_wave(agent, [first], registry)
         time.sleep(1.0)
         (run2,) = serve_wave(agent, [second], registry)
-        members = set(agent.sandbox.pids())
-        miners = members - {agent.proc.pid}
+        members = set(agent.sandbox.pids()) - {agent.proc.pid}
         agent.close()
-        for pid in miners:
-            deadline = time.monotonic() + 5
-            while not pid_gone(pid) and time.monotonic() < deadline:
-                time.sleep(0.05)
-            assert pid_gone(pid), f"miner {pid} outlived the agent"
+    said = re.search(r"moonlighter: miners ([\d ]+)", agent.stderr_tail())  # stderr is read to its end
+    assert said, agent.stderr_tail()
+    miners = {int(pid) for pid in said[1].split()}
+    for pid in miners:  # escaped or not, none outlives the agent
+        deadline = time.monotonic() + 5
+        while not pid_gone(pid) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert pid_gone(pid), f"miner {pid} outlived the agent"
     assert run1.receipt and run2.receipt, run2.evidence.stderr_tail
     ev = run2.evidence
     if ev.accounting["source"] == "proc":
-        pytest.skip("/proc accounting: the escaped miner is invisible to it (the gap the cheat uses)")
-    assert miners, f"no process besides the agent in the sandbox: {members}"
+        assert not members & miners  # the escaped miners are not in the tree /proc walks
+        pytest.skip("/proc accounting: the escaped miners are invisible to it (the gap the cheat uses)")
+    assert miners <= members, (miners, members)  # the cgroup holds them whatever their parentage
     idle = ev.idle_before
     assert idle is not None and idle.cpu_s > 0.5 * idle.gap_s, idle
+
+
+@pytest.mark.parametrize("batched", [True, False], ids=["batched-prover", "one-lease-prover"])
+def test_batch_copier_streams_each_copied_token_after_the_real_one(agent_key, monkeypatch, batched):
+    from maxwell_poi.adversaries.batch_copier import BatchCopier
+
+    if not batched:  # a tree without prover.batched: the copier falls back to Prover in turn
+        monkeypatch.setitem(sys.modules, "maxwell_poi.prover.batched", None)
+    copier = BatchCopier(agent_key)
+    assert (copier._batched is not None) == batched
+    job = GenerateJob(prompt="Heat", max_new_tokens=4, temperature=0.0)
+    leases = [Lease.issue("copier", MODEL, job) for _ in range(3)]
+    out = io.BytesIO()
+    with streaming_leases_to(out, threading.Lock()):
+        receipts = copier.answer_many(leases)
+    lines = [parse_resident_line(line) for line in out.getvalue().splitlines()]
+    a, b, c = (lease.lease_id for lease in leases)
+    copied = [(t.lease_id, t.position) for t in lines if t.lease_id != b]
+    assert copied == [(lid, pos) for pos in range(4) for lid in (a, c)]  # c's token right after a's
+    claims = [opened(r).claims for r in receipts]
+    assert [cl.lease for cl in claims] == [a, b, c]
+    assert claims[2].tokens() == claims[0].tokens() and claims[2].layers == claims[0].layers
+    assert all(cl.runtime["batch"] == 3 for cl in claims)
