@@ -203,7 +203,7 @@ def test_poi_node_serves_a_directory_and_does_not_serve_a_lease_twice(tmp_path):
     (tmp_path / "leases" / "broken.json").write_text("{")
     result = CliRunner().invoke(app, ["node", str(tmp_path), "--json"])
     summary = json.loads(result.stdout)
-    assert [r["lease_id"] for r in summary["served"]] == [lease.lease_id for lease in leases]
+    assert sorted(r["lease_id"] for r in summary["served"]) == sorted(lease.lease_id for lease in leases)
     assert any("broken.json" in p for p in summary["refused_files"])
     node_keyring = Keyring({"node-test": (tmp_path / "node.pub").read_text().strip()})
     for lease in leases:
