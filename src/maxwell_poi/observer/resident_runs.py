@@ -134,9 +134,7 @@ def measure_resident_profile(
             on_progress(f"{model_id} batch {b}: {per_batch[b][-1] * 1000:.1f} CPU-ms per token of the batch")
     if not intervals:
         raise ValueError("measure_resident_profile: batch size 1 must be among `batches`")
-    return _profile(
-        model_id, runs, tokens, batches, per_batch[1], intervals, busy, memory, per_batch=per_batch
-    )
+    return _profile(model_id, tokens, per_batch[1], intervals, busy, memory, per_batch=per_batch)
 
 
 def _embed_profile(
@@ -155,14 +153,12 @@ def _embed_profile(
                 on_progress(
                     f"{model_id} embedding {i + 1}: {per_token[-1] * 1000:.2f} CPU-ms per input token"
                 )
-    return _profile(model_id, len(per_token), 0, (1,), per_token, walls, [1.0], memory, embed=per_token)
+    return _profile(model_id, 0, per_token, walls, [1.0], memory, embed=per_token)
 
 
 def _profile(
     model_id: str,
-    runs: int,
     tokens: int,
-    batches: Sequence[int],
     cpu_per_token: list[float],
     intervals: list[float],
     busy: list[float],
@@ -171,20 +167,16 @@ def _profile(
     per_batch: dict[int, list[float]] | None = None,
     embed: list[float] | None = None,
 ) -> Profile:
-    peak = measure_peak_flops()
-    return Profile(
-        device_class=f"{this_device()}|{RESIDENT_REGIME}",
-        model_id=model_id,
-        runs=runs,
-        tokens=tokens,
-        interval_s=Stats.of(intervals),
-        decode_cpu_s_per_token=Stats.of(cpu_per_token),
-        decode_cores_busy=Stats.of(busy),
-        peak_rss_mb=Stats.of(memory),
-        peak_flops_per_s=peak["peak_flops_per_s"],
-        peak_flops_per_cpu_s=peak["peak_flops_per_cpu_s"],
+    return Profile.from_runs(
+        f"{this_device()}|{RESIDENT_REGIME}",
+        model_id,
+        tokens,
+        intervals=intervals,
+        cpu_per_token=cpu_per_token,
+        busy=busy,
+        memory=memory,
+        peak=measure_peak_flops(),
         measured_at=time.time(),
-        threads=[],
         regime=RESIDENT_REGIME,
         batch_cpu_s_per_token={str(b): Stats.of(v) for b, v in (per_batch or {}).items()},
         embed_cpu_s_per_token=Stats.of(embed) if embed else None,

@@ -17,7 +17,7 @@ from ..protocol.keys import AgentKey
 from ..protocol.lease import GenerateJob, Lease
 from ..protocol.receipt import max_receipt_bytes
 from ..registry.models import Registry
-from ..registry.profiles import Profile, Stats
+from ..registry.profiles import Profile
 from ..registry.prompts import PROMPTS
 from .channel import AgentRun, run_agent
 from .evidence import ChannelEvidence
@@ -94,18 +94,15 @@ def measure_profile(
                 f"{model_id} run {i + 1}/{runs} ({n_threads} threads): "
                 f"{intervals[-1] * 1000:.1f} ms/token, {cpu_per_token[-1] * 1000:.1f} CPU-ms/token"
             )
-    peak = measure_peak_flops()
-    return Profile(
-        device_class=this_device(),
-        model_id=model_id,
-        runs=runs,
-        tokens=tokens,
-        interval_s=Stats.of(intervals),
-        decode_cpu_s_per_token=Stats.of(cpu_per_token),
-        decode_cores_busy=Stats.of(busy),
-        peak_rss_mb=Stats.of(rss),
-        peak_flops_per_s=peak["peak_flops_per_s"],
-        peak_flops_per_cpu_s=peak["peak_flops_per_cpu_s"],
+    return Profile.from_runs(
+        this_device(),
+        model_id,
+        tokens,
+        intervals=intervals,
+        cpu_per_token=cpu_per_token,
+        busy=busy,
+        memory=rss,
+        peak=measure_peak_flops(),
         measured_at=time.time(),
         threads=list(threads),
     )

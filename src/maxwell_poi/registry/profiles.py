@@ -94,6 +94,38 @@ class Profile:
         if self.embed_cpu_s_per_token is not None:
             object.__setattr__(self, "embed_cpu_s_per_token", Stats.coerce(self.embed_cpu_s_per_token))
 
+    @classmethod
+    def from_runs(
+        cls,
+        device_class: str,
+        model_id: str,
+        tokens: int,
+        *,
+        intervals: list[float],
+        cpu_per_token: list[float],
+        busy: list[float],
+        memory: list[float],
+        peak: Mapping[str, float],
+        measured_at: float,
+        **extra: Any,
+    ) -> Profile:
+        """A profile from per-run values (each summarised with `Stats.of`) and the device's
+        measured peak FLOP rates (`observer.host.measure_peak_flops`)."""
+        return cls(
+            device_class=device_class,
+            model_id=model_id,
+            runs=len(cpu_per_token),
+            tokens=tokens,
+            interval_s=Stats.of(intervals),
+            decode_cpu_s_per_token=Stats.of(cpu_per_token),
+            decode_cores_busy=Stats.of(busy),
+            peak_rss_mb=Stats.of(memory),
+            peak_flops_per_s=peak["peak_flops_per_s"],
+            peak_flops_per_cpu_s=peak["peak_flops_per_cpu_s"],
+            measured_at=measured_at,
+            **{"threads": [], **extra},
+        )
+
     def batch_stats(self, batch: int) -> tuple[int, Stats] | None:
         """The measured batch size to judge a batch of `batch` leases by, and its statistics: the
         smallest measured size at least `batch` (a bigger batch costs less per token, so its bound

@@ -12,7 +12,6 @@ from .base import AccountingSource, Sandbox, SandboxTrust, SandboxUnavailable, U
 from .cgroupfs import (
     cgroup1_mount,
     close_fds,
-    joiner,
     make_group,
     mounts_file,
     open_counter,
@@ -20,6 +19,7 @@ from .cgroupfs import (
     pread_text,
     read_procs,
     remove_group,
+    spawn_joined,
     writable,
 )
 
@@ -99,13 +99,7 @@ class CgroupV1Sandbox(Sandbox):
         return [g for g in dict.fromkeys((self.cpu_group, self.mem_group)) if g is not None]
 
     def _spawn(self, argv: list[str], env: dict[str, str], kw: dict[str, Any]) -> subprocess.Popen[Any]:
-        if "preexec_fn" in kw:
-            raise ValueError("preexec_fn is taken: the sandbox uses it to join its cgroups before exec")
-        join, fds = joiner(self.groups)
-        try:
-            return subprocess.Popen(argv, env=env, preexec_fn=join, **kw)
-        finally:
-            close_fds(fds)
+        return spawn_joined(self.groups, argv, env, kw)
 
     def usage(self) -> Usage:
         self._check_open()

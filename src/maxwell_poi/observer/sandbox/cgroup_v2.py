@@ -14,13 +14,13 @@ from .cgroupfs import (
     PARENT,
     cgroup2_mount,
     close_fds,
-    joiner,
     make_group,
     mounts_file,
     pread_int,
     pread_text,
     read_procs,
     remove_group,
+    spawn_joined,
     writable,
 )
 
@@ -135,13 +135,7 @@ class CgroupV2Sandbox(Sandbox):
         return fd
 
     def _spawn(self, argv: list[str], env: dict[str, str], kw: dict[str, Any]) -> subprocess.Popen[Any]:
-        if "preexec_fn" in kw:
-            raise ValueError("preexec_fn is taken: the sandbox uses it to join its cgroup before exec")
-        join, fds = joiner([self.group])
-        try:
-            return subprocess.Popen(argv, env=env, preexec_fn=join, **kw)
-        finally:
-            close_fds(fds)
+        return spawn_joined([self.group], argv, env, kw)
 
     def usage(self) -> Usage:
         self._check_open()

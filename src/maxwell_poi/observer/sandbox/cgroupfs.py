@@ -7,10 +7,12 @@ import contextlib
 import errno
 import os
 import re
+import subprocess
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from .base import SandboxUnavailable
 
@@ -139,3 +141,16 @@ def remove_group(group: Path, timeout: float = 2.0) -> None:
             if e.errno != errno.EBUSY or time.monotonic() > deadline:
                 raise
             time.sleep(0.01)
+
+
+def spawn_joined(
+    groups: Sequence[Path], argv: list[str], env: dict[str, str], kw: dict[str, Any]
+) -> subprocess.Popen[Any]:
+    """Start `argv` already inside `groups`: the child joins them between fork and exec."""
+    if "preexec_fn" in kw:
+        raise ValueError("preexec_fn is taken: the sandbox uses it to join its cgroups before exec")
+    join, fds = joiner(groups)
+    try:
+        return subprocess.Popen(argv, env=env, preexec_fn=join, **kw)
+    finally:
+        close_fds(fds)
