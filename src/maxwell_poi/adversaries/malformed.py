@@ -3,10 +3,30 @@
 from __future__ import annotations
 
 import secrets
-import sys
+from collections.abc import Callable
 
-from ._agent import parser
-from ._fake import garbage_claims
+from ..protocol.keys import AgentKey
+from ..protocol.lease import Lease
+from ._agent import parser, run
+
+
+def malformed(mode: str, size_mb: float) -> Callable[[AgentKey], Callable[[Lease], bytes]]:
+    def answer_for(key: AgentKey) -> Callable[[Lease], bytes]:
+        from ..protocol.receipt import sign_receipt
+        from ..registry.models import Registry
+        from ._fake import garbage_claims
+
+        def answer(lease: Lease) -> bytes:
+            if mode == "oversized":  # Maxwell stops reading past its limit: that is the point
+                return b"A" * int(size_mb * (1 << 20))
+            if mode == "garbage":  # no newlines, so it stays one (unreadable) receipt
+                return secrets.token_bytes(4096).replace(b"\n", b"\x00")
+            receipt = sign_receipt(garbage_claims(lease, Registry()), key)
+            return receipt[: len(receipt) // 2]
+
+        return answer
+
+    return answer_for
 
 
 def main() -> None:
@@ -14,28 +34,7 @@ def main() -> None:
     p.add_argument("--mode", choices=["truncated", "oversized", "garbage"], required=True)
     p.add_argument("--size-mb", type=float, default=8.0, help="bytes written in oversized mode")
     args = p.parse_args()
-    from ..protocol.keys import AgentKey
-    from ..protocol.lease import Lease
-    from ..protocol.receipt import sign_receipt
-    from ..prover.harness import quiet_libraries
-    from ..registry.models import Registry
-
-    quiet_libraries()
-    lease = Lease.from_json(sys.stdin.buffer.read())
-    out = sys.stdout.buffer
-    if args.mode == "oversized":
-        block = b"A" * (1 << 20)
-        for _ in range(int(args.size_mb)):
-            try:
-                out.write(block)
-            except BrokenPipeError:  # Maxwell stopped reading: that is the point
-                return
-    elif args.mode == "garbage":
-        out.write(secrets.token_bytes(4096))
-    else:
-        receipt = sign_receipt(garbage_claims(lease, Registry()), AgentKey.load(args.key))
-        out.write(receipt[: len(receipt) // 2])
-    out.flush()
+    run(args, malformed(args.mode, args.size_mb))
 
 
 if __name__ == "__main__":
