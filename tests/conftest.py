@@ -49,3 +49,16 @@ def prover(agent_key, registry):
     from maxwell_poi.prover.sdk import Prover
 
     return Prover(agent_key, registry)
+
+
+def pytest_terminal_summary(terminalreporter) -> None:  # type: ignore[no-untyped-def]
+    """Say which sandbox accounting this run measured with, and that the /proc fallback ran."""
+    from maxwell_poi.observer.sandbox import available_sources
+
+    usable = [s.value for s, why in available_sources().items() if why is None]
+    unusable = {s.value: why for s, why in available_sources().items() if why is not None}
+    terminalreporter.write_line(
+        f"sandbox accounting here: {usable[0] if usable else 'none'} "
+        f"(usable: {', '.join(usable)}; not usable: {unusable or 'none'}); "
+        "the /proc fallback is also run forced (test_sandbox, test_resident)"
+    )

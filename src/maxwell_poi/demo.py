@@ -350,6 +350,9 @@ def report(rows: list[DemoRow], skipped: dict[str, str] | None = None) -> dict[s
             "attack_runs": len(cheats),
             "attack_classes": len({r.attack for r in cheats}),
             "attacks_contraindicated": sum(r.verdict == Verdict.CONTRAINDICATED for r in cheats),
+            "accounting_sources": {
+                src: sum(r.accounting == src for r in rows) for src in {r.accounting for r in rows}
+            },
         },
         "skipped_attacks": skipped or {},
     }

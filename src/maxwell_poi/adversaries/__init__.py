@@ -77,7 +77,7 @@ CATALOGUE: list[Attack] = [
     Attack("relay", "relay",
            "forwards each lease to an honest worker outside its sandbox, re-signs the answer",
            ("--upstream", "{upstream}"), kinds=("generate",), needs_worker=True, must_catch=L1,
-           reason_has="memory"),
+           reason_has="CPU"),
     Attack("batch-copier", "batch_copier",
            "handed 2 same-prompt greedy leases, computes 1 and copies its answer to the other",
            ("--max-batch", "2"), batch=2, same_prompt=True, must_catch=L1, reason_has="batch"),

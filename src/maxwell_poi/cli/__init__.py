@@ -394,7 +394,17 @@ def demo(
         print(json.dumps(data, indent=2))
         return
     table = Table(title=f"poi demo — results in {out_dir}/results.json")
-    for col in ("agent", "attack", "model", "verdict", "caught by", "reason", "agent s", "verify s"):
+    for col in (
+        "agent",
+        "attack",
+        "model",
+        "verdict",
+        "caught by",
+        "reason",
+        "sandbox",
+        "agent s",
+        "verify s",
+    ):
         table.add_column(col, overflow="fold")
     for r in rows:
         colour = "green" if r.verdict == Verdict.AFFIRMING else "red"
@@ -405,6 +415,7 @@ def demo(
             f"[{colour}]{r.verdict}[/]",
             ", ".join(r.caught_by),
             (r.reason if r.attack else r.output_preview or r.reason)[:160],
+            r.accounting + (f" x{r.batch}" if r.batch > 1 else ""),
             f"{r.agent_wall_s:.1f}",
             f"{r.verify_s:.2f}",
         )
@@ -412,7 +423,9 @@ def demo(
     s = data["summary"]
     out.print(
         f"honest affirmed {s['honest_affirmed']}/{s['honest_runs']}; attacks contraindicated "
-        f"{s['attacks_contraindicated']}/{s['attack_runs']} across {s['attack_classes']} classes"
+        f"{s['attacks_contraindicated']}/{s['attack_runs']} across {s['attack_classes']} classes; "
+        "resident agents measured by "
+        + ", ".join(f"{src or 'unknown'} ({n} runs)" for src, n in sorted(s["accounting_sources"].items()))
     )
 
 

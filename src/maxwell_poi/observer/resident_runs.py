@@ -122,7 +122,8 @@ def measure_resident_profile(
     per_batch: dict[int, list[float]] = {}
     intervals, busy, memory = [], [], []
     for b, wave in honest_batches(model_id, batches, runs, tokens, registry):
-        per_batch.setdefault(b, []).extend(window_cpu_per_token(r) for r in wave)
+        # one value per wave: its leases share one window's CPU, they are not independent samples
+        per_batch.setdefault(b, []).append(statistics.fmean(window_cpu_per_token(r) for r in wave))
         if b == 1:
             ev = wave[0].evidence
             w = ev.decode_window
