@@ -1,0 +1,139 @@
+"""L1 on resident evidence, with hand-built evidence and profiles (no processes): batches are
+judged as a whole, the sandbox must idle between leases, and embedding leases are judged when
+served alone. The real programs that produce such evidence run in test_adversaries.py."""
+
+from __future__ import annotations
+
+import pytest
+
+from maxwell_poi.observer.evidence import ChannelEvidence, IdleGap
+from maxwell_poi.observer.host import this_device
+from maxwell_poi.protocol.lease import EmbedJob, GenerateJob, Lease
+from maxwell_poi.protocol.result import Status
+from maxwell_poi.registry.profiles import Profile, ProfileStore, Stats
+from maxwell_poi.verifier.appraisal import Appraisal
+from maxwell_poi.verifier.thermodynamic import ThermodynamicLayer
+
+TOKENS = 16
+PER_TOKEN = {
+    "1": 0.010,
+    "2": 0.0085,
+    "4": 0.004,
+}  # honest CPU-s per token of the batch (as measured here: a batch of 2 costs 1.7x a lone step)
+
+
+@pytest.fixture()
+def layer(tmp_path, registry):
+    store = ProfileStore(tmp_path / "profiles.json")
+    common = dict(
+        device_class=f"{this_device()}|resident",
+        tokens=TOKENS,
+        peak=dict(peak_flops_per_s=1e11, peak_flops_per_cpu_s=1e11),
+        measured_at=0.0,
+        regime="resident",
+        busy=[1.0, 1.0],
+        memory=[300.0, 310.0],
+    )
+    store.put(
+        Profile.from_runs(
+            model_id="gpt2-micro",
+            intervals=[0.02, 0.021],
+            cpu_per_token=[0.0099, 0.0101],
+            batch_cpu_s_per_token={b: Stats.of([v * 0.99, v * 1.01]) for b, v in PER_TOKEN.items()},
+            **common,
+        )
+    )
+    store.put(
+        Profile.from_runs(
+            model_id="minilm-l6-v2",
+            intervals=[0.05, 0.05],
+            cpu_per_token=[0.002, 0.0021],
+            embed_cpu_s_per_token=Stats.of([0.002, 0.0021]),
+            **common,
+        )
+    )
+    return ThermodynamicLayer(registry, store)
+
+
+def evidence(per_token_s: float, co_leases: int = 0, **kw) -> ChannelEvidence:
+    """A resident lease that streamed TOKENS tokens, each batch peer as many in the same window."""
+    n = TOKENS * (1 + co_leases)
+    t = [0.02 * i for i in range(TOKENS)]
+    cpu = [per_token_s * n * i / (TOKENS - 1) for i in range(TOKENS)]
+    return ChannelEvidence(
+        started_at=0.0,
+        finished_at=1.0,
+        wall_s=1.0,
+        cpu_s=cpu[-1],
+        max_rss_kb=310 * 1024,
+        bytes_in=1,
+        bytes_out=1,
+        sha256_in="",
+        sha256_out="",
+        exit_code=None,
+        stream_tokens=tuple(range(TOKENS)),
+        stream_t=tuple(t),
+        stream_cpu_s=tuple(cpu),
+        device_class=this_device(),
+        regime="resident",
+        accounting={"source": "cgroup-v1", "trust": "kernel-cgroup", "resolution_s": 0.004},
+        co_tokens=(TOKENS - 1) * co_leases,
+        co_leases=co_leases,
+        **kw,
+    )
+
+
+def judge(layer, lease: Lease, ev: ChannelEvidence):
+    return layer.appraise(Appraisal(lease=lease, raw=b"", evidence=ev))
+
+
+def gen_lease() -> Lease:
+    return Lease.issue("a", "gpt2-micro", GenerateJob(prompt="x", max_new_tokens=TOKENS))
+
+
+@pytest.mark.parametrize("batch", [1, 2, 4])
+def test_an_honest_batch_passes_at_its_batch_size(layer, batch):
+    r = judge(layer, gen_lease(), evidence(PER_TOKEN[str(batch)], co_leases=batch - 1))
+    assert r.status is Status.PASS, r.reason
+    assert r.details["batch"] == batch
+
+
+def test_a_batch_of_two_that_computed_one_fails_the_work_check(layer):
+    # two leases streamed, one computed: the window's CPU is a lone lease's, spread over 2 x tokens
+    r = judge(layer, gen_lease(), evidence(PER_TOKEN["1"] / 2, co_leases=1))
+    assert r.status is Status.FAIL and "batch of 2" in r.reason
+
+
+def test_a_batch_without_a_batched_profile_is_skipped_not_passed(layer, tmp_path, registry):
+    bare = ProfileStore(tmp_path / "bare.json")
+    p = layer.profiles.get("gpt2-micro", f"{this_device()}|resident")
+    bare.put(Profile(**{**p.as_dict(), "batch_cpu_s_per_token": {}}))
+    r = judge(ThermodynamicLayer(registry, bare), gen_lease(), evidence(0.006, co_leases=1))
+    assert r.status is Status.SKIPPED and "no batch sizes" in r.reason
+
+
+def test_work_between_leases_fails_and_an_idle_gap_passes(layer):
+    busy = judge(layer, gen_lease(), evidence(0.010, idle_before=IdleGap(gap_s=1.0, cpu_s=0.9)))
+    assert busy.status is Status.FAIL and "between leases" in busy.reason
+    idle = judge(layer, gen_lease(), evidence(0.010, idle_before=IdleGap(gap_s=1.0, cpu_s=0.02)))
+    assert idle.status is Status.PASS, idle.reason
+
+
+def embed_lease() -> Lease:
+    return Lease.issue("a", "minilm-l6-v2", EmbedJob(texts=["Maxwell verifies inference."]))
+
+
+def embed_evidence(cpu_s: float, regime: str = "resident", overlapped: int = 0) -> ChannelEvidence:
+    ev = evidence(0.01)
+    fields = {**ev.__dict__, "stream_tokens": (), "stream_t": (), "stream_cpu_s": (), "co_tokens": 0}
+    return ChannelEvidence(**{**fields, "cpu_s": cpu_s, "regime": regime, "overlapped": overlapped})
+
+
+def test_embedding_leases_are_judged_when_resident_and_alone(layer, registry):
+    tokens = len(registry.encode_prompt("minilm-l6-v2", "Maxwell verifies inference.")) + 1
+    honest = judge(layer, embed_lease(), embed_evidence(0.002 * tokens))
+    assert honest.status is Status.PASS, honest.reason
+    fabricated = judge(layer, embed_lease(), embed_evidence(0.0001 * tokens))
+    assert fabricated.status is Status.FAIL and "input tokens" in fabricated.reason
+    overlapped = judge(layer, embed_lease(), embed_evidence(0.0001 * tokens, overlapped=2))
+    assert overlapped.status is Status.SKIPPED and "alongside 2 other leases" in overlapped.reason
