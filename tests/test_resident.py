@@ -226,3 +226,22 @@ def test_poi_node_refuses_a_bad_directory_with_a_reason(tmp_path):
     (tmp_path / "node.json").write_text('{"agents": {"a": {"cmd": "x"}}}')
     result = CliRunner().invoke(app, ["node", str(tmp_path)])
     assert result.exit_code == 2 and "agents.a" in result.stderr
+
+
+def test_telemetry_is_sampled_per_busy_span_and_reaches_the_leases_still_waiting(registry):
+    """GPU telemetry (NVML on a GPU host) runs over each busy span; a simulated source stands in."""
+    from simulated import SimulatedSource
+
+    from maxwell_poi.observer.resident import ResidentAgent
+    from maxwell_poi.observer.runs import OFFLINE_ENV
+    from maxwell_poi.observer.telemetry import Observer
+
+    observer = Observer([SimulatedSource({"power_w": 300.0})])
+    argv = [sys.executable, "-c", FAKE_AGENT]
+    with ResidentAgent(argv, name="fake-telemetry", env=OFFLINE_ENV, telemetry=observer) as agent:
+        (first,) = serve_wave(agent, [_lease()], registry)
+        (second,) = serve_wave(agent, [_lease()], registry)
+    for run in (first, second):
+        assert "simulated" in run.evidence.telemetry
+        assert run.evidence.telemetry["simulated"].totals["energy_j"] > 0
+    assert first.evidence.telemetry["simulated"] is not second.evidence.telemetry["simulated"]

@@ -28,6 +28,7 @@ from .channel import AgentRun, drain
 from .evidence import ChannelEvidence, IdleGap
 from .host import this_device
 from .sandbox import Sandbox, Usage, open_sandbox
+from .telemetry import Measurement, NvmlSource, Observer
 
 # cgroup counters are in nanoseconds, but the kernel folds a running task's time into them only at
 # scheduler ticks and switches (bench/node.py measured ~2 ms steps here): judge by at least this
@@ -60,6 +61,7 @@ class _LeaseState:
     t_out: float | None = None
     usage_out: Usage | None = None
     overlap: set[str] = field(default_factory=set)  # other leases in flight during this one
+    telemetry: dict[str, Measurement] = field(default_factory=dict)  # GPU telemetry of its busy span
     done: threading.Event = field(default_factory=threading.Event)
 
 
@@ -79,6 +81,7 @@ class ResidentAgent:
         env: dict[str, str] | None = None,
         sandbox: Sandbox | None = None,
         cwd: str | None = None,
+        telemetry: Observer | None = None,
     ) -> None:
         self.argv = list(argv)
         self.sandbox = sandbox or open_sandbox(name)
@@ -91,6 +94,9 @@ class ResidentAgent:
             stderr=subprocess.PIPE,
             cwd=cwd,
         )
+        self.telemetry = telemetry if telemetry is not None else gpu_observer()
+        self._span: list[str] = []  # leases of the current busy span (telemetry window)
+        self._span_open = False
         self._lock = threading.Lock()
         self._write_lock = threading.Lock()
         self._leases: dict[str, _LeaseState] = {}
@@ -114,9 +120,11 @@ class ResidentAgent:
                 raise ValueError(f"lease {lease.lease_id} is already in flight on this agent")
             now, usage = time.perf_counter(), self.sandbox.usage()
             idle = None
-            if not self._in_flight() and self._idle_since is not None:
-                t_idle, u_idle = self._idle_since
-                idle = IdleGap(gap_s=now - t_idle, cpu_s=(usage.cpu_ns - u_idle.cpu_ns) / 1e9)
+            if not self._in_flight():
+                self._begin_span()
+                if self._idle_since is not None:
+                    t_idle, u_idle = self._idle_since
+                    idle = IdleGap(gap_s=now - t_idle, cpu_s=(usage.cpu_ns - u_idle.cpu_ns) / 1e9)
             state = _LeaseState(
                 lease, max_bytes, payload, time.time(), now, usage, idle, peak_memory=usage.memory_bytes
             )
@@ -125,6 +133,7 @@ class ResidentAgent:
                     other.overlap.add(lease.lease_id)
                     state.overlap.add(other.lease.lease_id)
             self._leases[lease.lease_id] = state
+            self._span.append(lease.lease_id)
         try:
             with self._write_lock:
                 self.proc.stdin.write(payload)
@@ -200,9 +209,28 @@ class ResidentAgent:
                 return
             state.t_out, state.usage_out, state.refusal = now, usage, refusal
             state.peak_memory = max(state.peak_memory, usage.memory_bytes)
-            state.done.set()
-            if not self._in_flight():
+            if self._in_flight() == 1:  # this one is the last: the busy span ends
+                self._end_span()
                 self._idle_since = (now, usage)
+            state.done.set()
+
+    def _begin_span(self) -> None:
+        self._span = []
+        if self.telemetry is not None:
+            self.telemetry.begin_window(self.proc.pid)
+            self._span_open = True
+
+    def _end_span(self) -> None:
+        """GPU telemetry is sampled per busy span (first lease in to last receipt out), not per
+        lease: leases of the span still waiting to be collected get it; one collected earlier,
+        while others were in flight, carries none (a named gap of the prototype)."""
+        if self.telemetry is None or not self._span_open:
+            return
+        self._span_open = False
+        measured = self.telemetry.end_window()
+        for lid in self._span:
+            if lid in self._leases:
+                self._leases[lid].telemetry = measured
 
     # --- results ----------------------------------------------------------------------------
     def collect(self, lease_id: str, timeout_s: float | None = None) -> AgentRun:
@@ -258,6 +286,7 @@ class ResidentAgent:
             stream_t=tuple(round(t - s.t_in, 6) for t in s.times),
             stream_cpu_s=tuple(s.cpu),
             stream_errors=s.errors,
+            telemetry=s.telemetry,
             device_class=this_device(),
             regime=RESIDENT_REGIME,
             accounting={
@@ -285,6 +314,8 @@ class ResidentAgent:
             self.proc.stdin.close()
         with contextlib.suppress(subprocess.TimeoutExpired):
             self.proc.wait(timeout=grace_s)
+        with self._lock:
+            self._end_span()  # a span left open by leases that never answered
         self.sandbox.close()
         for t in self._threads:
             t.join(timeout=2)
@@ -294,3 +325,13 @@ class ResidentAgent:
 
     def __exit__(self, *_exc: object) -> None:
         self.close()
+
+
+def gpu_observer() -> Observer | None:
+    """NVML over each busy span when this host can read a GPU; None on a CPU-only host (the
+    sandbox's cgroup already gives CPU and memory at every token)."""
+    nv = NvmlSource()
+    if nv.available:
+        return Observer([nv])
+    nv.close()
+    return None
