@@ -46,9 +46,9 @@ def test_stream_line_round_trip():
 
 
 def test_stderr_keeps_the_tail_of_a_long_diagnostic():
-    from maxwell_poi.observer.channel import _drain
+    from maxwell_poi.observer.channel import drain
 
     sink: dict = {}
-    _drain(io.BytesIO(b"x" * 200_000 + b"the real error\n"), 1 << 16, sink)
+    drain(io.BytesIO(b"x" * 200_000 + b"the real error\n"), 1 << 16, sink)
     assert sink["data"].endswith(b"the real error\n") and len(sink["data"]) == 1 << 16
     assert sink["total"] == 200_015
