@@ -32,7 +32,7 @@ from ..protocol.result import Status, Verdict
 from ..registry.models import Registry
 from ..registry.profiles import Profile, ProfileStore
 from ..verifier.boundary import interval_lower_bound
-from ..verifier.thermodynamic import memory_floor_mb, work_lower_bound
+from ..verifier.thermodynamic import memory_floor_mb, stats_lower_bound
 
 VERDICT_COLOURS = {
     Verdict.AFFIRMING: "#2e7d32",
@@ -195,7 +195,7 @@ def _work_twin(ax, stream_t: np.ndarray, stream_cpu: np.ndarray, profile: Profil
     levels = per[np.isfinite(per)].tolist()
     if profile is not None:
         mean = profile.decode_cpu_s_per_token.mean * 1000
-        lo_w = work_lower_bound(profile) * 1000
+        lo_w = stats_lower_bound(profile.decode_cpu_s_per_token, profile.regime) * 1000
         levels += [mean, lo_w]
         span = [stream_t[0], stream_t[-1]]  # L1 compares the CPU seconds spent over this window
         handles += ax_work.plot(
@@ -294,7 +294,11 @@ def plot_run(
         [ev.wall_s, ev.stream_t[-1] if ev.stream_t else 0.0]
         + [_offset(m, ev) + m.duration_s for m in ev.telemetry.values()]
     )
-    xlabel = "seconds since the agent started (Maxwell's clock)"
+    xlabel = (
+        "seconds since the lease was handed to the resident agent (Maxwell's clock)"
+        if ev.regime != "oneshot"
+        else "seconds since the agent started (Maxwell's clock)"
+    )
     axes[-1].set_xlabel(xlabel + ("; shaded: first to last token" if decode else ""))
     axes[-1].set_xlim(0, x_max * 1.02 if x_max > 0 else 1)
     if embed:
