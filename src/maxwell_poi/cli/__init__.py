@@ -433,4 +433,4 @@ if __name__ == "__main__":
     app()
 
 
-from . import serving  # noqa: E402,F401  (registers `poi profile` and `poi node` on `app`)
+from . import ledger, serving  # noqa: E402,F401  (register `poi profile`, `poi node`, `poi ledger` on `app`)
