@@ -117,10 +117,7 @@ class Demo:
 
     def _key(self, agent: str) -> Path:
         path = self.keys_dir / f"{agent}.pem"
-        if not path.exists():
-            key = AgentKey.generate()
-            key.save(path)
-        self.keyring.enroll(agent, AgentKey.load(path).public_hex)
+        self.keyring.enroll(agent, AgentKey.ensure(path).public_hex)
         return path
 
     def _gen(self, agent: str, model: str, prompt: str, temperature: float | None = None) -> Lease:
@@ -221,7 +218,7 @@ class Demo:
         done = 0
         needs_worker = any(p.attack is not None and p.attack.needs_worker for p in plans)
         with (
-            Node("demo-node", self._node_key(), verifier, self.registry) as node,
+            Node("demo-node", NodeKey.ensure(self.keys_dir / "node.pem"), verifier, self.registry) as node,
             self._relay_worker(needs_worker),
         ):
             for _, group in itertools.groupby(plans, key=lambda p: (p.agent, p.signer, tuple(p.argv))):
@@ -246,12 +243,6 @@ class Demo:
             on_progress("done", len(plans), len(plans))
         self._write(rows)
         return rows
-
-    def _node_key(self) -> NodeKey:
-        path = self.keys_dir / "node.pem"
-        if not path.exists():
-            NodeKey.generate().save(path)
-        return NodeKey.load(path)
 
     @contextlib.contextmanager
     def _relay_worker(self, needed: bool) -> Iterator[None]:

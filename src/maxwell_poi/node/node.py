@@ -16,9 +16,8 @@ from dataclasses import dataclass
 from ..observer.attest import NodeKey, sign_evidence
 from ..observer.channel import AgentRun
 from ..observer.resident import ResidentAgent
-from ..observer.resident_runs import start_resident
+from ..observer.resident_runs import serve_wave, start_resident
 from ..protocol.lease import Lease
-from ..protocol.receipt import max_receipt_bytes
 from ..protocol.result import AttestationResult
 from ..registry.models import Registry
 from ..verifier.policy import Verifier
@@ -81,9 +80,8 @@ class Node:
         self, agent_id: str, leases: Sequence[Lease], timeout_s: float | None = None
     ) -> list[NodeResult]:
         agent = self.agent(agent_id)
-        for lease in leases:
-            agent.submit(lease, max_receipt_bytes(lease, self.registry.reference(lease.model_id).hidden))
-        return [self._appraise(agent, lease, agent.collect(lease.lease_id, timeout_s)) for lease in leases]
+        runs = serve_wave(agent, leases, self.registry, timeout_s)
+        return [self._appraise(agent, lease, run) for lease, run in zip(leases, runs, strict=True)]
 
     def _appraise(self, agent: ResidentAgent, lease: Lease, run: AgentRun) -> NodeResult:
         t0 = time.perf_counter()

@@ -90,12 +90,11 @@ class NodeDirectory:
         return self.root / "out" / lease.lease_id
 
     def node_key(self) -> NodeKey:
-        path = self.root / "node.pem"
-        if not path.exists():
-            key = NodeKey.generate()
-            key.save(path)
-            (self.root / "node.pub").write_text(key.public_hex + "\n")
-        return NodeKey.load(path)
+        key = NodeKey.ensure(self.root / "node.pem")
+        public = self.root / "node.pub"  # what a control plane enrolls; derived, so rewritten if lost
+        if not public.exists():
+            public.write_text(key.public_hex + "\n")
+        return key
 
     def keep(self, r: NodeResult) -> None:
         d = self.out_dir(r.lease)

@@ -21,6 +21,11 @@ class DecodeWindow(NamedTuple):
     tokens: int  # tokens decoded inside the window (streamed tokens - 1)
     co_tokens: int = 0  # tokens other leases streamed in the same sandbox inside this window
 
+    @property
+    def batch_tokens(self) -> int:
+        """Every token the sandbox streamed in the window: this lease's and its batch peers'."""
+        return self.tokens + self.co_tokens
+
 
 class IdleGap(NamedTuple):
     """The sandbox between the previous lease's end and this lease's start, no lease in flight."""

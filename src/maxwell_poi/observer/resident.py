@@ -31,7 +31,8 @@ from .sandbox import Sandbox, Usage, open_sandbox
 from .telemetry import Measurement, NvmlSource, Observer
 
 # cgroup counters are in nanoseconds, but the kernel folds a running task's time into them only at
-# scheduler ticks and switches (bench/node.py measured ~2 ms steps here): judge by at least this
+# scheduler ticks and switches (steps of ~0.006 ms on a quiet host here, ~2 ms under load): judge
+# by at least this
 EFFECTIVE_TICK_S = 0.004
 MAX_LINE_BYTES = 64 << 20  # a resident agent's longest line; a receipt line past it is cut and fails
 RESIDENT_REGIME = "resident"
@@ -85,7 +86,6 @@ class ResidentAgent:
     ) -> None:
         self.argv = list(argv)
         self.sandbox = sandbox or open_sandbox(name)
-        self.t0 = time.perf_counter()
         self.proc = self.sandbox.spawn(
             self.argv,
             env={**os.environ, **(env or {})},
@@ -95,8 +95,7 @@ class ResidentAgent:
             cwd=cwd,
         )
         self.telemetry = telemetry if telemetry is not None else gpu_observer()
-        self._span: list[str] = []  # leases of the current busy span (telemetry window)
-        self._span_open = False
+        self._span: list[str] = []  # leases of the open busy span (telemetry window); [] when none
         self._lock = threading.Lock()
         self._write_lock = threading.Lock()
         self._leases: dict[str, _LeaseState] = {}
@@ -215,20 +214,18 @@ class ResidentAgent:
             state.done.set()
 
     def _begin_span(self) -> None:
-        self._span = []
         if self.telemetry is not None:
             self.telemetry.begin_window(self.proc.pid)
-            self._span_open = True
 
     def _end_span(self) -> None:
         """GPU telemetry is sampled per busy span (first lease in to last receipt out), not per
         lease: leases of the span still waiting to be collected get it; one collected earlier,
         while others were in flight, carries none (a named gap of the prototype)."""
-        if self.telemetry is None or not self._span_open:
+        span, self._span = self._span, []
+        if self.telemetry is None or not span:
             return
-        self._span_open = False
         measured = self.telemetry.end_window()
-        for lid in self._span:
+        for lid in span:
             if lid in self._leases:
                 self._leases[lid].telemetry = measured
 
@@ -254,10 +251,10 @@ class ResidentAgent:
         """(tokens, leases) other leases streamed inside this lease's decode window."""
         if len(state.times) < 2:
             return 0, 0
-        times = [t for t, _ in self._arrivals]
-        lo = bisect.bisect_left(times, state.times[0])
-        hi = bisect.bisect_right(times, state.times[-1])
-        others = [lid for _, lid in list(self._arrivals)[lo:hi] if lid != state.lease.lease_id]
+        arrivals = list(self._arrivals)
+        lo = bisect.bisect_left(arrivals, (state.times[0],))
+        hi = bisect.bisect_right(arrivals, (state.times[-1], "\uffff"))
+        others = [lid for _, lid in arrivals[lo:hi] if lid != state.lease.lease_id]
         return len(others), len(set(others))
 
     def _forget_arrivals_before(self, t: float) -> None:
@@ -280,8 +277,7 @@ class ResidentAgent:
             sha256_in=hashlib.sha256(s.payload).hexdigest(),
             sha256_out=s.digest.hexdigest(),
             exit_code=self.proc.poll(),
-            stderr_tail=(s.refusal + "\n" if s.refusal else "")
-            + self._stderr.get("data", b"")[-2000:].decode("utf-8", "replace"),
+            stderr_tail=(s.refusal + "\n" if s.refusal else "") + self.stderr_tail(),
             stream_tokens=tuple(s.tokens),
             stream_t=tuple(round(t - s.t_in, 6) for t in s.times),
             stream_cpu_s=tuple(s.cpu),
@@ -299,10 +295,6 @@ class ResidentAgent:
             overlapped=len(s.overlap),
             idle_before=s.idle,
         )
-
-    @property
-    def alive(self) -> bool:
-        return self.proc.poll() is None
 
     def stderr_tail(self) -> str:
         return self._stderr.get("data", b"")[-2000:].decode("utf-8", "replace")

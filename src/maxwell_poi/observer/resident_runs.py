@@ -60,20 +60,12 @@ def window_cpu_per_token(run: AgentRun) -> float:
     w = run.evidence.decode_window
     if w is None:
         raise RuntimeError(f"no decode window: {run.evidence.stderr_tail[-300:]}")
-    return w.cpu_s / (w.tokens + w.co_tokens)
-
-
-def embed_input_tokens(lease: Lease, registry: Registry) -> int:
-    """Tokens the embedding pipeline runs over, as the verifier counts them: [CLS] text [SEP]."""
-    job = lease.job
-    assert isinstance(job, EmbedJob)
-    return sum(len(registry.encode_prompt(lease.model_id, t)) + 1 for t in job.texts)
+    return w.cpu_s / w.batch_tokens
 
 
 def honest_resident(key_dir: Path, max_batch: int, threads: int | None = None) -> ResidentAgent:
     key = key_dir / "honest.pem"
-    if not key.exists():
-        AgentKey.generate().save(key)
+    AgentKey.ensure(key)
     extra = ["--resident", "--max-batch", str(max_batch)] + (["--threads", str(threads)] if threads else [])
     return start_resident(honest_agent_argv(key, *extra), "honest")
 
@@ -147,7 +139,8 @@ def _embed_profile(
         for i in range(max(runs, 3)):
             lease = embed_leases(model_id, 1, start=i)[0]
             (run,) = _checked(serve_wave(agent, [lease], registry))
-            per_token.append(run.evidence.cpu_s / embed_input_tokens(lease, registry))
+            assert isinstance(lease.job, EmbedJob)
+            per_token.append(run.evidence.cpu_s / registry.embed_input_tokens(model_id, lease.job.texts))
             walls.append(run.evidence.wall_s)
             memory.append(run.evidence.peak_rss_mb())
             if on_progress:

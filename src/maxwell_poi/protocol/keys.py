@@ -57,6 +57,13 @@ class AgentKey:
     def generate(cls) -> AgentKey:
         return cls(Ed25519PrivateKey.generate())
 
+    @classmethod
+    def ensure(cls, path: Path) -> AgentKey:
+        """The key at `path`, generated and saved there first when there is none."""
+        if not Path(path).exists():
+            cls.generate().save(path)
+        return cls.load(path)
+
     def save(self, path: Path) -> None:
         pem = self._private.private_bytes(
             serialization.Encoding.PEM,

@@ -11,6 +11,7 @@ import copy
 import functools
 import json
 import os
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -304,6 +305,11 @@ class Registry:
         """The prompt's token ids for `model_id` without building the model."""
         spec = self.get(model_id)
         return encode_prompt(tokenizer_for(spec), spec, text)
+
+    def embed_input_tokens(self, model_id: str, texts: Sequence[str]) -> int:
+        """Tokens an embedding lease runs the model over, without building it: each text's prompt
+        encoding ([CLS] text) plus its [SEP]. What L1 and resident embedding profiles both count."""
+        return sum(len(self.encode_prompt(model_id, t)) + 1 for t in texts)
 
     def decode(self, model_id: str, tokens: list[int]) -> str:
         """Token ids back to text with the model's tokenizer, without building the model."""

@@ -113,9 +113,7 @@ class DecodeWork:
             reference=ref,
             model_id=lease.model_id,
             peak_rss_mb=ev.peak_rss_mb(),
-            floor_cpu_s=(window.tokens + window.co_tokens)
-            * ref.flops_per_token
-            / profile.peak_flops_per_cpu_s,
+            floor_cpu_s=window.batch_tokens * ref.flops_per_token / profile.peak_flops_per_cpu_s,
             lower_bound_s=stats_lower_bound(per_token, ev.regime),
             rss_floor_mb=memory_floor_mb(profile, ref.param_count, lease.precision),
             slack_s=accounting_slack_s(ev),
@@ -125,8 +123,7 @@ class DecodeWork:
 
     @property
     def tokens(self) -> int:
-        """Every token the sandbox streamed in the window, this lease's and its batch peers'."""
-        return self.window.tokens + self.window.co_tokens
+        return self.window.batch_tokens
 
     @property
     def per_token_s(self) -> float:
@@ -266,9 +263,9 @@ class ThermodynamicLayer(EvidenceLayer):
         lease = ctx.lease
         problem = idle_work(ev)
         if problem:
-            return failed(
-                problem.reason, problem.score, idle_gap_s=ev.idle_before[0], idle_cpu_s=ev.idle_before[1]
-            )
+            idle = ev.idle_before
+            assert idle is not None  # idle_work finds nothing without an idle gap
+            return failed(problem.reason, problem.score, idle_gap_s=idle.gap_s, idle_cpu_s=idle.cpu_s)
         profile = self.profile(ctx, ev)
         if profile is None:
             return skipped(
@@ -324,11 +321,12 @@ class ThermodynamicLayer(EvidenceLayer):
                 f"embedding lease served alongside {ev.overlapped} other leases: this prototype "
                 "judges embedding work only for leases alone in their window"
             )
-        tokens = sum(len(self.registry.encode_prompt(lease.model_id, t)) + 1 for t in lease.job.texts)
-        outcome = embed_work(ev, profile, self.registry.reference(lease.model_id), tokens)
+        ref = self.registry.reference(lease.model_id)
+        tokens = self.registry.embed_input_tokens(lease.model_id, lease.job.texts)
+        outcome = embed_work(ev, profile, ref, tokens)
         if outcome.status is not Status.PASS:
             return outcome
-        floor = memory_floor_mb(profile, self.registry.reference(lease.model_id).param_count, lease.precision)
+        floor = memory_floor_mb(profile, ref.param_count, lease.precision)
         if ev.peak_rss_mb() < floor:
             return failed(
                 f"memory: expected the weights resident (peak >= {floor:.0f} MB), "
