@@ -262,6 +262,27 @@ def l1_embed(b: Bench, trials: int) -> dict:
     return out
 
 
+def between_leases(b: Bench, trials: int, pause_s: float = 1.0) -> dict:
+    """L1's idle-work check: the moonlighter (escaped miners between leases) against the honest
+    agent served the same way, a `pause_s` gap before every judged lease."""
+    out = {}
+    for name, argv in (
+        ("moonlighter", b.module_argv("moonlighter", "--resident")),
+        ("honest", b.honest_argv()),
+    ):
+        rows = b.waves(
+            argv, f"{name}-gaps", lambda t: b.gen(1, start=t), trials, pause_s=pause_s, warm=b.gen(1)
+        )
+        idle = [r for r in rows if "between leases" in r["l1_reason"]]
+        out[name] = {
+            "trials": len(rows),
+            "rejected_for_work_between_leases": len(idle),
+            "source": rows[0]["source"],
+        }
+        log(f"between leases, {name}: {len(idle)}/{len(rows)} rejected for idle work")
+    return {"pause_s": pause_s, **out}
+
+
 def resident_vs_oneshot(b: Bench, leases: int) -> dict:
     """Wall and sandbox/process CPU per lease: one resident agent for all, or one process each."""
     oneshot = []
@@ -339,6 +360,7 @@ def main() -> None:
             "batching_cheat_caught": batching_cheat(b, (2, 4), args.trials),
             "l1_embed": l1_embed(b, max(3, args.trials // 2)),
             "batched_honest_false_reject": honest_batched(b, (1, 2, 4), args.trials),
+            "work_between_leases": between_leases(b, args.trials),
             "resident_vs_oneshot_cost": resident_vs_oneshot(b, max(3, args.trials // 2)),
             "profile": json.loads(store.path.read_text()),
         }
