@@ -32,7 +32,7 @@ from ..protocol.result import Status, Verdict
 from ..registry.models import Registry
 from ..registry.profiles import Profile, ProfileStore
 from ..verifier.boundary import interval_lower_bound
-from ..verifier.thermodynamic import memory_floor_mb, stats_lower_bound
+from ..verifier.thermodynamic import memory_floor_mb, per_token_stats, stats_lower_bound
 
 VERDICT_COLOURS = {
     Verdict.AFFIRMING: "#2e7d32",
@@ -180,22 +180,29 @@ def token_panel(ax, ev: ChannelEvidence, profile: Profile | None) -> None:
         )
     ax.set_ylim(0, n * 1.08 + 1)
     if n >= 2 and len(stream_cpu) == n:
-        handles += _work_twin(ax, stream_t, stream_cpu, profile)
+        handles += _work_twin(ax, ev, stream_t, stream_cpu, profile)
     ax.legend(handles=handles, loc="upper left", fontsize=7, framealpha=0.85)
 
 
-def _work_twin(ax, stream_t: np.ndarray, stream_cpu: np.ndarray, profile: Profile | None) -> list:
-    """CPU-ms per token so far, against L1's honest mean and lower bound over the decode window."""
+def _work_twin(
+    ax, ev: ChannelEvidence, stream_t: np.ndarray, stream_cpu: np.ndarray, profile: Profile | None
+) -> list:
+    """CPU-ms per token so far, against L1's honest mean and lower bound over the decode window.
+    A batched lease shares its sandbox's CPU with its peers: per token of the batch, as L1 judges."""
     n = len(stream_t)
     ax_work = ax.twinx()
-    per = (stream_cpu[1:] - stream_cpu[0]) / np.arange(1, n) * 1000
+    window = ev.decode_window
+    share = window.batch_tokens / window.tokens if window else 1.0  # batch tokens per own token
+    per = (stream_cpu[1:] - stream_cpu[0]) / (np.arange(1, n) * share) * 1000
+    of_batch = " of the batch" if ev.co_leases else ""
     handles = ax_work.plot(
-        stream_t[1:], per, color=WORK_C, lw=1, alpha=0.9, label="agent CPU-ms per token (so far)"
+        stream_t[1:], per, color=WORK_C, lw=1, alpha=0.9, label=f"agent CPU-ms per token{of_batch} (so far)"
     )
     levels = per[np.isfinite(per)].tolist()
-    if profile is not None:
-        mean = profile.decode_cpu_s_per_token.mean * 1000
-        lo_w = stats_lower_bound(profile.decode_cpu_s_per_token, profile.regime) * 1000
+    stats = per_token_stats(profile, ev) if profile is not None else None
+    if profile is not None and stats is not None:
+        mean = stats.mean * 1000
+        lo_w = stats_lower_bound(stats, profile.regime) * 1000
         levels += [mean, lo_w]
         span = [stream_t[0], stream_t[-1]]  # L1 compares the CPU seconds spent over this window
         handles += ax_work.plot(

@@ -68,6 +68,15 @@ def stats_lower_bound(s: Stats, regime: str = "oneshot") -> float:
     return max(0.25 * s.mean, min(0.8 * s.min, s.mean - 3 * s.std))
 
 
+def per_token_stats(profile: Profile, ev: ChannelEvidence) -> Stats | None:
+    """The profile's honest CPU per token for this window: unbatched, or at the batch size the
+    window's leases were served at (None when batched and the profile has no batch sizes)."""
+    if not ev.co_leases:
+        return profile.decode_cpu_s_per_token
+    chosen = profile.batch_stats(1 + ev.co_leases)
+    return chosen[1] if chosen else None
+
+
 def work_lower_bound(profile: Profile) -> float:
     """Least CPU seconds per token an honest unbatched run can show."""
     return stats_lower_bound(profile.decode_cpu_s_per_token)
@@ -281,14 +290,9 @@ class ThermodynamicLayer(EvidenceLayer):
             return failed(
                 f"work: expected streamed tokens to measure the decode window, got {len(ev.stream_tokens)}"
             )
-        per_token = profile.decode_cpu_s_per_token
-        if ev.co_leases:
-            chosen = profile.batch_stats(1 + ev.co_leases)
-            if chosen is None:
-                return skipped(
-                    f"batched with {ev.co_leases} other leases, and the profile has no batch sizes"
-                )
-            per_token = chosen[1]
+        per_token = per_token_stats(profile, ev)
+        if per_token is None:
+            return skipped(f"batched with {ev.co_leases} other leases, and the profile has no batch sizes")
         w = DecodeWork.of(ev, profile, self.registry.reference(lease.model_id), lease, per_token)
         details = w.details()
         for check in (physics_floor, work_per_token, memory_floor):
