@@ -135,7 +135,7 @@ def test_refusals_explain_themselves_and_write_nothing(book: Ledger) -> None:
         (lambda: book.transfer("t6", "other", {}), "at least two legs"),
         (lambda: book.transfer("t7", "bribe", {"wallet:alice": -1, "wallet:bob": 1}), "transfer kind"),
         (lambda: book.escrow_stake("alice", "L9", 5_000_000), "wallet:alice to stay ≥ 0"),
-        (lambda: book.release_stake("alice", "never-staked"), "a stake escrowed"),
+        (lambda: book.release_stake("alice", "never-staked"), "a transfer 'stake:never-staked' into escrow"),
         (lambda: book.open_account("wallet:carol", "wallet", allow_negative=True), "only external"),
     ]
     for attempt, reason in refusals:
@@ -144,6 +144,32 @@ def test_refusals_explain_themselves_and_write_nothing(book: Ledger) -> None:
         assert reason in str(caught.value)
     assert _counts(book.engine) == before
     assert book.balances() == balances
+
+
+def test_energy_hold_settles_the_measured_charge_and_returns_the_rest(book: Ledger) -> None:
+    book.hold_energy("alice", "L1", 50_000)
+    book.hold_energy("bob", "L2", 1_000)
+    with book.session() as session, session.begin():  # in the caller's transaction
+        first = book.settle_energy("alice", "L1", joules=1234.5, micro_per_joule=10, session=session)
+    again = book.settle_energy("alice", "L1", joules=1234.5, micro_per_joule=10)
+    capped = book.settle_energy("bob", "L2", joules=500.0, micro_per_joule=10)  # 5,000 > the 1,000 held
+    assert first.created and not again.created and again.transfer_id == first.transfer_id
+    balances = book.balances()
+    assert balances["wallet:alice"] == 1_000_000 - 12_345 and balances["escrow:alice"] == 0
+    assert balances["wallet:bob"] == 1_000_000 - 1_000 and balances["escrow:bob"] == 0
+    assert balances[ENERGY] == 12_345 + 1_000
+    memo = [e.memo for e in book.entries_for("wallet:bob") if e.kind == "energy_debit"]
+    assert memo == [] and "capped_at_hold=1000" in book.entries_for(ENERGY)[-1].memo
+    assert capped.created and check_ledger(book.engine).ok
+
+
+def test_a_rolled_back_caller_transaction_moves_no_money(book: Ledger) -> None:
+    before = book.balances()
+    with pytest.raises(RuntimeError), book.session() as session, session.begin():
+        book.escrow_stake("alice", "L1", 10_000, session=session)
+        raise RuntimeError("the caller's own write failed after the stake was posted")
+    assert book.balances() == before
+    assert not [e for e in book.entries_for("wallet:alice") if e.kind == "stake_escrow"]
 
 
 def test_same_key_posts_once_and_different_legs_are_refused(book: Ledger) -> None:
@@ -286,6 +312,6 @@ def test_migrating_again_is_a_no_op_and_matches_the_models(opener: Callable[[], 
     second = opener()  # a second open_ledger_db on the same database migrates once more
     assert Ledger(second).balance("wallet:alice") == 42
     with second.connect() as conn:
-        assert conn.execute(text("SELECT version_num FROM alembic_version")).scalars().all() == ["0001"]
+        assert conn.execute(text("SELECT version_num FROM alembic_version")).scalars().all() == ["0002"]
         assert compare_metadata(MigrationContext.configure(conn), Base.metadata) == []
     assert check_ledger(second).ok

@@ -21,6 +21,7 @@ from .posting import (
     legs_of,
     make_request,
     post,
+    post_in,
 )
 from .schema import ACCOUNT_KINDS, NAME_LENGTH, Account, Entry, Transfer
 
@@ -62,47 +63,84 @@ class Ledger:
         with Session(writer(self.engine)) as session, session.begin():
             ensure_account(session, AccountSpec(name, kind, allow_negative))
 
+    def session(self) -> Session:
+        """A write session for callers that move money together with their own rows in one
+        transaction: `with ledger.session() as s, s.begin(): ...; ledger.release_stake(..., session=s)`."""
+        return Session(writer(self.engine), expire_on_commit=False)
+
     def transfer(
-        self, key: str, kind: str, legs: Mapping[str, int], *, memo: str = "", lease_id: str | None = None
+        self,
+        key: str,
+        kind: str,
+        legs: Mapping[str, int],
+        *,
+        memo: str = "",
+        lease_id: str | None = None,
+        session: Session | None = None,
     ) -> TransferResult:
         """Move money between accounts; legs sum to 0. The same key posts at most once."""
-        return post(self.engine, make_request(key, kind, legs, memo, lease_id))
+        return self._post(make_request(key, kind, legs, memo, lease_id), session=session)
 
     # -- the control plane's operations ------------------------------------------------------------
 
-    def deposit(self, agent: str, micro: int, key: str) -> TransferResult:
+    def deposit(self, agent: str, micro: int, key: str, *, session: Session | None = None) -> TransferResult:
         wallet = _agent_account("wallet", agent)
         _positive(micro, "deposit")
         request = make_request(key, "deposit", {DEPOSITS: -micro, wallet: micro}, memo=f"deposit for {agent}")
-        return self._post(request, opens=(wallet,))
+        return self._post(request, opens=(wallet,), session=session)
 
-    def escrow_stake(self, agent: str, lease_id: str, micro: int) -> TransferResult:
+    def escrow_stake(
+        self, agent: str, lease_id: str, micro: int, *, session: Session | None = None
+    ) -> TransferResult:
         _positive(micro, "stake")
         escrow = _agent_account("escrow", agent)
         legs = {_agent_account("wallet", agent): -micro, escrow: micro}
-        return self._post(
-            make_request(f"stake:{lease_id}", "stake_escrow", legs, lease_id=lease_id), (escrow,)
-        )
+        request = make_request(f"stake:{lease_id}", "stake_escrow", legs, lease_id=lease_id)
+        return self._post(request, (escrow,), session=session)
 
-    def release_stake(self, agent: str, lease_id: str) -> TransferResult:
+    def release_stake(self, agent: str, lease_id: str, *, session: Session | None = None) -> TransferResult:
         """Give the lease's whole stake back to the agent's wallet; refused once it was slashed."""
-        return self._unescrow(agent, lease_id, f"wallet:{agent}", "release", "stake_release", "slash")
+        return self._unescrow(agent, lease_id, f"wallet:{agent}", "release", "stake_release", "slash", session)
 
-    def slash_stake(self, agent: str, lease_id: str) -> TransferResult:
+    def slash_stake(self, agent: str, lease_id: str, *, session: Session | None = None) -> TransferResult:
         """Take the lease's whole stake for Maxwell; refused once it was released."""
-        return self._unescrow(agent, lease_id, SLASHED, "slash", "stake_slash", "release")
+        return self._unescrow(agent, lease_id, SLASHED, "slash", "stake_slash", "release", session)
 
     def debit_energy(self, agent: str, lease_id: str, joules: float, micro_per_joule: int) -> TransferResult:
         """Charge round(joules × price) for the energy Maxwell measured for the lease."""
-        if not math.isfinite(joules) or joules < 0:
-            raise LedgerError("a finite, non-negative energy in joules", repr(joules))
-        _positive(micro_per_joule, "price per joule")
-        micro = round(joules * micro_per_joule)
+        micro, memo = energy_charge(joules, micro_per_joule)
         if micro <= 0:
             raise LedgerError("an energy charge of at least 1 micro", f"{micro} for {joules!r} J")
-        memo = f"joules={joules!r} micro_per_joule={micro_per_joule}"  # Maxwell's measurement, kept
         legs = {_agent_account("wallet", agent): -micro, ENERGY: micro}
         return self.transfer(f"energy:{lease_id}", "energy_debit", legs, memo=memo, lease_id=lease_id)
+
+    def hold_energy(
+        self, agent: str, lease_id: str, micro: int, *, session: Session | None = None
+    ) -> TransferResult:
+        """Hold the lease's largest possible energy charge from the wallet in escrow, so that the
+        debit of what is measured later cannot fail for want of funds."""
+        _positive(micro, "energy hold")
+        escrow = _agent_account("escrow", agent)
+        legs = {_agent_account("wallet", agent): -micro, escrow: micro}
+        request = make_request(f"hold:{lease_id}", "energy_hold", legs, lease_id=lease_id)
+        return self._post(request, (escrow,), session=session)
+
+    def settle_energy(
+        self, agent: str, lease_id: str, joules: float, micro_per_joule: int, *, session: Session | None = None
+    ) -> TransferResult:
+        """Charge round(joules × price), capped at the lease's hold, to Maxwell from the hold, and
+        return the rest of the hold to the wallet. One transfer, key `energy:<lease>`."""
+        escrow, wallet = _agent_account("escrow", agent), _agent_account("wallet", agent)
+        held = self._escrowed(escrow, f"hold:{lease_id}", session)
+        micro, memo = energy_charge(joules, micro_per_joule)
+        charge = min(micro, held)
+        if charge < micro:
+            memo += f" capped_at_hold={held}"
+        legs = {escrow: -held, ENERGY: charge, wallet: held - charge}
+        request = make_request(
+            f"energy:{lease_id}", "energy_debit", {k: v for k, v in legs.items() if v}, memo, lease_id
+        )
+        return self._post(request, session=session)
 
     # -- reading ------------------------------------------------------------------------------------
 
@@ -137,32 +175,47 @@ class Ledger:
     # -- helpers ------------------------------------------------------------------------------------
 
     def _post(
-        self, request: TransferRequest, opens: tuple[str, ...] = (), exclusive: str = ""
+        self,
+        request: TransferRequest,
+        opens: tuple[str, ...] = (),
+        exclusive: str = "",
+        session: Session | None = None,
     ) -> TransferResult:
-        """Post with the agent accounts `opens` ("wallet:a") created in the same transaction."""
+        """Post with the agent accounts `opens` ("wallet:a") created in the same transaction; in
+        the caller's `session` (its transaction) when one is given, else in a transaction of its own."""
         specs = tuple(AccountSpec(name, name.split(":", 1)[0]) for name in opens)
-        return post(
-            self.engine, replace(request, opens=specs, exclusive_with=(exclusive,) if exclusive else ())
-        )
+        request = replace(request, opens=specs, exclusive_with=(exclusive,) if exclusive else ())
+        return post_in(session, request) if session is not None else post(self.engine, request)
 
     def _unescrow(
-        self, agent: str, lease_id: str, to: str, verb: str, kind: str, rival: str
+        self, agent: str, lease_id: str, to: str, verb: str, kind: str, rival: str, session: Session | None
     ) -> TransferResult:
         escrow = _agent_account("escrow", agent)
-        staked = self._staked(escrow, lease_id)
+        staked = self._escrowed(escrow, f"stake:{lease_id}", session)
         request = make_request(f"{verb}:{lease_id}", kind, {escrow: -staked, to: staked}, lease_id=lease_id)
         # Checked inside the posting transaction, after escrow is locked: a racing rival is seen.
-        return self._post(request, exclusive=f"{rival}:{lease_id}")
+        return self._post(request, exclusive=f"{rival}:{lease_id}", session=session)
 
-    def _staked(self, escrow: str, lease_id: str) -> int:
-        with Session(self.engine) as session:
-            stake = find_transfer(session, f"stake:{lease_id}")
-            legs = dict(legs_of(session, stake.id)) if stake is not None else {}
-        if stake is None:
-            raise LedgerError(f"a stake escrowed for lease {lease_id!r}", "none")
+    def _escrowed(self, escrow: str, key: str, session: Session | None) -> int:
+        """What the transfer `key` (a stake or an energy hold) put into `escrow`."""
+        if session is None:
+            with Session(self.engine) as own:
+                return self._escrowed(escrow, key, own)
+        held = find_transfer(session, key)
+        legs = dict(legs_of(session, held.id)) if held is not None else {}
+        if held is None:
+            raise LedgerError(f"a transfer {key!r} into escrow", "none")
         if legs.get(escrow, 0) <= 0:
-            raise LedgerError(f"lease {lease_id!r}'s stake in {escrow}", f"legs {legs}")
+            raise LedgerError(f"{key!r} to have put money into {escrow}", f"legs {legs}")
         return legs[escrow]
+
+
+def energy_charge(joules: float, micro_per_joule: int) -> tuple[int, str]:
+    """round(joules × price) in micro-units, and a memo that keeps Maxwell's measurement."""
+    if not isinstance(joules, int | float) or not math.isfinite(joules) or joules < 0:
+        raise LedgerError("a finite, non-negative energy in joules", repr(joules))
+    _positive(micro_per_joule, "price per joule")
+    return round(joules * micro_per_joule), f"joules={joules!r} micro_per_joule={micro_per_joule}"
 
 
 def _agent_account(kind: str, agent: str) -> str:

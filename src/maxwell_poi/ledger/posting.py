@@ -88,6 +88,13 @@ def post(engine: Engine, request: TransferRequest) -> TransferResult:
             return _replay(session, existing, request)
 
 
+def post_in(session: Session, request: TransferRequest) -> TransferResult:
+    """Write `request` inside the caller's write transaction (`Ledger.session()`), so that money
+    moves commit or roll back together with the caller's own rows. A duplicate key raced in by
+    another transaction surfaces as IntegrityError and rolls the caller's transaction back."""
+    return _post_locked(session, request)
+
+
 def find_transfer(session: Session, key: str) -> Transfer | None:
     return session.scalar(select(Transfer).where(Transfer.idempotency_key == key))
 

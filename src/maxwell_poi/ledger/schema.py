@@ -22,7 +22,15 @@ from sqlalchemy import (
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 ACCOUNT_KINDS = ("wallet", "escrow", "revenue", "external")
-TRANSFER_KINDS = ("deposit", "energy_debit", "stake_escrow", "stake_release", "stake_slash", "other")
+TRANSFER_KINDS = (
+    "deposit",
+    "energy_hold",
+    "energy_debit",
+    "stake_escrow",
+    "stake_release",
+    "stake_slash",
+    "other",
+)
 NAME_LENGTH = 200
 KEY_LENGTH = 200
 

@@ -32,9 +32,13 @@ class IntegrityLayer(TimedLayer):
 
     name = LayerName.INTEGRITY
 
-    def __init__(self, registry: Registry, keyring: Keyring) -> None:
+    def __init__(self, registry: Registry, keyring: Keyring, *, remember_settled: bool = True) -> None:
+        """`remember_settled=False`: replay is refused by someone else — the control plane keeps
+        settled leases in its database, which survives restarts and a failed transaction (a lease
+        remembered here before its settlement rolled back would refuse the honest retry)."""
         self.registry = registry
         self.keyring = keyring
+        self.remember_settled = remember_settled
         self._settled: set[str] = set()
 
     def decide(self, ctx: Appraisal) -> Outcome:
@@ -60,7 +64,8 @@ class IntegrityLayer(TimedLayer):
         ):
             if problem:
                 return failed(problem.reason)
-        self._settled.add(lease.lease_id)
+        if self.remember_settled:
+            self._settled.add(lease.lease_id)
         ctx.receipt = receipt
         return passed(
             "signed by the leased agent; bound to lease, nonce, model, input", receipt_bytes=receipt.size
