@@ -27,7 +27,7 @@ from ..verifier.policy import Verifier
 class NodeResult:
     lease: Lease
     run: AgentRun
-    result: AttestationResult
+    result: AttestationResult | None  # None on a node that leaves appraisal to its control plane
     signed_evidence: bytes  # DSSE envelope, observer.attest
     verify_s: float
 
@@ -37,9 +37,9 @@ class NodeResult:
             "lease_id": self.lease.lease_id,
             "agent_id": self.lease.agent_id,
             "model_id": self.lease.model_id,
-            "verdict": self.result.verdict.value,
-            "caught_by": [str(n) for n in self.result.caught_by],
-            "reason": self.result.reason,
+            "verdict": self.result.verdict.value if self.result else "not appraised here",
+            "caught_by": [str(n) for n in self.result.caught_by] if self.result else [],
+            "reason": self.result.reason if self.result else "",
             "accounting": ev.accounting.get("source", "rusage"),
             "batch": 1 + ev.co_leases,
             "lease_wall_s": round(ev.wall_s, 4),
@@ -53,8 +53,9 @@ class Node:
     agent may batch them) and returns each appraised, with its signed evidence."""
 
     def __init__(
-        self, node_id: str, key: NodeKey, verifier: Verifier, registry: Registry | None = None
+        self, node_id: str, key: NodeKey, verifier: Verifier | None, registry: Registry | None = None
     ) -> None:
+        """`verifier=None`: a node under a control plane, which appraises from the signed evidence."""
         self.node_id = node_id
         self.key = key
         self.verifier = verifier
@@ -85,7 +86,7 @@ class Node:
 
     def _appraise(self, agent: ResidentAgent, lease: Lease, run: AgentRun) -> NodeResult:
         t0 = time.perf_counter()
-        result = self.verifier.appraise(lease, run.receipt, run.evidence)
+        result = self.verifier.appraise(lease, run.receipt, run.evidence) if self.verifier else None
         verify_s = time.perf_counter() - t0
         signed = sign_evidence(
             run.evidence,

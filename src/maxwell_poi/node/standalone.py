@@ -101,7 +101,8 @@ class NodeDirectory:
         d.mkdir(parents=True, exist_ok=True)
         (d / "receipt.json").write_bytes(r.run.receipt)
         (d / "evidence.dsse.json").write_bytes(r.signed_evidence)
-        write_json_atomic(d / "result.json", {**r.result.as_dict(), "node": r.summary()})  # last: marks done
+        appraised = r.result.as_dict() if r.result else {}
+        write_json_atomic(d / "result.json", {**appraised, "node": r.summary()})  # last: marks done
 
 
 def run_directory(

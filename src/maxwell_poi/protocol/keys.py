@@ -50,6 +50,11 @@ class AgentKey:
         self.signer = CryptoSigner(private_key, self.public_key)
 
     @property
+    def private_key(self) -> Ed25519PrivateKey:
+        """For signers other than DSSE (Maxwell's EAR JWTs); never leaves its owner."""
+        return self._private
+
+    @property
     def keyid(self) -> str:
         return self.public_key.keyid
 

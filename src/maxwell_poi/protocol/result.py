@@ -44,6 +44,18 @@ class LayerResult:
         out["status"] = self.status.value
         return out
 
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> LayerResult:
+        """Back from `as_dict` (a stored result); raises KeyError/ValueError on another shape."""
+        return cls(
+            LayerName(d["layer"]),
+            Status(d["status"]),
+            str(d["reason"]),
+            d.get("score"),
+            float(d.get("cost_s", 0.0)),
+            dict(d.get("details") or {}),
+        )
+
 
 @dataclass(frozen=True)
 class AttestationResult:
@@ -85,6 +97,11 @@ class AttestationResult:
             "cost_s": round(self.cost_s, 6),
             "layers": [r.as_dict() for r in self.layers],
         }
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> AttestationResult:
+        layers = tuple(LayerResult.from_dict(r) for r in d["layers"])
+        return cls(d["lease_id"], d["agent_id"], d["model_id"], verdict_of(list(layers)), layers)
 
 
 def verdict_of(layers: list[LayerResult]) -> Verdict:

@@ -87,9 +87,17 @@ class Verifier:
         return secrets.randbelow(1_000_000) < self.audit_rate * 1_000_000
 
     def appraise(
-        self, lease: Lease, raw_receipt: bytes, evidence: ChannelEvidence | None = None
+        self,
+        lease: Lease,
+        raw_receipt: bytes,
+        evidence: ChannelEvidence | None = None,
+        *,
+        received_at: float | None = None,
     ) -> AttestationResult:
-        ctx = Appraisal(lease=lease, raw=raw_receipt, evidence=evidence, received_at=time.time())
+        """`received_at`: when Maxwell took the receipt in (a queued audit appraises it later; the
+        deadline is judged at intake), now by default."""
+        at = time.time() if received_at is None else received_at
+        ctx = Appraisal(lease=lease, raw=raw_receipt, evidence=evidence, received_at=at)
         run = set(self.always)
         if self._draw_audit():
             run.update(self.drawn)

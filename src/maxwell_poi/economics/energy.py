@@ -1,0 +1,83 @@
+"""Joules: what Maxwell measured for a lease (the Energy Wallet's debit), and what it expects one to cost.
+
+Only Maxwell's own measurements count (design.md §1): the node's NVML energy counter for the GPU,
+and for the CPU the sandbox's kernel CPU-seconds times a stated watts-per-core figure — an
+*estimate* (no per-cgroup power meter exists on this host; RAPL is package-wide), labelled as such
+in every debit's memo. A resident agent's lease window also contains the work of the batch peers
+decoding beside it, so the window's energy is shared by tokens: the lease pays its own tokens'
+share of what the sandbox burnt in the window.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from ..observer.evidence import ChannelEvidence
+from ..protocol.lease import EmbedJob, GenerateJob
+from ..registry.profiles import Profile
+
+WATTS_PER_CORE_ESTIMATE = 12.0  # a server core under a dense-math load; an estimate, not a reading
+FALLBACK_CPU_S_PER_TOKEN = 0.05  # no profile for the model yet: a generous guess for the hold
+CHARS_PER_TOKEN = 4.0  # WordPiece/BPE on English text, for embedding jobs' expected size
+
+
+@dataclass(frozen=True)
+class EnergyMeasurement:
+    joules: float
+    source: str  # which of Maxwell's readings it came from
+    estimate: bool  # True when part of it is CPU-seconds × an assumed wattage
+    share: float  # the lease's share of the window (1.0 alone; tokens / batch tokens in a batch)
+
+    def memo(self) -> str:
+        kind = "estimate" if self.estimate else "measured"
+        return f"{self.source} share={self.share:.4f} ({kind})"
+
+
+def lease_share(ev: ChannelEvidence) -> float:
+    """The lease's own share of its window's work: its tokens over every token streamed in it."""
+    own = max(1, len(ev.stream_t))
+    return own / (own + ev.co_tokens) if ev.co_tokens > 0 else 1.0
+
+
+def gpu_joules(ev: ChannelEvidence) -> float | None:
+    """The NVML energy counter's joules over the window, when the node's telemetry read one."""
+    for measurement in ev.telemetry.values():
+        joules = measurement.totals.get("energy_j")
+        if measurement.source.startswith("nvml") and joules is not None and math.isfinite(joules):
+            return joules
+    return None
+
+
+def measured_energy(
+    ev: ChannelEvidence, watts_per_core: float = WATTS_PER_CORE_ESTIMATE
+) -> EnergyMeasurement:
+    """The lease's energy from the node's evidence (never from the receipt)."""
+    if not watts_per_core > 0:
+        raise ValueError(f"watts_per_core: expected a positive number, got {watts_per_core!r}")
+    share = lease_share(ev)
+    cpu_j = max(0.0, ev.cpu_s) * watts_per_core
+    gpu_j = gpu_joules(ev)
+    if gpu_j is None:
+        source = f"sandbox cpu_s={ev.cpu_s:.6f} x {watts_per_core:g} W/core"
+        return EnergyMeasurement(cpu_j * share, source, True, share)
+    source = f"nvml energy_j={gpu_j:.3f} + sandbox cpu_s={ev.cpu_s:.6f} x {watts_per_core:g} W/core"
+    return EnergyMeasurement((gpu_j + cpu_j) * share, source, True, share)
+
+
+def expected_energy_j(
+    job: GenerateJob | EmbedJob, profile: Profile | None, watts_per_core: float = WATTS_PER_CORE_ESTIMATE
+) -> float:
+    """What an honest run of the job should cost, from the model's profile on the device (or a
+    generous fallback when the model has none yet): the basis of the bid's value and of the hold."""
+    if isinstance(job, GenerateJob):
+        tokens = job.max_new_tokens + len(job.prompt) / CHARS_PER_TOKEN
+        per_token = profile.decode_cpu_s_per_token.mean if profile else FALLBACK_CPU_S_PER_TOKEN
+    else:
+        tokens = sum(len(t) for t in job.texts) / CHARS_PER_TOKEN
+        per_token = (
+            profile.embed_cpu_s_per_token.mean
+            if profile and profile.embed_cpu_s_per_token
+            else FALLBACK_CPU_S_PER_TOKEN
+        )
+    return max(tokens, 1.0) * per_token * watts_per_core

@@ -1,0 +1,102 @@
+"""A node under a control plane: it pulls leases, runs them in its sandboxes, hands in the evidence.
+
+Pull, not push: the node calls `POST /v1/node/pull` (a signed request) with its headroom; each
+pull clears one auction round for it. Leases come with the enrolled agent's command; the node
+starts each agent once (resident, in its own sandbox) and hands it its leases `batch` at a time.
+For each lease it posts the agent's answer verbatim with its signed evidence to
+`/v1/node/intake` — retried on a network error, which is safe because intake is idempotent. A
+lease the node cannot run (no command for its agent) is left alone: it expires on the control
+plane, which returns the agent's hold and stake.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import defaultdict
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import httpx
+
+from ..protocol.lease import Lease
+from ..service.client import ServiceClient, ServiceRefused
+from .headroom import measure_headroom
+from .node import Node
+
+log = logging.getLogger(__name__)
+INTAKE_TRIES = 5
+
+
+@dataclass
+class RemoteNode:
+    client: ServiceClient
+    node: Node
+    batch: int = 4
+    poll_s: float = 1.0
+    cwd: str | None = None
+    agents: list[str] = field(default_factory=list)  # [] = any agent the control plane sends
+    headroom: Callable[[], float] = field(default=lambda: measure_headroom().joules)
+    on_answer: Callable[[dict[str, Any]], None] | None = None
+    skipped: set[str] = field(default_factory=set)
+
+    def step(self) -> list[dict[str, Any]]:
+        """One pull and everything it brought; the intake answers."""
+        pulled = self.client.pull(self.headroom(), self.agents, max_leases=4 * self.batch)["leases"]
+        by_agent: dict[str, list[Lease]] = defaultdict(list)
+        commands: dict[str, list[str]] = {}
+        for item in pulled:
+            lease = Lease.model_validate(item["lease"])
+            if lease.lease_id in self.skipped:
+                continue
+            by_agent[lease.agent_id].append(lease)
+            commands[lease.agent_id] = item["command"]
+        answers = []
+        for agent_id, leases in by_agent.items():
+            if not self._ensure_agent(agent_id, commands[agent_id], leases):
+                continue
+            for i in range(0, len(leases), self.batch):
+                for r in self.node.serve(agent_id, leases[i : i + self.batch]):
+                    answers.append(self._hand_in(r.lease.lease_id, r.run.receipt, r.signed_evidence))
+        return answers
+
+    def run(self, stop: threading.Event) -> None:
+        while not stop.is_set():
+            try:
+                served = self.step()
+            except (httpx.HTTPError, ServiceRefused) as exc:
+                log.warning("pull failed (%s); retrying in %.1f s", exc, self.poll_s)
+                served = []
+            if not served:
+                stop.wait(self.poll_s)
+
+    def _ensure_agent(self, agent_id: str, command: list[str], leases: list[Lease]) -> bool:
+        if agent_id in self.node.agents:
+            return True
+        if not command:
+            log.warning(
+                "no command enrolled for agent %s: its %d lease(s) will expire", agent_id, len(leases)
+            )
+            self.skipped.update(lease.lease_id for lease in leases)
+            return False
+        self.node.start_agent(agent_id, command, cwd=self.cwd)
+        return True
+
+    def _hand_in(self, lease_id: str, receipt: bytes, evidence: bytes) -> dict[str, Any]:
+        for attempt in range(INTAKE_TRIES):
+            try:
+                answer = self.client.intake(lease_id, receipt, evidence)
+                break
+            except httpx.HTTPError as exc:  # the control plane restarting: intake is idempotent
+                if attempt == INTAKE_TRIES - 1:
+                    raise
+                log.warning("intake of %s failed (%s); retrying", lease_id, exc)
+                time.sleep(0.5 * 2**attempt)
+            except ServiceRefused as exc:
+                answer = {"lease_id": lease_id, "refused": exc.status, "error": exc.body}
+                break
+        if self.on_answer:
+            self.on_answer(answer)
+        return answer

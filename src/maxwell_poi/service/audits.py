@@ -1,0 +1,119 @@
+"""Queued L4 audits: intake draws the lottery; these threads re-execute and finalise the verdict.
+
+The queue is the database (`cp_leases.status = 'audit_pending'`), not memory: the in-process queue
+only says "look now", and on start every pending lease is queued again, so a restart loses no
+audit. Finalising is one transaction (verdict, lease status, stake release or slash) and is
+idempotent: a lease whose verdict is already final is skipped.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import queue
+import threading
+import time
+from collections.abc import Callable
+
+from sqlalchemy.orm import Session
+
+from ..ledger import Ledger
+from ..observer.attest import open_evidence
+from ..protocol.keys import Keyring
+from ..protocol.lease import Lease
+from ..protocol.result import LayerName, LayerResult, verdict_of
+from ..verifier.policy import Verifier
+from .intake import STAKE_ON, move_stake, pending_audits
+from .schema import LeaseRow, ReceiptRow, VerdictRow
+
+log = logging.getLogger(__name__)
+
+
+class AuditWorkers:
+    def __init__(
+        self,
+        ledger: Ledger,
+        verifier: Verifier,
+        nodes: Keyring,
+        workers: int = 1,
+        on_done: Callable[[str, str, float], None] | None = None,
+    ) -> None:
+        self.ledger = ledger
+        self.verifier = verifier  # L0 gate + L4 drawn at rate 1
+        self.nodes = nodes
+        self.workers = workers
+        self.on_done = on_done  # (lease_id, verdict, seconds): metrics
+        self.queue: queue.Queue[str | None] = queue.Queue()
+        self._threads: list[threading.Thread] = []
+
+    def start(self) -> int:
+        """Start the threads; queue every audit still pending in the database. Returns how many."""
+        pending = pending_audits(self.ledger)
+        for lease_id in pending:
+            self.queue.put(lease_id)
+        for i in range(self.workers):
+            t = threading.Thread(target=self._loop, name=f"poi-audit-{i}", daemon=True)
+            t.start()
+            self._threads.append(t)
+        return len(pending)
+
+    def submit(self, lease_id: str) -> None:
+        self.queue.put(lease_id)
+
+    def depth(self) -> int:
+        return self.queue.qsize()
+
+    def stop(self) -> None:
+        for _ in self._threads:
+            self.queue.put(None)
+        for t in self._threads:
+            t.join(timeout=30)
+        self._threads.clear()
+
+    def drain(self, timeout_s: float = 300.0) -> bool:
+        """Wait until no audit is pending (tests, demo); False on timeout."""
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if not pending_audits(self.ledger):
+                return True
+            time.sleep(0.05)
+        return False
+
+    def _loop(self) -> None:
+        while (lease_id := self.queue.get()) is not None:
+            try:
+                self.audit(lease_id)
+            except Exception:  # one broken lease must not stop the worker; it stays pending
+                log.exception("audit of lease %s failed; it stays pending for the next start", lease_id)
+
+    def audit(self, lease_id: str) -> str | None:
+        """Run L4 for one pending lease and finalise it; the verdict, or None if nothing was pending."""
+        t0 = time.perf_counter()
+        with Session(self.ledger.engine) as session:
+            row, receipt, verdict = (session.get(k, lease_id) for k in (LeaseRow, ReceiptRow, VerdictRow))
+        if row is None or receipt is None or verdict is None or verdict.final:
+            return None
+        lease = Lease.from_json(row.lease_json)
+        evidence = open_evidence(receipt.evidence, self.nodes).evidence
+        audit = self.verifier.appraise(lease, receipt.receipt, evidence, received_at=receipt.received_at)
+        inline = [LayerResult.from_dict(d) for d in json.loads(verdict.layers)]
+        layers = [r for r in inline if r.layer != LayerName.AUDIT] + [
+            r for r in audit.layers if r.layer == LayerName.AUDIT or r.status.value == "fail"
+        ]
+        final = verdict_of(layers)
+        outcome = STAKE_ON[final] if row.stake_micro > 0 else "none"
+        with self.ledger.session() as session, session.begin():
+            current = session.get(VerdictRow, lease_id, with_for_update=True)
+            if current is None or current.final:  # finalised by another worker meanwhile
+                return None
+            move_stake(self.ledger, session, lease.agent_id, lease_id, outcome)
+            current.verdict, current.final, current.stake_outcome = final.value, True, outcome
+            current.layers = json.dumps([r.as_dict() for r in layers])
+            failing = [r for r in layers if r.status.value in ("fail", "warn")]
+            current.reason = ("; ".join(f"{r.layer}: {r.reason}" for r in failing) or current.reason)[:4000]
+            session.execute(
+                LeaseRow.__table__.update().where(LeaseRow.lease_id == lease_id).values(status="settled")
+            )
+        if self.on_done:
+            self.on_done(lease_id, final.value, time.perf_counter() - t0)
+        return final.value

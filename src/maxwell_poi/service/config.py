@@ -1,0 +1,90 @@
+"""The control plane's settings: flags override environment variables override defaults; printed at start."""
+
+from __future__ import annotations
+
+import os
+import secrets
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+from ..ledger import ledger_url
+from ..registry.models import poi_home
+
+ENV_PREFIX = "POI_SERVE_"  # e.g. POI_SERVE_PORT=8750, POI_SERVE_DB=postgresql+psycopg://...
+
+
+@dataclass
+class ServiceConfig:
+    db: str = ""  # database URL or SQLite path; "" = $POI_HOME/ledger.sqlite
+    host: str = "127.0.0.1"
+    port: int = 8750
+    lease_ttl_s: float = 600.0
+    watts_per_core: float = 12.0  # CPU energy = sandbox CPU-seconds x this (an estimate)
+    reserve_micro_per_j: int = 1  # the auction's reserve price
+    request_skew_s: float = 60.0  # signed requests: accepted clock difference
+    audit_workers: int = 1  # threads running queued L4 audits
+    max_body_bytes: int = 16 << 20
+    max_leases_per_pull: int = 64
+    admin_token: str = field(default="", repr=False)  # "" = $POI_HOME/admin.token (created once)
+
+    @classmethod
+    def from_env(cls, **overrides: Any) -> ServiceConfig:
+        """Defaults, then POI_SERVE_* variables, then the non-None `overrides` (the flags)."""
+        values: dict[str, Any] = {}
+        for f in fields(cls):
+            raw = os.environ.get(ENV_PREFIX + f.name.upper())
+            if raw is not None:
+                kind = type(getattr(cls(), f.name))
+                try:
+                    values[f.name] = kind(raw)
+                except ValueError:
+                    raise ValueError(
+                        f"{ENV_PREFIX}{f.name.upper()}: expected a {kind.__name__}, got {raw!r}"
+                    ) from None
+        values.update({k: v for k, v in overrides.items() if v is not None})
+        config = cls(**values)
+        config.validate()
+        return config
+
+    def validate(self) -> None:
+        for name in ("lease_ttl_s", "watts_per_core", "request_skew_s"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"{name}: expected a positive number, got {getattr(self, name)!r}")
+        for name in ("reserve_micro_per_j", "audit_workers", "max_body_bytes", "max_leases_per_pull"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name}: expected >= 1, got {getattr(self, name)!r}")
+
+    @property
+    def url(self) -> str:
+        return ledger_url(self.db or None)
+
+    def token(self) -> str:
+        """The admin token: the configured one, else $POI_HOME/admin.token (made, mode 0600, once)."""
+        if self.admin_token:
+            return self.admin_token
+        path = self.token_path()
+        if not path.exists():
+            path.parent.mkdir(parents=True, exist_ok=True)
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            with os.fdopen(fd, "w") as fh:
+                fh.write(secrets.token_urlsafe(32) + "\n")
+        return path.read_text().strip()
+
+    def token_path(self) -> Path:
+        return poi_home() / "admin.token"
+
+    def describe(self) -> dict[str, Any]:
+        """What is printed at start: every setting, the database without its password, no token."""
+        out = asdict(self)
+        out.pop("admin_token")
+        url = self.url
+        if "@" in url and "://" in url:
+            scheme, rest = url.split("://", 1)
+            creds, host = rest.rsplit("@", 1)
+            url = f"{scheme}://{creds.split(':')[0]}:***@{host}" if ":" in creds else url
+        out["db"] = url
+        out["admin_token"] = (
+            "from --admin-token/POI_SERVE_ADMIN_TOKEN" if self.admin_token else str(self.token_path())
+        )
+        return out

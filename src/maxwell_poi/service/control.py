@@ -1,0 +1,252 @@
+"""The control plane without HTTP: enrollment, wallets, the market, intake, audits, and what each
+party may read. `api.py` puts routes on it; tests and the local node can call it directly."""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict
+from typing import Any
+
+from sqlalchemy import select
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
+
+from ..economics.tiers import TierPolicy
+from ..ledger import Ledger, LedgerError, check_ledger
+from ..protocol.files import write_json_atomic
+from ..protocol.keys import AgentKey, Keyring
+from ..protocol.result import AttestationResult
+from ..registry.models import Registry, poi_home
+from ..registry.profiles import ProfileStore
+from ..verifier.audit import AuditLayer
+from ..verifier.boundary import BoundaryLayer
+from ..verifier.classify import WorkloadClassifier
+from ..verifier.ear import ear_claims, sign_ear
+from ..verifier.integrity import IntegrityLayer
+from ..verifier.policy import Verifier
+from ..verifier.thermodynamic import ThermodynamicLayer
+from .audits import AuditWorkers
+from .config import ServiceConfig
+from .errors import ApiError
+from .intake import Intake
+from .market import Market
+from .schema import AgentRow, DisputeRow, LeaseRow, NodeRow, VerdictRow
+from .store import load_keyrings, open_store
+from .wire import Deposit, DisputeBody, EnrollAgent, EnrollNode, LeaseView, PolicyBody
+
+
+class ControlPlane:
+    def __init__(
+        self,
+        config: ServiceConfig,
+        *,
+        registry: Registry | None = None,
+        profiles: ProfileStore | None = None,
+        ledger: Ledger | None = None,
+    ) -> None:
+        self.config = config
+        self.ledger = ledger or open_store(config.url)
+        self.registry = registry or Registry()
+        self.profiles = profiles or ProfileStore()
+        self.agents, self.nodes = load_keyrings(self.ledger.engine)
+        self.policy_path = poi_home() / "tier_policy.json"
+        self.policy = self._load_policy()
+        self.ear_key = AgentKey.ensure(poi_home() / "maxwell-ear.pem")
+        inline = Verifier(
+            IntegrityLayer(self.registry, self.agents, remember_settled=False),  # replay: the database
+            [
+                ThermodynamicLayer(self.registry, self.profiles, WorkloadClassifier.load()),
+                BoundaryLayer(self.profiles),
+            ],
+        )
+        audit = Verifier(
+            IntegrityLayer(self.registry, self.agents, remember_settled=False),
+            drawn=[AuditLayer(self.registry)],
+            audit_rate=1.0,
+        )
+        self.market = Market(self.ledger, self.registry, self.profiles, config, self.policy)
+        self.intake = Intake(self.ledger, inline, self.nodes, config.watts_per_core)
+        self.audits = AuditWorkers(self.ledger, audit, self.nodes, config.audit_workers)
+
+    def start(self) -> int:
+        """Start the audit workers; returns how many audits were pending from before."""
+        return self.audits.start()
+
+    def close(self) -> None:
+        self.audits.stop()
+        self.ledger.engine.dispose()
+
+    # -- Maxwell's side -----------------------------------------------------------------------------
+
+    def enroll_agent(self, body: EnrollAgent) -> tuple[dict[str, Any], bool]:
+        row = AgentRow(
+            agent_id=body.agent_id,
+            public_key=body.public_key,
+            command=json.dumps(body.command),
+            enrolled_at=time.time(),
+        )
+        created = self._enroll(row, AgentRow, body.agent_id, body.public_key)
+        self.agents.enroll(body.agent_id, body.public_key)
+        self.ledger.open_account(f"wallet:{body.agent_id}", "wallet")
+        return {"agent_id": body.agent_id, "public_key": body.public_key, "command": body.command}, created
+
+    def enroll_node(self, body: EnrollNode) -> tuple[dict[str, Any], bool]:
+        row = NodeRow(
+            node_id=body.node_id, public_key=body.public_key, enrolled_at=time.time(), headroom_j=0.0
+        )
+        created = self._enroll(row, NodeRow, body.node_id, body.public_key)
+        self.nodes.enroll(body.node_id, body.public_key)
+        return {"node_id": body.node_id, "public_key": body.public_key}, created
+
+    def _enroll(self, row: AgentRow | NodeRow, kind: type, ident: str, public_key: str) -> bool:
+        """Idempotent: the same id with the same key is fine; another key is refused (409)."""
+        try:
+            with self.ledger.session() as session, session.begin():
+                session.add(row)
+            return True
+        except IntegrityError:
+            with Session(self.ledger.engine) as session:
+                existing = session.get(kind, ident)
+            if existing is None or existing.public_key != public_key:
+                got = existing.public_key[:16] + "…" if existing else "a conflicting row"
+                raise ApiError(
+                    409, f"{ident!r} enrolled once, with one key", f"already enrolled with {got}"
+                ) from None
+            return False
+
+    def deposit(self, body: Deposit) -> dict[str, Any]:
+        if body.agent_id not in self.agents:
+            raise ApiError(404, "an enrolled agent", f"unknown agent {body.agent_id!r}")
+        result = self.ledger.deposit(body.agent_id, body.amount_micro, key=f"deposit:{body.key}")
+        return {"transfer_id": result.transfer_id, "created": result.created, **self.balance(body.agent_id)}
+
+    def set_policy(self, body: PolicyBody) -> dict[str, Any]:
+        if body.high_from_value < body.medium_from_value:
+            raise ApiError(
+                422,
+                "high_from_value >= medium_from_value",
+                f"{body.high_from_value} < {body.medium_from_value}",
+            )
+        self.policy = TierPolicy(**body.model_dump())
+        self.market.policy = self.policy
+        write_json_atomic(self.policy_path, asdict(self.policy))  # survives a restart
+        return asdict(self.policy)
+
+    def _load_policy(self) -> TierPolicy:
+        if self.policy_path.exists():
+            return TierPolicy(**json.loads(self.policy_path.read_text()))
+        return TierPolicy()
+
+    def ledger_report(self) -> dict[str, Any]:
+        report = check_ledger(self.ledger.engine)
+        return {"balances": self.ledger.balances(), "check": report.as_dict()}
+
+    # -- what an agent may see ----------------------------------------------------------------------
+
+    def own_lease(self, agent_id: str, lease_id: str) -> tuple[LeaseRow, VerdictRow | None]:
+        with Session(self.ledger.engine) as session:
+            row = session.get(LeaseRow, lease_id)
+            verdict = session.get(VerdictRow, lease_id)
+        if row is None:
+            raise ApiError(404, "a lease issued by this control plane", f"unknown lease {lease_id[:64]!r}")
+        if row.agent_id != agent_id:
+            # said plainly: the lease exists, and it is not this agent's to read or act on
+            raise ApiError(403, f"a lease issued to agent {agent_id!r}", "a lease issued to another agent")
+        return row, verdict
+
+    def lease_view(self, row: LeaseRow, verdict: VerdictRow | None) -> LeaseView:
+        return LeaseView(
+            lease_id=row.lease_id,
+            agent_id=row.agent_id,
+            node_id=row.node_id,
+            status=row.status,
+            tier=row.tier,
+            audit_probability=row.audit_probability,
+            tier_reason=row.tier_reason,
+            price_micro_per_j=row.price_micro_per_j,
+            hold_micro=row.hold_micro,
+            stake_micro=row.stake_micro,
+            lease=json.loads(row.lease_json),
+            verdict=verdict_view(verdict) if verdict else None,
+        )
+
+    def leases_of(self, agent_id: str, limit: int = 100, offset: int = 0) -> list[LeaseView]:
+        with Session(self.ledger.engine) as session:
+            rows = session.scalars(
+                select(LeaseRow)
+                .where(LeaseRow.agent_id == agent_id)
+                .order_by(LeaseRow.issued_at)
+                .offset(offset)
+                .limit(limit)
+            ).all()
+            verdicts = {
+                v.lease_id: v
+                for v in session.scalars(
+                    select(VerdictRow).where(VerdictRow.lease_id.in_([r.lease_id for r in rows]))
+                )
+            }
+        return [self.lease_view(r, verdicts.get(r.lease_id)) for r in rows]
+
+    def balance(self, agent_id: str) -> dict[str, Any]:
+        balances = self.ledger.balances()
+        return {
+            "agent_id": agent_id,
+            "wallet_micro": balances.get(f"wallet:{agent_id}", 0),
+            "escrow_micro": balances.get(f"escrow:{agent_id}", 0),
+        }
+
+    def ear(self, agent_id: str, lease_id: str) -> str:
+        row, verdict = self.own_lease(agent_id, lease_id)
+        if verdict is None or not verdict.final:
+            state = "no receipt yet" if verdict is None else "an audit still pending"
+            raise ApiError(409, "a lease with a final verdict", state)
+        result = AttestationResult.from_dict(
+            {
+                "lease_id": lease_id,
+                "agent_id": row.agent_id,
+                "model_id": json.loads(row.lease_json)["model_id"],
+                "layers": json.loads(verdict.layers),
+            }
+        )
+        from ..protocol.lease import Lease
+
+        claims = ear_claims(result, Lease.from_json(row.lease_json), issued_at=verdict.appraised_at)
+        return sign_ear(claims, self.ear_key.private_key, key_id=self.ear_key.keyid)
+
+    def dispute(self, agent_id: str, lease_id: str, body: DisputeBody) -> tuple[dict[str, Any], bool]:
+        """An agent's answer to a warning or contraindicated verdict, kept for Maxwell to resolve
+        (exact layer re-checks come with L3 disputes, a later issue). Once per lease."""
+        _row, verdict = self.own_lease(agent_id, lease_id)
+        if verdict is None or verdict.verdict == "affirming":
+            got = "no verdict yet" if verdict is None else "an affirming verdict"
+            raise ApiError(409, "a lease with a warning or contraindicated verdict", got)
+        try:
+            with self.ledger.session() as session, session.begin():
+                session.add(DisputeRow(lease_id=lease_id, statement=body.statement, created_at=time.time()))
+            created = True
+        except IntegrityError:
+            created = False
+        with Session(self.ledger.engine) as session:
+            row = session.get(DisputeRow, lease_id)
+        if row.statement != body.statement:
+            raise ApiError(409, "one dispute per lease (resend the same statement)", "a different statement")
+        return {"lease_id": lease_id, "statement": row.statement, "created_at": row.created_at}, created
+
+
+def verdict_view(v: VerdictRow) -> dict[str, Any]:
+    return {
+        "verdict": v.verdict,
+        "final": v.final,
+        "audit_drawn": v.audit_drawn,
+        "reason": v.reason,
+        "layers": json.loads(v.layers),
+        "energy_j": v.energy_j,
+        "energy_memo": v.energy_memo,
+        "charge_micro": v.charge_micro,
+        "stake_outcome": v.stake_outcome,
+        "appraised_at": v.appraised_at,
+    }
+
+
+__all__ = ["ControlPlane", "Keyring", "LedgerError"]

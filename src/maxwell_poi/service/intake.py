@@ -1,0 +1,198 @@
+"""The hot path: a node hands in a lease's receipt with its signed evidence; the control plane
+appraises the cheap layers (L0 + L1 + L2) inline, draws the audit lottery, and settles the lease's
+money in the same database transaction as its receipt and verdict.
+
+Exactly once: the receipt row's primary key is the lease id. A second submission of the same
+receipt is answered with the first verdict (`duplicate: true`) and moves nothing; a different
+receipt for a settled lease is a replay and refused (409). Two racing submissions both appraise,
+one commits, the other's insert fails on the key and it answers as the duplicate.
+
+A drawn audit (L4, one prefill) is not run inline: the verdict is stored `final: false`, energy is
+settled (the joules were burnt either way), the stake stays escrowed (`pending`), and the lease
+goes to the audit workers (service.audits), which finalise it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import secrets
+import time
+from dataclasses import dataclass
+
+from sqlalchemy import select
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
+
+from ..economics.energy import measured_energy
+from ..ledger import Ledger
+from ..ledger.book import energy_charge
+from ..observer.attest import SignedEvidence, open_evidence
+from ..protocol.errors import EvidenceFormatError, UnknownAgentError
+from ..protocol.keys import Keyring
+from ..protocol.lease import Lease
+from ..protocol.result import AttestationResult, Verdict
+from ..verifier.policy import Verifier
+from .errors import ApiError
+from .schema import LeaseRow, ReceiptRow, VerdictRow
+from .wire import IntakeAnswer, IntakeBody
+
+STAKE_ON = {Verdict.AFFIRMING: "released", Verdict.CONTRAINDICATED: "slashed", Verdict.WARNING: "held"}
+
+
+@dataclass(frozen=True)
+class Submission:
+    lease: Lease
+    row: LeaseRow
+    receipt: bytes
+    evidence_raw: bytes
+    signed: SignedEvidence
+
+
+class Intake:
+    def __init__(self, ledger: Ledger, verifier: Verifier, nodes: Keyring, watts_per_core: float) -> None:
+        self.ledger = ledger
+        self.verifier = verifier  # L0 (no in-memory replay set) + L1 + L2; audits are queued
+        self.nodes = nodes
+        self.watts_per_core = watts_per_core
+
+    def submit(self, body: IntakeBody) -> tuple[IntakeAnswer, AttestationResult | None]:
+        """(the answer, the fresh result — None for a duplicate)."""
+        sub = self._open(body)
+        if (answer := self._duplicate(sub)) is not None:
+            return answer, None
+        result = self.verifier.appraise(sub.lease, sub.receipt, sub.signed.evidence)
+        energy = measured_energy(sub.signed.evidence, self.watts_per_core)
+        drawn = result.verdict is not Verdict.CONTRAINDICATED and _draw(sub.row.audit_probability)
+        charge, _ = energy_charge(energy.joules, sub.row.price_micro_per_j)
+        verdict = VerdictRow(
+            lease_id=sub.lease.lease_id,
+            verdict=result.verdict.value,
+            final=not drawn,
+            audit_drawn=drawn,
+            layers=json.dumps(result.as_dict()["layers"]),
+            reason=result.reason[:4000],
+            energy_j=energy.joules,
+            energy_memo=energy.memo(),
+            charge_micro=min(charge, sub.row.hold_micro),
+            stake_outcome="pending" if drawn else _stake_outcome(result.verdict, sub.row.stake_micro),
+            appraised_at=time.time(),
+        )
+        try:
+            with self.ledger.session() as session, session.begin():
+                self._settle(session, sub, verdict, energy.joules)
+        except IntegrityError:  # a racing submission of this lease committed first
+            answer = self._duplicate(sub)
+            if answer is None:
+                raise
+            return answer, None
+        return _answer(verdict, duplicate=False), result
+
+    def _open(self, body: IntakeBody) -> Submission:
+        receipt, evidence_raw = body.receipt.encode(), body.evidence.encode()
+        try:
+            signed = open_evidence(evidence_raw, self.nodes)
+        except UnknownAgentError as exc:
+            raise ApiError(403, "evidence signed by an enrolled node", str(exc)) from None
+        except EvidenceFormatError as exc:
+            status = 403 if "signature" in exc.expected else 422
+            raise ApiError(status, exc.expected, exc.got) from None
+        if signed.lease_id != body.lease_id:
+            raise ApiError(
+                422, f"evidence for lease {body.lease_id}", f"evidence for lease {signed.lease_id}"
+            )
+        digest = hashlib.sha256(receipt).hexdigest()
+        if digest != signed.receipt_sha256:
+            raise ApiError(
+                422,
+                f"the receipt the node's evidence names (sha256 {signed.receipt_sha256[:16]}…)",
+                digest[:16],
+            )
+        with Session(self.ledger.engine) as session:
+            row = session.get(LeaseRow, body.lease_id)
+        if row is None:
+            raise ApiError(404, "a lease this control plane issued", f"unknown lease {body.lease_id}")
+        if row.status == "expired":
+            raise ApiError(
+                409, f"a receipt before lease {row.lease_id} expired", "a receipt after its expiry"
+            )
+        if row.node_id != signed.node_id:
+            raise ApiError(
+                403,
+                f"evidence from node {row.node_id!r}, the lease's node",
+                f"evidence from {signed.node_id!r}",
+            )
+        return Submission(Lease.from_json(row.lease_json), row, receipt, evidence_raw, signed)
+
+    def _duplicate(self, sub: Submission) -> IntakeAnswer | None:
+        with Session(self.ledger.engine) as session:
+            seen = session.get(ReceiptRow, sub.lease.lease_id)
+            if seen is None:
+                return None
+            if seen.receipt_sha256 != sub.signed.receipt_sha256:
+                raise ApiError(
+                    409,
+                    f"no second receipt for lease {sub.lease.lease_id} (taken in at {seen.received_at:.3f})",
+                    "a different receipt: replay refused",
+                )
+            verdict = session.get(VerdictRow, sub.lease.lease_id)
+            return _answer(verdict, duplicate=True)
+
+    def _settle(self, session: Session, sub: Submission, verdict: VerdictRow, joules: float) -> None:
+        lease, row = sub.lease, sub.row
+        session.add(
+            ReceiptRow(
+                lease_id=lease.lease_id,
+                receipt_sha256=sub.signed.receipt_sha256,
+                evidence_sha256=hashlib.sha256(sub.evidence_raw).hexdigest(),
+                node_id=sub.signed.node_id,
+                receipt=sub.receipt,
+                evidence=sub.evidence_raw,
+                received_at=time.time(),
+            )
+        )
+        session.flush()  # the lease's receipt key: a duplicate fails here, before any money moves
+        self.ledger.settle_energy(
+            lease.agent_id, lease.lease_id, joules, row.price_micro_per_j, session=session
+        )
+        move_stake(self.ledger, session, lease.agent_id, lease.lease_id, verdict.stake_outcome)
+        session.add(verdict)
+        status = "audit_pending" if not verdict.final else "settled"
+        session.execute(
+            LeaseRow.__table__.update().where(LeaseRow.lease_id == lease.lease_id).values(status=status)
+        )
+
+
+def move_stake(ledger: Ledger, session: Session, agent: str, lease_id: str, outcome: str) -> None:
+    if outcome == "released":
+        ledger.release_stake(agent, lease_id, session=session)
+    elif outcome == "slashed":
+        ledger.slash_stake(agent, lease_id, session=session)
+
+
+def _stake_outcome(verdict: Verdict, stake_micro: int) -> str:
+    return STAKE_ON[verdict] if stake_micro > 0 else "none"  # nothing was escrowed
+
+
+def _draw(probability: float) -> bool:
+    """The audit lottery, drawn from the OS CSPRNG after the receipt is in."""
+    return secrets.randbelow(1_000_000) < probability * 1_000_000
+
+
+def _answer(v: VerdictRow, duplicate: bool) -> IntakeAnswer:
+    return IntakeAnswer(
+        lease_id=v.lease_id,
+        duplicate=duplicate,
+        verdict=v.verdict,
+        final=v.final,
+        audit_drawn=v.audit_drawn,
+        reason=v.reason,
+        energy_j=v.energy_j,
+        charge_micro=v.charge_micro,
+        stake_outcome=v.stake_outcome,
+    )
+
+
+def pending_audits(ledger: Ledger) -> list[str]:
+    with Session(ledger.engine) as session:
+        return list(session.scalars(select(LeaseRow.lease_id).where(LeaseRow.status == "audit_pending")))

@@ -1,0 +1,269 @@
+"""Bids in, leases out: agents place sealed bids; each node pull clears one auction round
+(economics.auction) against that node's thermal headroom and turns the winners into leases.
+
+A won bid becomes a lease in one transaction with its money: the stake is escrowed and the
+largest energy charge the lease can run up (its expected energy × HOLD_FACTOR at the clearing
+price) is held from the agent's wallet, so that settlement can never fail for want of funds. A
+winner whose wallet cannot cover both is refused (its savepoint rolls back; the round goes on).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import time
+from dataclasses import dataclass
+
+from pydantic import TypeAdapter
+from sqlalchemy import select, update
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
+
+from ..economics.auction import SealedBid, clear
+from ..economics.energy import expected_energy_j
+from ..economics.tiers import TierPolicy
+from ..ledger import Ledger, LedgerError
+from ..observer.host import this_device
+from ..protocol.errors import UnknownModelError
+from ..protocol.lease import Job, Lease
+from ..registry.models import Registry
+from ..registry.profiles import ProfileStore
+from .config import ServiceConfig
+from .errors import ApiError
+from .schema import AgentRow, BidRow, LeaseRow, NodeRow
+from .wire import BidBody, PullBody
+
+JOB: TypeAdapter = TypeAdapter(Job)
+EXPIRY_GRACE_S = 60.0  # after a lease's deadline, before its unspent hold and stake go back
+HOLD_FACTOR = 3.0  # an honest lease stays well inside 3x its expected energy (profiles: ±30%)
+MICRO = 1_000_000
+
+
+@dataclass(frozen=True)
+class PulledLease:
+    lease: Lease
+    command: list[str]
+    tier: str
+    audit_probability: float
+
+
+class Market:
+    def __init__(
+        self,
+        ledger: Ledger,
+        registry: Registry,
+        profiles: ProfileStore,
+        config: ServiceConfig,
+        policy: TierPolicy,
+    ) -> None:
+        self.ledger = ledger
+        self.registry = registry
+        self.profiles = profiles
+        self.config = config
+        self.policy = policy
+
+    def expected_j(self, model_id: str, job: object) -> float:
+        profile = self.profiles.get(model_id, f"{this_device()}|resident") or self.profiles.get(
+            model_id, this_device()
+        )
+        return expected_energy_j(job, profile, self.config.watts_per_core)  # type: ignore[arg-type]
+
+    def place_bid(self, agent_id: str, body: BidBody) -> tuple[dict, bool]:
+        """(the bid, created). The same bid id with the same body answers the first; a different
+        body under a used bid id is refused (409)."""
+        try:
+            self.registry.reference(body.model_id)
+        except UnknownModelError as exc:
+            raise ApiError(422, "a registered model_id", str(exc)) from None
+        digest = hashlib.sha256(body.model_dump_json().encode()).hexdigest()
+        expected = self.expected_j(body.model_id, body.job)
+        row = BidRow(
+            agent_id=agent_id,
+            bid_id=body.bid_id,
+            request_sha256=digest,
+            model_id=body.model_id,
+            precision=body.precision,
+            job=body.job.model_dump_json(),
+            price_micro_per_j=body.price_micro_per_j,
+            stake_micro=body.stake_micro,
+            expected_j=expected,
+            status="open",
+            reason="",
+            created_at=time.time(),
+        )
+        try:
+            with self.ledger.session() as session, session.begin():
+                session.add(row)
+                session.flush()
+                return bid_view(row), True
+        except IntegrityError:
+            pass
+        with self.ledger.session() as session:
+            existing = session.scalars(
+                select(BidRow).where(BidRow.agent_id == agent_id, BidRow.bid_id == body.bid_id)
+            ).one()
+            if existing.request_sha256 != digest:
+                raise ApiError(
+                    409, f"bid {body.bid_id!r} resent unchanged", "a different bid under that bid_id"
+                )
+            return bid_view(existing), False
+
+    def pull(self, node_id: str, body: PullBody) -> list[PulledLease]:
+        """One auction round for `node_id`: its own unsettled pulled leases first (a node that
+        restarted gets them again), then new winners within its headroom."""
+        now = time.time()
+        with self.ledger.session() as session, session.begin():
+            session.execute(
+                update(NodeRow)
+                .where(NodeRow.node_id == node_id)
+                .values(last_seen=now, headroom_j=body.headroom_j)
+            )
+            self._expire(session, now)
+            self._expire_leases(session, now)
+            out = self._outstanding(session, node_id, now, body.max_leases)
+            room = body.max_leases - len(out)
+            if room > 0:
+                out.extend(self._round(session, node_id, body, room, now))
+        return out
+
+    # -- one round ----------------------------------------------------------------------------------
+
+    def _round(
+        self, session: Session, node_id: str, body: PullBody, room: int, now: float
+    ) -> list[PulledLease]:
+        query = select(BidRow).where(BidRow.status == "open").order_by(BidRow.id)
+        if body.agents:
+            query = query.where(BidRow.agent_id.in_(body.agents))
+        bids = {b.id: b for b in session.scalars(query.limit(10 * room + 100).with_for_update())}
+        draw = 1 + self.policy.audit_cost_fraction  # a winner may need its audit too
+        sealed = [
+            SealedBid(b.id, b.price_micro_per_j, b.expected_j * draw, b.created_at) for b in bids.values()
+        ]
+        clearing = clear(sealed, body.headroom_j, self.config.reserve_micro_per_j)
+        out: list[PulledLease] = []
+        headroom = body.headroom_j
+        for key in clearing.winners[:room]:
+            bid = bids[key]
+            pulled = self._issue(session, node_id, bid, clearing.price_micro_per_j, headroom, now)
+            if pulled is not None:
+                headroom -= bid.expected_j * draw
+                out.append(pulled)
+        for key in clearing.below_reserve:
+            bids[key].status, bids[key].reason = (
+                "refused",
+                (
+                    f"expected a price >= the reserve {self.config.reserve_micro_per_j} micro/J, "
+                    f"got {bids[key].price_micro_per_j}"
+                ),
+            )
+        return out
+
+    def _issue(
+        self, session: Session, node_id: str, bid: BidRow, price: int, headroom: float, now: float
+    ) -> PulledLease | None:
+        choice = self.policy.choose(
+            value=price * bid.expected_j / MICRO,
+            stake=bid.stake_micro / MICRO,
+            lease_energy_j=bid.expected_j,
+            headroom_j=headroom,
+            price_per_j=price / MICRO,
+        )
+        if choice.deferred:
+            bid.reason = choice.reason  # stays open for a cooler node or a later round
+            return None
+        agent = session.get(AgentRow, bid.agent_id)
+        job = JOB.validate_json(bid.job)
+        lease = Lease.issue(
+            bid.agent_id, bid.model_id, job, precision=bid.precision, ttl_s=self.config.lease_ttl_s, now=now
+        )
+        hold = max(1, math.ceil(bid.expected_j * HOLD_FACTOR * price))
+        try:
+            with session.begin_nested():
+                self.ledger.hold_energy(bid.agent_id, lease.lease_id, hold, session=session)
+                if bid.stake_micro > 0:
+                    self.ledger.escrow_stake(bid.agent_id, lease.lease_id, bid.stake_micro, session=session)
+        except LedgerError as exc:
+            bid.status = "refused"
+            bid.reason = f"wallet cannot cover the energy hold {hold} + stake {bid.stake_micro} micro: {exc}"
+            return None
+        session.add(
+            LeaseRow(
+                lease_id=lease.lease_id,
+                agent_id=bid.agent_id,
+                node_id=node_id,
+                bid_pk=bid.id,
+                lease_json=lease.to_json(),
+                tier=choice.tier.value,
+                audit_probability=choice.audit_probability,
+                tier_reason=choice.reason,
+                price_micro_per_j=price,
+                hold_micro=hold,
+                stake_micro=bid.stake_micro,
+                status="pulled",
+                issued_at=lease.issued_at,
+                deadline=lease.deadline,
+            )
+        )
+        bid.status, bid.lease_id, bid.reason = (
+            "won",
+            lease.lease_id,
+            f"won at {price} micro/J; {choice.reason}",
+        )
+        command = json.loads(agent.command) if agent else []
+        return PulledLease(lease, command, choice.tier.value, choice.audit_probability)
+
+    def _outstanding(self, session: Session, node_id: str, now: float, limit: int) -> list[PulledLease]:
+        rows = session.scalars(
+            select(LeaseRow)
+            .where(LeaseRow.node_id == node_id, LeaseRow.status == "pulled", LeaseRow.deadline > now)
+            .order_by(LeaseRow.issued_at)
+            .limit(limit)
+        ).all()
+        commands = (
+            {a.agent_id: json.loads(a.command) for a in session.scalars(select(AgentRow))} if rows else {}
+        )
+        return [
+            PulledLease(
+                Lease.from_json(r.lease_json), commands.get(r.agent_id, []), r.tier, r.audit_probability
+            )
+            for r in rows
+        ]
+
+    def _expire_leases(self, session: Session, now: float) -> None:
+        """Leases no receipt came back for (the node died with them): past the deadline and a grace,
+        the hold and the stake go back to the agent, in this transaction. An agent that answered
+        badly is not helped by this — its node hands in the evidence with whatever came back, and
+        L0 judges it; only a lease that never reached intake expires."""
+        stale = session.scalars(
+            select(LeaseRow)
+            .where(LeaseRow.status == "pulled", LeaseRow.deadline < now - EXPIRY_GRACE_S)
+            .with_for_update()
+        ).all()
+        for row in stale:
+            self.ledger.settle_energy(row.agent_id, row.lease_id, 0.0, row.price_micro_per_j, session=session)
+            if row.stake_micro > 0:
+                self.ledger.release_stake(row.agent_id, row.lease_id, session=session)
+            row.status = "expired"
+
+    def _expire(self, session: Session, now: float) -> None:
+        """Open bids older than a lease's lifetime expire: an agent's stale bid never wins late."""
+        session.execute(
+            update(BidRow)
+            .where(BidRow.status == "open", BidRow.created_at < now - self.config.lease_ttl_s)
+            .values(status="expired", reason="no round cleared it within the lease lifetime")
+        )
+
+
+def bid_view(row: BidRow) -> dict:
+    return {
+        "bid_id": row.bid_id,
+        "agent_id": row.agent_id,
+        "model_id": row.model_id,
+        "price_micro_per_j": row.price_micro_per_j,
+        "stake_micro": row.stake_micro,
+        "expected_j": round(row.expected_j, 6),
+        "status": row.status,
+        "reason": row.reason,
+        "lease_id": row.lease_id,
+    }

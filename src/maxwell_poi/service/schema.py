@@ -1,0 +1,132 @@
+"""The control plane's own tables (the ledger's are in ledger.schema): who is enrolled, what was bid,
+which leases were issued to which node, what came back, and the verdict each lease got.
+
+Replay refusal lives here, not in memory: `cp_receipts.lease_id` is the primary key, so a lease is
+taken in at most once — across restarts and across concurrent submissions (the database decides
+the race). Created by `service/migrations`; a test compares these models with the migrations.
+"""
+
+from __future__ import annotations
+
+from sqlalchemy import (
+    BigInteger,
+    Boolean,
+    CheckConstraint,
+    Float,
+    ForeignKey,
+    Integer,
+    LargeBinary,
+    String,
+    Text,
+    UniqueConstraint,
+)
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+BID_STATES = ("open", "won", "refused", "expired")
+LEASE_STATES = ("issued", "pulled", "audit_pending", "settled", "expired")
+VERDICTS = ("affirming", "warning", "contraindicated")
+STAKE_OUTCOMES = ("released", "slashed", "held", "pending", "none")
+ID_LENGTH = 128
+
+
+def _one_of(column: str, values: tuple[str, ...]) -> str:
+    return f"{column} IN ({', '.join(repr(v) for v in values)})"
+
+
+class ServiceBase(DeclarativeBase):
+    pass
+
+
+class AgentRow(ServiceBase):
+    __tablename__ = "cp_agents"
+    agent_id: Mapped[str] = mapped_column(String(ID_LENGTH), primary_key=True)
+    public_key: Mapped[str] = mapped_column(String(64))
+    command: Mapped[str] = mapped_column(Text, default="[]")  # JSON argv the node runs in its sandbox
+    enrolled_at: Mapped[float] = mapped_column(Float)
+
+
+class NodeRow(ServiceBase):
+    __tablename__ = "cp_nodes"
+    node_id: Mapped[str] = mapped_column(String(ID_LENGTH), primary_key=True)
+    public_key: Mapped[str] = mapped_column(String(64))
+    enrolled_at: Mapped[float] = mapped_column(Float)
+    last_seen: Mapped[float | None] = mapped_column(Float, nullable=True)
+    headroom_j: Mapped[float] = mapped_column(Float, default=0.0)  # last reported thermal budget
+
+
+class BidRow(ServiceBase):
+    __tablename__ = "cp_bids"
+    __table_args__ = (
+        UniqueConstraint("agent_id", "bid_id", name="uq_cp_bids_agent_bid"),
+        CheckConstraint(_one_of("status", BID_STATES), name="ck_cp_bids_status"),
+    )
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    agent_id: Mapped[str] = mapped_column(ForeignKey("cp_agents.agent_id"), index=True)
+    bid_id: Mapped[str] = mapped_column(String(ID_LENGTH))  # the agent's name for it (idempotency)
+    request_sha256: Mapped[str] = mapped_column(String(64))  # the same bid_id must mean the same bid
+    model_id: Mapped[str] = mapped_column(String(ID_LENGTH))
+    precision: Mapped[str] = mapped_column(String(8))
+    job: Mapped[str] = mapped_column(Text)  # JSON of the lease job
+    price_micro_per_j: Mapped[int] = mapped_column(BigInteger)
+    stake_micro: Mapped[int] = mapped_column(BigInteger)
+    expected_j: Mapped[float] = mapped_column(Float)  # Maxwell's estimate, from the model's profile
+    status: Mapped[str] = mapped_column(String(16), index=True)
+    reason: Mapped[str] = mapped_column(Text, default="")
+    lease_id: Mapped[str | None] = mapped_column(String(32), nullable=True)
+    created_at: Mapped[float] = mapped_column(Float)
+
+
+class LeaseRow(ServiceBase):
+    __tablename__ = "cp_leases"
+    __table_args__ = (CheckConstraint(_one_of("status", LEASE_STATES), name="ck_cp_leases_status"),)
+    lease_id: Mapped[str] = mapped_column(String(32), primary_key=True)
+    agent_id: Mapped[str] = mapped_column(ForeignKey("cp_agents.agent_id"), index=True)
+    node_id: Mapped[str] = mapped_column(ForeignKey("cp_nodes.node_id"), index=True)
+    bid_pk: Mapped[int] = mapped_column(ForeignKey("cp_bids.id"))
+    lease_json: Mapped[str] = mapped_column(Text)
+    tier: Mapped[str] = mapped_column(String(8))
+    audit_probability: Mapped[float] = mapped_column(Float)
+    tier_reason: Mapped[str] = mapped_column(Text, default="")
+    price_micro_per_j: Mapped[int] = mapped_column(BigInteger)  # the round's uniform clearing price
+    hold_micro: Mapped[int] = mapped_column(BigInteger)
+    stake_micro: Mapped[int] = mapped_column(BigInteger)
+    status: Mapped[str] = mapped_column(String(16), index=True)
+    issued_at: Mapped[float] = mapped_column(Float)
+    deadline: Mapped[float] = mapped_column(Float)
+
+
+class ReceiptRow(ServiceBase):
+    __tablename__ = "cp_receipts"
+    lease_id: Mapped[str] = mapped_column(ForeignKey("cp_leases.lease_id"), primary_key=True)
+    receipt_sha256: Mapped[str] = mapped_column(String(64))
+    evidence_sha256: Mapped[str] = mapped_column(String(64))
+    node_id: Mapped[str] = mapped_column(String(ID_LENGTH))
+    receipt: Mapped[bytes] = mapped_column(LargeBinary)  # kept for the queued audit and disputes
+    evidence: Mapped[bytes] = mapped_column(LargeBinary)
+    received_at: Mapped[float] = mapped_column(Float)
+
+
+class VerdictRow(ServiceBase):
+    __tablename__ = "cp_verdicts"
+    __table_args__ = (
+        CheckConstraint(_one_of("verdict", VERDICTS), name="ck_cp_verdicts_verdict"),
+        CheckConstraint(_one_of("stake_outcome", STAKE_OUTCOMES), name="ck_cp_verdicts_stake"),
+    )
+    lease_id: Mapped[str] = mapped_column(ForeignKey("cp_leases.lease_id"), primary_key=True)
+    verdict: Mapped[str] = mapped_column(String(16), index=True)
+    final: Mapped[bool] = mapped_column(Boolean)  # False while a drawn audit is queued
+    audit_drawn: Mapped[bool] = mapped_column(Boolean)
+    layers: Mapped[str] = mapped_column(Text)  # JSON: the AttestationResult's layers
+    reason: Mapped[str] = mapped_column(Text)
+    energy_j: Mapped[float] = mapped_column(Float)
+    energy_memo: Mapped[str] = mapped_column(Text)
+    charge_micro: Mapped[int] = mapped_column(BigInteger)
+    stake_outcome: Mapped[str] = mapped_column(String(16))
+    appraised_at: Mapped[float] = mapped_column(Float)
+
+
+class DisputeRow(ServiceBase):
+    __tablename__ = "cp_disputes"
+    lease_id: Mapped[str] = mapped_column(ForeignKey("cp_leases.lease_id"), primary_key=True)
+    statement: Mapped[str] = mapped_column(Text)
+    created_at: Mapped[float] = mapped_column(Float)
