@@ -433,4 +433,4 @@ if __name__ == "__main__":
     app()
 
 
-from . import ledger, policy, serving  # noqa: E402,F401  (register their commands on `app`)
+from . import ledger, policy, service, serving  # noqa: E402,F401  (register their commands on `app`)

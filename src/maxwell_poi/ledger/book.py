@@ -100,7 +100,9 @@ class Ledger:
 
     def release_stake(self, agent: str, lease_id: str, *, session: Session | None = None) -> TransferResult:
         """Give the lease's whole stake back to the agent's wallet; refused once it was slashed."""
-        return self._unescrow(agent, lease_id, f"wallet:{agent}", "release", "stake_release", "slash", session)
+        return self._unescrow(
+            agent, lease_id, f"wallet:{agent}", "release", "stake_release", "slash", session
+        )
 
     def slash_stake(self, agent: str, lease_id: str, *, session: Session | None = None) -> TransferResult:
         """Take the lease's whole stake for Maxwell; refused once it was released."""
@@ -126,7 +128,13 @@ class Ledger:
         return self._post(request, (escrow,), session=session)
 
     def settle_energy(
-        self, agent: str, lease_id: str, joules: float, micro_per_joule: int, *, session: Session | None = None
+        self,
+        agent: str,
+        lease_id: str,
+        joules: float,
+        micro_per_joule: int,
+        *,
+        session: Session | None = None,
     ) -> TransferResult:
         """Charge round(joules × price), capped at the lease's hold, to Maxwell from the hold, and
         return the rest of the hold to the wallet. One transfer, key `energy:<lease>`."""

@@ -66,7 +66,7 @@ def create_app(control: ControlPlane) -> FastAPI:
     _limits(app, control, metrics)
 
     async def admin(authorization: Annotated[str | None, Header()] = None) -> None:
-        check_admin(authorization, control.config.token())
+        check_admin(authorization, control.admin_token)
 
     def signed(role: str):
         async def dependency(request: Request) -> str:

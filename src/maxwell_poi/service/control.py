@@ -46,6 +46,7 @@ class ControlPlane:
         ledger: Ledger | None = None,
     ) -> None:
         self.config = config
+        self.admin_token = config.token()  # made now, so `poi client` finds the file at once
         self.ledger = ledger or open_store(config.url)
         self.registry = registry or Registry()
         self.profiles = profiles or ProfileStore()

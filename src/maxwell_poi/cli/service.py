@@ -1,0 +1,244 @@
+"""`poi serve` (the control plane, optionally with a node beside it) and `poi client …` (its API
+from a shell: Maxwell's admin calls with the token, an agent's calls signed with its key)."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import threading
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from .common import JsonOpt, _bad_input, _quiet, app, err, out
+
+client_app = typer.Typer(help="Call a running control plane (`poi serve`): enroll, deposit, bid, read.")
+app.add_typer(client_app, name="client")
+DEFAULT_SERVER = "http://127.0.0.1:8750"
+ServerOpt = Annotated[str, typer.Option("--server", envvar="POI_SERVER", help="the control plane's URL")]
+TokenOpt = Annotated[
+    str | None,
+    typer.Option("--admin-token", envvar="POI_ADMIN_TOKEN", help="default: $POI_HOME/admin.token"),
+]
+KeyOpt = Annotated[Path, typer.Option("--key", help="the agent's PEM key (signs the request)")]
+AgentOpt = Annotated[str, typer.Option("--agent-id", help="the agent's enrolled id")]
+
+
+@app.command()
+def serve(
+    db: Annotated[str | None, typer.Option(help="SQLAlchemy URL or SQLite path (default $POI_HOME)")] = None,
+    host: Annotated[str | None, typer.Option(help="listen address (default 127.0.0.1)")] = None,
+    port: Annotated[int | None, typer.Option(help="listen port (default 8750)")] = None,
+    local_node: Annotated[bool, typer.Option(help="run one node beside the control plane")] = False,
+    node_id: Annotated[str, typer.Option(help="--local-node: its id")] = "local",
+    batch: Annotated[int, typer.Option(help="--local-node: leases handed to an agent at once")] = 4,
+    reserve: Annotated[int | None, typer.Option(help="auction reserve price, micro-units per joule")] = None,
+    audit_workers: Annotated[int | None, typer.Option(help="threads running queued L4 audits")] = None,
+    admin_token: Annotated[str | None, typer.Option(envvar="POI_SERVE_ADMIN_TOKEN")] = None,
+) -> None:
+    """Maxwell's control plane: the HTTP API (OpenAPI at /docs), ledger, auction, intake, audits.
+    Settings come from flags, then POI_SERVE_* variables; all are printed at start."""
+    _quiet()
+    import uvicorn
+
+    from ..service import ControlPlane, ServiceConfig
+    from ..service.api import create_app
+
+    try:
+        config = ServiceConfig.from_env(
+            db=db,
+            host=host,
+            port=port,
+            reserve_micro_per_j=reserve,
+            audit_workers=audit_workers,
+            admin_token=admin_token,
+        )
+        control = ControlPlane(config)
+    except ValueError as exc:
+        raise _bad_input(str(exc)) from None
+    except Exception as exc:  # a database that does not answer: say which and why
+        raise _bad_input(f"cannot open the control plane's database: {type(exc).__name__}: {exc}") from None
+    pending = control.start()
+    err.print_json(json.dumps({"config": config.describe(), "audits_pending_from_before": pending}))
+    server = uvicorn.Server(uvicorn.Config(create_app(control), host=config.host, port=config.port))
+    stop = threading.Event()
+    node_thread = _local_node(control, config, node_id, batch, server, stop) if local_node else None
+    try:
+        server.run()
+    finally:
+        stop.set()
+        if node_thread:
+            node_thread.join(timeout=30)
+        control.close()
+
+
+def _local_node(control: Any, config: Any, node_id: str, batch: int, server: Any, stop: threading.Event):
+    """Enroll this host's node key (in-process, as the admin would) and start its pull loop."""
+    from ..node.node import Node
+    from ..node.remote import RemoteNode
+    from ..observer.attest import NodeKey
+    from ..registry.models import poi_home
+    from ..service import ServiceClient
+    from ..service.wire import EnrollNode
+
+    key = NodeKey.ensure(poi_home() / "node" / f"{node_id}.pem")
+    control.enroll_node(EnrollNode(node_id=node_id, public_key=key.public_hex))
+    url = f"http://{config.host}:{config.port}"
+
+    def run() -> None:
+        while not server.started and not stop.is_set():
+            stop.wait(0.05)
+        client = ServiceClient(url, key=key, principal=f"node:{node_id}")
+        with Node(node_id, key, None) as node:
+            RemoteNode(client, node, batch=batch, cwd=str(poi_home())).run(stop)
+
+    thread = threading.Thread(target=run, name="poi-local-node", daemon=True)
+    thread.start()
+    err.print(f"local node {node_id!r} enrolled (key {key.public_hex[:16]}…), pulling from {url}")
+    return thread
+
+
+# -- poi client ---------------------------------------------------------------------------------------
+
+
+def _admin(server: str, token: str | None):
+    from ..registry.models import poi_home
+    from ..service import ServiceClient
+
+    if token is None:
+        path = poi_home() / "admin.token"
+        if not path.exists():
+            raise _bad_input(f"no --admin-token and no {path}: start `poi serve` first or pass the token")
+        token = path.read_text().strip()
+    return ServiceClient(server, admin_token=token)
+
+
+def _agent(server: str, key: Path, agent_id: str):
+    from ..protocol.errors import KeyFormatError
+    from ..protocol.keys import AgentKey
+    from ..service import ServiceClient
+
+    try:
+        return ServiceClient(server, key=AgentKey.load(key), principal=f"agent:{agent_id}")
+    except KeyFormatError as exc:
+        raise _bad_input(str(exc)) from None
+
+
+def _call(fn, json_out: bool) -> Any:
+    import httpx
+
+    from ..service import ServiceRefused
+
+    try:
+        answer = fn()
+    except ServiceRefused as exc:
+        raise _bad_input(str(exc)) from None
+    except httpx.HTTPError as exc:
+        raise _bad_input(f"cannot reach the control plane: {type(exc).__name__}: {exc}") from None
+    if json_out or not sys.stdout.isatty():
+        print(json.dumps(answer, indent=2))
+    else:
+        out.print_json(json.dumps(answer))
+    return answer
+
+
+@client_app.command("enroll-agent")
+def enroll_agent(
+    agent_id: AgentOpt,
+    key: Annotated[Path, typer.Option("--key", help="the agent's PEM key (only its public half is sent)")],
+    command: Annotated[
+        str, typer.Option(help="the agent program nodes run, e.g. 'poi agent --key a.pem --resident'")
+    ] = "",
+    server: ServerOpt = DEFAULT_SERVER,
+    admin_token: TokenOpt = None,
+    json_out: JsonOpt = False,
+) -> None:
+    """Enroll an agent's public key (and the program nodes run for it)."""
+    import shlex
+
+    from ..protocol.keys import AgentKey
+
+    public = AgentKey.load(key).public_hex
+    c = _admin(server, admin_token)
+    _call(lambda: c.enroll_agent(agent_id, public, shlex.split(command)), json_out)
+
+
+@client_app.command("deposit")
+def deposit(
+    agent_id: AgentOpt,
+    amount: Annotated[int, typer.Option(help="micro-units")],
+    key: Annotated[str, typer.Option("--idempotency-key", help="the same key deposits once")],
+    server: ServerOpt = DEFAULT_SERVER,
+    admin_token: TokenOpt = None,
+    json_out: JsonOpt = False,
+) -> None:
+    """Put money into an agent's wallet."""
+    c = _admin(server, admin_token)
+    _call(lambda: c.deposit(agent_id, amount, key), json_out)
+
+
+@client_app.command("ledger")
+def ledger(
+    server: ServerOpt = DEFAULT_SERVER, admin_token: TokenOpt = None, json_out: JsonOpt = False
+) -> None:
+    """Every balance, and the ledger's proof that its entries add up."""
+    c = _admin(server, admin_token)
+    _call(c.ledger, json_out)
+
+
+@client_app.command("bid")
+def bid(
+    agent_id: AgentOpt,
+    key: KeyOpt,
+    model: Annotated[str, typer.Option(help="model id")],
+    prompt: Annotated[str, typer.Option(help="the generation prompt")],
+    price: Annotated[int, typer.Option(help="most you pay per measured joule, micro-units")],
+    stake: Annotated[int, typer.Option(help="escrowed with the lease, slashed if it cheats")] = 0,
+    tokens: Annotated[int, typer.Option(help="new tokens")] = 16,
+    bid_id: Annotated[str | None, typer.Option(help="your name for the bid (default: random)")] = None,
+    server: ServerOpt = DEFAULT_SERVER,
+    json_out: JsonOpt = False,
+) -> None:
+    """Place a sealed bid for a generation lease."""
+    body = {
+        "bid_id": bid_id or os.urandom(8).hex(),
+        "model_id": model,
+        "job": {"kind": "generate", "prompt": prompt, "max_new_tokens": tokens},
+        "price_micro_per_j": price,
+        "stake_micro": stake,
+    }
+    c = _agent(server, key, agent_id)
+    _call(lambda: c.bid(body), json_out)
+
+
+@client_app.command("leases")
+def leases(
+    agent_id: AgentOpt, key: KeyOpt, server: ServerOpt = DEFAULT_SERVER, json_out: JsonOpt = False
+) -> None:
+    """Your leases, with tier, audit probability and verdict."""
+    c = _agent(server, key, agent_id)
+    _call(c.leases, json_out)
+
+
+@client_app.command("balance")
+def balance(
+    agent_id: AgentOpt, key: KeyOpt, server: ServerOpt = DEFAULT_SERVER, json_out: JsonOpt = False
+) -> None:
+    """Your wallet and escrow."""
+    c = _agent(server, key, agent_id)
+    _call(c.balance, json_out)
+
+
+@client_app.command("ear")
+def ear(
+    agent_id: AgentOpt,
+    key: KeyOpt,
+    lease_id: Annotated[str, typer.Argument(help="the lease")],
+    server: ServerOpt = DEFAULT_SERVER,
+    json_out: JsonOpt = False,
+) -> None:
+    """The lease's attestation result as an EAR JWT signed by Maxwell."""
+    c = _agent(server, key, agent_id)
+    _call(lambda: c.ear(lease_id), json_out)
