@@ -32,7 +32,7 @@ from .errors import ApiError
 from .intake import Intake
 from .market import Market
 from .schema import AgentRow, DisputeRow, LeaseRow, NodeRow, VerdictRow
-from .store import load_keyrings, open_store
+from .store import load_keyrings, migrate, open_store
 from .wire import Deposit, DisputeBody, EnrollAgent, EnrollNode, LeaseView, PolicyBody
 
 
@@ -47,6 +47,8 @@ class ControlPlane:
     ) -> None:
         self.config = config
         self.admin_token = config.token()  # made now, so `poi client` finds the file at once
+        if ledger is not None:
+            migrate(ledger.engine)  # a ledger opened by the caller (tests: a PostgreSQL schema)
         self.ledger = ledger or open_store(config.url)
         self.registry = registry or Registry()
         self.profiles = profiles or ProfileStore()
