@@ -26,6 +26,7 @@ class ServiceConfig:
     audit_workers: int = 1  # threads running queued L4 audits
     max_body_bytes: int = 16 << 20
     max_leases_per_pull: int = 64
+    max_open_bids: int = 256  # per agent: a flood of bids is refused (429), not stored
     admin_token: str = field(default="", repr=False)  # "" = $POI_HOME/admin.token (created once)
 
     @classmethod
@@ -51,7 +52,13 @@ class ServiceConfig:
         for name in ("lease_ttl_s", "watts_per_core", "request_skew_s"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name}: expected a positive number, got {getattr(self, name)!r}")
-        for name in ("reserve_micro_per_j", "audit_workers", "max_body_bytes", "max_leases_per_pull"):
+        for name in (
+            "reserve_micro_per_j",
+            "audit_workers",
+            "max_body_bytes",
+            "max_leases_per_pull",
+            "max_open_bids",
+        ):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}: expected >= 1, got {getattr(self, name)!r}")
 

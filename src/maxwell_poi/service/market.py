@@ -16,7 +16,7 @@ import time
 from dataclasses import dataclass
 
 from pydantic import TypeAdapter
-from sqlalchemy import select, update
+from sqlalchemy import func, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
@@ -94,6 +94,7 @@ class Market:
         )
         try:
             with self.ledger.session() as session, session.begin():
+                self._refuse_flood(session, agent_id, body.bid_id)
                 session.add(row)
                 session.flush()
                 return bid_view(row), True
@@ -108,6 +109,20 @@ class Market:
                     409, f"bid {body.bid_id!r} resent unchanged", "a different bid under that bid_id"
                 )
             return bid_view(existing), False
+
+    def _refuse_flood(self, session: Session, agent_id: str, bid_id: str) -> None:
+        """At most `max_open_bids` open bids per agent (counted inside the write transaction, so
+        concurrent bids cannot all slip under the cap); a resent bid is still answered."""
+        open_bids = session.scalar(
+            select(func.count())
+            .select_from(BidRow)
+            .where(BidRow.agent_id == agent_id, BidRow.status == "open")
+        )
+        resent = session.scalar(select(BidRow.id).where(BidRow.agent_id == agent_id, BidRow.bid_id == bid_id))
+        if open_bids >= self.config.max_open_bids and resent is None:
+            raise ApiError(
+                429, f"at most {self.config.max_open_bids} open bids per agent", f"{open_bids} open already"
+            )
 
     def pull(self, node_id: str, body: PullBody) -> list[PulledLease]:
         """One auction round for `node_id`: its own unsettled pulled leases first (a node that
