@@ -62,6 +62,12 @@ def serve(
         raise _bad_input(f"cannot open the control plane's database: {type(exc).__name__}: {exc}") from None
     pending = control.start()
     err.print_json(json.dumps({"config": config.describe(), "audits_pending_from_before": pending}))
+    unprofiled = _unprofiled(control)
+    if unprofiled:
+        err.print(
+            f"[yellow]note:[/] no resident profile on this device for {', '.join(unprofiled)}: L1/L2 skip "
+            "their leases until `poi profile MODEL --resident` has measured one"
+        )
     server = uvicorn.Server(uvicorn.Config(create_app(control), host=config.host, port=config.port))
     stop = threading.Event()
     node_thread = _local_node(control, config, node_id, batch, server, stop) if local_node else None
@@ -72,6 +78,14 @@ def serve(
         if node_thread:
             node_thread.join(timeout=30)
         control.close()
+
+
+def _unprofiled(control: Any) -> list[str]:
+    from ..observer.host import this_device
+    from ..observer.resident import RESIDENT_REGIME
+
+    device = f"{this_device()}|{RESIDENT_REGIME}"
+    return [m for m in control.registry.specs() if control.profiles.get(m, device) is None]
 
 
 def _local_node(control: Any, config: Any, node_id: str, batch: int, server: Any, stop: threading.Event):
