@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test bench bench-node signals lint clean calibrate
+.PHONY: demo test bench bench-node signals lint clean calibrate bench-service-fuzz bench-service-load bench-service-crash
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -24,6 +24,17 @@ bench: $(STAMP)
 
 bench-node: $(STAMP)
 	$(BIN)/python bench/node.py
+
+# intake load (SQLite and PostgreSQL) and 20 SIGKILL crash runs; merge into bench/results/service.json
+bench-service-load: $(STAMP)
+	$(BIN)/python bench/service_load.py
+
+bench-service-crash: $(STAMP)
+	$(BIN)/python bench/service_crash.py
+
+# >= 100,000 fuzz cases against the control plane (default bound 1800 s); merges into bench/results/service.json
+bench-service-fuzz: $(STAMP)
+	$(BIN)/python bench/service_fuzz.py --max-seconds $(or $(FUZZ_SECONDS),1800)
 
 signals: $(STAMP)
 	$(BIN)/python bench/signals.py

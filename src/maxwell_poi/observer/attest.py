@@ -130,7 +130,9 @@ def open_evidence(raw: bytes, nodes: Keyring) -> SignedEvidence:
     if not isinstance(statement, dict) or statement.get("predicateType") != EVIDENCE_PREDICATE:
         got = statement.get("predicateType") if isinstance(statement, dict) else type(statement).__name__
         raise EvidenceFormatError(f"predicateType {EVIDENCE_PREDICATE!r}", repr(got)[:80])
-    predicate = statement.get("predicate") or {}
+    predicate = statement.get("predicate")
+    if not isinstance(predicate, dict):
+        raise EvidenceFormatError("a predicate object", type(predicate).__name__)
     node_id = str(predicate.get("node", ""))
     key = nodes.key_for(node_id)  # UnknownAgentError names the enrolled nodes
     try:

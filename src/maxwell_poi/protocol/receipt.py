@@ -237,6 +237,6 @@ def _statement(payload: bytes) -> dict[str, Any]:
     try:  # the reference in-toto implementation checks subjects and digests
         pb = json_format.ParseDict(statement, statement_pb2.Statement())
         Statement.copy_from_pb(pb).validate()
-    except (json_format.ParseError, ValueError) as exc:
+    except (json_format.ParseError, ValueError, OverflowError) as exc:  # 10**400 overflows a float
         raise ReceiptFormatError("a valid in-toto v1 Statement", str(exc)[:120]) from None
     return statement

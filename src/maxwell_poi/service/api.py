@@ -41,6 +41,7 @@ from .wire import (
     DisputeBody,
     EnrollAgent,
     EnrollNode,
+    ErrorBody,
     IntakeAnswer,
     IntakeBody,
     LeaseView,
@@ -57,6 +58,7 @@ def create_app(control: ControlPlane) -> FastAPI:
         title="Maxwell Proof of Inference — control plane",
         version="1",
         description=__doc__,
+        responses={"4XX": {"model": ErrorBody, "description": "refused: what was expected, and what came"}},
     )
     metrics = ServiceMetrics(control.ledger.balances, control.audits.depth)
     control.audits.on_done = metrics.audited

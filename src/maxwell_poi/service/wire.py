@@ -75,6 +75,20 @@ class DisputeBody(Strict):
     statement: str = Field(min_length=1, max_length=20_000)
 
 
+class ErrorDetail(BaseModel):
+    status: int
+    expected: str
+    got: str
+    message: str
+    problems: list[dict[str, Any]] | None = None
+
+
+class ErrorBody(BaseModel):
+    """Every refusal (4xx): what was expected and what came."""
+
+    error: ErrorDetail
+
+
 class IntakeAnswer(BaseModel):
     lease_id: str
     duplicate: bool

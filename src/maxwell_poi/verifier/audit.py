@@ -50,6 +50,13 @@ class AuditLayer(TimedLayer):
     def decide(self, ctx: Appraisal) -> Outcome:
         if ctx.receipt is None:
             return skipped("not run: receipt failed integrity")
+        try:
+            return self._reexecute(ctx)
+        except ValueError as exc:  # committed values the right size but unreadable (e.g. modulus 0)
+            return failed(f"fingerprints: expected committed values the reference can read back, got {exc}")
+
+    def _reexecute(self, ctx: Appraisal) -> Outcome:
+        assert ctx.receipt is not None
         model = self.reference_model(ctx.lease.model_id)
         tol = self.thresholds.for_precision(ctx.lease.precision)
         if isinstance(ctx.lease.job, GenerateJob):
