@@ -37,6 +37,7 @@ def serve(
     reserve: Annotated[int | None, typer.Option(help="auction reserve price, micro-units per joule")] = None,
     audit_workers: Annotated[int | None, typer.Option(help="threads running queued L4 audits")] = None,
     admin_token: Annotated[str | None, typer.Option(envvar="POI_SERVE_ADMIN_TOKEN")] = None,
+    access_log: Annotated[bool, typer.Option(help="log every request (uvicorn's access log)")] = True,
 ) -> None:
     """Maxwell's control plane: the HTTP API (OpenAPI at /docs), ledger, auction, intake, audits.
     Settings come from flags, then POI_SERVE_* variables; all are printed at start."""
@@ -68,7 +69,7 @@ def serve(
             f"[yellow]note:[/] no resident profile on this device for {', '.join(unprofiled)}: L1/L2 skip "
             "their leases until `poi profile MODEL --resident` has measured one"
         )
-    server = uvicorn.Server(uvicorn.Config(create_app(control), host=config.host, port=config.port))
+    server = uvicorn.Server(uvicorn.Config(create_app(control), host=config.host, port=config.port, access_log=access_log))
     stop = threading.Event()
     node_thread = _local_node(control, config, node_id, batch, server, stop) if local_node else None
     try:

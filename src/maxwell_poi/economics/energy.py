@@ -4,8 +4,9 @@ Only Maxwell's own measurements count (design.md §1): the node's NVML energy co
 and for the CPU the sandbox's kernel CPU-seconds times a stated watts-per-core figure — an
 *estimate* (no per-cgroup power meter exists on this host; RAPL is package-wide), labelled as such
 in every debit's memo. A resident agent's lease window also contains the work of the batch peers
-decoding beside it, so the window's energy is shared by tokens: the lease pays its own tokens'
-share of what the sandbox burnt in the window.
+decoding beside it (or queued ahead of it), so the window's energy is shared by tokens: the lease
+pays its own tokens' share of what the sandbox burnt in the window. Embedding leases stream no
+tokens and pay their whole window (a known over-count when several overlap).
 """
 
 from __future__ import annotations
@@ -35,9 +36,11 @@ class EnergyMeasurement:
 
 
 def lease_share(ev: ChannelEvidence) -> float:
-    """The lease's own share of its window's work: its tokens over every token streamed in it."""
+    """The lease's own share of its window's work: its tokens over every token the sandbox streamed
+    from the moment the lease was handed over to its receipt (a lease queued behind others in the
+    same sandbox has their work in its window too)."""
     own = max(1, len(ev.stream_t))
-    return own / (own + ev.co_tokens) if ev.co_tokens > 0 else 1.0
+    return min(1.0, own / ev.window_tokens) if ev.window_tokens > own else 1.0
 
 
 def gpu_joules(ev: ChannelEvidence) -> float | None:

@@ -6,7 +6,8 @@ starts each agent once (resident, in its own sandbox) and hands it its leases `b
 For each lease it posts the agent's answer verbatim with its signed evidence to
 `/v1/node/intake` — retried on a network error, which is safe because intake is idempotent. A
 lease the node cannot run (no command for its agent) is left alone: it expires on the control
-plane, which returns the agent's hold and stake.
+plane, which returns the agent's hold and stake. A newly started agent first answers one warm-up
+lease the node made itself (never handed in): its model load is not billed to a paying lease.
 """
 
 from __future__ import annotations
@@ -82,7 +83,14 @@ class RemoteNode:
             self.skipped.update(lease.lease_id for lease in leases)
             return False
         self.node.start_agent(agent_id, command, cwd=self.cwd)
+        self._warm_up(agent_id, leases[0])
         return True
+
+    def _warm_up(self, agent_id: str, first: Lease) -> None:
+        """One unbilled lease of the same model first, made here and never handed in: the agent
+        loads its model on its first lease, and that load is not the first paying lease's work."""
+        warm = Lease.issue(agent_id, first.model_id, first.job, precision=first.precision, ttl_s=600)
+        self.node.serve(agent_id, [warm])
 
     def _hand_in(self, lease_id: str, receipt: bytes, evidence: bytes) -> dict[str, Any]:
         for attempt in range(INTAKE_TRIES):

@@ -64,6 +64,9 @@ class ChannelEvidence:
     accounting: dict[str, str | float] = field(default_factory=dict)  # source, trust, resolution_s
     co_tokens: int = 0  # tokens other leases streamed in the same sandbox inside the decode window
     co_leases: int = 0  # how many other leases those tokens belonged to (the batch, less this one)
+    # every token the sandbox streamed in the whole lease window, this lease's and others' (a lease
+    # handed over with others waits while they run: its window's CPU is theirs too)
+    window_tokens: int = 0
     overlapped: int = 0  # other leases in flight in the same sandbox at some point of this one's window
     idle_before: IdleGap | None = None  # resident: the sandbox's idle gap before this lease
 

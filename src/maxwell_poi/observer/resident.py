@@ -251,11 +251,16 @@ class ResidentAgent:
         """(tokens, leases) other leases streamed inside this lease's decode window."""
         if len(state.times) < 2:
             return 0, 0
-        arrivals = list(self._arrivals)
-        lo = bisect.bisect_left(arrivals, (state.times[0],))
-        hi = bisect.bisect_right(arrivals, (state.times[-1], "\uffff"))
-        others = [lid for _, lid in arrivals[lo:hi] if lid != state.lease.lease_id]
+        window = self._streamed_between(state.times[0], state.times[-1])
+        others = [lid for lid in window if lid != state.lease.lease_id]
         return len(others), len(set(others))
+
+    def _streamed_between(self, t0: float, t1: float) -> list[str]:
+        """The lease id of every token the sandbox streamed in [t0, t1]."""
+        arrivals = list(self._arrivals)
+        lo = bisect.bisect_left(arrivals, (t0,))
+        hi = bisect.bisect_right(arrivals, (t1, "\uffff"))
+        return [lid for _, lid in arrivals[lo:hi]]
 
     def _forget_arrivals_before(self, t: float) -> None:
         while self._arrivals and self._arrivals[0][0] < t:
@@ -292,6 +297,7 @@ class ResidentAgent:
             },
             co_tokens=co_tokens,
             co_leases=co_leases,
+            window_tokens=len(self._streamed_between(s.t_in, s.t_out)),
             overlapped=len(s.overlap),
             idle_before=s.idle,
         )

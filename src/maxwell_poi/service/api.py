@@ -50,7 +50,6 @@ from .wire import (
 )
 
 log = logging.getLogger(__name__)
-LEASE_ID = r"^[0-9a-f]{32}$"
 
 
 def create_app(control: ControlPlane) -> FastAPI:
@@ -263,6 +262,8 @@ def _errors(app: FastAPI) -> None:
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        if isinstance(exc.__cause__, ApiError):  # FastAPI wraps errors raised while reading the body
+            return JSONResponse(exc.__cause__.body(), status_code=exc.__cause__.status)
         expected = {404: "a route of this API (see /docs)", 405: "a method this route allows"}.get(
             exc.status_code, "a valid request"
         )
@@ -279,19 +280,45 @@ def _errors(app: FastAPI) -> None:
         return JSONResponse(ApiError(422, expected, got).body(), status_code=422)
 
 
+class BodyLimit:
+    """ASGI middleware: refuse a body over `limit` bytes with 413, whether it declares its length or
+    arrives chunked (counted as it is read; the route's read raises the refusal)."""
+
+    def __init__(self, app: Any, limit: int) -> None:
+        self.app = app
+        self.limit = limit
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        declared = dict(scope.get("headers") or []).get(b"content-length")
+        if declared is not None and (not declared.isdigit() or int(declared) > self.limit):
+            refusal = self.refusal(f"content-length {declared[:20].decode('latin-1')}")
+            response = JSONResponse(refusal.body(), status_code=413)
+            return await response(scope, receive, send)
+        seen = 0
+
+        async def counted() -> dict:
+            nonlocal seen
+            message = await receive()
+            if message["type"] == "http.request":
+                seen += len(message.get("body", b""))
+                if seen > self.limit:
+                    raise self.refusal(f"more than {self.limit} bytes, chunked")
+            return message
+
+        await self.app(scope, counted, send)
+
+    def refusal(self, got: str) -> ApiError:
+        return ApiError(413, f"a body of at most {self.limit} bytes", got)
+
+
 def _limits(app: FastAPI, control: ControlPlane, metrics: ServiceMetrics) -> None:
-    limit = control.config.max_body_bytes
+    app.add_middleware(BodyLimit, limit=control.config.max_body_bytes)
 
     @app.middleware("http")
-    async def size_and_count(request: Request, call_next):  # noqa: ANN001, ANN202 - Starlette's signature
-        declared = request.headers.get("content-length")
-        if declared is not None and (not declared.isdigit() or int(declared) > limit):
-            response: Response = JSONResponse(
-                ApiError(413, f"a body of at most {limit} bytes", f"content-length {declared[:20]}").body(),
-                status_code=413,
-            )
-        else:
-            response = await call_next(request)
+    async def count(request: Request, call_next):  # noqa: ANN001, ANN202 - Starlette's signature
+        response = await call_next(request)
         route = request.scope.get("route")
         metrics.requests.labels(getattr(route, "path", "unmatched"), str(response.status_code)).inc()
         return response
