@@ -5,7 +5,8 @@ The bar: no crash, no 5xx, every 4xx `{"error": {status, expected, got, message}
 `expected`. `make bench-service-fuzz` runs the same targets (bench/service_fuzz.py) at 100,000 cases.
 
 Bugs the fuzzers found are pinned below as strict xfails with the exact input while open (then kept as
-regression tests); the fuzz tests ignore only those signatures, so a new bug (or the same bug elsewhere) still fails them.
+regression tests); the fuzz tests ignore only those signatures, so a new bug (or the same bug
+elsewhere) still fails them.
 """
 
 from __future__ import annotations

@@ -69,7 +69,9 @@ def serve(
             f"[yellow]note:[/] no resident profile on this device for {', '.join(unprofiled)}: L1/L2 skip "
             "their leases until `poi profile MODEL --resident` has measured one"
         )
-    server = uvicorn.Server(uvicorn.Config(create_app(control), host=config.host, port=config.port, access_log=access_log))
+    server = uvicorn.Server(
+        uvicorn.Config(create_app(control), host=config.host, port=config.port, access_log=access_log)
+    )
     stop = threading.Event()
     node_thread = _local_node(control, config, node_id, batch, server, stop) if local_node else None
     try:
