@@ -135,10 +135,12 @@ def test_demo_json_shape(tmp_path):
         "forged-signature",
         "--out",
         str(tmp_path / "demo"),
+        "--no-service",  # the part through the control plane: tests/test_demo_service.py
         cwd=tmp_path,
     )
     assert res.returncode == 0, res.stderr.decode()[-2000:]
     data = json.loads(res.stdout)
+    assert "service" not in data
     runs = data["runs"]
     assert {r["attack"] for r in runs} == {None, "sleeper", "forged-signature"}
     for r in runs:

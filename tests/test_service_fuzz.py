@@ -55,7 +55,7 @@ EXAMPLES = {
 
 @pytest.fixture(scope="module")
 def plane(tmp_path_factory: pytest.TempPathFactory):  # noqa: ANN201 - a generator fixture
-    # its own POI_HOME: fuzzed PUT /v1/admin/policy writes tier_policy.json, which other planes would read
+    # its own POI_HOME: keys and tokens of the fuzzed plane stay apart from other tests'
     with pytest.MonkeyPatch.context() as mp:
         home = tmp_path_factory.mktemp("fuzz-home")
         mp.setenv("POI_HOME", str(home))

@@ -30,6 +30,7 @@ LEVEL = {
     "node": 5,
     "cli": 6,
     "demo": 6,
+    "demo_service": 6,
     "report": 6,
     "__main__": 7,
 }

@@ -219,7 +219,7 @@ class Demo:
         needs_worker = any(p.attack is not None and p.attack.needs_worker for p in plans)
         with (
             Node("demo-node", NodeKey.ensure(self.keys_dir / "node.pem"), verifier, self.registry) as node,
-            self._relay_worker(needs_worker),
+            self.relay_worker(needs_worker),
         ):
             for _, group in itertools.groupby(plans, key=lambda p: (p.agent, p.signer, tuple(p.argv))):
                 group = list(group)
@@ -245,7 +245,7 @@ class Demo:
         return rows
 
     @contextlib.contextmanager
-    def _relay_worker(self, needed: bool) -> Iterator[None]:
+    def relay_worker(self, needed: bool) -> Iterator[None]:
         """The honest worker a relay forwards its leases to: a plain process, outside every
         sandbox (standing in for a machine elsewhere)."""
         if not needed:

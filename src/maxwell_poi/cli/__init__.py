@@ -358,13 +358,21 @@ def demo(
     quick: Annotated[
         bool, typer.Option(help="small models only (gpt2-mini claimed, gpt2-micro cheats)")
     ] = False,
+    with_service: Annotated[
+        bool,
+        typer.Option(
+            "--service/--no-service", help="then run the agents through a control plane on loopback"
+        ),
+    ] = True,
 ) -> None:
-    """Issue leases to honest and cheating agents, run them, appraise, and show who got caught."""
+    """Issue leases to honest and cheating agents, run them, appraise, and show who got caught;
+    then (--service) the same agents bid, win, pay and are slashed through Maxwell's control plane."""
     _quiet()
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
     from ..adversaries import CATALOGUE
     from ..demo import Demo, DemoConfig
+    from ..demo_service import ServiceDemo, ServiceDemoConfig, service_table
     from ..protocol.result import Verdict
 
     known = {a.name for a in CATALOGUE}
@@ -389,7 +397,13 @@ def demo(
 
         the_demo = Demo(cfg)
         rows = the_demo.run(on_progress)
+        if with_service:
+            scfg = ServiceDemoConfig(model=cfg.model, small=cfg.small, alt=cfg.alt, tokens=tokens)
+            scfg.attacks, scfg.out = attack, out_dir
+            summary = ServiceDemo(scfg, the_demo.registry).run(on_progress)
     data = the_demo.report(rows)
+    if with_service:
+        data["service"] = summary
     if json_out:
         print(json.dumps(data, indent=2))
         return
@@ -427,6 +441,16 @@ def demo(
         "resident agents measured by "
         + ", ".join(f"{src or 'unknown'} ({n} runs)" for src, n in sorted(s["accounting_sources"].items()))
     )
+    if with_service:
+        out.print(service_table(summary))
+        for name, why in summary["skipped"].items():
+            out.print(f"[yellow]not run through the service:[/] {name}: {why}")
+        ledger = summary["ledger"]
+        out.print(
+            f"honest agents richer than every cheater: {summary['honest_richer_than_cheaters']}; "
+            f"ledger check: {'ok' if ledger['ok'] else '; '.join(ledger['problems'])}; "
+            f"summary in {out_dir}/service/summary.json"
+        )
 
 
 if __name__ == "__main__":

@@ -14,7 +14,6 @@ from sqlalchemy.orm import Session
 
 from ..economics.tiers import TierPolicy
 from ..ledger import Ledger, LedgerError, check_ledger
-from ..protocol.files import write_json_atomic
 from ..protocol.keys import AgentKey, Keyring
 from ..protocol.result import AttestationResult
 from ..registry.models import Registry, poi_home
@@ -31,9 +30,11 @@ from .config import ServiceConfig
 from .errors import ApiError
 from .intake import Intake
 from .market import Market
-from .schema import AgentRow, DisputeRow, LeaseRow, NodeRow, VerdictRow
+from .schema import AgentRow, DisputeRow, LeaseRow, NodeRow, SettingRow, VerdictRow
 from .store import load_keyrings, migrate, open_store
 from .wire import Deposit, DisputeBody, EnrollAgent, EnrollNode, LeaseView, PolicyBody
+
+POLICY = "tier_policy"
 
 
 class ControlPlane:
@@ -53,7 +54,6 @@ class ControlPlane:
         self.registry = registry or Registry()
         self.profiles = profiles or ProfileStore()
         self.agents, self.nodes = load_keyrings(self.ledger.engine)
-        self.policy_path = poi_home() / "tier_policy.json"
         self.policy = self._load_policy()
         self.ear_key = AgentKey.ensure(poi_home() / "maxwell-ear.pem")
         inline = Verifier(
@@ -133,13 +133,14 @@ class ControlPlane:
             )
         self.policy = TierPolicy(**body.model_dump())
         self.market.policy = self.policy
-        write_json_atomic(self.policy_path, asdict(self.policy))  # survives a restart
+        with self.ledger.session() as session, session.begin():  # in this plane's database: survives a
+            session.merge(SettingRow(name=POLICY, value=json.dumps(asdict(self.policy))))  # restart
         return asdict(self.policy)
 
     def _load_policy(self) -> TierPolicy:
-        if self.policy_path.exists():
-            return TierPolicy(**json.loads(self.policy_path.read_text()))
-        return TierPolicy()
+        with Session(self.ledger.engine) as session:
+            row = session.get(SettingRow, POLICY)
+        return TierPolicy(**json.loads(row.value)) if row else TierPolicy()
 
     def ledger_report(self) -> dict[str, Any]:
         report = check_ledger(self.ledger.engine)

@@ -130,3 +130,11 @@ class DisputeRow(ServiceBase):
     lease_id: Mapped[str] = mapped_column(ForeignKey("cp_leases.lease_id"), primary_key=True)
     statement: Mapped[str] = mapped_column(Text)
     created_at: Mapped[float] = mapped_column(Float)
+
+
+class SettingRow(ServiceBase):
+    """Settings that belong to this control plane's database (the tier policy), not to the host."""
+
+    __tablename__ = "cp_settings"
+    name: Mapped[str] = mapped_column(String(ID_LENGTH), primary_key=True)
+    value: Mapped[str] = mapped_column(Text)  # JSON

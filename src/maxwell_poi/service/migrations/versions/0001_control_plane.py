@@ -1,4 +1,4 @@
-"""The control plane's first schema: agents, nodes, bids, leases, receipts, verdicts, disputes.
+"""The control plane's first schema: agents, nodes, bids, leases, receipts, verdicts, disputes, settings.
 
 Revision ID: cp0001
 Revises: none
@@ -113,10 +113,15 @@ def upgrade() -> None:
         sa.Column("statement", sa.Text(), nullable=False),
         sa.Column("created_at", sa.Float(), nullable=False),
     )
+    op.create_table(
+        "cp_settings",
+        sa.Column("name", sa.String(128), primary_key=True),
+        sa.Column("value", sa.Text(), nullable=False),
+    )
 
 
 def downgrade() -> None:
-    for table in (
+    for table in ("cp_settings",
         "cp_disputes",
         "cp_verdicts",
         "cp_receipts",
