@@ -101,6 +101,7 @@ class Server:
             "HF_HUB_OFFLINE": "1",
             "POI_SERVE_LEASE_TTL_S": "3600",  # a corpus outlives the default 600 s before it is handed in
             "POI_SERVE_MAX_LEASES_PER_PULL": str(MAX_PULL),
+            "POI_SERVE_MAX_OPEN_BIDS": "100000",  # the corpus bids in bulk (the cap: test_service_attacks)
             **self.env,
         }
         self.lives += 1
