@@ -24,8 +24,7 @@ from typing import Any
 from .adversaries import CATALOGUE, Attack
 from .node import Node, NodeResult
 from .observer.attest import NodeKey
-from .observer.host import this_device
-from .observer.resident import RESIDENT_REGIME
+from .observer.resident import resident_profile_key
 from .observer.resident_runs import measure_resident_profile
 from .observer.runs import OFFLINE_ENV, honest_agent_argv
 from .protocol.files import write_json_atomic
@@ -167,7 +166,7 @@ class Demo:
     def ensure_profiles(self, on_progress: Callable[[str, int, int], None] | None = None) -> None:
         """L1 and L2 compare with this device's honest resident profile; measure it once if missing."""
         store = ProfileStore()
-        device = f"{this_device()}|{RESIDENT_REGIME}"
+        device = resident_profile_key()
         for model in filter(None, (self.cfg.model, self.cfg.second_model, self.cfg.embed_model)):
             if store.get(model, device) is None:
                 if on_progress:

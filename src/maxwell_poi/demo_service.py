@@ -15,7 +15,6 @@ import secrets
 import shutil
 import socket
 import statistics
-import sys
 import threading
 import time
 from collections import Counter
@@ -27,7 +26,7 @@ from typing import Any
 from rich.table import Table
 
 from .adversaries import CATALOGUE, Attack
-from .demo import Demo, DemoConfig, _has_cuda
+from .demo import Demo, DemoConfig, _has_cuda, _python_module
 from .node.node import Node
 from .node.remote import RemoteNode
 from .observer.attest import NodeKey
@@ -169,15 +168,7 @@ class ServiceDemo:
             key_path = keys / f"{THIEF}.pem"
         store = (self.dir / "store" / attack.name).resolve()
         args = [a.format(store=store, **subs) for a in attack.args]
-        p.argv = [
-            sys.executable,
-            "-m",
-            f"maxwell_poi.adversaries.{attack.module}",
-            "--key",
-            str(key_path),
-            "--resident",
-            *args,
-        ]
+        p.argv = _python_module(f"maxwell_poi.adversaries.{attack.module}", key_path, "--resident", *args)
         return p
 
     @staticmethod
@@ -325,10 +316,7 @@ class ServiceDemo:
         remote.agents, remote.batch = [agent], size
         got: list[dict[str, Any]] = []
         for _ in range(MAX_STEPS):
-            step = remote.step()
-            for answer in step:
-                if "refused" in answer:  # intake said no: do not hand the same lease in again
-                    remote.skipped.add(answer["lease_id"])
+            step = remote.step()  # a lease intake refused is skipped by the node from then on
             got.extend(step)
             if not step or len(got) >= size:
                 break

@@ -12,24 +12,24 @@ from .common import JsonOpt, _bad_input, _quiet, app, out
 
 policy_app = typer.Typer(help="Maxwell's verification tiers and audit probabilities.")
 app.add_typer(policy_app, name="policy")
-# Labelled estimates, used only to explain when no measurement is at hand: the Energy Wallet is
-# debited by measured joules, never by these.
-WATTS_PER_BUSY_CORE_ESTIMATE = 10.0
+# A labelled estimate, used only to explain when no profile is at hand (the watts per core are the
+# Energy Wallet's own figure, economics.energy): debits are by measured joules, never by this.
 FLOPS_PER_JOULE_ESTIMATE = 5e9
 
 
 def lease_energy_estimate(model: str, tokens: int) -> tuple[float, str]:
     """Joules one lease of `tokens` new tokens takes here: from this device's resident profile
     (CPU-seconds x an estimated watts per core) if there is one, else from the model's FLOPs."""
-    from ..observer.host import this_device
+    from ..economics.energy import WATTS_PER_CORE_ESTIMATE
+    from ..observer.resident import resident_profile_key
     from ..registry.models import Registry
     from ..registry.profiles import ProfileStore
 
-    profile = ProfileStore().get(model, f"{this_device()}|resident")
+    profile = ProfileStore().get(model, resident_profile_key())
     if profile is not None:
         cpu_s = profile.decode_cpu_s_per_token.mean * tokens
-        return cpu_s * WATTS_PER_BUSY_CORE_ESTIMATE, (
-            f"resident profile: {cpu_s:.2f} CPU-s x {WATTS_PER_BUSY_CORE_ESTIMATE:g} W per core (estimate)"
+        return cpu_s * WATTS_PER_CORE_ESTIMATE, (
+            f"resident profile: {cpu_s:.2f} CPU-s x {WATTS_PER_CORE_ESTIMATE:g} W per core (estimate)"
         )
     flops = Registry().reference(model).flops_per_token * tokens
     return (

@@ -84,10 +84,9 @@ def serve(
 
 
 def _unprofiled(control: Any) -> list[str]:
-    from ..observer.host import this_device
-    from ..observer.resident import RESIDENT_REGIME
+    from ..observer.resident import resident_profile_key
 
-    device = f"{this_device()}|{RESIDENT_REGIME}"
+    device = resident_profile_key()
     return [m for m in control.registry.specs() if control.profiles.get(m, device) is None]
 
 

@@ -102,8 +102,9 @@ class RemoteNode:
                     raise
                 log.warning("intake of %s failed (%s); retrying", lease_id, exc)
                 time.sleep(0.5 * 2**attempt)
-            except ServiceRefused as exc:
+            except ServiceRefused as exc:  # refused for good: never serve or hand this lease in again
                 answer = {"lease_id": lease_id, "refused": exc.status, "error": exc.body}
+                self.skipped.add(lease_id)
                 break
         if self.on_answer:
             self.on_answer(answer)

@@ -38,6 +38,11 @@ MAX_LINE_BYTES = 64 << 20  # a resident agent's longest line; a receipt line pas
 RESIDENT_REGIME = "resident"
 
 
+def resident_profile_key() -> str:
+    """The profile store key of this device's resident-agent profiles (evidence.profile_key's form)."""
+    return f"{this_device()}|{RESIDENT_REGIME}"
+
+
 @dataclass
 class _LeaseState:
     """What Maxwell saw of one lease in flight (filled by the reader thread)."""

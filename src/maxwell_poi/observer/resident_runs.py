@@ -18,8 +18,8 @@ from ..registry.models import Registry
 from ..registry.profiles import Profile, Stats
 from ..registry.prompts import PROMPTS, TEXTS
 from .channel import AgentRun
-from .host import measure_peak_flops, this_device
-from .resident import RESIDENT_REGIME, ResidentAgent
+from .host import measure_peak_flops
+from .resident import RESIDENT_REGIME, ResidentAgent, resident_profile_key
 from .runs import OFFLINE_ENV, honest_agent_argv
 
 
@@ -162,7 +162,7 @@ def _profile(
     embed: list[float] | None = None,
 ) -> Profile:
     return Profile.from_runs(
-        f"{this_device()}|{RESIDENT_REGIME}",
+        resident_profile_key(),
         model_id,
         tokens,
         intervals=intervals,

@@ -17,6 +17,7 @@ Every refusal is a 4xx with `{"error": {status, expected, got, message}}`; a 500
 import base64
 import logging
 import time
+from dataclasses import asdict
 from typing import Annotated, Any
 
 from fastapi import Depends, FastAPI, Header, Query, Request, Response
@@ -32,9 +33,7 @@ from ..protocol.errors import PoiError
 from .auth import check_admin, verify_request
 from .control import ControlPlane
 from .errors import ApiError
-from .market import bid_view
 from .metrics import ServiceMetrics
-from .schema import BidRow, LeaseRow, VerdictRow
 from .wire import (
     BidBody,
     Deposit,
@@ -127,8 +126,6 @@ def create_app(control: ControlPlane) -> FastAPI:
 
     @app.get("/v1/admin/policy", tags=["admin"], dependencies=[Admin])
     def get_policy() -> dict[str, Any]:
-        from dataclasses import asdict
-
         return asdict(control.policy)
 
     @app.put("/v1/admin/policy", tags=["admin"], dependencies=[Admin])
@@ -165,15 +162,7 @@ def create_app(control: ControlPlane) -> FastAPI:
         limit: Annotated[int, Query(ge=1, le=1000)] = 100,
         offset: Annotated[int, Query(ge=0, le=10**9)] = 0,
     ) -> list[dict[str, Any]]:
-        with Session(control.ledger.engine) as session:
-            rows = session.scalars(
-                select(BidRow)
-                .where(BidRow.agent_id == agent_id)
-                .order_by(BidRow.id)
-                .offset(offset)
-                .limit(limit)
-            )
-            return [bid_view(r) for r in rows]
+        return control.market.bids_of(agent_id, limit, offset)
 
     @app.get("/v1/agent/leases", tags=["agent"])
     def my_leases(
@@ -329,4 +318,4 @@ def _short(value: Any) -> str:
     return text if len(text) <= 120 else text[:117] + "..."
 
 
-__all__ = ["LeaseRow", "VerdictRow", "create_app"]
+__all__ = ["BodyLimit", "create_app"]

@@ -21,9 +21,9 @@ from ..ledger import Ledger
 from ..observer.attest import open_evidence
 from ..protocol.keys import Keyring
 from ..protocol.lease import Lease
-from ..protocol.result import LayerName, LayerResult, verdict_of
+from ..protocol.result import AttestationResult, LayerName, LayerResult, Status, verdict_of
 from ..verifier.policy import Verifier
-from .intake import STAKE_ON, move_stake, pending_audits
+from .intake import move_stake, pending_audits, stake_outcome
 from .schema import LeaseRow, ReceiptRow, VerdictRow
 
 log = logging.getLogger(__name__)
@@ -98,10 +98,13 @@ class AuditWorkers:
         audit = self.verifier.appraise(lease, receipt.receipt, evidence, received_at=receipt.received_at)
         inline = [LayerResult.from_dict(d) for d in json.loads(verdict.layers)]
         layers = [r for r in inline if r.layer != LayerName.AUDIT] + [
-            r for r in audit.layers if r.layer == LayerName.AUDIT or r.status.value == "fail"
+            r for r in audit.layers if r.layer == LayerName.AUDIT or r.status is Status.FAIL
         ]
-        final = verdict_of(layers)
-        outcome = STAKE_ON[final] if row.stake_micro > 0 else "none"
+        combined = AttestationResult(
+            lease_id, lease.agent_id, lease.model_id, verdict_of(layers), tuple(layers)
+        )
+        final = combined.verdict
+        outcome = stake_outcome(final, row.stake_micro)
         with self.ledger.session() as session, session.begin():
             current = session.get(VerdictRow, lease_id, with_for_update=True)
             if current is None or current.final:  # finalised by another worker meanwhile
@@ -109,8 +112,7 @@ class AuditWorkers:
             move_stake(self.ledger, session, lease.agent_id, lease_id, outcome)
             current.verdict, current.final, current.stake_outcome = final.value, True, outcome
             current.layers = json.dumps([r.as_dict() for r in layers])
-            failing = [r for r in layers if r.status.value in ("fail", "warn")]
-            current.reason = ("; ".join(f"{r.layer}: {r.reason}" for r in failing) or current.reason)[:4000]
+            current.reason = combined.reason[:4000]
             session.execute(
                 LeaseRow.__table__.update().where(LeaseRow.lease_id == lease_id).values(status="settled")
             )

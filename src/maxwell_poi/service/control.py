@@ -13,8 +13,9 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from ..economics.tiers import TierPolicy
-from ..ledger import Ledger, LedgerError, check_ledger
-from ..protocol.keys import AgentKey, Keyring
+from ..ledger import Ledger, check_ledger
+from ..protocol.keys import AgentKey
+from ..protocol.lease import Lease
 from ..protocol.result import AttestationResult
 from ..registry.models import Registry, poi_home
 from ..registry.profiles import ProfileStore
@@ -213,8 +214,6 @@ class ControlPlane:
                 "layers": json.loads(verdict.layers),
             }
         )
-        from ..protocol.lease import Lease
-
         claims = ear_claims(result, Lease.from_json(row.lease_json), issued_at=verdict.appraised_at)
         return sign_ear(claims, self.ear_key.private_key, key_id=self.ear_key.keyid)
 
@@ -253,4 +252,4 @@ def verdict_view(v: VerdictRow) -> dict[str, Any]:
     }
 
 
-__all__ = ["ControlPlane", "Keyring", "LedgerError"]
+__all__ = ["ControlPlane", "verdict_view"]

@@ -47,6 +47,8 @@ class Submission:
     receipt: bytes
     evidence_raw: bytes
     signed: SignedEvidence
+    seen: ReceiptRow | None  # a receipt already taken in for this lease, read with the lease
+    seen_verdict: VerdictRow | None
 
 
 class Intake:
@@ -59,8 +61,8 @@ class Intake:
     def submit(self, body: IntakeBody) -> tuple[IntakeAnswer, AttestationResult | None]:
         """(the answer, the fresh result — None for a duplicate)."""
         sub = self._open(body)
-        if (answer := self._duplicate(sub)) is not None:
-            return answer, None
+        if sub.seen is not None:
+            return _duplicate(sub, sub.seen, sub.seen_verdict), None
         result = self.verifier.appraise(sub.lease, sub.receipt, sub.signed.evidence)
         energy = measured_energy(sub.signed.evidence, self.watts_per_core)
         drawn = result.verdict is not Verdict.CONTRAINDICATED and _draw(sub.row.audit_probability)
@@ -75,17 +77,18 @@ class Intake:
             energy_j=energy.joules,
             energy_memo=energy.memo(),
             charge_micro=min(charge, sub.row.hold_micro),
-            stake_outcome="pending" if drawn else _stake_outcome(result.verdict, sub.row.stake_micro),
+            stake_outcome="pending" if drawn else stake_outcome(result.verdict, sub.row.stake_micro),
             appraised_at=time.time(),
         )
         try:
             with self.ledger.session() as session, session.begin():
                 self._settle(session, sub, verdict, energy.joules)
         except IntegrityError:  # a racing submission of this lease committed first
-            answer = self._duplicate(sub)
-            if answer is None:
-                raise
-            return answer, None
+            with Session(self.ledger.engine) as session:
+                seen = session.get(ReceiptRow, sub.lease.lease_id)
+                if seen is None:
+                    raise
+                return _duplicate(sub, seen, session.get(VerdictRow, sub.lease.lease_id)), None
         return _answer(verdict, duplicate=False), result
 
     def _open(self, body: IntakeBody) -> Submission:
@@ -108,8 +111,10 @@ class Intake:
                 f"the receipt the node's evidence names (sha256 {signed.receipt_sha256[:16]}…)",
                 digest[:16],
             )
-        with Session(self.ledger.engine) as session:
+        with Session(self.ledger.engine) as session:  # one read: the lease and what was taken in for it
             row = session.get(LeaseRow, body.lease_id)
+            seen = session.get(ReceiptRow, body.lease_id) if row is not None else None
+            seen_verdict = session.get(VerdictRow, body.lease_id) if seen is not None else None
         if row is None:
             raise ApiError(404, "a lease this control plane issued", f"unknown lease {body.lease_id}")
         if row.status == "expired":
@@ -122,21 +127,9 @@ class Intake:
                 f"evidence from node {row.node_id!r}, the lease's node",
                 f"evidence from {signed.node_id!r}",
             )
-        return Submission(Lease.from_json(row.lease_json), row, receipt, evidence_raw, signed)
-
-    def _duplicate(self, sub: Submission) -> IntakeAnswer | None:
-        with Session(self.ledger.engine) as session:
-            seen = session.get(ReceiptRow, sub.lease.lease_id)
-            if seen is None:
-                return None
-            if seen.receipt_sha256 != sub.signed.receipt_sha256:
-                raise ApiError(
-                    409,
-                    f"no second receipt for lease {sub.lease.lease_id} (taken in at {seen.received_at:.3f})",
-                    "a different receipt: replay refused",
-                )
-            verdict = session.get(VerdictRow, sub.lease.lease_id)
-            return _answer(verdict, duplicate=True)
+        return Submission(
+            Lease.from_json(row.lease_json), row, receipt, evidence_raw, signed, seen, seen_verdict
+        )
 
     def _settle(self, session: Session, sub: Submission, verdict: VerdictRow, joules: float) -> None:
         lease, row = sub.lease, sub.row
@@ -170,8 +163,20 @@ def move_stake(ledger: Ledger, session: Session, agent: str, lease_id: str, outc
         ledger.slash_stake(agent, lease_id, session=session)
 
 
-def _stake_outcome(verdict: Verdict, stake_micro: int) -> str:
-    return STAKE_ON[verdict] if stake_micro > 0 else "none"  # nothing was escrowed
+def stake_outcome(verdict: Verdict, stake_micro: int) -> str:
+    """What a final verdict does to the lease's stake; "none" when nothing was escrowed."""
+    return STAKE_ON[verdict] if stake_micro > 0 else "none"
+
+
+def _duplicate(sub: Submission, seen: ReceiptRow, verdict: VerdictRow | None) -> IntakeAnswer:
+    """The same receipt again: the first answer. Another receipt for a taken-in lease: a replay."""
+    if seen.receipt_sha256 != sub.signed.receipt_sha256 or verdict is None:
+        raise ApiError(
+            409,
+            f"no second receipt for lease {sub.lease.lease_id} (taken in at {seen.received_at:.3f})",
+            "a different receipt: replay refused",
+        )
+    return _answer(verdict, duplicate=True)
 
 
 def _draw(probability: float) -> bool:
@@ -180,17 +185,8 @@ def _draw(probability: float) -> bool:
 
 
 def _answer(v: VerdictRow, duplicate: bool) -> IntakeAnswer:
-    return IntakeAnswer(
-        lease_id=v.lease_id,
-        duplicate=duplicate,
-        verdict=v.verdict,
-        final=v.final,
-        audit_drawn=v.audit_drawn,
-        reason=v.reason,
-        energy_j=v.energy_j,
-        charge_micro=v.charge_micro,
-        stake_outcome=v.stake_outcome,
-    )
+    fields = set(IntakeAnswer.model_fields) - {"duplicate"}
+    return IntakeAnswer(duplicate=duplicate, **{name: getattr(v, name) for name in fields})
 
 
 def pending_audits(ledger: Ledger) -> list[str]:

@@ -25,6 +25,7 @@ from ..economics.energy import expected_energy_j
 from ..economics.tiers import TierPolicy
 from ..ledger import Ledger, LedgerError
 from ..observer.host import this_device
+from ..observer.resident import resident_profile_key
 from ..protocol.errors import UnknownModelError
 from ..protocol.lease import Job, Lease
 from ..registry.models import Registry
@@ -64,7 +65,7 @@ class Market:
         self.policy = policy
 
     def expected_j(self, model_id: str, job: object) -> float:
-        profile = self.profiles.get(model_id, f"{this_device()}|resident") or self.profiles.get(
+        profile = self.profiles.get(model_id, resident_profile_key()) or self.profiles.get(
             model_id, this_device()
         )
         return expected_energy_j(job, profile, self.config.watts_per_core)  # type: ignore[arg-type]
@@ -123,6 +124,17 @@ class Market:
             raise ApiError(
                 429, f"at most {self.config.max_open_bids} open bids per agent", f"{open_bids} open already"
             )
+
+    def bids_of(self, agent_id: str, limit: int, offset: int) -> list[dict]:
+        with Session(self.ledger.engine) as session:
+            rows = session.scalars(
+                select(BidRow)
+                .where(BidRow.agent_id == agent_id)
+                .order_by(BidRow.id)
+                .offset(offset)
+                .limit(limit)
+            )
+            return [bid_view(r) for r in rows]
 
     def pull(self, node_id: str, body: PullBody) -> list[PulledLease]:
         """One auction round for `node_id`: its own unsettled pulled leases first (a node that
