@@ -11,6 +11,7 @@ needs more stake, not more luck, and the result says so.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 DEFAULT_MARGIN = 0.5  # audit 50% more often than the bare equilibrium asks
@@ -53,6 +54,9 @@ def audit_probability(
         )
     bare = cost_saved / at_stake
     p = min(1.0, (1 + margin) * bare)
+    # a saving near float resolution must not round p below the inequality it has to satisfy
+    while p < 1.0 and not p * (1 - colluding) * (reward + stake) > cost_saved:
+        p = math.nextafter(p, 2.0)
     loss = p * at_stake - cost_saved
     if bare >= 1:
         why = (
