@@ -13,7 +13,7 @@ from maxwell_poi.protocol.lease import EmbedJob, GenerateJob, Lease
 from maxwell_poi.protocol.receipt import ReceiptClaims, open_receipt
 from maxwell_poi.protocol.result import Status, Verdict
 from maxwell_poi.protocol.sampling import SeededSampler
-from maxwell_poi.protocol.stream import TaggedToken, parse_resident_line
+from maxwell_poi.protocol.stream import TaggedChunk, TaggedToken, parse_resident_line
 from maxwell_poi.prover.batched import BatchedProver
 from maxwell_poi.prover.sdk import Prover
 from maxwell_poi.prover.stream import streaming_leases_to
@@ -69,8 +69,10 @@ def test_three_leases_in_one_batch_are_each_affirmed_and_streamed(batched, verif
     out = io.BytesIO()
     with streaming_leases_to(out, threading.Lock()):
         receipts = batched.run_many(leases)
-    lines = [parse_resident_line(line) for line in out.getvalue().splitlines()]
-    assert all(isinstance(t, TaggedToken) for t in lines)
+    parsed = [parse_resident_line(line) for line in out.getvalue().splitlines()]
+    lines = [t for t in parsed if isinstance(t, TaggedToken)]
+    streamed_chunks = [c for c in parsed if isinstance(c, TaggedChunk)]
+    assert len(lines) + len(streamed_chunks) == len(parsed)  # tokens and fingerprint chunks only
     for lease, raw, n in zip(leases, receipts, lengths, strict=True):
         claims = claims_of(raw)
         assert claims.lease == lease.lease_id  # receipts come back in the leases' order
@@ -81,6 +83,10 @@ def test_three_leases_in_one_batch_are_each_affirmed_and_streamed(batched, verif
         mine = [t for t in lines if t.lease_id == lease.lease_id]
         assert [t.position for t in mine] == list(range(n))
         assert [t.token for t in mine] == claims.tokens()
+        # each fingerprint chunk streamed as it was committed: in order, exactly the receipt's
+        its_chunks = [c for c in streamed_chunks if c.lease_id == lease.lease_id]
+        assert [c.index for c in its_chunks] == list(range(chunks))
+        assert b"".join(c.data for c in its_chunks) == claims.fingerprint_bytes()
         audited(verifier, lease, raw)
     # at each step the rows still generating stream in row order
     order = {lease.lease_id: i for i, lease in enumerate(leases)}

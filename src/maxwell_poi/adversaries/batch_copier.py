@@ -41,7 +41,8 @@ class _CopyingSink:
 
     def write(self, data: bytes) -> int:
         item = parse_resident_line(data)
-        assert isinstance(item, TaggedToken)
+        if not isinstance(item, TaggedToken):  # fingerprint chunks: this cheater streams none
+            return len(data)
         if self.out:
             self.out(item.lease_id, item.position, item.token)
             if item.lease_id == self.source:

@@ -56,6 +56,9 @@ class ChannelEvidence:
     stream_t: tuple[float, ...] = ()
     stream_cpu_s: tuple[float, ...] = ()
     stream_errors: int = 0  # stream lines out of order or unreadable
+    # resident: fingerprint chunks streamed before the receipt (how many; sha256 of their bytes in order)
+    stream_chunks: int = 0
+    stream_chunks_sha256: str = ""
     telemetry: dict[str, Measurement] = field(default_factory=dict)  # Observer sources, by name
     device_class: str = ""  # the kind of device Maxwell ran the agent on (selects the profile)
     # how the agent ran: "oneshot" (a process per lease, rusage) or "resident" (a sandbox serving

@@ -20,10 +20,11 @@ import subprocess
 import threading
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from ..protocol.lease import Lease
-from ..protocol.stream import TaggedReceipt, TaggedRefusal, TaggedToken, parse_resident_line
+from ..protocol.stream import TaggedChunk, TaggedReceipt, TaggedRefusal, TaggedToken, parse_resident_line
 from .channel import AgentRun, drain
 from .evidence import ChannelEvidence, IdleGap
 from .host import this_device
@@ -36,6 +37,7 @@ from .telemetry import Measurement, NvmlSource, Observer
 EFFECTIVE_TICK_S = 0.004
 MAX_LINE_BYTES = 64 << 20  # a resident agent's longest line; a receipt line past it is cut and fails
 RESIDENT_REGIME = "resident"
+StreamWatch = Callable[[TaggedToken | TaggedChunk], None]  # sees each token and chunk as it arrives
 
 
 def resident_profile_key() -> str:
@@ -69,6 +71,9 @@ class _LeaseState:
     overlap: set[str] = field(default_factory=set)  # other leases in flight during this one
     telemetry: dict[str, Measurement] = field(default_factory=dict)  # GPU telemetry of its busy span
     done: threading.Event = field(default_factory=threading.Event)
+    chunks: int = 0
+    chunk_digest: hashlib._Hash = field(default_factory=hashlib.sha256)
+    watch: StreamWatch | None = None
 
 
 class ResidentAgent:
@@ -117,7 +122,9 @@ class ResidentAgent:
             t.start()
 
     # --- Maxwell -> agent -------------------------------------------------------------------
-    def submit(self, lease: Lease, max_bytes: int) -> None:
+    def submit(self, lease: Lease, max_bytes: int, watch: StreamWatch | None = None) -> None:
+        """`watch` (optional) is called from the reader thread with each token and fingerprint chunk
+        of this lease as it arrives, after Maxwell has recorded it: keep it quick (queue and return)."""
         payload = lease.to_json().encode() + b"\n"
         with self._lock:
             if lease.lease_id in self._leases:
@@ -130,7 +137,15 @@ class ResidentAgent:
                     t_idle, u_idle = self._idle_since
                     idle = IdleGap(gap_s=now - t_idle, cpu_s=(usage.cpu_ns - u_idle.cpu_ns) / 1e9)
             state = _LeaseState(
-                lease, max_bytes, payload, time.time(), now, usage, idle, peak_memory=usage.memory_bytes
+                lease,
+                max_bytes,
+                payload,
+                time.time(),
+                now,
+                usage,
+                idle,
+                peak_memory=usage.memory_bytes,
+                watch=watch,
             )
             for other in self._leases.values():
                 if not other.done.is_set():
@@ -172,6 +187,8 @@ class ResidentAgent:
                 state.digest.update(line)
             if isinstance(item, TaggedToken):
                 self._token(state, item, arrived)
+            elif isinstance(item, TaggedChunk):
+                self._chunk(state, item)
             elif isinstance(item, TaggedReceipt):
                 state.receipt_total = len(item.receipt)
                 state.receipt = item.receipt[: state.max_bytes + 1]
@@ -204,6 +221,23 @@ class ResidentAgent:
             state.cpu.append(usage.cpu_ns / 1e9)
             state.peak_memory = max(state.peak_memory, usage.memory_bytes)
             self._arrivals.append((arrived, item.lease_id))
+        if state.watch is not None:
+            state.watch(item)
+
+    def _chunk(self, state: _LeaseState, item: TaggedChunk) -> None:
+        with self._lock:
+            if item.index != state.chunks:
+                state.errors += 1
+                return
+            state.chunks += 1
+            state.chunk_digest.update(item.data)
+        if state.watch is not None:
+            state.watch(item)
+
+    def cut(self, lease_id: str, reason: str) -> None:
+        """End a lease now, unanswered (Maxwell's streaming audit found it cheating): what it streams
+        after this is not routed, and its evidence says why it ended."""
+        self._finish(lease_id, refusal=f"cut off by Maxwell: {reason}")
 
     def _finish(self, lease_id: str, refusal: str = "") -> None:
         now, usage = time.perf_counter(), self.sandbox.usage()
@@ -292,6 +326,8 @@ class ResidentAgent:
             stream_t=tuple(round(t - s.t_in, 6) for t in s.times),
             stream_cpu_s=tuple(s.cpu),
             stream_errors=s.errors,
+            stream_chunks=s.chunks,
+            stream_chunks_sha256=s.chunk_digest.hexdigest() if s.chunks else "",
             telemetry=s.telemetry,
             device_class=this_device(),
             regime=RESIDENT_REGIME,

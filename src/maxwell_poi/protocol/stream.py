@@ -9,6 +9,7 @@ Resident (lease after lease over the same pipes, several at once): every line na
 
     Maxwell -> agent   <lease JSON>\n                                   one lease per line
     agent -> Maxwell   {"s":[position,token],"l":"<lease_id>"}\n        a token of that lease
+                       {"c":[index,"<base64>"],"l":"<lease_id>"}\n     a fingerprint chunk, as it is made
                        {"r":"<lease_id>","e":<DSSE envelope>}\n         its receipt (ends the lease)
                        {"x":"<lease_id or empty>","error":"<why>"}\n   a lease the agent refuses
 
@@ -19,6 +20,8 @@ the streamed tokens with the receipt's output (L2). The receipt's bytes are slic
 
 from __future__ import annotations
 
+import base64
+import binascii
 import json
 import re
 from dataclasses import dataclass
@@ -26,8 +29,10 @@ from dataclasses import dataclass
 PREFIX = b'{"s":['
 RECEIPT_PREFIX = b'{"r":"'
 REFUSAL_PREFIX = b'{"x":"'
+CHUNK_PREFIX = b'{"c":['
 _LEASE_ID = re.compile(rb"^[0-9a-f]{32}$")
 _TAGGED_TOKEN = re.compile(rb'^\{"s":\[(\d+),(\d+)\],"l":"([0-9a-f]{32})"\}\s*$')
+_TAGGED_CHUNK = re.compile(rb'^\{"c":\[(\d+),"([A-Za-z0-9+/=]*)"\],"l":"([0-9a-f]{32})"\}\s*$')
 
 
 def stream_line(position: int, token: int, lease_id: str | None = None) -> bytes:
@@ -35,6 +40,11 @@ def stream_line(position: int, token: int, lease_id: str | None = None) -> bytes
     if lease_id is None:
         return b'{"s":[%d,%d]}\n' % (position, token)
     return b'{"s":[%d,%d],"l":"%s"}\n' % (position, token, lease_id.encode())
+
+
+def chunk_line(index: int, data: bytes, lease_id: str) -> bytes:
+    """A resident agent's fingerprint chunk `index` of one lease, the moment it is committed."""
+    return b'{"c":[%d,"%s"],"l":"%s"}\n' % (index, base64.b64encode(data), lease_id.encode())
 
 
 def receipt_line(lease_id: str, receipt: bytes) -> bytes:
@@ -67,6 +77,13 @@ class TaggedToken:
 
 
 @dataclass(frozen=True)
+class TaggedChunk:
+    lease_id: str
+    index: int
+    data: bytes
+
+
+@dataclass(frozen=True)
 class TaggedReceipt:
     lease_id: str
     receipt: bytes  # the envelope, byte for byte as the agent wrote it
@@ -78,7 +95,7 @@ class TaggedRefusal:
     error: str
 
 
-ResidentLine = TaggedToken | TaggedReceipt | TaggedRefusal
+ResidentLine = TaggedToken | TaggedChunk | TaggedReceipt | TaggedRefusal
 
 
 def parse_resident_line(line: bytes) -> ResidentLine:
@@ -89,6 +106,15 @@ def parse_resident_line(line: bytes) -> ResidentLine:
         if not m:
             raise ValueError(f'expected {{"s":[position,token],"l":"<lease_id>"}}, got {_preview(line)}')
         return TaggedToken(m[3].decode(), int(m[1]), int(m[2]))
+    if line.startswith(CHUNK_PREFIX):
+        m = _TAGGED_CHUNK.match(line)
+        try:
+            data = base64.b64decode(m[2], validate=True) if m else None
+        except binascii.Error:
+            data = None
+        if m is None or data is None:
+            raise ValueError(f'expected {{"c":[index,"<base64>"],"l":"<lease_id>"}}, got {_preview(line)}')
+        return TaggedChunk(m[3].decode(), int(m[1]), data)
     if line.startswith(RECEIPT_PREFIX):
         head = len(RECEIPT_PREFIX)
         lease_id, sep = line[head : head + 32], line[head + 32 : head + 38]
@@ -102,7 +128,7 @@ def parse_resident_line(line: bytes) -> ResidentLine:
             return TaggedRefusal(str(obj["x"]), str(obj.get("error", ""))[:2000])
         except (ValueError, KeyError, TypeError):
             pass
-    raise ValueError(f"expected a tagged stream, receipt or refusal line, got {_preview(line)}")
+    raise ValueError(f"expected a tagged stream, chunk, receipt or refusal line, got {_preview(line)}")
 
 
 def _preview(line: bytes, limit: int = 60) -> str:

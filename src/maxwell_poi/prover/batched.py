@@ -25,7 +25,7 @@ from ..registry.forward import generate_batch
 from ..registry.models import LoadedModel, Registry
 from .recorder import ActivationRecorder, CommitmentBuilder
 from .sdk import Prover, claims_for
-from .stream import current_lease_sink
+from .stream import chunk_sink_for, current_lease_sink
 
 GroupKey = tuple[str, str, str]  # (model_id, precision, job kind)
 
@@ -102,7 +102,10 @@ class BatchedProver:
         prompts = [model.encode_prompt(job.prompt) for job in jobs]
         width = max(len(p) for p in prompts)
         pairs = list(zip(leases, jobs, strict=True))
-        builders = [CommitmentBuilder(lease.nonce_bytes, job.fingerprint_k) for lease, job in pairs]
+        builders = [
+            CommitmentBuilder(lease.nonce_bytes, job.fingerprint_k, chunk_sink_for(lease.lease_id))
+            for lease, job in pairs
+        ]
         samplers = [SeededSampler(lease.seed_bytes, job.temperature, job.top_k) for lease, job in pairs]
         on_token = row_stream(leases)
         with ExitStack() as stack:

@@ -7,6 +7,8 @@ Maxwell sees the bus (GPU driver shim in the VMM, mediated device), not these ho
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import blake3
 import torch
 from pymerkle import InmemoryTree
@@ -103,9 +105,10 @@ class CommitmentBuilder:
       the leaves so a dispute can bisect to one layer later.
     """
 
-    def __init__(self, nonce: bytes, k: int) -> None:
+    def __init__(self, nonce: bytes, k: int, on_chunk: Callable[[int, bytes], None] | None = None) -> None:
         self.nonce = nonce
         self.k = k
+        self.on_chunk = on_chunk  # streams each chunk as it is made (prover.stream.chunk_sink_for)
         self.chunks: list[bytes] = []
         self.leaves: list[bytes] = []
         self._tree = InmemoryTree(algorithm="sha256")
@@ -113,6 +116,8 @@ class CommitmentBuilder:
     def add(self, final: torch.Tensor, layers: list[torch.Tensor]) -> None:
         index = len(self.chunks)
         self.chunks.append(encode_chunk(final, self.k))
+        if self.on_chunk is not None:
+            self.on_chunk(index, self.chunks[-1])
         for layer, acts in enumerate(layers):
             h = blake3.blake3(self.nonce)
             h.update(index.to_bytes(4, "little") + layer.to_bytes(4, "little"))

@@ -29,7 +29,7 @@ from ..protocol.sampling import SeededSampler
 from ..registry.forward import embed_one, generate
 from ..registry.models import LoadedModel, ReferenceValues, Registry
 from .recorder import ActivationRecorder, CommitmentBuilder
-from .stream import current_sink
+from .stream import chunk_sink_for, current_sink
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
@@ -117,7 +117,7 @@ class Prover:
         job = lease.job
         assert isinstance(job, GenerateJob)
         prompt = model.encode_prompt(job.prompt)
-        builder = CommitmentBuilder(lease.nonce_bytes, job.fingerprint_k)
+        builder = CommitmentBuilder(lease.nonce_bytes, job.fingerprint_k, chunk_sink_for(lease.lease_id))
         sampler = SeededSampler(lease.seed_bytes, job.temperature, job.top_k)
         peers = batch_peers(len(prompt), self.batch - 1, model.reference.vocab)
         with ActivationRecorder(model) as recorder:

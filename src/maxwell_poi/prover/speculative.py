@@ -30,7 +30,7 @@ from ..registry.forward import KVCached
 from ..registry.models import LoadedModel
 from .recorder import ActivationRecorder, CommitmentBuilder
 from .sdk import Prover
-from .stream import current_sink
+from .stream import chunk_sink_for, current_sink
 
 
 @dataclass
@@ -138,7 +138,7 @@ class SpeculativeProver(Prover):
         job = lease.job
         assert isinstance(job, GenerateJob)
         prompt = model.encode_prompt(job.prompt)
-        builder = CommitmentBuilder(lease.nonce_bytes, job.fingerprint_k)
+        builder = CommitmentBuilder(lease.nonce_bytes, job.fingerprint_k, chunk_sink_for(lease.lease_id))
         sizes = [end - start for start, end in chunk_spans(len(prompt), job.max_new_tokens, job.chunk)]
         with ActivationRecorder(model) as recorder:
 

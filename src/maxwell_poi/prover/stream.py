@@ -4,6 +4,9 @@ written at once in the wire format of `protocol.stream`.
 Two sinks: `current_sink()` is (position, token) for a prover that serves one lease at a time;
 `current_lease_sink()` is (lease_id, position, token) for a batched prover that serves several at
 once in one forward pass. In resident mode both write tagged lines (`bound_to_lease`).
+
+Resident mode also streams each fingerprint chunk as the prover commits it (`chunk_sink_for`), so
+Maxwell can audit a lease while it runs; one-shot mode streams tokens only.
 """
 
 from __future__ import annotations
@@ -14,12 +17,17 @@ import threading
 from collections.abc import Callable, Iterator
 from typing import BinaryIO
 
-from ..protocol.stream import stream_line
+from ..protocol.stream import chunk_line, stream_line
 
 TokenSink = Callable[[int, int], None]
 LeaseSink = Callable[[str, int, int], None]
+ChunkSink = Callable[[int, bytes], None]
+LeaseChunkSink = Callable[[str, int, bytes], None]
 _sink: contextvars.ContextVar[TokenSink | None] = contextvars.ContextVar("poi_token_sink", default=None)
 _lease_sink: contextvars.ContextVar[LeaseSink | None] = contextvars.ContextVar("poi_lease_sink", default=None)
+_chunk_sink: contextvars.ContextVar[LeaseChunkSink | None] = contextvars.ContextVar(
+    "poi_chunk_sink", default=None
+)
 
 
 def current_sink() -> TokenSink | None:
@@ -28,6 +36,14 @@ def current_sink() -> TokenSink | None:
 
 def current_lease_sink() -> LeaseSink | None:
     return _lease_sink.get()
+
+
+def chunk_sink_for(lease_id: str) -> ChunkSink | None:
+    """Where `lease_id`'s fingerprint chunks go as they are committed (resident mode), or None."""
+    sink = _chunk_sink.get()
+    if sink is None:
+        return None
+    return lambda index, data: sink(lease_id, index, data)
 
 
 @contextlib.contextmanager
@@ -57,7 +73,20 @@ def streaming_leases_to(out: BinaryIO, lock: threading.Lock) -> contextlib.Abstr
             out.write(stream_line(position, token, lease_id))
             out.flush()
 
-    return _set(_lease_sink, emit)
+    def emit_chunk(lease_id: str, index: int, data: bytes) -> None:
+        with lock:
+            out.write(chunk_line(index, data, lease_id))
+            out.flush()
+
+    return _both(_set(_lease_sink, emit), _set(_chunk_sink, emit_chunk))
+
+
+@contextlib.contextmanager
+def _both(
+    a: contextlib.AbstractContextManager[None], b: contextlib.AbstractContextManager[None]
+) -> Iterator[None]:
+    with a, b:
+        yield
 
 
 @contextlib.contextmanager
@@ -74,5 +103,5 @@ def bound_to_lease(lease_id: str) -> Iterator[None]:
 @contextlib.contextmanager
 def silenced() -> Iterator[None]:
     """Stop streaming for a while (a cheater that wants to pace its own stream)."""
-    with _set(_sink, None), _set(_lease_sink, None):
+    with _set(_sink, None), _set(_lease_sink, None), _set(_chunk_sink, None):
         yield

@@ -6,7 +6,8 @@ Checks, in order:
 1. `channel_input`   the lease bytes the agent was handed are the lease being appraised;
 2. `stream_order`    stream lines came with positions 0, 1, 2, ... in order;
 3. `stream_present`  the agent streamed its tokens as they were chosen;
-4. `stream_matches`  the tokens Maxwell saw stream by are exactly the receipt's output;
+4. `stream_matches`  the tokens Maxwell saw stream by are exactly the receipt's output, and the
+                     fingerprint chunks it saw streamed (resident mode) are the receipt's first ones;
 5. `pace`            the mean gap between tokens over the stream (first to last) is not shorter
                      than this model allows on this device (the profile's fastest honest run, halved);
 6. `steady`          no long burst: at most MAX_BURST_RUN tokens in a row arrive closer together
@@ -26,6 +27,7 @@ import numpy as np
 
 from ..observer.evidence import ChannelEvidence
 from ..protocol.encoding import pack_tokens
+from ..protocol.fingerprint import chunk_size_bytes
 from ..protocol.lease import GenerateJob
 from ..protocol.result import LayerName
 from ..registry.profiles import Profile
@@ -80,6 +82,23 @@ def stream_matches(ev: ChannelEvidence, claimed: list[int]) -> Finding | None:
     )
 
 
+def chunks_match(ev: ChannelEvidence, fingerprints: bytes, k: int) -> Finding | None:
+    """What a streaming audit judged must be what the receipt commits to: no chunk swapped after."""
+    if not ev.stream_chunks:
+        return None
+    size = chunk_size_bytes(k)
+    streamed = fingerprints[: ev.stream_chunks * size]
+    if (
+        len(streamed) == ev.stream_chunks * size
+        and hashlib.sha256(streamed).hexdigest() == ev.stream_chunks_sha256
+    ):
+        return None
+    return Finding(
+        f"fingerprints: expected the {ev.stream_chunks} chunks streamed to be the receipt's first ones, "
+        f"the receipt's differ (or it has {len(fingerprints) // size})"
+    )
+
+
 def pace(mean: float, profile: Profile, model_id: str) -> Finding | None:
     lo = interval_lower_bound(profile)
     if mean >= lo:
@@ -126,7 +145,13 @@ class BoundaryLayer(EvidenceLayer):
         if not isinstance(ctx.lease.job, GenerateJob) or ctx.receipt is None:
             return passed("lease bytes on the channel match")
         claimed = ctx.receipt.claims.tokens()
-        for problem in (stream_order(ev), stream_present(ev, claimed), stream_matches(ev, claimed)):
+        fingerprints = ctx.receipt.claims.fingerprint_bytes()
+        for problem in (
+            stream_order(ev),
+            stream_present(ev, claimed),
+            stream_matches(ev, claimed),
+            chunks_match(ev, fingerprints, ctx.lease.job.fingerprint_k),
+        ):
             if problem:
                 return failed(problem.reason)
         profile = self.profile(ctx, ev)
