@@ -10,12 +10,12 @@ evidence and the receipt (observer.attest.open_evidence).
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from ..observer.attest import NodeKey, sign_evidence
 from ..observer.channel import AgentRun
-from ..observer.resident import ResidentAgent
+from ..observer.resident import ResidentAgent, StreamWatch
 from ..observer.resident_runs import serve_wave, start_resident
 from ..protocol.lease import Lease
 from ..protocol.result import AttestationResult
@@ -78,10 +78,14 @@ class Node:
             ) from None
 
     def serve(
-        self, agent_id: str, leases: Sequence[Lease], timeout_s: float | None = None
+        self,
+        agent_id: str,
+        leases: Sequence[Lease],
+        timeout_s: float | None = None,
+        watch: Callable[[Lease], StreamWatch | None] | None = None,
     ) -> list[NodeResult]:
         agent = self.agent(agent_id)
-        runs = serve_wave(agent, leases, self.registry, timeout_s)
+        runs = serve_wave(agent, leases, self.registry, timeout_s, watch)
         return [self._appraise(agent, lease, run) for lease, run in zip(leases, runs, strict=True)]
 
     def _appraise(self, agent: ResidentAgent, lease: Lease, run: AgentRun) -> NodeResult:

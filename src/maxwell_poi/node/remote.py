@@ -12,6 +12,7 @@ lease the node made itself (never handed in): its model load is not billed to a 
 
 from __future__ import annotations
 
+import functools
 import logging
 import threading
 import time
@@ -26,6 +27,7 @@ from ..protocol.lease import Lease
 from ..service.client import ServiceClient, ServiceRefused
 from .headroom import measure_headroom
 from .node import Node
+from .relay import StreamRelay
 
 log = logging.getLogger(__name__)
 INTAKE_TRIES = 5
@@ -37,6 +39,7 @@ class RemoteNode:
     node: Node
     batch: int = 4
     poll_s: float = 1.0
+    wait_s: float = 0.0  # long poll: the control plane holds an empty pull this long (gateway leases)
     cwd: str | None = None
     agents: list[str] = field(default_factory=list)  # [] = any agent the control plane sends
     headroom: Callable[[], float] = field(default=lambda: measure_headroom().joules)
@@ -45,22 +48,53 @@ class RemoteNode:
 
     def step(self) -> list[dict[str, Any]]:
         """One pull and everything it brought; the intake answers."""
-        pulled = self.client.pull(self.headroom(), self.agents, max_leases=4 * self.batch)["leases"]
+        pulled = self.client.pull(
+            self.headroom(), self.agents, max_leases=4 * self.batch, wait_s=self.wait_s
+        )["leases"]
         by_agent: dict[str, list[Lease]] = defaultdict(list)
         commands: dict[str, list[str]] = {}
+        stream_to: dict[str, str] = {}
         for item in pulled:
             lease = Lease.model_validate(item["lease"])
             if lease.lease_id in self.skipped:
                 continue
             by_agent[lease.agent_id].append(lease)
             commands[lease.agent_id] = item["command"]
+            if item.get("stream_to"):
+                stream_to[lease.lease_id] = item["stream_to"]
         answers = []
         for agent_id, leases in by_agent.items():
             if not self._ensure_agent(agent_id, commands[agent_id], leases):
                 continue
             for i in range(0, len(leases), self.batch):
-                for r in self.node.serve(agent_id, leases[i : i + self.batch]):
-                    answers.append(self._hand_in(r.lease.lease_id, r.run.receipt, r.signed_evidence))
+                answers.extend(self._serve_wave(agent_id, leases[i : i + self.batch], stream_to))
+        return answers
+
+    def _serve_wave(
+        self, agent_id: str, wave: list[Lease], stream_to: dict[str, str]
+    ) -> list[dict[str, Any]]:
+        """One wave; gateway leases relayed live. An agent the control plane cut off is stopped
+        once its wave is handed in (its next lease starts it afresh)."""
+        agent = self.node.agent(agent_id)
+        relays = {
+            lease.lease_id: StreamRelay(
+                self.client, stream_to[lease.lease_id], functools.partial(agent.cut, lease.lease_id)
+            )
+            for lease in wave
+            if lease.lease_id in stream_to
+        }
+        results = self.node.serve(
+            agent_id,
+            wave,
+            watch=lambda lease: relays[lease.lease_id].watch if lease.lease_id in relays else None,
+        )
+        for relay in relays.values():
+            relay.close()
+        answers = [self._hand_in(r.lease.lease_id, r.run.receipt, r.signed_evidence) for r in results]
+        cut = [lid for lid, relay in relays.items() if relay.cut_reason]
+        if cut:
+            log.warning("agent %s cut off by the control plane (lease %s): stopping it", agent_id, cut[0])
+            self.node.stop_agent(agent_id)
         return answers
 
     def run(self, stop: threading.Event) -> None:

@@ -37,7 +37,9 @@ from .telemetry import Measurement, NvmlSource, Observer
 EFFECTIVE_TICK_S = 0.004
 MAX_LINE_BYTES = 64 << 20  # a resident agent's longest line; a receipt line past it is cut and fails
 RESIDENT_REGIME = "resident"
-StreamWatch = Callable[[TaggedToken | TaggedChunk], None]  # sees each token and chunk as it arrives
+# sees each token and chunk as it arrives: (the line, seconds since the lease was handed over, the
+# sandbox's CPU-seconds then); chunks carry (0, 0): only tokens are timed
+StreamWatch = Callable[[TaggedToken | TaggedChunk, float, float], None]
 
 
 def resident_profile_key() -> str:
@@ -222,7 +224,7 @@ class ResidentAgent:
             state.peak_memory = max(state.peak_memory, usage.memory_bytes)
             self._arrivals.append((arrived, item.lease_id))
         if state.watch is not None:
-            state.watch(item)
+            state.watch(item, arrived - state.t_in, usage.cpu_ns / 1e9)
 
     def _chunk(self, state: _LeaseState, item: TaggedChunk) -> None:
         with self._lock:
@@ -232,7 +234,7 @@ class ResidentAgent:
             state.chunks += 1
             state.chunk_digest.update(item.data)
         if state.watch is not None:
-            state.watch(item)
+            state.watch(item, 0.0, 0.0)
 
     def cut(self, lease_id: str, reason: str) -> None:
         """End a lease now, unanswered (Maxwell's streaming audit found it cheating): what it streams

@@ -19,7 +19,7 @@ from ..registry.profiles import Profile, Stats
 from ..registry.prompts import PROMPTS, TEXTS
 from .channel import AgentRun
 from .host import measure_peak_flops
-from .resident import RESIDENT_REGIME, ResidentAgent, resident_profile_key
+from .resident import RESIDENT_REGIME, ResidentAgent, StreamWatch, resident_profile_key
 from .runs import OFFLINE_ENV, honest_agent_argv
 
 
@@ -29,11 +29,17 @@ def start_resident(argv: list[str], name: str, cwd: str | None = None) -> Reside
 
 
 def serve_wave(
-    agent: ResidentAgent, leases: Sequence[Lease], registry: Registry, timeout_s: float | None = None
+    agent: ResidentAgent,
+    leases: Sequence[Lease],
+    registry: Registry,
+    timeout_s: float | None = None,
+    watch: Callable[[Lease], StreamWatch | None] | None = None,
 ) -> list[AgentRun]:
-    """Hand `leases` to the agent at once (it may batch them), then collect every answer."""
+    """Hand `leases` to the agent at once (it may batch them), then collect every answer. `watch`
+    gives a lease's live watcher (the gateway's relay), or None."""
     for lease in leases:
-        agent.submit(lease, max_receipt_bytes(lease, registry.reference(lease.model_id).hidden))
+        max_bytes = max_receipt_bytes(lease, registry.reference(lease.model_id).hidden)
+        agent.submit(lease, max_bytes, watch(lease) if watch else None)
     return [agent.collect(lease.lease_id, timeout_s) for lease in leases]
 
 

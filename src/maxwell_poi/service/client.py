@@ -123,8 +123,8 @@ class ServiceClient:
 
     # -- nodes --------------------------------------------------------------------------------------
 
-    def pull(self, headroom_j: float, agents: list[str], max_leases: int = 16) -> Any:
-        body = {"headroom_j": headroom_j, "agents": agents, "max_leases": max_leases}
+    def pull(self, headroom_j: float, agents: list[str], max_leases: int = 16, wait_s: float = 0.0) -> Any:
+        body = {"headroom_j": headroom_j, "agents": agents, "max_leases": max_leases, "wait_s": wait_s}
         return self.request("POST", "/v1/node/pull", body, auth="signed")
 
     def intake(self, lease_id: str, receipt: bytes, evidence: bytes) -> Any:

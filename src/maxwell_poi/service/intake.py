@@ -18,7 +18,8 @@ import hashlib
 import json
 import secrets
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from typing import Protocol
 
 from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
@@ -31,7 +32,7 @@ from ..observer.attest import SignedEvidence, open_evidence
 from ..protocol.errors import EvidenceFormatError, UnknownAgentError
 from ..protocol.keys import Keyring
 from ..protocol.lease import Lease
-from ..protocol.result import AttestationResult, Verdict
+from ..protocol.result import AttestationResult, LayerResult, Verdict, verdict_of
 from ..verifier.policy import Verifier
 from .errors import ApiError
 from .schema import LeaseRow, ReceiptRow, VerdictRow
@@ -51,12 +52,27 @@ class Submission:
     seen_verdict: VerdictRow | None
 
 
+class IntakeHook(Protocol):
+    """What a front door built on the control plane (the gateway) adds to intake."""
+
+    def audited(self, lease_id: str, receipt: bytes) -> LayerResult | None:
+        """The lease's audit result if it was decided while the lease ran (streaming appraisal, or
+        "not drawn"); None leaves the lease to intake's own lottery."""
+
+    def settle(self, session: Session, lease: Lease, verdict: VerdictRow) -> None:
+        """Money of its own, moved in intake's transaction (the requester's payment)."""
+
+    def settled(self, lease_id: str, verdict: VerdictRow) -> None:
+        """Called after the transaction committed (wakes whoever waits for the verdict)."""
+
+
 class Intake:
     def __init__(self, ledger: Ledger, verifier: Verifier, nodes: Keyring, watts_per_core: float) -> None:
         self.ledger = ledger
         self.verifier = verifier  # L0 (no in-memory replay set) + L1 + L2; audits are queued
         self.nodes = nodes
         self.watts_per_core = watts_per_core
+        self.hooks: list[IntakeHook] = []
 
     def submit(self, body: IntakeBody) -> tuple[IntakeAnswer, AttestationResult | None]:
         """(the answer, the fresh result — None for a duplicate)."""
@@ -64,8 +80,17 @@ class Intake:
         if sub.seen is not None:
             return _duplicate(sub, sub.seen, sub.seen_verdict), None
         result = self.verifier.appraise(sub.lease, sub.receipt, sub.signed.evidence)
+        decided = (h.audited(sub.lease.lease_id, sub.receipt) for h in self.hooks)
+        audited = next((a for a in decided if a is not None), None)
+        if audited is not None:
+            layers = (*result.layers, audited)
+            result = replace(result, layers=layers, verdict=verdict_of(list(layers)))
         energy = measured_energy(sub.signed.evidence, self.watts_per_core)
-        drawn = result.verdict is not Verdict.CONTRAINDICATED and _draw(sub.row.audit_probability)
+        drawn = (
+            audited is None
+            and result.verdict is not Verdict.CONTRAINDICATED
+            and _draw(sub.row.audit_probability)
+        )
         charge, _ = energy_charge(energy.joules, sub.row.price_micro_per_j)
         verdict = VerdictRow(
             lease_id=sub.lease.lease_id,
@@ -89,6 +114,8 @@ class Intake:
                 if seen is None:
                     raise
                 return _duplicate(sub, seen, session.get(VerdictRow, sub.lease.lease_id)), None
+        for hook in self.hooks:
+            hook.settled(sub.lease.lease_id, verdict)
         return _answer(verdict, duplicate=False), result
 
     def _open(self, body: IntakeBody) -> Submission:
@@ -149,6 +176,8 @@ class Intake:
             lease.agent_id, lease.lease_id, joules, row.price_micro_per_j, session=session
         )
         move_stake(self.ledger, session, lease.agent_id, lease.lease_id, verdict.stake_outcome)
+        for hook in self.hooks:
+            hook.settle(session, lease, verdict)
         session.add(verdict)
         status = "audit_pending" if not verdict.final else "settled"
         session.execute(

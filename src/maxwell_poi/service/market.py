@@ -12,7 +12,9 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from pydantic import TypeAdapter
@@ -63,6 +65,9 @@ class Market:
         self.profiles = profiles
         self.config = config
         self.policy = policy
+        # called in the expiry transaction for each lease that expires (the gateway refunds its requester)
+        self.on_expire: list[Callable[[Session, LeaseRow], None]] = []
+        self._pulled = threading.Condition()  # long-polling pulls wait on it for directed leases
 
     def expected_j(self, model_id: str, job: object) -> float:
         profile = self.profiles.get(model_id, resident_profile_key()) or self.profiles.get(
@@ -135,6 +140,45 @@ class Market:
                 .limit(limit)
             )
             return [bid_view(r) for r in rows]
+
+    def issue_directed(
+        self, node_id: str, agent_id: str, bid: BidBody, extra: Callable[[Session, PulledLease], None]
+    ) -> tuple[PulledLease | None, str]:
+        """A lease for one chosen agent on one chosen node, now (the gateway's auction already chose
+        them): its bid row, energy hold and stake in one transaction with whatever `extra` adds (the
+        requester's hold). (the lease, "") or (None, why it could not be issued)."""
+        now = time.time()
+        row = BidRow(
+            agent_id=agent_id,
+            bid_id=bid.bid_id,
+            request_sha256=hashlib.sha256(bid.model_dump_json().encode()).hexdigest(),
+            model_id=bid.model_id,
+            precision=bid.precision,
+            job=bid.job.model_dump_json(),
+            price_micro_per_j=bid.price_micro_per_j,
+            stake_micro=bid.stake_micro,
+            expected_j=self.expected_j(bid.model_id, bid.job),
+            status="open",
+            reason="",
+            created_at=now,
+        )
+        with self.ledger.session() as session, session.begin():
+            session.add(row)
+            session.flush()
+            headroom = session.scalar(select(NodeRow.headroom_j).where(NodeRow.node_id == node_id)) or 0.0
+            pulled = self._issue(session, node_id, row, bid.price_micro_per_j, headroom, now)
+            if pulled is not None:
+                extra(session, pulled)
+            why = row.reason
+        if pulled is not None:
+            with self._pulled:
+                self._pulled.notify_all()
+        return pulled, why
+
+    def wait_for_leases(self, timeout_s: float) -> None:
+        """A long-polling pull waits here until a directed lease is issued (or the timeout)."""
+        with self._pulled:
+            self._pulled.wait(timeout_s)
 
     def pull(self, node_id: str, body: PullBody) -> list[PulledLease]:
         """One auction round for `node_id`: its own unsettled pulled leases first (a node that
@@ -272,6 +316,8 @@ class Market:
             if row.stake_micro > 0:
                 self.ledger.release_stake(row.agent_id, row.lease_id, session=session)
             row.status = "expired"
+            for hook in self.on_expire:
+                hook(session, row)
 
     def _expire(self, session: Session, now: float) -> None:
         """Open bids older than a lease's lifetime expire: an agent's stale bid never wins late."""

@@ -138,3 +138,46 @@ class SettingRow(ServiceBase):
     __tablename__ = "cp_settings"
     name: Mapped[str] = mapped_column(String(ID_LENGTH), primary_key=True)
     value: Mapped[str] = mapped_column(Text)  # JSON
+
+
+COMPLETION_STATES = ("streaming", "paid", "refunded", "cut")
+
+
+class OfferRow(ServiceBase):
+    """An agent's standing offer to serve a model through the gateway (gateway.auction)."""
+
+    __tablename__ = "cp_offers"
+    agent_id: Mapped[str] = mapped_column(ForeignKey("cp_agents.agent_id"), primary_key=True)
+    model_id: Mapped[str] = mapped_column(String(ID_LENGTH), primary_key=True)
+    precision: Mapped[str] = mapped_column(String(8))
+    ask_micro_per_token: Mapped[int] = mapped_column(BigInteger)  # what the agent asks a requester
+    price_micro_per_j: Mapped[int] = mapped_column(BigInteger)  # what it pays Maxwell for energy
+    stake_micro: Mapped[int] = mapped_column(BigInteger)
+    updated_at: Mapped[float] = mapped_column(Float)
+
+
+class RequesterRow(ServiceBase):
+    """Who may call the gateway: an API key, kept only as its SHA-256."""
+
+    __tablename__ = "cp_requesters"
+    requester_id: Mapped[str] = mapped_column(String(ID_LENGTH), primary_key=True)
+    key_sha256: Mapped[str] = mapped_column(String(64), unique=True)
+    enrolled_at: Mapped[float] = mapped_column(Float)
+
+
+class CompletionRow(ServiceBase):
+    """One gateway completion: its lease, the price per token the auction set, the requester's
+    hold, and what was finally charged (0 when the lease was cut off or not affirmed)."""
+
+    __tablename__ = "cp_completions"
+    __table_args__ = (CheckConstraint(_one_of("status", COMPLETION_STATES), name="ck_cp_completions_status"),)
+    lease_id: Mapped[str] = mapped_column(ForeignKey("cp_leases.lease_id"), primary_key=True)
+    requester_id: Mapped[str] = mapped_column(ForeignKey("cp_requesters.requester_id"), index=True)
+    endpoint: Mapped[str] = mapped_column(String(32))
+    price_micro_per_token: Mapped[int] = mapped_column(BigInteger)
+    hold_micro: Mapped[int] = mapped_column(BigInteger)
+    status: Mapped[str] = mapped_column(String(16))
+    tokens: Mapped[int] = mapped_column(Integer)
+    charge_micro: Mapped[int] = mapped_column(BigInteger)
+    reason: Mapped[str] = mapped_column(Text)
+    created_at: Mapped[float] = mapped_column(Float)

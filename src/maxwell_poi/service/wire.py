@@ -60,6 +60,9 @@ class PullBody(Strict):
     headroom_j: float = Field(ge=0, le=1e12, description="the node's thermal budget for this round")
     agents: list[str] = Field(default_factory=list, max_length=1024, description="agents it can run")
     max_leases: int = Field(default=16, ge=1, le=1024)
+    wait_s: float = Field(
+        default=0.0, ge=0, le=30, description="long poll: with nothing to hand out, wait up to this long"
+    )
 
 
 class IntakeBody(Strict):

@@ -1,0 +1,139 @@
+"""A whole gateway on loopback, for `poi demo`, the gateway tests and bench/gateway.py: a control
+plane (SQLite in `workdir`) with the gateway mounted, served by uvicorn on a free port; one node
+long-polling it with resident agents in sandboxes; a requester with an API key; and the real
+`openai` client pointed at it. Nothing here is simulated: the agents are real programs running a
+real model, the money is the ledger's.
+"""
+
+from __future__ import annotations
+
+import secrets
+import sys
+import threading
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import openai
+
+from .demo_service import LoopbackServer
+from .economics.tiers import TierPolicy
+from .gateway import Gateway, mount_gateway
+from .node.node import Node
+from .node.remote import RemoteNode
+from .observer.attest import NodeKey
+from .observer.resident import resident_profile_key
+from .observer.resident_runs import measure_resident_profile
+from .observer.runs import honest_agent_argv
+from .protocol.keys import AgentKey
+from .registry.profiles import ProfileStore
+from .service import ControlPlane, ServiceClient, ServiceConfig
+from .service.api import create_app
+
+REQUESTER_DEPOSIT = 10_000_000
+
+
+def ensure_profile(model_id: str, tokens: int, runs: int = 5) -> None:
+    """L1 and L2 (and the gateway's running checks) judge against this host's resident profile."""
+    store = ProfileStore()
+    if store.get(model_id, resident_profile_key()) is None:
+        store.put(measure_resident_profile(model_id, runs=runs, tokens=tokens, batches=(1,)))
+
+
+def adversary_argv(module: str, key: Path, *args: str) -> list[str]:
+    return [sys.executable, "-m", f"maxwell_poi.adversaries.{module}", "--key", str(key), "--resident", *args]
+
+
+@dataclass
+class GatewayStack:
+    workdir: Path
+    audit_all: bool = True  # tier policy: every lease audited (streamed); False keeps the default tiers
+    wait_s: float = 2.0
+    token: str = field(default_factory=lambda: secrets.token_urlsafe(24))
+
+    def __enter__(self) -> GatewayStack:
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        config = ServiceConfig(db=str((self.workdir / "cp.sqlite").resolve()), admin_token=self.token)
+        config.validate()
+        self.control = ControlPlane(config)
+        self.control.start()
+        self.gateway = Gateway(self.control)
+        app = create_app(self.control)
+        mount_gateway(app, self.gateway)
+        self.server = LoopbackServer(app)
+        self.url = self.server.__enter__()
+        self.admin = ServiceClient(self.url, admin_token=self.token)
+        if self.audit_all:
+            policy = {**asdict(TierPolicy()), "medium_from_value": 0.0, "high_from_value": 0.0}
+            self.admin.set_policy(**policy)
+        node_key = NodeKey.generate()
+        self.admin.enroll_node("gw-node", node_key.public_hex)
+        self.node = Node("gw-node", node_key, None)
+        node_client = ServiceClient(self.url, key=node_key, principal="node:gw-node")
+        self.remote = RemoteNode(
+            node_client, self.node, batch=2, poll_s=0.05, wait_s=self.wait_s, headroom=lambda: 1e6
+        )
+        self._stop = threading.Event()
+        self._node_thread = threading.Thread(target=self.remote.run, args=(self._stop,), daemon=True)
+        self._node_thread.start()
+        answer = self.admin.request(
+            "POST",
+            "/v1/admin/requesters",
+            {"requester_id": "alice-app", "deposit_micro": REQUESTER_DEPOSIT},
+            auth="admin",
+        )
+        self.api_key = answer["api_key"]
+        return self
+
+    def add_agent(
+        self, name: str, argv: list[str], key: AgentKey, *, model_id: str, ask: int, stake: int = 100_000
+    ) -> None:
+        """Enroll `name` with its program, fund it, and post its standing offer for `model_id`."""
+        self.admin.enroll_agent(name, key.public_hex, argv)
+        self.admin.deposit(name, 50_000_000, f"fund-{name}")
+        with ServiceClient(self.url, key=key, principal=f"agent:{name}") as agent:
+            body = {
+                "model_id": model_id,
+                "ask_micro_per_token": ask,
+                "price_micro_per_j": 20,
+                "stake_micro": stake,
+            }
+            agent.request("POST", "/v1/agent/offers", body, auth="signed")
+
+    def honest_agent(self, name: str, model_id: str, ask: int) -> None:
+        key = AgentKey.generate()
+        path = self.workdir / f"{name}.pem"
+        key.save(path)
+        self.add_agent(name, honest_agent_argv(path, "--resident"), key, model_id=model_id, ask=ask)
+
+    def cheater(self, name: str, module: str, args: list[str], model_id: str, ask: int) -> None:
+        key = AgentKey.generate()
+        path = self.workdir / f"{name}.pem"
+        key.save(path)
+        self.add_agent(name, adversary_argv(module, path, *args), key, model_id=model_id, ask=ask)
+
+    def client(self, api_key: str | None = None) -> openai.OpenAI:
+        """The official client, unchanged; no retries (a retried request would be a second lease)."""
+        return openai.OpenAI(
+            base_url=f"{self.url}/v1", api_key=api_key or self.api_key, max_retries=0, timeout=180
+        )
+
+    def balances(self) -> dict[str, int]:
+        report = self.admin.ledger()
+        if not report["check"]["ok"]:
+            raise AssertionError(f"ledger check failed: {report['check']['problems']}")
+        return report["balances"]
+
+    def __exit__(self, *_exc: object) -> None:
+        self._stop.set()
+        self._node_thread.join(timeout=30)
+        self.node.close()
+        self.server.__exit__(None, None, None)
+        self.admin.close()
+        self.control.close()
+
+
+def maxwell_of(response: Any) -> dict[str, Any]:
+    """The `maxwell` object the gateway attaches (the openai client keeps unknown fields as extras)."""
+    extra = getattr(response, "model_extra", None) or {}
+    return extra.get("maxwell") or {}

@@ -1,0 +1,420 @@
+"""The gateway: OpenAI-shaped requests in, verified completions out, on the control plane's market,
+ledger and intake.
+
+A request becomes a lease: the agents with a standing offer for the model compete in a sealed-ask
+auction (economics.asks); the winner's lease is issued on the most recently seen node with the
+agent's energy hold and stake and the requester's payment hold in one transaction, and the node's
+long-polling pull picks it up at once. The node relays tokens and fingerprint chunks as they arrive
+(`relay`); they go to the requester's response and through the running appraisal (gateway.live).
+When the node hands in the receipt, intake asks this gateway for the lease's audit result
+(`audited`: decided while it ran), moves the requester's payment in its own transaction (`settle`:
+paid only for an affirmed completion) and wakes the response waiting for the verdict (`settled`).
+
+Requesters' money: account `requester:<id>` (a wallet) and `requester-escrow:<id>` for holds.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import secrets
+import threading
+import time
+import uuid
+from dataclasses import dataclass
+from typing import Any
+
+from sqlalchemy import delete, select
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
+
+from ..economics.asks import Ask, award
+from ..ledger import LedgerError
+from ..ledger.book import DEPOSITS
+from ..observer.resident import resident_profile_key
+from ..protocol.errors import PoiError
+from ..protocol.lease import GenerateJob, Lease
+from ..protocol.receipt import max_receipt_bytes, open_receipt
+from ..protocol.result import LayerResult
+from ..service.control import ControlPlane, verdict_view
+from ..service.errors import ApiError
+from ..service.market import PulledLease
+from ..service.schema import CompletionRow, LeaseRow, NodeRow, OfferRow, RequesterRow, VerdictRow
+from ..service.wire import BidBody
+from ..verifier.audit import AuditLayer
+from ..verifier.streaming import StreamingAudit
+from .live import Arrival, LiveLease, RunningChecks
+from .openai_wire import ChatRequest, CompletionRequest
+
+NODE_FRESH_S = 60.0  # a node that pulled within this long is serving
+MAX_LIVE = 256  # leases streaming at once; more are refused (429), not queued in memory
+
+
+@dataclass(frozen=True)
+class Started:
+    lease: Lease
+    live: LiveLease
+    price_micro_per_token: int
+    prompt_tokens: int
+    auction: str
+    ignored: list[str]
+
+
+def requester_account(requester_id: str) -> str:
+    return f"requester:{requester_id}"
+
+
+def requester_escrow(requester_id: str) -> str:
+    return f"requester-escrow:{requester_id}"
+
+
+class Gateway:
+    def __init__(self, control: ControlPlane, *, verdict_wait_s: float = 60.0) -> None:
+        self.control = control
+        self.registry = control.registry
+        self.audit = AuditLayer(control.registry)  # the reference model and tolerances for streaming audits
+        self.verdict_wait_s = verdict_wait_s
+        self.live: dict[str, LiveLease] = {}
+        self._verdicts: dict[str, threading.Event] = {}
+        self._lock = threading.Lock()
+        control.intake.hooks.append(self)
+        control.market.on_expire.append(self._expired)
+        control.live_path = lambda lease_id: f"/v1/node/stream/{lease_id}" if lease_id in self.live else None
+
+    # -- Maxwell ------------------------------------------------------------------------------------
+
+    def enroll_requester(self, requester_id: str, deposit_micro: int) -> dict[str, Any]:
+        """A new requester and its API key (shown once; only its SHA-256 is kept)."""
+        key = "poi-" + secrets.token_urlsafe(24)
+        row = RequesterRow(
+            requester_id=requester_id,
+            key_sha256=hashlib.sha256(key.encode()).hexdigest(),
+            enrolled_at=time.time(),
+        )
+        try:
+            with self.control.ledger.session() as session, session.begin():
+                session.add(row)
+        except IntegrityError:
+            raise ApiError(409, f"a new requester id ({requester_id!r} is taken)", requester_id) from None
+        self.control.ledger.open_account(requester_account(requester_id), "wallet")
+        self.control.ledger.open_account(requester_escrow(requester_id), "escrow")
+        if deposit_micro:
+            self.deposit(requester_id, deposit_micro, f"enroll:{requester_id}")
+        return {"requester_id": requester_id, "api_key": key, **self.balance(requester_id)}
+
+    def deposit(self, requester_id: str, micro: int, key: str) -> dict[str, Any]:
+        self._requester(requester_id)
+        legs = {DEPOSITS: -micro, requester_account(requester_id): micro}
+        self.control.ledger.transfer(f"deposit:{key}", "deposit", legs, memo=f"deposit for {requester_id}")
+        return self.balance(requester_id)
+
+    def balance(self, requester_id: str) -> dict[str, Any]:
+        balances = self.control.ledger.balances()
+        return {
+            "wallet_micro": balances.get(requester_account(requester_id), 0),
+            "held_micro": balances.get(requester_escrow(requester_id), 0),
+        }
+
+    def _requester(self, requester_id: str) -> RequesterRow:
+        with Session(self.control.ledger.engine) as session:
+            row = session.get(RequesterRow, requester_id)
+        if row is None:
+            raise ApiError(404, "an enrolled requester", f"unknown requester {requester_id!r}")
+        return row
+
+    def authenticate(self, authorization: str | None) -> str:
+        """The requester id of a `Bearer <api key>` header (401 otherwise)."""
+        scheme, _, key = (authorization or "").partition(" ")
+        if scheme.lower() != "bearer" or not key:
+            raise ApiError(401, "Authorization: Bearer <API key from POST /v1/admin/requesters>", "none")
+        digest = hashlib.sha256(key.strip().encode()).hexdigest()
+        with Session(self.control.ledger.engine) as session:
+            requester = session.scalar(
+                select(RequesterRow.requester_id).where(RequesterRow.key_sha256 == digest)
+            )
+        if requester is None:
+            raise ApiError(401, "an API key Maxwell issued", "an unknown key")
+        return requester
+
+    # -- agents ---------------------------------------------------------------------------------------
+
+    def offer(self, agent_id: str, model_id: str, precision: str, ask: int, price: int, stake: int) -> dict:
+        """An agent's standing offer to serve `model_id` (replaces its previous one for that model)."""
+        spec = self._generation_model(model_id)
+        if price < self.control.config.reserve_micro_per_j:
+            raise ApiError(
+                422, f"price_micro_per_j >= the reserve {self.control.config.reserve_micro_per_j}", str(price)
+            )
+        with self.control.ledger.session() as session, session.begin():
+            session.merge(
+                OfferRow(
+                    agent_id=agent_id,
+                    model_id=spec,
+                    precision=precision,
+                    ask_micro_per_token=ask,
+                    price_micro_per_j=price,
+                    stake_micro=stake,
+                    updated_at=time.time(),
+                )
+            )
+        return {
+            "agent_id": agent_id,
+            "model_id": model_id,
+            "precision": precision,
+            "ask_micro_per_token": ask,
+            "price_micro_per_j": price,
+            "stake_micro": stake,
+        }
+
+    def _generation_model(self, model_id: str) -> str:
+        try:
+            spec = self.registry.get(model_id)
+        except (KeyError, PoiError) as exc:
+            raise ApiError(404, "a model of GET /v1/models", f"unknown model {model_id!r}: {exc}") from None
+        if spec.kind == "embedding":
+            raise ApiError(400, "a text-generation model", f"{model_id!r} is an embedding model")
+        return model_id
+
+    def models(self) -> list[dict[str, Any]]:
+        with Session(self.control.ledger.engine) as session:
+            served = {m for (m,) in session.execute(select(OfferRow.model_id).distinct())}
+        return [
+            {"id": name, "object": "model", "created": 0, "owned_by": "maxwell", "served": name in served}
+            for name, spec in sorted(self.registry.specs().items())
+            if spec.kind != "embedding"
+        ]
+
+    # -- requests ---------------------------------------------------------------------------------------
+
+    def start(self, requester_id: str, request: CompletionRequest | ChatRequest) -> Started:
+        """Auction, lease, holds; the lease is on its way to the node when this returns."""
+        refused, ignored = request.problems()
+        if refused:
+            raise ApiError(400, "only what the audit can replay", refused)
+        model_id = self._generation_model(request.model)
+        try:
+            prompt = request.text()
+        except ValueError as exc:
+            raise ApiError(400, "one prompt per request", str(exc)) from None
+        if len(self.live) >= MAX_LIVE:
+            raise ApiError(429, f"at most {MAX_LIVE} completions streaming at once", f"{len(self.live)}")
+        offers, node_id = self._market_for(model_id)
+        won = award([Ask(o.agent_id, o.ask_micro_per_token) for o in offers])
+        if won is None or node_id is None:
+            why = "no agent offers it" if won is None else f"no node pulled in the last {NODE_FRESH_S:.0f} s"
+            raise ApiError(503, f"an agent and a node serving {model_id!r}", why)
+        offer = next(o for o in offers if o.agent_id == won.agent_id)
+        job = GenerateJob(
+            prompt=prompt,
+            max_new_tokens=request.new_tokens,
+            temperature=request.sampling_temperature,
+            top_k=50 if request.top_k is None else request.top_k,
+            chunk=16,
+        )
+        bid = BidBody(
+            bid_id=f"gateway-{uuid.uuid4().hex}",
+            model_id=model_id,
+            precision=offer.precision,
+            job=job,
+            price_micro_per_j=offer.price_micro_per_j,
+            stake_micro=offer.stake_micro,
+        )
+        hold = won.price_micro_per_token * job.max_new_tokens
+        endpoint = "chat" if isinstance(request, ChatRequest) else "completions"
+
+        def hold_payment(session: Session, pulled: PulledLease) -> None:
+            lease_id = pulled.lease.lease_id
+            legs = {requester_account(requester_id): -hold, requester_escrow(requester_id): hold}
+            if hold > 0:
+                self.control.ledger.transfer(
+                    f"pay-hold:{lease_id}", "other", legs, lease_id=lease_id, session=session
+                )
+            session.add(
+                CompletionRow(
+                    lease_id=lease_id,
+                    requester_id=requester_id,
+                    endpoint=endpoint,
+                    price_micro_per_token=won.price_micro_per_token,
+                    hold_micro=hold,
+                    status="streaming",
+                    tokens=0,
+                    charge_micro=0,
+                    reason=won.reason,
+                    created_at=time.time(),
+                )
+            )
+            self.live[lease_id] = self._live(pulled)  # before commit: the node's pull must see it
+
+        try:
+            pulled, why = self.control.market.issue_directed(node_id, won.agent_id, bid, hold_payment)
+        except LedgerError as exc:
+            raise ApiError(402, f"a requester balance covering {hold} micro", exc.got) from None
+        if pulled is None:
+            raise ApiError(503, f"a lease for agent {won.agent_id!r}", why)
+        lease = pulled.lease
+        self._verdicts[lease.lease_id] = threading.Event()
+        prompt_tokens = len(self.registry.encode_prompt(model_id, prompt))
+        return Started(
+            lease, self.live[lease.lease_id], won.price_micro_per_token, prompt_tokens, won.reason, ignored
+        )
+
+    def _market_for(self, model_id: str) -> tuple[list[OfferRow], str | None]:
+        with Session(self.control.ledger.engine) as session:
+            offers = list(session.scalars(select(OfferRow).where(OfferRow.model_id == model_id)))
+            node = session.scalar(
+                select(NodeRow.node_id)
+                .where(NodeRow.last_seen > time.time() - NODE_FRESH_S)
+                .order_by(NodeRow.last_seen.desc())
+                .limit(1)
+            )
+        return offers, node
+
+    def _live(self, pulled: PulledLease) -> LiveLease:
+        """The running appraisal: the audit lottery is drawn here, once, with the tier's probability."""
+        lease = pulled.lease
+        drawn = secrets.randbelow(1_000_000) < pulled.audit_probability * 1_000_000
+        audit = None
+        if drawn:
+            model = self.audit.reference_model(lease.model_id)
+            tol = self.audit.thresholds.for_precision(lease.precision, same_class=False)
+            audit = StreamingAudit(lease, model, tol)
+        profile = self.control.profiles.get(lease.model_id, resident_profile_key())
+        checks = RunningChecks(profile, self.registry.reference(lease.model_id)) if profile else None
+        return LiveLease(lease, audit, checks)
+
+    # -- the node's relay -------------------------------------------------------------------------------
+
+    def check_node(self, node_id: str, lease_id: str) -> None:
+        with Session(self.control.ledger.engine) as session:
+            row = session.get(LeaseRow, lease_id)
+        if row is not None and row.node_id != node_id:
+            raise ApiError(
+                403, f"a relay from node {row.node_id!r}, the lease's node", f"one from {node_id!r}"
+            )
+
+    def relay(
+        self, node_id: str, lease_id: str, tokens: list[list[float]], chunks: list[tuple[int, bytes]]
+    ) -> str | None:
+        live = self.live.get(lease_id)
+        if live is None:
+            raise ApiError(404, "a gateway lease streaming now", f"lease {lease_id[:64]!r}")
+        arrivals = [Arrival(int(p), int(t), float(s), float(c)) for p, t, s, c in tokens]
+        return live.receive(arrivals, chunks)
+
+    # -- intake hooks (service.intake.IntakeHook) ---------------------------------------------------
+
+    def audited(self, lease_id: str, receipt: bytes) -> LayerResult | None:
+        live = self.live.get(lease_id)
+        if live is None:
+            return None
+        try:
+            opened = open_receipt(
+                receipt, max_receipt_bytes(live.lease, self.registry.reference(live.lease.model_id).hidden)
+            )
+        except PoiError:
+            opened = None
+        return live.audit_result(opened)
+
+    def settle(self, session: Session, lease: Lease, verdict: VerdictRow) -> None:
+        row = session.get(CompletionRow, lease.lease_id, with_for_update=True)
+        if row is None or row.status != "streaming":
+            return
+        live = self.live.get(lease.lease_id)
+        tokens = len(live.arrivals) if live else 0
+        paid = verdict.final and verdict.verdict == "affirming"
+        charge = min(row.price_micro_per_token * tokens, row.hold_micro) if paid else 0
+        status = "paid" if paid else ("cut" if live and live.cut else "refunded")
+        self._release(session, row, lease.agent_id, charge, status, verdict.reason if not paid else "")
+        row.tokens = tokens
+        if status == "cut":  # cut off: it serves no more gateway requests until it offers again
+            session.execute(delete(OfferRow).where(OfferRow.agent_id == lease.agent_id))
+
+    def settled(self, lease_id: str, verdict: VerdictRow) -> None:
+        if (event := self._verdicts.get(lease_id)) is not None:
+            event.set()
+        self.forget(lease_id)
+
+    def _expired(self, session: Session, lease_row: Any) -> None:
+        row = session.get(CompletionRow, lease_row.lease_id, with_for_update=True)
+        if row is not None and row.status == "streaming":
+            self._release(session, row, lease_row.agent_id, 0, "refunded", "the lease expired unanswered")
+        self.forget(lease_row.lease_id)
+
+    def _release(
+        self, session: Session, row: CompletionRow, agent_id: str, charge: int, status: str, why: str
+    ) -> None:
+        """The requester's hold: `charge` to the agent, the rest back; one transfer, once."""
+        legs = {
+            requester_escrow(row.requester_id): -row.hold_micro,
+            f"wallet:{agent_id}": charge,
+            requester_account(row.requester_id): row.hold_micro - charge,
+        }
+        legs = {k: v for k, v in legs.items() if v}
+        if legs:
+            memo = f"completion price={row.price_micro_per_token} micro/token charge={charge}"
+            self.control.ledger.transfer(
+                f"pay:{row.lease_id}", "other", legs, memo=memo, lease_id=row.lease_id, session=session
+            )
+        row.status, row.charge_micro = status, charge
+        if why:
+            row.reason = why[:4000]
+
+    # -- what the requester gets back ---------------------------------------------------------------
+
+    def wait_verdict(self, lease_id: str, timeout_s: float | None = None) -> bool:
+        event = self._verdicts.get(lease_id)
+        return event.wait(self.verdict_wait_s if timeout_s is None else timeout_s) if event else True
+
+    def attestation(self, lease_id: str) -> dict[str, Any]:
+        """The `maxwell` object: verdict, layers and reasons, joules, what was charged, the EAR."""
+        with Session(self.control.ledger.engine) as session:
+            verdict = session.get(VerdictRow, lease_id)
+            completion = session.get(CompletionRow, lease_id)
+            lease_row = session.get(LeaseRow, lease_id)
+        out: dict[str, Any] = {"lease_id": lease_id}
+        if completion is not None:
+            out.update(
+                completion_status=completion.status,
+                price_micro_per_token=completion.price_micro_per_token,
+                charged_micro=completion.charge_micro,
+                auction=completion.reason if completion.status in ("streaming", "paid") else "",
+            )
+        if verdict is None:
+            out.update(verdict="pending", reason="the node has not handed in the lease's evidence yet")
+            return out
+        view = verdict_view(verdict)
+        out.update(
+            verdict=view["verdict"],
+            final=view["final"],
+            reason=view["reason"],
+            layers=[{k: r[k] for k in ("layer", "status", "reason")} for r in view["layers"]],
+            energy_j=view["energy_j"],
+            stake=view["stake_outcome"],
+        )
+        if view["final"] and lease_row is not None:
+            out["ear"] = self.control.ear(lease_row.agent_id, lease_id)  # a JWT; key at /v1/ear-key
+        return out
+
+    def forget(self, lease_id: str) -> None:
+        """Drop the in-memory state of a finished lease (its rows stay)."""
+        with self._lock:
+            self.live.pop(lease_id, None)
+            self._verdicts.pop(lease_id, None)
+
+    def owns(self, requester_id: str, lease_id: str) -> None:
+        with Session(self.control.ledger.engine) as session:
+            row = session.get(CompletionRow, lease_id)
+        if row is None:
+            raise ApiError(404, "a completion of this gateway", f"unknown lease {lease_id[:64]!r}")
+        if row.requester_id != requester_id:
+            raise ApiError(403, "one of your own completions", "another requester's")
+
+
+def decode_increment(decode: Any, tokens: list[int], sent: str) -> str:
+    """The text not yet sent for `tokens` (held back while it ends in an incomplete character)."""
+    text = decode(tokens)
+    if text.endswith("\ufffd"):
+        return ""
+    return text[len(sent) :] if text.startswith(sent) else ""
+
+
+__all__ = ["Gateway", "Started", "decode_increment"]

@@ -1,0 +1,192 @@
+"""One gateway lease while it runs: what the node relays of it, the appraisal of each piece as it
+arrives, and the queue the requester's response reads.
+
+The node (trusted: it is Maxwell's) relays each token with its own arrival time and the sandbox's
+CPU-seconds at that moment, and each fingerprint chunk the agent streamed. Two appraisals run on
+what has arrived so far:
+
+- `RunningChecks` — L1's physics floor and L2's pace and burst checks on the running window (the
+  same bounds the layers apply to the whole lease, from the same profile);
+- `verifier.streaming.StreamingAudit` — when the lease was drawn for audit: the claimed model fed
+  block by block on a KV cache (the total stays one prefill), each token's seeded choice and each
+  chunk's fingerprint checked as soon as the model has seen their positions.
+
+The first failure cuts the lease: the node is told to stop the agent, the requester's stream ends
+with an error event saying why, and intake (which the node still hands the evidence to) records
+the failure as the lease's audit result, slashes the stake and charges the requester nothing.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from ..protocol.fingerprint import chunk_size_bytes
+from ..protocol.lease import GenerateJob, Lease
+from ..protocol.receipt import OpenedReceipt
+from ..protocol.result import LayerName, LayerResult, Status
+from ..registry.models import ReferenceValues
+from ..registry.profiles import Profile
+from ..verifier.boundary import MAX_BURST_RUN, interval_lower_bound, longest_burst
+from ..verifier.streaming import StreamingAudit
+
+MIN_WINDOW = 8  # tokens before the running pace and work checks judge anything
+
+
+@dataclass(frozen=True)
+class Arrival:
+    """One token as the node saw it: value, seconds since the lease was handed over, sandbox CPU-s."""
+
+    position: int
+    token: int
+    t: float
+    cpu_s: float
+
+
+class RunningChecks:
+    """L1's physics floor and L2's pace and burst bounds on the tokens seen so far."""
+
+    def __init__(self, profile: Profile, reference: ReferenceValues) -> None:
+        self.profile = profile
+        self.flops_per_token = reference.flops_per_token
+        self.lower_gap = interval_lower_bound(profile)
+
+    def judge(self, arrivals: list[Arrival]) -> str | None:
+        if len(arrivals) < MIN_WINDOW:
+            return None
+        t = np.array([a.t for a in arrivals])
+        gaps = np.diff(t)
+        mean = float(gaps.mean())
+        if mean < self.lower_gap:
+            return (
+                f"running pace: expected tokens >= {self.lower_gap * 1000:.1f} ms apart on average, "
+                f"measured {mean * 1000:.2f} ms over {len(arrivals)} tokens"
+            )
+        run = longest_burst(gaps, self.profile)
+        if run > MAX_BURST_RUN:
+            return f"running pace: expected at most {MAX_BURST_RUN} tokens in a row in a burst, got {run}"
+        cpu = arrivals[-1].cpu_s - arrivals[0].cpu_s
+        floor = (len(arrivals) - 1) * self.flops_per_token / self.profile.peak_flops_per_cpu_s
+        if cpu + 2 * 0.004 < floor:  # two accounting ticks of benefit of the doubt, as L1 gives
+            return (
+                f"running work: {len(arrivals) - 1} tokens need at least {floor:.4f} CPU-s on this "
+                f"device, the sandbox used {cpu:.4f}"
+            )
+        return None
+
+
+@dataclass
+class ClientEvent:
+    kind: str  # "tokens" | "cut" | "verdict"
+    tokens: list[int] = field(default_factory=list)
+    reason: str = ""
+    verdict: dict[str, Any] | None = None
+
+
+class LiveLease:
+    """The gateway's view of one running lease; see the module docstring."""
+
+    def __init__(
+        self,
+        lease: Lease,
+        audit: StreamingAudit | None,
+        checks: RunningChecks | None,
+        chunk_bytes: int | None = None,
+    ) -> None:
+        assert isinstance(lease.job, GenerateJob)
+        self.lease = lease
+        self.job: GenerateJob = lease.job
+        self.audit = audit  # None: not drawn for audit (the running checks still apply)
+        self.checks = checks
+        self.chunk_bytes = chunk_bytes or chunk_size_bytes(self.job.fingerprint_k)
+        self.arrivals: list[Arrival] = []
+        self.chunks = 0
+        self.cut_reason = ""
+        self.cut_after = 0  # tokens received when the cut came
+        self.first_bad: int | None = None
+        self.events: queue.Queue[ClientEvent] = queue.Queue()
+        self._lock = threading.Lock()  # relays of one lease are appraised one at a time, in order
+
+    @property
+    def cut(self) -> bool:
+        return bool(self.cut_reason)
+
+    def receive(self, tokens: list[Arrival], chunks: list[tuple[int, bytes]]) -> str | None:
+        """A relay from the node; the reason to cut the lease, or None to let it go on."""
+        with self._lock:
+            if self.cut:
+                return self.cut_reason
+            fresh = tokens
+            if [a.position for a in fresh] != list(
+                range(len(self.arrivals), len(self.arrivals) + len(fresh))
+            ):
+                return self._cut(
+                    f"relay: expected positions from {len(self.arrivals)} in order, got "
+                    f"{[a.position for a in fresh[:5]]}",
+                    None,
+                )
+            for index, data in chunks:
+                if index != self.chunks:
+                    return self._cut(f"relay: expected fingerprint chunk {self.chunks}, got {index}", None)
+                self.chunks += 1
+                if self.audit and (finding := self.audit.receive_chunk(index, data)):
+                    return self._cut(f"streaming audit: {finding.reason}", finding.first_bad_token)
+            for a in fresh:  # one at a time: each token is forwarded only once the checks it triggers pass
+                self.arrivals.append(a)
+                if self.audit and (finding := self.audit.receive(a.token)):
+                    return self._cut(f"streaming audit: {finding.reason}", finding.first_bad_token)
+                if self.checks and (problem := self.checks.judge(self.arrivals)):
+                    return self._cut(problem, None)
+                self.events.put(ClientEvent("tokens", [a.token]))
+            return None
+
+    def _cut(self, reason: str, first_bad: int | None) -> str:
+        self.cut_reason, self.cut_after, self.first_bad = reason, len(self.arrivals), first_bad
+        self.events.put(ClientEvent("cut", reason=reason))
+        return reason
+
+    def audit_result(self, receipt: OpenedReceipt | None) -> LayerResult:
+        """The lease's L4 result at intake: the cut, or the streaming audit finished on the receipt's
+        fingerprint chunks the agent did not stream (the receipt binds them all)."""
+        with self._lock:
+            if self.cut:
+                return LayerResult(
+                    LayerName.AUDIT,
+                    Status.FAIL,
+                    f"cut off mid-stream after {self.cut_after} tokens: {self.cut_reason}",
+                    details={"cut_after_tokens": self.cut_after, "first_bad_token": self.first_bad},
+                )
+            if self.audit is None:
+                return LayerResult(
+                    LayerName.AUDIT, Status.SKIPPED, "not drawn by the audit lottery (drawn at issue)"
+                )
+            return self._finish(receipt)
+
+    def _finish(self, receipt: OpenedReceipt | None) -> LayerResult:
+        assert self.audit is not None
+        if receipt is None:
+            return LayerResult(LayerName.AUDIT, Status.SKIPPED, "not run: no readable receipt")
+        data = receipt.claims.fingerprint_bytes()
+        size = self.chunk_bytes
+        for index in range(self.chunks, len(data) // size):
+            if finding := self.audit.receive_chunk(index, data[index * size : (index + 1) * size]):
+                return LayerResult(LayerName.AUDIT, Status.FAIL, f"streaming audit: {finding.reason}")
+        unchecked = len(self.audit.spans) - self.audit.next_chunk
+        if self.audit.checked < self.job.max_new_tokens or unchecked:
+            return LayerResult(
+                LayerName.AUDIT,
+                Status.FAIL,
+                f"streaming audit: expected all {self.job.max_new_tokens} tokens and "
+                f"{len(self.audit.spans)} fingerprint chunks checked, got {self.audit.checked} and "
+                f"{self.audit.next_chunk}",
+            )
+        return LayerResult(
+            LayerName.AUDIT,
+            Status.PASS,
+            f"streaming audit: {self.audit.checked} token choices and {self.audit.next_chunk} "
+            f"fingerprint chunks checked as they arrived ({self.chunks} streamed)",
+        )
