@@ -136,6 +136,7 @@ def test_demo_json_shape(tmp_path):
         "--out",
         str(tmp_path / "demo"),
         "--no-service",  # the part through the control plane: tests/test_demo_service.py
+        "--no-gateway",  # the OpenAI gateway ending: tests/test_gateway.py
         cwd=tmp_path,
     )
     assert res.returncode == 0, res.stderr.decode()[-2000:]

@@ -17,7 +17,14 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from sqlalchemy.orm import Session
 
-from maxwell_poi.demo_gateway import GatewayStack, ensure_profile, maxwell_of
+from maxwell_poi.demo_gateway import (
+    DEMO_TOKENS,
+    GatewayStack,
+    ensure_profile,
+    gateway_lines,
+    maxwell_of,
+    run_gateway_demo,
+)
 from maxwell_poi.protocol.lease import Lease
 from maxwell_poi.protocol.receipt import max_receipt_bytes, open_receipt
 from maxwell_poi.service.schema import CompletionRow, LeaseRow, OfferRow, ReceiptRow
@@ -196,3 +203,14 @@ def test_a_requester_reads_the_verdict_of_its_own_completions_only(gw: GatewaySt
     with pytest.raises(openai.APIStatusError) as caught:
         gw.client(api_key=other["api_key"]).completions.create(model=MODEL, prompt="hi", max_tokens=200)
     assert caught.value.status_code == 402
+
+
+def test_the_demo_ends_with_a_verified_chat_and_a_cheater_cut_off(gw: GatewayStack, tmp_path: Path) -> None:
+    """`poi demo`'s ending (demo_gateway.run_gateway_demo), on a stack of its own."""
+    summary = run_gateway_demo(tmp_path / "demo")
+    assert summary["honest"]["maxwell"]["verdict"] == "affirming" and summary["honest"]["text"]
+    cheater = summary["cheater"]
+    assert cheater["cut"] and cheater["maxwell"]["cut_after_tokens"] < DEMO_TOKENS
+    assert cheater["requester_charged_micro"] == 0 and cheater["stake_slashed_micro"] > 0
+    lines = gateway_lines(summary)
+    assert any("cut off mid-stream" in line for line in lines)

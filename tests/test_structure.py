@@ -31,6 +31,7 @@ LEVEL = {
     "cli": 6,
     "demo": 6,
     "demo_service": 6,
+    "demo_gateway": 6,
     "report": 6,
     "__main__": 7,
 }

@@ -137,3 +137,74 @@ def maxwell_of(response: Any) -> dict[str, Any]:
     """The `maxwell` object the gateway attaches (the openai client keeps unknown fields as extras)."""
     extra = getattr(response, "model_extra", None) or {}
     return extra.get("maxwell") or {}
+
+
+DEMO_MODEL, DEMO_DRAFT, DEMO_TOKENS = "poi-lm", "poi-lm-draft", 32
+DEMO_CHAT = [
+    {"role": "system", "content": "You are a helpful assistant."},
+    {"role": "user", "content": "What is the history of the river?"},
+]
+
+
+def run_gateway_demo(workdir: Path) -> dict[str, Any]:
+    """`poi demo`'s ending: a verified chat completion through the openai client, then a cheater
+    (a small draft model decoding, the leased model only prefilling) cut off mid-stream."""
+    ensure_profile(DEMO_MODEL, DEMO_TOKENS)
+    with GatewayStack(workdir) as gw:
+        gw.honest_agent("alice", DEMO_MODEL, ask=10)
+        client = gw.client()
+        chat = client.chat.completions.create(model=DEMO_MODEL, messages=DEMO_CHAT, max_tokens=DEMO_TOKENS)
+        honest = {"text": chat.choices[0].message.content, "maxwell": maxwell_of(chat)}
+        gw.cheater("mallory", "cheap_draft", ["--draft", DEMO_DRAFT], DEMO_MODEL, ask=5)
+        before = gw.balances()
+        received, cut = [], {}
+        try:
+            stream = client.chat.completions.create(
+                model=DEMO_MODEL, messages=DEMO_CHAT, max_tokens=DEMO_TOKENS, stream=True
+            )
+            for piece in stream:
+                if piece.choices and piece.choices[0].delta.content:
+                    received.append(piece.choices[0].delta.content)
+        except openai.APIError as exc:
+            cut = {"message": str(exc), "maxwell": (exc.body or {}).get("maxwell", {})}
+        after = gw.balances()
+    summary = {
+        "url": gw.url,
+        "honest": honest,
+        "cheater": {
+            "agent": "mallory",
+            "attack": "cheap-draft",
+            "cut": bool(cut),
+            "text_received": "".join(received),
+            **cut,
+            "requester_charged_micro": before["requester:alice-app"] - after["requester:alice-app"],
+            "stake_slashed_micro": after["maxwell:slashed"] - before["maxwell:slashed"],
+        },
+    }
+    return summary
+
+
+def gateway_lines(summary: dict[str, Any]) -> list[str]:
+    """What `poi demo` prints of it."""
+    h, c = summary["honest"], summary["cheater"]
+    m = h["maxwell"]
+    lines = [
+        f"[bold]OpenAI client → Maxwell gateway ({summary['url']}/v1), {DEMO_MODEL}[/]",
+        f"  assistant: {h['text']!r}",
+        f"  maxwell: [{'green' if m.get('verdict') == 'affirming' else 'red'}]{m.get('verdict')}[/] — "
+        + "; ".join(f"{d['layer']} {d['status']}" for d in m.get("layers", []))
+        + f"; {m.get('energy_j', 0):.3f} J; charged {m.get('charged_micro')} micro; "
+        + f"EAR {str(m.get('ear', ''))[:24]}…",
+    ]
+    if c["cut"]:
+        lines.append(
+            f"  cheater {c['agent']} ({c['attack']}): [red]cut off mid-stream[/] after "
+            f"{c['maxwell'].get('cut_after_tokens')} tokens — {c['message'][:160]}"
+        )
+        lines.append(
+            f"  requester charged {c['requester_charged_micro']} micro; "
+            f"stake slashed {c['stake_slashed_micro']} micro"
+        )
+    else:
+        lines.append(f"  [red]cheater {c['agent']} was NOT cut off mid-stream[/]")
+    return lines

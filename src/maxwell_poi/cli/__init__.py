@@ -381,14 +381,19 @@ def demo(
             "--service/--no-service", help="then run the agents through a control plane on loopback"
         ),
     ] = True,
+    with_gateway: Annotated[
+        bool, typer.Option("--gateway/--no-gateway", help="end with a chat through the OpenAI gateway")
+    ] = True,
 ) -> None:
     """Issue leases to honest and cheating agents, run them, appraise, and show who got caught;
-    then (--service) the same agents bid, win, pay and are slashed through Maxwell's control plane."""
+    then (--service) the same agents bid, win, pay and are slashed through Maxwell's control plane;
+    then (--gateway) a verified chat completion through the OpenAI client, and a cheater cut off."""
     _quiet()
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
     from ..adversaries import CATALOGUE
     from ..demo import Demo, DemoConfig
+    from ..demo_gateway import gateway_lines, run_gateway_demo
     from ..demo_service import ServiceDemo, ServiceDemoConfig, service_table
     from ..protocol.result import Verdict
 
@@ -418,9 +423,14 @@ def demo(
             scfg = ServiceDemoConfig(model=cfg.model, small=cfg.small, alt=cfg.alt, tokens=tokens)
             scfg.attacks, scfg.out = attack, out_dir
             summary = ServiceDemo(scfg, the_demo.registry).run(on_progress)
+        if with_gateway:
+            progress.update(task, description="gateway: a chat through the OpenAI client", total=None)
+            chat = run_gateway_demo(out_dir / "gateway")
     data = the_demo.report(rows)
     if with_service:
         data["service"] = summary
+    if with_gateway:
+        data["gateway"] = chat
     if json_out:
         print(json.dumps(data, indent=2))
         return
@@ -468,6 +478,8 @@ def demo(
             f"ledger check: {'ok' if ledger['ok'] else '; '.join(ledger['problems'])}; "
             f"summary in {out_dir}/service/summary.json"
         )
+    for line in gateway_lines(chat) if with_gateway else []:
+        out.print(line)
 
 
 if __name__ == "__main__":

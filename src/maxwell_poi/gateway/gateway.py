@@ -387,6 +387,14 @@ class Gateway:
             final=view["final"],
             reason=view["reason"],
             layers=[{k: r[k] for k in ("layer", "status", "reason")} for r in view["layers"]],
+            cut_after_tokens=next(
+                (
+                    r["details"]["cut_after_tokens"]
+                    for r in view["layers"]
+                    if "cut_after_tokens" in r.get("details", {})
+                ),
+                None,
+            ),
             energy_j=view["energy_j"],
             stake=view["stake_outcome"],
         )

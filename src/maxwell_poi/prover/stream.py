@@ -101,6 +101,18 @@ def bound_to_lease(lease_id: str) -> Iterator[None]:
 
 
 @contextlib.contextmanager
+def rewritten(change: Callable[[int, int], int]) -> Iterator[None]:
+    """Stream `change(position, token)` in place of each token (a cheater that streams what it
+    will sign rather than what it computed)."""
+    sink = current_sink()
+    if sink is None:
+        yield
+        return
+    with _set(_sink, lambda position, token: sink(position, change(position, token))):
+        yield
+
+
+@contextlib.contextmanager
 def silenced() -> Iterator[None]:
     """Stop streaming for a while (a cheater that wants to pace its own stream)."""
     with _set(_sink, None), _set(_lease_sink, None), _set(_chunk_sink, None):

@@ -32,6 +32,7 @@ from ..ledger import LedgerError
 from ..protocol.errors import PoiError
 from .auth import check_admin, verify_request
 from .control import ControlPlane
+from .dashboard import mount_dashboard
 from .errors import ApiError
 from .metrics import ServiceMetrics
 from .wire import (
@@ -68,23 +69,9 @@ def create_app(control: ControlPlane) -> FastAPI:
     async def admin(authorization: Annotated[str | None, Header()] = None) -> None:
         check_admin(authorization, control.admin_token)
 
-    def signed(role: str):
-        async def dependency(request: Request) -> str:
-            body = await request.body()
-            path = request.url.path + (f"?{request.url.query}" if request.url.query else "")
-            keyrings = {"agent": control.agents, "node": control.nodes}
-            got_role, ident = verify_request(
-                request.headers, request.method, path, body, keyrings, control.config.request_skew_s
-            )
-            if got_role != role:
-                raise ApiError(403, f"a request signed by an {role}", f"one signed by {got_role} {ident!r}")
-            return ident
-
-        return dependency
-
     Admin = Depends(admin)
-    AgentId = Annotated[str, Depends(signed("agent"))]
-    NodeId = Annotated[str, Depends(signed("node"))]
+    AgentId = Annotated[str, Depends(signed_by(control, "agent"))]
+    NodeId = Annotated[str, Depends(signed_by(control, "node"))]
 
     @app.get("/healthz", tags=["service"])
     def healthz() -> dict[str, Any]:
@@ -197,7 +184,11 @@ def create_app(control: ControlPlane) -> FastAPI:
     def pull(body: PullBody, node_id: NodeId) -> dict[str, Any]:
         """One auction round against this node's headroom; its leases, with each agent's command."""
         limit = min(body.max_leases, control.config.max_leases_per_pull)
-        pulled = control.market.pull(node_id, body.model_copy(update={"max_leases": limit}))
+        body = body.model_copy(update={"max_leases": limit})
+        pulled = control.market.pull(node_id, body)
+        if not pulled and body.wait_s > 0:  # long poll: a directed (gateway) lease wakes it at once
+            control.market.wait_for_leases(body.wait_s)
+            pulled = control.market.pull(node_id, body)
         return {
             "node_id": node_id,
             "leases": [
@@ -206,6 +197,7 @@ def create_app(control: ControlPlane) -> FastAPI:
                     "command": p.command,
                     "tier": p.tier,
                     "audit_probability": p.audit_probability,
+                    "stream_to": control.stream_to(p.lease.lease_id),
                 }
                 for p in pulled
             ],
@@ -227,7 +219,25 @@ def create_app(control: ControlPlane) -> FastAPI:
         metrics.intake_seconds.observe(time.perf_counter() - t0)
         return answer
 
+    mount_dashboard(app, control)
     return app
+
+
+def signed_by(control: ControlPlane, role: str):  # noqa: ANN201 - a FastAPI dependency
+    """A dependency: the id of the enrolled `role` ("agent" or "node") that signed this request."""
+
+    async def dependency(request: Request) -> str:
+        body = await request.body()
+        path = request.url.path + (f"?{request.url.query}" if request.url.query else "")
+        keyrings = {"agent": control.agents, "node": control.nodes}
+        got_role, ident = verify_request(
+            request.headers, request.method, path, body, keyrings, control.config.request_skew_s
+        )
+        if got_role != role:
+            raise ApiError(403, f"a request signed by an {role}", f"one signed by {got_role} {ident!r}")
+        return ident
+
+    return dependency
 
 
 def _errors(app: FastAPI) -> None:
@@ -318,4 +328,4 @@ def _short(value: Any) -> str:
     return text if len(text) <= 120 else text[:117] + "..."
 
 
-__all__ = ["BodyLimit", "create_app"]
+__all__ = ["BodyLimit", "create_app", "signed_by"]
