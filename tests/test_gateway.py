@@ -214,3 +214,11 @@ def test_the_demo_ends_with_a_verified_chat_and_a_cheater_cut_off(gw: GatewaySta
     assert cheater["requester_charged_micro"] == 0 and cheater["stake_slashed_micro"] > 0
     lines = gateway_lines(summary)
     assert any("cut off mid-stream" in line for line in lines)
+
+
+def test_the_dashboard_lists_paid_and_cut_completions(gw: GatewayStack) -> None:
+    data = gw.admin.request("GET", "/v1/admin/dashboard", auth="admin", params={"limit": 100})
+    statuses = {c["status"] for c in data["completions"]}
+    assert {"paid", "cut"} <= statuses, statuses
+    cut = next(c for c in data["completions"] if c["status"] == "cut")
+    assert cut["charge_micro"] == 0 and "cut off mid-stream" in cut["reason"]

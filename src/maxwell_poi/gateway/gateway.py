@@ -45,6 +45,9 @@ from ..verifier.streaming import StreamingAudit
 from .live import Arrival, LiveLease, RunningChecks
 from .openai_wire import ChatRequest, CompletionRequest
 
+# tokens the streaming audit feeds the model at a time: a cheat is cut within this many tokens of
+# its first bad one, at ~3.1x one prefill's cost (block 16: 16 tokens, ~2.1x; bench/streaming.py)
+AUDIT_BLOCK = 8
 NODE_FRESH_S = 60.0  # a node that pulled within this long is serving
 MAX_LIVE = 256  # leases streaming at once; more are refused (429), not queued in memory
 
@@ -276,7 +279,7 @@ class Gateway:
         if drawn:
             model = self.audit.reference_model(lease.model_id)
             tol = self.audit.thresholds.for_precision(lease.precision, same_class=False)
-            audit = StreamingAudit(lease, model, tol)
+            audit = StreamingAudit(lease, model, tol, block=AUDIT_BLOCK)
         profile = self.control.profiles.get(lease.model_id, resident_profile_key())
         checks = RunningChecks(profile, self.registry.reference(lease.model_id)) if profile else None
         return LiveLease(lease, audit, checks)

@@ -31,7 +31,7 @@ from ..protocol.keys import Keyring
 from .auth import check_admin
 from .control import ControlPlane
 from .errors import ApiError
-from .schema import AgentRow, LeaseRow, NodeRow, ReceiptRow, VerdictRow
+from .schema import AgentRow, CompletionRow, LeaseRow, NodeRow, ReceiptRow, VerdictRow
 
 MAX_LEASES = 500
 DEFAULT_LEASES = 50
@@ -106,6 +106,7 @@ def snapshot(control: ControlPlane, limit: int = DEFAULT_LEASES) -> dict[str, An
         accounts = [f"{kind}:{a['agent_id']}" for a in agents for kind in ("wallet", "escrow")]
         balances = balance_series(session, accounts)
         traces = recent_traces(session, control.nodes)
+        completions = recent_completions(session, limit)
     return {
         "generated_at": time.time(),
         "limits": {
@@ -120,7 +121,27 @@ def snapshot(control: ControlPlane, limit: int = DEFAULT_LEASES) -> dict[str, An
         "leases": leases,
         "balances": balances,
         "traces": traces,
+        "completions": completions,
     }
+
+
+def recent_completions(session: Session, limit: int) -> list[dict[str, Any]]:
+    """The OpenAI gateway's newest completions: who asked, the price, paid / cut / refunded, why."""
+    rows = session.scalars(select(CompletionRow).order_by(CompletionRow.created_at.desc()).limit(limit))
+    return [
+        {
+            "lease_id": r.lease_id,
+            "requester": r.requester_id,
+            "endpoint": r.endpoint,
+            "status": r.status,
+            "tokens": r.tokens,
+            "price_micro_per_token": r.price_micro_per_token,
+            "charge_micro": r.charge_micro,
+            "reason": r.reason[:400],
+            "created_at": r.created_at,
+        }
+        for r in rows
+    ]
 
 
 # -- queries ----------------------------------------------------------------------------------------

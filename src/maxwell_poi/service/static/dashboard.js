@@ -144,6 +144,20 @@ function leaseRow(lease) {
     el("td", { class: "reason", text: lease.reason || "" }));
 }
 
+function completionRow(c) {
+  const paid = c.status === "paid";
+  return el("tr", { "data-completion": c.lease_id },
+    el("td", { class: "id", title: c.lease_id, text: c.lease_id.slice(0, 12) }),
+    el("td", { text: c.requester }),
+    el("td", { text: c.endpoint }),
+    el("td", { class: `stake s-${paid ? "released" : c.status === "cut" ? "slashed" : "held"}`, text: c.status }),
+    el("td", { class: "num", text: integer(c.tokens) }),
+    el("td", { class: "num", text: integer(c.price_micro_per_token) }),
+    el("td", { class: "num", text: integer(c.charge_micro) }),
+    el("td", { class: "muted", text: clock(c.created_at) }),
+    el("td", { class: "reason", text: c.reason || "" }));
+}
+
 // -- plots: axes, ticks and lines drawn by hand ---------------------------------------------------
 
 function niceStep(span, target) {
@@ -363,6 +377,10 @@ function render(data) {
   document.getElementById("agents-count").textContent = `${data.agents.length} (at most ${data.limits.agents})`;
   document.getElementById("nodes-count").textContent = `${data.nodes.length}`;
   document.getElementById("leases-count").textContent = `newest ${data.leases.length}, newest first`;
+  const completions = data.completions || [];
+  fillBody(document.getElementById("completions-table"), completions.map(completionRow), 9,
+    "no completions through the OpenAI gateway yet");
+  document.getElementById("completions-count").textContent = `newest ${completions.length}`;
   renderBalances(data);
   renderTraces(data.traces);
 }
