@@ -157,18 +157,24 @@ def _cut_off(gw: GatewayStack, name: str) -> tuple[str, int, dict]:
 @pytest.mark.parametrize(
     ("name", "module", "args", "caught_by"),
     [
-        # a small model decodes, fast: the running pace check ends it within a few tokens
-        ("mallory", "cheap_draft", ["--draft", "poi-lm-draft"], "running pace"),
+        # a small model decodes, fast: the running pace check or the streaming audit's first block
+        # (both judge at the 8th token) ends it
+        ("mallory", "cheap_draft", ["--draft", "poi-lm-draft"], ("running pace", "streaming audit: token")),
         # same architecture and pace, other weights: only the streaming audit can tell (the prompt's
         # fingerprint chunk, streamed before the first token, already fails)
-        ("trudy", "substitute_model", ["--substitute", "poi-lm-init"], "streaming audit: fingerprint chunk"),
+        (
+            "trudy",
+            "substitute_model",
+            ["--substitute", "poi-lm-init"],
+            ("streaming audit: fingerprint chunk",),
+        ),
     ],
 )
 def test_a_cheater_is_cut_off_mid_stream(gw: GatewayStack, name, module, args, caught_by) -> None:
     gw.cheater(name, module, args, MODEL, ask=ASK // 2)
     before = gw.balances()
     message, got, m = _cut_off(gw, name)
-    assert caught_by in message, message
+    assert any(why in message for why in caught_by), message
     assert got < TOKENS  # mid-stream: the requester did not get the whole answer
     assert m["verdict"] == "contraindicated" and m["stake"] == "slashed"
     audit = next(d for d in m["layers"] if d["layer"] == "L4-audit")
