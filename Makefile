@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
 .PHONY: demo test bench bench-node signals lint clean calibrate bench-service-fuzz bench-service-load bench-service-crash \
-	reliability peers detection-floor speculative bf16-int8 train-model classifier
+	reliability peers detection-floor speculative bf16-int8 train-model classifier audit-throughput
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -51,6 +51,10 @@ peers: $(STAMP)
 	$(BIN)/python -c "import toploc" 2>/dev/null || $(BIN)/python -m pip install --quiet -c constraints.txt \
 		--no-build-isolation --no-binary toploc toploc==0.1.6 || echo "TOPLOC not built; bench/peers.py skips it"
 	$(BIN)/python bench/peers.py
+
+# audits/s of the process pool and Ray actors, 1 and 2 workers (merges into bench/results/gateway.json)
+audit-throughput: $(STAMP)
+	$(BIN)/python bench/audit_throughput.py
 
 detection-floor: $(STAMP)
 	$(BIN)/python bench/detection_floor.py

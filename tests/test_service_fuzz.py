@@ -22,6 +22,7 @@ from fastapi.testclient import TestClient
 from maxwell_poi.observer.evidence import ChannelEvidence
 from maxwell_poi.protocol.lease import Lease
 from maxwell_poi.protocol.result import Verdict
+from maxwell_poi.service.audit_backends import audit_verifier
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -170,5 +171,6 @@ def test_audit_of_a_receipt_with_zeroed_fingerprints(plane: object) -> None:
     lease = plane.fresh_lease()
     receipt = plane.receipt(plane.receipt_statement(lease), "agent:carol")  # fingerprints: zero bytes
     evidence = ChannelEvidence.from_dict(plane.statement(lease, receipt, "pool")["predicate"]["evidence"])
-    result = plane.control.audits.verifier.appraise(Lease.model_validate(lease), receipt, evidence)
+    verifier = audit_verifier(plane.control.registry, plane.control.agents)  # what every audit backend runs
+    result = verifier.appraise(Lease.model_validate(lease), receipt, evidence)
     assert result.verdict is Verdict.CONTRAINDICATED, result.reason  # the audit refuses what it cannot read

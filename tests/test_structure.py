@@ -174,7 +174,7 @@ def _declared() -> set[str]:
 
 
 # imported only where the code says so, on machines that have them (the GPU miner's kernel)
-OPTIONAL = {"triton"}
+OPTIONAL = {"triton", "ray"}  # extras: imported lazily where they are used
 
 
 def test_every_import_is_declared():

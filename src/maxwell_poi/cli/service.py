@@ -35,7 +35,18 @@ def serve(
     node_id: Annotated[str, typer.Option(help="--local-node: its id")] = "local",
     batch: Annotated[int, typer.Option(help="--local-node: leases handed to an agent at once")] = 4,
     reserve: Annotated[int | None, typer.Option(help="auction reserve price, micro-units per joule")] = None,
-    audit_workers: Annotated[int | None, typer.Option(help="threads running queued L4 audits")] = None,
+    audit_workers: Annotated[
+        int | None, typer.Option(help="workers running queued L4 audits (default 1)")
+    ] = None,
+    audit_backend: Annotated[
+        str | None,
+        typer.Option(
+            help="where audits run: thread, process (default) or ray (pip install 'maxwell-poi\\[ray]')"
+        ),
+    ] = None,
+    ray_address: Annotated[
+        str | None, typer.Option(help="--audit-backend ray: the cluster to join (default: a local Ray)")
+    ] = None,
     admin_token: Annotated[str | None, typer.Option(envvar="POI_SERVE_ADMIN_TOKEN")] = None,
     access_log: Annotated[bool, typer.Option(help="log every request (uvicorn's access log)")] = True,
 ) -> None:
@@ -44,6 +55,7 @@ def serve(
     _quiet()
     import uvicorn
 
+    from ..gateway import Gateway, mount_gateway
     from ..service import ControlPlane, ServiceConfig
     from ..service.api import create_app
 
@@ -54,6 +66,8 @@ def serve(
             port=port,
             reserve_micro_per_j=reserve,
             audit_workers=audit_workers,
+            audit_backend=audit_backend,
+            ray_address=ray_address,
             admin_token=admin_token,
         )
         control = ControlPlane(config)
@@ -69,9 +83,9 @@ def serve(
             f"[yellow]note:[/] no resident profile on this device for {', '.join(unprofiled)}: L1/L2 skip "
             "their leases until `poi profile MODEL --resident` has measured one"
         )
-    server = uvicorn.Server(
-        uvicorn.Config(create_app(control), host=config.host, port=config.port, access_log=access_log)
-    )
+    app = create_app(control)
+    mount_gateway(app, Gateway(control))  # the OpenAI-compatible routes: /v1/models, /v1/chat/completions
+    server = uvicorn.Server(uvicorn.Config(app, host=config.host, port=config.port, access_log=access_log))
     stop = threading.Event()
     node_thread = _local_node(control, config, node_id, batch, server, stop) if local_node else None
     try:
@@ -108,7 +122,8 @@ def _local_node(control: Any, config: Any, node_id: str, batch: int, server: Any
             stop.wait(0.05)
         client = ServiceClient(url, key=key, principal=f"node:{node_id}")
         with Node(node_id, key, None) as node:
-            RemoteNode(client, node, batch=batch, cwd=str(poi_home())).run(stop)
+            # long-polling pulls: a gateway request reaches the node at once
+            RemoteNode(client, node, batch=batch, cwd=str(poi_home()), wait_s=10.0).run(stop)
 
     thread = threading.Thread(target=run, name="poi-local-node", daemon=True)
     thread.start()
@@ -258,3 +273,34 @@ def ear(
     """The lease's attestation result as an EAR JWT signed by Maxwell."""
     c = _agent(server, key, agent_id)
     _call(lambda: c.ear(lease_id), json_out)
+
+
+@client_app.command("enroll-requester")
+def enroll_requester(
+    requester_id: Annotated[str, typer.Option(help="who calls the OpenAI-compatible gateway")],
+    deposit: Annotated[int, typer.Option(help="opening balance, micro-units")] = 0,
+    server: ServerOpt = DEFAULT_SERVER,
+    admin_token: TokenOpt = None,
+    json_out: JsonOpt = False,
+) -> None:
+    """A gateway requester and its API key (printed once: use it as the openai client's api_key)."""
+    c = _admin(server, admin_token)
+    body = {"requester_id": requester_id, "deposit_micro": deposit}
+    _call(lambda: c.request("POST", "/v1/admin/requesters", body, auth="admin"), json_out)
+
+
+@client_app.command("offer")
+def offer(
+    agent_id: AgentOpt,
+    key: KeyOpt,
+    model: Annotated[str, typer.Option(help="the model you serve through the gateway")],
+    ask: Annotated[int, typer.Option(help="what a requester pays you per generated token, micro-units")],
+    price: Annotated[int, typer.Option(help="what you pay Maxwell per measured joule, micro-units")],
+    stake: Annotated[int, typer.Option(help="escrowed with each lease, slashed if it cheats")] = 0,
+    server: ServerOpt = DEFAULT_SERVER,
+    json_out: JsonOpt = False,
+) -> None:
+    """Offer to serve a model through the gateway (sealed ask; replaces your previous offer)."""
+    body = {"model_id": model, "ask_micro_per_token": ask, "price_micro_per_j": price, "stake_micro": stake}
+    c = _agent(server, key, agent_id)
+    _call(lambda: c.request("POST", "/v1/agent/offers", body, auth="signed"), json_out)

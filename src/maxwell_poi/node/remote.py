@@ -116,7 +116,12 @@ class RemoteNode:
             )
             self.skipped.update(lease.lease_id for lease in leases)
             return False
-        self.node.start_agent(agent_id, command, cwd=self.cwd)
+        try:
+            self.node.start_agent(agent_id, command, cwd=self.cwd)
+        except OSError as exc:  # its program cannot start here: its leases expire, the node goes on
+            log.error("cannot start agent %s (%s): its %d lease(s) will expire", agent_id, exc, len(leases))
+            self.skipped.update(lease.lease_id for lease in leases)
+            return False
         self._warm_up(agent_id, leases[0])
         return True
 

@@ -1,9 +1,11 @@
-"""Queued L4 audits: intake draws the lottery; these threads re-execute and finalise the verdict.
+"""Queued L4 audits: intake draws the lottery; workers re-execute; these threads finalise the verdict.
 
 The queue is the database (`cp_leases.status = 'audit_pending'`), not memory: the in-process queue
 only says "look now", and on start every pending lease is queued again, so a restart loses no
-audit. Finalising is one transaction (verdict, lease status, stake release or slash) and is
-idempotent: a lease whose verdict is already final is skipped.
+audit. Each of `workers` threads reads one pending lease, hands it to the audit backend
+(service.audit_backends: threads, a process pool, or Ray actors) as a plain job and waits for the
+result; finalising stays here, in one transaction (verdict, lease status, stake release or slash),
+and is idempotent: a lease whose verdict is already final is skipped.
 """
 
 from __future__ import annotations
@@ -22,9 +24,9 @@ from ..observer.attest import open_evidence
 from ..protocol.keys import Keyring
 from ..protocol.lease import Lease
 from ..protocol.result import AttestationResult, LayerName, LayerResult, Status, verdict_of
-from ..verifier.policy import Verifier
+from .audit_backends import AuditBackend, AuditJob
 from .intake import move_stake, pending_audits, stake_outcome
-from .schema import LeaseRow, ReceiptRow, VerdictRow
+from .schema import AgentRow, LeaseRow, ReceiptRow, VerdictRow
 
 log = logging.getLogger(__name__)
 
@@ -33,13 +35,13 @@ class AuditWorkers:
     def __init__(
         self,
         ledger: Ledger,
-        verifier: Verifier,
+        backend: AuditBackend,
         nodes: Keyring,
         workers: int = 1,
         on_done: Callable[[str, str, float], None] | None = None,
     ) -> None:
         self.ledger = ledger
-        self.verifier = verifier  # L0 gate + L4 drawn at rate 1
+        self.backend = backend  # runs L0 + L4 on a job; finalising stays here
         self.nodes = nodes
         self.workers = workers
         self.on_done = on_done  # (lease_id, verdict, seconds): metrics
@@ -70,6 +72,11 @@ class AuditWorkers:
             t.join(timeout=30)
         self._threads.clear()
 
+    def close(self) -> None:
+        """Stop the threads, then the backend's workers (an audit cut short stays pending)."""
+        self.stop()
+        self.backend.close()
+
     def drain(self, timeout_s: float = 300.0) -> bool:
         """Wait until no audit is pending (tests, demo); False on timeout."""
         deadline = time.monotonic() + timeout_s
@@ -91,11 +98,19 @@ class AuditWorkers:
         t0 = time.perf_counter()
         with Session(self.ledger.engine) as session:
             row, receipt, verdict = (session.get(k, lease_id) for k in (LeaseRow, ReceiptRow, VerdictRow))
+            agent = session.get(AgentRow, row.agent_id) if row is not None else None
         if row is None or receipt is None or verdict is None or verdict.final:
             return None
         lease = Lease.from_json(row.lease_json)
-        evidence = open_evidence(receipt.evidence, self.nodes).evidence
-        audit = self.verifier.appraise(lease, receipt.receipt, evidence, received_at=receipt.received_at)
+        evidence = open_evidence(receipt.evidence, self.nodes).evidence  # checked here, sent opened
+        job = AuditJob(
+            row.lease_json,
+            receipt.receipt,
+            evidence.as_dict(),
+            receipt.received_at,
+            agent.public_key if agent is not None else "",
+        )
+        audit = AttestationResult.from_dict(self.backend.submit(job).result())
         inline = [LayerResult.from_dict(d) for d in json.loads(verdict.layers)]
         layers = [r for r in inline if r.layer != LayerName.AUDIT] + [
             r for r in audit.layers if r.layer == LayerName.AUDIT or r.status is Status.FAIL

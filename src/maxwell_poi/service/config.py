@@ -12,6 +12,8 @@ from ..ledger import ledger_url
 from ..registry.models import poi_home
 
 ENV_PREFIX = "POI_SERVE_"  # e.g. POI_SERVE_PORT=8750, POI_SERVE_DB=postgresql+psycopg://...
+# where queued audits run (service.audit_backends; not imported here: it loads torch)
+AUDIT_BACKENDS = ("thread", "process", "ray")
 
 
 @dataclass
@@ -23,7 +25,9 @@ class ServiceConfig:
     watts_per_core: float = 12.0  # CPU energy = sandbox CPU-seconds x this (an estimate)
     reserve_micro_per_j: int = 1  # the auction's reserve price
     request_skew_s: float = 60.0  # signed requests: accepted clock difference
-    audit_workers: int = 1  # threads running queued L4 audits
+    audit_workers: int = 1  # workers running queued L4 audits (threads, processes or Ray actors)
+    audit_backend: str = "process"  # where they run: one of AUDIT_BACKENDS
+    ray_address: str = ""  # audit_backend "ray": the cluster to join; "" = a local Ray of this host's cores
     max_body_bytes: int = 16 << 20
     max_leases_per_pull: int = 64
     max_open_bids: int = 256  # per agent: a flood of bids is refused (429), not stored
@@ -61,6 +65,14 @@ class ServiceConfig:
         ):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}: expected >= 1, got {getattr(self, name)!r}")
+        if self.audit_backend not in AUDIT_BACKENDS:
+            raise ValueError(
+                f"audit_backend: expected one of {', '.join(AUDIT_BACKENDS)}, got {self.audit_backend!r}"
+            )
+        if self.ray_address and self.audit_backend != "ray":
+            raise ValueError(
+                f"ray_address: expected only with audit_backend 'ray', got {self.audit_backend!r}"
+            )
 
     @property
     def url(self) -> str:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Callable
 from dataclasses import asdict
 from typing import Any
 
@@ -19,13 +20,13 @@ from ..protocol.lease import Lease
 from ..protocol.result import AttestationResult
 from ..registry.models import Registry, poi_home
 from ..registry.profiles import ProfileStore
-from ..verifier.audit import AuditLayer
 from ..verifier.boundary import BoundaryLayer
 from ..verifier.classify import WorkloadClassifier
 from ..verifier.ear import ear_claims, sign_ear
 from ..verifier.integrity import IntegrityLayer
 from ..verifier.policy import Verifier
 from ..verifier.thermodynamic import ThermodynamicLayer
+from .audit_backends import open_backend
 from .audits import AuditWorkers
 from .config import ServiceConfig
 from .errors import ApiError
@@ -64,21 +65,25 @@ class ControlPlane:
                 BoundaryLayer(self.profiles),
             ],
         )
-        audit = Verifier(
-            IntegrityLayer(self.registry, self.agents, remember_settled=False),
-            drawn=[AuditLayer(self.registry)],
-            audit_rate=1.0,
-        )
         self.market = Market(self.ledger, self.registry, self.profiles, config, self.policy)
+        self.live_path: Callable[[str], str | None] | None = None
         self.intake = Intake(self.ledger, inline, self.nodes, config.watts_per_core)
-        self.audits = AuditWorkers(self.ledger, audit, self.nodes, config.audit_workers)
+        backend = open_backend(
+            config.audit_backend, config.audit_workers, registry=self.registry, ray_address=config.ray_address
+        )  # L0 + L4 on threads, local processes or Ray actors; finalising stays in AuditWorkers
+        self.audits = AuditWorkers(self.ledger, backend, self.nodes, config.audit_workers)
+
+    def stream_to(self, lease_id: str) -> str | None:
+        """Where the node relays this lease's tokens and chunks as they arrive (a path of this API),
+        or None. Set by a front door that streams (gateway.Gateway)."""
+        return self.live_path(lease_id) if self.live_path else None
 
     def start(self) -> int:
         """Start the audit workers; returns how many audits were pending from before."""
         return self.audits.start()
 
     def close(self) -> None:
-        self.audits.stop()
+        self.audits.close()  # its threads, then the backend's workers
         self.ledger.engine.dispose()
 
     # -- Maxwell's side -----------------------------------------------------------------------------
