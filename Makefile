@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
 .PHONY: demo test bench bench-node signals lint clean calibrate bench-service-fuzz bench-service-load bench-service-crash \
-	reliability peers detection-floor speculative bf16-int8 train-model classifier audit-throughput
+	reliability peers detection-floor speculative bf16-int8 train-model classifier gateway audit-throughput
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -65,6 +65,10 @@ speculative: $(STAMP)
 # L1's workload classifier: 4 rounds of resident recordings on two models, leave-one-trial-out (~12 min)
 classifier: $(STAMP)
 	$(BIN)/python bench/classifier.py
+
+# issue 11: the OpenAI gateway end to end (overhead, live detection latency, honest cuts; ~8 min)
+gateway: $(STAMP)
+	$(BIN)/python bench/gateway.py
 
 bf16-int8: $(STAMP)
 	$(BIN)/python bench/bf16_int8.py
