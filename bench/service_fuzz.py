@@ -43,6 +43,7 @@ from pydantic import ValidationError
 from securesystemslib.dsse import Envelope
 from starlette.datastructures import URL
 
+from maxwell_poi.gateway import Gateway, mount_gateway
 from maxwell_poi.observer.attest import EVIDENCE_PAYLOAD_TYPE, EVIDENCE_PREDICATE, NodeKey, open_evidence
 from maxwell_poi.observer.evidence import ChannelEvidence
 from maxwell_poi.observer.host import this_device
@@ -206,6 +207,7 @@ class Plane:
         logging.getLogger("maxwell_poi.service.audits").addHandler(self.audit_crashes)
         self.control.start()
         self.app = create_app(self.control)
+        mount_gateway(self.app, Gateway(self.control))  # the OpenAI routes are fuzzed too
         self.http = TestClient(self.app, raise_server_exceptions=True)  # an app exception is a finding
         self.http.__enter__()  # one event-loop portal for the whole run
         self.keys = {f"agent:{a}": AgentKey.generate() for a in ("alice", "bob", "carol")}

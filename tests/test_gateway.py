@@ -228,3 +228,16 @@ def test_the_dashboard_lists_paid_and_cut_completions(gw: GatewayStack) -> None:
     assert {"paid", "cut"} <= statuses, statuses
     cut = next(c for c in data["completions"] if c["status"] == "cut")
     assert cut["charge_micro"] == 0 and "cut off mid-stream" in cut["reason"]
+
+
+def test_metrics_count_completions_by_outcome(gw: GatewayStack) -> None:
+    text = httpx.get(f"{gw.url}/metrics").text
+    paid = [
+        line for line in text.splitlines() if line.startswith('poi_gateway_completions_total{outcome="paid"}')
+    ]
+    cut = [
+        line for line in text.splitlines() if line.startswith('poi_gateway_completions_total{outcome="cut"}')
+    ]
+    assert paid and float(paid[0].split()[-1]) >= 3, paid
+    assert cut and float(cut[0].split()[-1]) >= 2, cut
+    assert "poi_gateway_streaming" in text

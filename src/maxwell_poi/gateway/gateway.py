@@ -20,6 +20,7 @@ import secrets
 import threading
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -78,6 +79,8 @@ class Gateway:
         self.verdict_wait_s = verdict_wait_s
         self.live: dict[str, LiveLease] = {}
         self._verdicts: dict[str, threading.Event] = {}
+        self._outcomes: dict[str, str] = {}  # settled in a transaction, reported once it committed
+        self.on_outcome: Callable[[str], None] | None = None  # metrics: paid / cut / refunded
         self._lock = threading.Lock()
         control.intake.hooks.append(self)
         control.market.on_expire.append(self._expired)
@@ -245,20 +248,24 @@ class Gateway:
                     created_at=time.time(),
                 )
             )
-            self.live[lease_id] = self._live(pulled)  # before commit: the node's pull must see it
+            # registered before commit: the node's pull may come before issue_directed returns
+            live.append(self._live(pulled))
+            self._verdicts[lease_id] = threading.Event()
+            self.live[lease_id] = live[0]
 
+        live: list[LiveLease] = []
         try:
             pulled, why = self.control.market.issue_directed(node_id, won.agent_id, bid, hold_payment)
         except LedgerError as exc:
             raise ApiError(402, f"a requester balance covering {hold} micro", exc.got) from None
+        except Exception:  # the transaction failed after the lease was registered: forget it
+            for entry in live:
+                self.forget(entry.lease.lease_id)
+            raise
         if pulled is None:
             raise ApiError(503, f"a lease for agent {won.agent_id!r}", why)
-        lease = pulled.lease
-        self._verdicts[lease.lease_id] = threading.Event()
         prompt_tokens = len(self.registry.encode_prompt(model_id, prompt))
-        return Started(
-            lease, self.live[lease.lease_id], won.price_micro_per_token, prompt_tokens, won.reason, ignored
-        )
+        return Started(pulled.lease, live[0], won.price_micro_per_token, prompt_tokens, won.reason, ignored)
 
     def _market_for(self, model_id: str) -> tuple[list[OfferRow], str | None]:
         with Session(self.control.ledger.engine) as session:
@@ -328,12 +335,16 @@ class Gateway:
         status = "paid" if paid else ("cut" if live and live.cut else "refunded")
         self._release(session, row, lease.agent_id, charge, status, verdict.reason if not paid else "")
         row.tokens = tokens
+        self._outcomes[lease.lease_id] = status
         if status == "cut":  # cut off: it serves no more gateway requests until it offers again
             session.execute(delete(OfferRow).where(OfferRow.agent_id == lease.agent_id))
 
     def settled(self, lease_id: str, verdict: VerdictRow) -> None:
         if (event := self._verdicts.get(lease_id)) is not None:
             event.set()
+        outcome = self._outcomes.pop(lease_id, None)
+        if outcome and self.on_outcome:
+            self.on_outcome(outcome)
         self.forget(lease_id)
 
     def _expired(self, session: Session, lease_row: Any) -> None:

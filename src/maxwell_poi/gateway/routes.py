@@ -24,6 +24,7 @@ from typing import Annotated, Any
 import anyio
 from fastapi import Depends, FastAPI, Header
 from fastapi.responses import JSONResponse, StreamingResponse
+from prometheus_client import Counter, Gauge
 from pydantic import BaseModel, ConfigDict, Field
 
 from ..protocol.lease import Precision
@@ -71,6 +72,17 @@ class RelayBody(BaseModel):
 
 def mount_gateway(app: FastAPI, gateway: Gateway) -> None:
     control = gateway.control
+    registry = app.state.metrics.registry  # the control plane's /metrics
+    outcomes = Counter(
+        "poi_gateway_completions",
+        "gateway completions by outcome (paid, cut, refunded)",
+        ["outcome"],
+        registry=registry,
+    )
+    gateway.on_outcome = lambda outcome: outcomes.labels(outcome).inc()
+    Gauge("poi_gateway_streaming", "gateway leases streaming now", registry=registry).set_function(
+        lambda: len(gateway.live)
+    )
 
     async def admin(authorization: Annotated[str | None, Header()] = None) -> None:
         check_admin(authorization, control.admin_token)
