@@ -1,0 +1,123 @@
+"""The activation trace's wire side (L3): which tensors a block commits to, their leaf digests, the
+trace root a receipt carries, and an opening of chosen blocks. The recorder is prover.trace; the
+check is verifier.exact.
+
+Per transformer block: the block's input and the output of each of its linear operations, over
+every position the model computed, committed in, over every position the model computed, committed in
+a Merkle tree whose root the receipt carries (`ReceiptClaims.trace`).
+
+GPT-2 blocks, per block `b` (T positions, width d):
+
+    x      the block's input                         [T, d]
+    qkv    attn.c_attn(ln_1(x))                      [T, 3d]
+    attn   attn.c_proj(attention context)            [T, d]
+    fc     mlp.c_fc(ln_2(x + attn))                  [T, 4d]   (before the activation)
+    mlp    mlp.c_proj(gelu(fc))                      [T, d]
+
+and after the last block `out`, its output (the final norm's input). A block's output is the next
+block's `x`. Leaves: blake3(nonce || block || op || float32 bytes), in block order then the order
+above; the root is RFC 6962 (pymerkle). Opening a block hands over its tensors (and the next
+block's `x`) with every leaf digest, so Maxwell recomputes the root and checks each tensor against
+its leaf (verifier.exact).
+"""
+
+from __future__ import annotations
+
+import io
+from dataclasses import dataclass
+from pathlib import Path
+
+import blake3
+import numpy as np
+from pymerkle import InmemoryTree
+
+OPS = ("x", "qkv", "attn", "fc", "mlp")
+OUT = "out"
+
+
+def leaf_digest(nonce: bytes, block: int, op: str, tensor: np.ndarray) -> bytes:
+    h = blake3.blake3(nonce)
+    h.update(block.to_bytes(4, "little") + op.encode())
+    h.update(np.ascontiguousarray(tensor, dtype="<f4").tobytes())
+    return h.digest()
+
+
+def trace_root(leaves: list[bytes]) -> str:
+    tree = InmemoryTree(algorithm="sha256")
+    for leaf in leaves:
+        tree.append_entry(leaf)
+    return tree.get_root().hex()
+
+
+def leaf_order(blocks: int) -> list[tuple[int, str]]:
+    return [(b, op) for b in range(blocks) for op in OPS] + [(blocks - 1, OUT)]
+
+
+@dataclass
+class Trace:
+    """Every traced tensor of one lease, by (block, op), float32 [T, ...]."""
+
+    tensors: dict[tuple[int, str], np.ndarray]
+    blocks: int
+
+    def leaves(self, nonce: bytes) -> list[bytes]:
+        return [leaf_digest(nonce, b, op, self.tensors[(b, op)]) for b, op in leaf_order(self.blocks)]
+
+    def root(self, nonce: bytes) -> str:
+        return trace_root(self.leaves(nonce))
+
+    @property
+    def positions(self) -> int:
+        return self.tensors[(0, "x")].shape[0]
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.nbytes for t in self.tensors.values())
+
+    def block_output(self, block: int) -> np.ndarray:
+        return self.tensors[(block + 1, "x")] if block + 1 < self.blocks else self.tensors[(block, OUT)]
+
+    def save(self, path: Path) -> None:
+        """Kept by the agent for the dispute window (an uncompressed .npz)."""
+        path.parent.mkdir(parents=True, exist_ok=True)
+        buf = io.BytesIO()
+        np.savez(buf, **{f"{b}.{op}": t for (b, op), t in self.tensors.items()})
+        path.write_bytes(buf.getvalue())
+
+    @classmethod
+    def load(cls, path: Path) -> Trace:
+        with np.load(path) as data:
+            tensors = {(int(k.split(".")[0]), k.split(".")[1]): data[k] for k in data.files}
+        return cls(tensors, 1 + max(b for b, _ in tensors))
+
+
+@dataclass(frozen=True)
+class Opening:
+    """What the agent hands over for a challenge: the opened blocks' tensors (and each one's output)
+    and every leaf digest of its trace, so Maxwell can rebuild the committed root."""
+
+    tensors: dict[tuple[int, str], np.ndarray]
+    leaves: list[bytes]
+
+    @classmethod
+    def of(cls, trace: Trace, nonce: bytes, blocks: list[int]) -> Opening:
+        wanted = {(b, op) for b in blocks for op in OPS}
+        for b in blocks:
+            wanted.add((b + 1, "x") if b + 1 < trace.blocks else (b, OUT))
+        return cls({k: trace.tensors[k] for k in wanted}, trace.leaves(nonce))
+
+
+def verify_opening(opening: Opening, nonce: bytes, root: str, blocks: int) -> str | None:
+    """None if the opening is the committed one; else why not."""
+    order = leaf_order(blocks)
+    if len(opening.leaves) != len(order):
+        return f"opening: expected {len(order)} leaf digests, got {len(opening.leaves)}"
+    if trace_root(opening.leaves) != root:
+        return "opening: the leaf digests do not rebuild the receipt's trace root"
+    index = {k: i for i, k in enumerate(order)}
+    for (b, op), tensor in opening.tensors.items():
+        if (b, op) not in index:
+            return f"opening: a tensor ({b}, {op}) the trace does not have"
+        if leaf_digest(nonce, b, op, tensor) != opening.leaves[index[(b, op)]]:
+            return f"opening: block {b} {op} differs from the committed tensor"
+    return None

@@ -1,0 +1,150 @@
+"""L3: the exact check of an opened block, without recomputing its matrix products.
+
+Each linear operation Y = X·W + b of the block is checked with Freivalds' algorithm: Maxwell keeps
+secret random vectors r (`FreivaldsKey`, drawn from its CSPRNG, precomputed W·r and b·r once per
+model, never revealed) and compares Y·r with X·(W·r) + b·r — O(T·d) per vector instead of
+O(T·d²). X is never taken from the agent: Maxwell replays the nonlinear parts between the linear
+operations (layer norms, causal softmax attention, GELU, residuals) from the opened values, so each
+committed output must follow from the committed block input through Maxwell's own replay.
+
+GPT-2 block (prover.trace names):  ln_1(x) -> qkv -> attention -> attn -> x + attn = h
+                                   ln_2(h) -> fc -> gelu -> mlp -> h + mlp = the block's output
+
+Float claims (fp32) are compared with a relative tolerance calibrated on honest runs
+(bench/exact.py); the result names the first operation that fails and its residual.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from ..protocol.trace import OPS, OUT, Opening
+from ..registry.models import LoadedModel
+
+LINEAR_OPS = ("qkv", "attn", "fc", "mlp")
+VECTORS = 2  # independent r per operation: a wrong product passes both with probability ~0 (floats)
+# honest fp32 residuals sit near 1e-7 (CPU, threads 1-2, batch 1-4: bench/exact.py); one weight row
+# perturbed by 0.1% moves them past 1e-4
+FP32_TOLERANCE = 1e-5
+
+
+def _modules(block: torch.nn.Module) -> dict[str, torch.nn.Module]:
+    return {
+        "qkv": block.attn.c_attn,
+        "attn": block.attn.c_proj,
+        "fc": block.mlp.c_fc,
+        "mlp": block.mlp.c_proj,
+    }
+
+
+@dataclass
+class FreivaldsKey:
+    """Secret r and the precomputed W·r, b·r for every linear operation of a model (float64)."""
+
+    wr: dict[tuple[int, str], torch.Tensor] = field(repr=False)
+    br: dict[tuple[int, str], torch.Tensor] = field(repr=False)
+    r: dict[tuple[int, str], torch.Tensor] = field(repr=False)
+
+    @classmethod
+    def for_model(cls, model: LoadedModel, vectors: int = VECTORS) -> FreivaldsKey:
+        gen = torch.Generator().manual_seed(int.from_bytes(os.urandom(8), "little"))  # Maxwell's secret
+        wr, br, r = {}, {}, {}
+        with torch.no_grad():
+            for b, block in enumerate(model.layers):
+                for op, conv in _modules(block).items():
+                    weight = conv.weight.detach().to(torch.float64)  # Conv1D: [in, out], y = x·W + b
+                    vec = torch.randn(weight.shape[1], vectors, generator=gen, dtype=torch.float64)
+                    r[(b, op)] = vec
+                    wr[(b, op)] = weight @ vec
+                    br[(b, op)] = conv.bias.detach().to(torch.float64) @ vec
+        return cls(wr, br, r)
+
+    def residual(self, block: int, op: str, x: torch.Tensor, y: torch.Tensor) -> float:
+        """max |Y·r − (X·(W·r) + b·r)| / max |Y·r| over rows and vectors."""
+        key = (block, op)
+        lhs = y.to(torch.float64) @ self.r[key]
+        rhs = x.to(torch.float64) @ self.wr[key] + self.br[key]
+        scale = max(float(lhs.abs().max()), 1e-30)
+        return float((lhs - rhs).abs().max()) / scale
+
+
+@dataclass(frozen=True)
+class BlockCheck:
+    block: int
+    ok: bool
+    failed_op: str | None
+    residuals: dict[str, float]
+    reason: str
+
+
+def check_block(
+    model: LoadedModel,
+    key: FreivaldsKey,
+    block: int,
+    opened: dict[str, np.ndarray],
+    output: np.ndarray,
+    tol: float = FP32_TOLERANCE,
+) -> BlockCheck:
+    """Check one opened GPT-2 block: `opened` has OPS' tensors, `output` the block's committed output."""
+    module = model.layers[block]
+    t = {op: torch.from_numpy(np.asarray(opened[op], dtype=np.float32)) for op in OPS}
+    residuals: dict[str, float] = {}
+    with torch.no_grad():
+        x = t["x"]
+        steps = (
+            ("qkv", lambda: module.ln_1(x)),
+            ("attn", lambda: _attention(t["qkv"], module.attn.num_heads)),
+            ("fc", lambda: module.ln_2(x + t["attn"])),
+            ("mlp", lambda: module.mlp.act(t["fc"])),
+        )
+        for op, replay in steps:
+            residuals[op] = key.residual(block, op, replay(), t[op])
+            if not residuals[op] <= tol:  # NaN fails too
+                return BlockCheck(block, False, op, residuals, _why(block, op, residuals[op], tol))
+        out = x + t["attn"] + t["mlp"]
+        committed = torch.from_numpy(np.asarray(output, dtype=np.float32))
+        diff = float((out - committed).abs().max()) / max(float(committed.abs().max()), 1e-30)
+        residuals["residual_stream"] = diff
+        if not diff <= tol:
+            return BlockCheck(
+                block, False, "residual_stream", residuals, _why(block, "residual_stream", diff, tol)
+            )
+    return BlockCheck(
+        block, True, None, residuals, f"block {block}: 4 linear operations and the residual stream hold"
+    )
+
+
+def _attention(qkv: torch.Tensor, heads: int) -> torch.Tensor:
+    """Causal softmax attention from the committed q, k, v (GPT-2's, without dropout)."""
+    positions, width3 = qkv.shape
+    d = width3 // 3
+    q, k, v = (z.reshape(positions, heads, d // heads).transpose(0, 1) for z in qkv.split(d, dim=1))
+    scores = (q @ k.transpose(1, 2)) / math.sqrt(d // heads)
+    mask = torch.ones(positions, positions, dtype=torch.bool).tril()
+    scores = scores.masked_fill(~mask, float("-inf"))
+    return (F.softmax(scores, dim=-1) @ v).transpose(0, 1).reshape(positions, d)
+
+
+def _why(block: int, op: str, residual: float, tol: float) -> str:
+    return (
+        f"block {block} {op}: expected the committed output to follow from the committed input "
+        f"(relative residual <= {tol:g}), got {residual:.3g}"
+    )
+
+
+def audit_blocks(
+    model: LoadedModel, key: FreivaldsKey, opening: Opening, blocks: list[int], tol: float = FP32_TOLERANCE
+) -> list[BlockCheck]:
+    out = []
+    n = len(model.layers)
+    for b in blocks:
+        opened = {op: opening.tensors[(b, op)] for op in OPS}
+        output = opening.tensors[(b + 1, "x")] if b + 1 < n else opening.tensors[(b, OUT)]
+        out.append(check_block(model, key, b, opened, output, tol))
+    return out
