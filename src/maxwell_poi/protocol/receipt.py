@@ -24,7 +24,10 @@ from .keys import AgentKey
 from .lease import EmbedJob, GenerateJob, Lease, _preview
 
 STATEMENT_TYPE = "https://in-toto.io/Statement/v1"
-PREDICATE_TYPE = "https://maxwell-poi.dev/receipt/v2"  # v2: leases of version 2 (fingerprint_k)
+# v3: the optional activation-trace root `trace` (L3, protocol.trace); v2 receipts (no trace) are
+# still read. v2: leases of version 2 (fingerprint_k).
+PREDICATE_TYPE = "https://maxwell-poi.dev/receipt/v3"
+PREDICATE_V2 = "https://maxwell-poi.dev/receipt/v2"
 PAYLOAD_TYPE = "application/vnd.in-toto+json"
 
 HEX64 = r"^[0-9a-f]{64}$"
@@ -66,6 +69,9 @@ class ReceiptClaims(BaseModel):
     output: Output
     fp: Fingerprints
     layers: str = Field(pattern=HEX64, description="Merkle root of nonce-bound per-layer digests")
+    trace: str | None = Field(
+        default=None, pattern=HEX64, description="Merkle root of the activation trace (v3; L3 opens it)"
+    )
     runtime: dict[str, JsonValue] = Field(default_factory=dict, description="self-reported, any JSON")
 
     def tokens(self) -> list[int]:
@@ -103,6 +109,7 @@ def claims_for_lease(
     fingerprints: bytes,
     layer_root: str,
     runtime: dict[str, JsonValue] | None = None,
+    trace_root: str | None = None,
 ) -> ReceiptClaims:
     """The predicate an agent signs for `lease`: the lease's own bindings plus what it computed.
     One builder for the SDK and for every adversary program, so they differ only in content."""
@@ -122,6 +129,7 @@ def claims_for_lease(
             data=b64(fingerprints),
         ),
         layers=layer_root,
+        trace=trace_root,
         runtime=runtime or {},
     )
 
@@ -230,10 +238,12 @@ def _statement(payload: bytes) -> dict[str, Any]:
         raise ReceiptFormatError("a Statement object", type(statement).__name__)
     if statement.get("_type") != STATEMENT_TYPE:
         raise ReceiptFormatError(f"_type {STATEMENT_TYPE!r}", repr(statement.get("_type"))[:80])
-    if statement.get("predicateType") != PREDICATE_TYPE:
-        raise ReceiptFormatError(
-            f"predicateType {PREDICATE_TYPE!r}", repr(statement.get("predicateType"))[:80]
-        )
+    kind = statement.get("predicateType")
+    if kind not in (PREDICATE_TYPE, PREDICATE_V2):
+        raise ReceiptFormatError(f"predicateType {PREDICATE_TYPE!r} (or v2)", repr(kind)[:80])
+    predicate = statement.get("predicate")
+    if kind == PREDICATE_V2 and isinstance(predicate, dict) and "trace" in predicate:
+        raise ReceiptFormatError("no trace root in a v2 receipt (v3 carries it)", "a v2 receipt with one")
     try:  # the reference in-toto implementation checks subjects and digests
         pb = json_format.ParseDict(statement, statement_pb2.Statement())
         Statement.copy_from_pb(pb).validate()

@@ -20,6 +20,7 @@ class LayerName(StrEnum):
     INTEGRITY = "L0-integrity"
     THERMODYNAMIC = "L1-thermodynamic"
     BOUNDARY = "L2-boundary"
+    EXACT = "L3-exact"
     AUDIT = "L4-audit"
 
 

@@ -9,7 +9,9 @@ Third-party agents can use the pieces (`ActivationRecorder`, `CommitmentBuilder`
 
 from __future__ import annotations
 
+import contextlib
 import platform
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -30,6 +32,7 @@ from ..registry.forward import embed_one, generate
 from ..registry.models import LoadedModel, ReferenceValues, Registry
 from .recorder import ActivationRecorder, CommitmentBuilder
 from .stream import chunk_sink_for, current_sink
+from .trace import TraceRecorder
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
@@ -41,10 +44,17 @@ def claims_for(
     *,
     output: Output,
     runtime: dict[str, JsonValue] | None = None,
+    trace_root: str | None = None,
 ) -> ReceiptClaims:
     """The predicate an agent signs for `lease`, from its output and its commitments."""
     return claims_for_lease(
-        lease, reference.weights_digest, output, builder.fingerprint_bytes, builder.layer_root, runtime
+        lease,
+        reference.weights_digest,
+        output,
+        builder.fingerprint_bytes,
+        builder.layer_root,
+        runtime,
+        trace_root,
     )
 
 
@@ -72,8 +82,12 @@ class Prover:
         threads: int | None = None,
         batch: int = 1,
         device: str = "cpu",
+        trace_dir: Path | None = None,
     ) -> None:
+        """`trace_dir`: record each generation's activation trace (GPT-2 models), keep it there as
+        <lease>.npz for the dispute window, and sign its root (receipt v3, L3 opens it)."""
         self.key = key
+        self.trace_dir = trace_dir
         self.registry = registry or Registry()
         self.batch = max(1, batch)
         self.device = device
@@ -105,13 +119,22 @@ class Prover:
     def claims(self, lease: Lease) -> ReceiptClaims:
         model = self.model_for(lease)
         claimed = self.registry.reference(lease.model_id)  # what the lease asked for (no build)
+        trace_root = None
         if isinstance(lease.job, GenerateJob):
-            tokens, builder = self.generate(lease, model)
+            traced = self.trace_dir is not None and model.spec.family == "gpt2"
+            with TraceRecorder(model) if traced else contextlib.nullcontext() as recorder:
+                tokens, builder = self.generate(lease, model)
+            if recorder is not None:
+                trace = recorder.trace()
+                trace.save(self.trace_dir / f"{lease.lease_id}.npz")
+                trace_root = trace.root(lease.nonce_bytes)
             output = token_output(tokens, claimed.vocab)
         else:
             matrix, builder = self.embed(lease, model)
             output = embedding_output(matrix)
-        return claims_for(lease, claimed, builder, output=output, runtime=self.runtime())
+        return claims_for(
+            lease, claimed, builder, output=output, runtime=self.runtime(), trace_root=trace_root
+        )
 
     def generate(self, lease: Lease, model: LoadedModel) -> tuple[list[int], CommitmentBuilder]:
         job = lease.job

@@ -34,6 +34,7 @@ VECTOR_OF_LAYER = {
     LayerName.INTEGRITY: "instance-identity",
     LayerName.THERMODYNAMIC: "hardware",
     LayerName.BOUNDARY: "sourced-data",
+    LayerName.EXACT: "executables",  # L3 and L4 both speak of the code that ran: the worse one counts
     LayerName.AUDIT: "executables",
 }
 EAR_STATUS = {
@@ -47,7 +48,10 @@ def ear_claims(result: AttestationResult, lease: Lease, *, issued_at: float | No
     """The EAR claims set for one appraised lease."""
     if result.lease_id != lease.lease_id:
         raise ValueError(f"ear_claims: expected the result of lease {lease.lease_id}, got {result.lease_id}")
-    vector = {VECTOR_OF_LAYER[LayerName(r.layer)]: AR4SI[r.status] for r in result.layers}
+    vector: dict[str, int] = {}
+    for r in result.layers:  # AR4SI: a higher value is a worse appraisal
+        claim = VECTOR_OF_LAYER[LayerName(r.layer)]
+        vector[claim] = max(vector.get(claim, AR4SI[r.status]), AR4SI[r.status])
     return {
         "eat_profile": EAR_PROFILE,
         "iat": int(issued_at if issued_at is not None else time.time()),

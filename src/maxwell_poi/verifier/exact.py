@@ -18,13 +18,17 @@ from __future__ import annotations
 
 import math
 import os
+import secrets
+import time
 from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..protocol.trace import OPS, OUT, Opening
+from ..protocol.receipt import ReceiptClaims
+from ..protocol.result import LayerName, LayerResult, Status
+from ..protocol.trace import OPS, OUT, Opening, verify_opening
 from ..registry.models import LoadedModel
 
 LINEAR_OPS = ("qkv", "attn", "fc", "mlp")
@@ -148,3 +152,43 @@ def audit_blocks(
         output = opening.tensors[(b + 1, "x")] if b + 1 < n else opening.tensors[(b, OUT)]
         out.append(check_block(model, key, b, opened, output, tol))
     return out
+
+
+def draw_blocks(total: int, count: int) -> list[int]:
+    """Which blocks to open, drawn from the OS CSPRNG after the receipt is in (the agent cannot know)."""
+    pool = list(range(total))
+    return sorted(pool.pop(secrets.randbelow(len(pool))) for _ in range(min(count, total)))
+
+
+def appraise_opening(
+    claims: ReceiptClaims,
+    nonce: bytes,
+    model: LoadedModel,
+    key: FreivaldsKey,
+    blocks: list[int],
+    opening: Opening | None,
+    tol: float = FP32_TOLERANCE,
+) -> LayerResult:
+    """L3 for one challenge: the opening must rebuild the receipt's trace root, and every opened
+    block must hold under Freivalds and Maxwell's replay. No opening (refused, late) fails."""
+    t0 = time.perf_counter()
+    if claims.trace is None:
+        return LayerResult(
+            LayerName.EXACT, Status.FAIL, "trace: expected a v3 receipt with a trace root, got none"
+        )
+    if opening is None:
+        return LayerResult(LayerName.EXACT, Status.FAIL, f"opening of blocks {blocks}: none came in time")
+    problem = verify_opening(opening, nonce, claims.trace, len(model.layers))
+    missing = [b for b in blocks if any((b, op) not in opening.tensors for op in OPS)]
+    if problem or missing:
+        why = problem or f"opening: expected blocks {blocks}, got none for {missing}"
+        return LayerResult(LayerName.EXACT, Status.FAIL, why, cost_s=time.perf_counter() - t0)
+    checks = audit_blocks(model, key, opening, blocks, tol)
+    worst = max(max(c.residuals.values()) for c in checks)
+    details = {"blocks": blocks, "residuals": {str(c.block): c.residuals for c in checks}, "tolerance": tol}
+    failed = next((c for c in checks if not c.ok), None)
+    cost = time.perf_counter() - t0
+    if failed:
+        return LayerResult(LayerName.EXACT, Status.FAIL, failed.reason, cost_s=cost, details=details)
+    reason = f"blocks {blocks} opened and checked exactly (Freivalds + replay), worst residual {worst:.2g}"
+    return LayerResult(LayerName.EXACT, Status.PASS, reason, score=1.0, cost_s=cost, details=details)

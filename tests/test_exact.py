@@ -1,0 +1,185 @@
+"""L3 exact layer audits on real GPT-2 models (gpt2-micro): the agent commits its activation trace in
+a v3 receipt; Maxwell draws blocks to open after the receipt is in, checks the opening against the
+trace root and each opened block with Freivalds and its own replay of the nonlinear parts. Honest
+leases pass; each cheat below is caught by name."""
+
+from __future__ import annotations
+
+import base64
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from maxwell_poi.protocol.errors import ReceiptFormatError
+from maxwell_poi.protocol.keys import AgentKey, Keyring
+from maxwell_poi.protocol.lease import GenerateJob, Lease
+from maxwell_poi.protocol.receipt import PREDICATE_TYPE, PREDICATE_V2, max_receipt_bytes, open_receipt
+from maxwell_poi.protocol.result import LayerName, Status, Verdict
+from maxwell_poi.protocol.trace import Opening, Trace
+from maxwell_poi.prover.sdk import Prover
+from maxwell_poi.registry.models import Registry
+from maxwell_poi.verifier.exact import FreivaldsKey, appraise_opening, draw_blocks
+from maxwell_poi.verifier.policy import Verifier
+
+MODEL = "gpt2-micro"
+AGENT = "alice"
+
+
+@pytest.fixture(scope="module")
+def registry() -> Registry:
+    return Registry()
+
+
+@pytest.fixture(scope="module")
+def key_of_maxwell(registry: Registry) -> FreivaldsKey:
+    return FreivaldsKey.for_model(registry.load(MODEL))
+
+
+def run(prover: Prover, tokens: int = 12) -> tuple[Lease, bytes, Trace]:
+    lease = Lease.issue(AGENT, MODEL, GenerateJob(prompt="The river bends", max_new_tokens=tokens))
+    raw = prover.run(lease)
+    return lease, raw, Trace.load(prover.trace_dir / f"{lease.lease_id}.npz")
+
+
+def claims(registry: Registry, lease: Lease, raw: bytes):
+    return open_receipt(raw, max_receipt_bytes(lease, registry.reference(MODEL).hidden)).claims
+
+
+def l3(registry, key, lease, raw, opening, blocks):
+    return appraise_opening(
+        claims(registry, lease, raw), lease.nonce_bytes, registry.load(MODEL), key, blocks, opening
+    )
+
+
+@pytest.fixture(scope="module")
+def honest(tmp_path_factory, registry):
+    key = AgentKey.generate()
+    prover = Prover(key, registry, trace_dir=tmp_path_factory.mktemp("traces"))
+    return key, prover, *run(prover)
+
+
+def test_an_honest_lease_passes_l3_and_still_every_other_layer(honest, registry, key_of_maxwell) -> None:
+    key, _prover, lease, raw, trace = honest
+    c = claims(registry, lease, raw)
+    assert json.loads(_payload(raw))["predicateType"] == PREDICATE_TYPE
+    assert c.trace == trace.root(lease.nonce_bytes)  # the signed root is the kept trace's
+    verdict = Verifier.default(registry, Keyring({"alice": key.public_hex})).appraise(lease, raw)
+    assert verdict.verdict is Verdict.AFFIRMING, verdict.reason  # v3 passes L0 and L4 as v2 did
+    blocks = draw_blocks(trace.blocks, 2)
+    result = l3(registry, key_of_maxwell, lease, raw, Opening.of(trace, lease.nonce_bytes, blocks), blocks)
+    assert (result.layer, result.status) == (LayerName.EXACT, Status.PASS), result.reason
+    assert result.details["blocks"] == blocks
+
+
+def _payload(raw: bytes) -> str:
+    return base64.b64decode(json.loads(raw)["payload"]).decode()
+
+
+def test_every_block_of_the_honest_trace_holds(honest, registry, key_of_maxwell) -> None:
+    _key, _prover, lease, raw, trace = honest
+    blocks = list(range(trace.blocks))
+    result = l3(registry, key_of_maxwell, lease, raw, Opening.of(trace, lease.nonce_bytes, blocks), blocks)
+    assert result.status is Status.PASS, result.reason
+    worst = max(max(r.values()) for r in result.details["residuals"].values())
+    assert worst < result.details["tolerance"] / 5  # honest residuals sit far under the tolerance
+
+
+def cheat_trace(registry: Registry, tmp: Path, change) -> tuple[Lease, bytes, Trace]:
+    """An agent whose model copy is changed by `change(model)` before it serves the lease."""
+    prover = Prover(AgentKey.generate(), registry, trace_dir=tmp)
+    model = registry.load(MODEL).copied_to(torch.float32)
+    change(model)
+    prover._converted[(MODEL, "fp32")] = model  # the agent runs its changed copy
+    return run(prover)
+
+
+def noisy_block(block: int):
+    def change(model) -> None:
+        with torch.no_grad():
+            w = model.layers[block].mlp.c_fc.weight
+            w.mul_(1 + 0.001 * torch.randn(w.shape, generator=torch.Generator().manual_seed(3)))
+
+    return change
+
+
+def skipped_head(block: int, head: int = 0):
+    def change(model) -> None:
+        attn = model.layers[block].attn
+        width = attn.c_proj.weight.shape[0] // attn.num_heads
+
+        def zero_head(_module, args):  # the attention context loses one head before c_proj
+            context = args[0].clone()
+            context[..., head * width : (head + 1) * width] = 0
+            return (context,)
+
+        attn.c_proj.register_forward_pre_hook(zero_head)
+
+    return change
+
+
+def bf16_fc(block: int):
+    def change(model) -> None:
+        fc = model.layers[block].mlp.c_fc
+
+        def low_precision(_module, args, _output):  # this one product in bfloat16
+            x = args[0].to(torch.bfloat16)
+            return (x @ fc.weight.to(torch.bfloat16) + fc.bias.to(torch.bfloat16)).to(torch.float32)
+
+        fc.register_forward_hook(low_precision)
+
+    return change
+
+
+@pytest.mark.parametrize(
+    ("change", "block", "op"),
+    [(noisy_block(1), 1, "fc"), (skipped_head(0), 0, "attn"), (bf16_fc(1), 1, "fc")],
+    ids=["wrong-weights-in-one-block", "attention-head-skipped", "one-product-in-bf16"],
+)
+def test_a_cheat_in_one_block_is_named_when_that_block_is_opened(
+    change, block, op, registry, key_of_maxwell, tmp_path
+) -> None:
+    lease, raw, trace = cheat_trace(registry, tmp_path, change)
+    result = l3(registry, key_of_maxwell, lease, raw, Opening.of(trace, lease.nonce_bytes, [block]), [block])
+    assert result.status is Status.FAIL and f"block {block} {op}" in result.reason, result.reason
+    others = [b for b in range(trace.blocks) if b != block]
+    clean = l3(registry, key_of_maxwell, lease, raw, Opening.of(trace, lease.nonce_bytes, others), others)
+    assert clean.status is Status.PASS, clean.reason  # the other blocks followed from their inputs
+
+
+def test_an_opened_tensor_that_is_not_the_committed_one_fails(honest, registry, key_of_maxwell) -> None:
+    _key, _prover, lease, raw, trace = honest
+    opening = Opening.of(trace, lease.nonce_bytes, [0])
+    forged = dict(opening.tensors)
+    forged[(0, "fc")] = np.asarray(forged[(0, "fc")]) * 1.0001
+    result = l3(registry, key_of_maxwell, lease, raw, Opening(forged, opening.leaves), [0])
+    assert result.status is Status.FAIL and "differs from the committed tensor" in result.reason
+
+
+def test_no_opening_or_no_trace_root_fails(honest, registry, key_of_maxwell, tmp_path) -> None:
+    _key, _prover, lease, raw, _trace = honest
+    refused = l3(registry, key_of_maxwell, lease, raw, None, [0])
+    assert refused.status is Status.FAIL and "none came in time" in refused.reason
+    untraced = Prover(AgentKey.generate(), registry)  # no trace dir: a receipt without a root
+    lease2 = Lease.issue("alice", MODEL, GenerateJob(prompt="x y", max_new_tokens=4))
+    raw2 = untraced.run(lease2)
+    result = l3(registry, key_of_maxwell, lease2, raw2, None, [0])
+    assert result.status is Status.FAIL and "trace root" in result.reason
+
+
+def test_a_v2_receipt_cannot_carry_a_trace_root(honest, registry) -> None:
+    _key, _prover, lease, raw, _trace = honest
+    statement = json.loads(_payload(raw))
+    statement["predicateType"] = PREDICATE_V2
+    envelope = json.loads(raw)
+    envelope["payload"] = base64.b64encode(json.dumps(statement).encode()).decode()
+    with pytest.raises(ReceiptFormatError, match="v2"):
+        open_receipt(json.dumps(envelope).encode(), 1 << 24)
+
+
+def test_challenges_are_drawn_without_repeats_and_cover_the_model() -> None:
+    draws = [draw_blocks(12, 3) for _ in range(200)]
+    assert all(len(set(d)) == 3 and all(0 <= b < 12 for b in d) for d in draws)
+    assert {b for d in draws for b in d} == set(range(12))
