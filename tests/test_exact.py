@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import base64
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -183,3 +185,33 @@ def test_challenges_are_drawn_without_repeats_and_cover_the_model() -> None:
     draws = [draw_blocks(12, 3) for _ in range(200)]
     assert all(len(set(d)) == 3 and all(0 <= b < 12 for b in d) for d in draws)
     assert {b for d in draws for b in d} == set(range(12))
+
+
+def test_the_cli_opens_checks_and_disputes_a_kept_trace(honest, tmp_path) -> None:
+    """`poi audit-exact` and `poi dispute` on files, as an operator runs them; a trace file whose
+    tensors were changed after signing fails the opening."""
+    _key, prover, lease, raw, trace = honest
+    (tmp_path / "lease.json").write_text(lease.to_json())
+    (tmp_path / "r.json").write_bytes(raw)
+    kept = prover.trace_dir / f"{lease.lease_id}.npz"
+    args = ["--lease", "lease.json", "--receipt", "r.json", "--json"]
+    checked = poi("audit-exact", *args, "--trace", str(kept), "--blocks", "2", cwd=tmp_path)
+    assert checked.returncode == 0, checked.stderr.decode()[-800:]
+    assert json.loads(checked.stdout)["status"] == "pass"
+    disputed = poi("dispute", *args, "--trace", str(kept), cwd=tmp_path)
+    assert disputed.returncode == 0 and json.loads(disputed.stdout)["agent_wins"] is True
+    tensors = dict(trace.tensors)
+    tensors[(0, "fc")] = tensors[(0, "fc")] + 1e-3
+    Trace(tensors, trace.blocks).save(tmp_path / "edited.npz")
+    edited = poi("audit-exact", *args, "--trace", "edited.npz", "--blocks", str(trace.blocks), cwd=tmp_path)
+    assert (
+        edited.returncode == 1 and "differs from the committed tensor" in json.loads(edited.stdout)["reason"]
+    )
+    missing = poi("audit-exact", *args, "--trace", "nope.npz", cwd=tmp_path)
+    assert missing.returncode == 2 and b"cannot read the trace" in missing.stderr
+
+
+def poi(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "maxwell_poi", *args], cwd=cwd, capture_output=True, timeout=300
+    )

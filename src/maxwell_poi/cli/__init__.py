@@ -172,6 +172,9 @@ def agent(
         typer.Option(help="decode speculatively with this draft model (output identical to plain decoding)"),
     ] = None,
     block: Annotated[int, typer.Option(help="--speculative: tokens the draft proposes per pass")] = 4,
+    trace_dir: Annotated[
+        Path | None, typer.Option(help="keep each generation's activation trace here (receipt v3, L3)")
+    ] = None,
 ) -> None:
     """The honest reference agent: reads a lease, runs it with the prover SDK, prints the receipt
     (with --resident: stays loaded and answers leases until stdin closes, see docs/receipt.md)."""
@@ -184,6 +187,10 @@ def agent(
 
     if max_batch < 1:
         raise _bad_input(f"--max-batch: expected at least 1, got {max_batch}")
+    if trace_dir and (speculative or max_batch > 1):
+        raise _bad_input(
+            "--trace-dir: traces are kept by the one-lease prover only (no --speculative, --max-batch 1)"
+        )
     if speculative and (max_batch > 1 or batch > 1 or block < 1):
         raise _bad_input(
             f"--speculative: expected --block >= 1 and no batching, got --block {block}, "
@@ -206,9 +213,9 @@ def agent(
         if max_batch > 1:
             answer = BatchedProver(key_, threads=threads).run_many
         else:
-            answer = one_at_a_time(Prover(key_, threads=threads).run)
+            answer = one_at_a_time(Prover(key_, threads=threads, trace_dir=trace_dir).run)
         raise typer.Exit(serve_resident(answer, max_batch=max_batch))
-    prover = Prover(key_, threads=threads, batch=batch)
+    prover = Prover(key_, threads=threads, batch=batch, trace_dir=trace_dir)
     raw = _read(lease_path, "lease") if lease_path else None
     raise typer.Exit(serve_one(prover.run, raw))
 
@@ -486,4 +493,4 @@ if __name__ == "__main__":
     app()
 
 
-from . import ledger, policy, service, serving  # noqa: E402,F401  (register their commands on `app`)
+from . import exact, ledger, policy, service, serving  # noqa: E402,F401  (register their commands on `app`)
