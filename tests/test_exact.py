@@ -20,10 +20,20 @@ from maxwell_poi.protocol.keys import AgentKey, Keyring
 from maxwell_poi.protocol.lease import GenerateJob, Lease
 from maxwell_poi.protocol.receipt import PREDICATE_TYPE, PREDICATE_V2, max_receipt_bytes, open_receipt
 from maxwell_poi.protocol.result import LayerName, Status, Verdict
-from maxwell_poi.protocol.trace import Opening, Trace
+from maxwell_poi.protocol.sampling import SeededSampler
+from maxwell_poi.protocol.trace import Opening, Trace, verify_opening
 from maxwell_poi.prover.sdk import Prover
+from maxwell_poi.prover.w8a8 import IntTraceRecorder
+from maxwell_poi.registry.forward import generate
 from maxwell_poi.registry.models import Registry
-from maxwell_poi.verifier.exact import FreivaldsKey, appraise_opening, draw_blocks
+from maxwell_poi.registry.w8a8 import quantized
+from maxwell_poi.verifier.exact import (
+    FreivaldsKey,
+    IntFreivaldsKey,
+    appraise_opening,
+    check_block_int,
+    draw_blocks,
+)
 from maxwell_poi.verifier.policy import Verifier
 
 MODEL = "gpt2-micro"
@@ -214,3 +224,50 @@ def poi(*args: str, cwd: Path) -> subprocess.CompletedProcess:
     return subprocess.run(
         [sys.executable, "-m", "maxwell_poi", *args], cwd=cwd, capture_output=True, timeout=300
     )
+
+
+# -- exact integer mode (W8A8) ------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def int_trace(registry):
+    variant = quantized(registry.load("gpt2-mini"))
+    with IntTraceRecorder(variant) as recorder:
+        generate(variant, variant.encode_prompt("The river bends"), 10, SeededSampler(b"s" * 32, 0.8, 50))
+    return variant, recorder.trace(), IntFreivaldsKey.for_model(variant)
+
+
+def int_opened(trace: Trace, block: int) -> dict:
+    return {op: trace.tensors[(block, op)].copy() for op in trace.ops}
+
+
+def test_an_honest_w8a8_trace_passes_every_block_exactly(int_trace) -> None:
+    variant, trace, key = int_trace
+    assert trace.tensors[(0, "fc.xq")].dtype == np.int8 and trace.tensors[(0, "fc.acc")].dtype == np.int32
+    nonce = b"n" * 32
+    opening = Opening.of(trace, nonce, [0, 1, 2, 3])
+    assert verify_opening(opening, nonce, trace.root(nonce), trace.blocks, trace.ops) is None
+    for b in range(trace.blocks):
+        check = check_block_int(variant, key, b, int_opened(trace, b), trace.block_output(b))
+        assert check.ok, check.reason
+    assert key.soundness_error <= 2.0**-40  # two vectors from [0, 2^20) per operation
+
+
+def test_w8a8_cheats_are_caught_with_zero_tolerance(int_trace, registry) -> None:
+    variant, trace, key = int_trace
+    off_by_one = int_opened(trace, 1)
+    off_by_one["fc.acc"][3, 5] += 1  # one accumulator entry one unit off
+    check = check_block_int(variant, key, 1, off_by_one, trace.block_output(1))
+    assert not check.ok and "block 1 fc" in check.reason and "int32 accumulator" in check.reason
+    other = quantized(registry.load("gpt2-mini"))
+    with torch.no_grad():
+        other.layers[2].mlp.c_proj.weight_q[0, 0] += 1  # one int8 weight of one block differs
+    with IntTraceRecorder(other) as recorder:
+        generate(other, other.encode_prompt("The river bends"), 10, SeededSampler(b"s" * 32, 0.8, 50))
+    wrong = recorder.trace()
+    check = check_block_int(variant, key, 2, int_opened(wrong, 2), wrong.block_output(2))
+    assert not check.ok and "block 2 mlp" in check.reason, check.reason
+    shifted = int_opened(trace, 0)
+    shifted["qkv.xq"] = np.clip(shifted["qkv.xq"].astype(np.int16) + 3, -127, 127).astype(np.int8)
+    check = check_block_int(variant, key, 0, shifted, trace.block_output(0))
+    assert not check.ok and "steps from Maxwell's replay" in check.reason

@@ -33,12 +33,19 @@ from pymerkle import InmemoryTree
 
 OPS = ("x", "qkv", "attn", "fc", "mlp")
 OUT = "out"
+LINEAR = ("qkv", "attn", "fc", "mlp")
+# exact integer (W8A8) mode: per linear operation its int8 input, int32 accumulator and the input's
+# per-position float scale (the block input `x` stays float32)
+INT_OPS = ("x", *(f"{op}.{part}" for op in LINEAR for part in ("xq", "acc", "xs")))
 
 
 def leaf_digest(nonce: bytes, block: int, op: str, tensor: np.ndarray) -> bytes:
     h = blake3.blake3(nonce)
     h.update(block.to_bytes(4, "little") + op.encode())
-    h.update(np.ascontiguousarray(tensor, dtype="<f4").tobytes())
+    if np.issubdtype(tensor.dtype, np.integer):  # int8 inputs, int32 accumulators: their own bytes
+        h.update(tensor.dtype.str.encode() + np.ascontiguousarray(tensor).tobytes())
+    else:
+        h.update(np.ascontiguousarray(tensor, dtype="<f4").tobytes())
     return h.digest()
 
 
@@ -49,8 +56,8 @@ def trace_root(leaves: list[bytes]) -> str:
     return tree.get_root().hex()
 
 
-def leaf_order(blocks: int) -> list[tuple[int, str]]:
-    return [(b, op) for b in range(blocks) for op in OPS] + [(blocks - 1, OUT)]
+def leaf_order(blocks: int, ops: tuple[str, ...] = OPS) -> list[tuple[int, str]]:
+    return [(b, op) for b in range(blocks) for op in ops] + [(blocks - 1, OUT)]
 
 
 @dataclass
@@ -60,8 +67,14 @@ class Trace:
     tensors: dict[tuple[int, str], np.ndarray]
     blocks: int
 
+    @property
+    def ops(self) -> tuple[str, ...]:
+        """OPS for a float trace, INT_OPS for an exact integer (W8A8) one."""
+        return INT_OPS if (0, INT_OPS[1]) in self.tensors else OPS
+
     def leaves(self, nonce: bytes) -> list[bytes]:
-        return [leaf_digest(nonce, b, op, self.tensors[(b, op)]) for b, op in leaf_order(self.blocks)]
+        order = leaf_order(self.blocks, self.ops)
+        return [leaf_digest(nonce, b, op, self.tensors[(b, op)]) for b, op in order]
 
     def root(self, nonce: bytes) -> str:
         return trace_root(self.leaves(nonce))
@@ -87,7 +100,7 @@ class Trace:
     @classmethod
     def load(cls, path: Path) -> Trace:
         with np.load(path) as data:
-            tensors = {(int(k.split(".")[0]), k.split(".")[1]): data[k] for k in data.files}
+            tensors = {(int(k.split(".", 1)[0]), k.split(".", 1)[1]): data[k] for k in data.files}
         return cls(tensors, 1 + max(b for b, _ in tensors))
 
 
@@ -101,15 +114,17 @@ class Opening:
 
     @classmethod
     def of(cls, trace: Trace, nonce: bytes, blocks: list[int]) -> Opening:
-        wanted = {(b, op) for b in blocks for op in OPS}
+        wanted = {(b, op) for b in blocks for op in trace.ops}
         for b in blocks:
             wanted.add((b + 1, "x") if b + 1 < trace.blocks else (b, OUT))
         return cls({k: trace.tensors[k] for k in wanted}, trace.leaves(nonce))
 
 
-def verify_opening(opening: Opening, nonce: bytes, root: str, blocks: int) -> str | None:
+def verify_opening(
+    opening: Opening, nonce: bytes, root: str, blocks: int, ops: tuple[str, ...] = OPS
+) -> str | None:
     """None if the opening is the committed one; else why not."""
-    order = leaf_order(blocks)
+    order = leaf_order(blocks, ops)
     if len(opening.leaves) != len(order):
         return f"opening: expected {len(order)} leaf digests, got {len(opening.leaves)}"
     if trace_root(opening.leaves) != root:

@@ -30,6 +30,7 @@ from ..protocol.receipt import ReceiptClaims
 from ..protocol.result import LayerName, LayerResult, Status
 from ..protocol.trace import OPS, OUT, Opening, verify_opening
 from ..registry.models import LoadedModel
+from ..registry.w8a8 import linears, quantize_rows
 
 LINEAR_OPS = ("qkv", "attn", "fc", "mlp")
 VECTORS = 2  # independent r per operation: a wrong product passes both with probability ~0 (floats)
@@ -192,3 +193,87 @@ def appraise_opening(
         return LayerResult(LayerName.EXACT, Status.FAIL, failed.reason, cost_s=cost, details=details)
     reason = f"blocks {blocks} opened and checked exactly (Freivalds + replay), worst residual {worst:.2g}"
     return LayerResult(LayerName.EXACT, Status.PASS, reason, score=1.0, cost_s=cost, details=details)
+
+
+# -- exact integer mode (W8A8, registry.w8a8) -------------------------------------------------------
+
+R_BITS = 20  # r drawn uniformly from [0, 2^20): a wrong accumulator row passes one vector w.p. <= 2^-20
+
+
+@dataclass
+class IntFreivaldsKey:
+    """Secret integer r and W_q·r (int64, exact) for every linear operation of a W8A8 model."""
+
+    wr: dict[tuple[int, str], torch.Tensor] = field(repr=False)
+    r: dict[tuple[int, str], torch.Tensor] = field(repr=False)
+    vectors: int = VECTORS
+
+    @classmethod
+    def for_model(cls, variant: LoadedModel, vectors: int = VECTORS) -> IntFreivaldsKey:
+        gen = torch.Generator().manual_seed(int.from_bytes(os.urandom(8), "little"))
+        wr, r = {}, {}
+        for b, block in enumerate(variant.layers):
+            for op, module in linears(block).items():
+                w = module.weight_q.to(torch.int64)  # [in, out]
+                vec = torch.randint(0, 1 << R_BITS, (w.shape[1], vectors), generator=gen, dtype=torch.int64)
+                r[(b, op)], wr[(b, op)] = vec, w @ vec
+        return cls(wr, r, vectors)
+
+    def holds(self, block: int, op: str, x_q: np.ndarray, acc: np.ndarray) -> bool:
+        """acc·r == x_q·(W_q·r), exactly (|terms| < 2^63 for widths up to ~10^5)."""
+        lhs = torch.from_numpy(np.asarray(acc, dtype=np.int64)) @ self.r[(block, op)]
+        rhs = torch.from_numpy(np.asarray(x_q, dtype=np.int64)) @ self.wr[(block, op)]
+        return bool(torch.equal(lhs, rhs))
+
+    @property
+    def soundness_error(self) -> float:
+        """Chance a wrong accumulator passes all vectors of one operation."""
+        return 2.0 ** (-R_BITS * self.vectors)
+
+
+def check_block_int(
+    variant: LoadedModel, key: IntFreivaldsKey, block: int, opened: dict[str, np.ndarray], output: np.ndarray,
+    tol: float = FP32_TOLERANCE,
+) -> BlockCheck:  # fmt: skip
+    """Exact mode: each accumulator exactly (zero tolerance); each int8 input must be the
+    quantization of Maxwell's replay from the committed float values (at most one step off, where
+    float rounding differs by device); the dequantized outputs carry the replay to the block output."""
+    module = variant.layers[block]
+    mods = linears(module)
+    t = {k: torch.from_numpy(np.asarray(v)) for k, v in opened.items()}
+    residuals: dict[str, float] = {}
+
+    def out(op: str) -> torch.Tensor:
+        acc, xs = t[f"{op}.acc"].to(torch.float32), t[f"{op}.xs"]
+        return acc * xs * mods[op].weight_scale + mods[op].bias
+
+    with torch.no_grad():
+        x = t["x"].to(torch.float32)
+        replays = (
+            ("qkv", lambda: module.ln_1(x)),
+            ("attn", lambda: _attention(out("qkv"), module.attn.num_heads)),
+            ("fc", lambda: module.ln_2(x + out("attn"))),
+            ("mlp", lambda: module.mlp.act(out("fc"))),
+        )
+        for op, replay in replays:
+            mine, _ = quantize_rows(replay())
+            steps = int((mine.to(torch.int16) - t[f"{op}.xq"].to(torch.int16)).abs().max())
+            residuals[f"{op}.xq_steps"] = float(steps)
+            if steps > 1:
+                why = f"block {block} {op}: the committed int8 input is {steps} steps from Maxwell's replay"
+                return BlockCheck(block, False, op, residuals, why)
+            if not key.holds(block, op, opened[f"{op}.xq"], opened[f"{op}.acc"]):
+                why = (f"block {block} {op}: the int32 accumulator does not equal the int8 product "
+                       f"(exact Freivalds, soundness error {key.soundness_error:.0e})")  # fmt: skip
+                return BlockCheck(block, False, op, residuals, why)
+        result = x + out("attn") + out("mlp")
+        committed = torch.from_numpy(np.asarray(output, dtype=np.float32))
+        diff = float((result - committed).abs().max()) / max(float(committed.abs().max()), 1e-30)
+        residuals["residual_stream"] = diff
+        if not diff <= tol:
+            return BlockCheck(
+                block, False, "residual_stream", residuals, _why(block, "residual_stream", diff, tol)
+            )
+    return BlockCheck(
+        block, True, None, residuals, f"block {block}: 4 int8 products exact, residual stream holds"
+    )
