@@ -15,13 +15,15 @@ import numpy as np
 import pytest
 import torch
 
+from maxwell_poi.observer.resident_runs import serve_wave, start_resident
+from maxwell_poi.observer.runs import honest_agent_argv
 from maxwell_poi.protocol.errors import ReceiptFormatError
 from maxwell_poi.protocol.keys import AgentKey, Keyring
 from maxwell_poi.protocol.lease import GenerateJob, Lease
 from maxwell_poi.protocol.receipt import PREDICATE_TYPE, PREDICATE_V2, max_receipt_bytes, open_receipt
 from maxwell_poi.protocol.result import LayerName, Status, Verdict
 from maxwell_poi.protocol.sampling import SeededSampler
-from maxwell_poi.protocol.trace import Opening, Trace, verify_opening
+from maxwell_poi.protocol.trace import Opening, Trace, opening_from_line, verify_opening
 from maxwell_poi.prover.sdk import Prover
 from maxwell_poi.prover.w8a8 import IntTraceRecorder
 from maxwell_poi.registry.forward import generate
@@ -271,3 +273,39 @@ def test_w8a8_cheats_are_caught_with_zero_tolerance(int_trace, registry) -> None
     shifted["qkv.xq"] = np.clip(shifted["qkv.xq"].astype(np.int16) + 3, -127, 127).astype(np.int8)
     check = check_block_int(variant, key, 0, shifted, trace.block_output(0))
     assert not check.ok and "steps from Maxwell's replay" in check.reason
+
+
+# -- challenges over a resident agent's channel ---------------------------------------------------
+
+
+def test_a_resident_agent_answers_a_challenge_and_one_without_a_trace_refuses(
+    registry, key_of_maxwell, tmp_path
+):
+    """Real resident `poi agent` processes: Maxwell writes the challenge line after the receipt is
+    in; the opening comes back on the channel and passes L3. Without a kept trace, the agent refuses;
+    a challenge for a lease the agent never had times out or is refused: both fail L3."""
+    agent_key = AgentKey.generate()
+    agent_key.save(tmp_path / "a.pem")
+    argv = honest_agent_argv(tmp_path / "a.pem", "--resident", "--trace-dir", str(tmp_path / "traces"))
+    lease = Lease.issue(AGENT, MODEL, GenerateJob(prompt="The river bends", max_new_tokens=8))
+    with start_resident(argv, "tracer") as agent:
+        (run,) = serve_wave(agent, [lease], registry)
+        blocks = draw_blocks(2, 1)
+        keys = sorted(
+            Opening.of(Trace.load(tmp_path / "traces" / f"{lease.lease_id}.npz"), b"", blocks).tensors
+        )
+        answer = agent.open(lease.lease_id, keys, timeout_s=60)
+        assert not isinstance(answer, str), answer
+        result = l3(registry, key_of_maxwell, lease, run.receipt, opening_from_line(answer.line), blocks)
+        assert result.status is Status.PASS, result.reason
+        unknown = agent.open("f" * 32, keys, timeout_s=20)
+        assert isinstance(unknown, str) and "refused" in unknown and "no kept trace" in unknown
+    plain = honest_agent_argv(tmp_path / "a.pem", "--resident")
+    with start_resident(plain, "plain") as agent:
+        (run,) = serve_wave(
+            agent,
+            [lease2 := Lease.issue(AGENT, MODEL, GenerateJob(prompt="x y", max_new_tokens=4))],
+            registry,
+        )
+        refused = agent.open(lease2.lease_id, [(0, "x")], timeout_s=20)
+        assert isinstance(refused, str) and "keeps no trace" in refused

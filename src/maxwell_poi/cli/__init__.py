@@ -211,10 +211,12 @@ def agent(
         if lease_path:
             raise _bad_input("--resident reads leases from stdin; --lease is for one-shot mode")
         if max_batch > 1:
-            answer = BatchedProver(key_, threads=threads).run_many
-        else:
-            answer = one_at_a_time(Prover(key_, threads=threads, trace_dir=trace_dir).run)
-        raise typer.Exit(serve_resident(answer, max_batch=max_batch))
+            raise typer.Exit(
+                serve_resident(BatchedProver(key_, threads=threads).run_many, max_batch=max_batch)
+            )
+        one = Prover(key_, threads=threads, trace_dir=trace_dir)
+        opener = one.open_line if trace_dir else None  # answers L3 challenges from the kept traces
+        raise typer.Exit(serve_resident(one_at_a_time(one.run), opener=opener))
     prover = Prover(key_, threads=threads, batch=batch, trace_dir=trace_dir)
     raw = _read(lease_path, "lease") if lease_path else None
     raise typer.Exit(serve_one(prover.run, raw))

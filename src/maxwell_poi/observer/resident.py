@@ -24,7 +24,15 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from ..protocol.lease import Lease
-from ..protocol.stream import TaggedChunk, TaggedReceipt, TaggedRefusal, TaggedToken, parse_resident_line
+from ..protocol.stream import (
+    TaggedChunk,
+    TaggedOpening,
+    TaggedReceipt,
+    TaggedRefusal,
+    TaggedToken,
+    open_request_line,
+    parse_resident_line,
+)
 from .channel import AgentRun, drain
 from .evidence import ChannelEvidence, IdleGap
 from .host import this_device
@@ -115,6 +123,7 @@ class ResidentAgent:
         # idle accounting starts when the first lease ends: start-up (imports, loading) is not idling
         self._idle_since: tuple[float, Usage] | None = None
         self.unrouted = 0  # lines naming no lease in flight, or unreadable with none in flight
+        self._openings: dict[str, list] = {}  # lease id -> [event, answer line or refusal]
         self._stderr: dict = {}
         self._threads = [
             threading.Thread(target=self._read, daemon=True),
@@ -180,6 +189,8 @@ class ResidentAgent:
             except ValueError:
                 self._unreadable(line)
                 continue
+            if self._answers_opening(item):
+                continue
             with self._lock:
                 state = self._leases.get(item.lease_id)
                 if state is None or state.done.is_set():
@@ -201,6 +212,38 @@ class ResidentAgent:
             pending = [lid for lid, s in self._leases.items() if not s.done.is_set()]
         for lid in pending:  # the agent exited: every lease still open ends here, unanswered
             self._finish(lid, refusal=f"the agent exited (status {self.proc.poll()}) before answering")
+
+    def _answers_opening(self, item: object) -> bool:
+        """An opening, or a refusal, for a challenge Maxwell is waiting on (after its lease ended)."""
+        if not isinstance(item, TaggedOpening | TaggedRefusal):
+            return False
+        with self._lock:
+            waiting = self._openings.get(item.lease_id)
+            if waiting is None or (isinstance(item, TaggedRefusal) and item.lease_id in self._leases):
+                return False
+            waiting[1] = item
+        waiting[0].set()
+        return True
+
+    def open(self, lease_id: str, keys: list[tuple[int, str]], timeout_s: float) -> TaggedOpening | str:
+        """L3: ask the agent to open these traced tensors of an answered lease; its opening line, or
+        why there is none (a refusal, or no answer within `timeout_s`: a late opening is refused)."""
+        waiting = [threading.Event(), None]
+        with self._lock:
+            self._openings[lease_id] = waiting
+        try:
+            with self._write_lock:
+                self.proc.stdin.write(open_request_line(lease_id, keys))
+                self.proc.stdin.flush()
+            if not waiting[0].wait(timeout_s):
+                return f"no opening within {timeout_s:.0f} s"
+        except (BrokenPipeError, ValueError):
+            return "the agent's stdin is closed (the agent exited)"
+        finally:
+            with self._lock:
+                self._openings.pop(lease_id, None)
+        answer = waiting[1]
+        return answer if isinstance(answer, TaggedOpening) else f"the agent refused: {answer.error}"
 
     def _unreadable(self, line: bytes) -> None:
         """An unreadable line cannot be routed: every lease in flight counts a stream error (the

@@ -12,6 +12,8 @@ Resident (lease after lease over the same pipes, several at once): every line na
                        {"c":[index,"<base64>"],"l":"<lease_id>"}\n     a fingerprint chunk, as it is made
                        {"r":"<lease_id>","e":<DSSE envelope>}\n         its receipt (ends the lease)
                        {"x":"<lease_id or empty>","error":"<why>"}\n   a lease the agent refuses
+    Maxwell -> agent   {"open":"<lease_id>","keys":[[block,"op"],...]}\n   L3: open these traced tensors
+    agent -> Maxwell   {"o":"<lease_id>","t":[...],"leaves":[...]}\n     the opening (protocol.trace)
 
 Maxwell timestamps each line on its side of the pipe (L1's CPU per token, L2's pace) and compares
 the streamed tokens with the receipt's output (L2). The receipt's bytes are sliced out of the
@@ -30,6 +32,8 @@ PREFIX = b'{"s":['
 RECEIPT_PREFIX = b'{"r":"'
 REFUSAL_PREFIX = b'{"x":"'
 CHUNK_PREFIX = b'{"c":['
+OPENING_PREFIX = b'{"o":"'
+OPEN_REQUEST_PREFIX = b'{"open":"'
 _LEASE_ID = re.compile(rb"^[0-9a-f]{32}$")
 _TAGGED_TOKEN = re.compile(rb'^\{"s":\[(\d+),(\d+)\],"l":"([0-9a-f]{32})"\}\s*$')
 _TAGGED_CHUNK = re.compile(rb'^\{"c":\[(\d+),"([A-Za-z0-9+/=]*)"\],"l":"([0-9a-f]{32})"\}\s*$')
@@ -54,6 +58,29 @@ def receipt_line(lease_id: str, receipt: bytes) -> bytes:
 
 def refusal_line(lease_id: str, why: str) -> bytes:
     return json.dumps({"x": lease_id, "error": why}, separators=(",", ":")).encode() + b"\n"
+
+
+def open_request_line(lease_id: str, keys: list[tuple[int, str]]) -> bytes:
+    """Maxwell's L3 challenge to a resident agent: open these traced tensors of that lease."""
+    return (
+        json.dumps({"open": lease_id, "keys": [[b, op] for b, op in keys]}, separators=(",", ":")).encode()
+        + b"\n"
+    )
+
+
+def parse_open_request(line: bytes) -> tuple[str, list[tuple[int, str]]]:
+    """(lease id, keys) of a challenge line; ValueError saying what was expected otherwise."""
+    try:
+        obj = json.loads(line)
+        keys = [(int(b), str(op)) for b, op in obj["keys"]]
+        lease_id = str(obj["open"])
+    except (ValueError, KeyError, TypeError):
+        raise ValueError(
+            f'expected {{"open":"<lease_id>","keys":[[block,"op"],...]}}, got {_preview(line)}'
+        ) from None
+    if not _LEASE_ID.match(lease_id.encode()):
+        raise ValueError(f"expected a 32-hex lease id, got {lease_id[:40]!r}")
+    return lease_id, keys
 
 
 def parse_stream_line(line: bytes) -> tuple[int, int] | None:
@@ -84,6 +111,12 @@ class TaggedChunk:
 
 
 @dataclass(frozen=True)
+class TaggedOpening:
+    lease_id: str
+    line: bytes  # decoded by protocol.trace.opening_from_line (numpy lives there)
+
+
+@dataclass(frozen=True)
 class TaggedReceipt:
     lease_id: str
     receipt: bytes  # the envelope, byte for byte as the agent wrote it
@@ -95,7 +128,7 @@ class TaggedRefusal:
     error: str
 
 
-ResidentLine = TaggedToken | TaggedChunk | TaggedReceipt | TaggedRefusal
+ResidentLine = TaggedToken | TaggedChunk | TaggedReceipt | TaggedRefusal | TaggedOpening
 
 
 def parse_resident_line(line: bytes) -> ResidentLine:
@@ -122,6 +155,10 @@ def parse_resident_line(line: bytes) -> ResidentLine:
         if not _LEASE_ID.match(lease_id) or sep != b'","e":' or not body.endswith(b"}"):
             raise ValueError(f'expected {{"r":"<lease_id>","e":<envelope>}}, got {_preview(line)}')
         return TaggedReceipt(lease_id.decode(), body[:-1])
+    if line.startswith(OPENING_PREFIX):
+        lease_id = line[len(OPENING_PREFIX) : len(OPENING_PREFIX) + 32]
+        if _LEASE_ID.match(lease_id):
+            return TaggedOpening(lease_id.decode(), line)
     if line.startswith(REFUSAL_PREFIX):
         try:
             obj = json.loads(line)

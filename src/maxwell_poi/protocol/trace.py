@@ -23,7 +23,10 @@ its leaf (verifier.exact).
 
 from __future__ import annotations
 
+import base64
+import binascii
 import io
+import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -136,3 +139,34 @@ def verify_opening(
         if leaf_digest(nonce, b, op, tensor) != opening.leaves[index[(b, op)]]:
             return f"opening: block {b} {op} differs from the committed tensor"
     return None
+
+
+def opening_line(lease_id: str, opening: Opening) -> bytes:
+    """A resident agent's answer to a challenge (protocol.stream.open_request_line), one line."""
+    tensors = [
+        [b, op, t.dtype.str, list(t.shape), base64.b64encode(np.ascontiguousarray(t).tobytes()).decode()]
+        for (b, op), t in opening.tensors.items()
+    ]
+    body = {"o": lease_id, "t": tensors, "leaves": [leaf.hex() for leaf in opening.leaves]}
+    return json.dumps(body, separators=(",", ":")).encode() + b"\n"
+
+
+ALLOWED_DTYPES = ("<f4", "|i1", "<i4")
+
+
+def opening_from_line(line: bytes) -> Opening:
+    """The opening in an agent's `{"o": ...}` line; ValueError saying what is wrong otherwise."""
+    try:
+        obj = json.loads(line)
+        tensors = {}
+        for b, op, dtype, shape, data in obj["t"]:
+            if dtype not in ALLOWED_DTYPES:
+                raise ValueError(f"dtype {dtype!r} (expected one of {ALLOWED_DTYPES})")
+            raw = base64.b64decode(data, validate=True)
+            tensors[(int(b), str(op))] = np.frombuffer(raw, dtype=np.dtype(dtype)).reshape(
+                [int(n) for n in shape]
+            )
+        leaves = [bytes.fromhex(h) for h in obj["leaves"]]
+    except (ValueError, KeyError, TypeError, binascii.Error) as exc:
+        raise ValueError(f"an opening line: {exc}") from None
+    return Opening(tensors, leaves)

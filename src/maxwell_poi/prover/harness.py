@@ -22,7 +22,7 @@ from typing import BinaryIO
 
 from ..protocol.errors import PoiError
 from ..protocol.lease import Lease
-from ..protocol.stream import receipt_line, refusal_line
+from ..protocol.stream import OPEN_REQUEST_PREFIX, parse_open_request, receipt_line, refusal_line
 from .stream import bound_to_lease, streaming_leases_to, streaming_to
 
 AnswerOne = Callable[[Lease], bytes]
@@ -65,6 +65,13 @@ def one_at_a_time(answer: AnswerOne) -> AnswerMany:
         return out
 
     return many
+
+
+def _open_id(raw: bytes) -> str:
+    try:
+        return parse_open_request(raw)[0]
+    except ValueError:
+        return ""
 
 
 def _lease_id_of(raw: bytes) -> str:
@@ -121,9 +128,11 @@ def serve_resident(
     gather_s: float = 0.02,
     stdin: BinaryIO | None = None,
     stdout: BinaryIO | None = None,
+    opener: Callable[[bytes], bytes] | None = None,
 ) -> int:
     """Answer leases until stdin closes. A lease that does not parse, or that the prover refuses,
-    gets a refusal line; the agent goes on with the next. Exit status 0."""
+    gets a refusal line; the agent goes on with the next. An L3 challenge line
+    (`{"open": ...}`) is answered by `opener` (its opening line), or refused. Exit status 0."""
     out = stdout or sys.stdout.buffer
     lock = threading.Lock()
     gatherer = _Gatherer(stdin or sys.stdin.buffer, max_batch, gather_s)
@@ -136,6 +145,9 @@ def serve_resident(
     while batch := gatherer.next_batch():
         leases = []
         for raw in batch:
+            if raw.startswith(OPEN_REQUEST_PREFIX):
+                write(opener(raw) if opener else refusal_line(_open_id(raw), "this agent keeps no trace"))
+                continue
             try:
                 leases.append(Lease.from_json(raw.strip()))
             except PoiError as exc:

@@ -28,6 +28,8 @@ from ..protocol.receipt import (
     token_output,
 )
 from ..protocol.sampling import SeededSampler
+from ..protocol.stream import parse_open_request, refusal_line
+from ..protocol.trace import Opening, Trace, opening_line
 from ..registry.forward import embed_one, generate
 from ..registry.models import LoadedModel, ReferenceValues, Registry
 from .recorder import ActivationRecorder, CommitmentBuilder
@@ -127,6 +129,8 @@ class Prover:
             if recorder is not None:
                 trace = recorder.trace()
                 trace.save(self.trace_dir / f"{lease.lease_id}.npz")
+                # the leaves are bound to the nonce: kept beside the trace, so an opening survives a restart
+                (self.trace_dir / f"{lease.lease_id}.nonce").write_text(lease.nonce)
                 trace_root = trace.root(lease.nonce_bytes)
             output = token_output(tokens, claimed.vocab)
         else:
@@ -135,6 +139,22 @@ class Prover:
         return claims_for(
             lease, claimed, builder, output=output, runtime=self.runtime(), trace_root=trace_root
         )
+
+    def open_line(self, request: bytes) -> bytes:
+        """Answer an L3 challenge (protocol.stream.open_request_line) from the kept trace: the asked
+        tensors and every leaf digest, one line; a refusal line when it cannot."""
+        try:
+            lease_id, keys = parse_open_request(request)
+        except ValueError as exc:
+            return refusal_line("", str(exc))
+        path = self.trace_dir / f"{lease_id}.npz" if self.trace_dir else None
+        if path is None or not path.exists():
+            return refusal_line(lease_id, f"no kept trace for lease {lease_id}")
+        trace = Trace.load(path)
+        if any(k not in trace.tensors for k in keys):
+            return refusal_line(lease_id, f"the trace has no tensor among {keys[:4]}")
+        nonce = bytes.fromhex(path.with_suffix(".nonce").read_text())
+        return opening_line(lease_id, Opening({k: trace.tensors[k] for k in keys}, trace.leaves(nonce)))
 
     def generate(self, lease: Lease, model: LoadedModel) -> tuple[list[int], CommitmentBuilder]:
         job = lease.job
