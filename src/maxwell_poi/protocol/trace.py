@@ -163,9 +163,8 @@ def opening_from_line(line: bytes) -> Opening:
             if dtype not in ALLOWED_DTYPES:
                 raise ValueError(f"dtype {dtype!r} (expected one of {ALLOWED_DTYPES})")
             raw = base64.b64decode(data, validate=True)
-            tensors[(int(b), str(op))] = np.frombuffer(raw, dtype=np.dtype(dtype)).reshape(
-                [int(n) for n in shape]
-            )
+            array = np.frombuffer(raw, dtype=np.dtype(dtype)).reshape([int(n) for n in shape])
+            tensors[(int(b), str(op))] = array.copy()  # writable: the checks hand it to torch
         leaves = [bytes.fromhex(h) for h in obj["leaves"]]
     except (ValueError, KeyError, TypeError, binascii.Error) as exc:
         raise ValueError(f"an opening line: {exc}") from None

@@ -112,17 +112,22 @@ def check_block(
             residuals[op] = key.residual(block, op, replay(), t[op])
             if not residuals[op] <= tol:  # NaN fails too
                 return BlockCheck(block, False, op, residuals, _why(block, op, residuals[op], tol))
-        out = x + t["attn"] + t["mlp"]
-        committed = torch.from_numpy(np.asarray(output, dtype=np.float32))
-        diff = float((out - committed).abs().max()) / max(float(committed.abs().max()), 1e-30)
-        residuals["residual_stream"] = diff
-        if not diff <= tol:
-            return BlockCheck(
-                block, False, "residual_stream", residuals, _why(block, "residual_stream", diff, tol)
-            )
-    return BlockCheck(
-        block, True, None, residuals, f"block {block}: 4 linear operations and the residual stream hold"
-    )
+        ok = f"block {block}: 4 linear operations and the residual stream hold"
+        return _residual_stream(block, x + t["attn"] + t["mlp"], output, tol, residuals, ok)
+
+
+def _residual_stream(
+    block: int, mine: torch.Tensor, output: np.ndarray, tol: float, residuals: dict[str, float], ok: str
+) -> BlockCheck:
+    """The block's committed output must be its input plus the two committed branches."""
+    committed = torch.from_numpy(np.asarray(output, dtype=np.float32))
+    diff = float((mine - committed).abs().max()) / max(float(committed.abs().max()), 1e-30)
+    residuals["residual_stream"] = diff
+    if not diff <= tol:
+        return BlockCheck(
+            block, False, "residual_stream", residuals, _why(block, "residual_stream", diff, tol)
+        )
+    return BlockCheck(block, True, None, residuals, ok)
 
 
 def _attention(qkv: torch.Tensor, heads: int) -> torch.Tensor:
@@ -266,14 +271,5 @@ def check_block_int(
                 why = (f"block {block} {op}: the int32 accumulator does not equal the int8 product "
                        f"(exact Freivalds, soundness error {key.soundness_error:.0e})")  # fmt: skip
                 return BlockCheck(block, False, op, residuals, why)
-        result = x + out("attn") + out("mlp")
-        committed = torch.from_numpy(np.asarray(output, dtype=np.float32))
-        diff = float((result - committed).abs().max()) / max(float(committed.abs().max()), 1e-30)
-        residuals["residual_stream"] = diff
-        if not diff <= tol:
-            return BlockCheck(
-                block, False, "residual_stream", residuals, _why(block, "residual_stream", diff, tol)
-            )
-    return BlockCheck(
-        block, True, None, residuals, f"block {block}: 4 int8 products exact, residual stream holds"
-    )
+        ok = f"block {block}: 4 int8 products exact, residual stream holds"
+        return _residual_stream(block, x + out("attn") + out("mlp"), output, tol, residuals, ok)
