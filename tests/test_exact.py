@@ -147,10 +147,42 @@ def bf16_fc(block: int):
     return change
 
 
+def no_causal_mask(block: int):
+    """The prompt's positions also attend to later prompt positions (a wrong mask) in one block."""
+
+    def change(model) -> None:
+        attn = model.layers[block].attn
+        seen: list[torch.Tensor] = []
+        attn.c_attn.register_forward_hook(lambda _m, _i, out: seen.append(out))
+
+        def unmasked(_module, args):
+            qkv = seen.pop()
+            if qkv.shape[1] < 2:  # a decode step: one position, nothing to unmask
+                return args
+            heads, d = attn.num_heads, qkv.shape[-1] // 3
+            q, k, v = (z.reshape(*z.shape[:2], heads, d // heads).transpose(1, 2) for z in qkv.split(d, -1))
+            context = torch.softmax(q @ k.transpose(-1, -2) / (d // heads) ** 0.5, -1) @ v
+            return (context.transpose(1, 2).reshape(*qkv.shape[:2], d),)
+
+        attn.c_proj.register_forward_pre_hook(unmasked)
+
+    return change
+
+
 @pytest.mark.parametrize(
     ("change", "block", "op"),
-    [(noisy_block(1), 1, "fc"), (skipped_head(0), 0, "attn"), (bf16_fc(1), 1, "fc")],
-    ids=["wrong-weights-in-one-block", "attention-head-skipped", "one-product-in-bf16"],
+    [
+        (noisy_block(1), 1, "fc"),
+        (skipped_head(0), 0, "attn"),
+        (no_causal_mask(1), 1, "attn"),
+        (bf16_fc(1), 1, "fc"),
+    ],
+    ids=[
+        "wrong-weights-in-one-block",
+        "attention-head-skipped",
+        "attention-without-its-mask",
+        "one-product-in-bf16",
+    ],
 )
 def test_a_cheat_in_one_block_is_named_when_that_block_is_opened(
     change, block, op, registry, key_of_maxwell, tmp_path
