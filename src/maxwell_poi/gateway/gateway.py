@@ -114,10 +114,10 @@ class Gateway:
         return self.balance(requester_id)
 
     def balance(self, requester_id: str) -> dict[str, Any]:
-        balances = self.control.ledger.balances()
+        """The requester's two accounts (opened at enrolment), not every balance in the ledger."""
         return {
-            "wallet_micro": balances.get(requester_account(requester_id), 0),
-            "held_micro": balances.get(requester_escrow(requester_id), 0),
+            "wallet_micro": self.control.ledger.balance(requester_account(requester_id)),
+            "held_micro": self.control.ledger.balance(requester_escrow(requester_id)),
         }
 
     def _requester(self, requester_id: str) -> RequesterRow:
@@ -249,7 +249,7 @@ class Gateway:
                 )
             )
             # registered before commit: the node's pull may come before issue_directed returns
-            live.append(self._live(pulled))
+            live.append(self._live(pulled, node_id))
             self._verdicts[lease_id] = threading.Event()
             self.live[lease_id] = live[0]
 
@@ -278,7 +278,7 @@ class Gateway:
             )
         return offers, node
 
-    def _live(self, pulled: PulledLease) -> LiveLease:
+    def _live(self, pulled: PulledLease, node_id: str) -> LiveLease:
         """The running appraisal: the audit lottery is drawn here, once, with the tier's probability."""
         lease = pulled.lease
         drawn = secrets.randbelow(1_000_000) < pulled.audit_probability * 1_000_000
@@ -289,17 +289,22 @@ class Gateway:
             audit = StreamingAudit(lease, model, tol, block=AUDIT_BLOCK)
         profile = self.control.profiles.get(lease.model_id, resident_profile_key())
         checks = RunningChecks(profile, self.registry.reference(lease.model_id)) if profile else None
-        return LiveLease(lease, audit, checks)
+        return LiveLease(lease, audit, checks, node_id)
 
     # -- the node's relay -------------------------------------------------------------------------------
 
     def check_node(self, node_id: str, lease_id: str) -> None:
-        with Session(self.control.ledger.engine) as session:
-            row = session.get(LeaseRow, lease_id)
-        if row is not None and row.node_id != node_id:
-            raise ApiError(
-                403, f"a relay from node {row.node_id!r}, the lease's node", f"one from {node_id!r}"
-            )
+        """A relay must come from the lease's node: known in memory while the lease streams (no
+        database read per relay), looked up otherwise."""
+        live = self.live.get(lease_id)
+        if live is not None:
+            expected = live.node_id
+        else:
+            with Session(self.control.ledger.engine) as session:
+                row = session.get(LeaseRow, lease_id)
+            expected = row.node_id if row is not None else node_id
+        if expected != node_id:
+            raise ApiError(403, f"a relay from node {expected!r}, the lease's node", f"one from {node_id!r}")
 
     def relay(
         self, node_id: str, lease_id: str, tokens: list[list[float]], chunks: list[tuple[int, bytes]]

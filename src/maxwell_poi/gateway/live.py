@@ -23,15 +23,13 @@ import threading
 from dataclasses import dataclass, field
 from typing import Any
 
-import numpy as np
-
 from ..protocol.fingerprint import chunk_size_bytes
 from ..protocol.lease import GenerateJob, Lease
 from ..protocol.receipt import OpenedReceipt
 from ..protocol.result import LayerName, LayerResult, Status
 from ..registry.models import ReferenceValues
 from ..registry.profiles import Profile
-from ..verifier.boundary import MAX_BURST_RUN, interval_lower_bound, longest_burst
+from ..verifier.boundary import BURST_GAP, MAX_BURST_RUN, interval_lower_bound
 from ..verifier.streaming import StreamingAudit
 
 MIN_WINDOW = 8  # tokens before the running pace and work checks judge anything
@@ -54,21 +52,28 @@ class RunningChecks:
         self.profile = profile
         self.flops_per_token = reference.flops_per_token
         self.lower_gap = interval_lower_bound(profile)
+        self.burst_gap = BURST_GAP * profile.interval_s.median  # L2's burst rule (boundary.longest_burst)
+        self._gaps = 0  # gaps already folded into the run counts: each call looks at new ones only
+        self._run = self._longest = 0
 
     def judge(self, arrivals: list[Arrival]) -> str | None:
+        """Called after every token: O(new tokens), not O(all tokens), on the relay's path."""
+        for i in range(self._gaps + 1, len(arrivals)):
+            short = arrivals[i].t - arrivals[i - 1].t < self.burst_gap
+            self._run = self._run + 1 if short else 0
+            self._longest = max(self._longest, self._run)
+        self._gaps = max(len(arrivals) - 1, 0)
         if len(arrivals) < MIN_WINDOW:
             return None
-        t = np.array([a.t for a in arrivals])
-        gaps = np.diff(t)
-        mean = float(gaps.mean())
+        mean = (arrivals[-1].t - arrivals[0].t) / (len(arrivals) - 1)  # the mean of the gaps
         if mean < self.lower_gap:
             return (
                 f"running pace: expected tokens >= {self.lower_gap * 1000:.1f} ms apart on average, "
                 f"measured {mean * 1000:.2f} ms over {len(arrivals)} tokens"
             )
-        run = longest_burst(gaps, self.profile)
-        if run > MAX_BURST_RUN:
-            return f"running pace: expected at most {MAX_BURST_RUN} tokens in a row in a burst, got {run}"
+        if self._longest > MAX_BURST_RUN:
+            longest = self._longest
+            return f"running pace: expected at most {MAX_BURST_RUN} tokens in a row in a burst, got {longest}"
         cpu = arrivals[-1].cpu_s - arrivals[0].cpu_s
         floor = (len(arrivals) - 1) * self.flops_per_token / self.profile.peak_flops_per_cpu_s
         if cpu + 2 * 0.004 < floor:  # two accounting ticks of benefit of the doubt, as L1 gives
@@ -95,14 +100,15 @@ class LiveLease:
         lease: Lease,
         audit: StreamingAudit | None,
         checks: RunningChecks | None,
-        chunk_bytes: int | None = None,
+        node_id: str = "",
     ) -> None:
         assert isinstance(lease.job, GenerateJob)
         self.lease = lease
         self.job: GenerateJob = lease.job
         self.audit = audit  # None: not drawn for audit (the running checks still apply)
         self.checks = checks
-        self.chunk_bytes = chunk_bytes or chunk_size_bytes(self.job.fingerprint_k)
+        self.node_id = node_id  # the only node whose relays this lease takes
+        self.chunk_bytes = chunk_size_bytes(self.job.fingerprint_k)
         self.arrivals: list[Arrival] = []
         self.chunks = 0
         self.cut_reason = ""
@@ -120,13 +126,12 @@ class LiveLease:
         with self._lock:
             if self.cut:
                 return self.cut_reason
-            fresh = tokens
-            if [a.position for a in fresh] != list(
-                range(len(self.arrivals), len(self.arrivals) + len(fresh))
+            if [a.position for a in tokens] != list(
+                range(len(self.arrivals), len(self.arrivals) + len(tokens))
             ):
                 return self._cut(
                     f"relay: expected positions from {len(self.arrivals)} in order, got "
-                    f"{[a.position for a in fresh[:5]]}",
+                    f"{[a.position for a in tokens[:5]]}",
                     None,
                 )
             for index, data in chunks:
@@ -135,7 +140,7 @@ class LiveLease:
                 self.chunks += 1
                 if self.audit and (finding := self.audit.receive_chunk(index, data)):
                     return self._cut(f"streaming audit: {finding.reason}", finding.first_bad_token)
-            for a in fresh:  # one at a time: each token is forwarded only once the checks it triggers pass
+            for a in tokens:  # one at a time: each token is forwarded only once the checks it triggers pass
                 self.arrivals.append(a)
                 if self.audit and (finding := self.audit.receive(a.token)):
                     return self._cut(f"streaming audit: {finding.reason}", finding.first_bad_token)

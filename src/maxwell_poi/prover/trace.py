@@ -9,6 +9,7 @@ from __future__ import annotations
 import torch
 
 from ..protocol.trace import OUT, Trace
+from ..registry.blocks import linears
 from ..registry.models import LoadedModel
 
 
@@ -25,12 +26,7 @@ class TraceRecorder:
         self._handles = []
         for b, block in enumerate(model.layers):
             self._handles.append(block.register_forward_pre_hook(self._keep_input(b), with_kwargs=True))
-            for op, module in (
-                ("qkv", block.attn.c_attn),
-                ("attn", block.attn.c_proj),
-                ("fc", block.mlp.c_fc),
-                ("mlp", block.mlp.c_proj),
-            ):
+            for op, module in linears(block).items():
                 self._handles.append(module.register_forward_hook(self._keep_output(b, op)))
         last = model.layers[-1]
         self._handles.append(last.register_forward_hook(self._keep_output(self.blocks - 1, OUT)))

@@ -11,8 +11,8 @@ import numpy as np
 import torch
 
 from ..protocol.trace import OUT, Trace
+from ..registry.blocks import linears
 from ..registry.models import LoadedModel
-from ..registry.w8a8 import linears
 
 
 class IntTraceRecorder:

@@ -15,7 +15,10 @@ import copy
 import torch
 from torch import nn
 
+from .blocks import linears, replace_linears
 from .models import LoadedModel
+
+__all__ = ["QMAX", "W8A8Linear", "linears", "quantize_rows", "quantized"]
 
 QMAX = 127
 
@@ -46,23 +49,11 @@ class W8A8Linear(nn.Module):
         return acc.to(torch.float32) * x_scale * self.weight_scale + self.bias
 
 
-def linears(block: nn.Module) -> dict[str, nn.Module]:
-    return {
-        "qkv": block.attn.c_attn,
-        "attn": block.attn.c_proj,
-        "fc": block.mlp.c_fc,
-        "mlp": block.mlp.c_proj,
-    }
-
-
 def quantized(model: LoadedModel) -> LoadedModel:
     """The W8A8 variant of a GPT-2 model (a copy; the registry's stays float)."""
     if model.spec.family != "gpt2":
         raise ValueError(f"the W8A8 variant covers GPT-2 blocks so far, not {model.spec.family!r}")
     variant = model.with_module(copy.deepcopy(model.module))
     for block in variant.layers:
-        block.attn.c_attn = W8A8Linear(block.attn.c_attn)
-        block.attn.c_proj = W8A8Linear(block.attn.c_proj)
-        block.mlp.c_fc = W8A8Linear(block.mlp.c_fc)
-        block.mlp.c_proj = W8A8Linear(block.mlp.c_proj)
+        replace_linears(block, W8A8Linear)
     return variant

@@ -82,22 +82,8 @@ class Market:
             self.registry.reference(body.model_id)
         except UnknownModelError as exc:
             raise ApiError(422, "a registered model_id", str(exc)) from None
-        digest = hashlib.sha256(body.model_dump_json().encode()).hexdigest()
-        expected = self.expected_j(body.model_id, body.job)
-        row = BidRow(
-            agent_id=agent_id,
-            bid_id=body.bid_id,
-            request_sha256=digest,
-            model_id=body.model_id,
-            precision=body.precision,
-            job=body.job.model_dump_json(),
-            price_micro_per_j=body.price_micro_per_j,
-            stake_micro=body.stake_micro,
-            expected_j=expected,
-            status="open",
-            reason="",
-            created_at=time.time(),
-        )
+        row = self._bid_row(agent_id, body, time.time())
+        digest = row.request_sha256
         try:
             with self.ledger.session() as session, session.begin():
                 self._refuse_flood(session, agent_id, body.bid_id)
@@ -148,20 +134,7 @@ class Market:
         them): its bid row, energy hold and stake in one transaction with whatever `extra` adds (the
         requester's hold). (the lease, "") or (None, why it could not be issued)."""
         now = time.time()
-        row = BidRow(
-            agent_id=agent_id,
-            bid_id=bid.bid_id,
-            request_sha256=hashlib.sha256(bid.model_dump_json().encode()).hexdigest(),
-            model_id=bid.model_id,
-            precision=bid.precision,
-            job=bid.job.model_dump_json(),
-            price_micro_per_j=bid.price_micro_per_j,
-            stake_micro=bid.stake_micro,
-            expected_j=self.expected_j(bid.model_id, bid.job),
-            status="open",
-            reason="",
-            created_at=now,
-        )
+        row = self._bid_row(agent_id, bid, now)
         with self.ledger.session() as session, session.begin():
             session.add(row)
             session.flush()
@@ -174,6 +147,23 @@ class Market:
             with self._pulled:
                 self._pulled.notify_all()
         return pulled, why
+
+    def _bid_row(self, agent_id: str, body: BidBody, now: float) -> BidRow:
+        """An open bid as stored: the same row for a signed bid and a gateway's directed one."""
+        return BidRow(
+            agent_id=agent_id,
+            bid_id=body.bid_id,
+            request_sha256=hashlib.sha256(body.model_dump_json().encode()).hexdigest(),
+            model_id=body.model_id,
+            precision=body.precision,
+            job=body.job.model_dump_json(),
+            price_micro_per_j=body.price_micro_per_j,
+            stake_micro=body.stake_micro,
+            expected_j=self.expected_j(body.model_id, body.job),
+            status="open",
+            reason="",
+            created_at=now,
+        )
 
     def wait_for_leases(self, timeout_s: float) -> None:
         """A long-polling pull waits here until a directed lease is issued (or the timeout)."""

@@ -26,6 +26,7 @@ import numpy as np
 import torch
 
 from ..protocol.trace import OPS, OUT, Opening, verify_opening
+from ..registry.blocks import linears
 from ..registry.forward import prefill
 from ..registry.models import LoadedModel
 
@@ -79,8 +80,12 @@ def _key(blocks: int, index: int) -> tuple[int, str]:
 def _agrees(committed: np.ndarray, reference: np.ndarray) -> bool:
     if committed.shape != reference.shape:
         return False
-    scale = max(float(np.abs(reference).max()), 1e-30)
-    return float(np.abs(committed - reference).max()) / scale <= STATE_TOL
+    return relative_diff(committed, reference) <= STATE_TOL
+
+
+def relative_diff(theirs: np.ndarray, mine: np.ndarray) -> float:
+    """max |theirs − mine| over max |mine|: how far a committed tensor is from Maxwell's."""
+    return float(np.abs(theirs - mine).max()) / max(float(np.abs(mine).max()), 1e-30)
 
 
 def bisect(
@@ -144,8 +149,7 @@ def _settle(
     mine = recompute_block(model, block, opening.tensors[(block, "x")])
     for op in (*OPS[1:], "out"):
         theirs = opening.tensors[(block, op)] if op != "out" else opening.tensors[_key(blocks, block + 1)]
-        scale = max(float(np.abs(mine[op]).max()), 1e-30)
-        diff = float(np.abs(theirs - mine[op]).max()) / scale
+        diff = relative_diff(theirs, mine[op])
         if not diff <= OP_TOL:
             return DisputeResult(
                 False, block, op, probes,
@@ -161,15 +165,9 @@ def recompute_block(model: LoadedModel, block: int, x: np.ndarray) -> dict[str, 
     """Maxwell's own run of one GPT-2 block from an input: each linear output and the block's output."""
     module = model.layers[block]
     got: dict[str, np.ndarray] = {}
-    mods = {
-        "qkv": module.attn.c_attn,
-        "attn": module.attn.c_proj,
-        "fc": module.mlp.c_fc,
-        "mlp": module.mlp.c_proj,
-    }
     hooks = [
         m.register_forward_hook(lambda _m, _i, out, op=op: got.__setitem__(op, out[0].detach().numpy()))
-        for op, m in mods.items()
+        for op, m in linears(module).items()
     ]
     try:
         with torch.no_grad():

@@ -29,23 +29,14 @@ import torch.nn.functional as F
 from ..protocol.receipt import ReceiptClaims
 from ..protocol.result import LayerName, LayerResult, Status
 from ..protocol.trace import OPS, OUT, Opening, verify_opening
+from ..registry.blocks import linears
 from ..registry.models import LoadedModel
-from ..registry.w8a8 import linears, quantize_rows
+from ..registry.w8a8 import quantize_rows
 
-LINEAR_OPS = ("qkv", "attn", "fc", "mlp")
 VECTORS = 2  # independent r per operation: a wrong product passes both with probability ~0 (floats)
 # honest fp32 residuals sit near 1e-7 (CPU, threads 1-2, batch 1-4: bench/exact.py); one weight row
 # perturbed by 0.1% moves them past 1e-4
 FP32_TOLERANCE = 1e-5
-
-
-def _modules(block: torch.nn.Module) -> dict[str, torch.nn.Module]:
-    return {
-        "qkv": block.attn.c_attn,
-        "attn": block.attn.c_proj,
-        "fc": block.mlp.c_fc,
-        "mlp": block.mlp.c_proj,
-    }
 
 
 @dataclass
@@ -62,7 +53,7 @@ class FreivaldsKey:
         wr, br, r = {}, {}, {}
         with torch.no_grad():
             for b, block in enumerate(model.layers):
-                for op, conv in _modules(block).items():
+                for op, conv in linears(block).items():
                     weight = conv.weight.detach().to(torch.float64)  # Conv1D: [in, out], y = x·W + b
                     vec = torch.randn(weight.shape[1], vectors, generator=gen, dtype=torch.float64)
                     r[(b, op)] = vec
