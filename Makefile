@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
 .PHONY: demo test bench bench-node signals lint clean calibrate bench-service-fuzz bench-service-load bench-service-crash \
-	reliability peers detection-floor speculative bf16-int8 train-model classifier gateway audit-throughput
+	reliability peers detection-floor speculative bf16-int8 train-model classifier gateway exact audit-throughput
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -69,6 +69,10 @@ classifier: $(STAMP)
 # issue 11: the OpenAI gateway end to end (overhead, live detection latency, honest cuts; ~8 min)
 gateway: $(STAMP)
 	$(BIN)/python bench/gateway.py
+
+# issue 12: L3 exact audits and disputes (trace cost, Freivalds vs recompute, ~1B shape; ~4 min)
+exact: $(STAMP)
+	$(BIN)/python bench/exact.py
 
 bf16-int8: $(STAMP)
 	$(BIN)/python bench/bf16_int8.py
