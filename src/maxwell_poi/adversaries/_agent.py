@@ -22,6 +22,9 @@ def parser(description: str) -> argparse.ArgumentParser:
     p.add_argument("--key", type=Path, required=True, help="this agent's private key (PEM)")
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--resident", action="store_true", help="answer lease after lease until stdin closes")
+    p.add_argument(
+        "--trace-dir", type=Path, default=None, help="keep activation traces and answer L3 challenges"
+    )
     return p
 
 
@@ -36,7 +39,12 @@ class SwappedProver(Prover):
         return self._swap(lease, self.registry)
 
 
-def run(args: argparse.Namespace, make_answer: Callable[[AgentKey], Callable[[Lease], bytes]]) -> None:
+def run(
+    args: argparse.Namespace,
+    make_answer: Callable[[AgentKey], Callable[[Lease], bytes]],
+    opener: Callable[[bytes], bytes] | None = None,
+) -> None:
+    """`opener`: answers L3 challenges (a prover keeping traces); None refuses them."""
     quiet_libraries()
     key = AgentKey.load(args.key)
     if args.threads:
@@ -44,9 +52,19 @@ def run(args: argparse.Namespace, make_answer: Callable[[AgentKey], Callable[[Le
 
         torch.set_num_threads(args.threads)
     answer = make_answer(key)
-    sys.exit(serve_resident(one_at_a_time(answer)) if args.resident else serve_one(answer))
+    sys.exit(serve_resident(one_at_a_time(answer), opener=opener) if args.resident else serve_one(answer))
 
 
 def run_modified(args: argparse.Namespace, modify: Callable[[LoadedModel], LoadedModel]) -> None:
-    """Serve leases with the honest pipeline on `modify(leased model)`, claiming the original."""
-    run(args, lambda key: SwappedProver(key, lambda lease, reg: modify(reg.load(lease.model_id))).run)
+    """Serve leases with the honest pipeline on `modify(leased model)`, claiming the original. With
+    --trace-dir it keeps the (faithful) trace of its modified run and opens it when challenged."""
+    made: dict[str, LoadedModel] = {}  # modified once per model, not per lease
+
+    def swap(lease: Lease, registry: Registry) -> LoadedModel:
+        if lease.model_id not in made:
+            made[lease.model_id] = modify(registry.load(lease.model_id))
+        return made[lease.model_id]
+
+    trace_dir = getattr(args, "trace_dir", None)
+    prover = SwappedProver(AgentKey.load(args.key), swap, trace_dir=trace_dir)
+    run(args, lambda _key: prover.run, prover.open_line if trace_dir else None)

@@ -2,7 +2,13 @@
 
     low     L0 + L1 + L2 on every receipt (cheap: Maxwell's own measurements)
     medium  + the L4 audit lottery, at the deterrence probability (deterrence.py)
-    high    + an exact layer audit (L3, a later issue); until then every lease is audited (p = 1)
+    high    + every lease audited (L4, p = 1)
+    exact   optimistic: accepted at once, its stake held for a challenge window; every lease's
+            activation trace is opened at blocks Maxwell draws after the receipt and checked exactly
+            (L3, Freivalds), the L4 lottery runs at the deterrence probability, and an L4 that
+            disagrees starts a dispute that bisects the trace to one block (service.exact_audits).
+            Off unless the policy sets `exact_from_value`; only for models L3 can check, and the
+            agent must keep its traces (`poi agent --trace-dir`).
 
 The bid's value picks the least tier it must have. Verification costs energy on the node (an
 audit is one prefill: `audit_cost_fraction` of the lease's own work, 1/16.6 on this CPU,
@@ -24,12 +30,20 @@ class Tier(StrEnum):
     LOW = "low"
     MEDIUM = "medium"
     HIGH = "high"
+    EXACT = "exact"
 
 
 TIERS: dict[Tier, tuple[str, ...]] = {
     Tier.LOW: ("L0-integrity", "L1-thermodynamic", "L2-boundary"),
     Tier.MEDIUM: ("L0-integrity", "L1-thermodynamic", "L2-boundary", "L4-audit (lottery)"),
-    Tier.HIGH: ("L0-integrity", "L1-thermodynamic", "L2-boundary", "L4-audit (every lease; L3 to come)"),
+    Tier.HIGH: ("L0-integrity", "L1-thermodynamic", "L2-boundary", "L4-audit (every lease)"),
+    Tier.EXACT: (
+        "L0-integrity",
+        "L1-thermodynamic",
+        "L2-boundary",
+        "L3-exact (every lease, in a challenge window)",
+        "L4-audit (lottery; a disagreement is bisected to one block)",
+    ),
 }
 
 
@@ -64,6 +78,10 @@ class TierPolicy:
     audit_cost_fraction: float = 1 / 16.6  # an audit's energy / the lease's (core.json audit_speedup)
     upgrade_headroom_factor: float = 2.0
     margin: float = DEFAULT_MARGIN
+    # value at which a lease goes to the optimistic exact tier; None = never (agents must keep traces)
+    exact_from_value: float | None = None
+    # L3's energy / the lease's: opening 2 blocks of 12 with Freivalds (bench/results/exact.json)
+    exact_cost_fraction: float = 0.02
 
     def at_tier(
         self, tier: Tier, *, value: float, stake: float, lease_energy_j: float, price_per_j: float
@@ -74,22 +92,34 @@ class TierPolicy:
             p = 0.0
         elif tier is Tier.HIGH:
             p = 1.0
-        else:
+        else:  # medium, and exact's L4 lottery
             # a cheat saves at most all the lease's work; priced at what Maxwell charges for it
             deterrence = audit_probability(
                 reward=value, stake=stake, cost_saved=lease_energy_j * price_per_j, margin=self.margin
             )
             p = deterrence.probability
         verify_j = p * self.audit_cost_fraction * lease_energy_j
+        if tier is Tier.EXACT:
+            verify_j += self.exact_cost_fraction * lease_energy_j
         return TierChoice(tier, p, lease_energy_j, verify_j, False, "", deterrence, TIERS[tier])
 
-    def required(self, value: float) -> Tier:
+    def required(self, value: float, exact_ok: bool = True) -> Tier:
+        """`exact_ok`: L3 can check the lease's model (else the exact tier's value buys high)."""
+        if exact_ok and self.exact_from_value is not None and value >= self.exact_from_value:
+            return Tier.EXACT
         if value >= self.high_from_value:
             return Tier.HIGH
         return Tier.MEDIUM if value >= self.medium_from_value else Tier.LOW
 
     def choose(
-        self, *, value: float, stake: float, lease_energy_j: float, headroom_j: float, price_per_j: float
+        self,
+        *,
+        value: float,
+        stake: float,
+        lease_energy_j: float,
+        headroom_j: float,
+        price_per_j: float,
+        exact_ok: bool = True,
     ) -> TierChoice:
         for name, v in (
             ("value", value),
@@ -101,7 +131,7 @@ class TierPolicy:
             if not v >= 0:
                 raise ValueError(f"{name}: expected a number >= 0, got {v!r}")
         kw = dict(value=value, stake=stake, lease_energy_j=lease_energy_j, price_per_j=price_per_j)
-        need = self.required(value)
+        need = self.required(value, exact_ok)
         chosen = self.at_tier(need, **kw)
         why = f"value {value:g} requires tier {need.value}"
         if need is Tier.LOW:

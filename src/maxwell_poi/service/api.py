@@ -7,8 +7,10 @@
     agents     (signed requests, service.auth)
                POST /v1/bids   GET /v1/agent/bids  /v1/agent/leases  /v1/agent/leases/{id}
                GET  /v1/agent/leases/{id}/ear   POST /v1/agent/leases/{id}/dispute   GET /v1/agent/balance
-    nodes      POST /v1/node/pull (signed request)
+    nodes      POST /v1/node/pull (signed request; carries L3 challenges for its exact-tier leases)
                POST /v1/node/intake (the body carries the node's signed evidence: that is its signature)
+               POST /v1/node/openings (signed request: an agent's answer to an L3 challenge, verbatim)
+    Maxwell    GET  /v1/admin/leases/{id}/challenges (what was asked of an exact-tier lease, and when)
 
 Every refusal is a 4xx with `{"error": {status, expected, got, message}}`; a 500 is a bug.
 """
@@ -45,6 +47,7 @@ from .wire import (
     IntakeAnswer,
     IntakeBody,
     LeaseView,
+    OpeningBody,
     PolicyBody,
     PullBody,
 )
@@ -135,6 +138,11 @@ def create_app(control: ControlPlane) -> FastAPI:
     ) -> list[LeaseView]:
         return control.leases_of(agent_id, limit, offset)
 
+    @app.get("/v1/admin/leases/{lease_id}/challenges", tags=["admin"], dependencies=[Admin])
+    def lease_challenges(lease_id: str) -> list[dict[str, Any]]:
+        """Every opening asked of an exact-tier lease's agent: kind, keys, deadline, what came back."""
+        return control.challenges.of_lease(lease_id)
+
     # -- agents -------------------------------------------------------------------------------------
 
     @app.post("/v1/bids", tags=["agent"], status_code=201)
@@ -186,9 +194,11 @@ def create_app(control: ControlPlane) -> FastAPI:
         limit = min(body.max_leases, control.config.max_leases_per_pull)
         body = body.model_copy(update={"max_leases": limit})
         pulled = control.market.pull(node_id, body)
-        if not pulled and body.wait_s > 0:  # long poll: a directed (gateway) lease wakes it at once
-            control.market.wait_for_leases(body.wait_s)
+        challenges = control.challenges.open_for(node_id)
+        if not pulled and not challenges and body.wait_s > 0:  # long poll: a directed (gateway) lease
+            control.market.wait_for_leases(body.wait_s)  # or an L3 challenge wakes it at once
             pulled = control.market.pull(node_id, body)
+            challenges = control.challenges.open_for(node_id)
         return {
             "node_id": node_id,
             "leases": [
@@ -201,7 +211,13 @@ def create_app(control: ControlPlane) -> FastAPI:
                 }
                 for p in pulled
             ],
+            "challenges": challenges,
         }
+
+    @app.post("/v1/node/openings", tags=["node"])
+    def opening(body: OpeningBody, node_id: NodeId) -> dict[str, Any]:
+        """The lease's node hands in its agent's answer to an L3 challenge (checked by Maxwell)."""
+        return control.challenges.answer(node_id, body)
 
     @app.post("/v1/node/intake", tags=["node"])
     def intake(body: IntakeBody) -> IntakeAnswer:
@@ -213,8 +229,8 @@ def create_app(control: ControlPlane) -> FastAPI:
             raise
         if result is not None:
             metrics.appraised(result, answer.final)
-            if answer.audit_drawn:
-                control.audits.submit(answer.lease_id)
+            if not answer.final:
+                control.queue_audit(answer.lease_id, answer.audit_drawn)
         metrics.intake.labels("duplicate" if answer.duplicate else "accepted").inc()
         metrics.intake_seconds.observe(time.perf_counter() - t0)
         return answer

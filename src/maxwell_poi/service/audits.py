@@ -25,7 +25,7 @@ from ..protocol.keys import Keyring
 from ..protocol.lease import Lease
 from ..protocol.result import AttestationResult, LayerName, LayerResult, Status, verdict_of
 from .audit_backends import AuditBackend, AuditJob
-from .intake import move_stake, pending_audits, stake_outcome
+from .intake import EXACT_TIER, move_stake, pending_audits, stake_outcome
 from .schema import AgentRow, LeaseRow, ReceiptRow, VerdictRow
 
 log = logging.getLogger(__name__)
@@ -99,9 +99,17 @@ class AuditWorkers:
         with Session(self.ledger.engine) as session:
             row, receipt, verdict = (session.get(k, lease_id) for k in (LeaseRow, ReceiptRow, VerdictRow))
             agent = session.get(AgentRow, row.agent_id) if row is not None else None
-        if row is None or receipt is None or verdict is None or verdict.final:
-            return None
-        lease = Lease.from_json(row.lease_json)
+        if row is None or receipt is None or verdict is None or verdict.final or row.tier == EXACT_TIER:
+            return None  # the exact tier's L4 runs inside its own audit (service.exact_audits)
+        audit = self.run_l4(row, receipt, agent)
+        inline = [LayerResult.from_dict(d) for d in json.loads(verdict.layers)]
+        final = finalise(self.ledger, row, with_l4(inline, audit))
+        if final is not None and self.on_done:
+            self.on_done(lease_id, final, time.perf_counter() - t0)
+        return final
+
+    def run_l4(self, row: LeaseRow, receipt: ReceiptRow, agent: AgentRow | None) -> AttestationResult:
+        """L0 + L4 on the backend's workers for a lease taken in (the node's evidence re-opened here)."""
         evidence = open_evidence(receipt.evidence, self.nodes).evidence  # checked here, sent opened
         job = AuditJob(
             row.lease_json,
@@ -110,27 +118,33 @@ class AuditWorkers:
             receipt.received_at,
             agent.public_key if agent is not None else "",
         )
-        audit = AttestationResult.from_dict(self.backend.submit(job).result())
-        inline = [LayerResult.from_dict(d) for d in json.loads(verdict.layers)]
-        layers = [r for r in inline if r.layer != LayerName.AUDIT] + [
-            r for r in audit.layers if r.layer == LayerName.AUDIT or r.status is Status.FAIL
-        ]
-        combined = AttestationResult(
-            lease_id, lease.agent_id, lease.model_id, verdict_of(layers), tuple(layers)
+        return AttestationResult.from_dict(self.backend.submit(job).result())
+
+
+def with_l4(inline: list[LayerResult], audit: AttestationResult) -> list[LayerResult]:
+    """The inline layers with L4's result in place of any earlier one (and anything L0 refused)."""
+    return [r for r in inline if r.layer != LayerName.AUDIT] + [
+        r for r in audit.layers if r.layer == LayerName.AUDIT or r.status is Status.FAIL
+    ]
+
+
+def finalise(ledger: Ledger, row: LeaseRow, layers: list[LayerResult]) -> str | None:
+    """Make a pending lease's verdict final from these layers: verdict, stake release or slash and the
+    lease settled, in one transaction. Idempotent: None when it was already final."""
+    lease = Lease.from_json(row.lease_json)
+    combined = AttestationResult(
+        lease.lease_id, lease.agent_id, lease.model_id, verdict_of(layers), tuple(layers)
+    )
+    outcome = stake_outcome(combined.verdict, row.stake_micro)
+    with ledger.session() as session, session.begin():
+        current = session.get(VerdictRow, lease.lease_id, with_for_update=True)
+        if current is None or current.final:  # finalised by another worker meanwhile
+            return None
+        move_stake(ledger, session, lease.agent_id, lease.lease_id, outcome)
+        current.verdict, current.final, current.stake_outcome = combined.verdict.value, True, outcome
+        current.layers = json.dumps([r.as_dict() for r in layers])
+        current.reason = combined.reason[:4000]
+        session.execute(
+            LeaseRow.__table__.update().where(LeaseRow.lease_id == lease.lease_id).values(status="settled")
         )
-        final = combined.verdict
-        outcome = stake_outcome(final, row.stake_micro)
-        with self.ledger.session() as session, session.begin():
-            current = session.get(VerdictRow, lease_id, with_for_update=True)
-            if current is None or current.final:  # finalised by another worker meanwhile
-                return None
-            move_stake(self.ledger, session, lease.agent_id, lease_id, outcome)
-            current.verdict, current.final, current.stake_outcome = final.value, True, outcome
-            current.layers = json.dumps([r.as_dict() for r in layers])
-            current.reason = combined.reason[:4000]
-            session.execute(
-                LeaseRow.__table__.update().where(LeaseRow.lease_id == lease_id).values(status="settled")
-            )
-        if self.on_done:
-            self.on_done(lease_id, final.value, time.perf_counter() - t0)
-        return final.value
+    return combined.verdict.value

@@ -94,8 +94,11 @@ class ServiceClient:
     def ledger(self) -> Any:
         return self.request("GET", "/v1/admin/ledger", auth="admin")
 
-    def set_policy(self, **policy: float) -> Any:
+    def set_policy(self, **policy: float | None) -> Any:
         return self.request("PUT", "/v1/admin/policy", policy, auth="admin")
+
+    def challenges(self, lease_id: str) -> Any:
+        return self.request("GET", f"/v1/admin/leases/{lease_id}/challenges", auth="admin")
 
     # -- agents -------------------------------------------------------------------------------------
 
@@ -126,6 +129,10 @@ class ServiceClient:
     def pull(self, headroom_j: float, agents: list[str], max_leases: int = 16, wait_s: float = 0.0) -> Any:
         body = {"headroom_j": headroom_j, "agents": agents, "max_leases": max_leases, "wait_s": wait_s}
         return self.request("POST", "/v1/node/pull", body, auth="signed")
+
+    def opening(self, challenge_id: int, lease_id: str, line: bytes) -> Any:
+        body = {"challenge_id": challenge_id, "lease_id": lease_id, "line": line.decode()}
+        return self.request("POST", "/v1/node/openings", body, auth="signed")
 
     def intake(self, lease_id: str, receipt: bytes, evidence: bytes) -> Any:
         body = {"lease_id": lease_id, "receipt": receipt.decode(), "evidence": evidence.decode()}

@@ -31,6 +31,9 @@ class ServiceConfig:
     max_body_bytes: int = 16 << 20
     max_leases_per_pull: int = 64
     max_open_bids: int = 256  # per agent: a flood of bids is refused (429), not stored
+    exact_blocks: int = 2  # exact tier: blocks an L3 challenge opens, drawn after the receipt
+    opening_timeout_s: float = 30.0  # exact tier: how long an agent has to answer one challenge
+    challenge_window_s: float = 60.0  # exact tier: how long a receipt stays challengeable, stake held
     admin_token: str = field(default="", repr=False)  # "" = $POI_HOME/admin.token (created once)
 
     @classmethod
@@ -53,7 +56,7 @@ class ServiceConfig:
         return config
 
     def validate(self) -> None:
-        for name in ("lease_ttl_s", "watts_per_core", "request_skew_s"):
+        for name in ("lease_ttl_s", "watts_per_core", "request_skew_s", "opening_timeout_s"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name}: expected a positive number, got {getattr(self, name)!r}")
         for name in (
@@ -62,9 +65,12 @@ class ServiceConfig:
             "max_body_bytes",
             "max_leases_per_pull",
             "max_open_bids",
+            "exact_blocks",
         ):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}: expected >= 1, got {getattr(self, name)!r}")
+        if not self.challenge_window_s >= 0:
+            raise ValueError(f"challenge_window_s: expected >= 0, got {self.challenge_window_s!r}")
         if self.audit_backend not in AUDIT_BACKENDS:
             raise ValueError(
                 f"audit_backend: expected one of {', '.join(AUDIT_BACKENDS)}, got {self.audit_backend!r}"

@@ -28,8 +28,10 @@ from ..verifier.policy import Verifier
 from ..verifier.thermodynamic import ThermodynamicLayer
 from .audit_backends import open_backend
 from .audits import AuditWorkers
+from .challenges import ChallengeBoard
 from .config import ServiceConfig
 from .errors import ApiError
+from .exact_audits import ExactAudits
 from .intake import Intake
 from .market import Market
 from .schema import AgentRow, DisputeRow, LeaseRow, NodeRow, SettingRow, VerdictRow
@@ -72,6 +74,16 @@ class ControlPlane:
             config.audit_backend, config.audit_workers, registry=self.registry, ray_address=config.ray_address
         )  # L0 + L4 on threads, local processes or Ray actors; finalising stays in AuditWorkers
         self.audits = AuditWorkers(self.ledger, backend, self.nodes, config.audit_workers)
+        self.challenges = ChallengeBoard(self.ledger, wake_nodes=self.market.wake)
+        self.exact = ExactAudits(
+            self.ledger,
+            self.registry,
+            self.challenges,
+            self.audits,
+            blocks=config.exact_blocks,
+            opening_timeout_s=config.opening_timeout_s,
+            window_s=config.challenge_window_s,
+        )
 
     def stream_to(self, lease_id: str) -> str | None:
         """Where the node relays this lease's tokens and chunks as they arrive (a path of this API),
@@ -79,10 +91,21 @@ class ControlPlane:
         return self.live_path(lease_id) if self.live_path else None
 
     def start(self) -> int:
-        """Start the audit workers; returns how many audits were pending from before."""
-        return self.audits.start()
+        """Start the audit workers and the exact tier's; returns how many were pending from before."""
+        return self.audits.start() + self.exact.start()
+
+    def queue_audit(self, lease_id: str, drawn: bool) -> None:
+        """After intake: a drawn L4 goes to the audit workers; the exact tier's worker looks anyway."""
+        if drawn:
+            self.audits.submit(lease_id)
+        self.exact.submit(lease_id)
+
+    def drain(self, timeout_s: float = 300.0) -> bool:
+        """Wait until no audit of either kind is pending (tests, demo)."""
+        return self.audits.drain(timeout_s) and self.exact.drain(timeout_s)
 
     def close(self) -> None:
+        self.exact.close()  # before the audit backend: its L4 runs there
         self.audits.close()  # its threads, then the backend's workers
         self.ledger.engine.dispose()
 

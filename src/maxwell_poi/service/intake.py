@@ -26,6 +26,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from ..economics.energy import measured_energy
+from ..economics.tiers import Tier
 from ..ledger import Ledger
 from ..ledger.book import energy_charge
 from ..observer.attest import SignedEvidence, open_evidence
@@ -38,6 +39,7 @@ from .errors import ApiError
 from .schema import LeaseRow, ReceiptRow, VerdictRow
 from .wire import IntakeAnswer, IntakeBody
 
+EXACT_TIER = Tier.EXACT.value
 STAKE_ON = {Verdict.AFFIRMING: "released", Verdict.CONTRAINDICATED: "slashed", Verdict.WARNING: "held"}
 
 
@@ -86,23 +88,23 @@ class Intake:
             layers = (*result.layers, audited)
             result = replace(result, layers=layers, verdict=verdict_of(list(layers)))
         energy = measured_energy(sub.signed.evidence, self.watts_per_core)
-        drawn = (
-            audited is None
-            and result.verdict is not Verdict.CONTRAINDICATED
-            and _draw(sub.row.audit_probability)
-        )
+        refused = result.verdict is Verdict.CONTRAINDICATED
+        drawn = audited is None and not refused and _draw(sub.row.audit_probability)
+        # the exact tier is optimistic: accepted now, final once its L3 challenge (and any drawn L4 and
+        # dispute) came through and its challenge window closed (service.exact_audits)
+        pending = drawn or (audited is None and not refused and sub.row.tier == EXACT_TIER)
         charge, _ = energy_charge(energy.joules, sub.row.price_micro_per_j)
         verdict = VerdictRow(
             lease_id=sub.lease.lease_id,
             verdict=result.verdict.value,
-            final=not drawn,
+            final=not pending,
             audit_drawn=drawn,
             layers=json.dumps(result.as_dict()["layers"]),
             reason=result.reason[:4000],
             energy_j=energy.joules,
             energy_memo=energy.memo(),
             charge_micro=min(charge, sub.row.hold_micro),
-            stake_outcome="pending" if drawn else stake_outcome(result.verdict, sub.row.stake_micro),
+            stake_outcome="pending" if pending else stake_outcome(result.verdict, sub.row.stake_micro),
             appraised_at=time.time(),
         )
         try:
@@ -218,6 +220,9 @@ def _answer(v: VerdictRow, duplicate: bool) -> IntakeAnswer:
     return IntakeAnswer(duplicate=duplicate, **{name: getattr(v, name) for name in fields})
 
 
-def pending_audits(ledger: Ledger) -> list[str]:
+def pending_audits(ledger: Ledger, exact: bool = False) -> list[str]:
+    """Leases whose verdict is not final yet: the L4 queue, or (`exact`) the exact tier's."""
+    tier = LeaseRow.tier == EXACT_TIER if exact else LeaseRow.tier != EXACT_TIER
     with Session(ledger.engine) as session:
-        return list(session.scalars(select(LeaseRow.lease_id).where(LeaseRow.status == "audit_pending")))
+        query = select(LeaseRow.lease_id).where(LeaseRow.status == "audit_pending", tier)
+        return list(session.scalars(query.order_by(LeaseRow.issued_at)))

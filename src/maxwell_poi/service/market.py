@@ -28,7 +28,7 @@ from ..economics.tiers import TierPolicy
 from ..ledger import Ledger, LedgerError
 from ..observer.host import this_device
 from ..observer.resident import resident_profile_key
-from ..protocol.errors import UnknownModelError
+from ..protocol.errors import PoiError, UnknownModelError
 from ..protocol.lease import Job, Lease
 from ..registry.models import Registry
 from ..registry.profiles import ProfileStore
@@ -49,6 +49,17 @@ class PulledLease:
     command: list[str]
     tier: str
     audit_probability: float
+
+
+# model families whose blocks L3 can trace, open and check exactly (verifier.exact)
+EXACT_FAMILIES = ("gpt2",)
+
+
+def exact_capable(registry: Registry, model_id: str) -> bool:
+    try:
+        return registry.get(model_id).family in EXACT_FAMILIES
+    except PoiError:
+        return False
 
 
 class Market:
@@ -165,6 +176,11 @@ class Market:
             created_at=now,
         )
 
+    def wake(self) -> None:
+        """Long-polling pulls return now (a directed lease, or an L3 challenge for a node)."""
+        with self._pulled:
+            self._pulled.notify_all()
+
     def wait_for_leases(self, timeout_s: float) -> None:
         """A long-polling pull waits here until a directed lease is issued (or the timeout)."""
         with self._pulled:
@@ -229,6 +245,7 @@ class Market:
             lease_energy_j=bid.expected_j,
             headroom_j=headroom,
             price_per_j=price / MICRO,
+            exact_ok=exact_capable(self.registry, bid.model_id),
         )
         if choice.deferred:
             bid.reason = choice.reason  # stays open for a cooler node or a later round

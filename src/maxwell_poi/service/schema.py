@@ -140,6 +140,31 @@ class SettingRow(ServiceBase):
     value: Mapped[str] = mapped_column(Text)  # JSON
 
 
+CHALLENGE_STATES = ("open", "answered", "late")
+CHALLENGE_KINDS = ("l3", "bisect", "settle")
+
+
+class ChallengeRow(ServiceBase):
+    """One opening Maxwell asked of an exact-tier lease's agent (through the lease's node): which
+    traced tensors, by when, and what came back (verbatim; judged by service.exact_audits)."""
+
+    __tablename__ = "cp_challenges"
+    __table_args__ = (
+        CheckConstraint(_one_of("status", CHALLENGE_STATES), name="ck_cp_challenges_status"),
+        CheckConstraint(_one_of("kind", CHALLENGE_KINDS), name="ck_cp_challenges_kind"),
+    )
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    lease_id: Mapped[str] = mapped_column(ForeignKey("cp_leases.lease_id"), index=True)
+    node_id: Mapped[str] = mapped_column(String(ID_LENGTH), index=True)
+    kind: Mapped[str] = mapped_column(String(8))  # l3: drawn blocks; bisect / settle: a dispute's
+    keys: Mapped[str] = mapped_column(Text)  # JSON [[block, op], ...]
+    status: Mapped[str] = mapped_column(String(16), index=True)
+    asked_at: Mapped[float] = mapped_column(Float)
+    deadline: Mapped[float] = mapped_column(Float)
+    answered_at: Mapped[float | None] = mapped_column(Float, nullable=True)
+    answer: Mapped[bytes | None] = mapped_column(LargeBinary, nullable=True)
+
+
 COMPLETION_STATES = ("streaming", "paid", "refunded", "cut")
 
 

@@ -45,6 +45,10 @@ class PolicyBody(Strict):
     audit_cost_fraction: float = Field(gt=0, le=1)
     upgrade_headroom_factor: float = Field(ge=1, le=1e6)
     margin: float = Field(ge=0, le=100)
+    exact_from_value: float | None = Field(
+        default=None, ge=0, le=1e12, description="value from which leases go to the exact tier (None: never)"
+    )
+    exact_cost_fraction: float = Field(default=0.02, gt=0, le=1)
 
 
 class BidBody(Strict):
@@ -76,6 +80,18 @@ class IntakeBody(Strict):
 
 class DisputeBody(Strict):
     statement: str = Field(min_length=1, max_length=20_000)
+
+
+class OpeningBody(Strict):
+    """A resident agent's answer to an L3 challenge, relayed verbatim by the lease's node."""
+
+    challenge_id: int = Field(ge=1, le=2**62)
+    lease_id: str = Field(pattern=r"^[0-9a-f]{32}$")
+    line: str = Field(
+        max_length=16 << 20,
+        description="the agent's opening line ({\"o\": ...}) or refusal ({\"x\": ...}), verbatim; "
+        "empty when the agent gave none",
+    )
 
 
 class ErrorDetail(BaseModel):

@@ -1,0 +1,229 @@
+"""The exact tier (economics.tiers.Tier.EXACT): optimistic acceptance, L3 challenges and disputes.
+
+Intake accepts an exact-tier receipt at once (L0–L2 inline, energy settled) and keeps its stake
+escrowed: the verdict is not final and the lease stays `audit_pending`. Here, for each such lease:
+
+1. **Challenge (L3).** After the receipt is in, Maxwell draws blocks from its CSPRNG, asks the
+   agent — through the lease's node (service.challenges) — to open them from its kept trace, and
+   checks the opening against the receipt's signed trace root and each block exactly (Freivalds on
+   the linear operations with secret vectors, Maxwell's replay of everything between them). No
+   opening in time, a refusal, a forged tensor or a block that does not follow: L3 fails.
+2. **L4 lottery.** If intake drew the lease's audit, the L4 re-execution runs on the audit backend.
+3. **Dispute.** When L4 disagrees and the receipt carries a trace root, Maxwell bisects the trace
+   against its own prefill, asking the agent for one committed block input per round, down to the
+   first block whose committed output does not follow; it recomputes that one block and names the
+   operation. The dispute's result joins the verdict's layers (under L3).
+4. **Window.** A lease whose checks all passed becomes final — stake released — once its challenge
+   window (`challenge_window_s` from intake) has closed; a failed check is final at once (stake
+   slashed, whatever the window).
+
+The queue is the database: on start every pending exact-tier lease is looked at again; one whose
+verdict already carries an L3 result waits only for its window, one without is challenged afresh
+(new draws; the agent keeps its traces for the window, so nothing is lost by a restart).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import asdict
+from typing import Any
+
+from sqlalchemy.orm import Session
+
+from ..ledger import Ledger
+from ..protocol.errors import PoiError
+from ..protocol.lease import Lease
+from ..protocol.receipt import ReceiptClaims, open_receipt
+from ..protocol.result import LayerName, LayerResult, Status
+from ..protocol.trace import OPS, OUT, Opening
+from ..registry.models import LoadedModel, Registry
+from ..verifier.dispute import DisputeResult, bisect, reference_inputs
+from ..verifier.exact import FreivaldsKey, appraise_opening, draw_blocks
+from .audits import AuditWorkers, finalise, with_l4
+from .challenges import ChallengeBoard
+from .intake import pending_audits
+from .schema import AgentRow, LeaseRow, ReceiptRow, VerdictRow
+
+log = logging.getLogger(__name__)
+MAX_RECEIPT = 64 << 20  # taken in already under the lease's own limit; this is only a guard
+
+
+class ExactAudits:
+    def __init__(
+        self,
+        ledger: Ledger,
+        registry: Registry,
+        board: ChallengeBoard,
+        l4: AuditWorkers,
+        *,
+        blocks: int = 2,
+        opening_timeout_s: float = 30.0,
+        window_s: float = 60.0,
+        on_done: Callable[[str, str, float], None] | None = None,
+    ) -> None:
+        self.ledger = ledger
+        self.registry = registry
+        self.board = board
+        self.l4 = l4  # its backend runs the drawn L4 re-executions
+        self.blocks = blocks
+        self.opening_timeout_s = opening_timeout_s
+        self.window_s = window_s
+        self.on_done = on_done
+        self._keys: dict[str, FreivaldsKey] = {}  # secret vectors per model, drawn once per process
+        self._wake = threading.Event()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    # -- the loop -----------------------------------------------------------------------------------
+
+    def start(self) -> int:
+        """Start the worker; returns how many exact-tier leases were pending from before."""
+        self._stop.clear()
+        self._thread = threading.Thread(target=self._loop, name="poi-exact", daemon=True)
+        self._thread.start()
+        return len(pending_audits(self.ledger, exact=True))
+
+    def submit(self, _lease_id: str) -> None:
+        self._wake.set()  # the database is the queue; this only says "look now"
+
+    def close(self) -> None:
+        self._stop.set()
+        self._wake.set()
+        if self._thread is not None:
+            self._thread.join(timeout=60)
+
+    def drain(self, timeout_s: float = 300.0) -> bool:
+        """Wait until no exact-tier lease is pending (tests, demo); False on timeout."""
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if not pending_audits(self.ledger, exact=True):
+                return True
+            self._wake.set()
+            time.sleep(0.05)
+        return False
+
+    def _loop(self) -> None:
+        while not self._stop.is_set():
+            for lease_id in pending_audits(self.ledger, exact=True):
+                if self._stop.is_set():
+                    return
+                try:
+                    self.step(lease_id)
+                except Exception:  # one broken lease must not stop the others; it stays pending
+                    log.exception("exact audit of lease %s failed; it stays pending", lease_id)
+            self._wake.wait(0.5)  # the window sweep: closes leases whose window has passed
+            self._wake.clear()
+
+    # -- one lease ----------------------------------------------------------------------------------
+
+    def step(self, lease_id: str) -> str | None:
+        """Advance one pending lease: challenge it if not yet, finalise it when due. Returns the
+        final verdict when it became final now, else None."""
+        t0 = time.perf_counter()
+        with Session(self.ledger.engine) as session:
+            row, receipt, verdict = (session.get(k, lease_id) for k in (LeaseRow, ReceiptRow, VerdictRow))
+            agent = session.get(AgentRow, row.agent_id) if row is not None else None
+        if row is None or receipt is None or verdict is None or verdict.final:
+            return None
+        layers = [LayerResult.from_dict(d) for d in json.loads(verdict.layers)]
+        if not any(r.layer == LayerName.EXACT for r in layers):
+            layers = layers + self.check(row, receipt, agent, verdict.audit_drawn, layers)
+            failed = any(r.status is Status.FAIL for r in layers)
+            if not failed:  # passed: kept with the verdict until the window closes
+                self._keep_layers(lease_id, layers)
+        else:
+            failed = any(r.status is Status.FAIL for r in layers)
+        if not failed and time.time() < receipt.received_at + self.window_s:
+            return None
+        final = finalise(self.ledger, row, layers)
+        if final is not None and self.on_done:
+            self.on_done(lease_id, final, time.perf_counter() - t0)
+        return final
+
+    def check(
+        self,
+        row: LeaseRow,
+        receipt: ReceiptRow,
+        agent: AgentRow | None,
+        drawn: bool,
+        inline: list[LayerResult],
+    ) -> list[LayerResult]:
+        """L3 on drawn blocks, then (if drawn) L4, then (if L4 disagrees) the dispute: new layers."""
+        lease = Lease.from_json(row.lease_json)
+        try:
+            claims = open_receipt(receipt.receipt, MAX_RECEIPT).claims
+            model = self.registry.load(lease.model_id)
+        except PoiError as exc:  # L0 passed it inline, so this is Maxwell's side: say so, fail closed
+            return [LayerResult(LayerName.EXACT, Status.FAIL, f"L3 could not run: {exc}")]
+        key = self._key(model)
+        l3 = self._challenge(row, lease, claims, model, key)
+        if l3.status is Status.FAIL or not drawn:
+            return [l3]
+        audit = self.l4.run_l4(row, receipt, agent)
+        merged = with_l4(inline, audit)
+        l4 = [r for r in merged if r not in inline]
+        if all(r.status is not Status.FAIL for r in l4) or claims.trace is None:
+            return [l3, *l4]
+        return [l3, *l4, self._dispute(row, lease, claims, model)]
+
+    def _key(self, model: LoadedModel) -> FreivaldsKey:
+        if model.spec.model_id not in self._keys:
+            self._keys[model.spec.model_id] = FreivaldsKey.for_model(model)
+        return self._keys[model.spec.model_id]
+
+    def _challenge(
+        self, row: LeaseRow, lease: Lease, claims: ReceiptClaims, model: LoadedModel, key: FreivaldsKey
+    ) -> LayerResult:
+        blocks = draw_blocks(len(model.layers), self.blocks)  # after the receipt: the agent cannot know
+        if claims.trace is None:
+            return appraise_opening(claims, lease.nonce_bytes, model, key, blocks, None)
+        got = self.board.ask(
+            lease.lease_id, row.node_id, "l3", opening_keys(blocks, len(model.layers)), self.opening_timeout_s
+        )
+        if isinstance(got, str):
+            return LayerResult(LayerName.EXACT, Status.FAIL, f"opening of blocks {blocks}: {got}")
+        return appraise_opening(claims, lease.nonce_bytes, model, key, blocks, got)
+
+    def _dispute(self, row: LeaseRow, lease: Lease, claims: ReceiptClaims, model: LoadedModel) -> LayerResult:
+        t0 = time.perf_counter()
+        reference = reference_inputs(model, model.encode_prompt(lease.job.prompt), claims.tokens())
+        why: list[str] = []
+
+        def opener(keys: list[tuple[int, str]]) -> Opening | None:
+            kind = "settle" if len(keys) > 1 else "bisect"
+            got = self.board.ask(lease.lease_id, row.node_id, kind, keys, self.opening_timeout_s)
+            if isinstance(got, str):
+                why.append(got)
+                return None
+            return got
+
+        result = bisect(model, reference, claims.trace or "", lease.nonce_bytes, opener)
+        return dispute_layer(result, why, time.perf_counter() - t0)
+
+    def _keep_layers(self, lease_id: str, layers: list[LayerResult]) -> None:
+        with self.ledger.session() as session, session.begin():
+            current = session.get(VerdictRow, lease_id, with_for_update=True)
+            if current is not None and not current.final:
+                current.layers = json.dumps([r.as_dict() for r in layers])
+
+
+def opening_keys(blocks: list[int], total: int) -> list[tuple[int, str]]:
+    """What an L3 challenge of these blocks opens: each block's tensors and its output."""
+    keys = [(b, op) for b in blocks for op in OPS]
+    outputs = [(b + 1, "x") if b + 1 < total else (b, OUT) for b in blocks]
+    return keys + [k for k in outputs if k not in keys]
+
+
+def dispute_layer(result: DisputeResult, why: list[str], cost_s: float) -> LayerResult:
+    """A dispute's outcome as an L3 result: the block and operation it found, or why the agent lost."""
+    details: dict[str, Any] = {"dispute": asdict(result)}
+    if result.agent_wins:
+        reason = f"dispute: {result.reason}; the L4 disagreement stands outside the traced blocks"
+        return LayerResult(LayerName.EXACT, Status.PASS, reason, score=1.0, cost_s=cost_s, details=details)
+    where = f"block {result.block} {result.op}" if result.block is not None else "no block"
+    reason = f"dispute lost ({where}, {len(result.probes)} openings): {why[0] if why else result.reason}"
+    return LayerResult(LayerName.EXACT, Status.FAIL, reason, cost_s=cost_s, details=details)

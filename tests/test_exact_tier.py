@@ -1,0 +1,267 @@
+"""The exact tier end to end through the control plane, with REAL resident agents run by a node:
+optimistic acceptance, an L3 challenge relayed by the node to the agent and back, the stake held
+until the challenge window closes, and a dispute settled by bisection that names the block.
+
+Agents (gpt2-micro, 2 blocks): alice (honest, keeps traces), mallory (block 1's weights changed by
+5 %, keeps a faithful trace of what it ran), bob (honest, keeps no trace). Where a test must reach a
+particular path (L3 drawing the honest block so that only L4 and the dispute can catch mallory), it
+fixes Maxwell's draws with monkeypatch — the agent still cannot know them in advance."""
+
+from __future__ import annotations
+
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+from fastapi.testclient import TestClient
+
+from maxwell_poi.ledger import check_ledger
+from maxwell_poi.node.node import Node
+from maxwell_poi.node.remote import RemoteNode
+from maxwell_poi.observer.attest import NodeKey
+from maxwell_poi.observer.resident_runs import measure_resident_profile
+from maxwell_poi.protocol.keys import AgentKey
+from maxwell_poi.registry.profiles import ProfileStore
+from maxwell_poi.service import (
+    ControlPlane,
+    ServiceClient,
+    ServiceConfig,
+    ServiceRefused,
+    exact_audits,
+    intake,
+)
+from maxwell_poi.service.api import create_app
+
+TOKEN = "t"
+STAKE = 100_000
+DEPOSIT = 10_000_000
+TOKENS = 16
+MODEL = "gpt2-micro"
+
+
+@dataclass
+class Tier:
+    cp: ControlPlane
+    admin: ServiceClient
+    agents: dict[str, ServiceClient]
+    node_client: ServiceClient
+    remote: RemoteNode
+    traces: dict[str, Path]
+
+    def serve(self, agent: str, bid_id: str) -> dict[str, Any]:
+        """One lease bid, pulled, run and handed in; the intake answer."""
+        job = {"kind": "generate", "prompt": f"the mill by the river {bid_id}", "max_new_tokens": TOKENS}
+        body = {"bid_id": bid_id, "model_id": MODEL, "job": job, "price_micro_per_j": 100}
+        self.agents[agent].bid({**body, "stake_micro": STAKE})
+        answers = [a for a in self.remote.step() if "verdict" in a]
+        assert len(answers) == 1, answers
+        return answers[0]
+
+    def settle(self, timeout_s: float = 120.0) -> None:
+        """Let the node answer challenges until no exact-tier lease is pending."""
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            self.remote.step()
+            if self.cp.exact.drain(0.2):
+                return
+        raise AssertionError("exact-tier leases still pending")
+
+    def lease(self, agent: str, lease_id: str) -> dict[str, Any]:
+        return self.agents[agent].lease(lease_id)
+
+
+@pytest.fixture(scope="module")
+def tier(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Tier]:
+    tmp = tmp_path_factory.mktemp("exact-tier")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("POI_HOME", str(tmp / "home"))
+        mp.setenv("OMP_NUM_THREADS", "1")  # see test_service_flow: L1/L2 must judge the agent, not the host
+        ProfileStore().put(measure_resident_profile(MODEL, runs=5, tokens=TOKENS, batches=(1,)))
+        config = ServiceConfig.from_env(
+            db=str(tmp / "cp.sqlite"),
+            admin_token=TOKEN,
+            reserve_micro_per_j=20,
+            audit_backend="thread",
+            challenge_window_s=2.0,
+            opening_timeout_s=60.0,
+            exact_blocks=1,
+        )
+        cp = ControlPlane(config)
+        cp.start()
+        node_key = NodeKey.generate()
+        traces = {name: tmp / f"{name}-traces" for name in ("alice", "mallory")}
+        programs = {
+            "alice": ["-m", "maxwell_poi", "agent", "--resident", "--trace-dir", str(traces["alice"])],
+            "mallory": [
+                "-m",
+                "maxwell_poi.adversaries.wrong_block",
+                "--resident",
+                "--block",
+                "1",
+                "--trace-dir",
+                str(traces["mallory"]),
+            ],  # fmt: skip
+            "bob": ["-m", "maxwell_poi", "agent", "--resident"],
+        }
+        with TestClient(create_app(cp)) as tc, Node("n1", node_key, None) as node:
+            admin = ServiceClient("http://test", admin_token=TOKEN, http=tc)
+            admin.enroll_node("n1", node_key.public_hex)
+            clients = {}
+            for name, argv in programs.items():
+                key = AgentKey.generate()
+                key.save(tmp / f"{name}.pem")
+                admin.enroll_agent(
+                    name, key.public_hex, [sys.executable, *argv, "--key", str(tmp / f"{name}.pem")]
+                )
+                admin.deposit(name, DEPOSIT, f"d-{name}")
+                clients[name] = ServiceClient("http://test", key=key, principal=f"agent:{name}", http=tc)
+            policy = admin.request("GET", "/v1/admin/policy", auth="admin")
+            admin.set_policy(**{**policy, "exact_from_value": 0.0})  # every lease of a gpt2 model: exact
+            node_client = ServiceClient("http://test", key=node_key, principal="node:n1", http=tc)
+            remote = RemoteNode(node_client, node, batch=1, headroom=lambda: 1e6)
+            yield Tier(cp, admin, clients, node_client, remote, traces)
+        cp.close()
+
+
+def layers_of(view: dict[str, Any]) -> dict[str, list[dict[str, Any]]]:
+    out: dict[str, list[dict[str, Any]]] = {}
+    for d in view["verdict"]["layers"]:
+        out.setdefault(d["layer"], []).append(d)
+    return out
+
+
+def test_an_honest_exact_lease_is_accepted_at_once_and_final_after_its_challenge_and_window(
+    tier: Tier,
+) -> None:
+    answer = tier.serve("alice", "a1")
+    # optimistic: accepted now (L0-L2 inline), the stake held until the window closes
+    assert (answer["verdict"], answer["final"], answer["stake_outcome"]) == ("affirming", False, "pending")
+    view = tier.lease("alice", answer["lease_id"])
+    assert view["tier"] == "exact"
+    assert tier.cp.ledger.balances()["escrow:alice"] >= STAKE
+    tier.settle()
+    view = tier.lease("alice", answer["lease_id"])
+    verdict = view["verdict"]
+    assert (verdict["final"], verdict["verdict"], verdict["stake_outcome"]) == (True, "affirming", "released")
+    (l3,) = layers_of(view)["L3-exact"]
+    assert l3["status"] == "pass", l3["reason"]
+    assert "checked exactly" in l3["reason"]
+    asked = tier.admin.challenges(answer["lease_id"])
+    assert [(c["kind"], c["status"]) for c in asked] == [("l3", "answered")]
+    assert asked[0]["answer_bytes"] > 0
+    assert tier.cp.ledger.balances()["escrow:alice"] == 0
+
+
+def test_a_wrong_block_drawn_by_the_challenge_is_caught_by_l3_and_the_stake_slashed(
+    tier: Tier, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(exact_audits, "draw_blocks", lambda total, count: [1])  # mallory's block
+    monkeypatch.setattr(intake, "_draw", lambda p: False)  # no L4: L3 alone
+    slashed = tier.cp.ledger.balances().get("maxwell:slashed", 0)
+    answer = tier.serve("mallory", "m1")
+    assert (answer["verdict"], answer["final"]) == ("affirming", False)  # L0-L2 cannot see it
+    tier.settle()
+    view = tier.lease("mallory", answer["lease_id"])
+    verdict = view["verdict"]
+    assert (verdict["final"], verdict["verdict"], verdict["stake_outcome"]) == (
+        True, "contraindicated", "slashed",
+    )  # fmt: skip
+    (l3,) = layers_of(view)["L3-exact"]
+    assert l3["status"] == "fail"
+    assert l3["reason"].startswith("block 1 ")
+    assert tier.cp.ledger.balances()["maxwell:slashed"] == slashed + STAKE
+
+
+def test_when_l4_disagrees_a_dispute_bisects_to_the_wrong_block_and_names_it(
+    tier: Tier, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(exact_audits, "draw_blocks", lambda total, count: [0])  # an honest block
+    monkeypatch.setattr(intake, "_draw", lambda p: True)  # the L4 lottery drew it
+    answer = tier.serve("mallory", "m2")
+    assert (answer["final"], answer["audit_drawn"]) == (False, True)
+    tier.settle()
+    view = tier.lease("mallory", answer["lease_id"])
+    assert (view["verdict"]["verdict"], view["verdict"]["stake_outcome"]) == ("contraindicated", "slashed")
+    layers = layers_of(view)
+    assert layers["L4-audit"][0]["status"] == "fail"
+    challenge, dispute = layers["L3-exact"]
+    assert challenge["status"] == "pass", challenge["reason"]  # block 0 is honest
+    assert dispute["status"] == "fail"
+    found = dispute["details"]["dispute"]
+    assert (found["agent_wins"], found["block"]) == (False, 1)
+    assert found["op"] in ("qkv", "attn", "fc", "mlp", "out")
+    assert "block 1" in dispute["reason"]
+    kinds = [c["kind"] for c in tier.admin.challenges(answer["lease_id"])]
+    assert kinds[0] == "l3" and "settle" in kinds and "bisect" in kinds
+
+
+def test_an_honest_lease_drawn_for_l4_passes_without_a_dispute(
+    tier: Tier, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(intake, "_draw", lambda p: True)
+    answer = tier.serve("alice", "a2")
+    tier.settle()
+    view = tier.lease("alice", answer["lease_id"])
+    assert (view["verdict"]["verdict"], view["verdict"]["stake_outcome"]) == ("affirming", "released")
+    layers = layers_of(view)
+    assert layers["L4-audit"][0]["status"] == "pass"
+    assert len(layers["L3-exact"]) == 1  # the challenge; no dispute
+    assert [c["kind"] for c in tier.admin.challenges(answer["lease_id"])] == ["l3"]
+
+
+def test_an_agent_that_kept_no_trace_fails_l3(tier: Tier) -> None:
+    answer = tier.serve("bob", "b1")
+    tier.settle()
+    view = tier.lease("bob", answer["lease_id"])
+    assert (view["verdict"]["verdict"], view["verdict"]["stake_outcome"]) == ("contraindicated", "slashed")
+    (l3,) = layers_of(view)["L3-exact"]
+    assert "trace root" in l3["reason"]
+
+
+def test_an_agent_that_lost_its_trace_refuses_the_opening_and_loses_its_stake(tier: Tier) -> None:
+    answer = tier.serve("alice", "a3")
+    (tier.traces["alice"] / f"{answer['lease_id']}.npz").unlink()  # before the node relays the challenge
+    tier.settle()
+    view = tier.lease("alice", answer["lease_id"])
+    assert (view["verdict"]["verdict"], view["verdict"]["stake_outcome"]) == ("contraindicated", "slashed")
+    (l3,) = layers_of(view)["L3-exact"]
+    assert "the agent refused" in l3["reason"] and "no kept trace" in l3["reason"]
+
+
+def test_openings_are_refused_from_another_node_twice_or_for_unknown_challenges(tier: Tier) -> None:
+    lease_id = tier.lease("alice", tier.serve("alice", "a4")["lease_id"])["lease_id"]
+    deadline = time.monotonic() + 60
+    while not (open_ := tier.node_client.pull(0.0, [])["challenges"]) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    (challenge,) = open_
+    assert challenge["lease_id"] == lease_id and challenge["agent_id"] == "alice"
+    other_key = NodeKey.generate()
+    tier.admin.enroll_node("n2", other_key.public_hex)
+    other = ServiceClient("http://test", key=other_key, principal="node:n2", http=tier.node_client.http)
+    with pytest.raises(ServiceRefused) as wrong_node:
+        other.opening(challenge["challenge_id"], lease_id, b"")
+    assert wrong_node.value.status == 403
+    with pytest.raises(ServiceRefused) as unknown:
+        tier.node_client.opening(10**9, lease_id, b"")
+    assert unknown.value.status == 404
+    tier.settle()  # the lease's own node answers it
+    with pytest.raises(ServiceRefused) as twice:
+        tier.node_client.opening(challenge["challenge_id"], lease_id, b"")
+    assert twice.value.status == 409
+    assert tier.lease("alice", lease_id)["verdict"]["verdict"] == "affirming"
+
+
+def test_the_ledger_checks_out(tier: Tier) -> None:
+    tier.settle()
+    report = check_ledger(tier.cp.ledger.engine)
+    assert report.ok, report.problems
+    balances = tier.cp.ledger.balances()
+    total = sum(
+        balances.get(f"{kind}:{a}", 0) for a in ("alice", "mallory", "bob") for kind in ("wallet", "escrow")
+    )
+    assert total + balances["maxwell:energy"] + balances.get("maxwell:slashed", 0) == 3 * DEPOSIT
+    assert all(balances.get(f"escrow:{a}", 0) == 0 for a in ("alice", "mallory", "bob"))
