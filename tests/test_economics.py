@@ -75,7 +75,7 @@ def test_poi_policy_explain_prints_every_tier_and_the_choice():
     )
     assert result.exit_code == 0, result.stderr
     data = json.loads(result.stdout)
-    assert set(data["tiers"]) == {"low", "medium", "high"} and data["chosen"]["tier"] == "medium"
+    assert set(data["tiers"]) == {"low", "medium", "high", "exact"} and data["chosen"]["tier"] == "medium"
     assert 0 < data["tiers"]["medium"]["audit_probability"] < 1 and "estimate" in data["lease_energy_basis"]
     bad = CliRunner().invoke(app, ["policy", "explain", "--model", "gpt2-micro", "--value", "-1"])
     assert bad.exit_code == 2 and "expected a number >= 0" in bad.stderr

@@ -179,7 +179,6 @@ def test_a_wrong_block_drawn_by_the_challenge_is_caught_by_l3_and_the_stake_slas
 def test_when_l4_disagrees_a_dispute_bisects_to_the_wrong_block_and_names_it(
     tier: Tier, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(exact_audits, "draw_blocks", lambda total, count: [0])  # an honest block
     monkeypatch.setattr(intake, "_draw", lambda p: True)  # the L4 lottery drew it
     answer = tier.serve("mallory", "m2")
     assert (answer["final"], answer["audit_drawn"]) == (False, True)
@@ -188,15 +187,15 @@ def test_when_l4_disagrees_a_dispute_bisects_to_the_wrong_block_and_names_it(
     assert (view["verdict"]["verdict"], view["verdict"]["stake_outcome"]) == ("contraindicated", "slashed")
     layers = layers_of(view)
     assert layers["L4-audit"][0]["status"] == "fail"
-    challenge, dispute = layers["L3-exact"]
-    assert challenge["status"] == "pass", challenge["reason"]  # block 0 is honest
+    (dispute,) = layers["L3-exact"]  # the dispute opens the culprit block: no spot check on top
     assert dispute["status"] == "fail"
     found = dispute["details"]["dispute"]
     assert (found["agent_wins"], found["block"]) == (False, 1)
     assert found["op"] in ("qkv", "attn", "fc", "mlp", "out")
     assert "block 1" in dispute["reason"]
     kinds = [c["kind"] for c in tier.admin.challenges(answer["lease_id"])]
-    assert kinds[0] == "l3" and "settle" in kinds and "bisect" in kinds
+    # the two ends of the trace, the middle, then the culprit block whole: log2(blocks + 1) + 1 openings
+    assert kinds[-1] == "settle" and set(kinds[:-1]) == {"bisect"}, kinds
 
 
 def test_an_honest_lease_drawn_for_l4_passes_without_a_dispute(

@@ -44,6 +44,7 @@ class ModelSpec:
     seed: int | None = None
     path: str | None = None  # local: a folder; trained / trained-init: a folder under data/models
     digest: str | None = None  # trained: the weights digest the packaged file must have
+    quant: str | None = None  # "w8a8": the registered integer variant (registry.w8a8), L3's exact mode
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -143,6 +144,25 @@ BUILTIN: dict[str, ModelSpec] = {
             seed=0,
         ),
         ModelSpec(
+            "gpt2-mini-w8a8",
+            "causal-lm",
+            "gpt2",
+            "gpt2-mini's W8A8 variant: int8 weights per output channel, int8 activations per position, "
+            "int32 accumulation (bit-exact products: L3's exact integer mode)",
+            dict(n_embd=256, n_layer=4, n_head=4, n_positions=1024),
+            seed=0,
+            quant="w8a8",
+        ),
+        ModelSpec(
+            "gpt2-small-w8a8",
+            "causal-lm",
+            "gpt2",
+            "gpt2-small's W8A8 variant (as gpt2-mini-w8a8): L3's exact integer mode at GPT-2-small size",
+            GPT2_SMALL,
+            seed=0,
+            quant="w8a8",
+        ),
+        ModelSpec(
             "gpt2-micro",
             "causal-lm",
             "gpt2",
@@ -198,7 +218,14 @@ def _build(spec: ModelSpec) -> nn.Module:
     }[spec.family]
     with torch.random.fork_rng(devices=[]):  # seeded init must not disturb the caller's RNG
         torch.manual_seed(spec.seed or 0)
-        return model_cls(config_cls(**ids, **spec.config))
+        module = model_cls(config_cls(**ids, **spec.config))
+    if spec.quant == "w8a8":
+        from .w8a8 import quantize_blocks  # it builds on this module's types
+
+        quantize_blocks(find_layers(module, module.config.num_hidden_layers))
+    elif spec.quant is not None:
+        raise PoiError(f"model {spec.model_id!r}: unknown quantisation {spec.quant!r} (known: w8a8)")
+    return module
 
 
 def weights_digest(module: nn.Module) -> str:
@@ -292,12 +319,15 @@ def _reference(spec: ModelSpec, module: nn.Module) -> ReferenceValues:
     embed_ids = {id(p) for m in module.modules() if isinstance(m, nn.Embedding) for p in m.parameters()}
     params = list({id(p): p for p in module.parameters()}.values())
     touched = sum(p.numel() for p in params if id(p) not in embed_ids)
+    # a W8A8 variant keeps its weights as int8 buffers, not parameters: they are multiplied all the same
+    quantized = sum(b.numel() for name, b in module.named_buffers() if name.endswith("weight_q"))
+    touched += quantized
     if spec.kind == "causal-lm":
         touched += hidden * vocab  # the (often tied) output projection runs for every token
     return ReferenceValues(
         model_id=spec.model_id,
         weights_digest=weights_digest(module),
-        param_count=sum(p.numel() for p in params),
+        param_count=sum(p.numel() for p in params) + quantized,
         flops_per_token=2 * touched,
         dtype="float32",
         layers=layers,

@@ -11,14 +11,17 @@ the same quantized weights from here.
 from __future__ import annotations
 
 import copy
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
 from .blocks import linears, replace_linears
-from .models import LoadedModel
 
-__all__ = ["QMAX", "W8A8Linear", "linears", "quantize_rows", "quantized"]
+if TYPE_CHECKING:  # only a type here: models builds the registered variants with this module
+    from .models import LoadedModel
+
+__all__ = ["QMAX", "W8A8Linear", "is_w8a8", "linears", "quantize_blocks", "quantize_rows", "quantized"]
 
 QMAX = 127
 
@@ -49,11 +52,24 @@ class W8A8Linear(nn.Module):
         return acc.to(torch.float32) * x_scale * self.weight_scale + self.bias
 
 
+def quantize_blocks(layers: nn.ModuleList) -> None:
+    """Swap every block's linear operations for their W8A8 stand-ins, in place."""
+    for block in layers:
+        replace_linears(block, W8A8Linear)
+
+
 def quantized(model: LoadedModel) -> LoadedModel:
-    """The W8A8 variant of a GPT-2 model (a copy; the registry's stays float)."""
+    """The W8A8 variant of a GPT-2 model (a copy; the registry's stays float). The registry's
+    `<model>-w8a8` entries are the same derivation, registered with their own id and digest."""
     if model.spec.family != "gpt2":
         raise ValueError(f"the W8A8 variant covers GPT-2 blocks so far, not {model.spec.family!r}")
+    if is_w8a8(model):
+        return model
     variant = model.with_module(copy.deepcopy(model.module))
-    for block in variant.layers:
-        replace_linears(block, W8A8Linear)
+    quantize_blocks(variant.layers)
     return variant
+
+
+def is_w8a8(model: LoadedModel) -> bool:
+    """Whether the model's blocks run W8A8 (a registered variant, or one derived here)."""
+    return isinstance(next(iter(linears(model.layers[0]).values())), W8A8Linear)

@@ -3,16 +3,17 @@
 Intake accepts an exact-tier receipt at once (L0–L2 inline, energy settled) and keeps its stake
 escrowed: the verdict is not final and the lease stays `audit_pending`. Here, for each such lease:
 
-1. **Challenge (L3).** After the receipt is in, Maxwell draws blocks from its CSPRNG, asks the
-   agent — through the lease's node (service.challenges) — to open them from its kept trace, and
-   checks the opening against the receipt's signed trace root and each block exactly (Freivalds on
-   the linear operations with secret vectors, Maxwell's replay of everything between them). No
-   opening in time, a refusal, a forged tensor or a block that does not follow: L3 fails.
-2. **L4 lottery.** If intake drew the lease's audit, the L4 re-execution runs on the audit backend.
-3. **Dispute.** When L4 disagrees and the receipt carries a trace root, Maxwell bisects the trace
+1. **L4 lottery.** If intake drew the lease's audit, the L4 re-execution runs on the audit backend.
+2. **Dispute.** When L4 disagrees and the receipt carries a trace root, Maxwell bisects the trace
    against its own prefill, asking the agent for one committed block input per round, down to the
    first block whose committed output does not follow; it recomputes that one block and names the
    operation. The dispute's result joins the verdict's layers (under L3).
+3. **Challenge (L3)**, of every lease L4 did not find wrong. After the receipt is in, Maxwell draws
+   blocks from its CSPRNG, asks the agent — through the lease's node (service.challenges) — to
+   open them from its kept trace, and checks the opening against the receipt's signed trace root
+   and each block exactly (Freivalds on the linear operations with secret vectors, Maxwell's replay
+   of everything between them). No opening in time, a refusal, a forged tensor or a block that does
+   not follow: L3 fails.
 4. **Window.** A lease whose checks all passed becomes final — stake released — once its challenge
    window (`challenge_window_s` from intake) has closed; a failed check is final at once (stake
    slashed, whatever the window).
@@ -152,23 +153,20 @@ class ExactAudits:
         drawn: bool,
         inline: list[LayerResult],
     ) -> list[LayerResult]:
-        """L3 on drawn blocks, then (if drawn) L4, then (if L4 disagrees) the dispute: new layers."""
+        """The new layers: a drawn L4 first — when it disagrees, the dispute bisects the trace to the
+        block (which subsumes a spot check); otherwise the L3 challenge of drawn blocks."""
         lease = Lease.from_json(row.lease_json)
         try:
             claims = open_receipt(receipt.receipt, MAX_RECEIPT).claims
             model = self.registry.load(lease.model_id)
         except PoiError as exc:  # L0 passed it inline, so this is Maxwell's side: say so, fail closed
             return [LayerResult(LayerName.EXACT, Status.FAIL, f"L3 could not run: {exc}")]
-        key = self._key(model)
-        l3 = self._challenge(row, lease, claims, model, key)
-        if l3.status is Status.FAIL or not drawn:
-            return [l3]
-        audit = self.l4.run_l4(row, receipt, agent)
-        merged = with_l4(inline, audit)
-        l4 = [r for r in merged if r not in inline]
-        if all(r.status is not Status.FAIL for r in l4) or claims.trace is None:
-            return [l3, *l4]
-        return [l3, *l4, self._dispute(row, lease, claims, model)]
+        l4: list[LayerResult] = []
+        if drawn:
+            l4 = [r for r in with_l4(inline, self.l4.run_l4(row, receipt, agent)) if r not in inline]
+            if any(r.status is Status.FAIL for r in l4):
+                return [*l4, self._dispute(row, lease, claims, model)] if claims.trace else l4
+        return [self._challenge(row, lease, claims, model, self._key(model)), *l4]
 
     def _key(self, model: LoadedModel) -> FreivaldsKey:
         if model.spec.model_id not in self._keys:
