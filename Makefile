@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
 .PHONY: demo test bench bench-node signals lint clean calibrate bench-service-fuzz bench-service-load bench-service-crash \
-	reliability peers detection-floor speculative bf16-int8 train-model classifier gateway exact audit-throughput
+	reliability peers detection-floor speculative bf16-int8 train-model classifier gateway exact audit-throughput report
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -80,6 +80,10 @@ bf16-int8: $(STAMP)
 # retrains poi-lm and poi-lm-draft (~22 min on 2 cores); the registry's digests must then be updated
 train-model: $(STAMP)
 	$(BIN)/python bench/train_model.py
+
+# issue 14: the research report from bench/results/*.json -> docs/report/build/report.{html,pdf}
+report: $(STAMP)
+	$(BIN)/python -m maxwell_poi.report.build
 
 lint: $(STAMP)
 	$(BIN)/ruff check src tests bench

@@ -1,0 +1,165 @@
+"""Numbers for the research report, read from bench/results/*.json at build time.
+
+Every measured number in the report goes through one of the helpers of `Numbers`, which reads the
+value, formats it and wraps it in a span that names its source (`<span class="m" title="exact.json:
+freivalds_vs_recompute">0.181</span>`). The report's number check (`numbercheck.py`) treats the
+digits inside such spans as measured and every other digit as a claim that needs a citation.
+
+Two kinds of lookup:
+
+- strict (`r`, `pct`, `x`, `val`, ...): a missing file or key raises `MissingResult` naming both,
+  and the build fails — never a blank;
+- degrading (`maybe`, `has`): for result files other engineers are regenerating (`SOFT_FILES`): a
+  missing file or key prints a warning and the text says "not measured yet (bench/results/F.json
+  missing)". A key that exists is always used.
+
+Keys are paths inside the JSON: "generation/audit_speedup", list items by index ("rows/0/model").
+"""
+
+from __future__ import annotations
+
+import html
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+SOFT_FILES = frozenset({"zk", "exact"})  # being regenerated while the report is written
+SUPERSCRIPT = str.maketrans("-0123456789", "⁻⁰¹²³⁴⁵⁶⁷⁸⁹")
+
+
+class MissingResult(KeyError):
+    """A strict placeholder named a result that does not exist."""
+
+    def __str__(self) -> str:  # KeyError quotes its argument; say it plainly
+        return str(self.args[0])
+
+
+@dataclass
+class Numbers:
+    results_dir: Path
+    warnings: list[str] = field(default_factory=list)
+    used: dict[str, set[str]] = field(default_factory=dict)  # file -> keys read
+    missing: dict[str, set[str]] = field(default_factory=dict)  # soft lookups that found nothing
+    _cache: dict[str, Any] = field(default_factory=dict)
+
+    # ---------------------------------------------------------------- lookups
+    def _file(self, name: str) -> Any:
+        if name not in self._cache:
+            path = self.results_dir / f"{name}.json"
+            self._cache[name] = json.loads(path.read_text()) if path.exists() else None
+        return self._cache[name]
+
+    def _lookup(self, name: str, key: str) -> tuple[bool, Any, str]:
+        """(found, value, why-not)."""
+        data = self._file(name)
+        if data is None:
+            return False, None, f"bench/results/{name}.json missing"
+        node = data
+        for part in key.split("/"):
+            if isinstance(node, dict) and part in node:
+                node = node[part]
+            elif isinstance(node, list) and part.lstrip("-").isdigit() and -len(node) <= int(part) < len(node):
+                node = node[int(part)]
+            else:
+                return False, None, f"bench/results/{name}.json has no key {key!r} (stopped at {part!r})"
+        return True, node, ""
+
+    def val(self, name: str, key: str) -> Any:
+        """The raw value (for loops, arithmetic and conditions); strict."""
+        found, value, why = self._lookup(name, key)
+        if not found:
+            raise MissingResult(f"report placeholder: {why}")
+        self.used.setdefault(name, set()).add(key)
+        return value
+
+    def has(self, name: str, key: str = "") -> bool:
+        """Whether a result exists (file, or file and key); a miss is recorded as a warning."""
+        if not key:
+            ok = self._file(name) is not None
+            why = f"bench/results/{name}.json missing"
+        else:
+            ok, _, why = self._lookup(name, key)
+        if not ok:
+            self._note_missing(name, key, why)
+        return ok
+
+    def _note_missing(self, name: str, key: str, why: str) -> None:
+        if name not in SOFT_FILES:
+            raise MissingResult(f"report placeholder: {why} (only {sorted(SOFT_FILES)} may be missing)")
+        self.missing.setdefault(name, set()).add(key or "*")
+        msg = f"warning: {why}; the report says 'not measured yet'"
+        if msg not in self.warnings:
+            self.warnings.append(msg)
+
+    # ---------------------------------------------------------------- rendering
+    def span(self, text: str, src: str, cls: str = "m") -> str:
+        return f'<span class="{cls}" title="{html.escape(src)}">{html.escape(text)}</span>'
+
+    def r(self, name: str, key: str, digits: int = 3, unit: str = "", scale: float = 1.0) -> str:
+        """A measured number, formatted (ints with thousands separators, floats to `digits`
+        significant figures), with an optional unit after a thin space."""
+        value = self.val(name, key)
+        return self.span(fmt(value, digits, scale) + (f" {unit}" if unit else ""), f"{name}.json: {key}")
+
+    def x(self, name: str, key: str, digits: int = 3) -> str:
+        """A ratio shown as a factor: 16.6×."""
+        return self.span(fmt(self.val(name, key), digits) + "×", f"{name}.json: {key}")
+
+    def pct(self, name: str, key: str, digits: int = 3) -> str:
+        """A fraction shown as a percentage: 0.0044 -> 0.44 %."""
+        return self.span(fmt(self.val(name, key), digits, 100.0) + " %", f"{name}.json: {key}")
+
+    def frac(self, name: str, num: str, den: str) -> str:
+        """Counts as 'a/b'."""
+        a, b = self.val(name, num), self.val(name, den)
+        return self.span(f"{fmt(a)}/{fmt(b)}", f"{name}.json: {num} / {den}")
+
+    def maybe(self, name: str, key: str, digits: int = 3, unit: str = "", kind: str = "r") -> str:
+        """Like r/x/pct, but for a file being regenerated: says 'not measured yet' when absent."""
+        ok, _, why = self._lookup(name, key)
+        if not ok:
+            self._note_missing(name, key, why)
+            return self.span(f"not measured yet ({why.split(' has no key')[0]}"
+                             + ("" if "missing" in why else f", key {key}") + ")",
+                             f"{name}.json: {key}", cls="miss")
+        return {"r": lambda: self.r(name, key, digits, unit), "x": lambda: self.x(name, key, digits),
+                "pct": lambda: self.pct(name, key, digits)}[kind]()
+
+    def d(self, value: float, src: str, digits: int = 3, unit: str = "", times: bool = False) -> str:
+        """A number derived from measured ones by the template's arithmetic; `src` says how."""
+        text = fmt(value, digits) + ("×" if times else "") + (f" {unit}" if unit else "")
+        return self.span(text, f"derived: {src}")
+
+    def p(self, value: float | str, why: str = "an assumption of this analysis") -> str:
+        """A parameter the analysis chooses (not a measurement); rendered in italics."""
+        text = value if isinstance(value, str) else fmt(value)
+        return self.span(text, f"parameter: {why}", cls="p")
+
+
+def fmt(value: Any, digits: int = 3, scale: float = 1.0) -> str:
+    """Numbers the way a paper prints them."""
+    if isinstance(value, bool) or value is None or isinstance(value, str):
+        return str(value)
+    if isinstance(value, int) and scale == 1.0:
+        return f"{value:,}"
+    v = float(value) * scale
+    if v == 0:
+        return "0"
+    if not math.isfinite(v):
+        return str(v)
+    if abs(v) >= 10 ** (digits + 2) and float(v).is_integer():
+        return f"{int(v):,}"
+    mag = math.floor(math.log10(abs(v)))
+    if mag < -3:
+        mant = round(v / 10**mag, max(digits - 1, 0))
+        if abs(mant) >= 10:
+            mant, mag = mant / 10, mag + 1
+        m = f"{mant:.{max(digits - 1, 0)}f}".rstrip("0").rstrip(".")
+        return f"{m}×10{str(mag).translate(SUPERSCRIPT)}"
+    decimals = max(digits - 1 - mag, 0)
+    out = f"{round(v, decimals):,.{decimals}f}"
+    if "." in out:
+        out = out.rstrip("0").rstrip(".")
+    return out
