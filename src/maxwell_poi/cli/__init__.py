@@ -393,15 +393,21 @@ def demo(
     with_gateway: Annotated[
         bool, typer.Option("--gateway/--no-gateway", help="end with a chat through the OpenAI gateway")
     ] = True,
+    with_exact: Annotated[
+        bool,
+        typer.Option("--exact/--no-exact", help="exact-tier leases through L3 (fp32, int8) and a dispute"),
+    ] = True,
 ) -> None:
     """Issue leases to honest and cheating agents, run them, appraise, and show who got caught;
     then (--service) the same agents bid, win, pay and are slashed through Maxwell's control plane;
-    then (--gateway) a verified chat completion through the OpenAI client, and a cheater cut off."""
+    then (--gateway) a verified chat completion through the OpenAI client, and a cheater cut off;
+    then (--exact) exact-tier leases checked by L3 in both modes, and a dispute settled by bisection."""
     _quiet()
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
     from ..adversaries import CATALOGUE
     from ..demo import Demo, DemoConfig
+    from ..demo_exact import exact_lines, run_exact_demo
     from ..demo_gateway import gateway_lines, run_gateway_demo
     from ..demo_service import ServiceDemo, ServiceDemoConfig, service_table
     from ..protocol.result import Verdict
@@ -435,7 +441,12 @@ def demo(
         if with_gateway:
             progress.update(task, description="gateway: a chat through the OpenAI client", total=None)
             chat = run_gateway_demo(out_dir / "gateway")
+        if with_exact:
+            progress.update(task, description="exact tier: L3 challenges and a dispute", total=None)
+            exact_summary = run_exact_demo(out_dir / "exact")
     data = the_demo.report(rows)
+    if with_exact:
+        data["exact"] = exact_summary
     if with_service:
         data["service"] = summary
     if with_gateway:
@@ -488,6 +499,8 @@ def demo(
             f"summary in {out_dir}/service/summary.json"
         )
     for line in gateway_lines(chat) if with_gateway else []:
+        out.print(line)
+    for line in exact_lines(exact_summary) if with_exact else []:
         out.print(line)
 
 

@@ -1,0 +1,191 @@
+"""The exact tier on loopback, for `poi demo`: a control plane (SQLite in `workdir`, uvicorn on a free
+port) whose policy sends every lease of a traceable model to the exact tier, one node long-polling
+it with resident agents in sandboxes, and three agents that bid:
+
+    alice    honest, fp32 GPT-2 (gpt2-mini), keeps traces   -> L3 float mode (Freivalds + tolerance)
+    carol    honest, its W8A8 variant (gpt2-mini-w8a8)       -> L3 exact integer mode (zero tolerance)
+    mallory  gpt2-mini with one block's weights changed      -> L4 disagrees; the dispute bisects the
+             (5 %), keeps a faithful trace of what it ran       trace and names the block and operation
+
+mallory bids a stake small enough that the deterrence rule audits every one of its leases (p = 1);
+alice and carol bid a large stake, so their L4 lottery rarely draws and L3 is what checks them.
+Nothing is simulated: real programs, real models, real HTTP, the ledger's money.
+"""
+
+from __future__ import annotations
+
+import json
+import secrets
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .demo_gateway import adversary_argv, ensure_profile
+from .demo_service import LoopbackServer
+from .node.node import Node
+from .node.remote import RemoteNode
+from .observer.attest import NodeKey
+from .protocol.keys import AgentKey
+from .service import ControlPlane, ServiceClient, ServiceConfig
+from .service.api import create_app
+
+FLOAT_MODEL, INT_MODEL = "gpt2-mini", "gpt2-mini-w8a8"
+WRONG_BLOCK = 2
+TOKENS = 24
+DEPOSIT = 50_000_000
+PRICE = 100  # micro per joule
+
+
+@dataclass(frozen=True)
+class ExactAgent:
+    name: str
+    model: str
+    mode: str  # what the demo shows with it
+    stake_micro: int
+    argv: tuple[str, ...] = ()
+
+
+@dataclass
+class ExactDemo:
+    workdir: Path
+    window_s: float = 2.0
+    token: str = field(default_factory=lambda: secrets.token_urlsafe(24))
+
+    def agents(self, keys: dict[str, Path]) -> list[ExactAgent]:
+        traces = self.workdir / "traces"
+        honest = [sys.executable, "-m", "maxwell_poi", "agent", "--resident"]
+        return [
+            ExactAgent("alice", FLOAT_MODEL, "L3 fp32", 5_000_000,
+                       (*honest, "--key", str(keys["alice"]), "--trace-dir", str(traces / "alice"))),
+            ExactAgent("carol", INT_MODEL, "L3 int8 (W8A8)", 5_000_000,
+                       (*honest, "--key", str(keys["carol"]), "--trace-dir", str(traces / "carol"))),
+            ExactAgent("mallory", FLOAT_MODEL, f"dispute (block {WRONG_BLOCK} changed)", 1,
+                       tuple(adversary_argv("wrong_block", keys["mallory"], "--block", str(WRONG_BLOCK),
+                                            "--trace-dir", str(traces / "mallory")))),
+        ]  # fmt: skip
+
+    def run(self) -> dict[str, Any]:
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        for model in (FLOAT_MODEL, INT_MODEL):
+            ensure_profile(model, TOKENS)
+        config = ServiceConfig(
+            db=str((self.workdir / "cp.sqlite").resolve()),
+            admin_token=self.token,
+            audit_backend="thread",
+            challenge_window_s=self.window_s,
+            exact_blocks=2,
+        )
+        config.validate()
+        control = ControlPlane(config)
+        control.start()
+        stop = threading.Event()
+        try:
+            with (
+                LoopbackServer(create_app(control)) as url,
+                Node("exact-node", NodeKey.generate(), None) as node,
+            ):
+                admin = ServiceClient(url, admin_token=self.token)
+                policy = admin.request("GET", "/v1/admin/policy", auth="admin")
+                admin.set_policy(**{**policy, "exact_from_value": 0.0})
+                admin.enroll_node(node.node_id, node.key.public_hex)
+                node_client = ServiceClient(url, key=node.key, principal=f"node:{node.node_id}")
+                remote = RemoteNode(node_client, node, batch=1, poll_s=0.05, wait_s=2.0, headroom=lambda: 1e6)
+                thread = threading.Thread(target=remote.run, args=(stop,), daemon=True)
+                thread.start()
+                rows = self._serve(admin, url, control)
+                ledger = admin.ledger()
+        finally:
+            stop.set()
+            control.close()
+        summary = {"url": url, "window_s": self.window_s, "leases": rows, "ledger_ok": ledger["check"]["ok"]}
+        (self.workdir / "summary.json").write_text(json.dumps(summary, indent=2))
+        return summary
+
+    def _serve(self, admin: ServiceClient, url: str, control: ControlPlane) -> list[dict[str, Any]]:
+        keys = {}
+        for name in ("alice", "carol", "mallory"):
+            keys[name] = self.workdir / f"{name}.pem"
+            AgentKey.generate().save(keys[name])
+        clients, bids = {}, {}
+        for agent in self.agents(keys):
+            key = AgentKey.load(keys[agent.name])
+            admin.enroll_agent(agent.name, key.public_hex, list(agent.argv))
+            admin.deposit(agent.name, DEPOSIT, f"exact-demo-{agent.name}")
+            clients[agent.name] = ServiceClient(url, key=key, principal=f"agent:{agent.name}")
+            job = {"kind": "generate", "prompt": "The steam engine changed", "max_new_tokens": TOKENS}
+            bid = {"bid_id": f"exact-{agent.name}", "model_id": agent.model, "job": job,
+                   "price_micro_per_j": PRICE, "stake_micro": agent.stake_micro}  # fmt: skip
+            clients[agent.name].bid(bid)
+            bids[agent.name] = agent
+        leases = self._wait_for_leases(clients)
+        if not control.drain(600):
+            raise RuntimeError("exact-tier leases still pending after 600 s")
+        return [
+            lease_row(bids[name], clients[name].lease(lease_id), admin.challenges(lease_id))
+            for name, lease_id in leases.items()
+        ]
+
+    @staticmethod
+    def _wait_for_leases(clients: dict[str, ServiceClient], timeout_s: float = 600) -> dict[str, str]:
+        """Each agent's lease once its receipt is in (the node serves them as it pulls)."""
+        deadline, found = time.monotonic() + timeout_s, {}
+        while len(found) < len(clients) and time.monotonic() < deadline:
+            for name, client in clients.items():
+                for lease in client.leases():
+                    if lease["verdict"] is not None:
+                        found[name] = lease["lease_id"]
+            time.sleep(0.2)
+        if len(found) < len(clients):
+            raise RuntimeError(f"no receipt came back for {sorted(set(clients) - set(found))}")
+        return found
+
+
+def lease_row(agent: ExactAgent, view: dict[str, Any], challenges: list[dict[str, Any]]) -> dict[str, Any]:
+    """What the demo reports of one exact-tier lease."""
+    verdict = view["verdict"]
+    layers = {d["layer"]: d for d in verdict["layers"]}
+    exact = [d for d in verdict["layers"] if d["layer"] == "L3-exact"]
+    dispute = next((d["details"]["dispute"] for d in exact if "dispute" in (d.get("details") or {})), None)
+    return {
+        "agent": agent.name,
+        "model": agent.model,
+        "shows": agent.mode,
+        "tier": view["tier"],
+        "audit_probability": view["audit_probability"],
+        "verdict": verdict["verdict"],
+        "final": verdict["final"],
+        "stake_outcome": verdict["stake_outcome"],
+        "stake_micro": view["stake_micro"],
+        "l3": [{"status": d["status"], "reason": d["reason"], "cost_s": d.get("cost_s")} for d in exact],
+        "l4": layers.get("L4-audit", {}).get("status", "not drawn"),
+        "l4_cost_s": layers.get("L4-audit", {}).get("cost_s"),
+        "dispute": dispute,
+        "openings": [(c["kind"], c["status"], c["answer_bytes"]) for c in challenges],
+    }
+
+
+def exact_lines(summary: dict[str, Any]) -> list[str]:
+    """What `poi demo` prints of it."""
+    head = f"Exact tier (L3) through the control plane ({summary['url']}), window {summary['window_s']} s"
+    lines = [f"[bold]{head}[/]"]
+    for r in summary["leases"]:
+        colour = "green" if r["verdict"] == "affirming" else "red"
+        l3 = "; ".join(f"{d['status']}: {d['reason'][:110]}" for d in r["l3"]) or "—"
+        lines.append(
+            f"  {r['agent']:8} {r['model']:15} {r['shows']:24} [{colour}]{r['verdict']}[/], stake "
+            f"{r['stake_outcome']}; L4 {r['l4']} (p {r['audit_probability']:.2f}); "
+            f"{len(r['openings'])} openings; L3 {l3}"
+        )
+        if r["dispute"]:
+            d = r["dispute"]
+            who = "agent wins" if d["agent_wins"] else f"block {d['block']} {d['op']}"
+            lines.append(f"           dispute by bisection: {who} after opening block inputs {d['probes']}")
+    lines.append(f"  ledger check: {'ok' if summary['ledger_ok'] else 'FAILED'}")
+    return lines
+
+
+def run_exact_demo(workdir: Path) -> dict[str, Any]:
+    return ExactDemo(workdir).run()
