@@ -304,3 +304,15 @@ def offer(
     body = {"model_id": model, "ask_micro_per_token": ask, "price_micro_per_j": price, "stake_micro": stake}
     c = _agent(server, key, agent_id)
     _call(lambda: c.request("POST", "/v1/agent/offers", body, auth="signed"), json_out)
+
+
+@client_app.command("challenges")
+def challenges(
+    lease_id: Annotated[str, typer.Argument(help="an exact-tier lease")],
+    server: ServerOpt = DEFAULT_SERVER,
+    admin_token: TokenOpt = None,
+    json_out: JsonOpt = False,
+) -> None:
+    """The L3 openings Maxwell asked of an exact-tier lease's agent: kind, keys, deadline, answer."""
+    c = _admin(server, admin_token)
+    _call(lambda: c.challenges(lease_id), json_out)
