@@ -231,6 +231,26 @@ def test_an_agent_that_lost_its_trace_refuses_the_opening_and_loses_its_stake(ti
     assert "the agent refused" in l3["reason"] and "no kept trace" in l3["reason"]
 
 
+def test_an_opening_that_comes_after_the_deadline_does_not_count(tier: Tier) -> None:
+    tier.cp.exact.opening_timeout_s = 1.0
+    try:
+        answer = tier.serve("alice", "a5")
+        deadline = time.monotonic() + 60
+        while not tier.admin.challenges(answer["lease_id"]) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        time.sleep(1.5)  # the node relays nothing before the deadline (an agent that delays)
+        late = tier.remote.step()  # now it relays the agent's answer: too late
+    finally:
+        tier.cp.exact.opening_timeout_s = 60.0
+    tier.settle()
+    view = tier.lease("alice", answer["lease_id"])
+    assert (view["verdict"]["verdict"], view["verdict"]["stake_outcome"]) == ("contraindicated", "slashed")
+    (l3,) = layers_of(view)["L3-exact"]
+    assert "no opening within 1 s" in l3["reason"]
+    assert [c["status"] for c in tier.admin.challenges(answer["lease_id"])] == ["late"]
+    assert all(a["challenge"].get("refused") in (None, 409) for a in late if "challenge" in a)
+
+
 def test_openings_are_refused_from_another_node_twice_or_for_unknown_challenges(tier: Tier) -> None:
     lease_id = tier.lease("alice", tier.serve("alice", "a4")["lease_id"])["lease_id"]
     deadline = time.monotonic() + 60
