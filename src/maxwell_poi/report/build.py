@@ -83,9 +83,11 @@ class _Figures:
         fn = figs.FIGURES[name]
         fig = fn(self.numbers, self.src / "data") if name == "ezkl" else fn(self.numbers)
         if fig is None:
-            return (f'<figure class="absent"><figcaption><b>Figure {number}.</b> {caption} '
-                    f'<span class="miss">{html.escape(missing or "not drawn: its result file is missing")}'
-                    "</span></figcaption></figure>\n")
+            return (
+                f'<figure class="absent"><figcaption><b>Figure {number}.</b> {caption} '
+                f'<span class="miss">{html.escape(missing or "not drawn: its result file is missing")}'
+                "</span></figcaption></figure>\n"
+            )
         buf = io.BytesIO()
         fig.savefig(buf, format="png", dpi=200)
         import matplotlib.pyplot as plt
@@ -96,8 +98,10 @@ class _Figures:
         path.write_bytes(buf.getvalue())
         self.paths[name] = path
         data = base64.b64encode(buf.getvalue()).decode()
-        return (f'<figure id="fig-{name}"><img src="data:image/png;base64,{data}" alt="Figure {number}">'
-                f"<figcaption><b>Figure {number}.</b> {caption}</figcaption></figure>\n")
+        return (
+            f'<figure id="fig-{name}"><img src="data:image/png;base64,{data}" alt="Figure {number}">'
+            f"<figcaption><b>Figure {number}.</b> {caption}</figcaption></figure>\n"
+        )
 
 
 def _slug(text: str) -> str:
@@ -125,15 +129,23 @@ def _provenance(numbers: Numbers, commands: dict[str, str]) -> str:
         keys = sorted(numbers.used[name])
         cmd = commands.get(name, "(see the file's own 'command' key)")
         shown = ", ".join(f"<code>{html.escape(k)}</code>" for k in keys)
-        rows.append(f"<tr><td><code>bench/results/{name}.json</code></td><td><code>{html.escape(cmd)}</code>"
-                    f"</td><td>{len(keys)}</td><td class=\"keys\">{shown}</td></tr>")
+        rows.append(
+            f"<tr><td><code>bench/results/{name}.json</code></td><td><code>{html.escape(cmd)}</code>"
+            f'</td><td>{len(keys)}</td><td class="keys">{shown}</td></tr>'
+        )
     for name, keys in sorted(numbers.missing.items()):
-        rows.append(f"<tr><td><code>bench/results/{name}.json</code></td><td><code>"
-                    f"{html.escape(commands.get(name, ''))}</code></td><td>—</td><td class=\"keys\">"
-                    f"<span class=\"miss\">missing at build time: {html.escape(', '.join(sorted(keys))[:300])}"
-                    "</span></td></tr>")
-    return ('<table class="provenance"><thead><tr><th>result file</th><th>command that writes it</th>'
-            "<th>keys</th><th>keys read by this report</th></tr></thead><tbody>" + "".join(rows) + "</tbody></table>")
+        rows.append(
+            f"<tr><td><code>bench/results/{name}.json</code></td><td><code>"
+            f'{html.escape(commands.get(name, ""))}</code></td><td>—</td><td class="keys">'
+            f'<span class="miss">missing at build time: {html.escape(", ".join(sorted(keys))[:300])}'
+            "</span></td></tr>"
+        )
+    return (
+        '<table class="provenance"><thead><tr><th>result file</th><th>command that writes it</th>'
+        "<th>keys</th><th>keys read by this report</th></tr></thead><tbody>"
+        + "".join(rows)
+        + "</tbody></table>"
+    )
 
 
 def render(root: Path, out: Path, template: str = "report.md.j2", results_dir: Path | None = None) -> Built:
@@ -141,12 +153,27 @@ def render(root: Path, out: Path, template: str = "report.md.j2", results_dir: P
     numbers = Numbers(results_dir or root / "bench" / "results")
     figures = _Figures(numbers, src, out / "figures")
     bib = Bibliography.load(src / "bibliography.yaml")
-    env = jinja2.Environment(loader=jinja2.FileSystemLoader(str(src)), undefined=jinja2.StrictUndefined,
-                             autoescape=False, keep_trailing_newline=True)
+    env = jinja2.Environment(
+        loader=jinja2.FileSystemLoader(str(src)),
+        undefined=jinja2.StrictUndefined,
+        autoescape=False,
+        keep_trailing_newline=True,
+    )
     env.globals.update(
-        r=numbers.r, x=numbers.x, pct=numbers.pct, frac=numbers.frac, val=numbers.val, has=numbers.has,
-        maybe=numbers.maybe, d=numbers.d, p=numbers.p, fig=figures.figure, figref=figures.ref,
-        table=figures.table, tref=figures.tref, annotated=bib.annotated,
+        r=numbers.r,
+        x=numbers.x,
+        pct=numbers.pct,
+        frac=numbers.frac,
+        val=numbers.val,
+        has=numbers.has,
+        maybe=numbers.maybe,
+        d=numbers.d,
+        p=numbers.p,
+        fig=figures.figure,
+        figref=figures.ref,
+        table=figures.table,
+        tref=figures.tref,
+        annotated=bib.annotated,
     )
     env.filters["log"] = math.log
     text = env.get_template(template).render()
@@ -161,9 +188,11 @@ def render(root: Path, out: Path, template: str = "report.md.j2", results_dir: P
     allow = yaml.safe_load((src / "allow.yaml").read_text())["phrases"]
     offences = unsourced(body, allow)
     css = (src / "style.css").read_text()
-    page = ("<!doctype html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
-            "<title>Proof of Inference for Maxwell: a measured report</title>"
-            f"<style>\n{css}\n</style></head><body>\n{body}\n</body></html>\n")
+    page = (
+        '<!doctype html>\n<html lang="en"><head><meta charset="utf-8">'
+        "<title>Proof of Inference for Maxwell: a measured report</title>"
+        f"<style>\n{css}\n</style></head><body>\n{body}\n</body></html>\n"
+    )
     return Built(page, body, numbers.warnings, offences, numbers, figures=figures.paths)
 
 
@@ -204,7 +233,10 @@ def main(argv: list[str] | None = None) -> int:
     except (ReportError, KeyError, jinja2.TemplateError) as exc:
         print(f"report: {exc}", file=sys.stderr)
         return 1
-    print(f"wrote {built.html_path}" + (f" and {built.pdf_path} ({built.pages} pages)" if built.pdf_path else ""))
+    print(
+        f"wrote {built.html_path}"
+        + (f" and {built.pdf_path} ({built.pages} pages)" if built.pdf_path else "")
+    )
     return 0
 
 

@@ -40,7 +40,9 @@ class Bibliography:
             if missing:
                 raise BibliographyError(f"{path.name}: entry {e.get('key', e)!r} lacks {missing}")
             if e["group"] not in GROUPS:
-                raise BibliographyError(f"{path.name}: {e['key']}: group {e['group']!r} not in {list(GROUPS)}")
+                raise BibliographyError(
+                    f"{path.name}: {e['key']}: group {e['group']!r} not in {list(GROUPS)}"
+                )
             if e["key"] in entries:
                 raise BibliographyError(f"{path.name}: key {e['key']!r} twice")
             entries[e["key"]] = e
@@ -68,7 +70,7 @@ class Bibliography:
         url = html.escape(e["url"])
         return (
             f"{html.escape(e['authors'])}. <em>{html.escape(e['title'])}</em>. "
-            f"{html.escape(e['venue'])}, {e['year']}. <a class=\"url\" href=\"{url}\">{url}</a>"
+            f'{html.escape(e["venue"])}, {e["year"]}. <a class="url" href="{url}">{url}</a>'
         )
 
     def references_html(self) -> str:
@@ -78,15 +80,19 @@ class Bibliography:
         return f'<ol class="references">\n{items}\n</ol>'
 
     def annotated(self, groups: tuple[str, ...] = ("zk", "optimistic", "power", "attestation")) -> str:
-        """Markdown of the annotated bibliography: the entries with a note, by group."""
+        """HTML of the annotated bibliography: the entries with a note, by group. Each entry is one
+        list item of class "annot", which the number check reads as one cited unit."""
         out = []
         for g in groups:
             keys = [k for k, e in self.entries.items() if e["group"] == g and e.get("note")]
             if not keys:
                 continue
-            out.append(f"**{GROUPS[g]}.**\n")
+            out.append(f"<p><strong>{html.escape(GROUPS[g])}.</strong></p>\n<ul>")
             for k in keys:
                 e = self.entries[k]
-                out.append(f"- *{e['title']}* ({e['venue']}) [@{k}]. {e['note'].strip()}")
-            out.append("")
-        return "\n".join(out)
+                out.append(
+                    f'<li class="annot"><em>{html.escape(e["title"])}</em> ({html.escape(e["venue"])}) '
+                    f"[@{k}]. {html.escape(e['note'].strip())}</li>"
+                )
+            out.append("</ul>")
+        return "\n".join(out) + "\n"

@@ -20,9 +20,19 @@ def _plt() -> Any:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    plt.rcParams.update({"font.size": 8, "axes.titlesize": 8.5, "axes.labelsize": 8, "legend.fontsize": 7,
-                         "xtick.labelsize": 7, "ytick.labelsize": 7, "figure.dpi": 150,
-                         "axes.spines.top": False, "axes.spines.right": False})
+    plt.rcParams.update(
+        {
+            "font.size": 8,
+            "axes.titlesize": 8.5,
+            "axes.labelsize": 8,
+            "legend.fontsize": 7,
+            "xtick.labelsize": 7,
+            "ytick.labelsize": 7,
+            "figure.dpi": 150,
+            "axes.spines.top": False,
+            "axes.spines.right": False,
+        }
+    )
     return plt
 
 
@@ -36,8 +46,9 @@ def ezkl(n: Numbers, data_dir: Path) -> Any:
     if n.has("zk"):
         source = "bench/results/zk.json"
         for what in ("setup_s", "prove_s", "verify_s", "peak_gb"):
-            series[what] = [n.val("zk", f"ezkl_d{d}_{what}") if n.has("zk", f"ezkl_d{d}_{what}") else None
-                            for d in widths]
+            series[what] = [
+                n.val("zk", f"ezkl_d{d}_{what}") if n.has("zk", f"ezkl_d{d}_{what}") else None for d in widths
+            ]
     else:
         base = yaml.safe_load((data_dir / "ezkl_baseline.yaml").read_text())["rows"]
         by_d = {row["d"]: row for row in base}
@@ -48,8 +59,13 @@ def ezkl(n: Numbers, data_dir: Path) -> Any:
         pts = [(d, v) for d, v in zip(widths, series[what], strict=True) if v is not None]
         if pts:
             a.plot(*zip(*pts, strict=True), style, label=what.replace("_s", ""))
-    a.set(xscale="log", yscale="log", xlabel="model width d", ylabel="seconds (2-core CPU)",
-          title=f"EZKL, one attention block, 8 tokens ({source})")
+    a.set(
+        xscale="log",
+        yscale="log",
+        xlabel="model width d",
+        ylabel="seconds (2-core CPU)",
+        title=f"EZKL, one attention block, 8 tokens ({source})",
+    )
     a.set_xticks(widths, [str(w) for w in widths])
     a.legend()
     pts = [(d, v) for d, v in zip(widths, series["peak_gb"], strict=True) if v is not None]
@@ -69,8 +85,13 @@ def freivalds_width(n: Numbers) -> Any:
     fig, ax = plt.subplots(figsize=(WIDTH / 2, 2.2))
     ax.plot([int(w) for w in ws], [by[w] for w in ws], "o-", label="fp32 Freivalds + replay")
     ax.axhline(0.1, ls="--", c="grey", lw=0.8, label="design goal")
-    ax.set(xscale="log", yscale="log", xlabel="block width d", ylabel="check / recompute one block",
-           title="L3 check cost vs recomputation")
+    ax.set(
+        xscale="log",
+        yscale="log",
+        xlabel="block width d",
+        ylabel="check / recompute one block",
+        title="L3 check cost vs recomputation",
+    )
     ax.set_xticks([int(w) for w in ws], ws)
     ax.legend()
     fig.tight_layout()
@@ -88,16 +109,35 @@ def detection_k(n: Numbers) -> Any:
     ax.plot([int(k) for k in ks], [det["after_k"][k] for k in ks], "o", label="measured")
     kk = list(range(1, int(ks[-1]) + 1))
     ax.plot(kk, [1 - (1 - 1 / blocks) ** k for k in kk], "-", c="grey", lw=0.8, label=f"1-(1-1/{blocks})^k")
-    ax.set(xlabel="challenges k (one block opened each)", ylabel="P(caught)",
-           title=f"one wrong block of {blocks}", ylim=(0, 1.02))
+    ax.set(
+        xlabel="challenges k (one block opened each)",
+        ylabel="P(caught)",
+        title=f"one wrong block of {blocks}",
+        ylim=(0, 1.02),
+    )
     ax.legend()
     fig.tight_layout()
     return fig
 
 
-PEER_ATTACKS = ["other-weights", "smaller-model", "skipped-layers", "noise-1%", "noise-0.1%", "bf16-downgrade",
-                "int8-downgrade", "cheap-draft", "one-token-changed", "mid-stream-switch"]
-PEER_METHODS = {"toploc": "TOPLOC", "logprob_rank": "logprob-rank", "difr": "DiFR", "maxwell_l4": "L4 cross-class"}
+PEER_ATTACKS = [
+    "other-weights",
+    "smaller-model",
+    "skipped-layers",
+    "noise-1%",
+    "noise-0.1%",
+    "bf16-downgrade",
+    "int8-downgrade",
+    "cheap-draft",
+    "one-token-changed",
+    "mid-stream-switch",
+]
+PEER_METHODS = {
+    "toploc": "TOPLOC",
+    "logprob_rank": "logprob-rank",
+    "difr": "DiFR",
+    "maxwell_l4": "L4 cross-class",
+}
 
 
 def peers(n: Numbers) -> Any:
@@ -124,8 +164,10 @@ def peers(n: Numbers) -> Any:
 def confusion(n: Numbers) -> Any:
     plt = _plt()
     fig, axes = plt.subplots(1, 2, figsize=(WIDTH, 2.6))
-    for ax, key, title in ((axes[0], "workload_classifier", "workload (held out)"),
-                           (axes[1], "model_identification", "claimed model (held out)")):
+    for ax, key, title in (
+        (axes[0], "workload_classifier", "workload (held out)"),
+        (axes[1], "model_identification", "claimed model (held out)"),
+    ):
         cm = n.val("signals", f"{key}/confusion_matrix")
         labels = n.val("signals", f"{key}/labels")
         ax.imshow(cm, cmap="Blues")
@@ -133,8 +175,14 @@ def confusion(n: Numbers) -> Any:
         ax.set_yticks(range(len(labels)), labels)
         for i, row in enumerate(cm):
             for j, v in enumerate(row):
-                ax.text(j, i, str(v), ha="center", va="center", fontsize=7, color="white" if v > 1 else "black")
-        ax.set(xlabel="predicted", ylabel="true", title=f"{title}: accuracy {n.val('signals', key + '/accuracy'):.2f}")
+                ax.text(
+                    j, i, str(v), ha="center", va="center", fontsize=7, color="white" if v > 1 else "black"
+                )
+        ax.set(
+            xlabel="predicted",
+            ylabel="true",
+            title=f"{title}: accuracy {n.val('signals', key + '/accuracy'):.2f}",
+        )
         ax.spines[:].set_visible(False)
     fig.tight_layout()
     return fig
@@ -155,7 +203,9 @@ def calibration(n: Numbers) -> Any:
             ax.scatter([i] * len(ys), ys, s=10, c="#2a7" if honest else "#c43", marker="o" if honest else "x")
         ax.axhline(thr, ls="--", c="grey", lw=0.8)
         ax.axhline(same, ls=":", c="black", lw=0.8)
-        ax.set_xticks(range(len(variants)), [v.replace("honest-", "h:") for v in variants], rotation=40, ha="right")
+        ax.set_xticks(
+            range(len(variants)), [v.replace("honest-", "h:") for v in variants], rotation=40, ha="right"
+        )
         ax.set(title=f"{model}: worst fingerprint chunk per run", ylim=(-0.03, 1.03))
     axes[0].set_ylabel("fraction of top-k values close")
     fig.tight_layout()
@@ -171,10 +221,21 @@ def floor(n: Numbers) -> Any:
         for check, c in (("l4", None), ("token_choice", "grey")):
             rates = n.val("detection_floor", f"floor/{pair}/{check}/perturbation_rates")
             label = f"{'same' if pair.startswith('cpu') else 'cross'}-class {check.replace('_', ' ')}"
-            ax.plot([x * 100 for x in levels], [rates[str(x)] for x in levels], style, label=label,
-                    color=c, alpha=0.6 if c else 1)
-    ax.set(xscale="log", xlabel="weight noise (%)", ylabel="fraction of leases caught", ylim=(-0.03, 1.03),
-           title="L4 detection floor (poi-lm)")
+            ax.plot(
+                [x * 100 for x in levels],
+                [rates[str(x)] for x in levels],
+                style,
+                label=label,
+                color=c,
+                alpha=0.6 if c else 1,
+            )
+    ax.set(
+        xscale="log",
+        xlabel="weight noise (%)",
+        ylabel="fraction of leases caught",
+        ylim=(-0.03, 1.03),
+        title="L4 detection floor (poi-lm)",
+    )
     ax.legend(fontsize=6)
     fig.tight_layout()
     return fig
@@ -193,9 +254,18 @@ def deterrence(n: Numbers) -> Any:
         p = np.minimum(1, (1 + margin) * saved / (1 + ratio))
         a.plot(ratio, p, label=f"cheat saves {saved:.0%} of R")
         b.plot(ratio, 100 * p / speedup, label=f"saves {saved:.0%}")
-    a.set(xlabel="stake S / reward R", ylabel="audit probability p", title="p = 1.5·C/(R+S), r = 0", yscale="log")
-    b.set(xlabel="stake S / reward R", ylabel="audit compute, % of generation",
-          title=f"p / audit speed-up ({speedup:.1f}×, CPU)", yscale="log")
+    a.set(
+        xlabel="stake S / reward R",
+        ylabel="audit probability p",
+        title="p = 1.5·C/(R+S), r = 0",
+        yscale="log",
+    )
+    b.set(
+        xlabel="stake S / reward R",
+        ylabel="audit compute, % of generation",
+        title=f"p / audit speed-up ({speedup:.1f}×, CPU)",
+        yscale="log",
+    )
     a.legend()
     fig.tight_layout()
     return fig
@@ -205,15 +275,23 @@ def overheads(n: Numbers) -> Any:
     """What each verification step costs relative to the inference it checks (log scale)."""
     plt = _plt()
     items = [
-        ("prover instrumentation (A-E receipt)", n.val("core", "generation/prover_overhead_attributed/ratio")),
+        (
+            "prover instrumentation (A-E receipt)",
+            n.val("core", "generation/prover_overhead_attributed/ratio"),
+        ),
         ("Observer sampling, CPU share", n.val("signals", "sampling_overhead_cpu_fraction")),
         ("L4 audit / generation", 1 / n.val("core", "generation/audit_speedup")),
-        ("TOPLOC verify / generation", n.val("peers", "methods/toploc/verifier_cost/ratio_to_honest_generation")),
+        (
+            "TOPLOC verify / generation",
+            n.val("peers", "methods/toploc/verifier_cost/ratio_to_honest_generation"),
+        ),
     ]
     if n.has("exact", "trace_overhead_ratio"):
         items.append(("L3 trace recording (extra)", n.val("exact", "trace_overhead_ratio") - 1))
         items.append(("L3 all blocks / generation", n.val("exact", "exact_audit_vs_generation/gpt2-small")))
-    items.append(("gateway, 32 tokens (extra)", n.val("gateway", "gateway_overhead_ratio/default_tiers_no_audit") - 1))
+    items.append(
+        ("gateway, 32 tokens (extra)", n.val("gateway", "gateway_overhead_ratio/default_tiers_no_audit") - 1)
+    )
     if n.has("zk", "prove_to_native"):
         items.append(("EZKL prove / native (zk.json)", n.val("zk", "prove_to_native")))
     items = [(k, v) for k, v in items if v]
@@ -226,6 +304,14 @@ def overheads(n: Numbers) -> Any:
     return fig
 
 
-FIGURES = {"ezkl": ezkl, "freivalds_width": freivalds_width, "detection_k": detection_k, "peers": peers,
-           "confusion": confusion, "calibration": calibration, "floor": floor, "deterrence": deterrence,
-           "overheads": overheads}
+FIGURES = {
+    "ezkl": ezkl,
+    "freivalds_width": freivalds_width,
+    "detection_k": detection_k,
+    "peers": peers,
+    "confusion": confusion,
+    "calibration": calibration,
+    "floor": floor,
+    "deterrence": deterrence,
+    "overheads": overheads,
+}

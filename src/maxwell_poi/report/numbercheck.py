@@ -21,11 +21,29 @@ import re
 from dataclasses import dataclass
 from html.parser import HTMLParser
 
-BLOCKS = {"p", "li", "tr", "figcaption", "h1", "h2", "h3", "h4", "h5", "h6", "dt", "dd", "blockquote", "caption"}
-WHOLE = {"tr", "figcaption", "h1", "h2", "h3", "h4", "h5", "h6", "caption"}  # cited as one unit
+BLOCKS = {
+    "p",
+    "li",
+    "tr",
+    "figcaption",
+    "h1",
+    "h2",
+    "h3",
+    "h4",
+    "h5",
+    "h6",
+    "dt",
+    "dd",
+    "blockquote",
+    "caption",
+}
+WHOLE = {"annot", "tr", "figcaption", "h1", "h2", "h3", "h4", "h5", "h6", "caption"}  # cited as one unit
 VOID = {"img", "br", "hr", "meta", "link", "input", "col", "source", "wbr"}
 NUMBER = re.compile(r"[0-9⁰¹²³⁴⁵⁶⁷⁸⁹]+(?:[.,][0-9⁰¹²³⁴⁵⁶⁷⁸⁹]+)*")
-XREF = re.compile(r"\b(?:Figures?|Tables?|Sections?|Appendix|Appendices|§)\s+[A-Z0-9][0-9.]*(?:\s*(?:,|and|–|-)\s*[A-Z0-9][0-9.]*)*")
+XREF = re.compile(
+    r"\b(?:Figures?|Tables?|Sections?|Appendix|Appendices|§)\s+(?:[0-9][0-9.]*|[A-Z]\b)"
+    r"(?:\s*(?:,|and|–|-)\s*(?:[0-9][0-9.]*|[A-Z]\b))*"
+)
 HEADING_NUMBER = re.compile(r"^\s*(?:[A-Z]|\d+)(?:\.\d+)*\.?\s")
 SENTENCE_END = re.compile(r"(?<!\bet al)(?<!\be\.g)(?<!\bi\.e)(?<!\bcf)(?<!\bvs)[.?!;](?=\s)")
 
@@ -68,12 +86,18 @@ class _Scanner(HTMLParser):
             mode = "m"
         elif "cite" in classes:
             mode = "c"
-        elif tag in {"code", "pre", "script", "style", "nav"} or classes & {"references", "provenance", "toc"}:
+        elif tag in {"code", "pre", "script", "style", "nav"} or classes & {
+            "references",
+            "provenance",
+            "toc",
+        }:
             mode = "s"
         if tag in BLOCKS:
             self._flush()
-            self.block_tag.append(tag)
+            self.block_tag.append("annot" if "annot" in classes else tag)
         self.stack.append((tag, mode))
+        if tag in {"td", "th"}:
+            self.buf.append(("t", " | "))
 
     def handle_endtag(self, tag: str) -> None:
         if tag in VOID:

@@ -60,7 +60,9 @@ class Numbers:
         for part in key.split("/"):
             if isinstance(node, dict) and part in node:
                 node = node[part]
-            elif isinstance(node, list) and part.lstrip("-").isdigit() and -len(node) <= int(part) < len(node):
+            elif (
+                isinstance(node, list) and part.lstrip("-").isdigit() and -len(node) <= int(part) < len(node)
+            ):
                 node = node[int(part)]
             else:
                 return False, None, f"bench/results/{name}.json has no key {key!r} (stopped at {part!r})"
@@ -121,11 +123,18 @@ class Numbers:
         ok, _, why = self._lookup(name, key)
         if not ok:
             self._note_missing(name, key, why)
-            return self.span(f"not measured yet ({why.split(' has no key')[0]}"
-                             + ("" if "missing" in why else f", key {key}") + ")",
-                             f"{name}.json: {key}", cls="miss")
-        return {"r": lambda: self.r(name, key, digits, unit), "x": lambda: self.x(name, key, digits),
-                "pct": lambda: self.pct(name, key, digits)}[kind]()
+            return self.span(
+                f"not measured yet ({why.split(' has no key')[0]}"
+                + ("" if "missing" in why else f", key {key}")
+                + ")",
+                f"{name}.json: {key}",
+                cls="miss",
+            )
+        return {
+            "r": lambda: self.r(name, key, digits, unit),
+            "x": lambda: self.x(name, key, digits),
+            "pct": lambda: self.pct(name, key, digits),
+        }[kind]()
 
     def d(self, value: float, src: str, digits: int = 3, unit: str = "", times: bool = False) -> str:
         """A number derived from measured ones by the template's arithmetic; `src` says how."""
