@@ -3,16 +3,28 @@ trace root a receipt carries, and an opening of chosen blocks. The recorder is p
 check is verifier.exact.
 
 Per transformer block: the block's input and the output of each of its linear operations, over
-every position the model computed, committed in, over every position the model computed, committed in
-a Merkle tree whose root the receipt carries (`ReceiptClaims.trace`).
+every position the model computed (one sequence from its first token, row 0 of a batch), committed
+in a Merkle tree whose root the receipt carries (`ReceiptClaims.trace`). Which tensors depends on the
+block's architecture (`OPS_BY_ARCH`; registry.blocks says where each lives in a module):
 
-GPT-2 blocks, per block `b` (T positions, width d):
+GPT-2 blocks (`OPS`), per block `b` (T positions, width d):
 
     x      the block's input                         [T, d]
     qkv    attn.c_attn(ln_1(x))                      [T, 3d]
     attn   attn.c_proj(attention context)            [T, d]
     fc     mlp.c_fc(ln_2(x + attn))                  [T, 4d]   (before the activation)
     mlp    mlp.c_proj(gelu(fc))                      [T, d]
+
+Llama blocks (`LLAMA_OPS`; H query heads, G key/value heads of width e, MLP width m):
+
+    x      the block's input                         [T, d]
+    q      self_attn.q_proj(input_layernorm(x))      [T, H·e]  (before the rotary embedding)
+    k      self_attn.k_proj(input_layernorm(x))      [T, G·e]  (before the rotary embedding)
+    v      self_attn.v_proj(input_layernorm(x))      [T, G·e]
+    o      self_attn.o_proj(attention context)       [T, d]
+    gate   mlp.gate_proj(post_attention_layernorm(x + o))   [T, m]
+    up     mlp.up_proj(post_attention_layernorm(x + o))     [T, m]
+    down   mlp.down_proj(silu(gate) · up)            [T, d]
 
 and after the last block `out`, its output (the final norm's input). A block's output is the next
 block's `x`. Leaves: blake3(nonce || block || op || float32 bytes), in block order then the order
@@ -34,7 +46,9 @@ import blake3
 import numpy as np
 from pymerkle import InmemoryTree
 
-OPS = ("x", "qkv", "attn", "fc", "mlp")
+OPS = ("x", "qkv", "attn", "fc", "mlp")  # GPT-2
+LLAMA_OPS = ("x", "q", "k", "v", "o", "gate", "up", "down")
+OPS_BY_ARCH = {"gpt2": OPS, "llama": LLAMA_OPS}
 OUT = "out"
 LINEAR = ("qkv", "attn", "fc", "mlp")
 # exact integer (W8A8) mode: per linear operation its int8 input, int32 accumulator and the input's
@@ -72,8 +86,12 @@ class Trace:
 
     @property
     def ops(self) -> tuple[str, ...]:
-        """OPS for a float trace, INT_OPS for an exact integer (W8A8) one."""
-        return INT_OPS if (0, INT_OPS[1]) in self.tensors else OPS
+        """The op set the tensors are of: OPS (GPT-2) or LLAMA_OPS for a float trace, INT_OPS for an
+        exact integer (W8A8) one."""
+        for ops in (INT_OPS, LLAMA_OPS):
+            if (0, ops[1]) in self.tensors:
+                return ops
+        return OPS
 
     def leaves(self, nonce: bytes) -> list[bytes]:
         order = leaf_order(self.blocks, self.ops)

@@ -30,6 +30,7 @@ from ..protocol.receipt import (
 from ..protocol.sampling import SeededSampler
 from ..protocol.stream import parse_open_request, refusal_line
 from ..protocol.trace import Opening, Trace, opening_line
+from ..registry.blocks import architecture
 from ..registry.forward import embed_one, generate
 from ..registry.models import LoadedModel, ReferenceValues, Registry
 from .recorder import ActivationRecorder, CommitmentBuilder
@@ -86,7 +87,7 @@ class Prover:
         device: str = "cpu",
         trace_dir: Path | None = None,
     ) -> None:
-        """`trace_dir`: record each generation's activation trace (GPT-2 models), keep it there as
+        """`trace_dir`: record each generation's activation trace (GPT-2 and Llama blocks), keep it there as
         <lease>.npz for the dispute window, and sign its root (receipt v3, L3 opens it)."""
         self.key = key
         self.trace_dir = trace_dir
@@ -123,7 +124,7 @@ class Prover:
         claimed = self.registry.reference(lease.model_id)  # what the lease asked for (no build)
         trace_root = None
         if isinstance(lease.job, GenerateJob):
-            traced = self.trace_dir is not None and model.spec.family == "gpt2"
+            traced = self.trace_dir is not None and architecture(model) is not None
             with TraceRecorder(model) if traced else contextlib.nullcontext() as recorder:
                 tokens, builder = self.generate(lease, model)
             if recorder is not None:

@@ -1,5 +1,6 @@
 """Records the activation trace L3 audits (protocol.trace: which tensors, how they are committed):
-forward hooks on a GPT-2 model's blocks and their linear operations, over every position computed.
+forward hooks on a GPT-2 or Llama model's blocks and their linear operations (registry.blocks), over
+every position computed.
 
 Trust note: the hooks run in the agent's process; what they record is a claim, which L3 checks.
 """
@@ -9,17 +10,16 @@ from __future__ import annotations
 import torch
 
 from ..protocol.trace import OUT, Trace
-from ..registry.blocks import linears
+from ..registry.blocks import linears, require_architecture
 from ..registry.models import LoadedModel
 
 
 class TraceRecorder:
-    """Forward hooks on a GPT-2 model's blocks and their linear operations; keeps batch row `row`.
+    """Forward hooks on a model's blocks and their linear operations; keeps batch row `row`.
     Use as a context manager so the hooks go even when generation fails."""
 
     def __init__(self, model: LoadedModel, row: int = 0) -> None:
-        if model.spec.family not in ("gpt2",):
-            raise ValueError(f"activation traces cover GPT-2 blocks so far, not {model.spec.family!r}")
+        self.arch = require_architecture(model)  # ValueError for blocks the trace does not cover
         self.row = row
         self.blocks = len(model.layers)
         self._parts: dict[tuple[int, str], list[torch.Tensor]] = {}

@@ -25,10 +25,11 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from ..protocol.trace import OPS, OUT, Opening, verify_opening
-from ..registry.blocks import linears
+from ..protocol.trace import OPS_BY_ARCH, OUT, Opening, verify_opening
+from ..registry.blocks import linears, require_architecture
 from ..registry.forward import prefill
 from ..registry.models import LoadedModel
+from .replay import block_forward
 
 STATE_TOL = 1e-4  # relative; honest same-class traces agree with Maxwell's prefill to ~1e-6
 OP_TOL = 1e-4
@@ -93,6 +94,7 @@ def bisect(
 ) -> DisputeResult:
     t0 = time.perf_counter()
     blocks = len(model.layers)
+    ops = OPS_BY_ARCH[require_architecture(model)]
     probes: list[int] = []
 
     def committed(index: int) -> np.ndarray | str:
@@ -100,7 +102,7 @@ def bisect(
         opening = open_tensors([key])
         if opening is None or key not in opening.tensors:
             return f"the agent did not open block {index}'s input in time"
-        problem = verify_opening(opening, nonce, root, blocks)
+        problem = verify_opening(opening, nonce, root, blocks, ops)
         probes.append(index)
         return problem or opening.tensors[key]
 
@@ -138,16 +140,17 @@ def _settle(
 ) -> DisputeResult:
     """Recompute the culprit block from its committed input; name the first operation that differs."""
     blocks = len(model.layers)
-    keys = [(block, op) for op in OPS] + [_key(blocks, block + 1)]
+    ops = OPS_BY_ARCH[require_architecture(model)]
+    keys = [(block, op) for op in ops] + [_key(blocks, block + 1)]
     opening = open_tensors(keys)
     if opening is None or any(k not in opening.tensors for k in keys):
         return DisputeResult(False, block, None, probes, f"the agent did not open block {block} in time",
                              time.perf_counter() - t0)  # fmt: skip
-    problem = verify_opening(opening, nonce, root, blocks)
+    problem = verify_opening(opening, nonce, root, blocks, ops)
     if problem:
         return DisputeResult(False, block, None, probes, problem, time.perf_counter() - t0)
     mine = recompute_block(model, block, opening.tensors[(block, "x")])
-    for op in (*OPS[1:], "out"):
+    for op in (*ops[1:], "out"):
         theirs = opening.tensors[(block, op)] if op != "out" else opening.tensors[_key(blocks, block + 1)]
         diff = relative_diff(theirs, mine[op])
         if not diff <= OP_TOL:
@@ -162,7 +165,8 @@ def _settle(
 
 
 def recompute_block(model: LoadedModel, block: int, x: np.ndarray) -> dict[str, np.ndarray]:
-    """Maxwell's own run of one GPT-2 block from an input: each linear output and the block's output."""
+    """Maxwell's own run of one block (GPT-2 or Llama, the module itself at positions 0..T-1, causal)
+    from an input: each linear output and the block's output."""
     module = model.layers[block]
     got: dict[str, np.ndarray] = {}
     hooks = [
@@ -171,7 +175,7 @@ def recompute_block(model: LoadedModel, block: int, x: np.ndarray) -> dict[str, 
     ]
     try:
         with torch.no_grad():
-            out = module(torch.from_numpy(np.asarray(x, dtype=np.float32)).unsqueeze(0))
+            out = block_forward(model, block, torch.from_numpy(np.asarray(x, dtype=np.float32)))
     finally:
         for h in hooks:
             h.remove()

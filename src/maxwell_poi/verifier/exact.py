@@ -4,19 +4,24 @@ Each linear operation Y = X·W + b of the block is checked with Freivalds' algor
 secret random vectors r (`FreivaldsKey`, drawn from its CSPRNG, precomputed W·r and b·r once per
 model, never revealed) and compares Y·r with X·(W·r) + b·r — O(T·d) per vector instead of
 O(T·d²). X is never taken from the agent: Maxwell replays the nonlinear parts between the linear
-operations (layer norms, causal softmax attention, GELU, residuals) from the opened values, so each
-committed output must follow from the committed block input through Maxwell's own replay.
+operations (norms, rotary embeddings, causal softmax attention, activations, residuals) from the
+opened values (verifier.replay), so each committed output must follow from the committed block
+input through Maxwell's own replay. Operations that read one input (Llama's q, k, v; gate, up) are
+checked with one product X·[W_q·r | W_k·r | W_v·r].
 
 GPT-2 block (prover.trace names):  ln_1(x) -> qkv -> attention -> attn -> x + attn = h
                                    ln_2(h) -> fc -> gelu -> mlp -> h + mlp = the block's output
+Llama block:  input_layernorm(x) -> q, k, v -> rotary, attention -> o -> x + o = h
+              post_attention_layernorm(h) -> gate, up -> silu(gate)·up -> down -> h + down = output
 
 Float claims (fp32) are compared with a relative tolerance calibrated on honest runs
-(bench/exact.py); the result names the first operation that fails and its residual.
+(bench/exact.py); the result names the first operation that fails and its residual. The products
+run in float64 (r, W·r and the opened tensors, cast), shaped [vectors, n] @ [n, T]: a skinny
+matrix-vector product in the orientation BLAS runs fastest.
 """
 
 from __future__ import annotations
 
-import math
 import os
 import secrets
 import time
@@ -24,50 +29,71 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from ..protocol.receipt import ReceiptClaims
 from ..protocol.result import LayerName, LayerResult, Status
-from ..protocol.trace import OPS, OUT, Opening, verify_opening
-from ..registry.blocks import linears
+from ..protocol.trace import OPS_BY_ARCH, OUT, Opening, verify_opening
+from ..registry.blocks import BRANCHES, INPUT_GROUPS, linears, require_architecture, weight_in_out
 from ..registry.models import LoadedModel
 from ..registry.w8a8 import quantize_rows
+from .replay import gpt2_attention, steps
 
 VECTORS = 2  # independent r per operation: a wrong product passes both with probability ~0 (floats)
-# honest fp32 residuals sit near 1e-7 (CPU, threads 1-2, batch 1-4: bench/exact.py); one weight row
-# perturbed by 0.1% moves them past 1e-4
+# honest fp32 residuals sit near 1e-6 (CPU, threads 1-2, batch 1-4, GPT-2 and Llama: bench/exact.py);
+# 0.1% multiplicative noise on one weight matrix moves them past 1e-4
 FP32_TOLERANCE = 1e-5
+F64 = torch.float64
 
 
 @dataclass
 class FreivaldsKey:
-    """Secret r and the precomputed W·r, b·r for every linear operation of a model (float64)."""
+    """Secret r and the precomputed W·r, b·r for every linear operation of a model (float64), kept
+    transposed: rt [vectors, out] per operation; per input group the stacked (W·r)ᵀ [ops·vectors, in]
+    and (b·r)ᵀ [ops·vectors, 1]."""
 
-    wr: dict[tuple[int, str], torch.Tensor] = field(repr=False)
-    br: dict[tuple[int, str], torch.Tensor] = field(repr=False)
-    r: dict[tuple[int, str], torch.Tensor] = field(repr=False)
+    rt: dict[tuple[int, str], torch.Tensor] = field(repr=False)
+    wrt: dict[tuple[int, tuple[str, ...]], torch.Tensor] = field(repr=False)
+    brt: dict[tuple[int, tuple[str, ...]], torch.Tensor] = field(repr=False)
+    group_of: dict[str, tuple[str, ...]]  # op -> the input group it belongs to
+    vectors: int = VECTORS
 
     @classmethod
     def for_model(cls, model: LoadedModel, vectors: int = VECTORS) -> FreivaldsKey:
         gen = torch.Generator().manual_seed(int.from_bytes(os.urandom(8), "little"))  # Maxwell's secret
-        wr, br, r = {}, {}, {}
+        groups = INPUT_GROUPS[require_architecture(model)]
+        rt, wrt, brt = {}, {}, {}
         with torch.no_grad():
             for b, block in enumerate(model.layers):
-                for op, conv in linears(block).items():
-                    weight = conv.weight.detach().to(torch.float64)  # Conv1D: [in, out], y = x·W + b
-                    vec = torch.randn(weight.shape[1], vectors, generator=gen, dtype=torch.float64)
-                    r[(b, op)] = vec
-                    wr[(b, op)] = weight @ vec
-                    br[(b, op)] = conv.bias.detach().to(torch.float64) @ vec
-        return cls(wr, br, r)
+                layers = linears(block)
+                for group in groups:
+                    parts_w, parts_b = [], []
+                    for op in group:
+                        weight, bias = weight_in_out(layers[op])  # y = x·W + b, W [in, out]
+                        vec = torch.randn(vectors, weight.shape[1], generator=gen, dtype=F64)
+                        rt[(b, op)] = vec
+                        parts_w.append(vec @ weight.to(F64).T)  # (W·r)ᵀ [vectors, in]
+                        no_bias = torch.zeros(vectors, dtype=F64)
+                        parts_b.append(vec @ bias.to(F64) if bias is not None else no_bias)
+                    wrt[(b, group)] = torch.cat(parts_w).contiguous()
+                    brt[(b, group)] = torch.cat(parts_b).unsqueeze(1)
+        return cls(rt, wrt, brt, {op: g for g in groups for op in g}, vectors)
 
-    def residual(self, block: int, op: str, x: torch.Tensor, y: torch.Tensor) -> float:
-        """max |Y·r − (X·(W·r) + b·r)| / max |Y·r| over rows and vectors."""
-        key = (block, op)
-        lhs = y.to(torch.float64) @ self.r[key]
-        rhs = x.to(torch.float64) @ self.wr[key] + self.br[key]
-        scale = max(float(lhs.abs().max()), 1e-30)
-        return float((lhs - rhs).abs().max()) / scale
+    def widths(self, block: int, op: str) -> tuple[int, int]:
+        """(in, out) of an operation."""
+        return self.wrt[(block, self.group_of[op])].shape[1], self.rt[(block, op)].shape[1]
+
+    def residuals(
+        self, block: int, group: tuple[str, ...], x: torch.Tensor, ys: dict[str, torch.Tensor]
+    ) -> dict[str, float]:
+        """Per operation of the group: max |Y·r − (X·(W·r) + b·r)| / max |Y·r| over rows and vectors.
+        X (the group's input) enters one product for the whole group."""
+        rhs = torch.mm(self.wrt[(block, group)], x.to(F64).T) + self.brt[(block, group)]
+        out = {}
+        for i, op in enumerate(group):
+            lhs = torch.mm(self.rt[(block, op)], ys[op].to(F64).T)
+            mine = rhs[i * self.vectors : (i + 1) * self.vectors]
+            out[op] = float((lhs - mine).abs().amax()) / max(float(lhs.abs().amax()), 1e-30)
+        return out
 
 
 @dataclass(frozen=True)
@@ -87,24 +113,41 @@ def check_block(
     output: np.ndarray,
     tol: float = FP32_TOLERANCE,
 ) -> BlockCheck:
-    """Check one opened GPT-2 block: `opened` has OPS' tensors, `output` the block's committed output."""
-    module = model.layers[block]
-    t = {op: torch.from_numpy(np.asarray(opened[op], dtype=np.float32)) for op in OPS}
+    """Check one opened block: `opened` has the architecture's op tensors (protocol.trace.OPS_BY_ARCH),
+    `output` the block's committed output."""
+    arch = require_architecture(model)
+    t = {op: torch.from_numpy(np.asarray(opened[op], dtype=np.float32)) for op in OPS_BY_ARCH[arch]}
+    shape_problem = _shapes(key, block, t, output)
+    if shape_problem:
+        op, why = shape_problem
+        return BlockCheck(block, False, op, {}, why)
     residuals: dict[str, float] = {}
     with torch.no_grad():
-        x = t["x"]
-        steps = (
-            ("qkv", lambda: module.ln_1(x)),
-            ("attn", lambda: _attention(t["qkv"], module.attn.num_heads)),
-            ("fc", lambda: module.ln_2(x + t["attn"])),
-            ("mlp", lambda: module.mlp.act(t["fc"])),
-        )
-        for op, replay in steps:
-            residuals[op] = key.residual(block, op, replay(), t[op])
-            if not residuals[op] <= tol:  # NaN fails too
-                return BlockCheck(block, False, op, residuals, _why(block, op, residuals[op], tol))
-        ok = f"block {block}: 4 linear operations and the residual stream hold"
-        return _residual_stream(block, x + t["attn"] + t["mlp"], output, tol, residuals, ok)
+        for group, replay in steps(model, block, t):
+            residuals.update(key.residuals(block, group, replay(), t))
+            for op in group:
+                if not residuals[op] <= tol:  # NaN fails too
+                    return BlockCheck(block, False, op, residuals, _why(block, op, residuals[op], tol))
+        attention, mlp = BRANCHES[arch]
+        ok = f"block {block}: {len(OPS_BY_ARCH[arch]) - 1} linear operations and the residual stream hold"
+        return _residual_stream(block, t["x"] + t[attention] + t[mlp], output, tol, residuals, ok)
+
+
+def _shapes(
+    key: FreivaldsKey, block: int, t: dict[str, torch.Tensor], output: np.ndarray
+) -> tuple[str, str] | None:
+    """(op, why) for the first opened tensor whose shape is not [T, that operation's width]: the
+    leaves bind the bytes, not the shape."""
+    rows = t["x"].shape[0] if t["x"].ndim == 2 else -1
+    linear = [op for op in t if op != "x"]
+    width = key.widths(block, linear[0])[0]  # the first group reads the block input (d wide)
+    expected = {"x": (rows, width), **{op: (rows, key.widths(block, op)[1]) for op in linear}}
+    got = {op: tuple(v.shape) for op, v in t.items()}
+    expected["output"], got["output"] = (rows, width), tuple(np.shape(output))
+    for op, shape in expected.items():
+        if got[op] != shape:
+            return op, f"block {block} {op}: expected an opened tensor of shape {shape}, got {got[op]}"
+    return None
 
 
 def _residual_stream(
@@ -112,24 +155,13 @@ def _residual_stream(
 ) -> BlockCheck:
     """The block's committed output must be its input plus the two committed branches."""
     committed = torch.from_numpy(np.asarray(output, dtype=np.float32))
-    diff = float((mine - committed).abs().max()) / max(float(committed.abs().max()), 1e-30)
+    diff = float((mine - committed).abs().amax()) / max(float(committed.abs().amax()), 1e-30)
     residuals["residual_stream"] = diff
     if not diff <= tol:
         return BlockCheck(
             block, False, "residual_stream", residuals, _why(block, "residual_stream", diff, tol)
         )
     return BlockCheck(block, True, None, residuals, ok)
-
-
-def _attention(qkv: torch.Tensor, heads: int) -> torch.Tensor:
-    """Causal softmax attention from the committed q, k, v (GPT-2's, without dropout)."""
-    positions, width3 = qkv.shape
-    d = width3 // 3
-    q, k, v = (z.reshape(positions, heads, d // heads).transpose(0, 1) for z in qkv.split(d, dim=1))
-    scores = (q @ k.transpose(1, 2)) / math.sqrt(d // heads)
-    mask = torch.ones(positions, positions, dtype=torch.bool).tril()
-    scores = scores.masked_fill(~mask, float("-inf"))
-    return (F.softmax(scores, dim=-1) @ v).transpose(0, 1).reshape(positions, d)
 
 
 def _why(block: int, op: str, residual: float, tol: float) -> str:
@@ -144,8 +176,9 @@ def audit_blocks(
 ) -> list[BlockCheck]:
     out = []
     n = len(model.layers)
+    ops = OPS_BY_ARCH[require_architecture(model)]
     for b in blocks:
-        opened = {op: opening.tensors[(b, op)] for op in OPS}
+        opened = {op: opening.tensors[(b, op)] for op in ops}
         output = opening.tensors[(b + 1, "x")] if b + 1 < n else opening.tensors[(b, OUT)]
         out.append(check_block(model, key, b, opened, output, tol))
     return out
@@ -175,13 +208,14 @@ def appraise_opening(
         )
     if opening is None:
         return LayerResult(LayerName.EXACT, Status.FAIL, f"opening of blocks {blocks}: none came in time")
-    problem = verify_opening(opening, nonce, claims.trace, len(model.layers))
-    missing = [b for b in blocks if any((b, op) not in opening.tensors for op in OPS)]
+    ops = OPS_BY_ARCH[require_architecture(model)]
+    problem = verify_opening(opening, nonce, claims.trace, len(model.layers), ops)
+    missing = [b for b in blocks if any((b, op) not in opening.tensors for op in ops)]
     if problem or missing:
         why = problem or f"opening: expected blocks {blocks}, got none for {missing}"
         return LayerResult(LayerName.EXACT, Status.FAIL, why, cost_s=time.perf_counter() - t0)
     checks = audit_blocks(model, key, opening, blocks, tol)
-    worst = max(max(c.residuals.values()) for c in checks)
+    worst = max((r for c in checks for r in c.residuals.values()), default=0.0)  # none: a shape failed
     details = {"blocks": blocks, "residuals": {str(c.block): c.residuals for c in checks}, "tolerance": tol}
     failed = next((c for c in checks if not c.ok), None)
     cost = time.perf_counter() - t0
@@ -247,7 +281,7 @@ def check_block_int(
         x = t["x"].to(torch.float32)
         replays = (
             ("qkv", lambda: module.ln_1(x)),
-            ("attn", lambda: _attention(out("qkv"), module.attn.num_heads)),
+            ("attn", lambda: gpt2_attention(out("qkv"), module.attn.num_heads)),
             ("fc", lambda: module.ln_2(x + out("attn"))),
             ("mlp", lambda: module.mlp.act(out("fc"))),
         )
