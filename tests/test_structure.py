@@ -32,6 +32,7 @@ LEVEL = {
     "demo": 6,
     "demo_service": 6,
     "demo_gateway": 6,
+    "demo_exact": 6,
     "report": 6,
     "__main__": 7,
 }
