@@ -33,9 +33,11 @@ from ..protocol.trace import Opening, Trace, opening_line
 from ..registry.blocks import architecture
 from ..registry.forward import embed_one, generate
 from ..registry.models import LoadedModel, ReferenceValues, Registry
+from ..registry.w8a8 import is_w8a8
 from .recorder import ActivationRecorder, CommitmentBuilder
 from .stream import chunk_sink_for, current_sink
 from .trace import TraceRecorder
+from .w8a8 import IntTraceRecorder
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
@@ -125,7 +127,7 @@ class Prover:
         trace_root = None
         if isinstance(lease.job, GenerateJob):
             traced = self.trace_dir is not None and architecture(model) is not None
-            with TraceRecorder(model) if traced else contextlib.nullcontext() as recorder:
+            with _recorder(model) if traced else contextlib.nullcontext() as recorder:
                 tokens, builder = self.generate(lease, model)
             if recorder is not None:
                 trace = recorder.trace()
@@ -193,3 +195,9 @@ class Prover:
                 rows.append(emb)
                 builder.drain(recorder)  # one chunk per text
         return np.stack(rows), builder
+
+
+def _recorder(model: LoadedModel) -> TraceRecorder | IntTraceRecorder:
+    """The trace a model's blocks commit to: float tensors, or a W8A8 variant's int8 inputs and int32
+    accumulators (L3's exact integer mode)."""
+    return IntTraceRecorder(model) if is_w8a8(model) else TraceRecorder(model)
