@@ -21,6 +21,7 @@ class LayerName(StrEnum):
     THERMODYNAMIC = "L1-thermodynamic"
     BOUNDARY = "L2-boundary"
     EXACT = "L3-exact"
+    ZK = "L3-zk"  # L3 by a zk-SNARK of one block half (verifier.zk)
     AUDIT = "L4-audit"
 
 

@@ -35,6 +35,7 @@ VECTOR_OF_LAYER = {
     LayerName.THERMODYNAMIC: "hardware",
     LayerName.BOUNDARY: "sourced-data",
     LayerName.EXACT: "executables",  # L3 and L4 both speak of the code that ran: the worse one counts
+    LayerName.ZK: "executables",
     LayerName.AUDIT: "executables",
 }
 EAR_STATUS = {
