@@ -30,7 +30,14 @@ from maxwell_poi.registry.blocks import architecture, linears, rotary_embedding
 from maxwell_poi.registry.forward import generate
 from maxwell_poi.registry.models import LoadedModel, Registry, find_final_norm, find_layers
 from maxwell_poi.verifier.dispute import bisect, recompute_block, reference_inputs
-from maxwell_poi.verifier.exact import FreivaldsKey, appraise_opening, audit_blocks, check_block
+from maxwell_poi.verifier.exact import (
+    FP32_TOLERANCE,
+    SCREEN,
+    FreivaldsKey,
+    appraise_opening,
+    audit_blocks,
+    check_block,
+)
 from maxwell_poi.verifier.policy import Verifier
 
 PROMPT = "The old mill by the river"
@@ -103,6 +110,33 @@ def test_maxwells_llama_block_recomputation_matches_an_honest_commitment(registr
     for op in LLAMA_OPS[1:]:
         assert np.allclose(mine[op], trace.tensors[(3, op)], rtol=0, atol=1e-4), op
     assert np.allclose(mine["out"], trace.tensors[(4, "x")], rtol=0, atol=1e-4)  # causal, rotary as served
+
+
+def test_the_float32_screen_decides_as_float64_does(registry, keys, tmp_path) -> None:
+    """Products run in float32 first; a group near or past the tolerance is decided in float64. On
+    honest blocks and on rows scaled by (1 + c) around the tolerance both decide alike."""
+    _lease, _raw, trace = serve(registry, "llama-small", tmp_path)
+    model, key = registry.load("llama-small"), keys["llama-small"]
+    for b in range(trace.blocks):
+        opened = {op: trace.tensors[(b, op)] for op in LLAMA_OPS}
+        fast = check_block(model, key, b, opened, trace.block_output(b))
+        slow = check_block(model, key, b, opened, trace.block_output(b), precise=True)
+        assert fast.ok and slow.ok, (fast.reason, slow.reason)
+        gaps = [abs(fast.residuals[op] - slow.residuals[op]) for op in LLAMA_OPS[1:]]
+        assert max(gaps) < SCREEN * FP32_TOLERANCE / 4  # float32 rounding, far under the screen
+    opened = {op: trace.tensors[(2, op)].copy() for op in LLAMA_OPS}
+    row = int(np.abs(opened["gate"]).sum(axis=1).argmax())
+    decisions = []
+    for c in (1e-7, 3e-6, 6e-6, 1e-5, 2e-5, 1e-4):
+        forged = dict(opened, gate=opened["gate"].copy())
+        forged["gate"][row] *= 1 + c
+        fast = check_block(model, key, 2, forged, trace.block_output(2))
+        slow = check_block(model, key, 2, forged, trace.block_output(2), precise=True)
+        assert fast.ok == slow.ok, (c, fast.reason, slow.reason)
+        if not fast.ok:
+            assert fast.residuals["gate"] == slow.residuals["gate"]  # decided in float64
+        decisions.append(fast.ok)
+    assert decisions[0] and not decisions[-1]  # the sweep crosses the tolerance
 
 
 # -- cheats in one block --------------------------------------------------------------------------

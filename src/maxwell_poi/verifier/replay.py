@@ -14,13 +14,14 @@ whole block (`block_forward`) runs the block module itself.
 from __future__ import annotations
 
 import math
+import weakref
 from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from transformers.activations import NewGELUActivation
-from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+from transformers.models.llama.modeling_llama import LlamaRMSNorm
 
 from ..registry.blocks import INPUT_GROUPS, require_architecture, rotary_embedding
 from ..registry.models import LoadedModel
@@ -43,9 +44,9 @@ def steps(model: LoadedModel, block: int, t: dict[str, torch.Tensor]) -> list[St
     else:
         attn = module.self_attn
         replays = (
-            lambda: module.input_layernorm(x),
+            lambda: rms_norm(module.input_layernorm, x),
             lambda: llama_attention(rotary_embedding(model), attn, t["q"], t["k"], t["v"]),
-            lambda: module.post_attention_layernorm(x + t["o"]),
+            lambda: rms_norm(module.post_attention_layernorm, x + t["o"]),
             lambda: module.mlp.act_fn(t["gate"]) * t["up"],
         )
     return list(zip(INPUT_GROUPS[arch], replays, strict=True))
@@ -64,13 +65,22 @@ def activation(act: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return u.mul_(x).mul_(0.044715).add_(x).mul_(GELU_C).sigmoid_().mul_(x)
 
 
+def rms_norm(norm: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """Llama's RMSNorm as PyTorch's one fused kernel (bit-identical to the module's five ops on CPU
+    float32); another norm module runs itself."""
+    if type(norm) is not LlamaRMSNorm:
+        return norm(x)
+    return F.rms_norm(x, (x.shape[-1],), norm.weight, norm.variance_epsilon)
+
+
 def gpt2_attention(qkv: torch.Tensor, heads: int) -> torch.Tensor:
-    """Causal softmax attention from the committed q, k, v (GPT-2's, without dropout)."""
+    """Causal softmax attention from the committed q, k, v (GPT-2's, without dropout); [1, heads, T, e]
+    views, the layout the model's own attention runs (a cheaper path than 3-d inputs)."""
     positions, width3 = qkv.shape
     d = width3 // 3
-    q, k, v = (z.reshape(positions, heads, d // heads).transpose(0, 1) for z in qkv.split(d, dim=1))
+    q, k, v = (z.view(1, positions, heads, d // heads).transpose(1, 2) for z in qkv.split(d, dim=1))
     context = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=1 / math.sqrt(d // heads))
-    return context.transpose(0, 1).reshape(positions, d)
+    return context.transpose(1, 2).reshape(positions, d)
 
 
 def llama_attention(
@@ -80,13 +90,35 @@ def llama_attention(
     rotary embedding, key/value heads shared by groups of query heads (GQA)."""
     positions, width = q.shape
     width_of_head = attn.head_dim
-    q, k, v = (z.reshape(1, positions, -1, width_of_head).transpose(1, 2) for z in (q, k, v))
-    cos, sin = rotary(v, torch.arange(positions).unsqueeze(0))
-    q, k = apply_rotary_pos_emb(q, k, cos, sin)
+    q, k, v = (z.view(1, positions, -1, width_of_head).transpose(1, 2) for z in (q, k, v))
+    q, k = rotate(torch.cat((q, k), dim=1), *rotary_table(rotary, positions)).split(
+        (q.shape[1], k.shape[1]), dim=1
+    )
     context = F.scaled_dot_product_attention(
         q, k, v, is_causal=True, scale=attn.scaling, enable_gqa=q.shape[1] != k.shape[1]
     )
     return context[0].transpose(0, 1).reshape(positions, width)
+
+
+def rotate(z: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """transformers' apply_rotary_pos_emb (z·cos + rotate_half(z)·sin), on q and k stacked at once."""
+    half = z.shape[-1] // 2
+    return z * cos + torch.cat((-z[..., half:], z[..., :half]), dim=-1) * sin
+
+
+_TABLES: weakref.WeakKeyDictionary[nn.Module, tuple[int, torch.Tensor, torch.Tensor]]
+_TABLES = weakref.WeakKeyDictionary()
+
+
+def rotary_table(rotary: nn.Module, positions: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos, sin [1, T, e] of the model's own rotary embedding at positions 0..T-1. The last length is
+    kept per module: every opened block of a lease shares it, as every block of a forward pass does."""
+    kept = _TABLES.get(rotary)
+    if kept is None or kept[0] != positions:
+        probe = torch.empty(0)  # only its dtype and device are read: float32, CPU
+        kept = (positions, *rotary(probe, torch.arange(positions).unsqueeze(0)))
+        _TABLES[rotary] = kept
+    return kept[1], kept[2]
 
 
 def block_forward(model: LoadedModel, block: int, x: torch.Tensor) -> torch.Tensor | tuple:
