@@ -376,4 +376,4 @@ if __name__ == "__main__":
     app()
 
 
-from . import demo, exact, ledger, policy, service, serving  # noqa: E402,F401  (register their commands on `app`)
+from . import demo, exact, ledger, policy, service, serving, zk  # noqa: E402,F401  (register their commands on `app`)

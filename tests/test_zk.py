@@ -1,0 +1,208 @@
+"""L3-zk (EZKL) on a tiny registered GPT-2 (1 block, d 8, 4 positions, test SRS): the agent commits
+its trace in a v3 receipt, proves the challenged attention half with the proving key of Maxwell's
+circuit, and Maxwell verifies under its own key and binds the proof's instances to the trace root.
+The honest proof passes; each adversary of issue 13 is refused, by name."""
+
+from __future__ import annotations
+
+import copy
+import json
+from dataclasses import replace
+
+import pytest
+import torch
+from transformers import GPT2Config, GPT2LMHeadModel
+from typer.testing import CliRunner
+
+from maxwell_poi.cli import app
+from maxwell_poi.protocol.keys import AgentKey
+from maxwell_poi.protocol.lease import GenerateJob, Lease
+from maxwell_poi.protocol.receipt import max_receipt_bytes, open_receipt
+from maxwell_poi.protocol.result import LayerName, Status
+from maxwell_poi.protocol.trace import Opening, Trace
+from maxwell_poi.prover.sdk import Prover
+from maxwell_poi.prover.zk import prove_block
+from maxwell_poi.registry.circuits import (
+    BlockProof,
+    CircuitConfig,
+    ZkChallenge,
+    block_digest,
+    circuit_for,
+    quantize,
+)
+from maxwell_poi.registry.models import Registry
+from maxwell_poi.verifier.zk import appraise_block_proof
+
+pytest.importorskip("ezkl")
+
+MODEL = "gpt2-zk-tiny"
+# 4 positions; a 2^10-row range table and 4 columns keep the circuit at 2^13 rows (seconds to prove)
+CONFIG = CircuitConfig(tokens=4, decomp_base_bits=10, decomp_legs=3, inner_cols=4)
+CONFIG_JSON = json.dumps({"tokens": 4, "decomp_base_bits": 10, "decomp_legs": 3, "inner_cols": 4})
+CHALLENGE = ZkChallenge(block=0, kind="attn", start=0, tokens=4)
+
+
+def _tiny_gpt2(seed: int) -> GPT2LMHeadModel:
+    torch.manual_seed(seed)
+    return GPT2LMHeadModel(GPT2Config(vocab_size=30522, n_embd=8, n_layer=1, n_head=1, n_positions=64))
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    """A registered tiny GPT-2, an honest lease with its receipt and kept trace, Maxwell's circuit."""
+    root = tmp_path_factory.mktemp("zk")
+    _tiny_gpt2(0).save_pretrained(root / "tiny")
+    registry = Registry(root / "models.json")
+    registry.add_local(MODEL, root / "tiny")
+    model = registry.load(MODEL)
+    prover = Prover(AgentKey.generate(), registry, trace_dir=root / "traces")
+
+    def lease_run(prompt: str):
+        lease = Lease.issue("alice", MODEL, GenerateJob(prompt=prompt, max_new_tokens=4))
+        raw = prover.run(lease)
+        claims = open_receipt(raw, max_receipt_bytes(lease, model.reference.hidden)).claims
+        return lease, raw, claims, Trace.load(root / "traces" / f"{lease.lease_id}.npz")
+
+    maxwell = circuit_for(model, 0, "attn", CONFIG, home=root / "maxwell", allow_test_srs=True)
+    return dict(
+        root=root,
+        registry=registry,
+        model=model,
+        lease_run=lease_run,
+        circuit=maxwell,
+        honest=lease_run("The river bends"),
+    )
+
+
+@pytest.fixture(scope="module")
+def honest_proof(world) -> BlockProof:
+    _lease, _raw, _claims, trace = world["honest"]
+    return prove_block(world["circuit"], trace.tensors, CHALLENGE)
+
+
+def appraise(world, proof: BlockProof | None, challenge: ZkChallenge = CHALLENGE, opening=None):
+    lease, _raw, claims, trace = world["honest"]
+    opening = opening or Opening.of(trace, lease.nonce_bytes, [challenge.block])
+    return appraise_block_proof(claims, lease.nonce_bytes, world["circuit"], challenge, 1, opening, proof)
+
+
+def test_the_honest_challenged_block_proves_verifies_and_binds(world, honest_proof) -> None:
+    result = appraise(world, honest_proof)
+    assert result.layer is LayerName.ZK
+    assert result.status is Status.PASS, result.reason
+    assert result.details["srs"].startswith("test-only")
+    # the proof's public inputs are exactly the committed block input (4 x 8) at the circuit's scale
+    import ezkl
+
+    inst = [ezkl.felt_to_int(f) for f in honest_proof.proof["instances"][0]]
+    _lease, _raw, _claims, trace = world["honest"]
+    assert inst[:32] == quantize(trace.tensors[(0, "x")][:4], world["circuit"].input_scale).ravel().tolist()
+    assert len(inst) == 64 and result.details["output_units"] <= result.details["tolerance_units"]
+
+
+def test_keys_are_cached_with_the_model_reference_values(world) -> None:
+    again = circuit_for(
+        world["model"], 0, "attn", CONFIG, home=world["root"] / "maxwell", allow_test_srs=True
+    )
+    assert again.folder == world["circuit"].folder
+    assert again.path("vk").read_bytes() == world["circuit"].path("vk").read_bytes()
+    assert again.weights_digest == block_digest(world["model"].layers[0])
+    assert again.setup == world["circuit"].setup  # read back, not set up again
+
+
+def test_a_proof_for_other_inputs_is_refused_by_the_binding(world) -> None:
+    _lease, _raw, _claims, other = world["lease_run"]("A different prompt entirely")
+    proof = prove_block(world["circuit"], other.tensors, CHALLENGE)
+    result = appraise(world, proof)
+    assert result.status is Status.FAIL
+    assert "binding: the proof's input is not the committed block 0 attn input" in result.reason
+    assert "expected" in result.reason and "got" in result.reason
+    world["other_proof"] = proof
+
+
+def test_a_tampered_proof_is_refused(world, honest_proof) -> None:
+    flipped = list(honest_proof.proof["proof"])  # the proof's bytes
+    flipped[200] ^= 1
+    result = appraise(world, replace(honest_proof, proof={**honest_proof.proof, "proof": flipped}))
+    assert result.status is Status.FAIL
+    assert "expected a proof that verifies under Maxwell's key" in result.reason
+
+
+def test_another_proof_wearing_this_receipts_instances_is_refused(world, honest_proof) -> None:
+    other = world.get("other_proof") or pytest.skip("needs the other-input proof")
+    swapped = {**other.proof, "instances": honest_proof.proof["instances"]}
+    result = appraise(world, replace(other, proof=swapped))
+    assert result.status is Status.FAIL
+    assert "does not" in result.reason and "verifies under Maxwell's key" in result.reason
+
+
+def test_a_proof_made_with_another_models_keys_is_refused(world) -> None:
+    model = world["model"]
+    other = model.with_module(_tiny_gpt2(1).eval())  # same architecture, other weights
+    theirs = circuit_for(other, 0, "attn", CONFIG, home=world["root"] / "agent", allow_test_srs=True)
+    assert theirs.weights_digest != world["circuit"].weights_digest
+    _lease, _raw, _claims, trace = world["honest"]
+    result = appraise(world, prove_block(theirs, trace.tensors, CHALLENGE))
+    assert result.status is Status.FAIL
+    assert "verifies under Maxwell's key for gpt2-zk-tiny attn-b0" in result.reason
+
+
+def test_a_proof_of_the_right_block_with_one_weight_changed_is_refused(world) -> None:
+    model = world["model"]
+    module = copy.deepcopy(model.module)
+    with torch.no_grad():
+        module.transformer.h[0].attn.c_attn.weight[3, 5] += 0.05  # one weight of the challenged block
+    changed = circuit_for(
+        model.with_module(module), 0, "attn", CONFIG, home=world["root"] / "agent-w", allow_test_srs=True
+    )
+    _lease, _raw, _claims, trace = world["honest"]
+    result = appraise(world, prove_block(changed, trace.tensors, CHALLENGE))
+    assert result.status is Status.FAIL
+    assert "expected a proof that verifies under Maxwell's key" in result.reason
+
+
+def test_a_proof_for_another_challenge_or_a_forged_opening_is_refused(world, honest_proof) -> None:
+    elsewhere = ZkChallenge(block=0, kind="mlp", start=0, tokens=4)
+    result = appraise(world, replace(honest_proof, challenge=elsewhere))
+    assert result.status is Status.FAIL and "expected one for challenge" in result.reason
+    lease, _raw, _claims, trace = world["honest"]
+    opening = Opening.of(trace, lease.nonce_bytes, [0])
+    forged = Opening({**opening.tensors, (0, "x"): opening.tensors[(0, "x")] * 1.01}, opening.leaves)
+    result = appraise(world, honest_proof, opening=forged)
+    assert result.status is Status.FAIL and "differs from the committed tensor" in result.reason
+    assert appraise(world, None).status is Status.FAIL
+
+
+def test_cli_prove_block_and_verify_block(world, honest_proof, monkeypatch) -> None:
+    root = world["root"]
+    home = root / "cli-home"  # the CLI's $POI_HOME: the same registry, Maxwell's cached keys and SRS
+    home.mkdir(exist_ok=True)
+    (home / "models.json").write_text((root / "models.json").read_text())
+    (home / "circuits").symlink_to(root / "maxwell")
+    (home / "srs").symlink_to(root / "srs")
+    monkeypatch.setenv("POI_HOME", str(home))
+    lease, raw, _claims, _trace = world["honest"]
+    (root / "lease.json").write_text(lease.to_json())
+    (root / "receipt.json").write_bytes(raw)
+    files = [
+        "--lease",
+        str(root / "lease.json"),
+        "--receipt",
+        str(root / "receipt.json"),
+        "--trace",
+        str(root / "traces" / f"{lease.lease_id}.npz"),
+        "--config",
+        CONFIG_JSON,
+        "--allow-test-srs",
+    ]
+    runner = CliRunner()
+    proved = runner.invoke(app, ["prove-block", *files, "--out", str(root / "proof.json")])
+    assert proved.exit_code == 0, proved.output
+    ok = runner.invoke(app, ["verify-block", *files, "--proof", str(root / "proof.json"), "--json"])
+    assert ok.exit_code == 0, ok.output
+    assert json.loads(ok.output)["status"] == "pass"
+    bad = json.loads((root / "proof.json").read_text())
+    bad["challenge"]["start"] = 1
+    (root / "bad.json").write_text(json.dumps(bad))
+    refused = runner.invoke(app, ["verify-block", *files, "--proof", str(root / "bad.json")])
+    assert refused.exit_code == 1, refused.output
