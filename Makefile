@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
 .PHONY: demo test bench bench-node signals lint clean calibrate bench-service-fuzz bench-service-load bench-service-crash \
-	reliability peers detection-floor speculative bf16-int8 train-model classifier gateway exact audit-throughput report
+	reliability peers detection-floor speculative bf16-int8 train-model classifier gateway exact audit-throughput report zk
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -73,6 +73,10 @@ gateway: $(STAMP)
 # issue 12: L3 exact audits and disputes (trace cost, Freivalds vs recompute, ~1B shape; ~4 min)
 exact: $(STAMP)
 	$(BIN)/python bench/exact.py
+
+# issue 13: EZKL proofs of one block half per width and per setting (bench/results/zk.json; ~40 min)
+zk: $(STAMP)
+	$(BIN)/python bench/zk.py
 
 bf16-int8: $(STAMP)
 	$(BIN)/python bench/bf16_int8.py
