@@ -6,7 +6,7 @@ block half (prove_to_native). Each setting change is measured on its own against
 (settings_table). Writes bench/results/zk.json (merged, so a partial run keeps what it measured).
 Absolute times are from a shared 2-core CPU VM; the SRS is ezkl.gen_srs's test SRS.
 
-    .venv/bin/python bench/zk.py [--only sweep|table] [--d 16,64,128,384]
+    .venv/bin/python bench/zk.py [--only sweep|table] [--d 16,64,128,384] [--kinds attn] [--set inner_cols=8]
 """
 
 from __future__ import annotations
@@ -110,12 +110,13 @@ def _output_error(model, kind, config, circuit, proof, x) -> float | None:
     return float(np.abs(ints[x.size :] - y.ravel() * 2**circuit.output_scale).max())
 
 
-def variants(only: str, widths: list[int]) -> list[tuple[str, int, str, C.CircuitConfig]]:
+def variants(only: str, widths: list[int], change: dict) -> list[tuple[str, int, str, C.CircuitConfig]]:
     out = []
     if only in ("all", "sweep"):
+        label = "kept" if not change else "sweep " + ",".join(f"{k}={v}" for k, v in change.items())
         for d in widths:
             for kind in C.KINDS:
-                out.append((f"kept d={d}", d, kind, C.default_config(kind, d)))
+                out.append((f"{label} d={d}", d, kind, replace(C.default_config(kind, d), **change)))
     if only in ("all", "table"):
         base = C.default_config("attn", 64)
         changes = {
@@ -142,12 +143,14 @@ def main() -> int:
     ap.add_argument("--only", choices=("all", "sweep", "table"), default="all")
     ap.add_argument("--d", default="16,64,128,384")
     ap.add_argument("--kinds", default="attn,mlp")
+    ap.add_argument("--set", default="", help="sweep with changed settings, e.g. inner_cols=8,tokens=1")
     args = ap.parse_args()
+    change = {k: int(v) if v.isdigit() else v for k, v in (kv.split("=") for kv in args.set.split(",") if kv)}
     widths = [int(w) for w in args.d.split(",")]
     kinds = args.kinds.split(",")
     results = json.loads(RESULTS.read_text()) if RESULTS.exists() else {}
     home = Path(tempfile.mkdtemp(prefix="poi-zk-bench-"))
-    for name, d, kind, config in variants(args.only, widths):
+    for name, d, kind, config in variants(args.only, widths, change):
         if kind not in kinds:
             continue
         print(f"{name} {kind} ...", flush=True)
