@@ -40,10 +40,10 @@ from ..protocol.errors import PoiError
 from ..protocol.lease import Lease
 from ..protocol.receipt import ReceiptClaims, open_receipt
 from ..protocol.result import LayerName, LayerResult, Status
-from ..protocol.trace import OPS, OUT, Opening
+from ..protocol.trace import OUT, Opening
 from ..registry.models import LoadedModel, Registry
 from ..verifier.dispute import DisputeResult, bisect, reference_inputs
-from ..verifier.exact import FreivaldsKey, appraise_opening, draw_blocks
+from ..verifier.exact import FreivaldsKey, IntFreivaldsKey, appraise_opening, draw_blocks, key_for, traced_ops
 from .audits import AuditWorkers, finalise, with_l4
 from .challenges import ChallengeBoard
 from .intake import pending_audits
@@ -74,7 +74,7 @@ class ExactAudits:
         self.opening_timeout_s = opening_timeout_s
         self.window_s = window_s
         self.on_done = on_done
-        self._keys: dict[str, FreivaldsKey] = {}  # secret vectors per model, drawn once per process
+        self._keys: dict[str, FreivaldsKey | IntFreivaldsKey] = {}  # secret vectors, once per model
         self._wake = threading.Event()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -168,19 +168,24 @@ class ExactAudits:
                 return [*l4, self._dispute(row, lease, claims, model)] if claims.trace else l4
         return [self._challenge(row, lease, claims, model, self._key(model)), *l4]
 
-    def _key(self, model: LoadedModel) -> FreivaldsKey:
+    def _key(self, model: LoadedModel) -> FreivaldsKey | IntFreivaldsKey:
         if model.spec.model_id not in self._keys:
-            self._keys[model.spec.model_id] = FreivaldsKey.for_model(model)
+            self._keys[model.spec.model_id] = key_for(model)
         return self._keys[model.spec.model_id]
 
     def _challenge(
-        self, row: LeaseRow, lease: Lease, claims: ReceiptClaims, model: LoadedModel, key: FreivaldsKey
+        self,
+        row: LeaseRow,
+        lease: Lease,
+        claims: ReceiptClaims,
+        model: LoadedModel,
+        key: FreivaldsKey | IntFreivaldsKey,
     ) -> LayerResult:
         blocks = draw_blocks(len(model.layers), self.blocks)  # after the receipt: the agent cannot know
         if claims.trace is None:
             return appraise_opening(claims, lease.nonce_bytes, model, key, blocks, None)
         got = self.board.ask(
-            lease.lease_id, row.node_id, "l3", opening_keys(blocks, len(model.layers)), self.opening_timeout_s
+            lease.lease_id, row.node_id, "l3", opening_keys(blocks, model), self.opening_timeout_s
         )
         if isinstance(got, str):
             return LayerResult(LayerName.EXACT, Status.FAIL, f"opening of blocks {blocks}: {got}")
@@ -209,9 +214,10 @@ class ExactAudits:
                 current.layers = json.dumps([r.as_dict() for r in layers])
 
 
-def opening_keys(blocks: list[int], total: int) -> list[tuple[int, str]]:
+def opening_keys(blocks: list[int], model: LoadedModel) -> list[tuple[int, str]]:
     """What an L3 challenge of these blocks opens: each block's tensors and its output."""
-    keys = [(b, op) for b in blocks for op in OPS]
+    total = len(model.layers)
+    keys = [(b, op) for b in blocks for op in traced_ops(model)]
     outputs = [(b + 1, "x") if b + 1 < total else (b, OUT) for b in blocks]
     return keys + [k for k in outputs if k not in keys]
 

@@ -51,8 +51,9 @@ class PulledLease:
     audit_probability: float
 
 
-# model families whose blocks L3 can trace, open and check exactly (verifier.exact)
-EXACT_FAMILIES = ("gpt2",)
+# model families whose blocks L3 can trace, open and check exactly (verifier.exact): GPT-2 (and its
+# registered W8A8 variants), Llama, and the trained Llama-style poi-lm
+EXACT_FAMILIES = ("gpt2", "llama", "trained", "trained-init")
 
 
 def exact_capable(registry: Registry, model_id: str) -> bool:

@@ -25,10 +25,12 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from ..protocol.trace import OPS_BY_ARCH, OUT, Opening, verify_opening
-from ..registry.blocks import linears, require_architecture
+from ..protocol.trace import OUT, Opening, verify_opening
+from ..registry.blocks import linears
 from ..registry.forward import prefill
 from ..registry.models import LoadedModel
+from ..registry.w8a8 import is_w8a8
+from .exact import ExactProducts, check_block_int, traced_ops
 from .replay import block_forward
 
 STATE_TOL = 1e-4  # relative; honest same-class traces agree with Maxwell's prefill to ~1e-6
@@ -94,7 +96,7 @@ def bisect(
 ) -> DisputeResult:
     t0 = time.perf_counter()
     blocks = len(model.layers)
-    ops = OPS_BY_ARCH[require_architecture(model)]
+    ops = traced_ops(model)
     probes: list[int] = []
 
     def committed(index: int) -> np.ndarray | str:
@@ -140,7 +142,7 @@ def _settle(
 ) -> DisputeResult:
     """Recompute the culprit block from its committed input; name the first operation that differs."""
     blocks = len(model.layers)
-    ops = OPS_BY_ARCH[require_architecture(model)]
+    ops = traced_ops(model)
     keys = [(block, op) for op in ops] + [_key(blocks, block + 1)]
     opening = open_tensors(keys)
     if opening is None or any(k not in opening.tensors for k in keys):
@@ -149,6 +151,11 @@ def _settle(
     problem = verify_opening(opening, nonce, root, blocks, ops)
     if problem:
         return DisputeResult(False, block, None, probes, problem, time.perf_counter() - t0)
+    if is_w8a8(model):  # exact mode: every int8 product recomputed, compared with zero tolerance
+        opened = {op: opening.tensors[(block, op)] for op in ops}
+        check = check_block_int(model, ExactProducts(model), block, opened, opening.tensors[keys[-1]], OP_TOL)
+        why = check.reason if not check.ok else f"block {block} recomputes as committed (int8 products exact)"
+        return DisputeResult(check.ok, block, check.failed_op, probes, why, time.perf_counter() - t0)
     mine = recompute_block(model, block, opening.tensors[(block, "x")])
     for op in (*ops[1:], "out"):
         theirs = opening.tensors[(block, op)] if op != "out" else opening.tensors[_key(blocks, block + 1)]

@@ -32,10 +32,10 @@ import torch
 
 from ..protocol.receipt import ReceiptClaims
 from ..protocol.result import LayerName, LayerResult, Status
-from ..protocol.trace import OPS_BY_ARCH, OUT, Opening, verify_opening
+from ..protocol.trace import INT_OPS, OPS_BY_ARCH, OUT, Opening, verify_opening
 from ..registry.blocks import BRANCHES, INPUT_GROUPS, linears, require_architecture, weight_in_out
 from ..registry.models import LoadedModel
-from ..registry.w8a8 import quantize_rows
+from ..registry.w8a8 import is_w8a8, quantize_rows
 from .replay import gpt2_attention, steps
 
 VECTORS = 2  # independent r per operation: a wrong product passes both with probability ~0 (floats)
@@ -221,13 +221,14 @@ def appraise_opening(
     claims: ReceiptClaims,
     nonce: bytes,
     model: LoadedModel,
-    key: FreivaldsKey,
+    key: FreivaldsKey | IntFreivaldsKey,
     blocks: list[int],
     opening: Opening | None,
     tol: float = FP32_TOLERANCE,
 ) -> LayerResult:
     """L3 for one challenge: the opening must rebuild the receipt's trace root, and every opened
-    block must hold under Freivalds and Maxwell's replay. No opening (refused, late) fails."""
+    block must hold under Freivalds and Maxwell's replay (float mode, or with an IntFreivaldsKey the
+    exact integer mode of a W8A8 model). No opening (refused, late) fails."""
     t0 = time.perf_counter()
     if claims.trace is None:
         return LayerResult(
@@ -235,13 +236,18 @@ def appraise_opening(
         )
     if opening is None:
         return LayerResult(LayerName.EXACT, Status.FAIL, f"opening of blocks {blocks}: none came in time")
-    ops = OPS_BY_ARCH[require_architecture(model)]
+    ops = traced_ops(model)
     problem = verify_opening(opening, nonce, claims.trace, len(model.layers), ops)
     missing = [b for b in blocks if any((b, op) not in opening.tensors for op in ops)]
     if problem or missing:
         why = problem or f"opening: expected blocks {blocks}, got none for {missing}"
         return LayerResult(LayerName.EXACT, Status.FAIL, why, cost_s=time.perf_counter() - t0)
-    checks = audit_blocks(model, key, opening, blocks, tol)
+    if isinstance(key, IntFreivaldsKey):
+        checks = [
+            check_block_int(model, key, *_opened(opening, b, ops, len(model.layers))) for b in blocks
+        ]
+    else:
+        checks = audit_blocks(model, key, opening, blocks, tol)
     worst = max((r for c in checks for r in c.residuals.values()), default=0.0)  # none: a shape failed
     details = {"blocks": blocks, "residuals": {str(c.block): c.residuals for c in checks}, "tolerance": tol}
     failed = next((c for c in checks if not c.ok), None)
@@ -326,3 +332,36 @@ def check_block_int(
         ok = f"block {block}: 4 int8 products exact, residual stream holds"
         mine = (x + out("attn") + out("mlp")).numpy()
         return _residual_stream(block, mine, output, tol, residuals, ok)
+
+
+class ExactProducts:
+    """The int8 products recomputed in full (a dispute's one block): `holds` like IntFreivaldsKey's,
+    with no soundness error at all."""
+
+    soundness_error = 0.0
+
+    def __init__(self, variant: LoadedModel) -> None:
+        self.variant = variant
+
+    def holds(self, block: int, op: str, x_q: np.ndarray, acc: np.ndarray) -> bool:
+        w = linears(self.variant.layers[block])[op].weight_q.to(torch.int64)
+        mine = torch.from_numpy(np.asarray(x_q, dtype=np.int64)) @ w
+        return bool(torch.equal(mine, torch.from_numpy(np.asarray(acc, dtype=np.int64))))
+
+
+def traced_ops(model: LoadedModel) -> tuple[str, ...]:
+    """What each block of this model's trace commits: its architecture's float tensors, or the exact
+    integer mode's int8 inputs, int32 accumulators and scales for a W8A8 variant."""
+    return INT_OPS if is_w8a8(model) else OPS_BY_ARCH[require_architecture(model)]
+
+
+def key_for(model: LoadedModel) -> FreivaldsKey | IntFreivaldsKey:
+    """Maxwell's secret vectors for this model, in the mode its trace is checked in."""
+    return IntFreivaldsKey.for_model(model) if is_w8a8(model) else FreivaldsKey.for_model(model)
+
+
+def _opened(
+    opening: Opening, block: int, ops: tuple[str, ...], total: int
+) -> tuple[int, dict[str, np.ndarray], np.ndarray]:
+    output = opening.tensors[(block + 1, "x")] if block + 1 < total else opening.tensors[(block, OUT)]
+    return block, {op: opening.tensors[(block, op)] for op in ops}, output
