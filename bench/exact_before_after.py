@@ -1,0 +1,134 @@
+"""L3 Freivalds speed before and after issue 12's "Freivalds speed" change: the fp32 check of one
+GPT-2 block (verifier.exact.check_block) as it stood at commit BEFORE (loaded from git history) and as
+it stands now, each over recomputing that block, at several widths, in one process.
+
+Three ways of timing each ratio (median of ROUNDS):
+- interleaved: check, recompute, check, recompute ... (each side meets the caches the other left:
+  the recompute's weights evict the check's code and data, the check's small working set does not);
+- flushed: a 64 MiB buffer is written before every timed call (both sides start cold, as after
+  other work: a verifier between audits);
+- back_to_back: each side several times in a row (both warm; how bench/exact.py timed it before).
+
+    python bench/exact_before_after.py    # writes bench/results/exact_before_after.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+from maxwell_poi.protocol.files import write_json_atomic
+from maxwell_poi.prover.harness import quiet_libraries
+from maxwell_poi.prover.trace import TraceRecorder
+from maxwell_poi.registry.models import Registry
+from maxwell_poi.verifier import exact as after
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from exact import small_block, wrap  # noqa: E402 - bench/exact.py's one-block models
+
+quiet_libraries()
+ROOT = Path(__file__).resolve().parents[1]
+BEFORE = "5c38391"  # the last commit before the change
+FLUSH = torch.empty(16 << 20)  # 64 MiB, twice the last-level cache here
+
+
+def load_before(commit: str):
+    """verifier/exact.py at `commit`, as a module (its relative imports made absolute)."""
+    source = subprocess.run(
+        ["git", "show", f"{commit}:src/maxwell_poi/verifier/exact.py"],
+        cwd=ROOT,
+        capture_output=True,
+        check=True,
+    ).stdout.decode()
+    path = Path("/tmp") / f"exact_{commit}.py"
+    path.write_text(source.replace("from ..", "from maxwell_poi."))
+    spec = importlib.util.spec_from_file_location(f"exact_{commit}", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # its dataclasses look themselves up there
+    spec.loader.exec_module(module)
+    return module
+
+
+def medians(fns: dict[str, Callable[[], object]], rounds: int, before_each: Callable[[], object]) -> dict:
+    for fn in fns.values():
+        fn()
+    times: dict[str, list[float]] = {k: [] for k in fns}
+    for _ in range(rounds):
+        for k, fn in fns.items():
+            before_each()
+            t0 = time.perf_counter()
+            fn()
+            times[k].append(time.perf_counter() - t0)
+    return {k: statistics.median(v) for k, v in times.items()}
+
+
+def ratios(check: Callable[[], object], recompute: Callable[[], object], rounds: int) -> dict:
+    pair = {"check": check, "recompute": recompute}
+    plain = medians(pair, rounds, lambda: None)
+    flushed = medians(pair, rounds, lambda: FLUSH.add_(1))
+    warm = {k: medians({k: fn}, rounds, lambda: None)[k] for k, fn in pair.items()}
+    return {
+        name: round(m["check"] / m["recompute"], 4)
+        for name, m in (("interleaved", plain), ("flushed", flushed), ("back_to_back", warm))
+    } | {"check_ms_back_to_back": round(warm["check"] * 1e3, 3)}
+
+
+def one_width(before, base, width: int, positions: int, rounds: int) -> dict:
+    """Both implementations on one seeded GPT-2 block of `width`, over the same recompute."""
+    model = wrap(base, small_block("gpt2", width), 1)
+    with TraceRecorder(model) as rec, torch.no_grad():
+        model.module(torch.randint(0, 64, (1, positions)))
+    trace = rec.trace()
+    opened, output = {op: trace.tensors[(0, op)] for op in trace.ops}, trace.block_output(0)
+    x = torch.from_numpy(trace.tensors[(0, "x")]).unsqueeze(0)
+
+    def recompute() -> object:
+        with torch.no_grad():
+            return model.layers[0](x)
+
+    row = {}
+    for name, impl in (("before", before), ("after", after)):
+        key = impl.FreivaldsKey.for_model(model)
+        assert impl.check_block(model, key, 0, opened, output).ok
+
+        def check(impl=impl, key=key) -> object:
+            return impl.check_block(model, key, 0, opened, output)
+
+        row[name] = ratios(check, recompute, rounds)
+    return row
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--before", default=BEFORE)
+    p.add_argument("--rounds", type=int, default=21)
+    p.add_argument("--positions", type=int, default=64)
+    p.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "exact_before_after.json")
+    args = p.parse_args()
+    before = load_before(args.before)
+    base = Registry().load("gpt2-micro")
+    out = {str(w): one_width(before, base, w, args.positions, args.rounds) for w in (768, 1536, 2048)}
+    result = {
+        "what": "fp32 check of one GPT-2 block / recomputing it, before and after (same process)",
+        "before_commit": args.before,
+        "positions": args.positions,
+        "torch_threads": torch.get_num_threads(),
+        "rounds": args.rounds,
+        "by_width": out,
+        "note": "shared 2-core VM; other processes used the CPU meanwhile",
+        "measured_at": time.strftime("%Y-%m-%dT%H:%M:%S"),
+    }
+    write_json_atomic(args.out, result)
+    print(result)
+
+
+if __name__ == "__main__":
+    main()
