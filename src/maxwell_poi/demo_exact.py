@@ -97,6 +97,8 @@ class ExactDemo:
                 thread.start()
                 rows = self._serve(admin, url, control)
                 ledger = admin.ledger()
+                stop.set()  # the node stops pulling before the server goes
+                thread.join(timeout=30)
         finally:
             stop.set()
             control.close()

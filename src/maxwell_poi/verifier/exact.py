@@ -16,8 +16,8 @@ Llama block:  input_layernorm(x) -> q, k, v -> rotary, attention -> o -> x + o =
 
 Float claims (fp32) are compared with a relative tolerance calibrated on honest runs
 (bench/exact.py); the result names the first operation that fails and its residual. The products
-run in float64 (r, W·r and the opened tensors, cast), shaped [vectors, n] @ [n, T]: a skinny
-matrix-vector product in the orientation BLAS runs fastest.
+are shaped [vectors, n] @ [n, T] (the orientation BLAS runs fastest for so few vectors) and run in
+float32; a group whose residual comes near the tolerance is decided again in float64 (SCREEN).
 """
 
 from __future__ import annotations
@@ -254,7 +254,13 @@ def appraise_opening(
     cost = time.perf_counter() - t0
     if failed:
         return LayerResult(LayerName.EXACT, Status.FAIL, failed.reason, cost_s=cost, details=details)
-    reason = f"blocks {blocks} opened and checked exactly (Freivalds + replay), worst residual {worst:.2g}"
+    if isinstance(key, IntFreivaldsKey):
+        reason = (f"blocks {blocks} opened and checked exactly: int8 products at zero tolerance (Freivalds, "
+                  f"soundness error {key.soundness_error:.0e} per operation) + replay")  # fmt: skip
+    else:
+        reason = (
+            f"blocks {blocks} opened and checked exactly (Freivalds + replay), worst residual {worst:.2g}"
+        )
     return LayerResult(LayerName.EXACT, Status.PASS, reason, score=1.0, cost_s=cost, details=details)
 
 
