@@ -422,12 +422,12 @@ def main() -> None:
     result["dispute_cost_vs_full_audit"] = dispute["dispute_cost_vs_full_audit"]
     result["dispute"] = dispute
     result["llama_dispute"] = dispute_cost(llama_small, bad=5, op="down")
-    calibration = calibrate(registry, ["gpt2-small", "llama-small", "poi-lm"])
-    big = {k: v["max_honest_residual"] for k, v in shapes.items()}
-    calibration["honest_worst_every_shape"] = big  # float64 residuals of each shape's honest trace
+    shapes_worst = {k: v["max_honest_residual"] for k, v in shapes.items()}  # each shape's honest trace
+    calibration = calibrate(registry, ["gpt2-small", "llama-small", "poi-lm"], also_honest=shapes_worst)
     result["calibration_fp32"] = calibration
     result["honest_fp32_residuals"] = {
-        "worst": max(calibration["honest_worst"], *big.values()),
+        "worst": calibration["honest_worst"],
+        "separation": calibration["separation"],
         "cheat_smallest_0.1%_noise": calibration["cheat_smallest"],
         "tolerance": FP32_TOLERANCE,
         "trials": {"honest": calibration["honest_trials"], "cheat": calibration["cheat_trials"]},

@@ -111,11 +111,15 @@ def main() -> None:
     p.add_argument("--before", default=BEFORE)
     p.add_argument("--rounds", type=int, default=21)
     p.add_argument("--positions", type=int, default=64)
+    p.add_argument("--threads", type=int, default=1, help="torch threads (1: a shared CPU stalls 2)")
     p.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "exact_before_after.json")
     args = p.parse_args()
+    torch.set_num_threads(args.threads)
+    t0 = time.perf_counter()
     before = load_before(args.before)
     base = Registry().load("gpt2-micro")
     out = {str(w): one_width(before, base, w, args.positions, args.rounds) for w in (768, 1536, 2048)}
+    out_42 = one_width(before, base, 768, 42, args.rounds)  # gpt2-small's trace in bench/exact.py: 42
     result = {
         "what": "fp32 check of one GPT-2 block / recomputing it, before and after (same process)",
         "before_commit": args.before,
@@ -123,7 +127,9 @@ def main() -> None:
         "torch_threads": torch.get_num_threads(),
         "rounds": args.rounds,
         "by_width": out,
+        "768_at_42_positions": out_42,
         "note": "shared 2-core VM; other processes used the CPU meanwhile",
+        "bench_s": round(time.perf_counter() - t0),
         "measured_at": time.strftime("%Y-%m-%dT%H:%M:%S"),
     }
     write_json_atomic(args.out, result)

@@ -6,9 +6,10 @@ GPT-2:  ln_1(x) -> qkv -> causal attention -> attn;  ln_2(x + attn) -> fc -> gel
 Llama:  input_layernorm(x) -> q, k, v -> rotary embedding (the model's own, positions 0..T-1),
         causal attention (GQA) -> o;  post_attention_layernorm(x + o) -> gate, up -> silu(gate)·up -> down
 
-The norms and activations are the model's own modules (GPT-2's tanh GELU as x·σ(2z), cheaper);
-attention is PyTorch's scaled dot-product attention with a causal mask. Dispute recomputation of a
-whole block (`block_forward`) runs the block module itself.
+The norms, activations and rotary tables are the model's own (its modules and parameters; where a
+cheaper equal form exists it runs instead: Llama's RMSNorm as PyTorch's fused kernel, GPT-2's tanh
+GELU as x·σ(2z)); attention is PyTorch's scaled dot-product attention with a causal mask. A dispute's
+recomputation of a whole block (`block_forward`) runs the block module itself.
 """
 
 from __future__ import annotations
