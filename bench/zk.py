@@ -138,9 +138,44 @@ def variants(only: str, widths: list[int], change: dict) -> list[tuple[str, int,
     return out
 
 
+def row_counts(widths: list[int]) -> list[dict]:
+    """EZKL's own count of circuit rows (gen_settings, no keys) per width, half and setting: where the
+    rows go at d = 384, where setup and proving do not fit 12 GB."""
+    import ezkl
+
+    out = []
+    with tempfile.TemporaryDirectory() as tmp:
+        onnx, settings = f"{tmp}/b.onnx", f"{tmp}/s.json"
+        for d in widths:
+            model = C.seeded_gpt2(d, vocab=512)
+            for kind in C.KINDS:
+                for tokens, cols in ((8, 2), (8, 8), (1, 2), (1, 8)):
+                    module = C.BlockCircuit(model.layers[0], kind, tokens).eval()
+                    torch.onnx.export(
+                        module, (torch.zeros(1, tokens, d),), onnx, opset_version=17, dynamo=False
+                    )
+                    config = C.CircuitConfig(tokens=tokens, inner_cols=cols)
+                    ezkl.gen_settings(onnx, settings, py_run_args=C.run_args(config))
+                    s = json.loads(Path(settings).read_text())
+                    weights = sum(p.numel() for p in module.parameters() if p.dim() == 2)
+                    out.append(
+                        dict(
+                            d=d,
+                            kind=kind,
+                            tokens=tokens,
+                            inner_cols=cols,
+                            num_rows=s["num_rows"],
+                            total_assignments=s["total_assignments"],
+                            weights=weights,
+                        )
+                    )
+                    print(json.dumps(out[-1]), flush=True)
+    return out
+
+
 def main() -> int:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--only", choices=("all", "sweep", "table"), default="all")
+    ap.add_argument("--only", choices=("all", "sweep", "table", "rows"), default="all")
     ap.add_argument("--d", default="16,64,128,384")
     ap.add_argument("--kinds", default="attn,mlp")
     ap.add_argument("--set", default="", help="sweep with changed settings, e.g. inner_cols=8,tokens=1")
@@ -149,6 +184,10 @@ def main() -> int:
     widths = [int(w) for w in args.d.split(",")]
     kinds = args.kinds.split(",")
     results = json.loads(RESULTS.read_text()) if RESULTS.exists() else {}
+    if args.only == "rows":
+        results["row_counts"] = row_counts(widths)
+        RESULTS.write_text(json.dumps(results, indent=2) + "\n")
+        return 0
     home = Path(tempfile.mkdtemp(prefix="poi-zk-bench-"))
     for name, d, kind, config in variants(args.only, widths, change):
         if kind not in kinds:

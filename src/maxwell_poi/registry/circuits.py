@@ -109,6 +109,11 @@ class Circuit:
         return int(self.settings["model_input_scales"][0])
 
     @property
+    def width(self) -> int:
+        """d: the block's input [1, tokens, d]."""
+        return int(self.settings["model_instance_shapes"][0][-1])
+
+    @property
     def output_scale(self) -> int:
         return int(self.settings["model_output_scales"][0])
 
