@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
 .PHONY: demo test bench bench-node signals lint clean calibrate bench-service-fuzz bench-service-load bench-service-crash \
-	reliability peers detection-floor speculative bf16-int8 train-model classifier gateway exact audit-throughput report zk
+	reliability peers detection-floor speculative bf16-int8 train-model classifier gateway exact exact-service audit-throughput report zk
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -70,9 +70,13 @@ classifier: $(STAMP)
 gateway: $(STAMP)
 	$(BIN)/python bench/gateway.py
 
-# issue 12: L3 exact audits and disputes (trace cost, Freivalds vs recompute, ~1B shape; ~4 min)
+# issue 12: L3 exact audits and disputes (trace cost, Freivalds vs recompute, ~1B shapes; ~4 min)
 exact: $(STAMP)
 	$(BIN)/python bench/exact.py
+
+# issue 12: the exact tier through a control plane and node on loopback (challenges, disputes; ~5 min)
+exact-service: $(STAMP)
+	$(BIN)/python bench/exact_service.py
 
 # issue 13: EZKL proofs of one block half per width and per setting (bench/results/zk.json; ~40 min)
 zk: $(STAMP)

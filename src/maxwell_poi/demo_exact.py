@@ -29,6 +29,7 @@ from .node.node import Node
 from .node.remote import RemoteNode
 from .observer.attest import NodeKey
 from .protocol.keys import AgentKey
+from .registry.prompts import PROMPTS
 from .service import ControlPlane, ServiceClient, ServiceConfig
 from .service.api import create_app
 
@@ -52,6 +53,7 @@ class ExactAgent:
 class ExactDemo:
     workdir: Path
     window_s: float = 2.0
+    rounds: int = 1  # leases each agent bids for
     token: str = field(default_factory=lambda: secrets.token_urlsafe(24))
 
     def agents(self, keys: dict[str, Path]) -> list[ExactAgent]:
@@ -111,38 +113,42 @@ class ExactDemo:
         for name in ("alice", "carol", "mallory"):
             keys[name] = self.workdir / f"{name}.pem"
             AgentKey.generate().save(keys[name])
-        clients, bids = {}, {}
+        clients, agents = {}, {}
         for agent in self.agents(keys):
             key = AgentKey.load(keys[agent.name])
             admin.enroll_agent(agent.name, key.public_hex, list(agent.argv))
             admin.deposit(agent.name, DEPOSIT, f"exact-demo-{agent.name}")
             clients[agent.name] = ServiceClient(url, key=key, principal=f"agent:{agent.name}")
-            job = {"kind": "generate", "prompt": "The steam engine changed", "max_new_tokens": TOKENS}
-            bid = {"bid_id": f"exact-{agent.name}", "model_id": agent.model, "job": job,
-                   "price_micro_per_j": PRICE, "stake_micro": agent.stake_micro}  # fmt: skip
-            clients[agent.name].bid(bid)
-            bids[agent.name] = agent
-        leases = self._wait_for_leases(clients)
+            agents[agent.name] = agent
+            for i in range(self.rounds):
+                prompt = PROMPTS[i % len(PROMPTS)]
+                job = {"kind": "generate", "prompt": prompt, "max_new_tokens": TOKENS}
+                bid = {"bid_id": f"exact-{agent.name}-{i}", "model_id": agent.model, "job": job,
+                       "price_micro_per_j": PRICE, "stake_micro": agent.stake_micro}  # fmt: skip
+                clients[agent.name].bid(bid)
+        leases = self._wait_for_leases(clients, self.rounds)
         if not control.drain(600):
             raise RuntimeError("exact-tier leases still pending after 600 s")
         return [
-            lease_row(bids[name], clients[name].lease(lease_id), admin.challenges(lease_id))
-            for name, lease_id in leases.items()
+            lease_row(agents[name], clients[name].lease(lease_id), admin.challenges(lease_id))
+            for name, lease_id in leases
         ]
 
     @staticmethod
-    def _wait_for_leases(clients: dict[str, ServiceClient], timeout_s: float = 600) -> dict[str, str]:
-        """Each agent's lease once its receipt is in (the node serves them as it pulls)."""
-        deadline, found = time.monotonic() + timeout_s, {}
-        while len(found) < len(clients) and time.monotonic() < deadline:
+    def _wait_for_leases(
+        clients: dict[str, ServiceClient], rounds: int, timeout_s: float = 900
+    ) -> list[tuple[str, str]]:
+        """Each agent's leases once their receipts are in (the node serves them as it pulls)."""
+        deadline, found = time.monotonic() + timeout_s, set()
+        while len(found) < rounds * len(clients) and time.monotonic() < deadline:
             for name, client in clients.items():
-                for lease in client.leases():
-                    if lease["verdict"] is not None:
-                        found[name] = lease["lease_id"]
+                found.update((name, v["lease_id"]) for v in client.leases() if v["verdict"] is not None)
             time.sleep(0.2)
-        if len(found) < len(clients):
-            raise RuntimeError(f"no receipt came back for {sorted(set(clients) - set(found))}")
-        return found
+        if len(found) < rounds * len(clients):
+            raise RuntimeError(
+                f"{rounds * len(clients) - len(found)} leases got no receipt in {timeout_s:.0f} s"
+            )
+        return sorted(found)
 
 
 def lease_row(agent: ExactAgent, view: dict[str, Any], challenges: list[dict[str, Any]]) -> dict[str, Any]:
@@ -162,6 +168,7 @@ def lease_row(agent: ExactAgent, view: dict[str, Any], challenges: list[dict[str
         "stake_outcome": verdict["stake_outcome"],
         "stake_micro": view["stake_micro"],
         "l3": [{"status": d["status"], "reason": d["reason"], "cost_s": d.get("cost_s")} for d in exact],
+        "dispute_s": next((d.get("cost_s") for d in exact if "dispute" in (d.get("details") or {})), None),
         "l4": layers.get("L4-audit", {}).get("status", "not drawn"),
         "l4_cost_s": layers.get("L4-audit", {}).get("cost_s"),
         "dispute": dispute,
