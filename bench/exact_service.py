@@ -49,6 +49,15 @@ def summarise(rows: list[dict[str, Any]]) -> dict[str, Any]:
             out[agent]["dispute_wall_s_median"] = round(statistics.median(walls), 3)
             out[agent]["l4_s_median"] = round(statistics.median(r["l4_cost_s"] for r in disputes), 3)
             out[agent]["dispute_wall_vs_l4"] = round(statistics.median(ratios), 3) if ratios else None
+            # Maxwell's own work in the dispute: its reference prefill, the root checks, one block
+            work = [r["dispute_s"] - r["dispute_waited_s"] for r in disputes if r["l4_cost_s"]]
+            out[agent]["dispute_maxwell_s_median"] = round(statistics.median(work), 4)
+            out[agent]["dispute_maxwell_vs_l4"] = round(
+                statistics.median(w / r["l4_cost_s"] for w, r in zip(work, disputes, strict=True)), 3
+            )
+            out[agent]["waited_for_openings_s_median"] = round(
+                statistics.median(r["dispute_waited_s"] for r in disputes), 3
+            )
     return out
 
 

@@ -169,6 +169,14 @@ def lease_row(agent: ExactAgent, view: dict[str, Any], challenges: list[dict[str
         "stake_micro": view["stake_micro"],
         "l3": [{"status": d["status"], "reason": d["reason"], "cost_s": d.get("cost_s")} for d in exact],
         "dispute_s": next((d.get("cost_s") for d in exact if "dispute" in (d.get("details") or {})), None),
+        "dispute_waited_s": next(
+            (
+                d["details"].get("waited_for_openings_s")
+                for d in exact
+                if "dispute" in (d.get("details") or {})
+            ),
+            None,
+        ),
         "l4": layers.get("L4-audit", {}).get("status", "not drawn"),
         "l4_cost_s": layers.get("L4-audit", {}).get("cost_s"),
         "dispute": dispute,

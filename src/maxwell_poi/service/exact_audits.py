@@ -195,17 +195,20 @@ class ExactAudits:
         t0 = time.perf_counter()
         reference = reference_inputs(model, model.encode_prompt(lease.job.prompt), claims.tokens())
         why: list[str] = []
+        waited = [0.0]  # the round trips through the node: the agent's time, not Maxwell's work
 
         def opener(keys: list[tuple[int, str]]) -> Opening | None:
             kind = "settle" if len(keys) > 1 else "bisect"
+            asked = time.perf_counter()
             got = self.board.ask(lease.lease_id, row.node_id, kind, keys, self.opening_timeout_s)
+            waited[0] += time.perf_counter() - asked
             if isinstance(got, str):
                 why.append(got)
                 return None
             return got
 
         result = bisect(model, reference, claims.trace or "", lease.nonce_bytes, opener)
-        return dispute_layer(result, why, time.perf_counter() - t0)
+        return dispute_layer(result, why, time.perf_counter() - t0, waited[0])
 
     def _keep_layers(self, lease_id: str, layers: list[LayerResult]) -> None:
         with self.ledger.session() as session, session.begin():
@@ -222,9 +225,10 @@ def opening_keys(blocks: list[int], model: LoadedModel) -> list[tuple[int, str]]
     return keys + [k for k in outputs if k not in keys]
 
 
-def dispute_layer(result: DisputeResult, why: list[str], cost_s: float) -> LayerResult:
-    """A dispute's outcome as an L3 result: the block and operation it found, or why the agent lost."""
-    details: dict[str, Any] = {"dispute": asdict(result)}
+def dispute_layer(result: DisputeResult, why: list[str], cost_s: float, waited_s: float = 0.0) -> LayerResult:
+    """A dispute's outcome as an L3 result: the block and operation it found, or why the agent lost.
+    `cost_s` is its wall time; `waited_s` of it went on waiting for the agent's openings."""
+    details: dict[str, Any] = {"dispute": asdict(result), "waited_for_openings_s": round(waited_s, 4)}
     if result.agent_wins:
         reason = f"dispute: {result.reason}; the L4 disagreement stands outside the traced blocks"
         return LayerResult(LayerName.EXACT, Status.PASS, reason, score=1.0, cost_s=cost_s, details=details)
