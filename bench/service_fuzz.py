@@ -70,7 +70,13 @@ RESULTS = Path(__file__).resolve().parent / "results" / "service.json"
 ADMIN_TOKEN = "fuzz-admin-token"
 MODEL = "gpt2-micro"
 BASE = "http://testserver"
-SIGNED = {"/v1/bids": "agent", "/v1/agent/": "agent", "/v1/node/pull": "node"}
+SIGNED = {
+    "/v1/bids": "agent",
+    "/v1/agent/": "agent",
+    "/v1/node/pull": "node",
+    "/v1/node/openings": "node",
+    "/v1/node/stream/": "node",
+}
 RUN = settings(database=None, deadline=None, phases=[Phase.generate], verbosity=Verbosity.quiet,
                suppress_health_check=list(HealthCheck))  # fmt: skip
 

@@ -14,7 +14,6 @@ A completion that the running appraisal cuts off ends, when streamed, with an er
 """
 
 import base64
-import binascii
 import json
 import queue
 import time
@@ -144,7 +143,7 @@ def mount_gateway(app: FastAPI, gateway: Gateway) -> None:
         gateway.check_node(node_id, lease_id)
         try:
             chunks = [(i, base64.b64decode(data, validate=True)) for i, data in body.chunks]
-        except binascii.Error:
+        except ValueError:  # binascii.Error, or text that is not ASCII at all
             raise ApiError(422, "chunks as [index, base64]", "data that is not base64") from None
         return {"cut": gateway.relay(node_id, lease_id, body.tokens, chunks)}
 
