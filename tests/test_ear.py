@@ -36,7 +36,9 @@ def test_an_affirmed_lease_round_trips_as_a_signed_ear():
 
 
 def test_a_caught_cheat_is_contraindicated_in_the_layer_that_caught_it():
-    result = result_for(LEASE, THERMODYNAMIC=Status.FAIL, AUDIT=Status.SKIPPED, EXACT=Status.SKIPPED)
+    result = result_for(
+        LEASE, THERMODYNAMIC=Status.FAIL, AUDIT=Status.SKIPPED, EXACT=Status.SKIPPED, ZK=Status.SKIPPED
+    )
     sub = ear_claims(result, LEASE)["submods"][f"lease/{LEASE.lease_id}"]
     assert sub["ear.status"] == "contraindicated"
     assert sub["ear.trustworthiness-vector"]["hardware"] == 96
