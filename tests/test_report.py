@@ -101,3 +101,26 @@ def test_pdf_is_a_report_of_the_right_length(tmp_path):
     done = build(ROOT, tmp_path)
     assert done.pdf_path and done.pdf_path.stat().st_size > 100_000
     assert 15 <= done.pages <= 25, f"{done.pages} pages"
+
+
+def test_keys_with_slashes_dicts_and_list_items(tmp_path):
+    (tmp_path / "exact.json").write_text(
+        json.dumps(
+            {"shapes": {"llama (GQA 32/4)": {"width": 2048}}, "ptn": {"attn_d16": 5.0}, "rows": [{"a": 1}]}
+        )
+    )
+    n = Numbers(tmp_path)
+    assert ">2,048<" in n.r("exact", "shapes/llama (GQA 32/4)/width")  # a key may hold a slash
+    with pytest.raises(
+        MissingResult, match=r"is a dict, not a number; name one of its items, e\.g\. ptn/attn_d16"
+    ):
+        n.x("exact", "ptn")
+    assert ">5×<" in n.x("exact", "ptn/attn_d16") and ">1<" in n.r("exact", "rows/0/a")
+    from maxwell_poi.report.build import _braced, _list_items_as_star
+
+    assert _list_items_as_star(n._file("exact"), "rows/0/a") == "rows/*/a"
+    assert (
+        _list_items_as_star(n._file("exact"), "shapes/llama (GQA 32/4)/width")
+        == "shapes/llama (GQA 32/4)/width"
+    )
+    assert _braced(["d/x/L1", "d/x/L2", "d/y/L1", "d/y/L2", "z"]) == ["d/{x, y}/{L1, L2}", "z"]

@@ -88,6 +88,8 @@ class _Figures:
                 f'<span class="miss">{html.escape(missing or "not drawn: its result file is missing")}'
                 "</span></figcaption></figure>\n"
             )
+        # a half-width figure is printed at about half the text width, not blown up to all of it
+        cls = ' class="half"' if fig.get_figwidth() < 0.75 * figs.WIDTH else ""
         buf = io.BytesIO()
         fig.savefig(buf, format="png", dpi=200)
         import matplotlib.pyplot as plt
@@ -99,7 +101,7 @@ class _Figures:
         self.paths[name] = path
         data = base64.b64encode(buf.getvalue()).decode()
         return (
-            f'<figure id="fig-{name}"><img src="data:image/png;base64,{data}" alt="Figure {number}">'
+            f'<figure id="fig-{name}"{cls}><img src="data:image/png;base64,{data}" alt="Figure {number}">'
             f"<figcaption><b>Figure {number}.</b> {caption}</figcaption></figure>\n"
         )
 
@@ -123,12 +125,55 @@ def _headings_and_toc(body: str) -> tuple[str, str]:
     return body, '<nav class="toc"><h2 class="tocht">Contents</h2><ul>' + "".join(toc) + "</ul></nav>"
 
 
+def _list_items_as_star(data: object, key: str) -> str:
+    """Items of a list read one by one ("settings_table/3/prove_s") are listed once, with a star."""
+    parts, out, i = key.split("/"), [], 0
+    while i < len(parts):
+        if isinstance(data, list):
+            ok = parts[i].lstrip("-").isdigit() and -len(data) <= int(parts[i]) < len(data)
+            data = data[int(parts[i])] if ok else None
+            out.append("*")
+            i += 1
+        elif isinstance(data, dict):
+            j = next((j for j in range(i + 1, len(parts) + 1) if "/".join(parts[i:j]) in data), i + 1)
+            data = data.get("/".join(parts[i:j]))
+            out.append("/".join(parts[i:j]))
+            i = j
+        else:
+            out += parts[i:]
+            break
+    return "/".join(out)
+
+
+def _braced(keys: list[str]) -> list[str]:
+    """Keys listed compactly, losslessly: siblings share their parent ("a/b/{x, y}"), then parents
+    with the same children share their own parent ("a/{b, c}/{x, y}")."""
+
+    def group(items: list[tuple[str, str]]) -> list[tuple[str, str]]:
+        by: dict[tuple[str, str], list[str]] = {}
+        for head, tail in items:
+            parent, _, last = head.rpartition("/")
+            by.setdefault((parent, tail), []).append(last)
+        out = []
+        for (parent, tail), lasts in by.items():
+            if len(lasts) == 1 or not parent:
+                out += [(f"{parent}/{x}" if parent else x, tail) for x in lasts]
+            else:
+                out.append((parent, "{" + ", ".join(lasts) + "}" + (f"/{tail}" if tail else "")))
+        return out
+
+    items = [(k, "") for k in keys]
+    for _ in range(2):
+        items = group(items)
+    return sorted(f"{head}/{tail}" if tail else head for head, tail in items)
+
+
 def _provenance(numbers: Numbers, commands: dict[str, str]) -> str:
     rows = []
     for name in sorted(numbers.used):
-        keys = sorted(numbers.used[name])
+        keys = sorted({_list_items_as_star(numbers._file(name), k) for k in numbers.used[name]})
         cmd = commands.get(name, "(see the file's own 'command' key)")
-        shown = ", ".join(f"<code>{html.escape(k)}</code>" for k in keys)
+        shown = ", ".join(f"<code>{html.escape(k)}</code>" for k in _braced(keys))
         rows.append(
             f"<tr><td><code>bench/results/{name}.json</code></td><td><code>{html.escape(cmd)}</code>"
             f'</td><td>{len(keys)}</td><td class="keys">{shown}</td></tr>'
@@ -161,11 +206,14 @@ def render(root: Path, out: Path, template: str = "report.md.j2", results_dir: P
     )
     env.globals.update(
         r=numbers.r,
+        text=numbers.text,
         x=numbers.x,
         pct=numbers.pct,
         frac=numbers.frac,
         val=numbers.val,
         has=numbers.has,
+        exists=numbers.exists,
+        keys=numbers.keys,
         maybe=numbers.maybe,
         d=numbers.d,
         p=numbers.p,

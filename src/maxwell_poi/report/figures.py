@@ -37,41 +37,60 @@ def _plt() -> Any:
 
 
 def ezkl(n: Numbers, data_dir: Path) -> Any:
-    """EZKL setup / prove time and peak memory by width: zk.json when present, else the earlier
-    baseline recorded in anchors.md (docs/report/data/ezkl_baseline.yaml, cited in the caption)."""
+    """EZKL setup / prove / verify time and peak memory by width, attention and MLP block halves, from
+    zk.json when present, beside the earlier default-settings baseline recorded in anchors.md
+    (docs/report/data/ezkl_baseline.yaml, cited in the caption); the baseline alone without zk.json."""
     plt = _plt()
     widths = [16, 64, 128, 384]
-    series: dict[str, list[float | None]] = {}
-    source = "anchors.md baseline"
+    base = yaml.safe_load((data_dir / "ezkl_baseline.yaml").read_text())["rows"]
+    by_d = {row["d"]: row for row in base}
+    runs: dict[str, dict[str, list[float | None]]] = {}  # label -> what -> value per width
     if n.has("zk"):
-        source = "bench/results/zk.json"
-        for what in ("setup_s", "prove_s", "verify_s", "peak_gb"):
-            series[what] = [
-                n.val("zk", f"ezkl_d{d}_{what}") if n.has("zk", f"ezkl_d{d}_{what}") else None for d in widths
-            ]
-    else:
-        base = yaml.safe_load((data_dir / "ezkl_baseline.yaml").read_text())["rows"]
-        by_d = {row["d"]: row for row in base}
-        for what in ("setup_s", "prove_s", "verify_s", "peak_gb"):
-            series[what] = [by_d.get(d, {}).get(what) for d in widths]
-    fig, (a, b) = plt.subplots(1, 2, figsize=(WIDTH, 2.3))
-    for what, style in (("setup_s", "o-"), ("prove_s", "s-"), ("verify_s", "^-")):
-        pts = [(d, v) for d, v in zip(widths, series[what], strict=True) if v is not None]
-        if pts:
-            a.plot(*zip(*pts, strict=True), style, label=what.replace("_s", ""))
+        for kind, prefix in (("attention", "ezkl"), ("MLP", "ezkl_mlp")):
+            runs[kind] = {
+                what: [
+                    n.val("zk", f"{prefix}_d{d}_{what}") if n.exists("zk", f"{prefix}_d{d}_{what}") else None
+                    for d in widths
+                ]
+                for what in ("setup_s", "prove_s", "verify_s", "peak_gb")
+            }
+    runs["attention, earlier baseline"] = {
+        what: [by_d.get(d, {}).get(what) for d in widths]
+        for what in ("setup_s", "prove_s", "verify_s", "peak_gb")
+    }
+    colours = {"attention": "#2a6fb0", "MLP": "#d07a1f", "attention, earlier baseline": "#999999"}
+    fig, (a, b) = plt.subplots(1, 2, figsize=(WIDTH, 2.5))
+    for label, series in runs.items():
+        c = colours[label]
+        ls = "--" if "baseline" in label else "-"
+        for what, marker in (("setup_s", "o"), ("prove_s", "s"), ("verify_s", "^")):
+            pts = [(d, v) for d, v in zip(widths, series[what], strict=True) if v is not None]
+            if pts:
+                a.plot(*zip(*pts, strict=True), marker=marker, ls=ls, c=c, ms=3.5, lw=1)
+    handles = [
+        plt.Line2D([], [], c=c, ls="--" if "baseline" in k else "-") for k, c in colours.items() if k in runs
+    ]
+    handles += [plt.Line2D([], [], c="k", marker=m, ls="none", ms=3.5) for m in "os^"]
+    labels = [k for k in colours if k in runs] + ["setup", "prove", "verify"]
+    a.legend(handles, labels, fontsize=6, ncol=2, loc="upper left")
     a.set(
         xscale="log",
         yscale="log",
         xlabel="model width d",
         ylabel="seconds (2-core CPU)",
-        title=f"EZKL, one attention block, 8 tokens ({source})",
+        title="EZKL time by width",
     )
     a.set_xticks(widths, [str(w) for w in widths])
-    a.legend()
-    pts = [(d, v) for d, v in zip(widths, series["peak_gb"], strict=True) if v is not None]
-    if pts:
-        b.bar([str(d) for d, _ in pts], [v for _, v in pts], color="#8a5")
+    a.xaxis.set_minor_formatter(plt.NullFormatter())
+    a.set_ylim(top=a.get_ylim()[1] * 30)  # room for the legend
+    step = 0.8 / len(runs)
+    for i, (label, series) in enumerate(runs.items()):
+        xs = [j + (i - (len(runs) - 1) / 2) * step for j, v in enumerate(series["peak_gb"]) if v is not None]
+        ys = [v for v in series["peak_gb"] if v is not None]
+        b.bar(xs, ys, width=step, color=colours[label], label=label)
+    b.set_xticks(range(len(widths)), [str(w) for w in widths])
     b.set(xlabel="model width d", ylabel="peak memory (GB)", title="prover peak memory")
+    b.legend(fontsize=6)
     fig.tight_layout()
     return fig
 
@@ -80,20 +99,32 @@ def freivalds_width(n: Numbers) -> Any:
     if not n.has("exact", "freivalds_vs_recompute_by_width"):
         return None
     plt = _plt()
-    by = n.val("exact", "freivalds_vs_recompute_by_width")
-    ws = sorted(by, key=int)
-    fig, ax = plt.subplots(figsize=(WIDTH / 2, 2.2))
-    ax.plot([int(w) for w in ws], [by[w] for w in ws], "o-", label="fp32 Freivalds + replay")
+    fig, ax = plt.subplots(figsize=(WIDTH / 2, 2.3))
+    ticks: set[int] = set()
+    for key, label, style in (
+        ("freivalds_vs_recompute_by_width", "GPT-2 block", "o-"),
+        ("freivalds_vs_recompute_by_width_llama", "Llama block", "s-"),
+    ):
+        if not n.has("exact", key):
+            continue
+        by = n.val("exact", key)
+        ws = sorted(by, key=int)
+        ticks |= {int(w) for w in ws}
+        ax.plot([int(w) for w in ws], [by[w] for w in ws], style, ms=3.5, label=label)
     ax.axhline(0.1, ls="--", c="grey", lw=0.8, label="design goal")
     ax.set(
-        xscale="log",
         yscale="log",
         xlabel="block width d",
         ylabel="check / recompute one block",
         title="L3 check cost vs recomputation",
     )
-    ax.set_xticks([int(w) for w in ws], ws)
-    ax.legend()
+    # a linear width axis: on a log axis the ticks of 1536 and 2048 ran into each other and the
+    # minor-tick labels of the log formatter were drawn over them
+    ax.set_xticks(sorted(ticks), [str(w) for w in sorted(ticks)])
+    ax.set_xlim(0, max(ticks) * 1.08)
+    ax.set_yticks([0.03, 0.1, 0.3], ["0.03", "0.1", "0.3"])
+    ax.yaxis.set_minor_formatter(plt.NullFormatter())
+    ax.legend(fontsize=6)
     fig.tight_layout()
     return fig
 
@@ -102,20 +133,35 @@ def detection_k(n: Numbers) -> Any:
     if not n.has("exact", "detection_after_k"):
         return None
     plt = _plt()
-    det = n.val("exact", "detection_after_k")
-    ks = sorted(det["after_k"], key=int)
-    blocks = det["blocks"]
-    fig, ax = plt.subplots(figsize=(WIDTH / 2, 2.2))
-    ax.plot([int(k) for k in ks], [det["after_k"][k] for k in ks], "o", label="measured")
-    kk = list(range(1, int(ks[-1]) + 1))
-    ax.plot(kk, [1 - (1 - 1 / blocks) ** k for k in kk], "-", c="grey", lw=0.8, label=f"1-(1-1/{blocks})^k")
+    fig, ax = plt.subplots(figsize=(WIDTH / 2, 2.3))
+    kmax = 1
+    for key, label, c in (
+        ("detection_after_k", "GPT-2-small", "#2a6fb0"),
+        ("llama_detection_after_k", "llama-small", "#d07a1f"),
+    ):
+        if not n.exists("exact", key):
+            continue
+        det = n.val("exact", key)
+        ks = sorted(det["after_k"], key=int)
+        blocks = det["blocks"]
+        kmax = max(kmax, int(ks[-1]))
+        ax.plot(
+            [int(k) for k in ks],
+            [det["after_k"][k] for k in ks],
+            "o",
+            c=c,
+            ms=3.5,
+            label=f"{label}, B={blocks}",
+        )
+        kk = list(range(1, int(ks[-1]) + 1))
+        ax.plot(kk, [1 - (1 - 1 / blocks) ** k for k in kk], "-", c=c, lw=0.8, alpha=0.7)
     ax.set(
         xlabel="challenges k (one block opened each)",
         ylabel="P(caught)",
-        title=f"one wrong block of {blocks}",
+        title="one wrong block of B",
         ylim=(0, 1.02),
     )
-    ax.legend()
+    ax.legend(fontsize=6, loc="lower right")
     fig.tight_layout()
     return fig
 
@@ -292,8 +338,10 @@ def overheads(n: Numbers) -> Any:
     items.append(
         ("gateway, 32 tokens (extra)", n.val("gateway", "gateway_overhead_ratio/default_tiers_no_audit") - 1)
     )
-    if n.has("zk", "prove_to_native"):
-        items.append(("EZKL prove / native (zk.json)", n.val("zk", "prove_to_native")))
+    if n.has("zk", "prove_to_native/attn_d384"):
+        items.append(
+            ("EZKL prove / native, attention d=384 (zk.json)", n.val("zk", "prove_to_native/attn_d384"))
+        )
     items = [(k, v) for k, v in items if v]
     fig, ax = plt.subplots(figsize=(WIDTH, 0.28 * len(items) + 0.7))
     ax.barh([k for k, _ in items][::-1], [v for _, v in items][::-1], color="#58a")

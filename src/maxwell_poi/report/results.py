@@ -36,6 +36,10 @@ class MissingResult(KeyError):
         return str(self.args[0])
 
 
+class NotANumber(MissingResult):
+    """A number placeholder named a key whose value is a dict or list (name one of its items)."""
+
+
 @dataclass
 class Numbers:
     results_dir: Path
@@ -57,13 +61,23 @@ class Numbers:
         if data is None:
             return False, None, f"bench/results/{name}.json missing"
         node = data
-        for part in key.split("/"):
-            if isinstance(node, dict) and part in node:
-                node = node[part]
+        parts = key.split("/")
+        i = 0
+        while i < len(parts):
+            part = parts[i]
+            if isinstance(node, dict):
+                # a key may itself hold a slash ("llama-shape-1b (..., GQA 32/4, seeded)"): take the
+                # shortest run of parts that names a key
+                for j in range(i + 1, len(parts) + 1):
+                    if "/".join(parts[i:j]) in node:
+                        node, i = node["/".join(parts[i:j])], j
+                        break
+                else:
+                    return False, None, f"bench/results/{name}.json has no key {key!r} (stopped at {part!r})"
             elif (
                 isinstance(node, list) and part.lstrip("-").isdigit() and -len(node) <= int(part) < len(node)
             ):
-                node = node[int(part)]
+                node, i = node[int(part)], i + 1
             else:
                 return False, None, f"bench/results/{name}.json has no key {key!r} (stopped at {part!r})"
         return True, node, ""
@@ -75,6 +89,16 @@ class Numbers:
             raise MissingResult(f"report placeholder: {why}")
         self.used.setdefault(name, set()).add(key)
         return value
+
+    def exists(self, name: str, key: str) -> bool:
+        """Whether a key exists, without recording a miss (for tables that say themselves what is
+        missing or failed, and for figures that skip a point)."""
+        return self._lookup(name, key)[0]
+
+    def keys(self, name: str) -> list[str]:
+        """The top-level keys of a result file ([] when the file is missing)."""
+        data = self._file(name)
+        return list(data) if isinstance(data, dict) else []
 
     def has(self, name: str, key: str = "") -> bool:
         """Whether a result exists (file, or file and key); a miss is recorded as a warning."""
@@ -99,19 +123,30 @@ class Numbers:
     def span(self, text: str, src: str, cls: str = "m") -> str:
         return f'<span class="{cls}" title="{html.escape(src)}">{html.escape(text)}</span>'
 
+    def _number(self, name: str, key: str) -> Any:
+        value = self.val(name, key)
+        if isinstance(value, dict | list):
+            inner = list(value)[:6] if isinstance(value, dict) else list(range(min(len(value), 6)))
+            raise NotANumber(
+                f"report placeholder: bench/results/{name}.json key {key!r} is a {type(value).__name__}, "
+                f"not a number; name one of its items, e.g. {', '.join(f'{key}/{k}' for k in inner)}"
+            )
+        return value
+
     def r(self, name: str, key: str, digits: int = 3, unit: str = "", scale: float = 1.0) -> str:
         """A measured number, formatted (ints with thousands separators, floats to `digits`
-        significant figures), with an optional unit after a thin space."""
-        value = self.val(name, key)
+        significant figures), with an optional unit after a thin space. A string value is shown as
+        it is (a measured label, e.g. a variant's name or a failure's reason)."""
+        value = self._number(name, key)
         return self.span(fmt(value, digits, scale) + (f" {unit}" if unit else ""), f"{name}.json: {key}")
 
     def x(self, name: str, key: str, digits: int = 3) -> str:
         """A ratio shown as a factor: 16.6×."""
-        return self.span(fmt(self.val(name, key), digits) + "×", f"{name}.json: {key}")
+        return self.span(fmt(self._number(name, key), digits) + "×", f"{name}.json: {key}")
 
     def pct(self, name: str, key: str, digits: int = 3) -> str:
         """A fraction shown as a percentage: 0.0044 -> 0.44 %."""
-        return self.span(fmt(self.val(name, key), digits, 100.0) + " %", f"{name}.json: {key}")
+        return self.span(fmt(self._number(name, key), digits, 100.0) + " %", f"{name}.json: {key}")
 
     def frac(self, name: str, num: str, den: str) -> str:
         """Counts as 'a/b'."""
@@ -135,6 +170,15 @@ class Numbers:
             "x": lambda: self.x(name, key, digits),
             "pct": lambda: self.pct(name, key, digits),
         }[kind]()
+
+    def text(self, name: str, key: str, maxlen: int = 90, cut: str = "|", drop: str = "") -> str:
+        """A measured string (a variant's name, a failure's reason), up to `cut`, at most `maxlen`
+        characters, without a leading `drop`; its digits count as read from the file."""
+        value = str(self.val(name, key)).split(cut)[0].strip()
+        value = value.removeprefix(drop) if drop else value
+        if len(value) > maxlen:
+            value = value[: maxlen - 1].rstrip() + "…"
+        return self.span(value, f"{name}.json: {key}")
 
     def d(self, value: float, src: str, digits: int = 3, unit: str = "", times: bool = False) -> str:
         """A number derived from measured ones by the template's arithmetic; `src` says how."""
