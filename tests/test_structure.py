@@ -177,6 +177,7 @@ def _declared() -> set[str]:
 # imported only where the code says so, on machines that have them (the GPU miner's kernel)
 OPTIONAL = {"triton", "ray"}  # extras: imported lazily where they are used
 OPTIONAL |= {"jinja2", "markdown_it", "yaml", "weasyprint"}  # the `report` extra (report/build.py only)
+OPTIONAL |= {"ezkl", "onnx"}  # the `zk` extra (registry/circuits.py, verifier/zk.py; imported lazily)
 
 
 def test_every_import_is_declared():
