@@ -157,7 +157,7 @@ def row_counts(widths: list[int]) -> list[dict]:
                     config = C.CircuitConfig(tokens=tokens, inner_cols=cols)
                     ezkl.gen_settings(onnx, settings, py_run_args=C.run_args(config))
                     s = json.loads(Path(settings).read_text())
-                    weights = sum(p.numel() for p in module.parameters() if p.dim() == 2)
+                    weights = 4 * d * d if kind == "attn" else 8 * d * d  # the half's matrices
                     out.append(
                         dict(
                             d=d,
