@@ -34,6 +34,9 @@ def demo(
     with_gateway: Annotated[
         bool, typer.Option("--gateway/--no-gateway", help="end with a chat through the OpenAI gateway")
     ] = True,
+    with_zk: Annotated[
+        bool, typer.Option("--zk/--no-zk", help="an EZKL proof of one challenged block half (small width)")
+    ] = True,
     with_exact: Annotated[
         bool,
         typer.Option("--exact/--no-exact", help="exact-tier leases through L3 (fp32, int8) and a dispute"),
@@ -48,7 +51,7 @@ def demo(
 
     from ..adversaries import CATALOGUE
     from ..demo import Demo, DemoConfig
-    from ..demo_exact import exact_lines, run_exact_demo
+    from ..demo_exact import exact_lines, run_exact_demo, run_zk_demo, zk_lines
     from ..demo_gateway import gateway_lines, run_gateway_demo
     from ..demo_service import ServiceDemo, ServiceDemoConfig, service_table
     from ..protocol.result import Verdict
@@ -85,9 +88,14 @@ def demo(
         if with_exact:
             progress.update(task, description="exact tier: L3 challenges and a dispute", total=None)
             exact_summary = run_exact_demo(out_dir / "exact")
+        if with_zk:
+            progress.update(task, description="L3-zk: proving one block half with EZKL", total=None)
+            zk_summary = run_zk_demo(out_dir / "zk")
     data = the_demo.report(rows)
     if with_exact:
         data["exact"] = exact_summary
+    if with_zk:
+        data["zk"] = zk_summary
     if with_service:
         data["service"] = summary
     if with_gateway:
@@ -142,4 +150,6 @@ def demo(
     for line in gateway_lines(chat) if with_gateway else []:
         out.print(line)
     for line in exact_lines(exact_summary) if with_exact else []:
+        out.print(line)
+    for line in zk_lines(zk_summary) if with_zk else []:
         out.print(line)
