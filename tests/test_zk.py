@@ -15,6 +15,7 @@ from transformers import GPT2Config, GPT2LMHeadModel
 from typer.testing import CliRunner
 
 from maxwell_poi.cli import app
+from maxwell_poi.protocol.errors import PoiError
 from maxwell_poi.protocol.keys import AgentKey
 from maxwell_poi.protocol.lease import GenerateJob, Lease
 from maxwell_poi.protocol.receipt import max_receipt_bytes, open_receipt
@@ -206,3 +207,25 @@ def test_cli_prove_block_and_verify_block(world, honest_proof, monkeypatch) -> N
     (root / "bad.json").write_text(json.dumps(bad))
     refused = runner.invoke(app, ["verify-block", *files, "--proof", str(root / "bad.json")])
     assert refused.exit_code == 1, refused.output
+
+
+def test_a_deadlocked_ezkl_child_is_killed_and_run_again(tmp_path, monkeypatch) -> None:
+    """ezkl 23.0.5's prover can deadlock (the GIL held across rayon workers that log through pyo3-log):
+    a child that burns no CPU is killed and the step run again; one that never finishes is refused."""
+    from maxwell_poi.registry import circuits
+
+    child = tmp_path / "child.py"
+    child.write_text(
+        "import json, sys, time, pathlib\n"
+        "args = json.loads(sys.argv[2])\n"
+        "marker = pathlib.Path(args['marker'])\n"
+        "if args['mode'] == 'hang' or not marker.exists():\n"
+        "    marker.write_text('x')\n"
+        "    time.sleep(60)\n"  # asleep, like the deadlocked prover
+        "pathlib.Path(args['peak']).write_text('1024')\n"
+    )
+    monkeypatch.setattr(circuits, "CHILD", child)
+    once = circuits.run_capped("prove", {"mode": "once", "marker": str(tmp_path / "m1")}, stall_s=1.0)
+    assert once.peak_gb > 0  # the second attempt finished
+    with pytest.raises(PoiError, match="deadlocked 3 times"):
+        circuits.run_capped("prove", {"mode": "hang", "marker": str(tmp_path / "m2")}, stall_s=1.0)

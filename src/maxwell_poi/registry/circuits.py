@@ -335,28 +335,69 @@ def calibration_inputs(
 # -- capped child steps --------------------------------------------------------------------------------
 
 
-def run_capped(step: str, args: dict[str, str], cap_gb: float = CAP_GB, timeout_s: float = 3600) -> Step:
+STALL_S = 30.0  # a step whose child burns no CPU this long is deadlocked (see run_capped)
+ATTEMPTS = 3
+
+
+def run_capped(
+    step: str, args: dict[str, str], cap_gb: float = CAP_GB, timeout_s: float = 3600, stall_s: float = STALL_S
+) -> Step:
     """Run one EZKL step (`setup` or `prove`, registry/ezkl_child.py) in a child under an address-space
-    cap; its wall time and peak RSS."""
+    cap; its wall time and peak RSS.
+
+    ezkl 23.0.5 can deadlock inside `prove`: the call holds the GIL while a rayon worker logs through
+    pyo3-log, which waits for the GIL (seen in a test run: every thread asleep, 0 % CPU). It is a race,
+    so a child that burns no CPU for `stall_s` is killed and the step run again, up to ATTEMPTS times;
+    the time reported is the attempt that finished."""
+    for attempt in range(1, ATTEMPTS + 1):
+        try:
+            return _run_child(step, args, cap_gb, timeout_s, stall_s)
+        except _Stalled:
+            if attempt == ATTEMPTS:
+                raise PoiError(
+                    f"ezkl {step}: expected it to finish, it deadlocked {ATTEMPTS} times (no CPU for "
+                    f"{stall_s:.0f} s each; the pyo3-log / GIL race in ezkl's prover)"
+                ) from None
+    raise AssertionError("unreachable")
+
+
+class _Stalled(Exception):
+    pass
+
+
+def _run_child(step: str, args: dict[str, str], cap_gb: float, timeout_s: float, stall_s: float) -> Step:
+    import psutil
+
     cap = int(cap_gb * 2**30)
 
     def limit() -> None:
         resource.setrlimit(resource.RLIMIT_AS, (cap, cap))
 
     with tempfile.TemporaryDirectory(prefix="poi-zk-step-") as tmp:
-        peak = Path(tmp) / "peak"
+        peak, errors = Path(tmp) / "peak", Path(tmp) / "stderr"
         cmd = [sys.executable, str(CHILD), step, json.dumps({**args, "peak": str(peak)})]
         t0 = time.perf_counter()
-        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, preexec_fn=limit)
-        try:
-            _, err = proc.communicate(timeout=timeout_s)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.communicate()
-            raise PoiError(f"ezkl {step}: expected to finish within {timeout_s:.0f} s, it did not") from None
+        with errors.open("wb") as err:  # a file, not a pipe: a chatty child never blocks on it
+            proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=err, preexec_fn=limit)
+        watched, cpu, still_since = psutil.Process(proc.pid), -1.0, time.monotonic()
+        while proc.poll() is None:
+            try:
+                now_cpu = sum(watched.cpu_times()[:2])
+            except psutil.Error:  # it just exited
+                continue
+            if now_cpu > cpu:
+                cpu, still_since = now_cpu, time.monotonic()
+            stalled = time.monotonic() - still_since > stall_s
+            if stalled or time.perf_counter() - t0 > timeout_s:
+                proc.kill()
+                proc.wait()
+                if stalled:
+                    raise _Stalled()
+                raise PoiError(f"ezkl {step}: expected to finish within {timeout_s:.0f} s, it did not")
+            time.sleep(0.5)
         seconds = time.perf_counter() - t0
         if proc.returncode != 0:
-            tail = " | ".join(err.decode(errors="replace").strip().splitlines()[-3:])
+            tail = " | ".join(errors.read_text(errors="replace").strip().splitlines()[-3:])
             raise PoiError(f"ezkl {step} failed (exit {proc.returncode}, cap {cap_gb:g} GB): {tail}")
         return Step(round(seconds, 3), round(int(peak.read_text()) / 2**20, 3))  # ru_maxrss KiB -> GiB
 
