@@ -167,6 +167,7 @@ def lease_row(agent: ExactAgent, view: dict[str, Any], challenges: list[dict[str
         "tier": view["tier"],
         "audit_probability": view["audit_probability"],
         "verdict": verdict["verdict"],
+        "reason": verdict["reason"],
         "final": verdict["final"],
         "stake_outcome": verdict["stake_outcome"],
         "stake_micro": view["stake_micro"],
@@ -193,7 +194,8 @@ def exact_lines(summary: dict[str, Any]) -> list[str]:
     lines = [f"[bold]{head}[/]"]
     for r in summary["leases"]:
         colour = "green" if r["verdict"] == "affirming" else "red"
-        l3 = "; ".join(f"{d['status']}: {d['reason'][:110]}" for d in r["l3"]) or "—"
+        l3 = "; ".join(f"{d['status']}: {d['reason'][:110]}" for d in r["l3"])
+        l3 = l3 or f"not reached: {r['reason'][:110]}"  # caught inline (L0-L2) before any challenge
         lines.append(
             f"  {r['agent']:8} {r['model']:15} {r['shows']:24} [{colour}]{r['verdict']}[/], stake "
             f"{r['stake_outcome']}; L4 {r['l4']} (p {r['audit_probability']:.2f}); "
