@@ -159,7 +159,7 @@ def lease_row(agent: ExactAgent, view: dict[str, Any], challenges: list[dict[str
     verdict = view["verdict"]
     layers = {d["layer"]: d for d in verdict["layers"]}
     exact = [d for d in verdict["layers"] if d["layer"] == "L3-exact"]
-    dispute = next((d["details"]["dispute"] for d in exact if "dispute" in (d.get("details") or {})), None)
+    settled = next((d for d in exact if "dispute" in (d.get("details") or {})), None)
     return {
         "agent": agent.name,
         "model": agent.model,
@@ -172,18 +172,11 @@ def lease_row(agent: ExactAgent, view: dict[str, Any], challenges: list[dict[str
         "stake_outcome": verdict["stake_outcome"],
         "stake_micro": view["stake_micro"],
         "l3": [{"status": d["status"], "reason": d["reason"], "cost_s": d.get("cost_s")} for d in exact],
-        "dispute_s": next((d.get("cost_s") for d in exact if "dispute" in (d.get("details") or {})), None),
-        "dispute_waited_s": next(
-            (
-                d["details"].get("waited_for_openings_s")
-                for d in exact
-                if "dispute" in (d.get("details") or {})
-            ),
-            None,
-        ),
+        "dispute_s": settled.get("cost_s") if settled else None,
+        "dispute_waited_s": settled["details"].get("waited_for_openings_s") if settled else None,
         "l4": layers.get("L4-audit", {}).get("status", "not drawn"),
         "l4_cost_s": layers.get("L4-audit", {}).get("cost_s"),
-        "dispute": dispute,
+        "dispute": settled["details"]["dispute"] if settled else None,
         "openings": [(c["kind"], c["status"], c["answer_bytes"]) for c in challenges],
     }
 

@@ -109,7 +109,7 @@ class Trace:
         return sum(t.nbytes for t in self.tensors.values())
 
     def block_output(self, block: int) -> np.ndarray:
-        return self.tensors[(block + 1, "x")] if block + 1 < self.blocks else self.tensors[(block, OUT)]
+        return self.tensors[output_key(block, self.blocks)]
 
     def save(self, path: Path) -> None:
         """Kept by the agent for the dispute window (an uncompressed .npz)."""
@@ -135,10 +135,19 @@ class Opening:
 
     @classmethod
     def of(cls, trace: Trace, nonce: bytes, blocks: list[int]) -> Opening:
-        wanted = {(b, op) for b in blocks for op in trace.ops}
-        for b in blocks:
-            wanted.add((b + 1, "x") if b + 1 < trace.blocks else (b, OUT))
+        wanted = opening_keys(blocks, trace.blocks, trace.ops)
         return cls({k: trace.tensors[k] for k in wanted}, trace.leaves(nonce))
+
+
+def output_key(block: int, blocks: int) -> tuple[int, str]:
+    """The committed tensor that is block `block`'s output: the next block's input, or the last `out`."""
+    return (block + 1, "x") if block + 1 < blocks else (block, OUT)
+
+
+def opening_keys(blocks: list[int], total: int, ops: tuple[str, ...]) -> list[tuple[int, str]]:
+    """What opening these blocks hands over: each block's tensors, then each one's output."""
+    keys = [(b, op) for b in blocks for op in ops]
+    return keys + [k for k in dict.fromkeys(output_key(b, total) for b in blocks) if k not in keys]
 
 
 def verify_opening(

@@ -40,7 +40,7 @@ from ..protocol.errors import PoiError
 from ..protocol.lease import Lease
 from ..protocol.receipt import ReceiptClaims, open_receipt
 from ..protocol.result import LayerName, LayerResult, Status
-from ..protocol.trace import OUT, Opening
+from ..protocol.trace import Opening, opening_keys
 from ..registry.models import LoadedModel, Registry
 from ..verifier.dispute import DisputeResult, bisect, reference_inputs
 from ..verifier.exact import FreivaldsKey, IntFreivaldsKey, appraise_opening, draw_blocks, key_for, traced_ops
@@ -131,13 +131,12 @@ class ExactAudits:
         if row is None or receipt is None or verdict is None or verdict.final:
             return None
         layers = [LayerResult.from_dict(d) for d in json.loads(verdict.layers)]
-        if not any(r.layer == LayerName.EXACT for r in layers):
+        checked = any(r.layer == LayerName.EXACT for r in layers)
+        if not checked:
             layers = layers + self.check(row, receipt, agent, verdict.audit_drawn, layers)
-            failed = any(r.status is Status.FAIL for r in layers)
-            if not failed:  # passed: kept with the verdict until the window closes
-                self._keep_layers(lease_id, layers)
-        else:
-            failed = any(r.status is Status.FAIL for r in layers)
+        failed = any(r.status is Status.FAIL for r in layers)
+        if not checked and not failed:  # passed: kept with the verdict until the window closes
+            self._keep_layers(lease_id, layers)
         if not failed and time.time() < receipt.received_at + self.window_s:
             return None
         final = finalise(self.ledger, row, layers)
@@ -185,7 +184,11 @@ class ExactAudits:
         if claims.trace is None:
             return appraise_opening(claims, lease.nonce_bytes, model, key, blocks, None)
         got = self.board.ask(
-            lease.lease_id, row.node_id, "l3", opening_keys(blocks, model), self.opening_timeout_s
+            lease.lease_id,
+            row.node_id,
+            "l3",
+            opening_keys(blocks, len(model.layers), traced_ops(model)),
+            self.opening_timeout_s,
         )
         if isinstance(got, str):
             return LayerResult(LayerName.EXACT, Status.FAIL, f"opening of blocks {blocks}: {got}")
@@ -215,14 +218,6 @@ class ExactAudits:
             current = session.get(VerdictRow, lease_id, with_for_update=True)
             if current is not None and not current.final:
                 current.layers = json.dumps([r.as_dict() for r in layers])
-
-
-def opening_keys(blocks: list[int], model: LoadedModel) -> list[tuple[int, str]]:
-    """What an L3 challenge of these blocks opens: each block's tensors and its output."""
-    total = len(model.layers)
-    keys = [(b, op) for b in blocks for op in traced_ops(model)]
-    outputs = [(b + 1, "x") if b + 1 < total else (b, OUT) for b in blocks]
-    return keys + [k for k in outputs if k not in keys]
 
 
 def dispute_layer(result: DisputeResult, why: list[str], cost_s: float, waited_s: float = 0.0) -> LayerResult:

@@ -32,7 +32,7 @@ import torch
 
 from ..protocol.receipt import ReceiptClaims
 from ..protocol.result import LayerName, LayerResult, Status
-from ..protocol.trace import INT_OPS, OPS_BY_ARCH, OUT, Opening, verify_opening
+from ..protocol.trace import INT_OPS, OPS_BY_ARCH, Opening, output_key, verify_opening
 from ..registry.blocks import BRANCHES, INPUT_GROUPS, linears, require_architecture, weight_in_out
 from ..registry.models import LoadedModel
 from ..registry.w8a8 import is_w8a8, quantize_rows
@@ -203,14 +203,8 @@ def _why(block: int, op: str, residual: float, tol: float) -> str:
 def audit_blocks(
     model: LoadedModel, key: FreivaldsKey, opening: Opening, blocks: list[int], tol: float = FP32_TOLERANCE
 ) -> list[BlockCheck]:
-    out = []
-    n = len(model.layers)
-    ops = OPS_BY_ARCH[require_architecture(model)]
-    for b in blocks:
-        opened = {op: opening.tensors[(b, op)] for op in ops}
-        output = opening.tensors[(b + 1, "x")] if b + 1 < n else opening.tensors[(b, OUT)]
-        out.append(check_block(model, key, b, opened, output, tol))
-    return out
+    ops, n = OPS_BY_ARCH[require_architecture(model)], len(model.layers)
+    return [check_block(model, key, *_opened(opening, b, ops, n), tol) for b in blocks]
 
 
 def draw_blocks(total: int, count: int) -> list[int]:
@@ -369,5 +363,4 @@ def key_for(model: LoadedModel) -> FreivaldsKey | IntFreivaldsKey:
 def _opened(
     opening: Opening, block: int, ops: tuple[str, ...], total: int
 ) -> tuple[int, dict[str, np.ndarray], np.ndarray]:
-    output = opening.tensors[(block + 1, "x")] if block + 1 < total else opening.tensors[(block, OUT)]
-    return block, {op: opening.tensors[(block, op)] for op in ops}, output
+    return block, {op: opening.tensors[(block, op)] for op in ops}, opening.tensors[output_key(block, total)]
