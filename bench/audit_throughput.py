@@ -27,7 +27,7 @@ from maxwell_poi.prover.harness import quiet_libraries
 
 quiet_libraries()
 
-from maxwell_poi.observer.evidence import ChannelEvidence
+from maxwell_poi.observer.evidence import LeaseEvidence
 from maxwell_poi.observer.host import this_device
 from maxwell_poi.protocol.files import write_json_atomic
 from maxwell_poi.protocol.keys import AgentKey
@@ -63,7 +63,7 @@ def honest_jobs(n: int, model: str, tokens: int) -> list[AuditJob]:
         started = time.time()
         receipt = prover.run(lease)
         now = time.time()
-        evidence = ChannelEvidence(
+        evidence = LeaseEvidence(
             started_at=started,
             finished_at=now,
             wall_s=now - started,

@@ -35,8 +35,8 @@ from _stats import upper95  # noqa: E402
 from signals import WORKLOAD, attack_of, load_runs  # noqa: E402
 from sklearn.metrics import roc_auc_score  # noqa: E402
 
-from maxwell_poi.demo import Demo, DemoConfig  # noqa: E402
-from maxwell_poi.observer.evidence import ChannelEvidence  # noqa: E402
+from maxwell_poi.demo.generation import Demo, DemoConfig  # noqa: E402
+from maxwell_poi.observer.evidence import LeaseEvidence  # noqa: E402
 from maxwell_poi.registry.models import Registry  # noqa: E402
 from maxwell_poi.registry.profiles import ProfileStore  # noqa: E402
 from maxwell_poi.verifier.classify import FEATURES, INFERENCE, WorkloadClassifier, trace_features  # noqa: E402
@@ -77,7 +77,7 @@ def rows_of(folders: list[tuple[int, Path]]) -> list[dict]:
             attack = attack_of(run)
             if attack not in WORKLOAD:
                 continue
-            ev = ChannelEvidence.from_dict(run["evidence"])
+            ev = LeaseEvidence.from_dict(run["evidence"])
             if ev.co_leases:  # a batch's window: the classifier does not judge it
                 continue
             lease = run["lease"]

@@ -26,7 +26,7 @@ from maxwell_poi.prover.harness import quiet_libraries
 quiet_libraries()
 
 from maxwell_poi.adversaries import CATALOGUE  # noqa: E402
-from maxwell_poi.demo import Demo, DemoConfig  # noqa: E402
+from maxwell_poi.demo.generation import Demo, DemoConfig  # noqa: E402
 from maxwell_poi.protocol.keys import AgentKey, Keyring  # noqa: E402
 from maxwell_poi.protocol.lease import GenerateJob, Lease  # noqa: E402
 from maxwell_poi.protocol.receipt import open_receipt  # noqa: E402

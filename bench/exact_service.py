@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from maxwell_poi.demo_exact import ExactDemo
+from maxwell_poi.demo.exact import ExactDemo
 from maxwell_poi.protocol.files import write_json_atomic
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -28,8 +28,8 @@ from typing import Any
 
 from _stats import upper95
 
-from maxwell_poi.demo_gateway import GatewayStack, ensure_profile, maxwell_of
-from maxwell_poi.observer.resident_runs import generate_leases, honest_resident, serve_wave
+from maxwell_poi.demo.gateway import GatewayStack, ensure_profile, maxwell_of
+from maxwell_poi.node.resident_runs import generate_leases, honest_resident, serve_wave
 from maxwell_poi.protocol.files import write_json_atomic
 from maxwell_poi.registry.models import Registry
 from maxwell_poi.registry.prompts import PROMPTS

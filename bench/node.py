@@ -28,16 +28,16 @@ from maxwell_poi.prover.harness import quiet_libraries
 
 quiet_libraries()
 
-from maxwell_poi.observer.channel import AgentRun  # noqa: E402
-from maxwell_poi.observer.resident_runs import (  # noqa: E402
+from maxwell_poi.node.channel import AgentRun  # noqa: E402
+from maxwell_poi.node.resident_runs import (  # noqa: E402
     embed_leases,
     generate_leases,
     measure_resident_profile,
     serve_wave,
     start_resident,
 )
-from maxwell_poi.observer.runs import OFFLINE_ENV, honest_agent_argv, run_lease  # noqa: E402
-from maxwell_poi.observer.sandbox import AccountingSource, available_sources, measure_resolution, open_sandbox  # noqa: E402
+from maxwell_poi.node.runs import OFFLINE_ENV, honest_agent_argv, run_lease  # noqa: E402
+from maxwell_poi.node.sandbox import AccountingSource, available_sources, measure_resolution, open_sandbox  # noqa: E402
 from maxwell_poi.protocol.keys import AgentKey, Keyring  # noqa: E402
 from maxwell_poi.protocol.lease import GenerateJob, Lease  # noqa: E402
 from maxwell_poi.protocol.result import LayerName, Status  # noqa: E402

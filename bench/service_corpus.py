@@ -29,10 +29,10 @@ from typing import Any
 
 import httpx
 
+from maxwell_poi.node.attest import NodeKey
 from maxwell_poi.node.node import Node
-from maxwell_poi.observer.attest import NodeKey
-from maxwell_poi.observer.resident_runs import measure_resident_profile
-from maxwell_poi.observer.runs import honest_agent_argv
+from maxwell_poi.node.resident_runs import measure_resident_profile
+from maxwell_poi.node.runs import honest_agent_argv
 from maxwell_poi.protocol.files import write_json_atomic
 from maxwell_poi.protocol.keys import AgentKey
 from maxwell_poi.protocol.lease import Lease

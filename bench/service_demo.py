@@ -30,7 +30,7 @@ quiet_libraries()
 
 from rich.console import Console
 
-from maxwell_poi.demo_service import ServiceDemo, ServiceDemoConfig, service_table
+from maxwell_poi.demo.service import ServiceDemo, ServiceDemoConfig, service_table
 from maxwell_poi.protocol.files import write_json_atomic
 
 ROOT = Path(__file__).resolve().parents[1]

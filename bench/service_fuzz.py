@@ -44,8 +44,8 @@ from securesystemslib.dsse import Envelope
 from starlette.datastructures import URL
 
 from maxwell_poi.gateway import Gateway, mount_gateway
-from maxwell_poi.observer.attest import EVIDENCE_PAYLOAD_TYPE, EVIDENCE_PREDICATE, NodeKey, open_evidence
-from maxwell_poi.observer.evidence import ChannelEvidence
+from maxwell_poi.node.attest import EVIDENCE_PAYLOAD_TYPE, EVIDENCE_PREDICATE, NodeKey, open_evidence
+from maxwell_poi.observer.evidence import LeaseEvidence
 from maxwell_poi.observer.host import this_device
 from maxwell_poi.protocol import errors
 from maxwell_poi.protocol.keys import AgentKey
@@ -253,7 +253,7 @@ class Plane:
         lease_id = lease_id or lease["lease_id"]
         sent = Lease.model_validate(lease).to_json().encode() + b"\n"
         n = lease["job"]["max_new_tokens"]
-        evidence = ChannelEvidence(
+        evidence = LeaseEvidence(
             started_at=time.time() - 1, finished_at=time.time(), wall_s=0.02 * n, cpu_s=0.011 * n + 0.01,
             max_rss_kb=250_000, bytes_in=len(sent), bytes_out=len(receipt) + 30 * n, sha256_in=_sha(sent),
             sha256_out=_sha(receipt), exit_code=None, receipt_bytes=len(receipt), stream_tokens=(1,) * n,

@@ -35,10 +35,10 @@ quiet_libraries()
 
 from sampling_overhead import measure_sampling_overhead  # noqa: E402
 
-from maxwell_poi.demo import Demo, DemoConfig  # noqa: E402
-from maxwell_poi.observer.evidence import ChannelEvidence  # noqa: E402
+from maxwell_poi.demo.generation import Demo, DemoConfig  # noqa: E402
+from maxwell_poi.node.runs import honest_runs, measure_profile  # noqa: E402
+from maxwell_poi.observer.evidence import LeaseEvidence  # noqa: E402
 from maxwell_poi.observer.host import this_device  # noqa: E402
-from maxwell_poi.observer.runs import honest_runs, measure_profile  # noqa: E402
 from maxwell_poi.observer.telemetry import Measurement, save_trace  # noqa: E402
 from maxwell_poi.protocol.lease import Lease  # noqa: E402
 from maxwell_poi.protocol.receipt import open_receipt  # noqa: E402
@@ -256,7 +256,7 @@ def main() -> None:
         c["l1_or_l2"] += l1 == "fail" or l2 == "fail"
         c["l4"] += l4 == "fail"
         c["any"] += run["result"]["verdict"] != "affirming"
-        ev = ChannelEvidence.from_dict(run["evidence"])
+        ev = LeaseEvidence.from_dict(run["evidence"])
         profile = store.get(args.model, ev.device_class)
         ref = registry.reference(args.model)
         f = trace_features(ev, profile, ref, run["lease"].precision) if profile else None
@@ -306,7 +306,7 @@ def main() -> None:
 
     # L1 + L2 appraisal time on one recorded honest run
     honest_run = next(r for r in runs if attack_of(r) is None)
-    ev = ChannelEvidence.from_dict(honest_run["evidence"])
+    ev = LeaseEvidence.from_dict(honest_run["evidence"])
     raw = (honest_run["dir"] / "receipt.json").read_bytes()
     ctx = Appraisal(lease=honest_run["lease"], raw=raw, evidence=ev, receipt=open_receipt(raw, 1 << 24))
     boundary = BoundaryLayer(store)

@@ -53,7 +53,7 @@ def prover(agent_key, registry):
 
 def pytest_terminal_summary(terminalreporter) -> None:  # type: ignore[no-untyped-def]
     """Say which sandbox accounting this run measured with, and that the /proc fallback ran."""
-    from maxwell_poi.observer.sandbox import available_sources
+    from maxwell_poi.node.sandbox import available_sources
 
     usable = [s.value for s, why in available_sources().items() if why is None]
     unusable = {s.value: why for s, why in available_sources().items() if why is not None}

@@ -11,7 +11,7 @@ from __future__ import annotations
 import pytest
 
 from maxwell_poi.adversaries import CATALOGUE
-from maxwell_poi.demo import Demo, DemoConfig
+from maxwell_poi.demo.generation import Demo, DemoConfig
 
 CPU_ATTACKS = [a for a in CATALOGUE if not a.needs_gpu]
 

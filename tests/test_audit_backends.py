@@ -18,7 +18,7 @@ import psutil
 import pytest
 
 from maxwell_poi.adversaries.output_tampering import tamper
-from maxwell_poi.observer.evidence import ChannelEvidence
+from maxwell_poi.observer.evidence import LeaseEvidence
 from maxwell_poi.observer.host import this_device
 from maxwell_poi.protocol.keys import AgentKey
 from maxwell_poi.protocol.lease import GenerateJob, Lease
@@ -42,11 +42,11 @@ TIMEOUT_S = 120.0
 ON_CI = os.environ.get("CI", "").lower() == "true"
 
 
-def _evidence(receipt: bytes, started: float) -> ChannelEvidence:
+def _evidence(receipt: bytes, started: float) -> LeaseEvidence:
     """What a node on this host would have measured (the audit reads the device class, L0 the
     receipt size and the finish time): the job carries it to the worker as a dict."""
     now = time.time()
-    return ChannelEvidence(
+    return LeaseEvidence(
         started_at=started,
         finished_at=now,
         wall_s=now - started,

@@ -5,7 +5,7 @@ from __future__ import annotations
 import io
 import os
 
-from maxwell_poi.observer.channel import _StdoutReader
+from maxwell_poi.node.channel import _StdoutReader
 from maxwell_poi.protocol.stream import parse_stream_line, stream_line
 
 
@@ -46,7 +46,7 @@ def test_stream_line_round_trip():
 
 
 def test_stderr_keeps_the_tail_of_a_long_diagnostic():
-    from maxwell_poi.observer.channel import drain
+    from maxwell_poi.node.channel import drain
 
     sink: dict = {}
     drain(io.BytesIO(b"x" * 200_000 + b"the real error\n"), 1 << 16, sink)

@@ -18,7 +18,7 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from maxwell_poi.observer.runs import run_lease
+from maxwell_poi.node.runs import run_lease
 from maxwell_poi.protocol.keys import Keyring
 from maxwell_poi.protocol.lease import EmbedJob, GenerateJob, Lease
 from maxwell_poi.protocol.result import LayerName, Status, Verdict
@@ -29,7 +29,7 @@ AGENT = Path(__file__).with_name("conformance_agent.py")
 AGENT_ID = "third-party"
 # Maxwell's side only: nothing that builds, samples, fingerprints, records, streams or signs
 MAXWELL_SIDE = {
-    "maxwell_poi.observer.runs",
+    "maxwell_poi.node.runs",
     "maxwell_poi.protocol.keys",
     "maxwell_poi.protocol.lease",
     "maxwell_poi.protocol.result",

@@ -30,9 +30,9 @@ from sqlalchemy.orm import Session
 from test_ledger import pg_admin, pg_schema  # noqa: F401 - the PostgreSQL fixtures
 
 from maxwell_poi.ledger import Ledger, open_ledger_db
+from maxwell_poi.node.attest import NodeKey, open_evidence, sign_evidence
 from maxwell_poi.node.node import Node
 from maxwell_poi.node.remote import RemoteNode
-from maxwell_poi.observer.attest import NodeKey, open_evidence, sign_evidence
 from maxwell_poi.protocol.keys import AgentKey
 from maxwell_poi.service import ControlPlane, ServiceClient, ServiceConfig
 from maxwell_poi.service.api import create_app

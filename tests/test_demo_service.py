@@ -12,8 +12,8 @@ import json
 
 import pytest
 
-from maxwell_poi.demo_service import ServiceDemo, ServiceDemoConfig, service_table
-from maxwell_poi.observer.resident_runs import measure_resident_profile
+from maxwell_poi.demo.service import ServiceDemo, ServiceDemoConfig, service_table
+from maxwell_poi.node.resident_runs import measure_resident_profile
 from maxwell_poi.registry.profiles import ProfileStore
 
 CHEATS = ["smaller-model", "output-tampering", "forged-signature"]

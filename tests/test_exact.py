@@ -15,8 +15,8 @@ import numpy as np
 import pytest
 import torch
 
-from maxwell_poi.observer.resident_runs import serve_wave, start_resident
-from maxwell_poi.observer.runs import honest_agent_argv
+from maxwell_poi.node.resident_runs import serve_wave, start_resident
+from maxwell_poi.node.runs import honest_agent_argv
 from maxwell_poi.protocol.errors import ReceiptFormatError
 from maxwell_poi.protocol.keys import AgentKey, Keyring
 from maxwell_poi.protocol.lease import GenerateJob, Lease

@@ -20,10 +20,10 @@ import pytest
 from fastapi.testclient import TestClient
 
 from maxwell_poi.ledger import check_ledger
+from maxwell_poi.node.attest import NodeKey
 from maxwell_poi.node.node import Node
 from maxwell_poi.node.remote import RemoteNode
-from maxwell_poi.observer.attest import NodeKey
-from maxwell_poi.observer.resident_runs import measure_resident_profile
+from maxwell_poi.node.resident_runs import measure_resident_profile
 from maxwell_poi.protocol.keys import AgentKey
 from maxwell_poi.registry.profiles import ProfileStore
 from maxwell_poi.service import (

@@ -17,7 +17,7 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from sqlalchemy.orm import Session
 
-from maxwell_poi.demo_gateway import (
+from maxwell_poi.demo.gateway import (
     DEMO_TOKENS,
     GatewayStack,
     ensure_profile,

@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from maxwell_poi.observer.evidence import ChannelEvidence
+from maxwell_poi.observer.evidence import LeaseEvidence
 from maxwell_poi.protocol.keys import AgentKey
 from maxwell_poi.protocol.lease import GenerateJob, Lease
 from maxwell_poi.protocol.receipt import open_receipt, sign_receipt
@@ -68,7 +68,7 @@ def appraisal(tokens, *, stream=None, gap=0.03, cpu_per_token=0.05, rss_mb=905.0
     stream = tokens if stream is None else stream
     t = list(times) if times is not None else [1.0 + i * gap for i in range(len(stream))]
     cpu = [2.0 + i * cpu_per_token for i in range(len(stream))]
-    ev = ChannelEvidence(
+    ev = LeaseEvidence(
         started_at=0,
         finished_at=2,
         wall_s=2,

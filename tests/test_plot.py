@@ -1,7 +1,7 @@
 """`poi trace` and report.trace_plot: a PNG of one lease's evidence, drawn from the JSON files alone.
 
 Every evidence dict here is SYNTHETIC TEST INPUT built by hand in the shape of
-ChannelEvidence.as_dict(); no model runs and no figure from it is a measurement.
+LeaseEvidence.as_dict(); no model runs and no figure from it is a measurement.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ import pytest
 from typer.testing import CliRunner
 
 from maxwell_poi.cli import app
-from maxwell_poi.observer.evidence import ChannelEvidence
+from maxwell_poi.observer.evidence import LeaseEvidence
 from maxwell_poi.registry.profiles import Profile, Stats
 from maxwell_poi.report.trace_plot import plot_demo_dir, plot_run
 
@@ -60,7 +60,7 @@ def _trace(source: str, n: int, series: dict) -> dict:
 
 
 def synthetic_evidence(*, tokens: int = 16, telemetry: bool = True, gpu: bool = False) -> dict:
-    """SYNTHETIC TEST INPUT in the shape of ChannelEvidence.as_dict(): start-up for 1 s, then a token
+    """SYNTHETIC TEST INPUT in the shape of LeaseEvidence.as_dict(): start-up for 1 s, then a token
     every 25 ms at 18 CPU-ms each."""
     stream_t = [1.0 + 0.025 * i for i in range(tokens)]
     tele = {}
@@ -150,7 +150,7 @@ def assert_png(path: Path) -> None:
 )
 def test_plot_run_writes_a_png(tmp_path, case):
     out = plot_run(
-        ChannelEvidence.from_dict(synthetic_evidence(**case)),
+        LeaseEvidence.from_dict(synthetic_evidence(**case)),
         synthetic_result(),
         synthetic_profile(),
         tmp_path / "sub" / "trace.png",
@@ -162,12 +162,12 @@ def test_plot_run_writes_a_png(tmp_path, case):
 
 
 def test_plot_run_without_profile_or_result_and_for_embedding(tmp_path):
-    assert_png(plot_run(ChannelEvidence.from_dict(synthetic_evidence()), None, None, tmp_path / "a.png"))
-    embed = ChannelEvidence.from_dict(synthetic_evidence(tokens=0))
+    assert_png(plot_run(LeaseEvidence.from_dict(synthetic_evidence()), None, None, tmp_path / "a.png"))
+    embed = LeaseEvidence.from_dict(synthetic_evidence(tokens=0))
     assert_png(plot_run(embed, synthetic_result("affirming"), None, tmp_path / "b.png", job="embed"))
     assert_png(
         plot_run(
-            ChannelEvidence.from_dict(synthetic_evidence()),
+            LeaseEvidence.from_dict(synthetic_evidence()),
             synthetic_result(),
             synthetic_profile(),
             tmp_path / "c.png",
@@ -233,7 +233,7 @@ def test_poi_trace_refuses_missing_and_malformed_input(tmp_path):
 
 def test_verification_does_not_import_matplotlib():
     code = (
-        "import sys, maxwell_poi.cli, maxwell_poi.demo, maxwell_poi.verifier.policy;"
+        "import sys, maxwell_poi.cli, maxwell_poi.demo.generation, maxwell_poi.verifier.policy;"
         "import maxwell_poi.report.trace_plot;"
         "assert 'matplotlib' not in sys.modules, 'matplotlib imported eagerly'"
     )

@@ -9,12 +9,12 @@ import math
 import numpy as np
 import pytest
 
-from maxwell_poi.observer.evidence import ChannelEvidence, DecodeWindow
+from maxwell_poi.observer.evidence import DecodeWindow, LeaseEvidence
 from maxwell_poi.observer.telemetry import Capability, Measurement, TrustLevel
 from maxwell_poi.registry.profiles import Profile, ProfileStore, Stats
 
 
-def evidence() -> ChannelEvidence:
+def evidence() -> LeaseEvidence:
     """SYNTHETIC TEST INPUT: evidence of three streamed tokens with one process trace."""
     trace = Measurement(
         source="process",
@@ -27,7 +27,7 @@ def evidence() -> ChannelEvidence:
         totals={"cpu_s": 0.12},
         capabilities=(Capability("cpu_util", True, "synthetic"),),
     )
-    return ChannelEvidence(
+    return LeaseEvidence(
         started_at=100.0,
         finished_at=101.0,
         wall_s=1.0,
@@ -48,7 +48,7 @@ def evidence() -> ChannelEvidence:
 
 def test_evidence_round_trips_through_json():
     ev = evidence()
-    back = ChannelEvidence.from_dict(json.loads(json.dumps(ev.as_dict())))
+    back = LeaseEvidence.from_dict(json.loads(json.dumps(ev.as_dict())))
     assert back.stream_tokens == (5, 6, 7) and back.stream_t == ev.stream_t
     assert back.decode_window == DecodeWindow(wall_s=pytest.approx(0.3), cpu_s=pytest.approx(0.15), tokens=2)
     assert np.isnan(back.telemetry["process"].series["cpu_util"][1])
@@ -68,7 +68,7 @@ def test_evidence_round_trips_through_json():
 def test_malformed_evidence_is_refused_with_the_field_named(change, fragment):
     data = {**evidence().as_dict(), **change}
     with pytest.raises(ValueError, match="evidence.json") as info:
-        ChannelEvidence.from_dict(data, "evidence.json")
+        LeaseEvidence.from_dict(data, "evidence.json")
     assert fragment in str(info.value)
 
 
@@ -76,13 +76,13 @@ def test_missing_required_evidence_field_is_named():
     data = evidence().as_dict()
     del data["wall_s"]
     with pytest.raises(ValueError, match="expected field 'wall_s', missing"):
-        ChannelEvidence.from_dict(data)
+        LeaseEvidence.from_dict(data)
     with pytest.raises(ValueError, match="got list"):
-        ChannelEvidence.from_dict([data])
+        LeaseEvidence.from_dict([data])
 
 
 def test_decode_window_needs_two_tokens():
-    one = ChannelEvidence.from_dict({**evidence().as_dict(), "stream_t": [0.5], "stream_cpu_s": [0.2]})
+    one = LeaseEvidence.from_dict({**evidence().as_dict(), "stream_t": [0.5], "stream_cpu_s": [0.2]})
     assert one.decode_window is None
 
 

@@ -10,8 +10,8 @@ import time
 
 import pytest
 
-from maxwell_poi.observer.attest import NodeKey, open_evidence, sign_evidence
-from maxwell_poi.observer.resident_runs import generate_leases, serve_wave, start_resident
+from maxwell_poi.node.attest import NodeKey, open_evidence, sign_evidence
+from maxwell_poi.node.resident_runs import generate_leases, serve_wave, start_resident
 from maxwell_poi.protocol.errors import EvidenceFormatError, UnknownAgentError
 from maxwell_poi.protocol.keys import AgentKey, Keyring
 from maxwell_poi.protocol.lease import GenerateJob, Lease
@@ -232,8 +232,8 @@ def test_telemetry_is_sampled_per_busy_span_and_reaches_the_leases_still_waiting
     """GPU telemetry (NVML on a GPU host) runs over each busy span; a simulated source stands in."""
     from simulated import SimulatedSource
 
-    from maxwell_poi.observer.resident import ResidentAgent
-    from maxwell_poi.observer.runs import OFFLINE_ENV
+    from maxwell_poi.node.resident import ResidentAgent
+    from maxwell_poi.node.runs import OFFLINE_ENV
     from maxwell_poi.observer.telemetry import Observer
 
     observer = Observer([SimulatedSource({"power_w": 300.0})])

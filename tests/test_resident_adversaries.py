@@ -15,8 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from maxwell_poi.observer.resident_runs import generate_leases, honest_resident, serve_wave, start_resident
-from maxwell_poi.observer.sandbox.base import pid_gone
+from maxwell_poi.node.resident_runs import generate_leases, honest_resident, serve_wave, start_resident
+from maxwell_poi.node.sandbox.base import pid_gone
 from maxwell_poi.protocol.keys import AgentKey
 from maxwell_poi.protocol.lease import GenerateJob, Lease
 from maxwell_poi.protocol.receipt import open_receipt

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 
-from maxwell_poi.observer.evidence import ChannelEvidence, IdleGap
+from maxwell_poi.observer.evidence import IdleGap, LeaseEvidence
 from maxwell_poi.observer.host import this_device
 from maxwell_poi.protocol.lease import EmbedJob, GenerateJob, Lease
 from maxwell_poi.protocol.result import Status
@@ -55,12 +55,12 @@ def layer(tmp_path, registry):
     return ThermodynamicLayer(registry, store)
 
 
-def evidence(per_token_s: float, co_leases: int = 0, **kw) -> ChannelEvidence:
+def evidence(per_token_s: float, co_leases: int = 0, **kw) -> LeaseEvidence:
     """A resident lease that streamed TOKENS tokens, each batch peer as many in the same window."""
     n = TOKENS * (1 + co_leases)
     t = [0.02 * i for i in range(TOKENS)]
     cpu = [per_token_s * n * i / (TOKENS - 1) for i in range(TOKENS)]
-    return ChannelEvidence(
+    return LeaseEvidence(
         started_at=0.0,
         finished_at=1.0,
         wall_s=1.0,
@@ -83,7 +83,7 @@ def evidence(per_token_s: float, co_leases: int = 0, **kw) -> ChannelEvidence:
     )
 
 
-def judge(layer, lease: Lease, ev: ChannelEvidence):
+def judge(layer, lease: Lease, ev: LeaseEvidence):
     return layer.appraise(Appraisal(lease=lease, raw=b"", evidence=ev))
 
 
@@ -123,10 +123,10 @@ def embed_lease() -> Lease:
     return Lease.issue("a", "minilm-l6-v2", EmbedJob(texts=["Maxwell verifies inference."]))
 
 
-def embed_evidence(cpu_s: float, regime: str = "resident", overlapped: int = 0) -> ChannelEvidence:
+def embed_evidence(cpu_s: float, regime: str = "resident", overlapped: int = 0) -> LeaseEvidence:
     ev = evidence(0.01)
     fields = {**ev.__dict__, "stream_tokens": (), "stream_t": (), "stream_cpu_s": (), "co_tokens": 0}
-    return ChannelEvidence(**{**fields, "cpu_s": cpu_s, "regime": regime, "overlapped": overlapped})
+    return LeaseEvidence(**{**fields, "cpu_s": cpu_s, "regime": regime, "overlapped": overlapped})
 
 
 def test_embedding_leases_are_judged_when_resident_and_alone(layer, registry):

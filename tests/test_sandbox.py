@@ -14,7 +14,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from maxwell_poi.observer.sandbox import (
+from maxwell_poi.node.sandbox import (
     TRUST_RANK,
     AccountingSource,
     Sandbox,
@@ -24,7 +24,7 @@ from maxwell_poi.observer.sandbox import (
     measure_resolution,
     open_sandbox,
 )
-from maxwell_poi.observer.sandbox.base import pid_gone, unique_name
+from maxwell_poi.node.sandbox.base import pid_gone, unique_name
 
 AVAILABLE = available_sources()
 IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")

@@ -18,8 +18,8 @@ from prometheus_client.parser import text_string_to_metric_families
 from test_ledger import PG_URL, pg_admin, pg_schema  # noqa: F401 - the PostgreSQL fixtures
 
 from maxwell_poi.ledger import Ledger, check_ledger, open_ledger_db
-from maxwell_poi.observer.attest import NodeKey, sign_evidence
-from maxwell_poi.observer.evidence import ChannelEvidence
+from maxwell_poi.node.attest import NodeKey, sign_evidence
+from maxwell_poi.observer.evidence import LeaseEvidence
 from maxwell_poi.protocol.keys import AgentKey
 from maxwell_poi.service import ControlPlane, ServiceConfig
 from maxwell_poi.service.api import create_app
@@ -423,10 +423,10 @@ def test_chunked_oversize_body_is_413(plane: Plane) -> None:
 
 
 # -- intake of forged evidence --------------------------------------------------------------------
-def _fake_evidence() -> ChannelEvidence:
+def _fake_evidence() -> LeaseEvidence:
     """Made up, not measured: only ever used for evidence that must be refused before appraisal."""
     now = time.time()
-    return ChannelEvidence(
+    return LeaseEvidence(
         started_at=now - 1, finished_at=now, wall_s=1.0, cpu_s=0.5, max_rss_kb=1000, bytes_in=10,
         bytes_out=20, sha256_in="0" * 64, sha256_out="1" * 64, exit_code=0, regime="resident",
     )  # fmt: skip

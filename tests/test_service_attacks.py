@@ -9,18 +9,18 @@ from pathlib import Path
 import pytest
 from fastapi.testclient import TestClient
 
-from maxwell_poi.ledger import check_ledger
-from maxwell_poi.node.node import Node
-from maxwell_poi.observer.attest import NodeKey
-from maxwell_poi.protocol.keys import AgentKey
-from maxwell_poi.service import ControlPlane, ServiceClient, ServiceConfig
-from maxwell_poi.service.api import create_app
-from maxwell_poi.service.attacks import (
+from maxwell_poi.adversaries.service_attacks import (
     bid_flood,
     node_impersonation,
     other_agents_lease,
     replay_after_restart,
 )
+from maxwell_poi.ledger import check_ledger
+from maxwell_poi.node.attest import NodeKey
+from maxwell_poi.node.node import Node
+from maxwell_poi.protocol.keys import AgentKey
+from maxwell_poi.service import ControlPlane, ServiceClient, ServiceConfig
+from maxwell_poi.service.api import create_app
 
 MODEL = "gpt2-micro"
 

@@ -16,10 +16,10 @@ from fastapi.testclient import TestClient
 
 from maxwell_poi.economics.energy import measured_energy
 from maxwell_poi.ledger import check_ledger
+from maxwell_poi.node.attest import NodeKey, sign_evidence
 from maxwell_poi.node.node import Node, NodeResult
 from maxwell_poi.node.remote import RemoteNode
-from maxwell_poi.observer.attest import NodeKey, sign_evidence
-from maxwell_poi.observer.resident_runs import measure_resident_profile
+from maxwell_poi.node.resident_runs import measure_resident_profile
 from maxwell_poi.protocol.keys import AgentKey
 from maxwell_poi.protocol.lease import Lease
 from maxwell_poi.registry.profiles import ProfileStore

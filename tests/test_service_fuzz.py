@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 from fastapi.testclient import TestClient
 
-from maxwell_poi.observer.evidence import ChannelEvidence
+from maxwell_poi.observer.evidence import LeaseEvidence
 from maxwell_poi.protocol.lease import Lease
 from maxwell_poi.protocol.result import Verdict
 from maxwell_poi.service.audit_backends import audit_verifier
@@ -170,7 +170,7 @@ def test_intake_receipt_with_a_number_beyond_float(plane: object) -> None:
 def test_audit_of_a_receipt_with_zeroed_fingerprints(plane: object) -> None:
     lease = plane.fresh_lease()
     receipt = plane.receipt(plane.receipt_statement(lease), "agent:carol")  # fingerprints: zero bytes
-    evidence = ChannelEvidence.from_dict(plane.statement(lease, receipt, "pool")["predicate"]["evidence"])
+    evidence = LeaseEvidence.from_dict(plane.statement(lease, receipt, "pool")["predicate"]["evidence"])
     verifier = audit_verifier(plane.control.registry, plane.control.agents)  # what every audit backend runs
     result = verifier.appraise(Lease.model_validate(lease), receipt, evidence)
     assert result.verdict is Verdict.CONTRAINDICATED, result.reason  # the audit refuses what it cannot read

@@ -19,20 +19,18 @@ LEVEL = {
     "data": 0,  # shipped JSON (thresholds, workload table): no code
     "protocol": 0,
     "registry": 1,
+    "circuits": 2,  # registered blocks as EZKL circuits: above the registry, shared by prover and verifier
     "prover": 2,
     "observer": 2,
     "verifier": 3,
-    "adversaries": 3,
     "ledger": 4,
     "economics": 4,
     "service": 5,
     "gateway": 5,
     "node": 5,
+    "adversaries": 6,  # leaf programs
     "cli": 6,
     "demo": 6,
-    "demo_service": 6,
-    "demo_gateway": 6,
-    "demo_exact": 6,
     "report": 6,
     "__main__": 7,
 }
@@ -177,7 +175,7 @@ def _declared() -> set[str]:
 # imported only where the code says so, on machines that have them (the GPU miner's kernel)
 OPTIONAL = {"triton", "ray"}  # extras: imported lazily where they are used
 OPTIONAL |= {"jinja2", "markdown_it", "yaml", "weasyprint"}  # the `report` extra (report/build.py only)
-OPTIONAL |= {"ezkl", "onnx"}  # the `zk` extra (registry/circuits.py, verifier/zk.py; imported lazily)
+OPTIONAL |= {"ezkl", "onnx"}  # the `zk` extra (circuits/block_circuit.py, verifier/zk.py; imported lazily)
 
 
 def test_every_import_is_declared():

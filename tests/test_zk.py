@@ -14,6 +14,14 @@ import torch
 from transformers import GPT2Config, GPT2LMHeadModel
 from typer.testing import CliRunner
 
+from maxwell_poi.circuits.block_circuit import (
+    BlockProof,
+    CircuitConfig,
+    ZkChallenge,
+    block_digest,
+    circuit_for,
+    quantize,
+)
 from maxwell_poi.cli import app
 from maxwell_poi.protocol.errors import PoiError
 from maxwell_poi.protocol.keys import AgentKey
@@ -23,14 +31,6 @@ from maxwell_poi.protocol.result import LayerName, Status
 from maxwell_poi.protocol.trace import Opening, Trace
 from maxwell_poi.prover.sdk import Prover
 from maxwell_poi.prover.zk import prove_block
-from maxwell_poi.registry.circuits import (
-    BlockProof,
-    CircuitConfig,
-    ZkChallenge,
-    block_digest,
-    circuit_for,
-    quantize,
-)
 from maxwell_poi.registry.models import Registry
 from maxwell_poi.verifier.zk import appraise_block_proof
 

@@ -441,6 +441,104 @@ class Idle:
         return {}
 
 
+class Serving:
+    """A serving loop that is not launch-bound (serving.StaticDecoder): static KV cache, the decode
+    step one CUDA graph replay (eager on a CPU), greedy, `new_tokens` per call, looped until the
+    window is used. Work is counted as for `Inference` (generation_flops)."""
+
+    def __init__(self, model: Any, batch: int, prompt_len: int, new_tokens: int, device: str) -> None:
+        import serving
+        import torch
+
+        self.batch, self.new_tokens, self.device = batch, new_tokens, device
+        self.decoder = serving.StaticDecoder(model, batch, prompt_len + new_tokens)
+        g = torch.Generator().manual_seed(1000 + batch)
+        self.ids = torch.randint(1000, model.config.vocab_size, (batch, prompt_len), generator=g).to(device)
+
+    def warmup(self) -> None:
+        self.decoder.generate(self.ids, 4)  # captures the graph
+        sync(self.device)
+
+    def __call__(self, until: float) -> dict[str, Any]:
+        calls = steps = 0
+        while until - time.monotonic() > 0.05:
+            steps += self.decoder.generate(self.ids, self.new_tokens, until)
+            calls += 1
+        sync(self.device)
+        return {
+            "loop": "static KV cache, decode step "
+            + ("one CUDA graph replay" if self.decoder.graphed else "eager (no CUDA graph)"),
+            "graph_capture_s": self.decoder.capture_s,
+            "batch": self.batch,
+            "prompt_len": int(self.ids.shape[1]),
+            "max_new_tokens": self.new_tokens,
+            "generate_calls": calls,
+            "decode_steps": steps,
+            "new_tokens": steps * self.batch,
+        }
+
+
+class SpeculativePair:
+    """Greedy speculative decoding (serving.Speculative): the draft proposes `k` tokens with graphed
+    decode steps, the target checks k + 1 positions per round. FLOPs count both models: per call
+    the two prefills, per round the draft's k (or k + 1) positions and the target's k + 1, each with
+    its LM head (the target's at every checked position); prefills as in generation_flops."""
+
+    def __init__(
+        self, draft: Any, target: Any, facts: tuple[dict, dict], prompt_len: int, new_tokens: int,
+        device: str, k: int = 4,
+    ) -> None:  # fmt: skip
+        import serving
+        import torch
+
+        self.new_tokens, self.device, self.k = new_tokens, device, k
+        self.facts = facts
+        self.spec = serving.Speculative(draft, target, prompt_len + new_tokens, k)
+        g = torch.Generator().manual_seed(2000)
+        self.ids = torch.randint(1000, target.config.vocab_size, (1, prompt_len), generator=g).to(device)
+
+    def warmup(self) -> None:
+        self.spec.generate(self.ids, 2)
+        sync(self.device)
+
+    def __call__(self, until: float) -> dict[str, Any]:
+        before = self.spec.stats()
+        calls = tokens = 0
+        while until - time.monotonic() > 0.05:
+            tokens += len(self.spec.generate(self.ids, self.new_tokens, until))
+            calls += 1
+        sync(self.device)
+        after = self.spec.stats()
+        rounds = after["rounds"] - before["rounds"]
+        accepted = after["accepted"] - before["accepted"]
+        full = after["full_rounds"] - before["full_rounds"]  # the draft then feeds one more position
+        p = int(self.ids.shape[1])
+        (d, t), k = self.facts, self.k
+        d_pos = rounds * k + full  # draft decode positions (each with its LM head)
+        draft_flops = d["body_flops_per_token_est"] * (calls * p + d_pos)
+        draft_flops += d["head_flops_per_token_est"] * (calls + d_pos)
+        target_flops = t["body_flops_per_token_est"] * (calls * p + rounds * (k + 1))
+        target_flops += t["head_flops_per_token_est"] * (calls + rounds * (k + 1))
+        return {
+            "loop": "speculative: draft decode steps "
+            + ("CUDA graph replays" if self.spec.draft.graphed else "eager")
+            + f", target checks {k + 1} positions per round (eager), greedy",
+            "batch": 1,
+            "prompt_len": p,
+            "max_new_tokens": self.new_tokens,
+            "generate_calls": calls,
+            "decode_steps": tokens,
+            "new_tokens": tokens,
+            "rounds": rounds,
+            "k": k,
+            "drafts_accepted": accepted,
+            "acceptance": round(accepted / (rounds * k), 4) if rounds else None,
+            "flops_est": draft_flops + target_flops,
+            "draft_flops_est": draft_flops,
+            "target_flops_est": target_flops,
+        }
+
+
 # ---------------------------------------------------------------------------------------------
 # the plan
 
@@ -575,6 +673,69 @@ def plan(args: argparse.Namespace, models: Models) -> list[Job]:
     return jobs
 
 
+SERVING_SHAPES = ("llama-1b", "llama2-7b", "mistral-7b")  # StaticDecoder covers Llama/Mistral blocks
+SERVING_BATCHES = (1, 8, 32)
+SPECULATIVE = ("llama-1b", "llama2-7b")  # draft, target
+
+
+def plan_serving(args: argparse.Namespace, models: Models) -> list[Job]:
+    """`--plan serving`: idle (this run's baseline), then the serving loop (serving.StaticDecoder:
+    static KV cache, CUDA-graph decode steps) of the Llama and Mistral shapes at batch 1, 8 and 32,
+    and a speculative pair (draft llama-1b, target llama2-7b, 4 proposals per round)."""
+    dev, quick = args.device, args.quick
+    where = "GPU, CUDA graph" if dev.startswith("cuda") else "CPU, eager"
+    tiny = "; TINY stand-in config (--quick)" if quick else ""
+    shapes = {s.key: s for s in MODELS}
+    jobs = [
+        Job("idle", "idle: sleep" + (" with the CUDA context held (GPU)" if dev != "cpu" else " (CPU)"),
+            "idle", 0.0, Idle),
+    ]  # fmt: skip
+    for key in SERVING_SHAPES:
+        shape = shapes[key]
+        big = shape.config.get("hidden_size", 768) >= 4096 and not quick
+        for batch in SERVING_BATCHES:
+
+            def make(shape: ModelShape = shape, batch: int = batch) -> Serving:
+                return Serving(models.get(shape), batch, args.prompt_len, args.new_tokens, dev)
+
+            jobs.append(
+                Job(
+                    f"serve-{key}-b{batch}",
+                    f"inference {key} batch {batch}: serving loop, static KV cache, greedy, "
+                    f"{args.new_tokens} new tokens per call, bf16 ({where}); {shape.description}{tiny}",
+                    "inference",
+                    5.0,  # graph capture
+                    make,
+                    model=key,
+                    build_s=20.0 if big else 8.0,
+                )
+            )
+    draft, target = (shapes[k] for k in SPECULATIVE)
+
+    def make_pair() -> SpeculativePair:
+        d, t = models.get(draft), models.get(target)
+        facts = (models.facts[draft.key], models.facts[target.key])
+        return SpeculativePair(d, t, facts, args.prompt_len, args.new_tokens, dev)
+
+    jobs.append(
+        Job(
+            f"spec-{draft.key}-{target.key}-b1",
+            f"inference speculative pair batch 1: draft {draft.key} proposes 4 tokens per round, target "
+            f"{target.key} checks them, greedy, bf16 ({where}){tiny}",
+            "inference",
+            5.0,
+            make_pair,
+            model=target.key,
+            build_s=40.0 if not quick else 8.0,
+        )
+    )
+    models.jobs = jobs
+    return jobs
+
+
+PLANS = {"default": plan, "serving": plan_serving}
+
+
 # ---------------------------------------------------------------------------------------------
 # output
 
@@ -687,6 +848,13 @@ def main(argv: list[str] | None = None) -> int:
     )
     ap.add_argument("--only", help="regex: record only labels whose key matches")
     ap.add_argument(
+        "--plan",
+        choices=sorted(PLANS),
+        default="default",
+        help="default: HF generate at batch 1/8, miner, burner, idle; serving: the static-cache "
+        "CUDA-graph serving loop at batch 1/8/32 and a speculative pair, idle",
+    )
+    ap.add_argument(
         "--nvml-trust",
         default=NVML_TRUST_DEFAULT,
         help="TrustLevel of the NVML traces (default guest-driver: on the lent machine, a Firecracker "
@@ -745,7 +913,7 @@ def main(argv: list[str] | None = None) -> int:
     info = env_info(args.device, commit)
     log(f"device: {info.get('card')} driver {info.get('driver')}; torch {info['torch']}")
     models = Models(args.device, args.quick)
-    jobs = plan(args, models)
+    jobs = PLANS[args.plan](args, models)
     if args.only:
         jobs = [j for j in jobs if re.search(args.only, j.key)]
     index: dict[str, Any] = {
@@ -774,6 +942,7 @@ def main(argv: list[str] | None = None) -> int:
             "hz": args.hz,
             "new_tokens": args.new_tokens,
             "prompt_len": args.prompt_len,
+            "plan": args.plan,
             "sources": [s.name for s in sources],
             "trust": {s.name: str(getattr(s, "trust", "?")) for s in sources},
             "nvml_trust_why": "the lent machine is a VM (Firecracker): its NVML is the guest's driver"
@@ -895,7 +1064,7 @@ def main(argv: list[str] | None = None) -> int:
                     job.facts.get("body_flops_per_token_est"),
                     job.facts.get("head_flops_per_token_est"),
                 )
-                if body:
+                if body and "flops_est" not in work:  # a speculative pair counts its own
                     rec["work"].update(
                         generation_flops(
                             body,

@@ -29,13 +29,12 @@ import signal
 import statistics
 import sys
 import time
-import traceback
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import gpu_env  # bench/gpu/gpu_env.py: environment block, atomic JSON write
+import gpu_env  # bench/gpu/gpu_env.py: environment block, atomic JSON write, Run
 import torch
 
 from maxwell_poi.prover.harness import quiet_libraries
@@ -52,6 +51,8 @@ from maxwell_poi.protocol.lease import GenerateJob, Lease
 from maxwell_poi.prover.sdk import Prover
 from maxwell_poi.registry.models import LoadedModel, Registry
 from maxwell_poi.verifier.policy import Verifier
+
+Run, Terminated = gpu_env.Run, gpu_env.Terminated  # the result saved after every trial; SIGTERM
 
 FORMAT = "maxwell-poi-gpu-core/v2"
 SECTIONS = ("speedup", "acceptance", "cheats_on_gpu")  # default order: the main GPU figure first
@@ -89,10 +90,6 @@ def strict_fp32(precision: str) -> Iterator[None]:
         yield
 
 
-class Terminated(BaseException):
-    """SIGTERM arrived (from `timeout`): not an Exception, so trial wrappers let it through."""
-
-
 @dataclasses.dataclass
 class Context:
     reg: Registry
@@ -105,58 +102,6 @@ class Context:
     speedup_tokens: int
     reps: int
     cpu_verifier: Verifier
-
-
-class Run:
-    """The result being built: saved atomically after every trial; failures and skips recorded."""
-
-    def __init__(self, out: Path, result: dict[str, Any], budget_s: float | None) -> None:
-        self.out, self.result = out, result
-        self.t0 = time.monotonic()
-        self.deadline = self.t0 + budget_s if budget_s else None
-        self.last_s: dict[str, float] = {}  # the last trial's duration per section (deadline estimate)
-        result.setdefault("errors", [])
-        result.setdefault("skipped", [])
-
-    def save(self) -> None:
-        self.result["wall_s"] = round(time.monotonic() - self.t0, 1)
-        gpu_env.write_json_atomic(self.out, self.result)
-
-    def error(self, section: str, trial: str | None, exc: BaseException) -> None:
-        tb = "".join(traceback.format_exception(exc))
-        self.result["errors"].append(
-            {
-                "section": section,
-                "trial": trial,
-                "error": f"{type(exc).__name__}: {exc}"[:500],
-                "traceback": tb[-6000:],
-                "at_s": round(time.monotonic() - self.t0, 1),
-            }
-        )
-        log(f"!! {section} / {trial or '(section)'}: {type(exc).__name__}: {exc}")
-        self.save()
-
-    def trial(self, section: str, trial: str, fn: Callable[[], Any]) -> Any | None:
-        """fn() or, when it raises or no longer fits the budget, None (recorded, saved)."""
-        if self.deadline is not None:
-            left = self.deadline - time.monotonic()
-            need = 1.2 * self.last_s.get(section, 0.0)
-            if left < need or left <= 0:
-                last = self.last_s.get(section, 0.0)
-                why = f"budget: {left:.0f} s left, the last {section} trial took {last:.0f} s"
-                self.result["skipped"].append({"section": section, "trial": trial, "reason": why})
-                log(f"skip {section} / {trial}: {why}")
-                self.save()
-                return None
-        t = time.monotonic()
-        try:
-            value = fn()
-        except Exception as e:  # one trial failing must not cost the others
-            self.error(section, trial, e)
-            return None
-        finally:
-            self.last_s[section] = time.monotonic() - t
-        return value
 
 
 # ---------------------------------------------------------------------------------------------

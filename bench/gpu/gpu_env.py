@@ -1,7 +1,9 @@
-"""What both GPU scripts record about where they ran: machine, virtualisation, CUDA runtime and
-driver, the settings that decide floating-point precision, the project commit; and an atomic JSON
-write. Imports only the standard library at import time (torch and pynvml inside the functions),
-and nothing of maxwell_poi, so collect_traces.py can use it when the package does not import.
+"""What the GPU scripts record about where they ran: machine, virtualisation, CUDA runtime and
+driver, the settings that decide floating-point precision, the project commit; an atomic JSON
+write; and `Run`, the result that is saved after every trial and records failures and skips
+(cross_hardware.py, next_run.py). Imports only the standard library at import time (torch and
+pynvml inside the functions), and nothing of maxwell_poi, so collect_traces.py can use it when the
+package does not import.
 """
 
 from __future__ import annotations
@@ -12,6 +14,10 @@ import os
 import platform
 import shutil
 import subprocess
+import sys
+import time
+import traceback
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -196,3 +202,87 @@ def write_json_atomic(path: Path, data: Any, indent: int | None = 2) -> None:
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     tmp.write_text(json.dumps(finite(data), indent=indent, allow_nan=False, default=str))
     tmp.replace(path)
+
+
+# ---------------------------------------------------------------------------------------------
+# the result being built, saved after every trial
+
+
+def log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+class Terminated(BaseException):
+    """SIGTERM arrived (from `timeout`): not an Exception, so trial wrappers let it through."""
+
+
+class Run:
+    """The result being built: saved atomically after every trial; failures and skips recorded.
+
+    `budget_s` is the global deadline (from construction); `section(name, seconds)` adds a
+    sub-budget for one section, from the moment it is called: a trial is skipped (and listed,
+    with the reason) when the time left before the earlier of the two deadlines is less than 1.2
+    times the section's last trial, or an estimate given to `trial(..., need_s=)`."""
+
+    def __init__(self, out: Path, result: dict[str, Any], budget_s: float | None) -> None:
+        self.out, self.result = out, result
+        self.t0 = time.monotonic()
+        self.deadline = self.t0 + budget_s if budget_s else None
+        self.section_deadline: dict[str, float] = {}
+        self.last_s: dict[str, float] = {}  # the last trial's duration per section (deadline estimate)
+        result.setdefault("errors", [])
+        result.setdefault("skipped", [])
+
+    def save(self) -> None:
+        self.result["wall_s"] = round(time.monotonic() - self.t0, 1)
+        write_json_atomic(self.out, self.result)
+
+    def section(self, name: str, seconds: float) -> None:
+        """Sub-budget for section `name`: no trial of it starts later than `seconds` from now."""
+        self.section_deadline[name] = time.monotonic() + seconds
+
+    def left(self, section: str) -> float:
+        """Seconds left before the section's (or the run's) deadline; inf without either."""
+        ends = [d for d in (self.deadline, self.section_deadline.get(section)) if d is not None]
+        return min(ends) - time.monotonic() if ends else float("inf")
+
+    def error(self, section: str, trial: str | None, exc: BaseException) -> None:
+        tb = "".join(traceback.format_exception(exc))
+        self.result["errors"].append(
+            {
+                "section": section,
+                "trial": trial,
+                "error": f"{type(exc).__name__}: {exc}"[:500],
+                "traceback": tb[-6000:],
+                "at_s": round(time.monotonic() - self.t0, 1),
+            }
+        )
+        log(f"!! {section} / {trial or '(section)'}: {type(exc).__name__}: {exc}")
+        self.save()
+
+    def skip(self, section: str, trial: str, why: str) -> None:
+        self.result["skipped"].append({"section": section, "trial": trial, "reason": why})
+        log(f"skip {section} / {trial}: {why}")
+        self.save()
+
+    def trial(
+        self, section: str, trial: str, fn: Callable[[], Any], need_s: float | None = None
+    ) -> Any | None:
+        """fn() or, when it raises or no longer fits the budget, None (recorded, saved)."""
+        left = self.left(section)
+        if left != float("inf"):
+            last = self.last_s.get(section, 0.0)
+            need = max(1.2 * last, need_s or 0.0)
+            if left < need or left <= 0:
+                basis = f"the last {section} trial took {last:.0f} s" if last else f"needs ~{need:.0f} s"
+                self.skip(section, trial, f"budget: {left:.0f} s left, {basis}")
+                return None
+        t = time.monotonic()
+        try:
+            value = fn()
+        except Exception as e:  # one trial failing must not cost the others
+            self.error(section, trial, e)
+            return None
+        finally:
+            self.last_s[section] = time.monotonic() - t
+        return value

@@ -8,31 +8,48 @@ The public API is small on purpose:
 - `Verifier` (`Verifier.default(registry, keyring)`: appraise receipt bytes against a lease,
   get an `AttestationResult`)
 - `Registry` (models and their reference values)
-- `run_lease` (Maxwell's runner with the Observer: agent as a separate process, evidence of the
+- `run_lease` (Maxwell's node runner with the Observer: agent as a separate process, evidence of the
   channel and telemetry); `run_agent` underneath it
+
+Names load on first use (PEP 562), so `import maxwell_poi` and the CLI's entry pay no torch import.
 """
 
-from .observer.channel import run_agent
-from .observer.evidence import ChannelEvidence
-from .observer.runs import run_lease
-from .protocol.keys import AgentKey, Keyring
-from .protocol.lease import EmbedJob, GenerateJob, Lease
-from .protocol.receipt import ReceiptClaims, open_receipt, sign_receipt
-from .protocol.result import AttestationResult, LayerName, LayerResult, Status, Verdict
-from .prover.sdk import Prover
-from .registry.models import Registry
-from .verifier.policy import Verifier
+from __future__ import annotations
 
+import importlib
+from typing import TYPE_CHECKING, Any
+
+_HOMES = {
+    "AgentKey": "protocol.keys",
+    "Keyring": "protocol.keys",
+    "EmbedJob": "protocol.lease",
+    "GenerateJob": "protocol.lease",
+    "Lease": "protocol.lease",
+    "ReceiptClaims": "protocol.receipt",
+    "open_receipt": "protocol.receipt",
+    "sign_receipt": "protocol.receipt",
+    "AttestationResult": "protocol.result",
+    "LayerName": "protocol.result",
+    "LayerResult": "protocol.result",
+    "Status": "protocol.result",
+    "Verdict": "protocol.result",
+    "LeaseEvidence": "observer.evidence",
+    "Prover": "prover.sdk",
+    "Registry": "registry.models",
+    "Verifier": "verifier.policy",
+    "run_agent": "node.channel",
+    "run_lease": "node.runs",
+}
 __all__ = [
     "AgentKey",
     "AttestationResult",
-    "ChannelEvidence",
     "EmbedJob",
     "GenerateJob",
     "Keyring",
     "LayerName",
     "LayerResult",
     "Lease",
+    "LeaseEvidence",
     "Prover",
     "ReceiptClaims",
     "Registry",
@@ -45,3 +62,24 @@ __all__ = [
     "sign_receipt",
 ]
 __version__ = "0.1.0"
+
+if TYPE_CHECKING:
+    from .node.channel import run_agent
+    from .node.runs import run_lease
+    from .observer.evidence import LeaseEvidence
+    from .protocol.keys import AgentKey, Keyring
+    from .protocol.lease import EmbedJob, GenerateJob, Lease
+    from .protocol.receipt import ReceiptClaims, open_receipt, sign_receipt
+    from .protocol.result import AttestationResult, LayerName, LayerResult, Status, Verdict
+    from .prover.sdk import Prover
+    from .registry.models import Registry
+    from .verifier.policy import Verifier
+
+
+def __getattr__(name: str) -> Any:
+    home = _HOMES.get(name)
+    if home is None:
+        raise AttributeError(f"module 'maxwell_poi' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f"{__name__}.{home}"), name)
+    globals()[name] = value
+    return value

@@ -7,7 +7,7 @@ go on (SIGCONT) once the last receipt in flight is written, so every lease windo
 per-lease figure measured in it, is honest. With `--always` they keep mining through leases too.
 
 What catches it: L1's idle-work check. Maxwell reads the sandbox's CPU over each gap in which no
-lease was in flight (`ChannelEvidence.idle_before`), and an honest resident agent sits still
+lease was in flight (`LeaseEvidence.idle_before`), and an honest resident agent sits still
 there. Under cgroup accounting the kernel charges the escaped grandchildren to the agent's group,
 whatever their parentage, so the mining shows. Under the /proc fallback (`proc-tree` trust) they
 left the tree before any reading saw them: their CPU is counted nowhere, and this cheat passes.
@@ -32,7 +32,7 @@ import time
 from collections.abc import Iterator
 from typing import BinaryIO
 
-from ..observer.sandbox.base import pid_gone
+from ..node.sandbox.base import pid_gone
 from ..protocol.keys import AgentKey
 from ..protocol.stream import RECEIPT_PREFIX, REFUSAL_PREFIX
 from ..prover.harness import one_at_a_time, quiet_libraries, serve_one, serve_resident

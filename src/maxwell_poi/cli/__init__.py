@@ -308,7 +308,7 @@ def run(
 ) -> None:
     """Run an agent as a separate process on a lease, observe the channel, and appraise."""
     _quiet()
-    from ..observer.runs import run_lease
+    from ..node.runs import run_lease
     from ..protocol.errors import PoiError
     from ..registry.models import Registry
 

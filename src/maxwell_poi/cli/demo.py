@@ -50,10 +50,10 @@ def demo(
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
     from ..adversaries import CATALOGUE
-    from ..demo import Demo, DemoConfig
-    from ..demo_exact import exact_lines, run_exact_demo, run_zk_demo, zk_lines
-    from ..demo_gateway import gateway_lines, run_gateway_demo
-    from ..demo_service import ServiceDemo, ServiceDemoConfig, service_table
+    from ..demo.exact import exact_lines, run_exact_demo, run_zk_demo, zk_lines
+    from ..demo.gateway import gateway_lines, run_gateway_demo
+    from ..demo.generation import Demo, DemoConfig
+    from ..demo.service import ServiceDemo, ServiceDemoConfig, service_table
     from ..protocol.result import Verdict
 
     known = {a.name for a in CATALOGUE}

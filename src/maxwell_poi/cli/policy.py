@@ -21,7 +21,7 @@ def lease_energy_estimate(model: str, tokens: int) -> tuple[float, str]:
     """Joules one lease of `tokens` new tokens takes here: from this device's resident profile
     (CPU-seconds x an estimated watts per core) if there is one, else from the model's FLOPs."""
     from ..economics.energy import WATTS_PER_CORE_ESTIMATE
-    from ..observer.resident import resident_profile_key
+    from ..observer.evidence import resident_profile_key
     from ..registry.models import Registry
     from ..registry.profiles import ProfileStore
 

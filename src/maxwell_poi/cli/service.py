@@ -98,7 +98,7 @@ def serve(
 
 
 def _unprofiled(control: Any) -> list[str]:
-    from ..observer.resident import resident_profile_key
+    from ..observer.evidence import resident_profile_key
 
     device = resident_profile_key()
     return [m for m in control.registry.specs() if control.profiles.get(m, device) is None]
@@ -106,9 +106,9 @@ def _unprofiled(control: Any) -> list[str]:
 
 def _local_node(control: Any, config: Any, node_id: str, batch: int, server: Any, stop: threading.Event):
     """Enroll this host's node key (in-process, as the admin would) and start its pull loop."""
+    from ..node.attest import NodeKey
     from ..node.node import Node
     from ..node.remote import RemoteNode
-    from ..observer.attest import NodeKey
     from ..registry.models import poi_home
     from ..service import ServiceClient
     from ..service.wire import EnrollNode

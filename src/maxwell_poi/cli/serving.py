@@ -25,8 +25,8 @@ def profile(
 ) -> None:
     """Measure what honest inference of MODEL looks like on this device (L1/L2 reference)."""
     _quiet()
-    from ..observer.resident_runs import measure_resident_profile
-    from ..observer.runs import measure_profile
+    from ..node.resident_runs import measure_resident_profile
+    from ..node.runs import measure_profile
     from ..protocol.errors import PoiError
     from ..registry.profiles import ProfileStore
 

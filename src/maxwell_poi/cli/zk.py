@@ -30,7 +30,7 @@ TestSrsOpt = Annotated[bool, typer.Option(help="make a test-only SRS with ezkl.g
 
 
 def _config(kind: str, d: int, raw: str) -> Any:
-    from ..registry.circuits import KINDS, CircuitConfig, default_config
+    from ..circuits.block_circuit import KINDS, CircuitConfig, default_config
 
     if kind not in KINDS:
         raise _bad_input(f"--kind: expected one of {KINDS}, got {kind!r}")
@@ -47,8 +47,8 @@ def _config(kind: str, d: int, raw: str) -> Any:
 
 
 def _circuit(model: Any, block: int, kind: str, raw: str, allow_test_srs: bool) -> Any:
+    from ..circuits.block_circuit import circuit_for
     from ..protocol.errors import PoiError
-    from ..registry.circuits import circuit_for
 
     if not 0 <= block < len(model.layers):
         raise _bad_input(f"--block: expected 0..{len(model.layers) - 1}, got {block}")
@@ -73,9 +73,9 @@ def prove_block_cmd(
 ) -> None:
     """The agent: prove the challenged block half on its committed trace. Exit 0 proven, 2 bad input."""
     _quiet()
+    from ..circuits.block_circuit import ZkChallenge
     from ..protocol.errors import PoiError
     from ..prover.zk import prove_block
-    from ..registry.circuits import ZkChallenge
 
     _lease, _claims, kept, model = _inputs(lease_path, receipt, trace)
     circuit = _circuit(model, block, kind, config, allow_test_srs)
@@ -108,9 +108,9 @@ def verify_block_cmd(
     """Maxwell: verify the proof under its own key and bind it to the receipt. Exit 0 pass, 1 fail,
     2 bad input."""
     _quiet()
+    from ..circuits.block_circuit import BlockProof, ZkChallenge
     from ..protocol.result import Status
     from ..protocol.trace import Opening
-    from ..registry.circuits import BlockProof, ZkChallenge
     from ..verifier.zk import appraise_block_proof
 
     lease, claims, kept, model = _inputs(lease_path, receipt, trace)
@@ -139,10 +139,10 @@ def demo_zk_challenge(
     challenge, prove seconds and peak, proof bytes, SRS kind). Uses a test SRS (ezkl.gen_srs)."""
     import secrets
 
+    from ..circuits.block_circuit import ZkChallenge, circuit_for, default_config
     from ..protocol.receipt import max_receipt_bytes, open_receipt
     from ..protocol.trace import Opening
     from ..prover.zk import prove_block
-    from ..registry.circuits import ZkChallenge, circuit_for, default_config
     from ..verifier.zk import appraise_block_proof
 
     claims = open_receipt(receipt, max_receipt_bytes(lease, model.reference.hidden)).claims

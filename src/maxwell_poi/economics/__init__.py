@@ -21,4 +21,9 @@ __all__ = [
     "clear",
     "expected_energy_j",
     "measured_energy",
-    "Deterrence", "Tier", "TierChoice", "TierPolicy", "audit_probability"]
+    "Deterrence",
+    "Tier",
+    "TierChoice",
+    "TierPolicy",
+    "audit_probability",
+]

@@ -14,7 +14,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from ..observer.evidence import ChannelEvidence
+from ..observer.evidence import LeaseEvidence
 from ..protocol.lease import EmbedJob, GenerateJob
 from ..registry.profiles import Profile
 
@@ -35,7 +35,7 @@ class EnergyMeasurement:
         return f"{self.source} share={self.share:.4f} ({kind})"
 
 
-def lease_share(ev: ChannelEvidence) -> float:
+def lease_share(ev: LeaseEvidence) -> float:
     """The lease's own share of its window's work: its tokens over every token the sandbox streamed
     from the moment the lease was handed over to its receipt (a lease queued behind others in the
     same sandbox has their work in its window too)."""
@@ -43,7 +43,7 @@ def lease_share(ev: ChannelEvidence) -> float:
     return min(1.0, own / ev.window_tokens) if ev.window_tokens > own else 1.0
 
 
-def gpu_joules(ev: ChannelEvidence) -> float | None:
+def gpu_joules(ev: LeaseEvidence) -> float | None:
     """The NVML energy counter's joules over the window, when the node's telemetry read one."""
     for measurement in ev.telemetry.values():
         joules = measurement.totals.get("energy_j")
@@ -52,9 +52,7 @@ def gpu_joules(ev: ChannelEvidence) -> float | None:
     return None
 
 
-def measured_energy(
-    ev: ChannelEvidence, watts_per_core: float = WATTS_PER_CORE_ESTIMATE
-) -> EnergyMeasurement:
+def measured_energy(ev: LeaseEvidence, watts_per_core: float = WATTS_PER_CORE_ESTIMATE) -> EnergyMeasurement:
     """The lease's energy from the node's evidence (never from the receipt)."""
     if not watts_per_core > 0:
         raise ValueError(f"watts_per_core: expected a positive number, got {watts_per_core!r}")

@@ -31,7 +31,7 @@ from sqlalchemy.orm import Session
 from ..economics.asks import Ask, award
 from ..ledger import LedgerError
 from ..ledger.book import DEPOSITS
-from ..observer.resident import resident_profile_key
+from ..observer.evidence import resident_profile_key
 from ..protocol.errors import PoiError
 from ..protocol.lease import GenerateJob, Lease
 from ..protocol.receipt import max_receipt_bytes, open_receipt

@@ -13,14 +13,14 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-from ..observer.attest import NodeKey, sign_evidence
-from ..observer.channel import AgentRun
-from ..observer.resident import ResidentAgent, StreamWatch
-from ..observer.resident_runs import serve_wave, start_resident
 from ..protocol.lease import Lease
 from ..protocol.result import AttestationResult
 from ..registry.models import Registry
 from ..verifier.policy import Verifier
+from .attest import NodeKey, sign_evidence
+from .channel import AgentRun
+from .resident import ResidentAgent, StreamWatch
+from .resident_runs import serve_wave, start_resident
 
 
 @dataclass(frozen=True)

@@ -22,13 +22,13 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from ..observer.attest import NodeKey
 from ..protocol.errors import LeaseFormatError
 from ..protocol.files import write_json_atomic
 from ..protocol.keys import Keyring
 from ..protocol.lease import Lease
 from ..registry.models import Registry
 from ..verifier.policy import Verifier
+from .attest import NodeKey
 from .node import Node, NodeResult
 
 

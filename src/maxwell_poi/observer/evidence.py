@@ -35,7 +35,7 @@ class IdleGap(NamedTuple):
 
 
 @dataclass(frozen=True)
-class ChannelEvidence:
+class LeaseEvidence:
     """Measured by the runner around the agent's process and its stdin/stdout channel."""
 
     started_at: float  # Maxwell's clock, unix seconds
@@ -108,14 +108,14 @@ class ChannelEvidence:
         return out
 
     @classmethod
-    def from_dict(cls, data: Any, where: str = "evidence") -> ChannelEvidence:
+    def from_dict(cls, data: Any, where: str = "evidence") -> LeaseEvidence:
         """The inverse of `as_dict` (an evidence.json file); a ValueError names the bad field,
         what it should be and what came."""
         if not isinstance(data, Mapping):
-            raise ValueError(f"{where}: expected a JSON object of ChannelEvidence, got {type(data).__name__}")
+            raise ValueError(f"{where}: expected a JSON object of LeaseEvidence, got {type(data).__name__}")
         unknown = sorted(set(data) - {f.name for f in fields(cls)})
         if unknown:
-            raise ValueError(f"{where}: expected ChannelEvidence fields only, got unknown {unknown}")
+            raise ValueError(f"{where}: expected LeaseEvidence fields only, got unknown {unknown}")
         values: dict[str, Any] = {}
         for f in fields(cls):
             if f.name == "telemetry":
@@ -146,9 +146,19 @@ class ChannelEvidence:
 @functools.cache
 def _adapters() -> dict[str, tuple[str, TypeAdapter]]:
     """One pydantic validator per field, built once (field name -> (type as text, adapter))."""
-    hints = typing.get_type_hints(ChannelEvidence)
+    hints = typing.get_type_hints(LeaseEvidence)
     return {
         f.name: (str(hints[f.name]).replace("typing.", ""), TypeAdapter(hints[f.name]))
-        for f in fields(ChannelEvidence)
+        for f in fields(LeaseEvidence)
         if f.name != "telemetry"
     }
+
+
+RESIDENT_REGIME = "resident"  # evidence of a resident agent measured as a sandbox over a window
+
+
+def resident_profile_key() -> str:
+    """The profile store key of this device's resident-agent profiles (`LeaseEvidence.profile_key`'s form)."""
+    from .host import this_device
+
+    return f"{this_device()}|{RESIDENT_REGIME}"

@@ -14,8 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..protocol.trace import Trace
-from ..registry.circuits import (
+from ..circuits.block_circuit import (
     CAP_GB,
     BlockProof,
     Circuit,
@@ -24,6 +23,7 @@ from ..registry.circuits import (
     check_window,
     run_capped,
 )
+from ..protocol.trace import Trace
 
 
 def prove_block(

@@ -9,15 +9,11 @@ and how each kind of layer stores its weight.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 import torch
 from torch import nn
 
 from ..protocol.trace import OPS_BY_ARCH
-
-if TYPE_CHECKING:  # a type only: models builds registered W8A8 variants with blocks (registry.w8a8)
-    from .models import LoadedModel
+from .loaded import LoadedModel
 
 # the block module's class -> its architecture
 BLOCK_CLASSES = {"GPT2Block": "gpt2", "LlamaDecoderLayer": "llama"}

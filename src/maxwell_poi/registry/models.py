@@ -9,14 +9,12 @@ needed). Users add their own local `transformers` directories.
 
 from __future__ import annotations
 
-import copy
 import functools
 import json
 import os
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import blake3
 import torch
@@ -24,48 +22,24 @@ from torch import nn
 
 from ..protocol.errors import PoiError, UnknownModelError
 from ..protocol.files import write_json_atomic
-
-Kind = Literal["causal-lm", "embedding"]
-BERT_CLS, BERT_SEP, BERT_PAD = 101, 102, 0
+from .loaded import (
+    BERT_CLS,
+    BERT_PAD,
+    BERT_SEP,
+    Kind,
+    LoadedModel,
+    ModelSpec,
+    ReferenceValues,
+    encode_prompt,
+    find_final_norm,
+    find_layers,
+)
+from .w8a8 import quantize_blocks
 
 
 def poi_home() -> Path:
     """Where user state lives (keys, keyring, user models): $POI_HOME or ~/.maxwell-poi."""
     return Path(os.environ.get("POI_HOME", Path.home() / ".maxwell-poi"))
-
-
-@dataclass(frozen=True)
-class ModelSpec:
-    model_id: str
-    kind: Kind
-    family: str  # gpt2 | llama | bert | trained | trained-init | local
-    description: str
-    config: dict[str, Any] = field(default_factory=dict)
-    seed: int | None = None
-    path: str | None = None  # local: a folder; trained / trained-init: a folder under data/models
-    digest: str | None = None  # trained: the weights digest the packaged file must have
-    quant: str | None = None  # "w8a8": the registered integer variant (registry.w8a8), L3's exact mode
-
-    def as_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-
-@dataclass(frozen=True)
-class ReferenceValues:
-    """What Maxwell knows to be true about a model, measured by Maxwell, never by an agent."""
-
-    model_id: str
-    weights_digest: str  # blake3 over names, dtypes, shapes and bytes of the fp32 state dict
-    param_count: int
-    flops_per_token: int  # 2 x parameters touched per token (embedding look-ups excluded)
-    dtype: str
-    layers: int
-    hidden: int
-    vocab: int
-    max_positions: int
-
-    def as_dict(self) -> dict[str, Any]:
-        return asdict(self)
 
 
 PACKAGED_MODELS = Path(__file__).resolve().parents[1] / "data" / "models"
@@ -220,8 +194,6 @@ def _build(spec: ModelSpec) -> nn.Module:
         torch.manual_seed(spec.seed or 0)
         module = model_cls(config_cls(**ids, **spec.config))
     if spec.quant == "w8a8":
-        from .w8a8 import quantize_blocks  # it builds on this module's types
-
         quantize_blocks(find_layers(module, module.config.num_hidden_layers))
     elif spec.quant is not None:
         raise PoiError(f"model {spec.model_id!r}: unknown quantisation {spec.quant!r} (known: w8a8)")
@@ -237,23 +209,6 @@ def weights_digest(module: nn.Module) -> str:
     return h.hexdigest()
 
 
-def find_layers(module: nn.Module, count: int) -> nn.ModuleList:
-    """The stack of transformer blocks: the ModuleList as long as the config's layer count."""
-    for sub in module.modules():
-        if isinstance(sub, nn.ModuleList) and len(sub) == count:
-            return sub
-    raise PoiError(f"cannot find {count} transformer layers in {type(module).__name__}")
-
-
-def find_final_norm(module: nn.Module) -> nn.Module | None:
-    base = getattr(module, "base_model", module)
-    for name in ("ln_f", "norm", "final_layer_norm", "final_layernorm"):
-        sub = getattr(base, name, None)
-        if isinstance(sub, nn.Module):
-            return sub
-    return None
-
-
 def model_dir(spec: ModelSpec) -> Path:
     """The folder a local or packaged model loads from."""
     if spec.path is None:
@@ -261,54 +216,11 @@ def model_dir(spec: ModelSpec) -> Path:
     return PACKAGED_MODELS / spec.path if spec.family.startswith("trained") else Path(spec.path)
 
 
-def encode_prompt(tokenizer: Any, spec: ModelSpec, text: str) -> list[int]:
-    """Prompt token ids as prover and verifier both feed them: seeded models get [CLS] first,
-    trained ones their tokenizer's begin-of-text token."""
-    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
-    if spec.family == "local":
-        return ids or [0]
-    first = tokenizer.bos_token_id if spec.family.startswith("trained") else BERT_CLS
-    return [first, *ids]
-
-
 def tokenizer_for(spec: ModelSpec) -> Any:
     """A local or packaged model's own tokenizer when its folder has one, else the shared BERT
     WordPiece."""
     own = spec.family in ("local", "trained", "trained-init") and _has_tokenizer(str(model_dir(spec)))
     return shared_tokenizer(str(model_dir(spec)) if own else None)
-
-
-@dataclass
-class LoadedModel:
-    """A built model in eval mode plus what the prover and verifier need to drive it."""
-
-    spec: ModelSpec
-    module: nn.Module
-    tokenizer: Any
-    layers: nn.ModuleList
-    final_norm: nn.Module | None
-    reference: ReferenceValues
-
-    def encode_prompt(self, text: str) -> list[int]:
-        return encode_prompt(self.tokenizer, self.spec, text)
-
-    def decode(self, tokens: list[int]) -> str:
-        return self.tokenizer.decode(tokens)
-
-    def copied_to(self, where: torch.dtype | str) -> LoadedModel:
-        """A copy in another dtype or on another device; this one (the registry's) is left as is."""
-        return self.with_module(copy.deepcopy(self.module).to(where))
-
-    def with_module(self, module: nn.Module) -> LoadedModel:
-        """The same entry around another module (a converted or modified copy of the weights)."""
-        return LoadedModel(
-            spec=self.spec,
-            module=module,
-            tokenizer=self.tokenizer,
-            layers=find_layers(module, len(self.layers)),
-            final_norm=find_final_norm(module) if self.final_norm is not None else None,
-            reference=self.reference,
-        )
 
 
 def _reference(spec: ModelSpec, module: nn.Module) -> ReferenceValues:

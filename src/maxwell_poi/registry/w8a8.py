@@ -11,15 +11,12 @@ the same quantized weights from here.
 from __future__ import annotations
 
 import copy
-from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
 from .blocks import linears, replace_linears
-
-if TYPE_CHECKING:  # only a type here: models builds the registered variants with this module
-    from .models import LoadedModel
+from .loaded import LoadedModel
 
 __all__ = ["QMAX", "W8A8Linear", "is_w8a8", "linears", "quantize_blocks", "quantize_rows", "quantized"]
 

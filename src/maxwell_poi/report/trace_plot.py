@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 
 from ..adversaries import CATALOGUE
-from ..observer.evidence import ChannelEvidence
+from ..observer.evidence import LeaseEvidence
 from ..observer.telemetry.trace import Measurement
 from ..protocol.result import Status, Verdict
 from ..registry.models import Registry
@@ -66,7 +66,7 @@ def _source(telemetry: dict[str, Measurement], prefix: str) -> tuple[str, Measur
     return None
 
 
-def _offset(m: Measurement, ev: ChannelEvidence) -> float:
+def _offset(m: Measurement, ev: LeaseEvidence) -> float:
     """Seconds from the agent's start to the telemetry window's start (both on Maxwell's clock)."""
     off = m.started_at - ev.started_at
     return off if math.isfinite(off) and abs(off) < 60 else 0.0
@@ -76,7 +76,7 @@ def _no_data(ax, text: str) -> None:
     ax.text(0.5, 0.5, text, transform=ax.transAxes, ha="center", va="center", color="#616161", fontsize=10)
 
 
-def _header(ev: ChannelEvidence, result: dict[str, Any] | None, title: str) -> tuple[str, str, str]:
+def _header(ev: LeaseEvidence, result: dict[str, Any] | None, title: str) -> tuple[str, str, str]:
     """(headline, its colour, small wrapped text of the failing layers' reasons)."""
     verdict = (result or {}).get("verdict", "not appraised")
     head = f"{title}  —  {verdict}" if title else str(verdict)
@@ -93,7 +93,7 @@ def _header(ev: ChannelEvidence, result: dict[str, Any] | None, title: str) -> t
     return head, VERDICT_COLOURS.get(str(verdict), "#424242"), "\n".join(lines[:8])
 
 
-def cpu_panel(ax, ev: ChannelEvidence) -> None:
+def cpu_panel(ax, ev: LeaseEvidence) -> None:
     """Cores busy (process telemetry, else the CPU readings at token arrivals), GPU power twin."""
     stream_t, stream_cpu = np.asarray(ev.stream_t, float), np.asarray(ev.stream_cpu_s, float)
     proc = _source(ev.telemetry, "process")
@@ -135,7 +135,7 @@ def cpu_panel(ax, ev: ChannelEvidence) -> None:
         ax.legend(handles=handles, loc="upper right", fontsize=7, framealpha=0.85)
 
 
-def token_panel(ax, ev: ChannelEvidence, profile: Profile | None) -> None:
+def token_panel(ax, ev: LeaseEvidence, profile: Profile | None) -> None:
     """Tokens streamed vs Maxwell's clock against the profile's pace; CPU-ms per token twin."""
     stream_t, stream_cpu = np.asarray(ev.stream_t, float), np.asarray(ev.stream_cpu_s, float)
     n = len(stream_t)
@@ -185,7 +185,7 @@ def token_panel(ax, ev: ChannelEvidence, profile: Profile | None) -> None:
 
 
 def _work_twin(
-    ax, ev: ChannelEvidence, stream_t: np.ndarray, stream_cpu: np.ndarray, profile: Profile | None
+    ax, ev: LeaseEvidence, stream_t: np.ndarray, stream_cpu: np.ndarray, profile: Profile | None
 ) -> list:
     """CPU-ms per token so far, against L1's honest mean and lower bound over the decode window.
     A batched lease shares its sandbox's CPU with its peers: per token of the batch, as L1 judges."""
@@ -216,9 +216,7 @@ def _work_twin(
     return handles
 
 
-def memory_panel(
-    ax, ev: ChannelEvidence, profile: Profile | None, floor_mb: float | None, embed: bool
-) -> None:
+def memory_panel(ax, ev: LeaseEvidence, profile: Profile | None, floor_mb: float | None, embed: bool) -> None:
     """Resident memory over time, the sampled peak, L1's floor and the honest peak band."""
     proc = _source(ev.telemetry, "process")
     rss = _series(proc[1], "rss_mb") if proc else None
@@ -256,7 +254,7 @@ def memory_panel(
 
 
 def plot_run(
-    ev: ChannelEvidence,
+    ev: LeaseEvidence,
     result: dict[str, Any] | None,
     profile: Profile | None,
     out: Path,
@@ -329,9 +327,9 @@ def _load_json(path: Path, what: str) -> dict[str, Any]:
 
 def trace_inputs(
     evidence_path: Path, result_path: Path | None, lease_path: Path | None = None
-) -> tuple[ChannelEvidence, dict[str, Any] | None, dict[str, Any] | None]:
+) -> tuple[LeaseEvidence, dict[str, Any] | None, dict[str, Any] | None]:
     """Read and check (evidence, result, lease); a ValueError names the bad file and field."""
-    evidence = ChannelEvidence.from_dict(_load_json(evidence_path, "evidence"), f"evidence {evidence_path}")
+    evidence = LeaseEvidence.from_dict(_load_json(evidence_path, "evidence"), f"evidence {evidence_path}")
     result = _load_json(result_path, "result") if result_path is not None else None
     if result is not None and not isinstance(result.get("layers", []), list):
         raise ValueError(f"result {result_path}: layers must be a list")
@@ -340,7 +338,7 @@ def trace_inputs(
 
 
 def plot_evidence(
-    ev: ChannelEvidence,
+    ev: LeaseEvidence,
     result: dict[str, Any] | None,
     lease: dict[str, Any] | None,
     out: Path,

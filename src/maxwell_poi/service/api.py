@@ -15,7 +15,6 @@
 Every refusal is a 4xx with `{"error": {status, expected, got, message}}`; a 500 is a bug.
 """
 
-
 import base64
 import logging
 import time

@@ -29,7 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
-from ..observer.evidence import ChannelEvidence
+from ..observer.evidence import LeaseEvidence
 from ..protocol.keys import Keyring
 from ..protocol.lease import Lease
 from ..registry.models import Registry
@@ -49,7 +49,7 @@ class AuditJob:
 
     lease_json: str
     receipt: bytes
-    evidence: dict[str, Any] | None  # ChannelEvidence.as_dict(); None = no Maxwell-side evidence
+    evidence: dict[str, Any] | None  # LeaseEvidence.as_dict(); None = no Maxwell-side evidence
     received_at: float
     agent_public_key: str  # hex; "" = the agent is not enrolled, and L0 refuses the receipt
 
@@ -58,7 +58,7 @@ class AuditJob:
         cls,
         lease: Lease,
         receipt: bytes,
-        evidence: ChannelEvidence | None,
+        evidence: LeaseEvidence | None,
         received_at: float,
         agent_public_key: str,
     ) -> AuditJob:
@@ -98,7 +98,7 @@ class AuditRunner:
         try:
             lease = Lease.from_json(job.lease_json)
             keys = {lease.agent_id: job.agent_public_key} if job.agent_public_key else {}
-            evidence = None if job.evidence is None else ChannelEvidence.from_dict(job.evidence)
+            evidence = None if job.evidence is None else LeaseEvidence.from_dict(job.evidence)
             verifier = audit_verifier(self.registry, Keyring(keys), self.layer)
             result = verifier.appraise(lease, job.receipt, evidence, received_at=job.received_at)
         except Exception as exc:

@@ -20,7 +20,7 @@ from collections.abc import Callable
 from sqlalchemy.orm import Session
 
 from ..ledger import Ledger
-from ..observer.attest import open_evidence
+from ..node.attest import open_evidence
 from ..protocol.keys import Keyring
 from ..protocol.lease import Lease
 from ..protocol.result import AttestationResult, LayerName, LayerResult, Status, verdict_of

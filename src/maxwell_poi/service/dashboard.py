@@ -25,7 +25,7 @@ from sqlalchemy import Engine, func, select
 from sqlalchemy.orm import Session
 
 from ..ledger.schema import Account, Entry, Transfer
-from ..observer.attest import open_evidence
+from ..node.attest import open_evidence
 from ..protocol.errors import EvidenceFormatError, UnknownAgentError
 from ..protocol.keys import Keyring
 from .auth import check_admin

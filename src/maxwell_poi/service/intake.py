@@ -29,7 +29,7 @@ from ..economics.energy import measured_energy
 from ..economics.tiers import Tier
 from ..ledger import Ledger
 from ..ledger.book import energy_charge
-from ..observer.attest import SignedEvidence, open_evidence
+from ..node.attest import SignedEvidence, open_evidence
 from ..protocol.errors import EvidenceFormatError, UnknownAgentError
 from ..protocol.keys import Keyring
 from ..protocol.lease import Lease

@@ -26,8 +26,8 @@ from ..economics.auction import SealedBid, clear
 from ..economics.energy import expected_energy_j
 from ..economics.tiers import TierPolicy
 from ..ledger import Ledger, LedgerError
+from ..observer.evidence import resident_profile_key
 from ..observer.host import this_device
-from ..observer.resident import resident_profile_key
 from ..protocol.errors import PoiError, UnknownModelError
 from ..protocol.lease import Job, Lease
 from ..registry.models import Registry

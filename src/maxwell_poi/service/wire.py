@@ -89,7 +89,7 @@ class OpeningBody(Strict):
     lease_id: str = Field(pattern=r"^[0-9a-f]{32}$")
     line: str = Field(
         max_length=16 << 20,
-        description="the agent's opening line ({\"o\": ...}) or refusal ({\"x\": ...}), verbatim; "
+        description='the agent\'s opening line ({"o": ...}) or refusal ({"x": ...}), verbatim; '
         "empty when the agent gave none",
     )
 

@@ -8,7 +8,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from ..observer.evidence import ChannelEvidence
+from ..observer.evidence import LeaseEvidence
 from ..protocol.lease import Lease
 from ..protocol.receipt import OpenedReceipt
 from ..protocol.result import LayerName, LayerResult, Status
@@ -23,7 +23,7 @@ class Appraisal:
 
     lease: Lease
     raw: bytes
-    evidence: ChannelEvidence | None = None
+    evidence: LeaseEvidence | None = None
     received_at: float = field(default_factory=time.time)
     receipt: OpenedReceipt | None = None
 
@@ -89,8 +89,8 @@ class EvidenceLayer(TimedLayer):
     def decide(self, ctx: Appraisal) -> Outcome:
         return skipped(NO_EVIDENCE) if ctx.evidence is None else self.decide_on(ctx, ctx.evidence)
 
-    def decide_on(self, ctx: Appraisal, ev: ChannelEvidence) -> Outcome:
+    def decide_on(self, ctx: Appraisal, ev: LeaseEvidence) -> Outcome:
         raise NotImplementedError
 
-    def profile(self, ctx: Appraisal, ev: ChannelEvidence) -> Profile | None:
+    def profile(self, ctx: Appraisal, ev: LeaseEvidence) -> Profile | None:
         return self.profiles.get(ctx.lease.model_id, ev.profile_key)

@@ -25,7 +25,7 @@ import statistics
 
 import numpy as np
 
-from ..observer.evidence import ChannelEvidence
+from ..observer.evidence import LeaseEvidence
 from ..protocol.encoding import pack_tokens
 from ..protocol.fingerprint import chunk_size_bytes
 from ..protocol.lease import GenerateJob
@@ -42,7 +42,7 @@ def interval_lower_bound(profile: Profile) -> float:
     return 0.5 * profile.interval_s.min
 
 
-def channel_input(ev: ChannelEvidence, ctx: Appraisal) -> Finding | None:
+def channel_input(ev: LeaseEvidence, ctx: Appraisal) -> Finding | None:
     sent = hashlib.sha256(ctx.lease.to_json().encode() + b"\n").hexdigest()
     if ev.sha256_in == sent:
         return None
@@ -52,7 +52,7 @@ def channel_input(ev: ChannelEvidence, ctx: Appraisal) -> Finding | None:
     )
 
 
-def stream_order(ev: ChannelEvidence) -> Finding | None:
+def stream_order(ev: LeaseEvidence) -> Finding | None:
     if not ev.stream_errors:
         return None
     return Finding(
@@ -60,13 +60,13 @@ def stream_order(ev: ChannelEvidence) -> Finding | None:
     )
 
 
-def stream_present(ev: ChannelEvidence, claimed: list[int]) -> Finding | None:
+def stream_present(ev: LeaseEvidence, claimed: list[int]) -> Finding | None:
     if ev.stream_tokens:
         return None
     return Finding(f"token stream: expected {len(claimed)} tokens streamed as they were chosen, got none")
 
 
-def stream_matches(ev: ChannelEvidence, claimed: list[int]) -> Finding | None:
+def stream_matches(ev: LeaseEvidence, claimed: list[int]) -> Finding | None:
     streamed = list(ev.stream_tokens)
     if streamed == claimed:
         return None
@@ -82,7 +82,7 @@ def stream_matches(ev: ChannelEvidence, claimed: list[int]) -> Finding | None:
     )
 
 
-def chunks_match(ev: ChannelEvidence, fingerprints: bytes, k: int) -> Finding | None:
+def chunks_match(ev: LeaseEvidence, fingerprints: bytes, k: int) -> Finding | None:
     """What a streaming audit judged must be what the receipt commits to: no chunk swapped after."""
     if not ev.stream_chunks:
         return None
@@ -138,7 +138,7 @@ class BoundaryLayer(EvidenceLayer):
 
     name = LayerName.BOUNDARY
 
-    def decide_on(self, ctx: Appraisal, ev: ChannelEvidence) -> Outcome:
+    def decide_on(self, ctx: Appraisal, ev: LeaseEvidence) -> Outcome:
         problem = channel_input(ev, ctx)
         if problem:
             return failed(problem.reason)

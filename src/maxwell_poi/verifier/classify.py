@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..observer.evidence import ChannelEvidence
+from ..observer.evidence import LeaseEvidence
 from ..registry.models import ReferenceValues
 from ..registry.profiles import Profile
 
@@ -26,7 +26,7 @@ INFERENCE = "inference"
 
 
 def trace_features(
-    ev: ChannelEvidence, profile: Profile, ref: ReferenceValues, precision: str
+    ev: LeaseEvidence, profile: Profile, ref: ReferenceValues, precision: str
 ) -> dict[str, float] | None:
     """Profile-relative features of one run; None when there is no decode window to measure."""
     window = ev.decode_window

@@ -6,7 +6,7 @@ import secrets
 import time
 from collections.abc import Sequence
 
-from ..observer.evidence import ChannelEvidence
+from ..observer.evidence import LeaseEvidence
 from ..protocol.keys import Keyring
 from ..protocol.lease import Lease
 from ..protocol.result import AttestationResult, LayerName, LayerResult, Status, verdict_of
@@ -90,7 +90,7 @@ class Verifier:
         self,
         lease: Lease,
         raw_receipt: bytes,
-        evidence: ChannelEvidence | None = None,
+        evidence: LeaseEvidence | None = None,
         *,
         received_at: float | None = None,
     ) -> AttestationResult:

@@ -34,7 +34,7 @@ from typing import Any
 
 import numpy as np
 
-from ..observer.evidence import ChannelEvidence, DecodeWindow
+from ..observer.evidence import DecodeWindow, LeaseEvidence
 from ..protocol.lease import EmbedJob, GenerateJob, Lease
 from ..protocol.result import LayerName, Status
 from ..registry.models import ReferenceValues, Registry
@@ -52,7 +52,7 @@ IDLE_CPU_ALLOWANCE_S = 0.05
 IDLE_CPU_FRACTION = 0.05
 
 
-def accounting_slack_s(ev: ChannelEvidence) -> float:
+def accounting_slack_s(ev: LeaseEvidence) -> float:
     return ACCOUNTING_SLACK_TICKS * ev.accounting_resolution_s
 
 
@@ -68,7 +68,7 @@ def stats_lower_bound(s: Stats, regime: str = "oneshot") -> float:
     return max(0.25 * s.mean, min(0.8 * s.min, s.mean - 3 * s.std))
 
 
-def per_token_stats(profile: Profile, ev: ChannelEvidence) -> Stats | None:
+def per_token_stats(profile: Profile, ev: LeaseEvidence) -> Stats | None:
     """The profile's honest CPU per token for this window: unbatched, or at the batch size the
     window's leases were served at (None when batched and the profile has no batch sizes)."""
     if not ev.co_leases:
@@ -108,7 +108,7 @@ class DecodeWork:
 
     @classmethod
     def of(
-        cls, ev: ChannelEvidence, profile: Profile, ref: ReferenceValues, lease: Lease, per_token: Stats
+        cls, ev: LeaseEvidence, profile: Profile, ref: ReferenceValues, lease: Lease, per_token: Stats
     ) -> DecodeWork:
         """From evidence that has a decode window (at least two streamed tokens); `per_token` is
         the profile's CPU per token at the window's batch size. Co-served tokens are taken to be
@@ -192,7 +192,7 @@ def memory_floor(w: DecodeWork) -> Finding | None:
 
 
 def trace_shape(
-    classifier: WorkloadClassifier | None, ev: ChannelEvidence, w: DecodeWork, precision: str
+    classifier: WorkloadClassifier | None, ev: LeaseEvidence, w: DecodeWork, precision: str
 ) -> tuple[Finding | None, dict[str, Any]]:
     """(a finding when the classifier is confident this is not inference, what it said)."""
     if classifier is None or w.batch > 1:  # trained on lone leases; a batch's trace is another shape
@@ -210,7 +210,7 @@ def trace_shape(
     ), said
 
 
-def idle_work(ev: ChannelEvidence) -> Finding | None:
+def idle_work(ev: LeaseEvidence) -> Finding | None:
     """A resident sandbox must be quiet while no lease is in flight."""
     idle = ev.idle_before
     if idle is None:
@@ -224,7 +224,7 @@ def idle_work(ev: ChannelEvidence) -> Finding | None:
     )
 
 
-def embed_work(ev: ChannelEvidence, profile: Profile, ref: ReferenceValues, input_tokens: int) -> Outcome:
+def embed_work(ev: LeaseEvidence, profile: Profile, ref: ReferenceValues, input_tokens: int) -> Outcome:
     """A resident embedding lease: the sandbox's CPU over the lease window against its input."""
     stats = profile.embed_cpu_s_per_token
     assert stats is not None
@@ -268,7 +268,7 @@ class ThermodynamicLayer(EvidenceLayer):
         self.registry = registry
         self.classifier = classifier
 
-    def decide_on(self, ctx: Appraisal, ev: ChannelEvidence) -> Outcome:
+    def decide_on(self, ctx: Appraisal, ev: LeaseEvidence) -> Outcome:
         lease = ctx.lease
         problem = idle_work(ev)
         if problem:
@@ -312,7 +312,7 @@ class ThermodynamicLayer(EvidenceLayer):
             **details,
         )
 
-    def embedding(self, ctx: Appraisal, ev: ChannelEvidence, profile: Profile) -> Outcome:
+    def embedding(self, ctx: Appraisal, ev: LeaseEvidence, profile: Profile) -> Outcome:
         lease = ctx.lease
         assert isinstance(lease.job, EmbedJob)
         if ev.regime == "oneshot" or profile.embed_cpu_s_per_token is None:

@@ -5,7 +5,7 @@ Two sets: `cross_class` (the prover ran on another kind of device than the verif
 does not know which: calibrated for cross-hardware noise) and `same_class` (Maxwell's own node
 measured the prover's device and it is the verifier's kind: near-exact, calibrated on this
 class's honest variants — threads, batching, speculative decoding). The class comes from the
-node's evidence (ChannelEvidence.device_class), never from the agent's receipt.
+node's evidence (LeaseEvidence.device_class), never from the agent's receipt.
 
 The shipped file `maxwell_poi/data/thresholds.json` is the calibration's output; its data and
 the distributions behind it are in bench/results/calibration.json.

@@ -33,10 +33,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..protocol.receipt import ReceiptClaims
-from ..protocol.result import LayerName, LayerResult, Status
-from ..protocol.trace import OPS, Opening, verify_opening
-from ..registry.circuits import (
+from ..circuits.block_circuit import (
     KINDS,
     BlockProof,
     Circuit,
@@ -46,6 +43,9 @@ from ..registry.circuits import (
     check_window,
     quantize,
 )
+from ..protocol.receipt import ReceiptClaims
+from ..protocol.result import LayerName, LayerResult, Status
+from ..protocol.trace import OPS, Opening, verify_opening
 
 # width -> tolerance in output units: 4x the worst honest gap measured up to that width
 TOLERANCE_UNITS = {128: 64, 384: 512}

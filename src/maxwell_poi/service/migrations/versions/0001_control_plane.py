@@ -121,7 +121,8 @@ def upgrade() -> None:
 
 
 def downgrade() -> None:
-    for table in ("cp_settings",
+    for table in (
+        "cp_settings",
         "cp_disputes",
         "cp_verdicts",
         "cp_receipts",

@@ -26,15 +26,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .demo_gateway import adversary_argv, ensure_profile
-from .demo_service import LoopbackServer
-from .node.node import Node
-from .node.remote import RemoteNode
-from .observer.attest import NodeKey
-from .protocol.keys import AgentKey
-from .registry.prompts import PROMPTS
-from .service import ControlPlane, ServiceClient, ServiceConfig
-from .service.api import create_app
+from ..node.attest import NodeKey
+from ..node.node import Node
+from ..node.remote import RemoteNode
+from ..protocol.keys import AgentKey
+from ..registry.prompts import PROMPTS
+from ..service import ControlPlane, ServiceClient, ServiceConfig
+from ..service.api import create_app
+from .harness import LoopbackServer, adversary_argv, ensure_profile
 
 FLOAT_MODEL, INT_MODEL = "gpt2-mini", "gpt2-mini-w8a8"
 WRONG_BLOCK = 2
@@ -217,11 +216,11 @@ def run_zk_demo(workdir: Path) -> dict[str, Any]:
         import ezkl  # noqa: F401  (the `zk` extra)
     except ImportError:
         return {"skipped": "ezkl is not installed (pip install 'maxwell-poi[zk]')"}
-    from .cli.zk import demo_zk_challenge
-    from .protocol.lease import GenerateJob, Lease
-    from .protocol.trace import Trace
-    from .prover.sdk import Prover
-    from .registry.models import Registry
+    from ..cli.zk import demo_zk_challenge
+    from ..protocol.lease import GenerateJob, Lease
+    from ..protocol.trace import Trace
+    from ..prover.sdk import Prover
+    from ..registry.models import Registry
 
     registry = Registry()
     traces = workdir / "traces"

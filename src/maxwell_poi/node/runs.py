@@ -13,6 +13,9 @@ from pathlib import Path
 
 import numpy as np
 
+from ..observer.evidence import LeaseEvidence
+from ..observer.host import measure_peak_flops, this_device
+from ..observer.telemetry import Observer, TelemetrySource, default_sources
 from ..protocol.keys import AgentKey
 from ..protocol.lease import GenerateJob, Lease
 from ..protocol.receipt import max_receipt_bytes
@@ -20,9 +23,6 @@ from ..registry.models import Registry
 from ..registry.profiles import Profile
 from ..registry.prompts import PROMPTS
 from .channel import AgentRun, run_agent
-from .evidence import ChannelEvidence
-from .host import measure_peak_flops, this_device
-from .telemetry import Observer, TelemetrySource, default_sources
 
 OFFLINE_ENV = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}  # nothing is downloaded at run time
 
@@ -54,7 +54,7 @@ def honest_runs(
     tokens: int,
     threads: tuple[int, ...] = (1, 2),
     registry: Registry | None = None,
-) -> Iterator[tuple[int, ChannelEvidence]]:
+) -> Iterator[tuple[int, LeaseEvidence]]:
     """Run the honest reference agent `runs` times (alternating thread counts) through the
     runner; yields (threads, evidence) and raises if a run fails."""
     registry = registry or Registry()

@@ -43,7 +43,7 @@ import torch
 from torch import nn
 
 from ..protocol.errors import PoiError
-from .models import LoadedModel, poi_home
+from ..registry.models import LoadedModel, poi_home
 
 Kind = Literal["attn", "mlp"]
 KINDS: tuple[Kind, ...] = ("attn", "mlp")
@@ -406,7 +406,7 @@ def seeded_gpt2(d: int, heads: int = 1, layers: int = 1, seed: int = 0, vocab: i
     """A seeded GPT-2 of width d (one GPT-2 block's parts at any width: bench/zk.py's sweep, tests)."""
     from transformers import GPT2Config, GPT2LMHeadModel
 
-    from .models import ModelSpec, _reference, find_layers, shared_tokenizer
+    from ..registry.models import ModelSpec, _reference, find_layers, shared_tokenizer
 
     config = dict(n_embd=d, n_layer=layers, n_head=heads, n_positions=256)
     spec = ModelSpec(

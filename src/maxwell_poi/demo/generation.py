@@ -14,29 +14,29 @@ import logging
 import os
 import shutil
 import subprocess
-import sys
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .adversaries import CATALOGUE, Attack
-from .node import Node, NodeResult
-from .observer.attest import NodeKey
-from .observer.resident import resident_profile_key
-from .observer.resident_runs import measure_resident_profile
-from .observer.runs import OFFLINE_ENV, honest_agent_argv
-from .protocol.files import write_json_atomic
-from .protocol.keys import AgentKey, Keyring
-from .protocol.lease import EmbedJob, GenerateJob, Lease
-from .protocol.receipt import open_receipt
-from .protocol.result import AttestationResult, Status, Verdict
-from .registry.models import Registry
-from .registry.profiles import ProfileStore
-from .registry.prompts import PROMPTS, TEXTS
-from .report.trace_plot import plot_demo_dir
-from .verifier.policy import Verifier
+from ..adversaries import CATALOGUE, Attack
+from ..node import Node, NodeResult
+from ..node.attest import NodeKey
+from ..node.resident_runs import measure_resident_profile
+from ..node.runs import OFFLINE_ENV, honest_agent_argv
+from ..observer.evidence import resident_profile_key
+from ..protocol.files import write_json_atomic
+from ..protocol.keys import AgentKey, Keyring
+from ..protocol.lease import EmbedJob, GenerateJob, Lease
+from ..protocol.receipt import open_receipt
+from ..protocol.result import AttestationResult, Status, Verdict
+from ..registry.models import Registry
+from ..registry.profiles import ProfileStore
+from ..registry.prompts import PROMPTS, TEXTS
+from ..report.trace_plot import plot_demo_dir
+from ..verifier.policy import Verifier
+from .harness import has_cuda, python_module
 
 VICTIM = "honest"
 log = logging.getLogger(__name__)
@@ -103,10 +103,6 @@ class DemoRow:
         }
 
 
-def _python_module(module: str, key: Path, *extra: str) -> list[str]:
-    return [sys.executable, "-m", module, "--key", str(key), *extra]
-
-
 class Demo:
     def __init__(self, config: DemoConfig, registry: Registry | None = None) -> None:
         self.cfg = config
@@ -161,7 +157,7 @@ class Demo:
         for attack in CATALOGUE:
             if cfg.attacks is not None and attack.name not in cfg.attacks:
                 continue
-            if attack.needs_gpu and not _has_cuda():
+            if attack.needs_gpu and not has_cuda():
                 self.skipped[attack.name] = "needs a CUDA GPU; none on this machine"
                 continue
             plans.extend(self._attack_plans(attack, subs, waves))
@@ -192,7 +188,7 @@ class Demo:
         leased_to = VICTIM if attack.name in ("other-agents-lease", "forged-signature") else agent
         store = cfg.out / "store" / agent
         args = [a.format(store=store, **subs) for a in attack.args]
-        argv = _python_module(
+        argv = python_module(
             f"maxwell_poi.adversaries.{attack.module}", self._key(signer), "--resident", *args
         )
         self._key(leased_to)
@@ -259,7 +255,7 @@ class Demo:
             yield
             return
         self.worker_socket.unlink(missing_ok=True)
-        argv = _python_module("maxwell_poi.adversaries.relay_worker", self._key("relay-worker"))
+        argv = python_module("maxwell_poi.adversaries.relay_worker", self._key("relay-worker"))
         worker = subprocess.Popen(
             [*argv, "--listen", str(self.worker_socket)],
             env={**os.environ, **OFFLINE_ENV},
@@ -329,12 +325,6 @@ class Demo:
 
 def _short_pass(result: AttestationResult) -> str:
     return "; ".join(r.reason for r in result.layers if r.status is Status.PASS)
-
-
-def _has_cuda() -> bool:
-    import torch
-
-    return torch.cuda.is_available()
 
 
 def report(rows: list[DemoRow], skipped: dict[str, str] | None = None) -> dict[str, Any]:

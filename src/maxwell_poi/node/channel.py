@@ -15,11 +15,11 @@ import threading
 import time
 from dataclasses import dataclass
 
+from ..observer.evidence import LeaseEvidence
+from ..observer.host import this_device
+from ..observer.telemetry import Observer
 from ..protocol.lease import Lease
 from ..protocol.stream import parse_stream_line
-from .evidence import ChannelEvidence
-from .host import this_device
-from .telemetry import Observer
 
 HARD_READ_LIMIT = 256 << 20  # stop draining a flooding agent after this many bytes
 
@@ -27,7 +27,7 @@ HARD_READ_LIMIT = 256 << 20  # stop draining a flooding agent after this many by
 @dataclass(frozen=True)
 class AgentRun:
     receipt: bytes  # at most `max_bytes` + 1 bytes: enough to show a receipt was too large
-    evidence: ChannelEvidence
+    evidence: LeaseEvidence
     timed_out: bool
 
 
@@ -171,7 +171,7 @@ def run_agent(
     for r in readers:
         r.join(timeout=5)
     wall = time.perf_counter() - t0
-    evidence = ChannelEvidence(
+    evidence = LeaseEvidence(
         started_at=started,
         finished_at=started + wall,
         wall_s=wall,

@@ -8,7 +8,6 @@ real model, the money is the ledger's.
 from __future__ import annotations
 
 import secrets
-import sys
 import threading
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -16,32 +15,18 @@ from typing import Any
 
 import openai
 
-from .demo_service import LoopbackServer
-from .economics.tiers import TierPolicy
-from .gateway import Gateway, mount_gateway
-from .node.node import Node
-from .node.remote import RemoteNode
-from .observer.attest import NodeKey
-from .observer.resident import resident_profile_key
-from .observer.resident_runs import measure_resident_profile
-from .observer.runs import honest_agent_argv
-from .protocol.keys import AgentKey
-from .registry.profiles import ProfileStore
-from .service import ControlPlane, ServiceClient, ServiceConfig
-from .service.api import create_app
+from ..economics.tiers import TierPolicy
+from ..gateway import Gateway, mount_gateway
+from ..node.attest import NodeKey
+from ..node.node import Node
+from ..node.remote import RemoteNode
+from ..node.runs import honest_agent_argv
+from ..protocol.keys import AgentKey
+from ..service import ControlPlane, ServiceClient, ServiceConfig
+from ..service.api import create_app
+from .harness import LoopbackServer, adversary_argv, ensure_profile
 
 REQUESTER_DEPOSIT = 10_000_000
-
-
-def ensure_profile(model_id: str, tokens: int, runs: int = 5) -> None:
-    """L1 and L2 (and the gateway's running checks) judge against this host's resident profile."""
-    store = ProfileStore()
-    if store.get(model_id, resident_profile_key()) is None:
-        store.put(measure_resident_profile(model_id, runs=runs, tokens=tokens, batches=(1,)))
-
-
-def adversary_argv(module: str, key: Path, *args: str) -> list[str]:
-    return [sys.executable, "-m", f"maxwell_poi.adversaries.{module}", "--key", str(key), "--resident", *args]
 
 
 @dataclass

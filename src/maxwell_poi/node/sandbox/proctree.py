@@ -17,7 +17,7 @@ from typing import Any
 
 import psutil
 
-from ..telemetry.process import _CLK_TCK, _linux_proc_stat
+from ...observer.telemetry.process import _CLK_TCK, _linux_proc_stat
 from .base import SANDBOX_ENV, AccountingSource, Sandbox, SandboxTrust, Usage
 
 _LINUX = os.path.exists("/proc/self/stat")

@@ -1,6 +1,6 @@
 """Adversaries of the control plane itself: real clients that attack its API over HTTP.
 
-    python -m maxwell_poi.service.attacks NAME --server URL [options]   (prints the outcome as JSON)
+    python -m maxwell_poi.adversaries.service_attacks NAME --server URL [options]   (prints JSON)
 
     other-agents-lease   an enrolled agent reads, disputes and asks the EAR of another agent's lease
     replay-after-restart resubmits receipts the control plane took in before it restarted, and
@@ -24,10 +24,10 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..observer.attest import NodeKey, sign_evidence
-from ..observer.evidence import ChannelEvidence
+from ..node.attest import NodeKey, sign_evidence
+from ..observer.evidence import LeaseEvidence
 from ..protocol.keys import AgentKey
-from .client import ServiceClient, ServiceRefused
+from ..service.client import ServiceClient, ServiceRefused
 
 
 @dataclass
@@ -150,9 +150,9 @@ def node_impersonation(
     return tally.done()
 
 
-def _forged_evidence() -> ChannelEvidence:
+def _forged_evidence() -> LeaseEvidence:
     """Evidence that says whatever the forger likes: plenty of CPU, a full stream."""
-    return ChannelEvidence(
+    return LeaseEvidence(
         started_at=0.0,
         finished_at=1.0,
         wall_s=1.0,
@@ -169,7 +169,7 @@ def _forged_evidence() -> ChannelEvidence:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(
-        prog="python -m maxwell_poi.service.attacks", description=__doc__.split("\n")[0]
+        prog="python -m maxwell_poi.adversaries.service_attacks", description=__doc__.split("\n")[0]
     )
     p.add_argument(
         "name", choices=["other-agents-lease", "replay-after-restart", "bid-flood", "node-impersonation"]

@@ -13,9 +13,7 @@ from __future__ import annotations
 import math
 import secrets
 import shutil
-import socket
 import statistics
-import threading
 import time
 from collections import Counter
 from collections.abc import Callable
@@ -25,20 +23,21 @@ from typing import Any
 
 from rich.table import Table
 
-from .adversaries import CATALOGUE, Attack
-from .demo import Demo, DemoConfig, _has_cuda, _python_module
-from .node.node import Node
-from .node.remote import RemoteNode
-from .observer.attest import NodeKey
-from .observer.runs import honest_agent_argv
-from .protocol.files import write_json_atomic
-from .protocol.keys import AgentKey
-from .protocol.lease import GenerateJob
-from .registry.models import Registry
-from .registry.prompts import PROMPTS
-from .service import ControlPlane, ServiceClient, ServiceConfig
-from .service.api import create_app
-from .service.market import HOLD_FACTOR
+from ..adversaries import CATALOGUE, Attack
+from ..node.attest import NodeKey
+from ..node.node import Node
+from ..node.remote import RemoteNode
+from ..node.runs import honest_agent_argv
+from ..protocol.files import write_json_atomic
+from ..protocol.keys import AgentKey
+from ..protocol.lease import GenerateJob
+from ..registry.models import Registry
+from ..registry.prompts import PROMPTS
+from ..service import ControlPlane, ServiceClient, ServiceConfig
+from ..service.api import create_app
+from ..service.market import HOLD_FACTOR
+from .generation import Demo, DemoConfig
+from .harness import LoopbackServer, has_cuda, python_module
 
 NODE = "demo-node"
 THIEF = "mallory"  # the enrolled agent whose key the lease thief signs with (it bids nothing)
@@ -74,36 +73,6 @@ class AgentPlan:
     pause_s: float = 0.0  # idle gap before every wave after the first
     same_prompt: bool = False
     key: AgentKey = field(default_factory=AgentKey.generate)
-
-
-class LoopbackServer:
-    """The control plane's app served by uvicorn in a thread, on a free loopback port."""
-
-    def __init__(self, app: Any) -> None:
-        import uvicorn
-
-        self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        self.sock.bind(("127.0.0.1", 0))
-        self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}"
-        config = uvicorn.Config(app, log_level="warning", access_log=False)
-        self.server = uvicorn.Server(config)
-        self.thread = threading.Thread(
-            target=self.server.run, kwargs={"sockets": [self.sock]}, name="poi-demo-server", daemon=True
-        )
-
-    def __enter__(self) -> str:
-        self.thread.start()
-        deadline = time.monotonic() + 30
-        while not self.server.started:
-            if not self.thread.is_alive() or time.monotonic() > deadline:
-                raise RuntimeError(f"the control plane did not start on {self.url}")
-            time.sleep(0.02)
-        return self.url
-
-    def __exit__(self, *_exc: object) -> None:
-        self.server.should_exit = True
-        self.thread.join(timeout=30)
-        self.sock.close()
 
 
 class ServiceDemo:
@@ -148,7 +117,7 @@ class ServiceDemo:
         for attack in CATALOGUE:
             if cfg.attacks is not None and attack.name not in cfg.attacks:
                 continue
-            if attack.needs_gpu and not _has_cuda():
+            if attack.needs_gpu and not has_cuda():
                 self.skipped[attack.name] = "needs a CUDA GPU; none on this machine"
                 continue
             if "generate" not in attack.kinds:
@@ -168,7 +137,7 @@ class ServiceDemo:
             key_path = keys / f"{THIEF}.pem"
         store = (self.dir / "store" / attack.name).resolve()
         args = [a.format(store=store, **subs) for a in attack.args]
-        p.argv = _python_module(f"maxwell_poi.adversaries.{attack.module}", key_path, "--resident", *args)
+        p.argv = python_module(f"maxwell_poi.adversaries.{attack.module}", key_path, "--resident", *args)
         return p
 
     @staticmethod

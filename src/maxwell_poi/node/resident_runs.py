@@ -11,6 +11,8 @@ from pathlib import Path
 
 import numpy as np
 
+from ..observer.evidence import RESIDENT_REGIME, resident_profile_key
+from ..observer.host import measure_peak_flops
 from ..protocol.keys import AgentKey
 from ..protocol.lease import EmbedJob, GenerateJob, Lease
 from ..protocol.receipt import max_receipt_bytes
@@ -18,8 +20,7 @@ from ..registry.models import Registry
 from ..registry.profiles import Profile, Stats
 from ..registry.prompts import PROMPTS, TEXTS
 from .channel import AgentRun
-from .host import measure_peak_flops
-from .resident import RESIDENT_REGIME, ResidentAgent, StreamWatch, resident_profile_key
+from .resident import ResidentAgent, StreamWatch
 from .runs import OFFLINE_ENV, honest_agent_argv
 
 

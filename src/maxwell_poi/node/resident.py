@@ -23,6 +23,9 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from ..observer.evidence import RESIDENT_REGIME, IdleGap, LeaseEvidence
+from ..observer.host import this_device
+from ..observer.telemetry import Measurement, NvmlSource, Observer
 from ..protocol.lease import Lease
 from ..protocol.stream import (
     TaggedChunk,
@@ -34,25 +37,16 @@ from ..protocol.stream import (
     parse_resident_line,
 )
 from .channel import AgentRun, drain
-from .evidence import ChannelEvidence, IdleGap
-from .host import this_device
 from .sandbox import Sandbox, Usage, open_sandbox
-from .telemetry import Measurement, NvmlSource, Observer
 
 # cgroup counters are in nanoseconds, but the kernel folds a running task's time into them only at
 # scheduler ticks and switches (steps of ~0.006 ms on a quiet host here, ~2 ms under load): judge
 # by at least this
 EFFECTIVE_TICK_S = 0.004
 MAX_LINE_BYTES = 64 << 20  # a resident agent's longest line; a receipt line past it is cut and fails
-RESIDENT_REGIME = "resident"
 # sees each token and chunk as it arrives: (the line, seconds since the lease was handed over, the
 # sandbox's CPU-seconds then); chunks carry (0, 0): only tokens are timed
 StreamWatch = Callable[[TaggedToken | TaggedChunk, float, float], None]
-
-
-def resident_profile_key() -> str:
-    """The profile store key of this device's resident-agent profiles (evidence.profile_key's form)."""
-    return f"{this_device()}|{RESIDENT_REGIME}"
 
 
 @dataclass
@@ -350,11 +344,11 @@ class ResidentAgent:
         while self._arrivals and self._arrivals[0][0] < t:
             self._arrivals.popleft()
 
-    def _evidence(self, s: _LeaseState) -> ChannelEvidence:
+    def _evidence(self, s: _LeaseState) -> LeaseEvidence:
         assert s.t_out is not None and s.usage_out is not None
         co_tokens, co_leases = self._co_served(s)
         desc = self.sandbox.describe()
-        return ChannelEvidence(
+        return LeaseEvidence(
             started_at=s.started_at,
             finished_at=s.started_at + (s.t_out - s.t_in),
             wall_s=s.t_out - s.t_in,

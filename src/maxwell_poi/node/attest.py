@@ -25,10 +25,10 @@ from typing import Any
 
 from securesystemslib.dsse import Envelope
 
+from ..observer.evidence import LeaseEvidence
+from ..observer.host import this_device
 from ..protocol.errors import EvidenceFormatError, UnknownAgentError
 from ..protocol.keys import AgentKey, Keyring
-from .evidence import ChannelEvidence
-from .host import this_device
 
 EVIDENCE_PAYLOAD_TYPE = "application/vnd.in-toto+json"
 EVIDENCE_PREDICATE = "https://maxwell-poi.dev/evidence/v1"
@@ -69,7 +69,7 @@ def hardware_class() -> dict[str, str]:
 
 
 def sign_evidence(
-    evidence: ChannelEvidence,
+    evidence: LeaseEvidence,
     lease_id: str,
     receipt: bytes,
     *,
@@ -111,7 +111,7 @@ class SignedEvidence:
     receipt_sha256: str
     hardware: dict[str, str]
     sandbox: dict[str, Any]
-    evidence: ChannelEvidence
+    evidence: LeaseEvidence
 
 
 def open_evidence(raw: bytes, nodes: Keyring) -> SignedEvidence:
@@ -146,7 +146,7 @@ def open_evidence(raw: bytes, nodes: Keyring) -> SignedEvidence:
         lease_id = str(predicate["lease_id"])
         if subject["name"] != f"lease/{lease_id}/receipt":
             raise ValueError(f"subject {subject['name']!r} is not lease/{lease_id}/receipt")
-        evidence = ChannelEvidence.from_dict(predicate["evidence"], "evidence.predicate.evidence")
+        evidence = LeaseEvidence.from_dict(predicate["evidence"], "evidence.predicate.evidence")
         return SignedEvidence(
             node_id,
             lease_id,

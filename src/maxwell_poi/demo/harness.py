@@ -1,0 +1,66 @@
+"""What every part of `poi demo` shares: a control plane served on loopback, this host's resident
+profile, and the command lines that start honest agents and adversaries."""
+
+from __future__ import annotations
+
+import socket
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+from ..node.resident_runs import measure_resident_profile
+from ..observer.evidence import resident_profile_key
+from ..registry.profiles import ProfileStore
+
+
+def python_module(module: str, key: Path, *extra: str) -> list[str]:
+    return [sys.executable, "-m", module, "--key", str(key), *extra]
+
+
+def has_cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+class LoopbackServer:
+    """The control plane's app served by uvicorn in a thread, on a free loopback port."""
+
+    def __init__(self, app: Any) -> None:
+        import uvicorn
+
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        self.sock.bind(("127.0.0.1", 0))
+        self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}"
+        config = uvicorn.Config(app, log_level="warning", access_log=False)
+        self.server = uvicorn.Server(config)
+        self.thread = threading.Thread(
+            target=self.server.run, kwargs={"sockets": [self.sock]}, name="poi-demo-server", daemon=True
+        )
+
+    def __enter__(self) -> str:
+        self.thread.start()
+        deadline = time.monotonic() + 30
+        while not self.server.started:
+            if not self.thread.is_alive() or time.monotonic() > deadline:
+                raise RuntimeError(f"the control plane did not start on {self.url}")
+            time.sleep(0.02)
+        return self.url
+
+    def __exit__(self, *_exc: object) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout=30)
+        self.sock.close()
+
+
+def ensure_profile(model_id: str, tokens: int, runs: int = 5) -> None:
+    """L1 and L2 (and the gateway's running checks) judge against this host's resident profile."""
+    store = ProfileStore()
+    if store.get(model_id, resident_profile_key()) is None:
+        store.put(measure_resident_profile(model_id, runs=runs, tokens=tokens, batches=(1,)))
+
+
+def adversary_argv(module: str, key: Path, *args: str) -> list[str]:
+    return [sys.executable, "-m", f"maxwell_poi.adversaries.{module}", "--key", str(key), "--resident", *args]
