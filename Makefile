@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test bench bench-node signals lint clean calibrate bench-service-fuzz bench-service-load bench-service-crash \
+.PHONY: demo demo-full test bench bench-node signals lint clean calibrate bench-service-fuzz bench-service-load bench-service-crash \
 	reliability peers detection-floor speculative bf16-int8 train-model classifier gateway exact exact-service audit-throughput report zk
 
 $(STAMP): pyproject.toml constraints.txt
@@ -15,6 +15,10 @@ $(STAMP): pyproject.toml constraints.txt
 
 demo: $(STAMP)
 	$(BIN)/poi demo
+
+# the whole attack catalogue on gpt2-small, poi-lm (speculative too) and MiniLM (~30 min on 2 cores)
+demo-full: $(STAMP)
+	$(BIN)/poi demo --full
 
 test: $(STAMP)
 	$(BIN)/ruff check src tests bench

@@ -12,18 +12,32 @@ from rich.table import Table
 
 from .common import JsonOpt, _bad_input, _quiet, app, err, out
 
+# The default tour: one cheat for each layer that catches it, on small models, so `make demo` on a
+# fresh 2-core machine finishes in minutes (install included); `--full` runs the whole catalogue.
+TOUR_ATTACKS = ["forged-signature", "sleeper", "output-tampering", "smaller-model", "precision-bf16"]
+
 
 @app.command()
 def demo(
     json_out: JsonOpt = False,
     out_dir: Annotated[Path, typer.Option("--out", help="where receipts and results go")] = Path("poi-demo"),
-    model: Annotated[str, typer.Option(help="claimed model for the generation jobs")] = "gpt2-small",
-    small: Annotated[str, typer.Option(help="model the substitution and draft cheats run")] = "gpt2-mini",
-    alt: Annotated[str, typer.Option(help="same-architecture model with other weights")] = "gpt2-small-alt",
+    model: Annotated[
+        str | None, typer.Option(help="claimed model (default gpt2-mini; --full gpt2-small)")
+    ] = None,
+    small: Annotated[str | None, typer.Option(help="model the substitution and draft cheats run")] = None,
+    alt: Annotated[str | None, typer.Option(help="same-architecture model with other weights")] = None,
     tokens: Annotated[int, typer.Option(help="new tokens per generation lease")] = 48,
     attack: Annotated[list[str] | None, typer.Option(help="run only these attack classes")] = None,
+    full: Annotated[
+        bool,
+        typer.Option(
+            help="the whole attack catalogue on gpt2-small, the trained poi-lm (also decoded "
+            "speculatively) and MiniLM embeddings (~30 min on 2 cores); default: one cheat per layer"
+        ),
+    ] = False,
     quick: Annotated[
-        bool, typer.Option(help="small models only (gpt2-mini claimed, gpt2-micro cheats)")
+        bool,
+        typer.Option(help="the whole catalogue on small models (gpt2-mini claimed, gpt2-micro cheats)"),
     ] = False,
     with_service: Annotated[
         bool,
@@ -60,9 +74,15 @@ def demo(
     for name in attack or []:
         if name not in known:
             raise _bad_input(f"--attack: expected one of {', '.join(sorted(known))}, got {name!r}")
-    cfg = DemoConfig(model=model, small=small, alt=alt, tokens=tokens, attacks=attack, out=out_dir)
-    if quick:
+    if full and quick:
+        raise _bad_input("--full and --quick: expected one of them, got both")
+    cfg = DemoConfig(tokens=tokens, attacks=attack, out=out_dir)
+    if not full:  # the tour and --quick: small models, no second model (the tour: no embeddings either)
         cfg.model, cfg.small, cfg.alt, cfg.second_model = "gpt2-mini", "gpt2-micro", "gpt2-micro", None
+        if not quick:
+            cfg.embed_model = None
+            cfg.attacks = attack or list(TOUR_ATTACKS)
+    cfg.model, cfg.small, cfg.alt = model or cfg.model, small or cfg.small, alt or cfg.alt
     progress = Progress(
         TextColumn("{task.description}"),
         BarColumn(),
@@ -80,7 +100,7 @@ def demo(
         rows = the_demo.run(on_progress)
         if with_service:
             scfg = ServiceDemoConfig(model=cfg.model, small=cfg.small, alt=cfg.alt, tokens=tokens)
-            scfg.attacks, scfg.out = attack, out_dir
+            scfg.attacks, scfg.out = cfg.attacks, out_dir
             summary = ServiceDemo(scfg, the_demo.registry).run(on_progress)
         if with_gateway:
             progress.update(task, description="gateway: a chat through the OpenAI client", total=None)
