@@ -6,14 +6,14 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from maxwell_poi.protocol.lease import GenerateJob, Lease
-from maxwell_poi.protocol.result import AttestationResult, LayerName, LayerResult, Status, verdict_of
+from maxwell_poi.protocol.result import AttestationResult, LayerName, LayerResult, Status
 from maxwell_poi.verifier.ear import ear_claims, sign_ear, verify_ear
 
 
 def result_for(lease: Lease, **statuses: Status) -> AttestationResult:
     layers = [LayerResult(name, statuses.get(name.name, Status.PASS), "why") for name in LayerName]
     return AttestationResult(
-        lease.lease_id, lease.agent_id, lease.model_id, verdict_of(layers), tuple(layers)
+        lease.lease_id, lease.agent_id, lease.model_id, tuple(layers)
     )
 
 

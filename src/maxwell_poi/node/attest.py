@@ -27,7 +27,7 @@ from securesystemslib.dsse import Envelope
 
 from ..observer.evidence import LeaseEvidence
 from ..observer.host import this_device
-from ..protocol.errors import EvidenceFormatError, UnknownAgentError
+from ..protocol.errors import EvidenceFormatError, EvidenceSignatureError, UnknownAgentError
 from ..protocol.keys import AgentKey, Keyring
 
 EVIDENCE_PAYLOAD_TYPE = "application/vnd.in-toto+json"
@@ -138,7 +138,7 @@ def open_evidence(raw: bytes, nodes: Keyring) -> SignedEvidence:
     try:
         envelope.verify([key], 1)
     except Exception:
-        raise EvidenceFormatError(
+        raise EvidenceSignatureError(
             f"a signature by enrolled node {node_id!r}", "one that does not verify"
         ) from None
     try:

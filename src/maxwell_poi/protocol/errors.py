@@ -53,3 +53,7 @@ class EvidenceFormatError(FormatError):
 
     def __init__(self, expected: str, got: str) -> None:
         super().__init__("evidence", expected, got)
+
+
+class EvidenceSignatureError(EvidenceFormatError):
+    """Evidence that reads but whose signature does not verify against the node it names."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from enum import StrEnum
 from typing import Any
@@ -61,11 +62,17 @@ class LayerResult:
 
 @dataclass(frozen=True)
 class AttestationResult:
+    """The verdict is derived from the layers, never stored beside them: one source of truth, so a
+    result read back from its dict (or with a layer added) cannot disagree with itself."""
+
     lease_id: str
     agent_id: str
     model_id: str
-    verdict: Verdict
     layers: tuple[LayerResult, ...]
+
+    @property
+    def verdict(self) -> Verdict:
+        return verdict_of(self.layers)
 
     def layer(self, name: LayerName | str) -> LayerResult:
         for r in self.layers:
@@ -103,10 +110,10 @@ class AttestationResult:
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> AttestationResult:
         layers = tuple(LayerResult.from_dict(r) for r in d["layers"])
-        return cls(d["lease_id"], d["agent_id"], d["model_id"], verdict_of(list(layers)), layers)
+        return cls(d["lease_id"], d["agent_id"], d["model_id"], layers)  # "verdict" is derived again
 
 
-def verdict_of(layers: list[LayerResult]) -> Verdict:
+def verdict_of(layers: Sequence[LayerResult]) -> Verdict:
     statuses = {r.status for r in layers}
     if Status.FAIL in statuses:
         return Verdict.CONTRAINDICATED

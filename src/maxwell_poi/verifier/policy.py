@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import secrets
 import time
 from collections.abc import Sequence
 
 from ..observer.evidence import LeaseEvidence
 from ..protocol.keys import Keyring
 from ..protocol.lease import Lease
-from ..protocol.result import AttestationResult, LayerName, LayerResult, Status, verdict_of
+from ..protocol.result import AttestationResult, LayerName, LayerResult, Status
 from ..registry.models import Registry
 from ..registry.profiles import ProfileStore
 from .appraisal import Appraisal, Layer
@@ -17,6 +16,7 @@ from .audit import AuditLayer
 from .boundary import BoundaryLayer
 from .classify import WorkloadClassifier
 from .integrity import IntegrityLayer
+from .lottery import draw_audit
 from .thermodynamic import ThermodynamicLayer
 from .thresholds import Thresholds
 
@@ -84,7 +84,7 @@ class Verifier:
         )
 
     def _draw_audit(self) -> bool:
-        return secrets.randbelow(1_000_000) < self.audit_rate * 1_000_000
+        return draw_audit(self.audit_rate)
 
     def appraise(
         self,
@@ -106,6 +106,5 @@ class Verifier:
             lease_id=lease.lease_id,
             agent_id=lease.agent_id,
             model_id=lease.model_id,
-            verdict=verdict_of(layers),
             layers=tuple(layers),
         )
