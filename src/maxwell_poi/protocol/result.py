@@ -9,10 +9,15 @@ from typing import Any
 
 
 class Status(StrEnum):
+    """A layer's outcome. NOT_MEASURED: a layer the policy requires could not measure (no profile,
+    no evidence, no telemetry): never a pass. SKIPPED: a layer the policy did not ask for (not drawn
+    by the audit lottery, not required at this tier, not run after a failed gate)."""
+
     PASS = "pass"
     WARN = "warn"
     FAIL = "fail"
     SKIPPED = "skipped"
+    NOT_MEASURED = "not_measured"
 
 
 class LayerName(StrEnum):
@@ -86,10 +91,14 @@ class AttestationResult:
 
     @property
     def reason(self) -> str:
-        failing = [r for r in self.layers if r.status in (Status.FAIL, Status.WARN)]
+        failing = [r for r in self.layers if r.status in (Status.FAIL, Status.WARN, Status.NOT_MEASURED)]
         if not failing:
             return "; ".join(r.reason for r in self.layers if r.status is Status.PASS)
-        return "; ".join(f"{r.layer}: {r.reason}" for r in failing)
+        unmeasured = Status.NOT_MEASURED
+        return "; ".join(
+            f"{r.layer} not measured: {r.reason}" if r.status is unmeasured else f"{r.layer}: {r.reason}"
+            for r in failing
+        )
 
     @property
     def cost_s(self) -> float:
@@ -114,9 +123,14 @@ class AttestationResult:
 
 
 def verdict_of(layers: Sequence[LayerResult]) -> Verdict:
+    """Fail closed: any failure contraindicates; a warning, or a required layer that could not
+    measure, leaves at most a warning; only measured passes (beside layers skipped because the
+    policy did not ask for them) affirm."""
     statuses = {r.status for r in layers}
     if Status.FAIL in statuses:
         return Verdict.CONTRAINDICATED
-    if Status.WARN in statuses:
+    if statuses & {Status.WARN, Status.NOT_MEASURED}:
+        return Verdict.WARNING
+    if Status.PASS not in statuses:  # nothing measured at all affirms nothing
         return Verdict.WARNING
     return Verdict.AFFIRMING
