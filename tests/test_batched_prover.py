@@ -12,12 +12,12 @@ import pytest
 from maxwell_poi.protocol.lease import EmbedJob, GenerateJob, Lease
 from maxwell_poi.protocol.receipt import ReceiptClaims, open_receipt
 from maxwell_poi.protocol.result import Status, Verdict
-from maxwell_poi.protocol.sampling import SeededSampler
 from maxwell_poi.protocol.stream import TaggedChunk, TaggedToken, parse_resident_line
 from maxwell_poi.prover.batched import BatchedProver
 from maxwell_poi.prover.sdk import Prover
 from maxwell_poi.prover.stream import streaming_leases_to
 from maxwell_poi.registry.forward import generate_batch
+from maxwell_poi.registry.sampling import SeededSampler
 
 PROMPTS = [
     "The history of the steam engine begins with",

@@ -22,12 +22,12 @@ from maxwell_poi.protocol.keys import AgentKey, Keyring
 from maxwell_poi.protocol.lease import GenerateJob, Lease
 from maxwell_poi.protocol.receipt import PREDICATE_TYPE, PREDICATE_V2, max_receipt_bytes, open_receipt
 from maxwell_poi.protocol.result import LayerName, Status, Verdict
-from maxwell_poi.protocol.sampling import SeededSampler
 from maxwell_poi.protocol.trace import Opening, Trace, opening_from_line, verify_opening
 from maxwell_poi.prover.sdk import Prover
 from maxwell_poi.prover.w8a8 import IntTraceRecorder
 from maxwell_poi.registry.forward import generate
 from maxwell_poi.registry.models import Registry
+from maxwell_poi.registry.sampling import SeededSampler
 from maxwell_poi.registry.w8a8 import quantized
 from maxwell_poi.verifier.exact import (
     FreivaldsKey,

@@ -22,13 +22,13 @@ from maxwell_poi.protocol.keys import AgentKey, Keyring
 from maxwell_poi.protocol.lease import GenerateJob, Lease
 from maxwell_poi.protocol.receipt import max_receipt_bytes, open_receipt
 from maxwell_poi.protocol.result import Status, Verdict
-from maxwell_poi.protocol.sampling import SeededSampler
 from maxwell_poi.protocol.trace import LLAMA_OPS, Opening, Trace, verify_opening
 from maxwell_poi.prover.sdk import Prover
 from maxwell_poi.prover.trace import TraceRecorder
 from maxwell_poi.registry.blocks import architecture, linears, rotary_embedding
 from maxwell_poi.registry.forward import generate
 from maxwell_poi.registry.models import LoadedModel, Registry, find_final_norm, find_layers
+from maxwell_poi.registry.sampling import SeededSampler
 from maxwell_poi.verifier.dispute import bisect, recompute_block, reference_inputs
 from maxwell_poi.verifier.exact import (
     FP32_TOLERANCE,

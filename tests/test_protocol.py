@@ -19,7 +19,7 @@ from maxwell_poi.protocol.errors import (
 from maxwell_poi.protocol.keys import AgentKey, Keyring
 from maxwell_poi.protocol.lease import EmbedJob, GenerateJob, Lease
 from maxwell_poi.protocol.receipt import Fingerprints, ReceiptClaims, open_receipt, sign_receipt
-from maxwell_poi.protocol.sampling import SeededSampler
+from maxwell_poi.registry.sampling import SeededSampler
 
 
 def make_lease(**job) -> Lease:

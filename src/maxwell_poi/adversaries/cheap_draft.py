@@ -7,12 +7,12 @@ from __future__ import annotations
 
 from ..protocol.fingerprint import chunk_spans
 from ..protocol.lease import GenerateJob, Lease
-from ..protocol.sampling import SeededSampler
 from ..prover.recorder import ActivationRecorder, CommitmentBuilder
 from ..prover.sdk import Prover
 from ..prover.stream import current_sink
 from ..registry.forward import generate, prefill
 from ..registry.models import LoadedModel
+from ..registry.sampling import SeededSampler
 from ._agent import parser, run
 
 

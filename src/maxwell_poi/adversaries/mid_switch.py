@@ -6,10 +6,10 @@ Only a per-token check of the switched part against the leased model's seeded ch
 from __future__ import annotations
 
 from ..protocol.lease import GenerateJob, Lease
-from ..protocol.sampling import SeededSampler
 from ..prover.stream import current_sink
 from ..registry.forward import generate
 from ..registry.models import LoadedModel
+from ..registry.sampling import SeededSampler
 from ._agent import parser, run
 from .cheap_draft import DraftProver, prefilled_commitments
 

@@ -109,7 +109,7 @@ def _local_node(control: Any, config: Any, node_id: str, batch: int, server: Any
     from ..node.attest import NodeKey
     from ..node.node import Node
     from ..node.remote import RemoteNode
-    from ..registry.models import poi_home
+    from ..registry.home import poi_home
     from ..service import ServiceClient
     from ..service.wire import EnrollNode
 
@@ -135,7 +135,7 @@ def _local_node(control: Any, config: Any, node_id: str, batch: int, server: Any
 
 
 def _admin(server: str, token: str | None):
-    from ..registry.models import poi_home
+    from ..registry.home import poi_home
     from ..service import ServiceClient
 
     if token is None:

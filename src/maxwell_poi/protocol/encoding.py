@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import base64
 import hashlib
-
-import numpy as np
+import struct
 
 
 def sha256_hex(data: bytes) -> str:
@@ -30,6 +29,8 @@ def token_width(vocab_size: int) -> int:
 
 
 def pack_tokens(tokens: list[int], width: int) -> bytes:
+    import numpy as np  # here, not at the top: reading a receipt needs no numpy
+
     dtype = "<u2" if width == 2 else "<u4"
     return np.asarray(tokens, dtype=dtype).tobytes()
 
@@ -39,5 +40,4 @@ def unpack_tokens(data: bytes, width: int) -> list[int]:
         raise ValueError(f"token width must be 2 or 4 bytes, got {width}")
     if len(data) % width:
         raise ValueError(f"token bytes ({len(data)}) are not a multiple of the width {width}")
-    dtype = "<u2" if width == 2 else "<u4"
-    return np.frombuffer(data, dtype=dtype).astype(np.int64).tolist()
+    return list(struct.unpack(f"<{len(data) // width}{'H' if width == 2 else 'I'}", data))

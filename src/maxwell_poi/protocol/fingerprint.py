@@ -7,20 +7,26 @@ Only m and the k coefficients travel: 2 + 2k bytes per chunk. The verifier recom
 states, finds its own top-k indices, and evaluates the polynomial there to read back the values
 the prover saw; where the two runs agree the values match, where they do not the read-back is
 noise. Written for this project from the paper's description; no code from `toploc` is used.
+
+This module is the wire side (numpy only, imported inside the functions so that reading a receipt
+needs neither numpy nor torch); taking the top-k of hidden states is registry.fingerprint.
 """
 
 from __future__ import annotations
 
 import struct
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-import numpy as np
-import torch
+if TYPE_CHECKING:
+    import numpy as np
 
 PRIME = 65497  # largest prime below 2**16 - 38: every finite float16 bit pattern is below it
 
 
 def _pow_mod(base: np.ndarray, exponent: int) -> np.ndarray:
+    import numpy as np
+
     result = np.ones_like(base)
     b = base % PRIME
     e = exponent
@@ -37,6 +43,8 @@ _INVERSES: np.ndarray | None = None
 
 def _inverse(values: np.ndarray) -> np.ndarray:
     """Modular inverses by table look-up (Fermat once for the whole field, then a gather)."""
+    import numpy as np
+
     global _INVERSES
     if _INVERSES is None:
         _INVERSES = _pow_mod(np.arange(PRIME, dtype=np.int64), PRIME - 2)
@@ -45,6 +53,8 @@ def _inverse(values: np.ndarray) -> np.ndarray:
 
 def interpolate(xs: np.ndarray, ys: np.ndarray) -> np.ndarray:
     """Monomial coefficients (low to high) of the polynomial through (xs, ys) over GF(PRIME)."""
+    import numpy as np
+
     x = xs.astype(np.int64) % PRIME
     c = ys.astype(np.int64) % PRIME
     n = len(x)
@@ -63,6 +73,8 @@ def interpolate(xs: np.ndarray, ys: np.ndarray) -> np.ndarray:
 
 
 def evaluate(coeffs: np.ndarray, xs: np.ndarray) -> np.ndarray:
+    import numpy as np
+
     x = xs.astype(np.int64) % PRIME
     acc = np.zeros_like(x)
     for c in coeffs[::-1]:
@@ -72,6 +84,8 @@ def evaluate(coeffs: np.ndarray, xs: np.ndarray) -> np.ndarray:
 
 def injective_modulus(indices: np.ndarray) -> int:
     """Largest m <= PRIME under which the indices stay distinct."""
+    import numpy as np
+
     if len(indices) and int(indices.max()) < PRIME:
         return PRIME
     for m in range(PRIME, len(indices) - 1, -1):
@@ -80,21 +94,14 @@ def injective_modulus(indices: np.ndarray) -> int:
     raise ValueError("no injective modulus below 2**16 for these indices")
 
 
-def top_entries(hidden: torch.Tensor, k: int) -> tuple[np.ndarray, np.ndarray]:
-    """Indices and float16 values of the k largest |entries| of a chunk of hidden states."""
-    flat = hidden.detach().reshape(-1).float().cpu()
-    k = min(k, flat.numel())
-    idx = torch.topk(flat.abs(), k, sorted=True).indices
-    values = flat[idx].to(torch.float16).numpy()
-    return idx.numpy().astype(np.int64), values
-
-
 def chunk_size_bytes(k: int) -> int:
     return 2 + 2 * k
 
 
-def encode_chunk(hidden: torch.Tensor, k: int) -> bytes:
-    idx, values = top_entries(hidden, k)
+def encode_values(idx: np.ndarray, values: np.ndarray, k: int) -> bytes:
+    """One chunk on the wire: the modulus, then the k coefficients through (index, float16 bits)."""
+    import numpy as np
+
     bits = values.view(np.uint16).astype(np.int64)
     m = injective_modulus(idx)
     coeffs = interpolate(idx % m, bits)
@@ -105,6 +112,8 @@ def encode_chunk(hidden: torch.Tensor, k: int) -> bytes:
 
 def read_back(chunk: bytes, indices: np.ndarray) -> np.ndarray:
     """Float16 values the prover committed to, evaluated at the verifier's indices."""
+    import numpy as np
+
     (m,) = struct.unpack_from("<H", chunk)
     if m == 0:
         raise ValueError("fingerprint chunk has modulus 0")
@@ -136,8 +145,12 @@ class ChunkComparison:
 CLOSE_REL = 2.0**-9  # two float16 ulps: what honest float32 reruns on other kernels stay within
 
 
-def compare_chunk(chunk: bytes, hidden: torch.Tensor, k: int, positions: tuple[int, int]) -> ChunkComparison:
-    idx, mine = top_entries(hidden, k)
+def compare_values(
+    chunk: bytes, idx: np.ndarray, mine: np.ndarray, positions: tuple[int, int]
+) -> ChunkComparison:
+    """The committed chunk read back at the verifier's top-k indices, against its own float16 values."""
+    import numpy as np
+
     theirs = read_back(chunk, idx)
     with np.errstate(invalid="ignore", over="ignore"):
         mine64 = mine.astype(np.float64)

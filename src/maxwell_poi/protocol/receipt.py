@@ -8,9 +8,8 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
-import numpy as np
 from google.protobuf import json_format
 from in_toto_attestation.v1 import statement_pb2
 from in_toto_attestation.v1.statement import Statement
@@ -22,6 +21,9 @@ from .errors import ReceiptFormatError
 from .fingerprint import chunk_size_bytes, chunk_spans
 from .keys import AgentKey
 from .lease import EmbedJob, GenerateJob, Lease, _preview
+
+if TYPE_CHECKING:
+    import numpy as np
 
 STATEMENT_TYPE = "https://in-toto.io/Statement/v1"
 # v3: the optional activation-trace root `trace` (L3, protocol.trace); v2 receipts (no trace) are
@@ -80,6 +82,8 @@ class ReceiptClaims(BaseModel):
         return unpack_tokens(unb64(self.output.tokens, "output.tokens"), self.output.width)
 
     def embedding(self) -> np.ndarray:
+        import numpy as np  # here, not at the top: reading a receipt needs no numpy
+
         if self.output.embedding is None or self.output.shape is None:
             raise ValueError("receipt carries no embedding")
         raw = unb64(self.output.embedding, "output.embedding")
@@ -93,6 +97,8 @@ class ReceiptClaims(BaseModel):
 
 
 def embedding_output(matrix: np.ndarray) -> Output:
+    import numpy as np
+
     arr = np.ascontiguousarray(matrix, dtype="<f4")
     return Output(embedding=b64(arr.tobytes()), shape=list(arr.shape))
 

@@ -8,100 +8,46 @@ decoding; top_k = 0 samples from the whole vocabulary.
 
 The noise is public once the nonce is known; what matters is that nobody knows it before the
 lease is issued, and that an old answer cannot match the noise of a new nonce.
+
+This module is the rule (numpy only, imported inside the functions); the sampler that applies it to
+logits is registry.sampling.SeededSampler (torch).
 """
 
 from __future__ import annotations
 
-import copy
 import hashlib
+from typing import TYPE_CHECKING
 
-import numpy as np
-import torch
+if TYPE_CHECKING:
+    import numpy as np
 
-_GOLDEN = np.uint64(0x9E3779B97F4A7C15)
-_M1 = np.uint64(0xBF58476D1CE4E5B9)
-_M2 = np.uint64(0x94D049BB133111EB)
+_GOLDEN = 0x9E3779B97F4A7C15
+_M1 = 0xBF58476D1CE4E5B9
+_M2 = 0x94D049BB133111EB
 
 
-def _splitmix64(counters: np.ndarray, key: np.uint64) -> np.ndarray:
+def sampling_key(seed: bytes) -> int:
+    """The generator's 64-bit key for a lease seed."""
+    return int.from_bytes(hashlib.blake2b(seed, digest_size=8).digest(), "little")
+
+
+def _splitmix64(counters: np.ndarray, key: int) -> np.ndarray:
+    import numpy as np
+
     with np.errstate(over="ignore"):
-        z = key + (counters + np.uint64(1)) * _GOLDEN
-        z = (z ^ (z >> np.uint64(30))) * _M1
-        z = (z ^ (z >> np.uint64(27))) * _M2
+        z = np.uint64(key) + (counters + np.uint64(1)) * np.uint64(_GOLDEN)
+        z = (z ^ (z >> np.uint64(30))) * np.uint64(_M1)
+        z = (z ^ (z >> np.uint64(27))) * np.uint64(_M2)
         return z ^ (z >> np.uint64(31))
 
 
-class SeededSampler:
-    def __init__(self, seed: bytes, temperature: float, top_k: int = 0) -> None:
-        if temperature < 0:
-            raise ValueError(f"temperature must be >= 0, got {temperature}")
-        if top_k < 0:
-            raise ValueError(f"top_k must be >= 0, got {top_k}")
-        self.temperature = temperature
-        self.top_k = top_k
-        self._key = np.uint64(int.from_bytes(hashlib.blake2b(seed, digest_size=8).digest(), "little"))
-        self.offset = 0  # position 0 here is position `offset` of the lease's answer
+def gumbel_noise(key: int, positions: np.ndarray, ids: np.ndarray, offset: int = 0) -> np.ndarray:
+    """Gumbel(0, 1) noise (float64) for token `ids` at answer positions `offset + positions`
+    (broadcast together): counter (position << 32) | id through SplitMix64 under `key`."""
+    import numpy as np
 
-    def from_position(self, offset: int) -> SeededSampler:
-        """The same draws for a part of the answer that starts at `offset` (a continuation, or a
-        check of the answer's later tokens): its position 0 is the answer's position `offset`."""
-        shifted = copy.copy(self)
-        shifted.offset = self.offset + offset
-        return shifted
-
-    def noise(self, positions: np.ndarray, ids: np.ndarray) -> torch.Tensor:
-        """Gumbel(0, 1) noise for token `ids` at `positions` (broadcast together)."""
-        counters = (
-            (np.asarray(positions, dtype=np.uint64) + np.uint64(self.offset)) << np.uint64(32)
-        ) | np.asarray(ids, dtype=np.uint64)
-        bits = _splitmix64(counters, self._key)
-        u = ((bits >> np.uint64(11)).astype(np.float64) + 0.5) * 2.0**-53  # strictly inside (0, 1)
-        return torch.from_numpy(-np.log(-np.log(u))).float()
-
-    def _candidates(self, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(values, ids) of the logits sampling may pick from, along the last dimension."""
-        vocab = logits.shape[-1]
-        if self.top_k and self.top_k < vocab:
-            return torch.topk(logits, self.top_k, dim=-1)
-        ids = torch.arange(vocab, device=logits.device).expand_as(logits)
-        return logits, ids
-
-    def choose(self, logits: torch.Tensor, position: int) -> int:
-        logits = logits.float()
-        if self.temperature == 0:
-            return int(torch.argmax(logits))
-        values, ids = self._candidates(logits)
-        g = self.noise(np.full(ids.shape, position), ids.cpu().numpy()).to(logits.device)
-        return int(ids[torch.argmax(values / self.temperature + g)])
-
-    def score_gaps(self, logits: torch.Tensor, chosen: list[int], edge_tol: float = 0.0) -> torch.Tensor:
-        """Per position: how far the chosen token is from being the pick (0 = it was the pick).
-
-        `edge_tol` (in logits) is the verifier's allowance for the prover's own rounding: a
-        candidate whose logit is within it of the k-th largest may not have been a candidate for
-        the prover, so it cannot outbid the chosen token; and a chosen token within it below the
-        k-th largest counts as a candidate. For a token outside the top-k by more than that, the
-        gap is at least how far its scaled logit falls short.
-        """
-        logits = logits.float()
-        chosen_t = torch.tensor(chosen, device=logits.device).unsqueeze(1)
-        chosen_logit = logits.gather(1, chosen_t).squeeze(1)
-        if self.temperature == 0:
-            return (logits.max(dim=1).values - chosen_logit - edge_tol).clamp_min(0).cpu()
-        values, ids = self._candidates(logits)
-        positions = np.arange(len(chosen))
-        scores = values / self.temperature + self.noise(positions[:, None], ids.cpu().numpy()).to(
-            logits.device
-        )
-        topk = bool(self.top_k and self.top_k < logits.shape[-1])
-        if topk and edge_tol > 0:  # edge candidates may have been outside the prover's set
-            edge = values < (values[:, -1:] + edge_tol)
-            scores = torch.where(edge & (ids != chosen_t), torch.full_like(scores, -float("inf")), scores)
-        best = scores.max(dim=1).values
-        own_noise = self.noise(positions, np.asarray(chosen)).to(logits.device)
-        own = chosen_logit / self.temperature + own_noise
-        gaps = (best - own - edge_tol / self.temperature).clamp_min(0)
-        if topk:
-            short = ((values[:, -1] - chosen_logit - edge_tol) / self.temperature).clamp_min(0)
-            gaps = torch.maximum(gaps, short)
-        return gaps.cpu()
+    at = np.asarray(positions, dtype=np.uint64) + np.uint64(offset)
+    counters = (at << np.uint64(32)) | np.asarray(ids, dtype=np.uint64)
+    bits = _splitmix64(counters, key)
+    u = ((bits >> np.uint64(11)).astype(np.float64) + 0.5) * 2.0**-53  # strictly inside (0, 1)
+    return -np.log(-np.log(u))

@@ -41,10 +41,13 @@ import io
 import json
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import blake3
-import numpy as np
 from pymerkle import InmemoryTree
+
+if TYPE_CHECKING:
+    import numpy as np
 
 OPS = ("x", "qkv", "attn", "fc", "mlp")  # GPT-2
 LLAMA_OPS = ("x", "q", "k", "v", "o", "gate", "up", "down")
@@ -57,6 +60,8 @@ INT_OPS = ("x", *(f"{op}.{part}" for op in LINEAR for part in ("xq", "acc", "xs"
 
 
 def leaf_digest(nonce: bytes, block: int, op: str, tensor: np.ndarray) -> bytes:
+    import numpy as np
+
     h = blake3.blake3(nonce)
     h.update(block.to_bytes(4, "little") + op.encode())
     if np.issubdtype(tensor.dtype, np.integer):  # int8 inputs, int32 accumulators: their own bytes
@@ -113,6 +118,8 @@ class Trace:
 
     def save(self, path: Path) -> None:
         """Kept by the agent for the dispute window (an uncompressed .npz)."""
+        import numpy as np
+
         path.parent.mkdir(parents=True, exist_ok=True)
         buf = io.BytesIO()
         np.savez(buf, **{f"{b}.{op}": t for (b, op), t in self.tensors.items()})
@@ -120,6 +127,8 @@ class Trace:
 
     @classmethod
     def load(cls, path: Path) -> Trace:
+        import numpy as np
+
         with np.load(path) as data:
             tensors = {(int(k.split(".", 1)[0]), k.split(".", 1)[1]): data[k] for k in data.files}
         return cls(tensors, 1 + max(b for b, _ in tensors))
@@ -170,6 +179,8 @@ def verify_opening(
 
 def opening_line(lease_id: str, opening: Opening) -> bytes:
     """A resident agent's answer to a challenge (protocol.stream.open_request_line), one line."""
+    import numpy as np
+
     tensors = [
         [b, op, t.dtype.str, list(t.shape), base64.b64encode(np.ascontiguousarray(t).tobytes()).decode()]
         for (b, op), t in opening.tensors.items()
@@ -183,6 +194,8 @@ ALLOWED_DTYPES = ("<f4", "|i1", "<i4")
 
 def opening_from_line(line: bytes) -> Opening:
     """The opening in an agent's `{"o": ...}` line; ValueError saying what is wrong otherwise."""
+    import numpy as np
+
     try:
         obj = json.loads(line)
         tensors = {}

@@ -20,9 +20,9 @@ from pydantic import JsonValue
 from ..protocol.keys import AgentKey
 from ..protocol.lease import GenerateJob, Lease
 from ..protocol.receipt import ReceiptClaims, sign_receipt, token_output
-from ..protocol.sampling import SeededSampler
 from ..registry.forward import generate_batch
 from ..registry.models import LoadedModel, Registry
+from ..registry.sampling import SeededSampler
 from .recorder import ActivationRecorder, CommitmentBuilder
 from .sdk import Prover, claims_for
 from .stream import chunk_sink_for, current_lease_sink

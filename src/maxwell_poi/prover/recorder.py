@@ -13,7 +13,7 @@ import blake3
 import torch
 from pymerkle import InmemoryTree
 
-from ..protocol.fingerprint import encode_chunk
+from ..registry.fingerprint import encode_chunk
 from ..registry.models import LoadedModel
 
 

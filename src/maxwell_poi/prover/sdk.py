@@ -27,12 +27,12 @@ from ..protocol.receipt import (
     sign_receipt,
     token_output,
 )
-from ..protocol.sampling import SeededSampler
 from ..protocol.stream import parse_open_request, refusal_line
 from ..protocol.trace import Opening, Trace, opening_line
 from ..registry.blocks import architecture
 from ..registry.forward import embed_one, generate
 from ..registry.models import LoadedModel, ReferenceValues, Registry
+from ..registry.sampling import SeededSampler
 from ..registry.w8a8 import is_w8a8
 from .recorder import ActivationRecorder, CommitmentBuilder
 from .stream import chunk_sink_for, current_sink

@@ -25,9 +25,9 @@ import torch
 from ..protocol.errors import PoiError
 from ..protocol.fingerprint import chunk_spans
 from ..protocol.lease import GenerateJob, Lease
-from ..protocol.sampling import SeededSampler
 from ..registry.forward import KVCached
 from ..registry.models import LoadedModel
+from ..registry.sampling import SeededSampler
 from .recorder import ActivationRecorder, CommitmentBuilder
 from .sdk import Prover
 from .stream import chunk_sink_for, current_sink

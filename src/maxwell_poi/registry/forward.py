@@ -9,8 +9,8 @@ from collections.abc import Callable
 import numpy as np
 import torch
 
-from ..protocol.sampling import SeededSampler
 from .models import BERT_CLS, BERT_SEP, LoadedModel
+from .sampling import SeededSampler
 
 EMBED_MAX_TOKENS = 256  # all-MiniLM-L6-v2 was trained with 256-token inputs
 

@@ -22,6 +22,7 @@ from torch import nn
 
 from ..protocol.errors import PoiError, UnknownModelError
 from ..protocol.files import write_json_atomic
+from .home import poi_home
 from .loaded import (
     BERT_CLS,
     BERT_PAD,
@@ -35,12 +36,6 @@ from .loaded import (
     find_layers,
 )
 from .w8a8 import quantize_blocks
-
-
-def poi_home() -> Path:
-    """Where user state lives (keys, keyring, user models): $POI_HOME or ~/.maxwell-poi."""
-    return Path(os.environ.get("POI_HOME", Path.home() / ".maxwell-poi"))
-
 
 PACKAGED_MODELS = Path(__file__).resolve().parents[1] / "data" / "models"
 GPT2_SMALL = dict(n_embd=768, n_layer=12, n_head=12, n_positions=1024)

@@ -8,10 +8,35 @@
 - `audits.py`   queued L4 audits that finalise verdicts and stakes
 - `control.py`  all of the above without HTTP; `api.py` the routes; `metrics.py` Prometheus
 - `client.py`   the httpx client nodes, agents, the CLI and the benchmarks use
+
+
+Names load on first use (PEP 562): `from maxwell_poi.service import ServiceClient` (the CLI's
+`poi client`) must not import the control plane, and through it torch.
 """
 
-from .client import ServiceClient, ServiceRefused
-from .config import ServiceConfig
-from .control import ControlPlane
+from __future__ import annotations
 
+import importlib
+from typing import TYPE_CHECKING, Any
+
+_HOMES = {
+    "ServiceClient": "client",
+    "ServiceRefused": "client",
+    "ServiceConfig": "config",
+    "ControlPlane": "control",
+}
 __all__ = ["ControlPlane", "ServiceClient", "ServiceConfig", "ServiceRefused"]
+
+if TYPE_CHECKING:
+    from .client import ServiceClient, ServiceRefused
+    from .config import ServiceConfig
+    from .control import ControlPlane
+
+
+def __getattr__(name: str) -> Any:
+    home = _HOMES.get(name)
+    if home is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f"{__name__}.{home}"), name)
+    globals()[name] = value
+    return value

@@ -20,13 +20,14 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from ..observer.host import numerics_class, this_device
-from ..protocol.fingerprint import ChunkComparison, chunk_spans, compare_chunk
+from ..protocol.fingerprint import ChunkComparison, chunk_spans
 from ..protocol.lease import EmbedJob, GenerateJob, Lease
 from ..protocol.receipt import ReceiptClaims
 from ..protocol.result import LayerName
-from ..protocol.sampling import SeededSampler
+from ..registry.fingerprint import compare_chunk
 from ..registry.forward import embed_one, prefill
 from ..registry.models import LoadedModel, Registry
+from ..registry.sampling import SeededSampler
 from .appraisal import Appraisal, Finding, Outcome, TimedLayer, failed, passed, skipped
 from .thresholds import Thresholds, Tolerance
 

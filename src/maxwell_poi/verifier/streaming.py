@@ -19,11 +19,12 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from ..protocol.fingerprint import chunk_spans, compare_chunk
+from ..protocol.fingerprint import chunk_spans
 from ..protocol.lease import GenerateJob, Lease
-from ..protocol.sampling import SeededSampler
+from ..registry.fingerprint import compare_chunk
 from ..registry.forward import KVCached
 from ..registry.models import LoadedModel
+from ..registry.sampling import SeededSampler
 from .thresholds import Tolerance
 
 
