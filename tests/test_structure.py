@@ -187,3 +187,30 @@ def test_every_import_is_declared():
         if not dists & declared:
             missing[name] = sorted(dists) or ["(not installed)"]
     assert not missing, f"imported but not declared in pyproject.toml dependencies: {missing}"
+
+
+# -- the fast path (issue 22 item 5): the wire protocol, the service client and the CLI's entry load
+# no torch, transformers or numpy, so a relying party need not install them and `poi` answers at once
+HEAVY = ("torch", "transformers", "numpy")
+_CLI = (
+    "from typer.testing import CliRunner; from maxwell_poi.cli import app; "
+    "r = CliRunner().invoke(app, {argv!r}); assert r.exit_code == 0, r.output"
+)
+FAST_PATHS = [
+    f"import maxwell_poi.protocol.{f.stem}" for f in sorted((PACKAGE / "protocol").glob("[!_]*.py"))
+]
+FAST_PATHS += ["import maxwell_poi.protocol", "import maxwell_poi", "import maxwell_poi.service.client"]
+FAST_PATHS += [
+    _CLI.format(argv=argv) for argv in (["--help"], ["client", "--help"], ["client", "balance", "--help"])
+]
+
+
+@pytest.mark.parametrize("code", FAST_PATHS)
+def test_the_fast_path_imports_no_torch_nor_numpy(code):
+    import subprocess
+
+    probe = f"{code}\nimport sys\nprint(','.join(m for m in {HEAVY!r} if m in sys.modules))"
+    run = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr[-2000:]
+    loaded = run.stdout.strip().splitlines()[-1] if run.stdout.strip() else ""
+    assert not loaded, f"`{code}` imported {loaded} (expected none of {HEAVY})"
