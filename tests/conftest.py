@@ -41,7 +41,7 @@ def keyring(agent_key):
 def verifier(registry, keyring):
     from maxwell_poi.verifier.policy import Verifier
 
-    return Verifier.default(registry, keyring)
+    return Verifier.offline(registry, keyring)  # receipts alone: no evidence, so L1/L2 not required
 
 
 @pytest.fixture(scope="session")

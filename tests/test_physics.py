@@ -118,9 +118,9 @@ def test_missing_weights_fail_the_memory_check(store, registry):
     assert memory_floor_mb(store.get("gpt2-micro", DEVICE), ref.param_count, "fp32") > 300
 
 
-def test_one_token_lease_has_no_decode_window_and_is_skipped_not_failed(store, registry):
+def test_one_token_lease_has_no_decode_window_and_is_not_measured_not_failed(store, registry):
     one = ThermodynamicLayer(registry, store).appraise(appraisal([1000]))
-    assert one.status is Status.SKIPPED and "no decode window" in one.reason
+    assert one.status is Status.NOT_MEASURED and "no decode window" in one.reason
     silent = ThermodynamicLayer(registry, store).appraise(appraisal(TOKENS, stream=[1000]))
     assert silent.status is Status.FAIL and "decode window" in silent.reason  # 20 leased, 1 streamed
 
@@ -140,13 +140,16 @@ def test_no_stream_and_too_fast_streams_fail_l2(store, registry):
     assert no_window.status is Status.FAIL
 
 
-def test_without_profile_or_evidence_the_layers_skip_and_say_why(tmp_path, registry):
+def test_without_profile_or_evidence_the_layers_are_not_measured_and_say_why(tmp_path, registry):
     empty = ProfileStore(tmp_path / "none.json")
     r = ThermodynamicLayer(registry, empty).appraise(appraisal(TOKENS))
-    assert r.status is Status.SKIPPED and "poi profile gpt2-micro" in r.reason
+    assert r.status is Status.NOT_MEASURED and "poi profile gpt2-micro" in r.reason
+    timing = BoundaryLayer(empty).appraise(appraisal(TOKENS))
+    assert timing.status is Status.NOT_MEASURED and f"no profile for gpt2-micro on {DEVICE}" in timing.reason
     ctx = appraisal(TOKENS)
     ctx.evidence = None
-    assert BoundaryLayer(empty).appraise(ctx).status is Status.SKIPPED
+    offline = BoundaryLayer(empty).appraise(ctx)
+    assert offline.status is Status.NOT_MEASURED and "no Maxwell-side evidence" in offline.reason
 
 
 def test_a_different_lease_on_the_channel_fails_l2(store):

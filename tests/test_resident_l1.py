@@ -104,12 +104,12 @@ def test_a_batch_of_two_that_computed_one_fails_the_work_check(layer):
     assert r.status is Status.FAIL and "batch of 2" in r.reason
 
 
-def test_a_batch_without_a_batched_profile_is_skipped_not_passed(layer, tmp_path, registry):
+def test_a_batch_without_a_batched_profile_is_not_measured_not_passed(layer, tmp_path, registry):
     bare = ProfileStore(tmp_path / "bare.json")
     p = layer.profiles.get("gpt2-micro", f"{this_device()}|resident")
     bare.put(Profile(**{**p.as_dict(), "batch_cpu_s_per_token": {}}))
     r = judge(ThermodynamicLayer(registry, bare), gen_lease(), evidence(0.006, co_leases=1))
-    assert r.status is Status.SKIPPED and "no batch sizes" in r.reason
+    assert r.status is Status.NOT_MEASURED and "no batch sizes" in r.reason
 
 
 def test_work_between_leases_fails_and_an_idle_gap_passes(layer):
@@ -136,4 +136,4 @@ def test_embedding_leases_are_judged_when_resident_and_alone(layer, registry):
     fabricated = judge(layer, embed_lease(), embed_evidence(0.0001 * tokens))
     assert fabricated.status is Status.FAIL and "input tokens" in fabricated.reason
     overlapped = judge(layer, embed_lease(), embed_evidence(0.0001 * tokens, overlapped=2))
-    assert overlapped.status is Status.SKIPPED and "alongside 2 other leases" in overlapped.reason
+    assert overlapped.status is Status.NOT_MEASURED and "alongside 2 other leases" in overlapped.reason

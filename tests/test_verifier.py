@@ -1,5 +1,7 @@
 """Honest provers pass and L0 binding failures are refused, on real forward passes (gpt2-mini,
-llama-small, MiniLM) in-process. The adversary programs themselves are in test_adversaries.py."""
+llama-small, MiniLM) in-process, appraised offline (receipts alone: `Verifier.offline`, so L1 and
+L2 are not required; test_fail_closed.py covers them). The adversary programs themselves are in
+test_adversaries.py."""
 
 from __future__ import annotations
 
@@ -85,7 +87,7 @@ def test_receipt_signed_by_another_key_is_refused(registry, keyring, honest_rece
     lease, _ = honest_receipt
     claims = Prover(AgentKey.generate(), registry).claims(lease)
     raw = sign_receipt(claims, AgentKey.generate())
-    result = Verifier.default(registry, keyring).appraise(lease, raw)
+    result = Verifier.offline(registry, keyring).appraise(lease, raw)
     assert result.caught_by == ["L0-integrity"]
     assert "signature" in result.reason and "not in the keyring" in result.reason
     assert result.layer("L4-audit").status is Status.SKIPPED
@@ -94,9 +96,9 @@ def test_receipt_signed_by_another_key_is_refused(registry, keyring, honest_rece
 def test_unknown_agent_and_unknown_model_are_refused(registry, keyring, honest_receipt):
     lease, raw = honest_receipt
     stranger = lease.model_copy(update={"agent_id": "nobody"})
-    assert "not in the keyring" in Verifier.default(registry, keyring).appraise(stranger, raw).reason
+    assert "not in the keyring" in Verifier.offline(registry, keyring).appraise(stranger, raw).reason
     unknown = lease.model_copy(update={"model_id": "no-such-model"})
-    assert "unknown model" in Verifier.default(registry, keyring).appraise(unknown, raw).reason
+    assert "unknown model" in Verifier.offline(registry, keyring).appraise(unknown, raw).reason
 
 
 @pytest.mark.parametrize(
@@ -112,7 +114,7 @@ def test_receipt_for_another_lease_is_refused(registry, keyring, honest_receipt,
 
         data["seed"] = sampler_seed(value)
     other = Lease.model_validate(data)
-    result = Verifier.default(registry, keyring).appraise(other, raw)
+    result = Verifier.offline(registry, keyring).appraise(other, raw)
     assert result.verdict is Verdict.CONTRAINDICATED
     assert result.reason.startswith(f"L0-integrity: {fragment}: expected")
 
@@ -120,20 +122,20 @@ def test_receipt_for_another_lease_is_refused(registry, keyring, honest_receipt,
 def test_changed_prompt_in_the_lease_breaks_the_input_binding(registry, keyring, honest_receipt):
     lease, raw = honest_receipt
     other = lease.model_copy(update={"job": lease.job.model_copy(update={"prompt": "something else"})})
-    assert "input sha256: expected" in Verifier.default(registry, keyring).appraise(other, raw).reason
+    assert "input sha256: expected" in Verifier.offline(registry, keyring).appraise(other, raw).reason
 
 
 def test_late_receipt_is_refused(registry, keyring, prover):
     lease = Lease.issue(
         "agent-1", "gpt2-mini", GenerateJob(prompt=PROMPT, max_new_tokens=8), ttl_s=1, now=1_000_000.0
     )
-    result = Verifier.default(registry, keyring).appraise(lease, prover.run(lease))
+    result = Verifier.offline(registry, keyring).appraise(lease, prover.run(lease))
     assert "deadline: expected by" in result.reason
 
 
 def test_second_appraisal_of_the_same_lease_is_refused_and_first_kept(registry, keyring, honest_receipt):
     lease, raw = honest_receipt
-    verifier = Verifier.default(registry, keyring)
+    verifier = Verifier.offline(registry, keyring)
     first = verifier.appraise(lease, raw)
     second = verifier.appraise(lease, raw)
     assert first.verdict is Verdict.AFFIRMING
@@ -142,11 +144,11 @@ def test_second_appraisal_of_the_same_lease_is_refused_and_first_kept(registry, 
 
 def test_audit_lottery_skips_l4_and_says_so(registry, keyring, honest_receipt):
     lease, raw = honest_receipt
-    result = Verifier.default(registry, keyring, audit_rate=0.0).appraise(lease, raw)
+    result = Verifier.offline(registry, keyring, audit_rate=0.0).appraise(lease, raw)
     assert result.layer("L4-audit").status is Status.SKIPPED
     assert "lottery" in result.layer("L4-audit").reason
     with pytest.raises(ValueError, match="audit_rate"):
-        Verifier.default(registry, keyring, audit_rate=1.5)
+        Verifier.offline(registry, keyring, audit_rate=1.5)
 
 
 def test_verifier_runs_the_layers_it_is_given(registry, keyring, honest_receipt):
@@ -185,7 +187,7 @@ def test_user_model_from_a_local_directory(tmp_path, registry, prover):
 
     key = AgentKey.generate()
     lease = Lease.issue("me", "my-model", GenerateJob(prompt=PROMPT, max_new_tokens=8))
-    result = Verifier.default(user_registry, Keyring({"me": key.public_hex})).appraise(
+    result = Verifier.offline(user_registry, Keyring({"me": key.public_hex})).appraise(
         lease, Prover(key, user_registry).run(lease)
     )
     assert result.verdict is Verdict.AFFIRMING, result.reason
@@ -203,7 +205,7 @@ def test_token_width_must_fit_the_vocabulary(registry, keyring, agent_key, hones
     lease, raw = honest_receipt
     tokens = open_receipt(raw, len(raw)).claims.tokens()
     wide = token_output(tokens, 1 << 20)  # 4-byte ids for a 30,522-token vocabulary
-    result = Verifier.default(registry, keyring).appraise(lease, _resigned(raw, agent_key, output=wide))
+    result = Verifier.offline(registry, keyring).appraise(lease, _resigned(raw, agent_key, output=wide))
     assert result.reason.startswith("L0-integrity: output token width: expected 2 bytes, got 4")
 
 
@@ -212,6 +214,6 @@ def test_embedding_fingerprints_come_one_chunk_per_text(registry, keyring, agent
     raw = Prover(agent_key, registry).run(lease)
     claims = open_receipt(raw, len(raw)).claims
     bad = _resigned(raw, agent_key, fp=claims.fp.model_copy(update={"chunk": 32}))
-    result = Verifier.default(registry, keyring).appraise(lease, bad)
+    result = Verifier.offline(registry, keyring).appraise(lease, bad)
     assert result.reason.startswith("L0-integrity: fingerprint chunk: expected 1 (one chunk per text)")
-    assert Verifier.default(registry, keyring).appraise(lease, raw).verdict is Verdict.AFFIRMING
+    assert Verifier.offline(registry, keyring).appraise(lease, raw).verdict is Verdict.AFFIRMING

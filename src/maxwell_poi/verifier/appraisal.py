@@ -54,7 +54,20 @@ def failed(reason: str, score: float | None = 0.0, **details: Any) -> Outcome:
 
 
 def skipped(reason: str) -> Outcome:
+    """Not run by policy (a failed gate, a lottery not drawn): no claim either way."""
     return Outcome(Status.SKIPPED, reason)
+
+
+def not_measured(reason: str, **details: Any) -> Outcome:
+    """Could not measure (no evidence, no profile, no decode window): never a pass. The verifier
+    keeps it NOT_MEASURED when the tier requires the layer (verdict at most warning), else SKIPPED."""
+    return Outcome(Status.NOT_MEASURED, reason, None, details)
+
+
+def no_profile(model_id: str, ev: LeaseEvidence) -> str:
+    """Why a layer had no profile, and how to make one."""
+    resident = " --resident" if ev.regime != "oneshot" else ""
+    return f"no profile for {model_id} on {ev.profile_key}: run `poi profile {model_id}{resident}` there"
 
 
 @dataclass(frozen=True)
@@ -80,14 +93,14 @@ class TimedLayer:
 
 
 class EvidenceLayer(TimedLayer):
-    """Base of the layers built on Maxwell's own evidence (L1, L2): skipped without it, and with
-    the reference profile of the leased model on the device Maxwell ran the agent on at hand."""
+    """Base of the layers built on Maxwell's own evidence (L1, L2): not measured without it, and
+    with the reference profile of the leased model on the device Maxwell ran the agent on at hand."""
 
     def __init__(self, profiles: ProfileStore) -> None:
         self.profiles = profiles
 
     def decide(self, ctx: Appraisal) -> Outcome:
-        return skipped(NO_EVIDENCE) if ctx.evidence is None else self.decide_on(ctx, ctx.evidence)
+        return not_measured(NO_EVIDENCE) if ctx.evidence is None else self.decide_on(ctx, ctx.evidence)
 
     def decide_on(self, ctx: Appraisal, ev: LeaseEvidence) -> Outcome:
         raise NotImplementedError

@@ -31,7 +31,7 @@ from ..protocol.fingerprint import chunk_size_bytes
 from ..protocol.lease import GenerateJob
 from ..protocol.result import LayerName
 from ..registry.profiles import Profile
-from .appraisal import Appraisal, EvidenceLayer, Finding, Outcome, failed, passed
+from .appraisal import Appraisal, EvidenceLayer, Finding, Outcome, failed, no_profile, not_measured, passed
 
 BURST_GAP = 0.1  # a gap under this fraction of the profile's median counts as a burst
 MAX_BURST_RUN = 8  # burst gaps in a row allowed: one speculative pass's accepted tokens (block <= 8)
@@ -155,8 +155,14 @@ class BoundaryLayer(EvidenceLayer):
             if problem:
                 return failed(problem.reason)
         profile = self.profile(ctx, ev)
-        if profile is None or len(ev.stream_t) < 3:
-            return passed("streamed tokens match the receipt (no profile for timing)")
+        if profile is None:  # the stream matched, but its pace cannot be judged: not a pass
+            why = no_profile(ctx.lease.model_id, ev)
+            return not_measured(f"timing: {why} (streamed tokens match the receipt)")
+        if len(ev.stream_t) < 3:
+            return not_measured(
+                f"timing: expected at least 3 streamed tokens to judge the pace, got {len(ev.stream_t)} "
+                "(streamed tokens match the receipt)"
+            )
         gaps = np.diff(np.asarray(ev.stream_t))
         mean = float(gaps.mean())
         run = longest_burst(gaps, profile)

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
+from dataclasses import replace
 
 from ..observer.evidence import LeaseEvidence
 from ..protocol.keys import Keyring
@@ -45,7 +46,12 @@ class Verifier:
     """Maxwell's appraisal engine over ready layers: the `gate` (L0) always first, the `always`
     layers (cheap: L1, L2) on every receipt, the `drawn` layers (costly: L4) with probability
     `audit_rate`, drawn after the receipt arrives from the OS CSPRNG so an agent cannot know it.
-    `Verifier.default(registry, keyring)` builds the standard stack."""
+    `Verifier.default(registry, keyring)` builds the standard stack.
+
+    Fail closed: `required` names the layers the tier requires (every layer given, by default). A
+    required layer that could not measure stays NOT_MEASURED, so the verdict is at most a warning
+    naming what was missing; a layer that is not required and could not measure is SKIPPED and
+    does not lower the verdict."""
 
     def __init__(
         self,
@@ -54,12 +60,17 @@ class Verifier:
         drawn: Sequence[Layer] = (),
         *,
         audit_rate: float = 1.0,
+        required: Iterable[LayerName] | None = None,
     ) -> None:
         if not 0.0 <= audit_rate <= 1.0:
             raise ValueError(f"audit_rate must be in [0, 1], got {audit_rate}")
         self.audit_rate = audit_rate
         self.always = [layer.name for layer in always]
         self.drawn = [layer.name for layer in drawn]
+        stack = [gate.name, *self.always, *self.drawn]
+        self.required = frozenset(stack if required is None else required)
+        if unknown := self.required - set(stack):
+            raise ValueError(f"required: expected layers of this stack {stack}, got {sorted(unknown)}")
         self.policy = GateThenDrawn(gate, [*always, *drawn])
 
     @classmethod
@@ -72,16 +83,44 @@ class Verifier:
         thresholds: Thresholds | None = None,
         device: str = "cpu",
         profiles: ProfileStore | None = None,
+        required: Iterable[LayerName] | None = None,
     ) -> Verifier:
         """L0 gate; L1 and L2 on the device profiles in `profiles` ($POI_HOME by default) with the
-        shipped workload classifier; L4 on `device` with the shipped (or given) thresholds."""
+        shipped workload classifier; L4 on `device` with the shipped (or given) thresholds. Every
+        layer required unless `required` says otherwise: L1 and L2 need Maxwell's evidence and the
+        model's profile on the agent's device class (`poi profile`), or the verdict is a warning."""
         profiles = profiles or ProfileStore()
         return cls(
             IntegrityLayer(registry, keyring),
             [ThermodynamicLayer(registry, profiles, WorkloadClassifier.load()), BoundaryLayer(profiles)],
             [AuditLayer(registry, thresholds, device)],
             audit_rate=audit_rate,
+            required=required,
         )
+
+    @classmethod
+    def offline(
+        cls, registry: Registry, keyring: Keyring, *, audit_rate: float = 1.0, device: str = "cpu"
+    ) -> Verifier:
+        """A receipt alone, with no Maxwell-side evidence (`poi verify`): L0 and L4 required; L1 and
+        L2 still run and say they could not measure, as SKIPPED (not required offline) — the result
+        shows what was not checked instead of leaving it out."""
+        return cls.default(
+            registry,
+            keyring,
+            audit_rate=audit_rate,
+            device=device,
+            required=(LayerName.INTEGRITY, LayerName.AUDIT),
+        )
+
+    def settle_required(self, layers: list[LayerResult]) -> list[LayerResult]:
+        """A layer that could not measure and is not required here is SKIPPED, saying why."""
+        return [
+            replace(r, status=Status.SKIPPED, reason=f"not required here; could not measure: {r.reason}")
+            if r.status is Status.NOT_MEASURED and r.layer not in self.required
+            else r
+            for r in layers
+        ]
 
     def _draw_audit(self) -> bool:
         return draw_audit(self.audit_rate)
@@ -101,7 +140,7 @@ class Verifier:
         run = set(self.always)
         if self._draw_audit():
             run.update(self.drawn)
-        layers = self.policy.appraise(ctx, run)
+        layers = self.settle_required(self.policy.appraise(ctx, run))
         return AttestationResult(
             lease_id=lease.lease_id,
             agent_id=lease.agent_id,

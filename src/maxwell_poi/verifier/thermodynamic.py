@@ -39,7 +39,7 @@ from ..protocol.lease import EmbedJob, GenerateJob, Lease
 from ..protocol.result import LayerName, Status
 from ..registry.models import ReferenceValues, Registry
 from ..registry.profiles import Profile, ProfileStore, Stats
-from .appraisal import Appraisal, EvidenceLayer, Finding, Outcome, failed, passed, skipped
+from .appraisal import Appraisal, EvidenceLayer, Finding, Outcome, failed, no_profile, not_measured, passed
 from .classify import WorkloadClassifier, trace_features
 
 CLASSIFIER_REJECT_BELOW = 0.2  # P(inference) under which the trace shape alone rejects
@@ -277,22 +277,23 @@ class ThermodynamicLayer(EvidenceLayer):
             return failed(problem.reason, problem.score, idle_gap_s=idle.gap_s, idle_cpu_s=idle.cpu_s)
         profile = self.profile(ctx, ev)
         if profile is None:
-            return skipped(
-                f"no reference profile for {lease.model_id} on {ev.profile_key}: "
-                f"run `poi profile {lease.model_id}`" + (" --resident" if ev.regime != "oneshot" else "")
-            )
+            return not_measured(no_profile(lease.model_id, ev))
         if isinstance(lease.job, EmbedJob):
             return self.embedding(ctx, ev, profile)
         assert isinstance(lease.job, GenerateJob)
         if lease.job.max_new_tokens < 2:
-            return skipped("a one-token lease has no decode window (first to last streamed token)")
+            return not_measured("a one-token lease has no decode window (first to last streamed token)")
         if ev.decode_window is None:
             return failed(
                 f"work: expected streamed tokens to measure the decode window, got {len(ev.stream_tokens)}"
             )
         per_token = per_token_stats(profile, ev)
         if per_token is None:
-            return skipped(f"batched with {ev.co_leases} other leases, and the profile has no batch sizes")
+            return not_measured(
+                f"batched with {ev.co_leases} other leases, and the profile of {lease.model_id} on "
+                f"{ev.profile_key} has no batch sizes: run `poi profile {lease.model_id} --resident "
+                "--batch ...`"
+            )
         w = DecodeWork.of(ev, profile, self.registry.reference(lease.model_id), lease, per_token)
         details = w.details()
         for check in (physics_floor, work_per_token, memory_floor):
@@ -316,12 +317,12 @@ class ThermodynamicLayer(EvidenceLayer):
         lease = ctx.lease
         assert isinstance(lease.job, EmbedJob)
         if ev.regime == "oneshot" or profile.embed_cpu_s_per_token is None:
-            return skipped(
+            return not_measured(
                 "embedding jobs are one short forward pass: judged only for resident agents, whose "
                 "lease window holds no process start-up (and with a resident embedding profile)"
             )
         if ev.overlapped:
-            return skipped(
+            return not_measured(
                 f"embedding lease served alongside {ev.overlapped} other leases: this prototype "
                 "judges embedding work only for leases alone in their window"
             )
