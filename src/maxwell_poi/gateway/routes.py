@@ -21,18 +21,29 @@ from collections.abc import AsyncIterator
 from typing import Annotated, Any
 
 import anyio
-from fastapi import Depends, FastAPI, Header
+from fastapi import APIRouter, Depends, FastAPI, Header, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 from prometheus_client import Counter, Gauge
 from pydantic import BaseModel, ConfigDict, Field
 
 from ..protocol.lease import Precision
-from ..service.api import signed_by
-from ..service.auth import check_admin
+from ..service.deps import Admin, AgentId, NodeId
 from ..service.errors import ApiError
 from .gateway import Gateway, Started, decode_increment
 from .live import ClientEvent
 from .openai_wire import ChatRequest, CompletionRequest, Shape, error_body, usage
+from .responses import (
+    SSE,
+    ChatCompletion,
+    MaxwellView,
+    ModelCard,
+    ModelList,
+    OfferView,
+    RelayAnswer,
+    RequesterBalance,
+    RequesterKey,
+    TextCompletion,
+)
 
 UNVERIFIED = ("contraindicated", "warning")  # a completion the requester is not charged for
 EVENT_WAIT_S = 120.0  # longest wait for the next token before the response gives up
@@ -69,8 +80,112 @@ class RelayBody(BaseModel):
     )
 
 
+async def get_gateway(request: Request) -> Gateway:
+    return request.app.state.gateway
+
+
+GatewayDep = Annotated[Gateway, Depends(get_gateway)]
+
+
+async def requester(gateway: GatewayDep, authorization: Annotated[str | None, Header()] = None) -> str:
+    """The requester id of `Authorization: Bearer <API key>` (401 otherwise)."""
+    return gateway.authenticate(authorization)
+
+
+Requester = Annotated[str, Depends(requester)]
+JSON_OR_SSE = {200: {"content": SSE, "description": "the completion (JSON), or its SSE stream"}}
+
+# requesters (API key), OpenAI's routes and Maxwell's verdict of a completion
+requesters = APIRouter(tags=["gateway"])
+
+
+@requesters.get("/v1/models", response_model=ModelList)
+def models(gateway: GatewayDep) -> ModelList:
+    return ModelList(data=[ModelCard.model_validate(m) for m in gateway.models()])
+
+
+@requesters.get("/v1/models/{model_id}", response_model=ModelCard)
+def model(model_id: str, gateway: GatewayDep) -> ModelCard:
+    for m in gateway.models():
+        if m["id"] == model_id:
+            return ModelCard.model_validate(m)
+    raise ApiError(404, "a model of GET /v1/models", f"unknown model {model_id[:128]!r}")
+
+
+@requesters.post(
+    "/v1/completions", response_model=TextCompletion, response_model_exclude_unset=True, responses=JSON_OR_SSE
+)
+async def completions(body: CompletionRequest, requester_id: Requester, gateway: GatewayDep) -> Any:
+    return await _answer(gateway, requester_id, body, chat=False)
+
+
+@requesters.post(
+    "/v1/chat/completions",
+    response_model=ChatCompletion,
+    response_model_exclude_unset=True,
+    responses=JSON_OR_SSE,
+)
+async def chat(body: ChatRequest, requester_id: Requester, gateway: GatewayDep) -> Any:
+    return await _answer(gateway, requester_id, body, chat=True)
+
+
+@requesters.get(
+    "/v1/maxwell/completions/{lease_id}", response_model=MaxwellView, response_model_exclude_unset=True
+)
+def verdict(lease_id: str, requester_id: Requester, gateway: GatewayDep) -> MaxwellView:
+    gateway.owns(requester_id, lease_id)
+    return MaxwellView.model_validate(gateway.attestation(lease_id))
+
+
+# Maxwell (admin token): requesters and their money
+admin = APIRouter(prefix="/v1/admin/requesters", tags=["admin"], dependencies=[Admin])
+
+
+@admin.post("", status_code=201, response_model=RequesterKey)
+def enroll_requester(body: RequesterBody, gateway: GatewayDep) -> RequesterKey:
+    return RequesterKey.model_validate(gateway.enroll_requester(body.requester_id, body.deposit_micro))
+
+
+@admin.post("/{requester_id}/deposits", response_model=RequesterBalance)
+def deposit(requester_id: str, body: RequesterDeposit, gateway: GatewayDep) -> RequesterBalance:
+    answer = gateway.deposit(requester_id, body.amount_micro, f"{requester_id}:{body.key}")
+    return RequesterBalance.model_validate(answer)
+
+
+# agents (signed): standing offers
+agents = APIRouter(tags=["agent"])
+
+
+@agents.post("/v1/agent/offers", response_model=OfferView)
+def offer(body: OfferBody, agent_id: AgentId, gateway: GatewayDep) -> OfferView:
+    made = gateway.offer(
+        agent_id,
+        body.model_id,
+        body.precision,
+        body.ask_micro_per_token,
+        body.price_micro_per_j,
+        body.stake_micro,
+    )
+    return OfferView.model_validate(made)
+
+
+# nodes (signed): the stream relay of a gateway lease
+nodes = APIRouter(tags=["node"])
+
+
+@nodes.post("/v1/node/stream/{lease_id}", response_model=RelayAnswer)
+def relay(lease_id: str, body: RelayBody, node_id: NodeId, gateway: GatewayDep) -> RelayAnswer:
+    gateway.check_node(node_id, lease_id)
+    try:
+        chunks = [(i, base64.b64decode(data, validate=True)) for i, data in body.chunks]
+    except ValueError:  # binascii.Error, or text that is not ASCII at all
+        raise ApiError(422, "chunks as [index, base64]", "data that is not base64") from None
+    return RelayAnswer(cut=gateway.relay(node_id, lease_id, body.tokens, chunks))
+
+
 def mount_gateway(app: FastAPI, gateway: Gateway) -> None:
-    control = gateway.control
+    """The gateway's routers and its metrics, on the control plane's app (`create_app`)."""
+    app.state.gateway = gateway
     registry = app.state.metrics.registry  # the control plane's /metrics
     outcomes = Counter(
         "poi_gateway_completions",
@@ -82,70 +197,8 @@ def mount_gateway(app: FastAPI, gateway: Gateway) -> None:
     Gauge("poi_gateway_streaming", "gateway leases streaming now", registry=registry).set_function(
         lambda: len(gateway.live)
     )
-
-    async def admin(authorization: Annotated[str | None, Header()] = None) -> None:
-        check_admin(authorization, control.admin_token)
-
-    async def requester(authorization: Annotated[str | None, Header()] = None) -> str:
-        return gateway.authenticate(authorization)
-
-    Requester = Annotated[str, Depends(requester)]
-
-    @app.get("/v1/models", tags=["gateway"])
-    def models() -> dict[str, Any]:
-        return {"object": "list", "data": gateway.models()}
-
-    @app.get("/v1/models/{model_id}", tags=["gateway"])
-    def model(model_id: str) -> dict[str, Any]:
-        for m in gateway.models():
-            if m["id"] == model_id:
-                return m
-        raise ApiError(404, "a model of GET /v1/models", f"unknown model {model_id[:128]!r}")
-
-    @app.post("/v1/completions", tags=["gateway"])
-    async def completions(body: CompletionRequest, requester_id: Requester) -> Any:
-        return await _answer(gateway, requester_id, body, chat=False)
-
-    @app.post("/v1/chat/completions", tags=["gateway"])
-    async def chat(body: ChatRequest, requester_id: Requester) -> Any:
-        return await _answer(gateway, requester_id, body, chat=True)
-
-    @app.get("/v1/maxwell/completions/{lease_id}", tags=["gateway"])
-    def verdict(lease_id: str, requester_id: Requester) -> dict[str, Any]:
-        gateway.owns(requester_id, lease_id)
-        return gateway.attestation(lease_id)
-
-    @app.post("/v1/admin/requesters", tags=["admin"], dependencies=[Depends(admin)], status_code=201)
-    def enroll_requester(body: RequesterBody) -> dict[str, Any]:
-        return gateway.enroll_requester(body.requester_id, body.deposit_micro)
-
-    @app.post("/v1/admin/requesters/{requester_id}/deposits", tags=["admin"], dependencies=[Depends(admin)])
-    def deposit(requester_id: str, body: RequesterDeposit) -> dict[str, Any]:
-        return gateway.deposit(requester_id, body.amount_micro, f"{requester_id}:{body.key}")
-
-    @app.post("/v1/agent/offers", tags=["agent"])
-    def offer(
-        body: OfferBody, agent_id: Annotated[str, Depends(signed_by(control, "agent"))]
-    ) -> dict[str, Any]:
-        return gateway.offer(
-            agent_id,
-            body.model_id,
-            body.precision,
-            body.ask_micro_per_token,
-            body.price_micro_per_j,
-            body.stake_micro,
-        )
-
-    @app.post("/v1/node/stream/{lease_id}", tags=["node"])
-    def relay(
-        lease_id: str, body: RelayBody, node_id: Annotated[str, Depends(signed_by(control, "node"))]
-    ) -> dict[str, Any]:
-        gateway.check_node(node_id, lease_id)
-        try:
-            chunks = [(i, base64.b64decode(data, validate=True)) for i, data in body.chunks]
-        except ValueError:  # binascii.Error, or text that is not ASCII at all
-            raise ApiError(422, "chunks as [index, base64]", "data that is not base64") from None
-        return {"cut": gateway.relay(node_id, lease_id, body.tokens, chunks)}
+    for router in (requesters, admin, agents, nodes):
+        app.include_router(router)
 
 
 async def _answer(

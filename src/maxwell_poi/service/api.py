@@ -13,48 +13,32 @@
     Maxwell    GET  /v1/admin/leases/{id}/challenges (what was asked of an exact-tier lease, and when)
 
 Every refusal is a 4xx with `{"error": {status, expected, got, message}}`; a 500 is a bug.
+Every other answer is a model of service.wire (the routes: service.routes.{service,admin,agent,node}).
 """
 
-import base64
 import logging
-import time
-from dataclasses import asdict
-from typing import Annotated, Any
+from typing import Any
 
-from fastapi import Depends, FastAPI, Header, Query, Request, Response
+from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
-from sqlalchemy import select
-from sqlalchemy.orm import Session
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..ledger import LedgerError
 from ..protocol.errors import PoiError
-from .auth import check_admin, verify_request
 from .control import ControlPlane
 from .dashboard import mount_dashboard
 from .errors import ApiError
 from .metrics import ServiceMetrics
-from .wire import (
-    BidBody,
-    Deposit,
-    DisputeBody,
-    EnrollAgent,
-    EnrollNode,
-    ErrorBody,
-    IntakeAnswer,
-    IntakeBody,
-    LeaseView,
-    OpeningBody,
-    PolicyBody,
-    PullBody,
-)
+from .routes import admin, agent, node, service
+from .wire import ErrorBody
 
 log = logging.getLogger(__name__)
 
 
 def create_app(control: ControlPlane) -> FastAPI:
+    """The app over `control`: one router per role (service.routes), each route's dependencies from
+    service.deps, the request and response models from service.wire."""
     app = FastAPI(
         title="Maxwell Proof of Inference — control plane",
         version="1",
@@ -67,192 +51,10 @@ def create_app(control: ControlPlane) -> FastAPI:
     app.state.metrics = metrics
     _errors(app)
     _limits(app, control, metrics)
-
-    async def admin(authorization: Annotated[str | None, Header()] = None) -> None:
-        check_admin(authorization, control.admin_token)
-
-    Admin = Depends(admin)
-    AgentId = Annotated[str, Depends(signed_by(control, "agent"))]
-    NodeId = Annotated[str, Depends(signed_by(control, "node"))]
-
-    @app.get("/healthz", tags=["service"])
-    def healthz() -> dict[str, Any]:
-        with Session(control.ledger.engine) as session:
-            session.execute(select(1))
-        return {
-            "status": "ok",
-            "db": control.ledger.engine.dialect.name,
-            "audit_queue": control.audits.depth(),
-        }
-
-    @app.get("/metrics", tags=["service"], response_class=Response)
-    def prometheus() -> Response:
-        return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
-
-    @app.get("/v1/ear-key", tags=["service"])
-    def ear_key() -> dict[str, str]:
-        """Maxwell's public key for the EAR JWTs, as a JWK (OKP, Ed25519)."""
-        x = base64.urlsafe_b64encode(bytes.fromhex(control.ear_key.public_hex)).rstrip(b"=").decode()
-        return {"kty": "OKP", "crv": "Ed25519", "x": x, "kid": control.ear_key.keyid, "alg": "EdDSA"}
-
-    # -- Maxwell ------------------------------------------------------------------------------------
-
-    @app.post("/v1/admin/agents", tags=["admin"], dependencies=[Admin], status_code=201)
-    def enroll_agent(body: EnrollAgent, response: Response) -> dict[str, Any]:
-        view, created = control.enroll_agent(body)
-        response.status_code = 201 if created else 200
-        return view
-
-    @app.post("/v1/admin/nodes", tags=["admin"], dependencies=[Admin], status_code=201)
-    def enroll_node(body: EnrollNode, response: Response) -> dict[str, Any]:
-        view, created = control.enroll_node(body)
-        response.status_code = 201 if created else 200
-        return view
-
-    @app.post("/v1/admin/deposits", tags=["admin"], dependencies=[Admin])
-    def deposit(body: Deposit) -> dict[str, Any]:
-        return control.deposit(body)
-
-    @app.get("/v1/admin/policy", tags=["admin"], dependencies=[Admin])
-    def get_policy() -> dict[str, Any]:
-        return asdict(control.policy)
-
-    @app.put("/v1/admin/policy", tags=["admin"], dependencies=[Admin])
-    def put_policy(body: PolicyBody) -> dict[str, Any]:
-        return control.set_policy(body)
-
-    @app.get("/v1/admin/ledger", tags=["admin"], dependencies=[Admin])
-    def ledger() -> dict[str, Any]:
-        return control.ledger_report()
-
-    @app.get("/v1/admin/config", tags=["admin"], dependencies=[Admin])
-    def config() -> dict[str, Any]:
-        return control.config.describe()
-
-    @app.get("/v1/admin/leases", tags=["admin"], dependencies=[Admin])
-    def all_leases(
-        agent_id: Annotated[str, Query(max_length=128)],
-        limit: Annotated[int, Query(ge=1, le=1000)] = 100,
-        offset: Annotated[int, Query(ge=0, le=10**9)] = 0,
-    ) -> list[LeaseView]:
-        return control.leases_of(agent_id, limit, offset)
-
-    @app.get("/v1/admin/leases/{lease_id}/challenges", tags=["admin"], dependencies=[Admin])
-    def lease_challenges(lease_id: str) -> list[dict[str, Any]]:
-        """Every opening asked of an exact-tier lease's agent: kind, keys, deadline, what came back."""
-        return control.challenges.of_lease(lease_id)
-
-    # -- agents -------------------------------------------------------------------------------------
-
-    @app.post("/v1/bids", tags=["agent"], status_code=201)
-    def bid(body: BidBody, agent_id: AgentId, response: Response) -> dict[str, Any]:
-        view, created = control.market.place_bid(agent_id, body)
-        response.status_code = 201 if created else 200
-        return view
-
-    @app.get("/v1/agent/bids", tags=["agent"])
-    def my_bids(
-        agent_id: AgentId,
-        limit: Annotated[int, Query(ge=1, le=1000)] = 100,
-        offset: Annotated[int, Query(ge=0, le=10**9)] = 0,
-    ) -> list[dict[str, Any]]:
-        return control.market.bids_of(agent_id, limit, offset)
-
-    @app.get("/v1/agent/leases", tags=["agent"])
-    def my_leases(
-        agent_id: AgentId,
-        limit: Annotated[int, Query(ge=1, le=1000)] = 100,
-        offset: Annotated[int, Query(ge=0, le=10**9)] = 0,
-    ) -> list[LeaseView]:
-        return control.leases_of(agent_id, limit, offset)
-
-    @app.get("/v1/agent/leases/{lease_id}", tags=["agent"])
-    def my_lease(lease_id: str, agent_id: AgentId) -> LeaseView:
-        return control.lease_view(*control.own_lease(agent_id, lease_id))
-
-    @app.get("/v1/agent/leases/{lease_id}/ear", tags=["agent"])
-    def my_ear(lease_id: str, agent_id: AgentId) -> dict[str, str]:
-        """The lease's attestation result as an EAR JWT signed by Maxwell (key: /v1/ear-key)."""
-        return {"lease_id": lease_id, "ear": control.ear(agent_id, lease_id)}
-
-    @app.post("/v1/agent/leases/{lease_id}/dispute", tags=["agent"], status_code=201)
-    def my_dispute(lease_id: str, body: DisputeBody, agent_id: AgentId, response: Response) -> dict[str, Any]:
-        view, created = control.dispute(agent_id, lease_id, body)
-        response.status_code = 201 if created else 200
-        return view
-
-    @app.get("/v1/agent/balance", tags=["agent"])
-    def my_balance(agent_id: AgentId) -> dict[str, Any]:
-        return control.balance(agent_id)
-
-    # -- nodes --------------------------------------------------------------------------------------
-
-    @app.post("/v1/node/pull", tags=["node"])
-    def pull(body: PullBody, node_id: NodeId) -> dict[str, Any]:
-        """One auction round against this node's headroom; its leases, with each agent's command."""
-        limit = min(body.max_leases, control.config.max_leases_per_pull)
-        body = body.model_copy(update={"max_leases": limit})
-        pulled = control.market.pull(node_id, body)
-        challenges = control.challenges.open_for(node_id)
-        if not pulled and not challenges and body.wait_s > 0:  # long poll: a directed (gateway) lease
-            control.market.wait_for_leases(body.wait_s)  # or an L3 challenge wakes it at once
-            pulled = control.market.pull(node_id, body)
-            challenges = control.challenges.open_for(node_id)
-        return {
-            "node_id": node_id,
-            "leases": [
-                {
-                    "lease": p.lease.model_dump(mode="json"),
-                    "command": p.command,
-                    "tier": p.tier,
-                    "audit_probability": p.audit_probability,
-                    "stream_to": control.stream_to(p.lease.lease_id),
-                }
-                for p in pulled
-            ],
-            "challenges": challenges,
-        }
-
-    @app.post("/v1/node/openings", tags=["node"])
-    def opening(body: OpeningBody, node_id: NodeId) -> dict[str, Any]:
-        """The lease's node hands in its agent's answer to an L3 challenge (checked by Maxwell)."""
-        return control.challenges.answer(node_id, body)
-
-    @app.post("/v1/node/intake", tags=["node"])
-    def intake(body: IntakeBody) -> IntakeAnswer:
-        t0 = time.perf_counter()
-        try:
-            answer, result = control.intake.submit(body)
-        except ApiError:
-            metrics.intake.labels("refused").inc()
-            raise
-        if result is not None:
-            metrics.appraised(result, answer.final)
-            if not answer.final:
-                control.queue_audit(answer.lease_id, answer.audit_drawn)
-        metrics.intake.labels("duplicate" if answer.duplicate else "accepted").inc()
-        metrics.intake_seconds.observe(time.perf_counter() - t0)
-        return answer
-
+    for router in (service.router, admin.router, agent.router, node.router):
+        app.include_router(router)
     mount_dashboard(app, control)
     return app
-
-
-def signed_by(control: ControlPlane, role: str):  # noqa: ANN201 - a FastAPI dependency
-    """A dependency: the id of the enrolled `role` ("agent" or "node") that signed this request."""
-
-    async def dependency(request: Request) -> str:
-        body = await request.body()
-        path = request.url.path + (f"?{request.url.query}" if request.url.query else "")
-        keyrings = {"agent": control.agents, "node": control.nodes}
-        got_role, ident = verify_request(
-            request.headers, request.method, path, body, keyrings, control.config.request_skew_s
-        )
-        if got_role != role:
-            raise ApiError(403, f"a request signed by an {role}", f"one signed by {got_role} {ident!r}")
-        return ident
-
-    return dependency
 
 
 def _errors(app: FastAPI) -> None:
@@ -343,4 +145,4 @@ def _short(value: Any) -> str:
     return text if len(text) <= 120 else text[:117] + "..."
 
 
-__all__ = ["BodyLimit", "create_app", "signed_by"]
+__all__ = ["BodyLimit", "create_app"]

@@ -32,6 +32,7 @@ from .auth import check_admin
 from .control import ControlPlane
 from .errors import ApiError
 from .schema import AgentRow, CompletionRow, LeaseRow, NodeRow, ReceiptRow, VerdictRow
+from .wire import DashboardView
 
 MAX_LEASES = 500
 DEFAULT_LEASES = 50
@@ -87,7 +88,9 @@ def mount_dashboard(app: FastAPI, control: ControlPlane) -> None:
     def dashboard_asset(name: str) -> Response:
         return static.asset(name)
 
-    @app.get("/v1/admin/dashboard", tags=["admin"], dependencies=[Depends(admin)])
+    @app.get(
+        "/v1/admin/dashboard", tags=["admin"], dependencies=[Depends(admin)], response_model=DashboardView
+    )
     def dashboard_data(
         limit: Annotated[int, Query(ge=1, le=MAX_LEASES)] = DEFAULT_LEASES,
     ) -> dict[str, Any]:

@@ -1,4 +1,8 @@
-"""Request and response bodies of the control plane's HTTP API (pydantic: they are the OpenAPI spec)."""
+"""Request and response bodies of the control plane's HTTP API (pydantic: they are the OpenAPI spec).
+
+Requests are `Strict` (an unknown field is a 422); responses are what the routes declare as their
+`response_model` and what `ServiceClient` returns, so the server and its client speak one contract.
+"""
 
 from __future__ import annotations
 
@@ -108,16 +112,133 @@ class ErrorBody(BaseModel):
     error: ErrorDetail
 
 
-class IntakeAnswer(BaseModel):
-    lease_id: str
-    duplicate: bool
+# -- responses: anyone ------------------------------------------------------------------------------
+
+
+class Health(BaseModel):
+    status: str
+    db: str = Field(description="the database dialect (sqlite, postgresql)")
+    audit_queue: int
+
+
+class EarKey(BaseModel):
+    """Maxwell's EAR signing key as a JWK (OKP, Ed25519)."""
+
+    kty: str
+    crv: str
+    x: str
+    kid: str
+    alg: str
+
+
+# -- responses: Maxwell -----------------------------------------------------------------------------
+
+
+class AgentView(BaseModel):
+    agent_id: str
+    public_key: str
+    command: list[str]
+
+
+class NodeView(BaseModel):
+    node_id: str
+    public_key: str
+
+
+class DepositAnswer(BaseModel):
+    transfer_id: int
+    created: bool = Field(description="False: this idempotency key deposited before; nothing moved now")
+    agent_id: str
+    wallet_micro: int
+    escrow_micro: int
+
+
+class PolicyView(BaseModel):
+    """The tier policy in force (economics.TierPolicy)."""
+
+    medium_from_value: float
+    high_from_value: float
+    audit_cost_fraction: float
+    upgrade_headroom_factor: float
+    margin: float
+    exact_from_value: float | None
+    exact_cost_fraction: float
+
+
+class LedgerCheckView(BaseModel):
+    ok: bool
+    problems: list[str]
+    accounts: int
+    transfers: int
+    entries: int
+
+
+class LedgerReport(BaseModel):
+    balances: dict[str, int] = Field(description="every account's balance, micro-units")
+    check: LedgerCheckView
+
+
+class ConfigView(BaseModel):
+    """The control plane's settings (service.ServiceConfig): the database without its password, and
+    where the admin token comes from instead of the token."""
+
+    model_config = ConfigDict(extra="allow")  # a setting added to ServiceConfig still shows
+    db: str
+    host: str
+    port: int
+    admin_token: str
+
+
+class ChallengeView(BaseModel):
+    """One opening asked of an exact-tier lease's agent (admin view)."""
+
+    challenge_id: int
+    kind: str
+    keys: list[tuple[int, str]] = Field(description="[block, op] of each tensor asked for")
+    status: str
+    asked_at: float
+    deadline: float
+    answered_at: float | None
+    answer_bytes: int
+
+
+# -- responses: agents ------------------------------------------------------------------------------
+
+
+class BidView(BaseModel):
+    bid_id: str
+    agent_id: str
+    model_id: str
+    price_micro_per_j: int
+    stake_micro: int
+    expected_j: float
+    status: str
+    reason: str
+    lease_id: str | None
+
+
+class LayerView(BaseModel):
+    """One verification layer's result (protocol.result.LayerResult.as_dict)."""
+
+    layer: str
+    status: str
+    reason: str
+    score: float | None = None
+    cost_s: float = 0.0
+    details: dict[str, Any] = Field(default_factory=dict)
+
+
+class VerdictView(BaseModel):
     verdict: str
     final: bool
     audit_drawn: bool
     reason: str
+    layers: list[LayerView]
     energy_j: float
+    energy_memo: str
     charge_micro: int
     stake_outcome: str
+    appraised_at: float
 
 
 class LeaseView(BaseModel):
@@ -131,5 +252,80 @@ class LeaseView(BaseModel):
     price_micro_per_j: int
     hold_micro: int
     stake_micro: int
-    lease: dict[str, Any]
-    verdict: dict[str, Any] | None = None
+    lease: dict[str, Any] = Field(description="the signed lease (protocol.lease.Lease)")
+    verdict: VerdictView | None = None
+
+
+class EarAnswer(BaseModel):
+    lease_id: str
+    ear: str = Field(description="an EAR JWT signed by Maxwell (key: GET /v1/ear-key)")
+
+
+class DisputeView(BaseModel):
+    lease_id: str
+    statement: str
+    created_at: float
+
+
+class BalanceView(BaseModel):
+    agent_id: str
+    wallet_micro: int
+    escrow_micro: int
+
+
+# -- responses: nodes -------------------------------------------------------------------------------
+
+
+class PulledLeaseView(BaseModel):
+    lease: dict[str, Any] = Field(description="the signed lease (protocol.lease.Lease)")
+    command: list[str] = Field(description="the agent's enrolled command (argv)")
+    tier: str
+    audit_probability: float
+    stream_to: str | None = Field(description="where to relay its tokens as they arrive (gateway leases)")
+
+
+class OpenChallenge(BaseModel):
+    """An L3 challenge waiting for the node's agent: open these tensors before `timeout_s`."""
+
+    challenge_id: int
+    lease_id: str
+    agent_id: str
+    keys: list[tuple[int, str]]
+    timeout_s: float
+
+
+class PullAnswer(BaseModel):
+    node_id: str
+    leases: list[PulledLeaseView]
+    challenges: list[OpenChallenge]
+
+
+class OpeningAnswer(BaseModel):
+    challenge_id: int
+    lease_id: str
+    status: str
+
+
+class IntakeAnswer(BaseModel):
+    lease_id: str
+    duplicate: bool
+    verdict: str
+    final: bool
+    audit_drawn: bool
+    reason: str
+    energy_j: float
+    charge_micro: int
+    stake_outcome: str
+
+
+class DashboardView(BaseModel):
+    """What the dashboard page draws (service.dashboard.snapshot); each row is the page's own view."""
+
+    generated_at: float
+    limits: dict[str, int] = Field(description="how many of each kind the snapshot holds at most")
+    agents: list[dict[str, Any]]
+    nodes: list[dict[str, Any]]
+    leases: list[dict[str, Any]]
+    balances: list[dict[str, Any]] = Field(description="wallet and escrow balances over time")
+    traces: list[dict[str, Any]] = Field(description="token/CPU traces of the newest leases with a receipt")
+    completions: list[dict[str, Any]]
