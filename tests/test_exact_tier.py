@@ -160,7 +160,7 @@ def test_a_wrong_block_drawn_by_the_challenge_is_caught_by_l3_and_the_stake_slas
     tier: Tier, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setattr(exact_audits, "draw_blocks", lambda total, count: [1])  # mallory's block
-    monkeypatch.setattr(intake, "_draw", lambda p: False)  # no L4: L3 alone
+    monkeypatch.setattr(intake, "draw_audit", lambda p: False)  # no L4: L3 alone
     slashed = tier.cp.ledger.balances().get("maxwell:slashed", 0)
     answer = tier.serve("mallory", "m1")
     assert (answer["verdict"], answer["final"]) == ("affirming", False)  # L0-L2 cannot see it
@@ -179,7 +179,7 @@ def test_a_wrong_block_drawn_by_the_challenge_is_caught_by_l3_and_the_stake_slas
 def test_when_l4_disagrees_a_dispute_bisects_to_the_wrong_block_and_names_it(
     tier: Tier, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(intake, "_draw", lambda p: True)  # the L4 lottery drew it
+    monkeypatch.setattr(intake, "draw_audit", lambda p: True)  # the L4 lottery drew it
     answer = tier.serve("mallory", "m2")
     assert (answer["final"], answer["audit_drawn"]) == (False, True)
     tier.settle()
@@ -201,7 +201,7 @@ def test_when_l4_disagrees_a_dispute_bisects_to_the_wrong_block_and_names_it(
 def test_an_honest_lease_drawn_for_l4_passes_without_a_dispute(
     tier: Tier, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(intake, "_draw", lambda p: True)
+    monkeypatch.setattr(intake, "draw_audit", lambda p: True)
     answer = tier.serve("alice", "a2")
     tier.settle()
     view = tier.lease("alice", answer["lease_id"])

@@ -40,8 +40,11 @@ from ..service.control import ControlPlane, verdict_view
 from ..service.errors import ApiError
 from ..service.market import PulledLease
 from ..service.schema import CompletionRow, LeaseRow, NodeRow, OfferRow, RequesterRow, VerdictRow
+from ..service.settlement import completion_outcome, hold_payment, settle_completion
+from ..service.states import CompletionState
 from ..service.wire import BidBody
 from ..verifier.audit import AuditLayer
+from ..verifier.lottery import draw_audit
 from ..verifier.streaming import StreamingAudit
 from .live import Arrival, LiveLease, RunningChecks
 from .openai_wire import ChatRequest, CompletionRequest
@@ -224,30 +227,23 @@ class Gateway:
             price_micro_per_j=offer.price_micro_per_j,
             stake_micro=offer.stake_micro,
         )
-        hold = won.price_micro_per_token * job.max_new_tokens
+        held = won.price_micro_per_token * job.max_new_tokens
         endpoint = "chat" if isinstance(request, ChatRequest) else "completions"
 
-        def hold_payment(session: Session, pulled: PulledLease) -> None:
+        def hold(session: Session, pulled: PulledLease) -> None:
             lease_id = pulled.lease.lease_id
-            legs = {requester_account(requester_id): -hold, requester_escrow(requester_id): hold}
-            if hold > 0:
-                self.control.ledger.transfer(
-                    f"pay-hold:{lease_id}", "other", legs, lease_id=lease_id, session=session
-                )
-            session.add(
-                CompletionRow(
-                    lease_id=lease_id,
-                    requester_id=requester_id,
-                    endpoint=endpoint,
-                    price_micro_per_token=won.price_micro_per_token,
-                    hold_micro=hold,
-                    status="streaming",
-                    tokens=0,
-                    charge_micro=0,
-                    reason=won.reason,
-                    created_at=time.time(),
-                )
+            row = CompletionRow(
+                lease_id=lease_id,
+                requester_id=requester_id,
+                endpoint=endpoint,
+                price_micro_per_token=won.price_micro_per_token,
+                hold_micro=held,
+                tokens=0,
+                reason=won.reason,
+                created_at=time.time(),
             )
+            accounts = requester_account(requester_id), requester_escrow(requester_id)
+            hold_payment(self.control.ledger, session, row, *accounts)
             # registered before commit: the node's pull may come before issue_directed returns
             live.append(self._live(pulled, node_id))
             self._verdicts[lease_id] = threading.Event()
@@ -255,9 +251,9 @@ class Gateway:
 
         live: list[LiveLease] = []
         try:
-            pulled, why = self.control.market.issue_directed(node_id, won.agent_id, bid, hold_payment)
+            pulled, why = self.control.market.issue_directed(node_id, won.agent_id, bid, hold)
         except LedgerError as exc:
-            raise ApiError(402, f"a requester balance covering {hold} micro", exc.got) from None
+            raise ApiError(402, f"a requester balance covering {held} micro", exc.got) from None
         except Exception:  # the transaction failed after the lease was registered: forget it
             for entry in live:
                 self.forget(entry.lease.lease_id)
@@ -281,9 +277,8 @@ class Gateway:
     def _live(self, pulled: PulledLease, node_id: str) -> LiveLease:
         """The running appraisal: the audit lottery is drawn here, once, with the tier's probability."""
         lease = pulled.lease
-        drawn = secrets.randbelow(1_000_000) < pulled.audit_probability * 1_000_000
         audit = None
-        if drawn:
+        if draw_audit(pulled.audit_probability):
             model = self.audit.reference_model(lease.model_id)
             tol = self.audit.thresholds.for_precision(lease.precision, same_class=False)
             audit = StreamingAudit(lease, model, tol, block=AUDIT_BLOCK)
@@ -331,17 +326,18 @@ class Gateway:
 
     def settle(self, session: Session, lease: Lease, verdict: VerdictRow) -> None:
         row = session.get(CompletionRow, lease.lease_id, with_for_update=True)
-        if row is None or row.status != "streaming":
+        if row is None or row.status != CompletionState.STREAMING:
             return
         live = self.live.get(lease.lease_id)
         tokens = len(live.arrivals) if live else 0
-        paid = verdict.final and verdict.verdict == "affirming"
-        charge = min(row.price_micro_per_token * tokens, row.hold_micro) if paid else 0
-        status = "paid" if paid else ("cut" if live and live.cut else "refunded")
-        self._release(session, row, lease.agent_id, charge, status, verdict.reason if not paid else "")
-        row.tokens = tokens
-        self._outcomes[lease.lease_id] = status
-        if status == "cut":  # cut off: it serves no more gateway requests until it offers again
+        outcome = completion_outcome(verdict, cut=bool(live and live.cut))
+        why = verdict.reason if outcome is not CompletionState.PAID else ""
+        accounts = requester_account(row.requester_id), requester_escrow(row.requester_id)
+        settle_completion(self.control.ledger, session, row, lease.agent_id, outcome, tokens, accounts, why)
+        self._outcomes[lease.lease_id] = outcome
+        if (
+            outcome is CompletionState.CUT
+        ):  # cut off: it serves no more gateway requests until it offers again
             session.execute(delete(OfferRow).where(OfferRow.agent_id == lease.agent_id))
 
     def settled(self, lease_id: str, verdict: VerdictRow) -> None:
@@ -354,28 +350,20 @@ class Gateway:
 
     def _expired(self, session: Session, lease_row: Any) -> None:
         row = session.get(CompletionRow, lease_row.lease_id, with_for_update=True)
-        if row is not None and row.status == "streaming":
-            self._release(session, row, lease_row.agent_id, 0, "refunded", "the lease expired unanswered")
-        self.forget(lease_row.lease_id)
-
-    def _release(
-        self, session: Session, row: CompletionRow, agent_id: str, charge: int, status: str, why: str
-    ) -> None:
-        """The requester's hold: `charge` to the agent, the rest back; one transfer, once."""
-        legs = {
-            requester_escrow(row.requester_id): -row.hold_micro,
-            f"wallet:{agent_id}": charge,
-            requester_account(row.requester_id): row.hold_micro - charge,
-        }
-        legs = {k: v for k, v in legs.items() if v}
-        if legs:
-            memo = f"completion price={row.price_micro_per_token} micro/token charge={charge}"
-            self.control.ledger.transfer(
-                f"pay:{row.lease_id}", "other", legs, memo=memo, lease_id=row.lease_id, session=session
+        if row is not None and row.status == CompletionState.STREAMING:
+            accounts = requester_account(row.requester_id), requester_escrow(row.requester_id)
+            why = "the lease expired unanswered"
+            settle_completion(
+                self.control.ledger,
+                session,
+                row,
+                lease_row.agent_id,
+                CompletionState.REFUNDED,
+                0,
+                accounts,
+                why,
             )
-        row.status, row.charge_micro = status, charge
-        if why:
-            row.reason = why[:4000]
+        self.forget(lease_row.lease_id)
 
     # -- what the requester gets back ---------------------------------------------------------------
 
@@ -395,7 +383,9 @@ class Gateway:
                 completion_status=completion.status,
                 price_micro_per_token=completion.price_micro_per_token,
                 charged_micro=completion.charge_micro,
-                auction=completion.reason if completion.status in ("streaming", "paid") else "",
+                auction=completion.reason
+                if completion.status in (CompletionState.STREAMING, CompletionState.PAID)
+                else "",
             )
         if verdict is None:
             out.update(verdict="pending", reason="the node has not handed in the lease's evidence yet")

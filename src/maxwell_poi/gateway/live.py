@@ -21,6 +21,7 @@ from __future__ import annotations
 import queue
 import threading
 from dataclasses import dataclass, field
+from enum import StrEnum
 from typing import Any
 
 from ..protocol.fingerprint import chunk_size_bytes
@@ -84,9 +85,17 @@ class RunningChecks:
         return None
 
 
+class EventKind(StrEnum):
+    """What the requester's response reads next (equal to its string: routes compare either)."""
+
+    TOKENS = "tokens"
+    CUT = "cut"
+    VERDICT = "verdict"
+
+
 @dataclass
 class ClientEvent:
-    kind: str  # "tokens" | "cut" | "verdict"
+    kind: EventKind
     tokens: list[int] = field(default_factory=list)
     reason: str = ""
     verdict: dict[str, Any] | None = None
@@ -146,12 +155,12 @@ class LiveLease:
                     return self._cut(f"streaming audit: {finding.reason}", finding.first_bad_token)
                 if self.checks and (problem := self.checks.judge(self.arrivals)):
                     return self._cut(problem, None)
-                self.events.put(ClientEvent("tokens", [a.token]))
+                self.events.put(ClientEvent(EventKind.TOKENS, [a.token]))
             return None
 
     def _cut(self, reason: str, first_bad: int | None) -> str:
         self.cut_reason, self.cut_after, self.first_bad = reason, len(self.arrivals), first_bad
-        self.events.put(ClientEvent("cut", reason=reason))
+        self.events.put(ClientEvent(EventKind.CUT, reason=reason))
         return reason
 
     def audit_result(self, receipt: OpenedReceipt | None) -> LayerResult:

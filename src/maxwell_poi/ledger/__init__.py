@@ -32,7 +32,7 @@ from .book import DEPOSITS, ENERGY, SLASHED, EntryView, Ledger
 from .check import LedgerCheck, check_ledger
 from .db import default_ledger_path, ledger_url, migrate, open_ledger_db
 from .errors import LedgerError
-from .posting import TransferResult
+from .posting import EnergySettled, TransferResult
 from .schema import ACCOUNT_KINDS, TRANSFER_KINDS
 
 __all__ = [
@@ -41,6 +41,7 @@ __all__ = [
     "ENERGY",
     "SLASHED",
     "TRANSFER_KINDS",
+    "EnergySettled",
     "EntryView",
     "Ledger",
     "LedgerCheck",

@@ -14,6 +14,7 @@ from .db import writer
 from .errors import LedgerError
 from .posting import (
     AccountSpec,
+    EnergySettled,
     TransferRequest,
     TransferResult,
     ensure_account,
@@ -135,9 +136,10 @@ class Ledger:
         micro_per_joule: int,
         *,
         session: Session | None = None,
-    ) -> TransferResult:
+    ) -> EnergySettled:
         """Charge round(joules × price), capped at the lease's hold, to Maxwell from the hold, and
-        return the rest of the hold to the wallet. One transfer, key `energy:<lease>`."""
+        return the rest of the hold to the wallet. One transfer, key `energy:<lease>`; the charge is
+        computed only here and returned with it."""
         escrow, wallet = _agent_account("escrow", agent), _agent_account("wallet", agent)
         held = self._escrowed(escrow, f"hold:{lease_id}", session)
         micro, memo = energy_charge(joules, micro_per_joule)
@@ -148,7 +150,8 @@ class Ledger:
         request = make_request(
             f"energy:{lease_id}", "energy_debit", {k: v for k, v in legs.items() if v}, memo, lease_id
         )
-        return self._post(request, session=session)
+        posted = self._post(request, session=session)
+        return EnergySettled(posted.transfer_id, posted.created, charge, memo)
 
     # -- reading ------------------------------------------------------------------------------------
 

@@ -4,8 +4,8 @@ The queue is the database (`cp_leases.status = 'audit_pending'`), not memory: th
 only says "look now", and on start every pending lease is queued again, so a restart loses no
 audit. Each of `workers` threads reads one pending lease, hands it to the audit backend
 (service.audit_backends: threads, a process pool, or Ray actors) as a plain job and waits for the
-result; finalising stays here, in one transaction (verdict, lease status, stake release or slash),
-and is idempotent: a lease whose verdict is already final is skipped.
+result; finalising is service.settlement's (one transaction: verdict, lease state, stake release or
+slash), and is idempotent: a lease whose verdict is already final is skipped.
 """
 
 from __future__ import annotations
@@ -22,11 +22,10 @@ from sqlalchemy.orm import Session
 from ..ledger import Ledger
 from ..node.attest import open_evidence
 from ..protocol.keys import Keyring
-from ..protocol.lease import Lease
-from ..protocol.result import AttestationResult, LayerName, LayerResult, Status, verdict_of
+from ..protocol.result import AttestationResult, LayerName, LayerResult, Status, Verdict
 from .audit_backends import AuditBackend, AuditJob
-from .intake import EXACT_TIER, move_stake, pending_audits, stake_outcome
 from .schema import AgentRow, LeaseRow, ReceiptRow, VerdictRow
+from .settlement import EXACT_TIER, finalise, pending_audits
 
 log = logging.getLogger(__name__)
 
@@ -47,12 +46,14 @@ class AuditWorkers:
         self.on_done = on_done  # (lease_id, verdict, seconds): metrics
         self.queue: queue.Queue[str | None] = queue.Queue()
         self._threads: list[threading.Thread] = []
+        self._queued: set[str] = set()  # in the queue now (settlement and a restart may both queue one)
+        self._lock = threading.Lock()
 
     def start(self) -> int:
         """Start the threads; queue every audit still pending in the database. Returns how many."""
         pending = pending_audits(self.ledger)
         for lease_id in pending:
-            self.queue.put(lease_id)
+            self.submit(lease_id)
         for i in range(self.workers):
             t = threading.Thread(target=self._loop, name=f"poi-audit-{i}", daemon=True)
             t.start()
@@ -60,6 +61,11 @@ class AuditWorkers:
         return len(pending)
 
     def submit(self, lease_id: str) -> None:
+        """Queue a lease once: a second wake-up for a lease still queued adds nothing."""
+        with self._lock:
+            if lease_id in self._queued:
+                return
+            self._queued.add(lease_id)
         self.queue.put(lease_id)
 
     def depth(self) -> int:
@@ -88,12 +94,14 @@ class AuditWorkers:
 
     def _loop(self) -> None:
         while (lease_id := self.queue.get()) is not None:
+            with self._lock:
+                self._queued.discard(lease_id)
             try:
                 self.audit(lease_id)
             except Exception:  # one broken lease must not stop the worker; it stays pending
                 log.exception("audit of lease %s failed; it stays pending for the next start", lease_id)
 
-    def audit(self, lease_id: str) -> str | None:
+    def audit(self, lease_id: str) -> Verdict | None:
         """Run L4 for one pending lease and finalise it; the verdict, or None if nothing was pending."""
         t0 = time.perf_counter()
         with Session(self.ledger.engine) as session:
@@ -126,25 +134,3 @@ def with_l4(inline: list[LayerResult], audit: AttestationResult) -> list[LayerRe
     return [r for r in inline if r.layer != LayerName.AUDIT] + [
         r for r in audit.layers if r.layer == LayerName.AUDIT or r.status is Status.FAIL
     ]
-
-
-def finalise(ledger: Ledger, row: LeaseRow, layers: list[LayerResult]) -> str | None:
-    """Make a pending lease's verdict final from these layers: verdict, stake release or slash and the
-    lease settled, in one transaction. Idempotent: None when it was already final."""
-    lease = Lease.from_json(row.lease_json)
-    combined = AttestationResult(
-        lease.lease_id, lease.agent_id, lease.model_id, verdict_of(layers), tuple(layers)
-    )
-    outcome = stake_outcome(combined.verdict, row.stake_micro)
-    with ledger.session() as session, session.begin():
-        current = session.get(VerdictRow, lease.lease_id, with_for_update=True)
-        if current is None or current.final:  # finalised by another worker meanwhile
-            return None
-        move_stake(ledger, session, lease.agent_id, lease.lease_id, outcome)
-        current.verdict, current.final, current.stake_outcome = combined.verdict.value, True, outcome
-        current.layers = json.dumps([r.as_dict() for r in layers])
-        current.reason = combined.reason[:4000]
-        session.execute(
-            LeaseRow.__table__.update().where(LeaseRow.lease_id == lease.lease_id).values(status="settled")
-        )
-    return combined.verdict.value

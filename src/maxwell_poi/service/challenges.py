@@ -25,6 +25,7 @@ from ..protocol.stream import TaggedOpening, TaggedRefusal, parse_resident_line
 from ..protocol.trace import Opening, opening_from_line
 from .errors import ApiError
 from .schema import ChallengeRow, LeaseRow
+from .states import CHALLENGE_MOVES, ChallengeKind, ChallengeState, check_move
 from .wire import OpeningBody
 
 
@@ -35,7 +36,7 @@ class ChallengeBoard:
         self._answered = threading.Condition()
 
     def ask(
-        self, lease_id: str, node_id: str, kind: str, keys: list[tuple[int, str]], timeout_s: float
+        self, lease_id: str, node_id: str, kind: ChallengeKind, keys: list[tuple[int, str]], timeout_s: float
     ) -> Opening | str:
         """Ask for these tensors and wait for the answer: the opening, or why there is none."""
         now = time.time()
@@ -44,7 +45,7 @@ class ChallengeBoard:
             node_id=node_id,
             kind=kind,
             keys=json.dumps([[b, op] for b, op in keys]),
-            status="open",
+            status=ChallengeState.OPEN,
             asked_at=now,
             deadline=now + timeout_s,
         )
@@ -63,7 +64,7 @@ class ChallengeBoard:
         while True:
             with Session(self.ledger.engine) as session:
                 row = session.get(ChallengeRow, challenge_id)
-            if row is not None and row.status == "answered":
+            if row is not None and row.status == ChallengeState.ANSWERED:
                 return row.answer or b""
             left = deadline - time.time()
             if left <= 0:
@@ -75,8 +76,8 @@ class ChallengeBoard:
         with self.ledger.session() as session, session.begin():
             session.execute(
                 update(ChallengeRow)
-                .where(ChallengeRow.id == challenge_id, ChallengeRow.status == "open")
-                .values(status="late")
+                .where(ChallengeRow.id == challenge_id, ChallengeRow.status == ChallengeState.OPEN)
+                .values(status=ChallengeState.LATE)
             )
 
     def open_for(self, node_id: str) -> list[dict[str, Any]]:
@@ -88,7 +89,7 @@ class ChallengeBoard:
                 .join(LeaseRow, LeaseRow.lease_id == ChallengeRow.lease_id)
                 .where(
                     ChallengeRow.node_id == node_id,
-                    ChallengeRow.status == "open",
+                    ChallengeRow.status == ChallengeState.OPEN,
                     ChallengeRow.deadline > now,
                 )
                 .order_by(ChallengeRow.id)
@@ -115,16 +116,22 @@ class ChallengeBoard:
                 raise ApiError(404, f"challenge {body.challenge_id} of lease {body.lease_id}", got)
             if row.node_id != node_id:
                 raise ApiError(403, f"an answer from node {row.node_id!r}, the lease's", f"from {node_id!r}")
-            if row.status != "open":
+            if row.status != ChallengeState.OPEN:
                 raise ApiError(409, "an answer to an open challenge", f"a challenge already {row.status}")
             late = now > row.deadline
-            row.status = "late" if late else "answered"
+            target = ChallengeState.LATE if late else ChallengeState.ANSWERED
+            check_move(f"challenge {row.id}", CHALLENGE_MOVES, row.status, target)
+            row.status = target
             row.answered_at, row.answer = now, body.line.encode()
         with self._answered:
             self._answered.notify_all()
         if late:
             raise ApiError(409, f"an answer before the deadline {row.deadline:.3f}", f"one at {now:.3f}")
-        return {"challenge_id": body.challenge_id, "lease_id": body.lease_id, "status": "answered"}
+        return {
+            "challenge_id": body.challenge_id,
+            "lease_id": body.lease_id,
+            "status": ChallengeState.ANSWERED,
+        }
 
     def of_lease(self, lease_id: str) -> list[dict[str, Any]]:
         with Session(self.ledger.engine) as session:

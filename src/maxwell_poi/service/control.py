@@ -17,7 +17,7 @@ from ..economics.tiers import TierPolicy
 from ..ledger import Ledger, check_ledger
 from ..protocol.keys import AgentKey
 from ..protocol.lease import Lease
-from ..protocol.result import AttestationResult
+from ..protocol.result import AttestationResult, Verdict
 from ..registry.models import Registry, poi_home
 from ..registry.profiles import ProfileStore
 from ..verifier.boundary import BoundaryLayer
@@ -69,7 +69,8 @@ class ControlPlane:
         )
         self.market = Market(self.ledger, self.registry, self.profiles, config, self.policy)
         self.live_path: Callable[[str], str | None] | None = None
-        self.intake = Intake(self.ledger, inline, self.nodes, config.watts_per_core)
+        # a pending lease's audit is queued by settlement, however intake was called (HTTP or in-process)
+        self.intake = Intake(self.ledger, inline, self.nodes, config.watts_per_core, queue=self.queue_audit)
         backend = open_backend(
             config.audit_backend, config.audit_workers, registry=self.registry, ray_address=config.ray_address
         )  # L0 + L4 on threads, local processes or Ray actors; finalising stays in AuditWorkers
@@ -95,7 +96,8 @@ class ControlPlane:
         return self.audits.start() + self.exact.start()
 
     def queue_audit(self, lease_id: str, drawn: bool) -> None:
-        """After intake: a drawn L4 goes to the audit workers; the exact tier's worker looks anyway."""
+        """After intake (called by service.settlement for every pending lease): a drawn L4 goes to the
+        audit workers; the exact tier's worker looks anyway. Queueing a lease twice adds nothing."""
         if drawn:
             self.audits.submit(lease_id)
         self.exact.submit(lease_id)
@@ -249,7 +251,7 @@ class ControlPlane:
         """An agent's answer to a warning or contraindicated verdict, kept for Maxwell to resolve
         (exact layer re-checks come with L3 disputes, a later issue). Once per lease."""
         _row, verdict = self.own_lease(agent_id, lease_id)
-        if verdict is None or verdict.verdict == "affirming":
+        if verdict is None or verdict.verdict == Verdict.AFFIRMING:
             got = "no verdict yet" if verdict is None else "an affirming verdict"
             raise ApiError(409, "a lease with a warning or contraindicated verdict", got)
         try:

@@ -39,15 +39,16 @@ from ..ledger import Ledger
 from ..protocol.errors import PoiError
 from ..protocol.lease import Lease
 from ..protocol.receipt import ReceiptClaims, open_receipt
-from ..protocol.result import LayerName, LayerResult, Status
+from ..protocol.result import LayerName, LayerResult, Status, Verdict
 from ..protocol.trace import Opening, opening_keys
 from ..registry.models import LoadedModel, Registry
 from ..verifier.dispute import DisputeResult, bisect, reference_inputs
 from ..verifier.exact import FreivaldsKey, IntFreivaldsKey, appraise_opening, draw_blocks, key_for, traced_ops
-from .audits import AuditWorkers, finalise, with_l4
+from .audits import AuditWorkers, with_l4
 from .challenges import ChallengeBoard
-from .intake import pending_audits
 from .schema import AgentRow, LeaseRow, ReceiptRow, VerdictRow
+from .settlement import finalise, pending_audits
+from .states import ChallengeKind
 
 log = logging.getLogger(__name__)
 MAX_RECEIPT = 64 << 20  # taken in already under the lease's own limit; this is only a guard
@@ -121,7 +122,7 @@ class ExactAudits:
 
     # -- one lease ----------------------------------------------------------------------------------
 
-    def step(self, lease_id: str) -> str | None:
+    def step(self, lease_id: str) -> Verdict | None:
         """Advance one pending lease: challenge it if not yet, finalise it when due. Returns the
         final verdict when it became final now, else None."""
         t0 = time.perf_counter()
@@ -186,7 +187,7 @@ class ExactAudits:
         got = self.board.ask(
             lease.lease_id,
             row.node_id,
-            "l3",
+            ChallengeKind.L3,
             opening_keys(blocks, len(model.layers), traced_ops(model)),
             self.opening_timeout_s,
         )
@@ -201,7 +202,7 @@ class ExactAudits:
         waited = [0.0]  # the round trips through the node: the agent's time, not Maxwell's work
 
         def opener(keys: list[tuple[int, str]]) -> Opening | None:
-            kind = "settle" if len(keys) > 1 else "bisect"
+            kind = ChallengeKind.SETTLE if len(keys) > 1 else ChallengeKind.BISECT
             asked = time.perf_counter()
             got = self.board.ask(lease.lease_id, row.node_id, kind, keys, self.opening_timeout_s)
             waited[0] += time.perf_counter() - asked

@@ -1,6 +1,7 @@
 """The hot path: a node hands in a lease's receipt with its signed evidence; the control plane
-appraises the cheap layers (L0 + L1 + L2) inline, draws the audit lottery, and settles the lease's
-money in the same database transaction as its receipt and verdict.
+appraises the cheap layers (L0 + L1 + L2) inline, draws the audit lottery, and hands the outcome to
+service.settlement, which settles the lease's money in the same database transaction as its
+receipt and verdict (and queues a pending lease's audit, whoever called intake).
 
 Exactly once: the receipt row's primary key is the lease id. A second submission of the same
 receipt is answered with the first verdict (`duplicate: true`) and moves nothing; a different
@@ -15,32 +16,39 @@ goes to the audit workers (service.audits), which finalise it.
 from __future__ import annotations
 
 import hashlib
-import json
-import secrets
 import time
 from dataclasses import dataclass, replace
 from typing import Protocol
 
-from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from ..economics.energy import measured_energy
-from ..economics.tiers import Tier
 from ..ledger import Ledger
-from ..ledger.book import energy_charge
 from ..node.attest import SignedEvidence, open_evidence
-from ..protocol.errors import EvidenceFormatError, UnknownAgentError
+from ..protocol.errors import EvidenceFormatError, EvidenceSignatureError, UnknownAgentError
 from ..protocol.keys import Keyring
 from ..protocol.lease import Lease
-from ..protocol.result import AttestationResult, LayerResult, Verdict, verdict_of
+from ..protocol.result import AttestationResult, LayerResult, Verdict
+from ..verifier.lottery import draw_audit
 from ..verifier.policy import Verifier
 from .errors import ApiError
 from .schema import LeaseRow, ReceiptRow, VerdictRow
+from .settlement import EXACT_TIER, Appraised, AuditQueue, pending_audits, take_in
+from .states import LeaseState, TransitionError
 from .wire import IntakeAnswer, IntakeBody
 
-EXACT_TIER = Tier.EXACT.value
-STAKE_ON = {Verdict.AFFIRMING: "released", Verdict.CONTRAINDICATED: "slashed", Verdict.WARNING: "held"}
+# a refusal's HTTP status by the error's type (the most specific class listed first wins)
+REFUSALS: tuple[tuple[type[Exception], int], ...] = (
+    (UnknownAgentError, 403),  # evidence from a node that is not enrolled
+    (EvidenceSignatureError, 403),  # evidence that does not verify: not the node's word
+    (EvidenceFormatError, 422),  # evidence that cannot be read
+    (TransitionError, 409),  # the lease is no longer in a state that takes a receipt
+)
+
+
+def refusal_status(exc: Exception) -> int:
+    return next(status for kind, status in REFUSALS if isinstance(exc, kind))
 
 
 @dataclass(frozen=True)
@@ -69,11 +77,19 @@ class IntakeHook(Protocol):
 
 
 class Intake:
-    def __init__(self, ledger: Ledger, verifier: Verifier, nodes: Keyring, watts_per_core: float) -> None:
+    def __init__(
+        self,
+        ledger: Ledger,
+        verifier: Verifier,
+        nodes: Keyring,
+        watts_per_core: float,
+        queue: AuditQueue | None = None,
+    ) -> None:
         self.ledger = ledger
         self.verifier = verifier  # L0 (no in-memory replay set) + L1 + L2; audits are queued
         self.nodes = nodes
         self.watts_per_core = watts_per_core
+        self.queue = queue  # the control plane's audit workers: settlement wakes them for a pending lease
         self.hooks: list[IntakeHook] = []
 
     def submit(self, body: IntakeBody) -> tuple[IntakeAnswer, AttestationResult | None]:
@@ -85,50 +101,40 @@ class Intake:
         decided = (h.audited(sub.lease.lease_id, sub.receipt) for h in self.hooks)
         audited = next((a for a in decided if a is not None), None)
         if audited is not None:
-            layers = (*result.layers, audited)
-            result = replace(result, layers=layers, verdict=verdict_of(list(layers)))
+            result = replace(result, layers=(*result.layers, audited))
         energy = measured_energy(sub.signed.evidence, self.watts_per_core)
         refused = result.verdict is Verdict.CONTRAINDICATED
-        drawn = audited is None and not refused and _draw(sub.row.audit_probability)
+        drawn = audited is None and not refused and draw_audit(sub.row.audit_probability)
         # the exact tier is optimistic: accepted now, final once its L3 challenge (and any drawn L4 and
         # dispute) came through and its challenge window closed (service.exact_audits)
         pending = drawn or (audited is None and not refused and sub.row.tier == EXACT_TIER)
-        charge, _ = energy_charge(energy.joules, sub.row.price_micro_per_j)
-        verdict = VerdictRow(
-            lease_id=sub.lease.lease_id,
-            verdict=result.verdict.value,
-            final=not pending,
-            audit_drawn=drawn,
-            layers=json.dumps(result.as_dict()["layers"]),
-            reason=result.reason[:4000],
-            energy_j=energy.joules,
-            energy_memo=energy.memo(),
-            charge_micro=min(charge, sub.row.hold_micro),
-            stake_outcome="pending" if pending else stake_outcome(result.verdict, sub.row.stake_micro),
-            appraised_at=time.time(),
-        )
+        appraised = Appraised(sub.lease, sub.row, result, energy.joules, energy.memo(), drawn, pending)
         try:
-            with self.ledger.session() as session, session.begin():
-                self._settle(session, sub, verdict, energy.joules)
+            verdict = take_in(self.ledger, self._receipt_row(sub), appraised, self._extra, self.queue)
         except IntegrityError:  # a racing submission of this lease committed first
             with Session(self.ledger.engine) as session:
                 seen = session.get(ReceiptRow, sub.lease.lease_id)
                 if seen is None:
                     raise
                 return _duplicate(sub, seen, session.get(VerdictRow, sub.lease.lease_id)), None
+        except TransitionError as exc:  # expired while it was appraised
+            raise ApiError(refusal_status(exc), exc.expected, exc.got) from None
         for hook in self.hooks:
             hook.settled(sub.lease.lease_id, verdict)
         return _answer(verdict, duplicate=False), result
+
+    def _extra(self, session: Session, lease: Lease, verdict: VerdictRow) -> None:
+        for hook in self.hooks:
+            hook.settle(session, lease, verdict)
 
     def _open(self, body: IntakeBody) -> Submission:
         receipt, evidence_raw = body.receipt.encode(), body.evidence.encode()
         try:
             signed = open_evidence(evidence_raw, self.nodes)
         except UnknownAgentError as exc:
-            raise ApiError(403, "evidence signed by an enrolled node", str(exc)) from None
+            raise ApiError(refusal_status(exc), "evidence signed by an enrolled node", str(exc)) from None
         except EvidenceFormatError as exc:
-            status = 403 if "signature" in exc.expected else 422
-            raise ApiError(status, exc.expected, exc.got) from None
+            raise ApiError(refusal_status(exc), exc.expected, exc.got) from None
         if signed.lease_id != body.lease_id:
             raise ApiError(
                 422, f"evidence for lease {body.lease_id}", f"evidence for lease {signed.lease_id}"
@@ -146,7 +152,7 @@ class Intake:
             seen_verdict = session.get(VerdictRow, body.lease_id) if seen is not None else None
         if row is None:
             raise ApiError(404, "a lease this control plane issued", f"unknown lease {body.lease_id}")
-        if row.status == "expired":
+        if row.status == LeaseState.EXPIRED:
             raise ApiError(
                 409, f"a receipt before lease {row.lease_id} expired", "a receipt after its expiry"
             )
@@ -160,43 +166,17 @@ class Intake:
             Lease.from_json(row.lease_json), row, receipt, evidence_raw, signed, seen, seen_verdict
         )
 
-    def _settle(self, session: Session, sub: Submission, verdict: VerdictRow, joules: float) -> None:
-        lease, row = sub.lease, sub.row
-        session.add(
-            ReceiptRow(
-                lease_id=lease.lease_id,
-                receipt_sha256=sub.signed.receipt_sha256,
-                evidence_sha256=hashlib.sha256(sub.evidence_raw).hexdigest(),
-                node_id=sub.signed.node_id,
-                receipt=sub.receipt,
-                evidence=sub.evidence_raw,
-                received_at=time.time(),
-            )
+    @staticmethod
+    def _receipt_row(sub: Submission) -> ReceiptRow:
+        return ReceiptRow(
+            lease_id=sub.lease.lease_id,
+            receipt_sha256=sub.signed.receipt_sha256,
+            evidence_sha256=hashlib.sha256(sub.evidence_raw).hexdigest(),
+            node_id=sub.signed.node_id,
+            receipt=sub.receipt,
+            evidence=sub.evidence_raw,
+            received_at=time.time(),
         )
-        session.flush()  # the lease's receipt key: a duplicate fails here, before any money moves
-        self.ledger.settle_energy(
-            lease.agent_id, lease.lease_id, joules, row.price_micro_per_j, session=session
-        )
-        move_stake(self.ledger, session, lease.agent_id, lease.lease_id, verdict.stake_outcome)
-        for hook in self.hooks:
-            hook.settle(session, lease, verdict)
-        session.add(verdict)
-        status = "audit_pending" if not verdict.final else "settled"
-        session.execute(
-            LeaseRow.__table__.update().where(LeaseRow.lease_id == lease.lease_id).values(status=status)
-        )
-
-
-def move_stake(ledger: Ledger, session: Session, agent: str, lease_id: str, outcome: str) -> None:
-    if outcome == "released":
-        ledger.release_stake(agent, lease_id, session=session)
-    elif outcome == "slashed":
-        ledger.slash_stake(agent, lease_id, session=session)
-
-
-def stake_outcome(verdict: Verdict, stake_micro: int) -> str:
-    """What a final verdict does to the lease's stake; "none" when nothing was escrowed."""
-    return STAKE_ON[verdict] if stake_micro > 0 else "none"
 
 
 def _duplicate(sub: Submission, seen: ReceiptRow, verdict: VerdictRow | None) -> IntakeAnswer:
@@ -210,19 +190,9 @@ def _duplicate(sub: Submission, seen: ReceiptRow, verdict: VerdictRow | None) ->
     return _answer(verdict, duplicate=True)
 
 
-def _draw(probability: float) -> bool:
-    """The audit lottery, drawn from the OS CSPRNG after the receipt is in."""
-    return secrets.randbelow(1_000_000) < probability * 1_000_000
-
-
 def _answer(v: VerdictRow, duplicate: bool) -> IntakeAnswer:
     fields = set(IntakeAnswer.model_fields) - {"duplicate"}
     return IntakeAnswer(duplicate=duplicate, **{name: getattr(v, name) for name in fields})
 
 
-def pending_audits(ledger: Ledger, exact: bool = False) -> list[str]:
-    """Leases whose verdict is not final yet: the L4 queue, or (`exact`) the exact tier's."""
-    tier = LeaseRow.tier == EXACT_TIER if exact else LeaseRow.tier != EXACT_TIER
-    with Session(ledger.engine) as session:
-        query = select(LeaseRow.lease_id).where(LeaseRow.status == "audit_pending", tier)
-        return list(session.scalars(query.order_by(LeaseRow.issued_at)))
+__all__ = ["EXACT_TIER", "Intake", "IntakeHook", "pending_audits", "refusal_status"]

@@ -25,7 +25,7 @@ from sqlalchemy.orm import Session
 from ..economics.auction import SealedBid, clear
 from ..economics.energy import expected_energy_j
 from ..economics.tiers import TierPolicy
-from ..ledger import Ledger, LedgerError
+from ..ledger import Ledger
 from ..observer.evidence import resident_profile_key
 from ..observer.host import this_device
 from ..protocol.errors import PoiError, UnknownModelError
@@ -35,6 +35,8 @@ from ..registry.profiles import ProfileStore
 from .config import ServiceConfig
 from .errors import ApiError
 from .schema import AgentRow, BidRow, LeaseRow, NodeRow
+from .settlement import expire_bids, expire_lease, issue_lease, move_bid
+from .states import BidState, LeaseState
 from .wire import BidBody, PullBody
 
 JOB: TypeAdapter = TypeAdapter(Job)
@@ -120,7 +122,7 @@ class Market:
         open_bids = session.scalar(
             select(func.count())
             .select_from(BidRow)
-            .where(BidRow.agent_id == agent_id, BidRow.status == "open")
+            .where(BidRow.agent_id == agent_id, BidRow.status == BidState.OPEN)
         )
         resent = session.scalar(select(BidRow.id).where(BidRow.agent_id == agent_id, BidRow.bid_id == bid_id))
         if open_bids >= self.config.max_open_bids and resent is None:
@@ -172,7 +174,6 @@ class Market:
             price_micro_per_j=body.price_micro_per_j,
             stake_micro=body.stake_micro,
             expected_j=self.expected_j(body.model_id, body.job),
-            status="open",
             reason="",
             created_at=now,
         )
@@ -210,7 +211,7 @@ class Market:
     def _round(
         self, session: Session, node_id: str, body: PullBody, room: int, now: float
     ) -> list[PulledLease]:
-        query = select(BidRow).where(BidRow.status == "open").order_by(BidRow.id)
+        query = select(BidRow).where(BidRow.status == BidState.OPEN).order_by(BidRow.id)
         if body.agents:
             query = query.where(BidRow.agent_id.in_(body.agents))
         bids = {b.id: b for b in session.scalars(query.limit(10 * room + 100).with_for_update())}
@@ -228,12 +229,11 @@ class Market:
                 headroom -= bid.expected_j * draw
                 out.append(pulled)
         for key in clearing.below_reserve:
-            bids[key].status, bids[key].reason = (
-                "refused",
-                (
-                    f"expected a price >= the reserve {self.config.reserve_micro_per_j} micro/J, "
-                    f"got {bids[key].price_micro_per_j}"
-                ),
+            move_bid(
+                bids[key],
+                BidState.REFUSED,
+                f"expected a price >= the reserve {self.config.reserve_micro_per_j} micro/J, "
+                f"got {bids[key].price_micro_per_j}",
             )
         return out
 
@@ -257,16 +257,10 @@ class Market:
             bid.agent_id, bid.model_id, job, precision=bid.precision, ttl_s=self.config.lease_ttl_s, now=now
         )
         hold = max(1, math.ceil(bid.expected_j * HOLD_FACTOR * price))
-        try:
-            with session.begin_nested():
-                self.ledger.hold_energy(bid.agent_id, lease.lease_id, hold, session=session)
-                if bid.stake_micro > 0:
-                    self.ledger.escrow_stake(bid.agent_id, lease.lease_id, bid.stake_micro, session=session)
-        except LedgerError as exc:
-            bid.status = "refused"
-            bid.reason = f"wallet cannot cover the energy hold {hold} + stake {bid.stake_micro} micro: {exc}"
-            return None
-        session.add(
+        issued = issue_lease(
+            self.ledger,
+            session,
+            bid,
             LeaseRow(
                 lease_id=lease.lease_id,
                 agent_id=bid.agent_id,
@@ -279,23 +273,20 @@ class Market:
                 price_micro_per_j=price,
                 hold_micro=hold,
                 stake_micro=bid.stake_micro,
-                status="pulled",
                 issued_at=lease.issued_at,
                 deadline=lease.deadline,
-            )
-        )
-        bid.status, bid.lease_id, bid.reason = (
-            "won",
-            lease.lease_id,
+            ),
             f"won at {price} micro/J; {choice.reason}",
-        )
+        )  # holds the energy and the stake (or refuses the bid when the wallet cannot cover them)
+        if not issued:
+            return None
         command = json.loads(agent.command) if agent else []
         return PulledLease(lease, command, choice.tier.value, choice.audit_probability)
 
     def _outstanding(self, session: Session, node_id: str, now: float, limit: int) -> list[PulledLease]:
         rows = session.scalars(
             select(LeaseRow)
-            .where(LeaseRow.node_id == node_id, LeaseRow.status == "pulled", LeaseRow.deadline > now)
+            .where(LeaseRow.node_id == node_id, LeaseRow.status == LeaseState.PULLED, LeaseRow.deadline > now)
             .order_by(LeaseRow.issued_at)
             .limit(limit)
         ).all()
@@ -316,24 +307,17 @@ class Market:
         L0 judges it; only a lease that never reached intake expires."""
         stale = session.scalars(
             select(LeaseRow)
-            .where(LeaseRow.status == "pulled", LeaseRow.deadline < now - EXPIRY_GRACE_S)
+            .where(LeaseRow.status == LeaseState.PULLED, LeaseRow.deadline < now - EXPIRY_GRACE_S)
             .with_for_update()
         ).all()
         for row in stale:
-            self.ledger.settle_energy(row.agent_id, row.lease_id, 0.0, row.price_micro_per_j, session=session)
-            if row.stake_micro > 0:
-                self.ledger.release_stake(row.agent_id, row.lease_id, session=session)
-            row.status = "expired"
+            expire_lease(self.ledger, session, row)
             for hook in self.on_expire:
                 hook(session, row)
 
     def _expire(self, session: Session, now: float) -> None:
         """Open bids older than a lease's lifetime expire: an agent's stale bid never wins late."""
-        session.execute(
-            update(BidRow)
-            .where(BidRow.status == "open", BidRow.created_at < now - self.config.lease_ttl_s)
-            .values(status="expired", reason="no round cleared it within the lease lifetime")
-        )
+        expire_bids(session, now - self.config.lease_ttl_s)
 
 
 def bid_view(row: BidRow) -> dict:

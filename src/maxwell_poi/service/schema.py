@@ -22,10 +22,25 @@ from sqlalchemy import (
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
-BID_STATES = ("open", "won", "refused", "expired")
-LEASE_STATES = ("issued", "pulled", "audit_pending", "settled", "expired")
-VERDICTS = ("affirming", "warning", "contraindicated")
-STAKE_OUTCOMES = ("released", "slashed", "held", "pending", "none")
+from ..protocol.result import Verdict
+from .states import (
+    BidState,
+    ChallengeKind,
+    ChallengeState,
+    CompletionState,
+    LeaseState,
+    StakeOutcome,
+    values,
+)
+
+# the CHECK constraints list exactly the enums' values (the same strings migration 0001 wrote)
+BID_STATES = values(BidState)
+LEASE_STATES = values(LeaseState)
+VERDICTS = values(Verdict)
+STAKE_OUTCOMES = values(StakeOutcome)
+CHALLENGE_STATES = values(ChallengeState)
+CHALLENGE_KINDS = values(ChallengeKind)
+COMPLETION_STATES = values(CompletionState)
 ID_LENGTH = 128
 
 
@@ -70,7 +85,7 @@ class BidRow(ServiceBase):
     price_micro_per_j: Mapped[int] = mapped_column(BigInteger)
     stake_micro: Mapped[int] = mapped_column(BigInteger)
     expected_j: Mapped[float] = mapped_column(Float)  # Maxwell's estimate, from the model's profile
-    status: Mapped[str] = mapped_column(String(16), index=True)
+    status: Mapped[str] = mapped_column(String(16), index=True, default=BidState.OPEN)  # its first state
     reason: Mapped[str] = mapped_column(Text, default="")
     lease_id: Mapped[str | None] = mapped_column(String(32), nullable=True)
     created_at: Mapped[float] = mapped_column(Float)
@@ -140,10 +155,6 @@ class SettingRow(ServiceBase):
     value: Mapped[str] = mapped_column(Text)  # JSON
 
 
-CHALLENGE_STATES = ("open", "answered", "late")
-CHALLENGE_KINDS = ("l3", "bisect", "settle")
-
-
 class ChallengeRow(ServiceBase):
     """One opening Maxwell asked of an exact-tier lease's agent (through the lease's node): which
     traced tensors, by when, and what came back (verbatim; judged by service.exact_audits)."""
@@ -163,9 +174,6 @@ class ChallengeRow(ServiceBase):
     deadline: Mapped[float] = mapped_column(Float)
     answered_at: Mapped[float | None] = mapped_column(Float, nullable=True)
     answer: Mapped[bytes | None] = mapped_column(LargeBinary, nullable=True)
-
-
-COMPLETION_STATES = ("streaming", "paid", "refunded", "cut")
 
 
 class OfferRow(ServiceBase):
