@@ -39,6 +39,9 @@ def workspace(tmp_path_factory):
         cwd=d,
     )
     assert made.returncode == 0, made.stderr
+    # profile first: without gpt2-micro's profile on this device L1 and L2 cannot measure (warning)
+    profiled = poi("profile", "gpt2-micro", "--runs", "2", "--tokens", "16", cwd=d)
+    assert profiled.returncode == 0, profiled.stderr.decode()
     ran = poi(
         "run",
         "--agent",

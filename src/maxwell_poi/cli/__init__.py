@@ -222,7 +222,8 @@ def agent(
     raise typer.Exit(serve_one(prover.run, raw))
 
 
-def _load_verifier(keyring: Path, audit_rate: float, registry=None):
+def _load_verifier(keyring: Path, audit_rate: float, registry=None, *, offline: bool = False):
+    """`offline`: a receipt alone (no Maxwell-side evidence), so L1 and L2 are not required."""
     from ..protocol.errors import PoiError
     from ..protocol.keys import Keyring
     from ..registry.models import Registry
@@ -231,7 +232,8 @@ def _load_verifier(keyring: Path, audit_rate: float, registry=None):
     if not keyring.exists():
         raise _bad_input(f"keyring {keyring} does not exist (create it with `poi keygen --agent-id`)")
     try:
-        return Verifier.default(registry or Registry(), Keyring.load(keyring), audit_rate=audit_rate)
+        build = Verifier.offline if offline else Verifier.default
+        return build(registry or Registry(), Keyring.load(keyring), audit_rate=audit_rate)
     except (PoiError, ValueError) as exc:
         raise _bad_input(str(exc)) from None
 
@@ -278,14 +280,15 @@ def verify(
     audit_rate: Annotated[float, typer.Option(help="L4 lottery probability")] = 1.0,
     json_out: JsonOpt = False,
 ) -> None:
-    """Appraise a receipt. Exit 0 affirming, 1 contraindicated or warning, 2 bad input."""
+    """Appraise a receipt alone (L0 and L4; L1 and L2 need Maxwell's evidence: `poi run`). Exit 0
+    affirming, 1 contraindicated or warning, 2 bad input."""
     _quiet()
     from ..protocol.errors import ReceiptFormatError
     from ..protocol.receipt import open_receipt
 
     the_lease = _load_lease(lease_path)
     raw = _read(receipt, "receipt")
-    verifier = _load_verifier(keyring, audit_rate)
+    verifier = _load_verifier(keyring, audit_rate, offline=True)
     try:
         open_receipt(raw, max_bytes=len(raw) + 1)  # shape only; the size limit is L0's
     except ReceiptFormatError as exc:

@@ -292,7 +292,7 @@ class ThermodynamicLayer(EvidenceLayer):
             return not_measured(
                 f"batched with {ev.co_leases} other leases, and the profile of {lease.model_id} on "
                 f"{ev.profile_key} has no batch sizes: run `poi profile {lease.model_id} --resident "
-                "--batch ...`"
+                "--batches 1,2,4`"
             )
         w = DecodeWork.of(ev, profile, self.registry.reference(lease.model_id), lease, per_token)
         details = w.details()
