@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import copy
 import json
+import time
 from dataclasses import replace
 
 import pytest
@@ -209,23 +210,95 @@ def test_cli_prove_block_and_verify_block(world, honest_proof, monkeypatch) -> N
     assert refused.exit_code == 1, refused.output
 
 
-def test_a_deadlocked_ezkl_child_is_killed_and_run_again(tmp_path, monkeypatch) -> None:
-    """ezkl 23.0.5's prover can deadlock (the GIL held across rayon workers that log through pyo3-log):
-    a child that burns no CPU is killed and the step run again; one that never finishes is refused."""
-    from maxwell_poi.registry import circuits
+# A stand-in for ezkl_child.py: `sleep` is the deadlocked prover with every thread asleep; `light` is
+# the one seen in CI, asleep but for a helper thread burning ~1 % of a core; `busy` works (one core)
+FAKE_CHILD = """
+import json, pathlib, sys, threading, time
+args = json.loads(sys.argv[2])
+marker = pathlib.Path(args["marker"])
+attempt = int(marker.read_text()) + 1 if marker.exists() else 1
+marker.write_text(str(attempt))
+
+def spin(busy_s, idle_s, until):
+    while time.monotonic() < until:
+        t = time.perf_counter()
+        while time.perf_counter() - t < busy_s:
+            pass
+        time.sleep(idle_s)
+
+mode = args["mode"]
+if mode == "light" or (mode == "light-once" and attempt == 1):
+    threading.Thread(target=spin, args=(0.001, 0.099, time.monotonic() + 60), daemon=True).start()
+    time.sleep(60)
+elif mode == "hang" or (mode == "once" and attempt == 1):
+    time.sleep(60)
+elif mode == "busy":
+    spin(1.0, 0.0, time.monotonic() + float(args["seconds"]))
+pathlib.Path(args["peak"]).write_text("1024")
+"""
+
+
+@pytest.fixture
+def fake_child(tmp_path, monkeypatch):
+    from maxwell_poi.circuits import capped
 
     child = tmp_path / "child.py"
-    child.write_text(
-        "import json, sys, time, pathlib\n"
-        "args = json.loads(sys.argv[2])\n"
-        "marker = pathlib.Path(args['marker'])\n"
-        "if args['mode'] == 'hang' or not marker.exists():\n"
-        "    marker.write_text('x')\n"
-        "    time.sleep(60)\n"  # asleep, like the deadlocked prover
-        "pathlib.Path(args['peak']).write_text('1024')\n"
-    )
-    monkeypatch.setattr(circuits, "CHILD", child)
-    once = circuits.run_capped("prove", {"mode": "once", "marker": str(tmp_path / "m1")}, stall_s=1.0)
-    assert once.peak_gb > 0  # the second attempt finished
+    child.write_text(FAKE_CHILD)
+    monkeypatch.setattr(capped, "CHILD", child)
+    return capped
+
+
+def _attempts(marker) -> int:
+    return int(marker.read_text())
+
+
+def test_a_deadlocked_ezkl_child_is_killed_and_run_again(fake_child, tmp_path) -> None:
+    """ezkl 23.0.5's prover can deadlock (the GIL held across rayon workers that log through pyo3-log):
+    a child that burns no CPU is killed and the step run again; one that never finishes is refused."""
+    once = fake_child.run_capped("prove", {"mode": "once", "marker": str(tmp_path / "m1")}, stall_s=1.0)
+    assert once.peak_gb > 0 and _attempts(tmp_path / "m1") == 2  # the second attempt finished
     with pytest.raises(PoiError, match="deadlocked 3 times"):
-        circuits.run_capped("prove", {"mode": "hang", "marker": str(tmp_path / "m2")}, stall_s=1.0)
+        fake_child.run_capped("prove", {"mode": "hang", "marker": str(tmp_path / "m2")}, stall_s=1.0)
+    assert _attempts(tmp_path / "m2") == 3
+
+
+def test_a_deadlocked_child_with_a_lightly_spinning_thread_is_killed_as_stalled(fake_child, tmp_path) -> None:
+    """The CI hang: the deadlocked child's helper thread burns ~1 % of a core, so its CPU time keeps
+    rising; the rule is on its rate over the window, which stays under STALL_RATE."""
+    marker = tmp_path / "light"
+    t0 = time.monotonic()
+    with pytest.raises(PoiError, match=r"deadlocked 3 times \(CPU rate over 1 s: expected >= 5% of a core"):
+        fake_child.run_capped("prove", {"mode": "light", "marker": str(marker)}, stall_s=1.0)
+    assert _attempts(marker) == 3
+    assert time.monotonic() - t0 < 60  # killed by the rate rule, not by the child ending its sleep
+    once = fake_child.run_capped("prove", {"mode": "light-once", "marker": str(tmp_path / "l1")}, stall_s=1.0)
+    assert once.peak_gb > 0 and _attempts(tmp_path / "l1") == 2
+
+
+def test_a_working_child_is_not_taken_for_a_stalled_one(fake_child, tmp_path) -> None:
+    marker = tmp_path / "busy"
+    step = fake_child.run_capped(
+        "prove", {"mode": "busy", "seconds": "4", "marker": str(marker)}, stall_s=1.0
+    )
+    assert step.seconds >= 4 and _attempts(marker) == 1
+
+
+def test_a_step_past_its_timeout_is_refused_with_the_limit(fake_child, tmp_path) -> None:
+    marker = tmp_path / "slow"
+    with pytest.raises(PoiError, match="expected to finish within 2 s, it did not"):
+        fake_child.run_capped(
+            "prove", {"mode": "busy", "seconds": "30", "marker": str(marker)}, timeout_s=2.0, stall_s=10.0
+        )
+    assert _attempts(marker) == 1  # a timeout is not retried
+
+
+def test_the_step_timeout_grows_with_the_circuit_between_a_floor_and_a_cap(tmp_path) -> None:
+    from maxwell_poi.circuits.capped import TIMEOUT_CAP_S, TIMEOUT_FLOOR_S, _logrows, step_timeout_s
+
+    assert step_timeout_s(13) == TIMEOUT_FLOOR_S  # this file's circuits (2^13 rows)
+    assert step_timeout_s(19) == 960.0 > 212.5  # the slowest measured step (bench/results/zk.json, d=384)
+    assert step_timeout_s(20) == 2 * step_timeout_s(19) == 1920.0  # doubling with each logrow
+    assert step_timeout_s(24) == step_timeout_s(None) == TIMEOUT_CAP_S
+    (tmp_path / "settings.json").write_text(json.dumps({"run_args": {"logrows": 17}}))
+    assert _logrows({"folder": str(tmp_path)}) == 17
+    assert _logrows({"folder": str(tmp_path / "missing")}) is None

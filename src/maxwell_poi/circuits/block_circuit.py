@@ -21,18 +21,14 @@ Perpetual Powers of Tau transcript converted to EZKL's format, checked against a
 (tests, bench, demo), and every result says which kind it used.
 
 Each heavy step (setup, prove) runs in a child process with an address-space cap (CAP_GB), so one
-circuit cannot take the machine down; the child's peak RSS is recorded.
+circuit cannot take the machine down; the child's peak RSS is recorded, and a deadlocked child is
+killed by its CPU rate (circuits.capped).
 """
 
 from __future__ import annotations
 
 import json
 import math
-import resource
-import subprocess
-import sys
-import tempfile
-import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -44,12 +40,11 @@ from torch import nn
 
 from ..protocol.errors import PoiError
 from ..registry.models import LoadedModel, poi_home
+from .capped import CAP_GB, Step, run_capped  # noqa: F401  (CAP_GB: the prover's import of it is here)
 
 Kind = Literal["attn", "mlp"]
 KINDS: tuple[Kind, ...] = ("attn", "mlp")
 EZKL_VERSION = "23.0.5"
-CAP_GB = 12.0  # every child proving step runs under this address-space cap
-CHILD = Path(__file__).with_name("ezkl_child.py")
 
 
 @dataclass(frozen=True)
@@ -75,14 +70,6 @@ def default_config(kind: Kind, d: int) -> CircuitConfig:
     """The kept settings (bench/zk.py): 8 positions of attention; the MLP proves one position per
     challenge (its GELU costs ~110 rows per element, so 8 positions need 2^19+ rows from d = 64)."""
     return CircuitConfig(tokens=8 if kind == "attn" else 1)
-
-
-@dataclass(frozen=True)
-class Step:
-    """One child step's cost."""
-
-    seconds: float
-    peak_gb: float
 
 
 @dataclass
@@ -330,76 +317,6 @@ def calibration_inputs(
                 hidden = hidden + BlockCircuit(model.layers[block], "attn", tokens)(hidden)
             out.append(hidden[0].numpy())
     return np.concatenate(out, axis=0)
-
-
-# -- capped child steps --------------------------------------------------------------------------------
-
-
-STALL_S = 30.0  # a step whose child burns no CPU this long is deadlocked (see run_capped)
-ATTEMPTS = 3
-
-
-def run_capped(
-    step: str, args: dict[str, str], cap_gb: float = CAP_GB, timeout_s: float = 3600, stall_s: float = STALL_S
-) -> Step:
-    """Run one EZKL step (`setup` or `prove`, registry/ezkl_child.py) in a child under an address-space
-    cap; its wall time and peak RSS.
-
-    ezkl 23.0.5 can deadlock inside `prove`: the call holds the GIL while a rayon worker logs through
-    pyo3-log, which waits for the GIL (seen in a test run: every thread asleep, 0 % CPU). It is a race,
-    so a child that burns no CPU for `stall_s` is killed and the step run again, up to ATTEMPTS times;
-    the time reported is the attempt that finished."""
-    for attempt in range(1, ATTEMPTS + 1):
-        try:
-            return _run_child(step, args, cap_gb, timeout_s, stall_s)
-        except _Stalled:
-            if attempt == ATTEMPTS:
-                raise PoiError(
-                    f"ezkl {step}: expected it to finish, it deadlocked {ATTEMPTS} times (no CPU for "
-                    f"{stall_s:.0f} s each; the pyo3-log / GIL race in ezkl's prover)"
-                ) from None
-    raise AssertionError("unreachable")
-
-
-class _Stalled(Exception):
-    pass
-
-
-def _run_child(step: str, args: dict[str, str], cap_gb: float, timeout_s: float, stall_s: float) -> Step:
-    import psutil
-
-    cap = int(cap_gb * 2**30)
-
-    def limit() -> None:
-        resource.setrlimit(resource.RLIMIT_AS, (cap, cap))
-
-    with tempfile.TemporaryDirectory(prefix="poi-zk-step-") as tmp:
-        peak, errors = Path(tmp) / "peak", Path(tmp) / "stderr"
-        cmd = [sys.executable, str(CHILD), step, json.dumps({**args, "peak": str(peak)})]
-        t0 = time.perf_counter()
-        with errors.open("wb") as err:  # a file, not a pipe: a chatty child never blocks on it
-            proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=err, preexec_fn=limit)
-        watched, cpu, still_since = psutil.Process(proc.pid), -1.0, time.monotonic()
-        while proc.poll() is None:
-            try:
-                now_cpu = sum(watched.cpu_times()[:2])
-            except psutil.Error:  # it just exited
-                continue
-            if now_cpu > cpu:
-                cpu, still_since = now_cpu, time.monotonic()
-            stalled = time.monotonic() - still_since > stall_s
-            if stalled or time.perf_counter() - t0 > timeout_s:
-                proc.kill()
-                proc.wait()
-                if stalled:
-                    raise _Stalled()
-                raise PoiError(f"ezkl {step}: expected to finish within {timeout_s:.0f} s, it did not")
-            time.sleep(0.5)
-        seconds = time.perf_counter() - t0
-        if proc.returncode != 0:
-            tail = " | ".join(errors.read_text(errors="replace").strip().splitlines()[-3:])
-            raise PoiError(f"ezkl {step} failed (exit {proc.returncode}, cap {cap_gb:g} GB): {tail}")
-        return Step(round(seconds, 3), round(int(peak.read_text()) / 2**20, 3))  # ru_maxrss KiB -> GiB
 
 
 def seeded_gpt2(d: int, heads: int = 1, layers: int = 1, seed: int = 0, vocab: int = 30522) -> LoadedModel:

@@ -1,4 +1,4 @@
-"""One EZKL step in a child process (registry.circuits.run_capped starts it by path, so the child
+"""One EZKL step in a child process (circuits.capped.run_capped starts it by path, so the child
 imports ezkl alone: no torch, no package start-up inside the measured time).
 
     python ezkl_child.py setup '{"folder": ..., "srs": ...}'
