@@ -24,74 +24,84 @@ test: $(STAMP)
 	$(BIN)/ruff check src tests bench
 	$(BIN)/python -m pytest -q
 
+# bench/results/core.json: generation, receipt, L0 and L4 detection ratios (issue 2)
 bench: $(STAMP)
-	$(BIN)/python bench/core.py
+	$(BIN)/python -m bench.audit.core
 
+# bench/results/node.json: resident agents in measured sandboxes (issue 8)
 bench-node: $(STAMP)
-	$(BIN)/python bench/node.py
+	$(BIN)/python -m bench.node.resident
 
-# intake load (SQLite and PostgreSQL) and 20 SIGKILL crash runs; merge into bench/results/service.json
+# bench/results/service.json (intake_*, load_*): intake load on SQLite and PostgreSQL
 bench-service-load: $(STAMP)
-	$(BIN)/python bench/service_load.py
+	$(BIN)/python -m bench.service.load
 
+# bench/results/service.json (crash_*): 20 SIGKILL crash runs
 bench-service-crash: $(STAMP)
-	$(BIN)/python bench/service_crash.py
+	$(BIN)/python -m bench.service.crash
 
-# >= 100,000 fuzz cases against the control plane (default bound 1800 s); merges into bench/results/service.json
+# bench/results/service.json (fuzz_*): >= 100,000 fuzz cases against the control plane (default bound 1800 s)
 bench-service-fuzz: $(STAMP)
-	$(BIN)/python bench/service_fuzz.py --max-seconds $(or $(FUZZ_SECONDS),1800)
+	$(BIN)/python -m bench.service.fuzz --max-seconds $(or $(FUZZ_SECONDS),1800)
 
+# bench/results/signals.json: L1/L2 on CPU recordings (issue 3)
 signals: $(STAMP)
-	$(BIN)/python bench/signals.py
+	$(BIN)/python -m bench.signals.recordings
 
+# bench/results/calibration.json (and src/maxwell_poi/data/thresholds.json): L4 tolerances
 calibrate: $(STAMP)
-	$(BIN)/python bench/calibrate.py
+	$(BIN)/python -m bench.audit.calibrate
 
-# issue 10: error rates with confidence bounds on the trained model (bench/results/reliability.json)
+# bench/results/reliability.json: L4 error rates with confidence bounds on the trained model (issue 10)
 reliability: $(STAMP)
-	$(BIN)/python bench/reliability.py
+	$(BIN)/python -m bench.audit.reliability
 
+# bench/results/peers.json and peers.md: TOPLOC, logprob-rank, DiFR and L4 side by side
 peers: $(STAMP)
 	$(BIN)/python -c "import toploc" 2>/dev/null || $(BIN)/python -m pip install --quiet -c constraints.txt \
-		--no-build-isolation --no-binary toploc toploc==0.1.6 || echo "TOPLOC not built; bench/peers.py skips it"
-	$(BIN)/python bench/peers.py
+		--no-build-isolation --no-binary toploc toploc==0.1.6 || echo "TOPLOC not built; bench/peers/compare.py skips it"
+	$(BIN)/python -m bench.peers.compare
 
-# audits/s of the process pool and Ray actors, 1 and 2 workers (merges into bench/results/gateway.json)
+# bench/results/gateway.json (audit_throughput): audits/s of the process pool and Ray actors, 1 and 2 workers
 audit-throughput: $(STAMP)
-	$(BIN)/python bench/audit_throughput.py
+	$(BIN)/python -m bench.service.audit_throughput
 
+# bench/results/detection_floor.json: the smallest deliberate change L4 catches
 detection-floor: $(STAMP)
-	$(BIN)/python bench/detection_floor.py
+	$(BIN)/python -m bench.audit.detection_floor
 
+# bench/results/speculative.json: honest speculative decoding and cheap-draft decoding
 speculative: $(STAMP)
-	$(BIN)/python bench/speculative.py
+	$(BIN)/python -m bench.audit.speculative
 
-# L1's workload classifier: 4 rounds of resident recordings on two models, leave-one-trial-out (~12 min)
+# bench/results/classifier.json: L1's workload classifier, 4 rounds of resident recordings on two models (~12 min)
 classifier: $(STAMP)
-	$(BIN)/python bench/classifier.py
+	$(BIN)/python -m bench.signals.classifier
 
-# issue 11: the OpenAI gateway end to end (overhead, live detection latency, honest cuts; ~8 min)
+# bench/results/gateway.json (gateway_*, detection_latency_tokens, honest_cut): the OpenAI gateway end to end (~8 min);
+# the in-process streaming keys: python -m bench.service.streaming
 gateway: $(STAMP)
-	$(BIN)/python bench/gateway.py
+	$(BIN)/python -m bench.service.gateway
 
-# issue 12: L3 exact audits and disputes (trace cost, Freivalds vs recompute, ~1B shapes; ~4 min)
+# bench/results/exact.json: L3 exact audits and disputes (trace cost, Freivalds vs recompute, ~1B shapes; ~4 min)
 exact: $(STAMP)
-	$(BIN)/python bench/exact.py
+	$(BIN)/python -m bench.exact.audits
 
-# issue 12: the exact tier through a control plane and node on loopback (challenges, disputes; ~5 min)
+# bench/results/exact_service.json: the exact tier through a control plane and node on loopback (~5 min)
 exact-service: $(STAMP)
-	$(BIN)/python bench/exact_service.py
+	$(BIN)/python -m bench.exact.service
 
-# issue 13: EZKL proofs of one block half per width and per setting (bench/results/zk.json; ~40 min)
+# bench/results/zk.json: EZKL proofs of one block half per width and per setting (~40 min)
 zk: $(STAMP)
-	$(BIN)/python bench/zk.py
+	$(BIN)/python -m bench.zk.ezkl
 
+# bench/results/bf16_int8.json: can a bf16 claim exclude int8-rounded weights?
 bf16-int8: $(STAMP)
-	$(BIN)/python bench/bf16_int8.py
+	$(BIN)/python -m bench.audit.bf16_int8
 
-# retrains poi-lm and poi-lm-draft (~22 min on 2 cores); the registry's digests must then be updated
+# bench/results/trained_model.json: retrains poi-lm and poi-lm-draft (~22 min on 2 cores); update the registry's digests
 train-model: $(STAMP)
-	$(BIN)/python bench/train_model.py
+	$(BIN)/python -m bench.audit.train_model
 
 # issue 14: the research report from bench/results/*.json -> docs/report/build/report.{html,pdf}
 report: $(STAMP)

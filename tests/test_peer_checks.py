@@ -1,4 +1,4 @@
-"""The peer methods bench/peers.py compares (bench/_peer_checks.py), on gpt2-micro: each passes an
+"""The peer methods bench/peers/compare.py compares (bench/peers/checks.py), on gpt2-micro: each passes an
 honest generation and catches another model's, at temperature 0 and 0.8.
 
 Seeded random weights give near-uniform next-token distributions (every logprob near -log 30,522
@@ -10,16 +10,12 @@ output. A trained LM's distributions are peaked; the models here get that by a s
 from __future__ import annotations
 
 import copy
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
-
-from _peer_checks import (  # noqa: E402  (bench/, put on the path above)
+from bench.peers.checks import (
     DifrCheck,
     Generation,
     LogprobRankCheck,
@@ -28,7 +24,6 @@ from _peer_checks import (  # noqa: E402  (bench/, put on the path above)
     ToplocCheck,
     load_toploc,
 )
-
 from maxwell_poi.adversaries._agent import SwappedProver  # noqa: E402
 from maxwell_poi.protocol.lease import GenerateJob, Lease  # noqa: E402
 from maxwell_poi.registry.forward import prefill  # noqa: E402

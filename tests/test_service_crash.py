@@ -1,21 +1,17 @@
-"""The control plane survives SIGKILL: bench/service_crash.py at test size (2 runs, a small corpus of
+"""The control plane survives SIGKILL: bench/service/crash.py at test size (2 runs, a small corpus of
 real receipts) keeps every invariant — and its checker is shown to report a broken database."""
 
 from __future__ import annotations
 
 import sqlite3
-import sys
 from pathlib import Path
 from typing import Any
 
 import pytest
 from sqlalchemy import create_engine
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "bench"))
-
-import service_crash  # noqa: E402  (bench/, put on the path above)
-from service_crash import Attempt, check_answers, check_database  # noqa: E402
+from bench.service import crash as service_crash
+from bench.service.crash import Attempt, check_answers, check_database
 
 
 @pytest.fixture(scope="module")

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import sys
 from pathlib import Path
 
 import pytest
@@ -27,16 +26,7 @@ from maxwell_poi.service.audit_backends import audit_verifier
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _bench() -> object:
-    spec = importlib.util.spec_from_file_location("bench_service_fuzz", ROOT / "bench" / "service_fuzz.py")
-    assert spec and spec.loader
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # its dataclasses look their module up
-    spec.loader.exec_module(module)
-    return module
-
-
-fuzz = _bench()
+fuzz = importlib.import_module("bench.service.fuzz")
 
 # crash signatures (exception, innermost maxwell_poi function) of open bugs, each pinned by a strict
 # xfail; empty: the three the fuzzers found are fixed and their cases below are plain regression tests
@@ -115,8 +105,9 @@ def test_results_merge_keeps_other_benches_keys(tmp_path: Path) -> None:
     path.write_text(json.dumps({"intake_per_s": 123.0, "fuzz_cases": 1}))
     tally = fuzz.Tally()
     tally.cases.update({"parse_lease_json": 5, "http_openapi_positive": 7})
-    fuzz.merge_results(tally, 2.04, "python bench/service_fuzz.py --cases 12", path)
+    fuzz.write_fuzz_results(tally, 2.04, "python -m bench.service.fuzz --cases 12", path)
     data = json.loads(path.read_text())
+    assert data["_meta"]["fuzz_cases"]["commit"] and "intake_per_s" not in data["_meta"]  # stamped: own keys
     assert data["intake_per_s"] == 123.0 and data["fuzz_cases"] == 12 and data["fuzz_seconds"] == 2.0
     assert data["fuzz_by_target"] == {"http_openapi_positive": 7, "parse_lease_json": 5}
     assert data["fuzz_server_errors"] == 0 == data["fuzz_refusals_without_reason"]

@@ -1,16 +1,11 @@
-"""bench/_stats.py: Clopper–Pearson bounds, ROC summaries, the smallest level caught."""
+"""bench/common/stats.py: Clopper–Pearson bounds, ROC summaries, the smallest level caught."""
 
 from __future__ import annotations
-
-import sys
-from pathlib import Path
 
 import pytest
 from scipy.stats import binomtest
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
-
-import _stats  # noqa: E402  (bench/, put on the path above)
+from bench.common import stats as _stats
 
 
 def test_zero_of_3000_bounds_the_rate_at_a_tenth_of_a_percent():

@@ -553,7 +553,7 @@ def _bench_module(rel: str, name: str) -> Any:
 
 
 def test_sampling_overhead_report_shape() -> None:
-    bench = _bench_module("bench/sampling_overhead.py", "bench_sampling_overhead")
+    bench = _bench_module("bench/signals/sampling_overhead.py", "bench_sampling_overhead")
     r = bench.measure_sampling_overhead(seconds=0.3, hz=10)
     assert set(r) >= {"hz", "wall_s", "sampler_cpu_s", "sampling_overhead_cpu_fraction"}
     assert r["sampling_overhead_cpu_fraction"] == pytest.approx(r["sampler_cpu_s"] / r["wall_s"])
