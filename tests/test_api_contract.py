@@ -4,6 +4,7 @@ as a model in the OpenAPI spec, and ServiceClient returns those same models."""
 from __future__ import annotations
 
 import inspect
+import json
 import typing
 from collections.abc import Iterator
 from dataclasses import fields
@@ -117,3 +118,44 @@ def test_the_answer_models_track_what_they_describe() -> None:
     """PolicyView and ConfigView mirror dataclasses: a field added there must show here."""
     assert set(PolicyView.model_fields) == {f.name for f in fields(TierPolicy)}
     assert set(ConfigView.model_fields) <= {f.name for f in fields(ServiceConfig)}
+
+
+def test_poi_client_json_is_the_servers_json(app: FastAPI, tmp_path) -> None:
+    """`poi client … --json` prints the server's body unchanged, read back through the models."""
+    import httpx
+    from typer.testing import CliRunner
+
+    from maxwell_poi.cli import app as cli
+    from maxwell_poi.demo.harness import LoopbackServer
+    from maxwell_poi.protocol.keys import AgentKey
+
+    key = AgentKey.generate()
+    key.save(tmp_path / "a.pem")
+    admin = ["--server", "", "--admin-token", "t", "--json"]
+    agent = ["--agent-id", "cli-a", "--key", str(tmp_path / "a.pem"), "--server", "", "--json"]
+    with LoopbackServer(app) as url:
+        admin[1] = agent[5] = url
+        calls = [
+            (["enroll-agent", "--agent-id", "cli-a", "--key", str(tmp_path / "a.pem"), *admin], None),
+            (["deposit", "--agent-id", "cli-a", "--amount", "5000", "--idempotency-key", "k1", *admin], None),
+            (["ledger", *admin], ("GET", "/v1/admin/ledger", {"authorization": "Bearer t"})),
+            (["balance", *agent], None),
+            (["leases", *agent], None),
+        ]
+        for argv, raw in calls:
+            result = CliRunner().invoke(cli, ["client", *argv])
+            assert result.exit_code == 0, (argv, result.stdout)
+            printed = json.loads(result.stdout)
+            if raw is not None:  # the same call without the client: the bodies must be equal
+                method, path, headers = raw
+                assert printed == httpx.request(method, url + path, headers=headers).json()
+        assert printed == []  # no leases yet
+        again = CliRunner().invoke(cli, ["client", "deposit", "--agent-id", "cli-a", "--amount", "5000",
+                                         "--idempotency-key", "k1", *admin])  # fmt: skip
+        assert json.loads(again.stdout) == {
+            "transfer_id": json.loads(again.stdout)["transfer_id"],
+            "created": False,
+            "agent_id": "cli-a",
+            "wallet_micro": 5000,
+            "escrow_micro": 0,
+        }

@@ -110,17 +110,17 @@ def _serve_two_leases(cp: ControlPlane, url: str, tmp: Path) -> Served:
         (honest,) = RemoteNode(node_client, node, batch=1, headroom=lambda: 1e6).step()
     assert cp.audits.drain(120)  # a drawn audit (possible at this tier) finalises the stake
     bid("replayed")
-    (pulled,) = node_client.pull(1e6, ["alice"], max_leases=1)["leases"]
-    replayed_id = pulled["lease"]["lease_id"]
+    (pulled,) = node_client.pull(1e6, ["alice"], max_leases=1).leases
+    replayed_id = pulled.lease["lease_id"]
     with Session(cp.ledger.engine) as session:
-        kept = session.get(ReceiptRow, honest["lease_id"])
+        kept = session.get(ReceiptRow, honest.lease_id)
     measured = open_evidence(kept.evidence, cp.nodes)
     evidence = sign_evidence(
         measured.evidence, replayed_id, kept.receipt, node_id="n1", sandbox=measured.sandbox, key=node_key
     )
     replayed = node_client.intake(replayed_id, kept.receipt, evidence)
-    answers = {a["lease_id"]: a for a in (honest, replayed)}
-    return Served(url, cp, answers, honest["lease_id"], replayed_id)
+    answers = {a.lease_id: a.model_dump(mode="json") for a in (honest, replayed)}  # the intake JSON
+    return Served(url, cp, answers, honest.lease_id, replayed_id)
 
 
 def _dashboard(served: Served, token: str | None = TOKEN, query: str = "") -> httpx.Response:

@@ -22,7 +22,7 @@ from fastapi.testclient import TestClient
 from maxwell_poi.ledger import check_ledger
 from maxwell_poi.node.attest import NodeKey
 from maxwell_poi.node.node import Node
-from maxwell_poi.node.remote import RemoteNode
+from maxwell_poi.node.remote import ChallengeHandled, Refused, RemoteNode
 from maxwell_poi.node.resident_runs import measure_resident_profile
 from maxwell_poi.protocol.keys import AgentKey
 from maxwell_poi.registry.profiles import ProfileStore
@@ -35,6 +35,7 @@ from maxwell_poi.service import (
     intake,
 )
 from maxwell_poi.service.api import create_app
+from maxwell_poi.service.wire import IntakeAnswer
 
 TOKEN = "t"
 STAKE = 100_000
@@ -53,11 +54,11 @@ class Tier:
     traces: dict[str, Path]
 
     def serve(self, agent: str, bid_id: str) -> dict[str, Any]:
-        """One lease bid, pulled, run and handed in; the intake answer."""
+        """One lease bid, pulled, run and handed in; the intake answer (its JSON)."""
         job = {"kind": "generate", "prompt": f"the mill by the river {bid_id}", "max_new_tokens": TOKENS}
         body = {"bid_id": bid_id, "model_id": MODEL, "job": job, "price_micro_per_j": 100}
         self.agents[agent].bid({**body, "stake_micro": STAKE})
-        answers = [a for a in self.remote.step() if "verdict" in a]
+        answers = [a.model_dump(mode="json") for a in self.remote.step() if isinstance(a, IntakeAnswer)]
         assert len(answers) == 1, answers
         return answers[0]
 
@@ -71,7 +72,7 @@ class Tier:
         raise AssertionError("exact-tier leases still pending")
 
     def lease(self, agent: str, lease_id: str) -> dict[str, Any]:
-        return self.agents[agent].lease(lease_id)
+        return self.agents[agent].lease(lease_id).model_dump(mode="json")
 
 
 @pytest.fixture(scope="module")
@@ -151,8 +152,8 @@ def test_an_honest_exact_lease_is_accepted_at_once_and_final_after_its_challenge
     assert l3["status"] == "pass", l3["reason"]
     assert "checked exactly" in l3["reason"]
     asked = tier.admin.challenges(answer["lease_id"])
-    assert [(c["kind"], c["status"]) for c in asked] == [("l3", "answered")]
-    assert asked[0]["answer_bytes"] > 0
+    assert [(c.kind, c.status) for c in asked] == [("l3", "answered")]
+    assert asked[0].answer_bytes > 0
     assert tier.cp.ledger.balances()["escrow:alice"] == 0
 
 
@@ -193,7 +194,7 @@ def test_when_l4_disagrees_a_dispute_bisects_to_the_wrong_block_and_names_it(
     assert (found["agent_wins"], found["block"]) == (False, 1)
     assert found["op"] in ("qkv", "attn", "fc", "mlp", "out")
     assert "block 1" in dispute["reason"]
-    kinds = [c["kind"] for c in tier.admin.challenges(answer["lease_id"])]
+    kinds = [c.kind for c in tier.admin.challenges(answer["lease_id"])]
     # the two ends of the trace, the middle, then the culprit block whole: log2(blocks + 1) + 1 openings
     assert kinds[-1] == "settle" and set(kinds[:-1]) == {"bisect"}, kinds
 
@@ -209,7 +210,7 @@ def test_an_honest_lease_drawn_for_l4_passes_without_a_dispute(
     layers = layers_of(view)
     assert layers["L4-audit"][0]["status"] == "pass"
     assert len(layers["L3-exact"]) == 1  # the challenge; no dispute
-    assert [c["kind"] for c in tier.admin.challenges(answer["lease_id"])] == ["l3"]
+    assert [c.kind for c in tier.admin.challenges(answer["lease_id"])] == ["l3"]
 
 
 def test_an_agent_that_kept_no_trace_fails_l3(tier: Tier) -> None:
@@ -247,29 +248,30 @@ def test_an_opening_that_comes_after_the_deadline_does_not_count(tier: Tier) -> 
     assert (view["verdict"]["verdict"], view["verdict"]["stake_outcome"]) == ("contraindicated", "slashed")
     (l3,) = layers_of(view)["L3-exact"]
     assert "no opening within 1 s" in l3["reason"]
-    assert [c["status"] for c in tier.admin.challenges(answer["lease_id"])] == ["late"]
-    assert all(a["challenge"].get("refused") in (None, 409) for a in late if "challenge" in a)
+    assert [c.status for c in tier.admin.challenges(answer["lease_id"])] == ["late"]
+    handled = [a.answer for a in late if isinstance(a, ChallengeHandled)]
+    assert all(not isinstance(h, Refused) or h.refused == 409 for h in handled), handled
 
 
 def test_openings_are_refused_from_another_node_twice_or_for_unknown_challenges(tier: Tier) -> None:
     lease_id = tier.lease("alice", tier.serve("alice", "a4")["lease_id"])["lease_id"]
     deadline = time.monotonic() + 60
-    while not (open_ := tier.node_client.pull(0.0, [])["challenges"]) and time.monotonic() < deadline:
+    while not (open_ := tier.node_client.pull(0.0, []).challenges) and time.monotonic() < deadline:
         time.sleep(0.05)
     (challenge,) = open_
-    assert challenge["lease_id"] == lease_id and challenge["agent_id"] == "alice"
+    assert challenge.lease_id == lease_id and challenge.agent_id == "alice"
     other_key = NodeKey.generate()
     tier.admin.enroll_node("n2", other_key.public_hex)
     other = ServiceClient("http://test", key=other_key, principal="node:n2", http=tier.node_client.http)
     with pytest.raises(ServiceRefused) as wrong_node:
-        other.opening(challenge["challenge_id"], lease_id, b"")
+        other.opening(challenge.challenge_id, lease_id, b"")
     assert wrong_node.value.status == 403
     with pytest.raises(ServiceRefused) as unknown:
         tier.node_client.opening(10**9, lease_id, b"")
     assert unknown.value.status == 404
     tier.settle()  # the lease's own node answers it
     with pytest.raises(ServiceRefused) as twice:
-        tier.node_client.opening(challenge["challenge_id"], lease_id, b"")
+        tier.node_client.opening(challenge.challenge_id, lease_id, b"")
     assert twice.value.status == 409
     assert tier.lease("alice", lease_id)["verdict"]["verdict"] == "affirming"
 

@@ -65,7 +65,7 @@ def served(tmp_path_factory: pytest.TempPathFactory):
     for i in range(2):
         owner.bid(_bid(i))
     node = ServiceClient("http://t", key=node_key, principal="node:n1", http=tc)
-    pulled = [item["lease"] for item in node.pull(1e6, ["alice"])["leases"]]
+    pulled = [item.lease for item in node.pull(1e6, ["alice"]).leases]
     from maxwell_poi.protocol.lease import Lease
 
     leases = [Lease.model_validate(p) for p in pulled]
@@ -75,7 +75,7 @@ def served(tmp_path_factory: pytest.TempPathFactory):
     taken_in = []
     for r in results:
         answer = node.intake(r.lease.lease_id, r.run.receipt, r.signed_evidence)
-        assert not answer["duplicate"]
+        assert not answer.duplicate
         taken_in.append(
             {
                 "lease_id": r.lease.lease_id,
@@ -121,8 +121,8 @@ def test_another_agents_lease_is_refused_and_its_owner_is_served(served) -> None
     outcome = other_agents_lease(mallory, lease_ids)
     assert outcome.held and outcome.refused == 3 * len(lease_ids) and outcome.statuses == {"403": 6}
     owner = ServiceClient("http://t", key=served["alice"], principal="agent:alice", http=tc)
-    assert owner.lease(lease_ids[0])["agent_id"] == "alice"
-    assert owner.ear(lease_ids[0])["ear"].count(".") == 2  # a compact JWS
+    assert owner.lease(lease_ids[0]).agent_id == "alice"
+    assert owner.ear(lease_ids[0]).ear.count(".") == 2  # a compact JWS
 
 
 def test_node_impersonation_is_refused(served) -> None:
@@ -147,5 +147,5 @@ def test_a_bid_flood_is_capped_and_a_better_bid_still_wins(served) -> None:
     ServiceClient("http://t", admin_token="t", http=tc).enroll_node("n2", node_key.public_hex)
     node = ServiceClient("http://t", key=node_key, principal="node:n2", http=tc)
     # one lease this round: the higher price ranks first, ahead of twenty flood bids at price 1
-    won = node.pull(40.0, [], max_leases=1)["leases"]
-    assert [item["lease"]["agent_id"] for item in won] == ["alice"]
+    won = node.pull(40.0, [], max_leases=1).leases
+    assert [item.lease["agent_id"] for item in won] == ["alice"]

@@ -8,7 +8,6 @@ import base64
 import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any
 
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
@@ -18,13 +17,14 @@ from maxwell_poi.economics.energy import measured_energy
 from maxwell_poi.ledger import check_ledger
 from maxwell_poi.node.attest import NodeKey, sign_evidence
 from maxwell_poi.node.node import Node, NodeResult
-from maxwell_poi.node.remote import RemoteNode
+from maxwell_poi.node.remote import Handed, RemoteNode
 from maxwell_poi.node.resident_runs import measure_resident_profile
 from maxwell_poi.protocol.keys import AgentKey
 from maxwell_poi.protocol.lease import Lease
 from maxwell_poi.registry.profiles import ProfileStore
 from maxwell_poi.service import ControlPlane, ServiceClient, ServiceConfig, ServiceRefused
 from maxwell_poi.service.api import create_app
+from maxwell_poi.service.wire import BalanceView, BidView, IntakeAnswer
 from maxwell_poi.verifier.ear import verify_ear
 
 TOKEN = "t"
@@ -45,15 +45,15 @@ class Flow:
     node_key: NodeKey
     remote: RemoteNode
 
-    def bid(self, bid_id: str, prompt: str = "hi there") -> dict[str, Any]:
+    def bid(self, bid_id: str, prompt: str = "hi there") -> BidView:
         job = {"kind": "generate", "prompt": prompt, "max_new_tokens": TOKENS}
         body = {"bid_id": bid_id, "model_id": "gpt2-micro", "job": job, "price_micro_per_j": 100}
         return self.agent.bid({**body, "stake_micro": STAKE})
 
     def balances(self) -> dict[str, int]:
         report = self.admin.ledger()
-        assert report["check"]["ok"], report["check"]["problems"]
-        return report["balances"]
+        assert report.check.ok, report.check.problems
+        return report.balances
 
     def transfers(self) -> int:
         return check_ledger(self.cp.ledger.engine).transfers
@@ -100,7 +100,7 @@ def flow(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Flow]:
 
 @dataclass
 class Served:
-    answers: list[dict[str, Any]]
+    answers: list[Handed]
     before: dict[str, int]  # balances before the leases were pulled
     after: dict[str, int]  # ... after they were settled (and any drawn audit finalised)
 
@@ -119,13 +119,13 @@ def served(flow: Flow) -> Served:
 def test_honest_leases_come_back_affirming(flow: Flow, served: Served) -> None:
     assert len(served.answers) == 2, served.answers
     for answer in served.answers:
-        assert "refused" not in answer, answer
-        assert (answer["verdict"], answer["duplicate"]) == ("affirming", False), answer["reason"]
-        view = flow.agent.lease(answer["lease_id"])
-        assert view["status"] == "settled"
-        assert view["verdict"]["final"] is True
-        assert view["verdict"]["stake_outcome"] == "released"
-        layers = {d["layer"]: d["status"] for d in view["verdict"]["layers"]}
+        assert isinstance(answer, IntakeAnswer), answer  # not refused, not a challenge
+        assert (answer.verdict, answer.duplicate) == ("affirming", False), answer.reason
+        view = flow.agent.lease(answer.lease_id)
+        assert view.status == "settled"
+        assert view.verdict is not None and view.verdict.final is True
+        assert view.verdict.stake_outcome == "released"
+        layers = {d.layer: d.status for d in view.verdict.layers}
         # the profile was measured: L1 and L2 judged the run rather than skipping it
         assert layers["L0-integrity"] == layers["L1-thermodynamic"] == layers["L2-boundary"] == "pass"
 
@@ -133,23 +133,24 @@ def test_honest_leases_come_back_affirming(flow: Flow, served: Served) -> None:
 def test_energy_charge_is_the_measured_joules_at_the_clearing_price(flow: Flow, served: Served) -> None:
     charges = 0
     for answer in served.answers:
-        view = flow.agent.lease(answer["lease_id"])
-        price, hold = view["price_micro_per_j"], view["hold_micro"]
+        assert isinstance(answer, IntakeAnswer), answer
+        view = flow.agent.lease(answer.lease_id)
+        price, hold = view.price_micro_per_j, view.hold_micro
         assert price == 20  # both fit the headroom: nothing lost, the reserve price
-        assert answer["energy_j"] > 0
-        assert answer["charge_micro"] == min(round(answer["energy_j"] * price), hold)
-        assert answer["charge_micro"] > 0
-        charges += answer["charge_micro"]
+        assert answer.energy_j > 0
+        assert answer.charge_micro == min(round(answer.energy_j * price), hold)
+        assert answer.charge_micro > 0
+        charges += answer.charge_micro
         # the wallet's legs for this lease: -hold, -stake, +(hold - charge), +stake
         legs = {
             e.kind: e.amount_micro
             for e in flow.cp.ledger.entries_for("wallet:alice")
-            if e.lease_id == answer["lease_id"]
+            if e.lease_id == answer.lease_id
         }
         expected = {
             "energy_hold": -hold,
             "stake_escrow": -STAKE,
-            "energy_debit": hold - answer["charge_micro"],  # no leg when the whole hold was charged
+            "energy_debit": hold - answer.charge_micro,  # no leg when the whole hold was charged
             "stake_release": STAKE,
         }
         assert legs == {kind: micro for kind, micro in expected.items() if micro}
@@ -157,22 +158,21 @@ def test_energy_charge_is_the_measured_joules_at_the_clearing_price(flow: Flow, 
     assert after["wallet:alice"] == before["wallet:alice"] - charges
     assert after["escrow:alice"] == before.get("escrow:alice", 0) == 0
     assert after["maxwell:energy"] == before["maxwell:energy"] + charges
-    assert flow.agent.balance() == {
-        "agent_id": "alice",
-        "wallet_micro": after["wallet:alice"],
-        "escrow_micro": 0,
-    }
+    assert flow.agent.balance() == BalanceView(
+        agent_id="alice", wallet_micro=after["wallet:alice"], escrow_micro=0
+    )
 
 
 def test_honest_leases_are_charged_inside_their_hold(flow: Flow, served: Served) -> None:
     """market.HOLD_FACTOR: "an honest lease stays well inside 3x its expected energy". The first
     wave on a freshly started resident agent also measures the agent loading its model."""
     for answer in served.answers:
-        view = flow.agent.lease(answer["lease_id"])
-        memo = view["verdict"]["energy_memo"]
-        assert answer["charge_micro"] < view["hold_micro"], (
-            f"honest lease charged its whole hold {view['hold_micro']} micro: measured "
-            f"{answer['energy_j']:.2f} J ({memo}), the bid expected {view['hold_micro'] / 3 / 20:.2f} J"
+        assert isinstance(answer, IntakeAnswer), answer
+        view = flow.agent.lease(answer.lease_id)
+        memo = view.verdict.energy_memo if view.verdict else "no verdict"
+        assert answer.charge_micro < view.hold_micro, (
+            f"honest lease charged its whole hold {view.hold_micro} micro: measured "
+            f"{answer.energy_j:.2f} J ({memo}), the bid expected {view.hold_micro / 3 / 20:.2f} J"
         )
 
 
@@ -181,8 +181,8 @@ def held_back(flow: Flow, served: Served) -> list[NodeResult]:
     """Two leases run on the node but not yet handed in: (receipt, evidence) to submit by hand."""
     flow.bid("b3")
     flow.bid("b4", prompt="once upon a time")
-    pulled = flow.node_client.pull(1e6, ["alice"])["leases"]
-    leases = [Lease.model_validate(p["lease"]) for p in pulled]
+    pulled = flow.node_client.pull(1e6, ["alice"]).leases
+    leases = [Lease.model_validate(p.lease) for p in pulled]
     assert len(leases) == 2
     return flow.node.serve("alice", leases)
 
@@ -207,14 +207,12 @@ def test_a_wave_is_not_billed_more_energy_than_its_sandbox_burnt(
 def test_same_receipt_again_is_a_duplicate_and_moves_nothing(flow: Flow, held_back: list[NodeResult]) -> None:
     a = held_back[0]
     first = flow.node_client.intake(a.lease.lease_id, a.run.receipt, a.signed_evidence)
-    assert (first["duplicate"], first["verdict"]) == (False, "affirming"), first["reason"]
+    assert (first.duplicate, first.verdict) == (False, "affirming"), first.reason
     assert flow.cp.audits.drain(120)
     balances, transfers = flow.balances(), flow.transfers()
     again = flow.node_client.intake(a.lease.lease_id, a.run.receipt, a.signed_evidence)
-    assert again["duplicate"] is True
-    assert {k: v for k, v in again.items() if k != "duplicate"} == {
-        k: v for k, v in first.items() if k != "duplicate"
-    }
+    assert again.duplicate is True
+    assert again.model_dump(exclude={"duplicate"}) == first.model_dump(exclude={"duplicate"})
     assert flow.transfers() == transfers
     assert flow.balances() == balances
 
@@ -239,51 +237,49 @@ def test_another_leases_receipt_and_evidence_under_this_lease_id_are_refused(
     assert (flow.balances(), flow.transfers()) == (balances, transfers)
     # lease B's own hand-in is still taken
     answer = flow.node_client.intake(b.lease.lease_id, b.run.receipt, b.signed_evidence)
-    assert (answer["duplicate"], answer["verdict"]) == (False, "affirming"), answer["reason"]
+    assert (answer.duplicate, answer.verdict) == (False, "affirming"), answer.reason
     assert flow.cp.audits.drain(120)
 
 
 def _ear_public_key(flow: Flow) -> Ed25519PublicKey:
-    jwk = flow.admin.request("GET", "/v1/ear-key")
-    assert (jwk["kty"], jwk["crv"]) == ("OKP", "Ed25519")
-    return Ed25519PublicKey.from_public_bytes(base64.urlsafe_b64decode(jwk["x"] + "=" * (-len(jwk["x"]) % 4)))
+    jwk = flow.admin.ear_key()
+    assert (jwk.kty, jwk.crv) == ("OKP", "Ed25519")
+    return Ed25519PublicKey.from_public_bytes(base64.urlsafe_b64decode(jwk.x + "=" * (-len(jwk.x) % 4)))
 
 
 def test_the_ear_verifies_with_the_published_key(flow: Flow, served: Served) -> None:
-    lease_id = served.answers[0]["lease_id"]
+    lease_id = served.answers[0].lease_id
     got = flow.agent.ear(lease_id)
-    assert got["lease_id"] == lease_id
-    claims = verify_ear(got["ear"], _ear_public_key(flow))
+    assert got.lease_id == lease_id
+    claims = verify_ear(got.ear, _ear_public_key(flow))
     submod = claims["submods"][f"lease/{lease_id}"]
     assert submod["ear.status"] == "affirming"
     assert submod["maxwell-poi.agent"] == "alice"
-    assert claims["eat_nonce"] == flow.agent.lease(lease_id)["lease"]["nonce"]
+    assert claims["eat_nonce"] == flow.agent.lease(lease_id).lease["nonce"]
     with pytest.raises(ValueError, match="signed by Maxwell"):
-        verify_ear(got["ear"], Ed25519PrivateKey.generate().public_key())
+        verify_ear(got.ear, Ed25519PrivateKey.generate().public_key())
 
 
 def test_a_forced_audit_finalises_the_verdict_and_releases_the_stake(flow: Flow, served: Served) -> None:
-    policy = flow.admin.request("GET", "/v1/admin/policy", auth="admin")
+    policy = flow.admin.policy().model_dump()
     flow.admin.set_policy(**{**policy, "high_from_value": 0.0, "medium_from_value": 0.0})
     try:
         flow.bid("b5", prompt="audit me")
-        answers = {a["lease_id"]: a for a in flow.remote.step()}
+        answers = {a.lease_id: a for a in flow.remote.step()}
     finally:
         flow.admin.set_policy(**policy)
-    (lease_id,) = [
-        b["lease_id"]
-        for b in flow.agent.request("GET", "/v1/agent/bids", auth="signed")
-        if b["bid_id"] == "b5"
-    ]
+    (lease_id,) = [b.lease_id for b in flow.agent.bids() if b.bid_id == "b5"]
     answer = answers[lease_id]
+    assert isinstance(answer, IntakeAnswer), answer
     view = flow.agent.lease(lease_id)
-    assert (view["tier"], view["audit_probability"]) == ("high", 1.0)
-    assert (answer["audit_drawn"], answer["final"]) == (True, False)
-    assert answer["stake_outcome"] == "pending"
+    assert (view.tier, view.audit_probability) == ("high", 1.0)
+    assert (answer.audit_drawn, answer.final) == (True, False)
+    assert answer.stake_outcome == "pending"
     assert flow.cp.audits.drain(120)
-    verdict = flow.agent.lease(lease_id)["verdict"]
-    assert (verdict["final"], verdict["verdict"], verdict["stake_outcome"]) == (True, "affirming", "released")
-    layers = {d["layer"]: d["status"] for d in verdict["layers"]}
+    verdict = flow.agent.lease(lease_id).verdict
+    assert verdict is not None
+    assert (verdict.final, verdict.verdict, verdict.stake_outcome) == (True, "affirming", "released")
+    layers = {d.layer: d.status for d in verdict.layers}
     assert layers["L4-audit"] == "pass"
     kinds = [e.kind for e in flow.cp.ledger.entries_for("wallet:alice") if e.lease_id == lease_id]
     settled = {"energy_hold", "stake_escrow", "stake_release"}  # + energy_debit unless all the hold went

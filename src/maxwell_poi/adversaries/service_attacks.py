@@ -95,7 +95,7 @@ def replay_after_restart(node: ServiceClient, taken_in: list[dict[str, str]]) ->
     for i, item in enumerate(taken_in):
         tally.outcome.attempts += 1
         answer = node.intake(item["lease_id"], item["receipt"].encode(), item["evidence"].encode())
-        if not answer.get("duplicate"):
+        if not answer.duplicate:
             tally.outcome.accepted_harmful += 1  # taken in twice: money would move twice
         other = taken_in[(i + 1) % len(taken_in)]
         if other is not item:

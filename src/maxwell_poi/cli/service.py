@@ -168,11 +168,20 @@ def _call(fn, json_out: bool) -> Any:
         raise _bad_input(str(exc)) from None
     except httpx.HTTPError as exc:
         raise _bad_input(f"cannot reach the control plane: {type(exc).__name__}: {exc}") from None
+    body = _jsonable(answer)  # the server's JSON, read back from the client's models
     if json_out or not sys.stdout.isatty():
-        print(json.dumps(answer, indent=2))
+        print(json.dumps(body, indent=2))
     else:
-        out.print_json(json.dumps(answer))
+        out.print_json(json.dumps(body))
     return answer
+
+
+def _jsonable(answer: Any) -> Any:
+    """A response model (or a list of them) as the JSON the server sent."""
+    if isinstance(answer, list):
+        return [_jsonable(a) for a in answer]
+    dump = getattr(answer, "model_dump", None)  # a pydantic model (not imported here: CLI start-up)
+    return dump(mode="json") if dump else answer
 
 
 @client_app.command("enroll-agent")
@@ -286,6 +295,7 @@ def enroll_requester(
     """A gateway requester and its API key (printed once: use it as the openai client's api_key)."""
     c = _admin(server, admin_token)
     body = {"requester_id": requester_id, "deposit_micro": deposit}
+    # the raw JSON (gateway.responses.RequesterKey): importing the gateway package would load torch
     _call(lambda: c.request("POST", "/v1/admin/requesters", body, auth="admin"), json_out)
 
 
@@ -303,7 +313,7 @@ def offer(
     """Offer to serve a model through the gateway (sealed ask; replaces your previous offer)."""
     body = {"model_id": model, "ask_micro_per_token": ask, "price_micro_per_j": price, "stake_micro": stake}
     c = _agent(server, key, agent_id)
-    _call(lambda: c.request("POST", "/v1/agent/offers", body, auth="signed"), json_out)
+    _call(lambda: c.request("POST", "/v1/agent/offers", body, auth="signed"), json_out)  # OfferView
 
 
 @client_app.command("challenges")

@@ -33,6 +33,7 @@ from ..protocol.keys import AgentKey
 from ..registry.prompts import PROMPTS
 from ..service import ControlPlane, ServiceClient, ServiceConfig
 from ..service.api import create_app
+from ..service.wire import ChallengeView, LeaseView
 from .harness import LoopbackServer, adversary_argv, ensure_profile
 
 FLOAT_MODEL, INT_MODEL = "gpt2-mini", "gpt2-mini-w8a8"
@@ -92,8 +93,7 @@ class ExactDemo:
                 Node("exact-node", NodeKey.generate(), None) as node,
             ):
                 admin = ServiceClient(url, admin_token=self.token)
-                policy = admin.request("GET", "/v1/admin/policy", auth="admin")
-                admin.set_policy(**{**policy, "exact_from_value": 0.0})
+                admin.set_policy(**{**admin.policy().model_dump(), "exact_from_value": 0.0})
                 admin.enroll_node(node.node_id, node.key.public_hex)
                 node_client = ServiceClient(url, key=node.key, principal=f"node:{node.node_id}")
                 remote = RemoteNode(node_client, node, batch=1, poll_s=0.05, wait_s=2.0, headroom=lambda: 1e6)
@@ -106,7 +106,7 @@ class ExactDemo:
         finally:
             stop.set()
             control.close()
-        summary = {"url": url, "window_s": self.window_s, "leases": rows, "ledger_ok": ledger["check"]["ok"]}
+        summary = {"url": url, "window_s": self.window_s, "leases": rows, "ledger_ok": ledger.check.ok}
         (self.workdir / "summary.json").write_text(json.dumps(summary, indent=2))
         return summary
 
@@ -144,7 +144,7 @@ class ExactDemo:
         deadline, found = time.monotonic() + timeout_s, set()
         while len(found) < rounds * len(clients) and time.monotonic() < deadline:
             for name, client in clients.items():
-                found.update((name, v["lease_id"]) for v in client.leases() if v["verdict"] is not None)
+                found.update((name, v.lease_id) for v in client.leases() if v.verdict is not None)
             time.sleep(0.2)
         if len(found) < rounds * len(clients):
             raise RuntimeError(
@@ -153,30 +153,33 @@ class ExactDemo:
         return sorted(found)
 
 
-def lease_row(agent: ExactAgent, view: dict[str, Any], challenges: list[dict[str, Any]]) -> dict[str, Any]:
+def lease_row(agent: ExactAgent, view: LeaseView, challenges: list[ChallengeView]) -> dict[str, Any]:
     """What the demo reports of one exact-tier lease."""
-    verdict = view["verdict"]
-    layers = {d["layer"]: d for d in verdict["layers"]}
-    exact = [d for d in verdict["layers"] if d["layer"] == "L3-exact"]
-    settled = next((d for d in exact if "dispute" in (d.get("details") or {})), None)
+    verdict = view.verdict
+    if verdict is None:
+        raise RuntimeError(f"lease {view.lease_id} has no verdict yet")
+    layers = {d.layer: d for d in verdict.layers}
+    exact = [d for d in verdict.layers if d.layer == "L3-exact"]
+    settled = next((d for d in exact if "dispute" in d.details), None)
+    l4 = layers.get("L4-audit")
     return {
         "agent": agent.name,
         "model": agent.model,
         "shows": agent.mode,
-        "tier": view["tier"],
-        "audit_probability": view["audit_probability"],
-        "verdict": verdict["verdict"],
-        "reason": verdict["reason"],
-        "final": verdict["final"],
-        "stake_outcome": verdict["stake_outcome"],
-        "stake_micro": view["stake_micro"],
-        "l3": [{"status": d["status"], "reason": d["reason"], "cost_s": d.get("cost_s")} for d in exact],
-        "dispute_s": settled.get("cost_s") if settled else None,
-        "dispute_waited_s": settled["details"].get("waited_for_openings_s") if settled else None,
-        "l4": layers.get("L4-audit", {}).get("status", "not drawn"),
-        "l4_cost_s": layers.get("L4-audit", {}).get("cost_s"),
-        "dispute": settled["details"]["dispute"] if settled else None,
-        "openings": [(c["kind"], c["status"], c["answer_bytes"]) for c in challenges],
+        "tier": view.tier,
+        "audit_probability": view.audit_probability,
+        "verdict": verdict.verdict,
+        "reason": verdict.reason,
+        "final": verdict.final,
+        "stake_outcome": verdict.stake_outcome,
+        "stake_micro": view.stake_micro,
+        "l3": [{"status": d.status, "reason": d.reason, "cost_s": d.cost_s} for d in exact],
+        "dispute_s": settled.cost_s if settled else None,
+        "dispute_waited_s": settled.details.get("waited_for_openings_s") if settled else None,
+        "l4": l4.status if l4 else "not drawn",
+        "l4_cost_s": l4.cost_s if l4 else None,
+        "dispute": settled.details["dispute"] if settled else None,
+        "openings": [(c.kind, c.status, c.answer_bytes) for c in challenges],
     }
 
 

@@ -17,6 +17,7 @@ import openai
 
 from ..economics.tiers import TierPolicy
 from ..gateway import Gateway, mount_gateway
+from ..gateway.responses import OfferView, RequesterKey
 from ..node.attest import NodeKey
 from ..node.node import Node
 from ..node.remote import RemoteNode
@@ -61,13 +62,14 @@ class GatewayStack:
         self._stop = threading.Event()
         self._node_thread = threading.Thread(target=self.remote.run, args=(self._stop,), daemon=True)
         self._node_thread.start()
-        answer = self.admin.request(
+        answer = self.admin.call(
+            RequesterKey,
             "POST",
             "/v1/admin/requesters",
             {"requester_id": "alice-app", "deposit_micro": REQUESTER_DEPOSIT},
             auth="admin",
         )
-        self.api_key = answer["api_key"]
+        self.api_key = answer.api_key
         return self
 
     def add_agent(
@@ -83,7 +85,7 @@ class GatewayStack:
                 "price_micro_per_j": 20,
                 "stake_micro": stake,
             }
-            agent.request("POST", "/v1/agent/offers", body, auth="signed")
+            agent.call(OfferView, "POST", "/v1/agent/offers", body, auth="signed")
 
     def honest_agent(self, name: str, model_id: str, ask: int) -> None:
         key = AgentKey.generate()
@@ -105,9 +107,9 @@ class GatewayStack:
 
     def balances(self) -> dict[str, int]:
         report = self.admin.ledger()
-        if not report["check"]["ok"]:
-            raise AssertionError(f"ledger check failed: {report['check']['problems']}")
-        return report["balances"]
+        if not report.check.ok:
+            raise AssertionError(f"ledger check failed: {report.check.problems}")
+        return report.balances
 
     def __exit__(self, *_exc: object) -> None:
         self._stop.set()

@@ -26,7 +26,7 @@ from rich.table import Table
 from ..adversaries import CATALOGUE, Attack
 from ..node.attest import NodeKey
 from ..node.node import Node
-from ..node.remote import RemoteNode
+from ..node.remote import Handed, RemoteNode
 from ..node.runs import honest_agent_argv
 from ..protocol.files import write_json_atomic
 from ..protocol.keys import AgentKey
@@ -36,6 +36,7 @@ from ..registry.prompts import PROMPTS
 from ..service import ControlPlane, ServiceClient, ServiceConfig
 from ..service.api import create_app
 from ..service.market import HOLD_FACTOR
+from ..service.wire import LedgerReport
 from .generation import Demo, DemoConfig
 from .harness import LoopbackServer, has_cuda, python_module
 
@@ -187,7 +188,7 @@ class ServiceDemo:
                 ledger = admin.ledger()
         finally:
             control.close()
-        write_json_atomic(self.dir / "answers.json", answers)
+        write_json_atomic(self.dir / "answers.json", [a.model_dump(mode="json") for a in answers])
         summary = self._summary(url, terms, rows, ledger, time.perf_counter() - t0)
         write_json_atomic(self.dir / "summary.json", summary)
         return summary
@@ -239,7 +240,7 @@ class ServiceDemo:
         and let the audits finish before the next one runs (its measurements stay quiet)."""
         node_key = NodeKey.generate()
         total = sum(sum(p.waves) for p in plans)
-        answers: list[dict[str, Any]] = []
+        answers: list[Handed] = []
         with (
             ServiceClient(url, admin_token=control.admin_token) as admin,
             Node(NODE, node_key, None, self.registry) as node,
@@ -281,9 +282,9 @@ class ServiceDemo:
         }
 
     @staticmethod
-    def _pull_wave(remote: RemoteNode, agent: str, size: int) -> list[dict[str, Any]]:
+    def _pull_wave(remote: RemoteNode, agent: str, size: int) -> list[Handed]:
         remote.agents, remote.batch = [agent], size
-        got: list[dict[str, Any]] = []
+        got: list[Handed] = []
         for _ in range(MAX_STEPS):
             step = remote.step()  # a lease intake refused is skipped by the node from then on
             got.extend(step)
@@ -295,35 +296,34 @@ class ServiceDemo:
 
     def _row(self, url: str, p: AgentPlan, terms: dict) -> dict[str, Any]:
         with ServiceClient(url, key=p.key, principal=f"agent:{p.agent}") as agent:
-            bids = agent.request("GET", "/v1/agent/bids", auth="signed", params={"limit": 1000})
+            bids = agent.bids(limit=1000)
             leases = agent.leases(limit=1000)
             balance = agent.balance()
-        verdicts = [lease["verdict"] for lease in leases if lease["verdict"]]
+        verdicts = [lease.verdict for lease in leases if lease.verdict]
         stake_by = Counter()
         for lease in leases:
-            outcome = lease["verdict"]["stake_outcome"] if lease["verdict"] else "unsettled"
-            stake_by[outcome] += lease["stake_micro"]
-        caught = sorted({r["layer"] for v in verdicts for r in v["layers"] if r["status"] == "fail"})
-        wallet, escrow = balance["wallet_micro"], balance["escrow_micro"]
+            stake_by[lease.verdict.stake_outcome if lease.verdict else "unsettled"] += lease.stake_micro
+        caught = sorted({r.layer for v in verdicts for r in v.layers if r.status == "fail"})
+        wallet, escrow = balance.wallet_micro, balance.escrow_micro
         return {
             "agent": p.agent,
             "attack": p.attack.name if p.attack else None,
             "honest": p.attack is None,
             "priming_leases": int(p.attack is not None and p.attack.needs_priming),  # answered honestly
             "bids": len(bids),
-            "bid_status": dict(Counter(b["status"] for b in bids)),
+            "bid_status": dict(Counter(b.status for b in bids)),
             "leases_won": len(leases),
-            "tiers": dict(Counter(lease["tier"] for lease in leases)),
-            "audit_probability": round(statistics.fmean(lease["audit_probability"] for lease in leases), 4)
+            "tiers": dict(Counter(lease.tier for lease in leases)),
+            "audit_probability": round(statistics.fmean(lease.audit_probability for lease in leases), 4)
             if leases
             else 0.0,
-            "audits_drawn": sum(v["audit_drawn"] for v in verdicts),
-            "verdicts": dict(Counter(v["verdict"] for v in verdicts)),
+            "audits_drawn": sum(v.audit_drawn for v in verdicts),
+            "verdicts": dict(Counter(v.verdict for v in verdicts)),
             "no_verdict": len(leases) - len(verdicts),
             "caught_by": caught,
-            "reasons": sorted({v["reason"][:240] for v in verdicts if v["verdict"] != "affirming"})[:4],
-            "joules_measured": round(sum(v["energy_j"] for v in verdicts), 3),
-            "energy_paid_micro": sum(v["charge_micro"] for v in verdicts),
+            "reasons": sorted({v.reason[:240] for v in verdicts if v.verdict != "affirming"})[:4],
+            "joules_measured": round(sum(v.energy_j for v in verdicts), 3),
+            "energy_paid_micro": sum(v.charge_micro for v in verdicts),
             "stake_released_micro": stake_by["released"],
             "stake_slashed_micro": stake_by["slashed"],
             "stake_held_micro": stake_by["held"] + stake_by["pending"] + stake_by["unsettled"],
@@ -334,7 +334,7 @@ class ServiceDemo:
         }
 
     def _summary(
-        self, url: str, terms: dict, rows: list[dict[str, Any]], ledger: dict, wall_s: float
+        self, url: str, terms: dict, rows: list[dict[str, Any]], ledger: LedgerReport, wall_s: float
     ) -> dict[str, Any]:
         honest = [r["final_micro"] for r in rows if r["honest"]]
         cheats = [r["final_micro"] for r in rows if not r["honest"]]
@@ -353,12 +353,12 @@ class ServiceDemo:
         }
 
 
-def ledger_check(rows: list[dict[str, Any]], ledger: dict[str, Any]) -> dict[str, Any]:
+def ledger_check(rows: list[dict[str, Any]], ledger: LedgerReport) -> dict[str, Any]:
     """The ledger's own proof (every balance equals its entries, every transfer sums to zero) and
     the demo's: each agent's wallet and escrow as it read them, and every deposited micro is in an
     agent's wallet or escrow, or Maxwell's energy revenue, or Maxwell's slashed stakes."""
-    balances, check = ledger["balances"], ledger["check"]
-    problems = list(check["problems"])
+    balances, check = ledger.balances, ledger.check
+    problems = list(check.problems)
     for r in rows:
         for kind in ("wallet", "escrow"):
             booked = balances.get(f"{kind}:{r['agent']}", 0)
@@ -380,11 +380,11 @@ def ledger_check(rows: list[dict[str, Any]], ledger: dict[str, Any]) -> dict[str
     return {
         "ok": not problems,
         "problems": problems,
-        "ledger_check_ok": check["ok"],
+        "ledger_check_ok": check.ok,
         "deposited_micro": deposited,
         "energy_revenue_micro": revenue,
         "slashed_micro": slashed,
-        "transfers": check.get("transfers", 0),
+        "transfers": check.transfers,
     }
 
 

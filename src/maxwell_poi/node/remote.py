@@ -22,16 +22,37 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import httpx
+from pydantic import BaseModel
 
 from ..protocol.lease import Lease
 from ..protocol.stream import TaggedOpening, refusal_line
 from ..service.client import ServiceClient, ServiceRefused
+from ..service.wire import IntakeAnswer, OpenChallenge, OpeningAnswer
 from .headroom import measure_headroom
 from .node import Node
 from .relay import StreamRelay
 
 log = logging.getLogger(__name__)
 INTAKE_TRIES = 5
+
+
+class Refused(BaseModel):
+    """What the control plane refused for good (this node never sends it again): its status and body."""
+
+    lease_id: str
+    refused: int
+    error: Any
+
+
+class ChallengeHandled(BaseModel):
+    """An L3 challenge this node relayed its agent's answer to, and what the control plane said."""
+
+    lease_id: str
+    challenge_id: int
+    answer: OpeningAnswer | Refused
+
+
+Handed = IntakeAnswer | Refused | ChallengeHandled  # what one step handed in, item by item
 
 
 @dataclass
@@ -44,54 +65,54 @@ class RemoteNode:
     cwd: str | None = None
     agents: list[str] = field(default_factory=list)  # [] = any agent the control plane sends
     headroom: Callable[[], float] = field(default=lambda: measure_headroom().joules)
-    on_answer: Callable[[dict[str, Any]], None] | None = None
+    on_answer: Callable[[IntakeAnswer | Refused], None] | None = None
     skipped: set[str] = field(default_factory=set)
 
-    def step(self) -> list[dict[str, Any]]:
-        """One pull and everything it brought; the intake answers."""
+    def step(self) -> list[Handed]:
+        """One pull and everything it brought; the intake answers (and the challenges answered)."""
         answer = self.client.pull(self.headroom(), self.agents, max_leases=4 * self.batch, wait_s=self.wait_s)
-        pulled, pulled_challenges = answer["leases"], answer.get("challenges", [])
         by_agent: dict[str, list[Lease]] = defaultdict(list)
         commands: dict[str, list[str]] = {}
         stream_to: dict[str, str] = {}
-        for item in pulled:
-            lease = Lease.model_validate(item["lease"])
+        for item in answer.leases:
+            lease = Lease.model_validate(item.lease)
             if lease.lease_id in self.skipped:
                 continue
             by_agent[lease.agent_id].append(lease)
-            commands[lease.agent_id] = item["command"]
-            if item.get("stream_to"):
-                stream_to[lease.lease_id] = item["stream_to"]
-        answers = []
+            commands[lease.agent_id] = item.command
+            if item.stream_to:
+                stream_to[lease.lease_id] = item.stream_to
+        answers: list[Handed] = []
         for agent_id, leases in by_agent.items():
             if not self._ensure_agent(agent_id, commands[agent_id], leases):
                 continue
             for i in range(0, len(leases), self.batch):
                 answers.extend(self._serve_wave(agent_id, leases[i : i + self.batch], stream_to))
-        for challenge in pulled_challenges:
+        for challenge in answer.challenges:
             answers.append(self._answer_challenge(challenge))
         return answers
 
-    def _answer_challenge(self, challenge: dict[str, Any]) -> dict[str, Any]:
+    def _answer_challenge(self, challenge: OpenChallenge) -> ChallengeHandled:
         """Ask the lease's resident agent to open what Maxwell asked for; post its line verbatim (a
         refusal line when it gave none: Maxwell judges either, against the receipt's trace root)."""
-        lease_id, agent_id = challenge["lease_id"], challenge["agent_id"]
-        keys = [(int(b), str(op)) for b, op in challenge["keys"]]
+        lease_id, agent_id = challenge.lease_id, challenge.agent_id
+        keys = list(challenge.keys)
         agent = self.node.agents.get(agent_id)
         if agent is None:  # not resident here (stopped, or this node restarted): no one to ask
             line = refusal_line(lease_id, f"agent {agent_id} is not running on node {self.node.node_id}")
         else:
-            got = agent.open(lease_id, keys, timeout_s=max(0.1, float(challenge["timeout_s"])))
+            got = agent.open(lease_id, keys, timeout_s=max(0.1, challenge.timeout_s))
             line = got.line if isinstance(got, TaggedOpening) else refusal_line(lease_id, got)
+        answer: OpeningAnswer | Refused
         try:
-            answer = self.client.opening(int(challenge["challenge_id"]), lease_id, line)
+            answer = self.client.opening(challenge.challenge_id, lease_id, line)
         except ServiceRefused as exc:  # late, or already answered: nothing more to do for it
-            answer = {"challenge_id": challenge["challenge_id"], "refused": exc.status, "error": exc.body}
-        return {"lease_id": lease_id, "challenge": answer}
+            answer = Refused(lease_id=lease_id, refused=exc.status, error=exc.body)
+        return ChallengeHandled(lease_id=lease_id, challenge_id=challenge.challenge_id, answer=answer)
 
     def _serve_wave(
         self, agent_id: str, wave: list[Lease], stream_to: dict[str, str]
-    ) -> list[dict[str, Any]]:
+    ) -> list[IntakeAnswer | Refused]:
         """One wave; gateway leases relayed live. An agent the control plane cut off is stopped
         once its wave is handed in (its next lease starts it afresh)."""
         agent = self.node.agent(agent_id)
@@ -150,7 +171,8 @@ class RemoteNode:
         warm = Lease.issue(agent_id, first.model_id, first.job, precision=first.precision, ttl_s=600)
         self.node.serve(agent_id, [warm])
 
-    def _hand_in(self, lease_id: str, receipt: bytes, evidence: bytes) -> dict[str, Any]:
+    def _hand_in(self, lease_id: str, receipt: bytes, evidence: bytes) -> IntakeAnswer | Refused:
+        answer: IntakeAnswer | Refused
         for attempt in range(INTAKE_TRIES):
             try:
                 answer = self.client.intake(lease_id, receipt, evidence)
@@ -161,7 +183,7 @@ class RemoteNode:
                 log.warning("intake of %s failed (%s); retrying", lease_id, exc)
                 time.sleep(0.5 * 2**attempt)
             except ServiceRefused as exc:  # refused for good: never serve or hand this lease in again
-                answer = {"lease_id": lease_id, "refused": exc.status, "error": exc.body}
+                answer = Refused(lease_id=lease_id, refused=exc.status, error=exc.body)
                 self.skipped.add(lease_id)
                 break
         if self.on_answer:

@@ -71,10 +71,8 @@ def intake(body: IntakeBody, request: Request, control: Control) -> IntakeAnswer
     except ApiError:
         metrics.intake.labels("refused").inc()
         raise
-    if result is not None:
+    if result is not None:  # a pending lease's audit is queued by settlement, whoever calls intake
         metrics.appraised(result, answer.final)
-        if not answer.final:
-            control.queue_audit(answer.lease_id, answer.audit_drawn)
     metrics.intake.labels("duplicate" if answer.duplicate else "accepted").inc()
     metrics.intake_seconds.observe(time.perf_counter() - t0)
     return answer
