@@ -201,10 +201,13 @@ MODELS = [
 ]
 
 
-def build_model(shape: ModelShape, device: str, quick: bool) -> Any:
-    """Seeded random weights, created directly on `device` in bf16 (no fp32 copy, no host copy)."""
+def build_model(shape: ModelShape, device: str, quick: bool, dtype: Any = None) -> Any:
+    """Seeded random weights, created directly on `device` in bf16 (no fp32 copy, no host copy), or
+    in `dtype` (next_run.py's fp32 reference)."""
     import torch
     import transformers as tf
+
+    dtype = dtype or torch.bfloat16
 
     config_cls, model_cls = {
         "gpt2": (tf.GPT2Config, tf.GPT2LMHeadModel),
@@ -214,13 +217,13 @@ def build_model(shape: ModelShape, device: str, quick: bool) -> Any:
     config = config_cls(**(shape.quick if quick else shape.config))
     prev = torch.get_default_dtype()
     torch.manual_seed(shape.seed)
-    torch.set_default_dtype(torch.bfloat16)
+    torch.set_default_dtype(dtype)
     try:
         with torch.device(device):
             model = model_cls(config)
     finally:
         torch.set_default_dtype(prev)
-    return model.to(torch.bfloat16).eval()
+    return model.to(dtype).eval()
 
 
 def model_facts(model: Any) -> dict[str, Any]:
@@ -469,6 +472,7 @@ class Serving:
             "loop": "static KV cache, decode step "
             + ("one CUDA graph replay" if self.decoder.graphed else "eager (no CUDA graph)"),
             "graph_capture_s": self.decoder.capture_s,
+            "graph_error": self.decoder.graph_error,
             "batch": self.batch,
             "prompt_len": int(self.ids.shape[1]),
             "max_new_tokens": self.new_tokens,

@@ -1,9 +1,12 @@
 #!/usr/bin/env bash
-# The GPU session in two commands, each fitting one 10-minute device command (one H100/H200, no
+# The GPU session in three commands, each fitting one 10-minute device command (one H100/H200, no
 # internet, no pip index), with .whl/ carried from `bash bench/gpu/prepare_wheels.sh`:
 #
 #   POI_COMMIT=<sha> bash bench/gpu/run_all.sh core     # ~4 min: wheels, environment, cross_hardware
 #   POI_COMMIT=<sha> bash bench/gpu/run_all.sh traces   # ~7 min: wheels, collect_traces (budget 520 s)
+#   POI_COMMIT=<sha> bash bench/gpu/run_all.sh next     # <= 8 min: wheels, next_run (7B audit speed-up,
+#                                                       # L3 on GPU traces, capacity challenge), then
+#                                                       # collect_traces --plan serving
 #
 # (no argument means core; -h prints this). The device's copy of the tree has no .git: pass the
 # commit, POI_COMMIT=$(git rev-parse HEAD), in the command. Each part writes into $OUT as it goes,
@@ -20,31 +23,49 @@
 #            $OUT/traces_index.json  re-packed after every window, and a copy of the index
 #            $OUT/collect_traces.log
 #            $OUT/run_all.log
+#   next:    $OUT/env.txt
+#            $OUT/gpu_next.json    bench/gpu/next_run.py: audit7b, exact_gpu, capacity (in that order,
+#                                  each with its sub-budget), rewritten after every trial
+#            $OUT/next_run.log
+#            $OUT/serving_traces.tar.gz, $OUT/serving_traces_index.json   collect_traces --plan serving
+#            $OUT/collect_traces.log
+#            $OUT/run_all.log      (7 files)
 #
 # Budgets (seconds from the start of this script; the device kills a command at 600): install and
 # environment ~30; core: cross_hardware under `timeout` of min(XH_TIMEOUT=480, what is left - 45),
 # no trial started in its last 40; traces: collect_traces --budget-s min(POI_TRACES_BUDGET_S=520,
 # what is left - 45), killed 15 s after. collect_traces degrades by dropping the last round's
 # repetitions, never whole workloads; cross_hardware by skipping its last trials (listed).
+# next: the whole part ends by POI_NEXT_BUDGET_S=480 s from the start: next_run.py gets
+# --budget-s min(POI_NEXT_MAIN_S=280, what is left of 480 - 120) under `timeout` +20 s (its own
+# sub-budgets: audit7b 165, exact_gpu 60, capacity 40); collect_traces --plan serving gets what is
+# left of the 480 s less 15 (killed 15 s after), so it ends by ~480 s.
 #
 # Rehearsal without a GPU (the current environment, no install, CPU smoke runs):
 #   POI_SMOKE=1 PYTHON=.venv/bin/python OUT=/tmp/run_all_smoke bash bench/gpu/run_all.sh core
 #   POI_SMOKE=1 PYTHON=.venv/bin/python OUT=/tmp/run_all_smoke bash bench/gpu/run_all.sh traces
+#   POI_SMOKE=1 PYTHON=.venv/bin/python OUT=/tmp/next_smoke bash bench/gpu/run_all.sh next
 set -uo pipefail
 
 usage() {
   cat <<'EOF'
 usage: [POI_COMMIT=<sha>] [OUT=<dir>] bash bench/gpu/run_all.sh [core|traces]
+       [POI_COMMIT=<sha>] [OUT=<dir>] bash bench/gpu/run_all.sh next
 
   core    install .whl/, record the environment, run bench/gpu/cross_hardware.py
           (audit speed-up first, then acceptance and cheats)       -> $OUT/gpu_core.json
   traces  install .whl/, run bench/gpu/collect_traces.py with a time budget
                                                                     -> $OUT/traces.tar.gz
+  next    install .whl/, run bench/gpu/next_run.py (7B audit speed-up, L3 on GPU traces,
+          capacity challenge), then collect_traces.py --plan serving; <= 480 s
+                                                   -> $OUT/gpu_next.json, serving_traces.tar.gz
   (no argument: core). Each part fits one 10-minute device command.
 
 environment: POI_COMMIT (the project commit; the device copy has no .git), OUT (default ./gpu-out),
   PYTHON (default python3), POI_SMOKE=1 (CPU smoke rehearsal, no install), XH_TIMEOUT (core, 480),
-  POI_TRACES_BUDGET_S (traces, 520), POI_CMD_LIMIT_S (the device's per-command limit, 600)
+  POI_TRACES_BUDGET_S (traces, 520), POI_CMD_LIMIT_S (the device's per-command limit, 600),
+  POI_NEXT_BUDGET_S (next: the whole part, 480), POI_NEXT_MAIN_S (next: next_run.py, 280),
+  POI_NEXT_WINDOW_S (next: trace window, 6; smoke 1)
 EOF
 }
 
@@ -55,7 +76,7 @@ if [ $# -gt 1 ]; then
 fi
 PART=${1:-core}
 case "$PART" in
-  core | traces) ;;
+  core | traces | next) ;;
   -h | --help | help)
     usage
     exit 0
@@ -72,6 +93,8 @@ START=$(date +%s)
 LIMIT=${POI_CMD_LIMIT_S:-600}
 XH_TIMEOUT=${XH_TIMEOUT:-480}
 TRACES_BUDGET=${POI_TRACES_BUDGET_S:-520}
+NEXT_BUDGET=${POI_NEXT_BUDGET_S:-480}
+NEXT_MAIN=${POI_NEXT_MAIN_S:-280}
 OUT=${OUT:-$PWD/gpu-out}
 PY=${PYTHON:-python3}
 SITE=/tmp/site
@@ -131,7 +154,7 @@ fi
     "dmi: $(cat /sys/class/dmi/id/product_name 2>/dev/null || echo n/a)"
   echo "## nvidia-smi"
   timeout 20 nvidia-smi 2>&1
-  if [ "$PART" = core ]; then
+  if [ "$PART" != traces ]; then
     echo "## nvidia-smi -q -d POWER,CLOCK,PERFORMANCE"
     timeout 20 nvidia-smi -q -d POWER,CLOCK,PERFORMANCE 2>&1 | head -120
   fi
@@ -179,6 +202,33 @@ if [ "$PART" = core ]; then
     rc=${PIPESTATUS[0]}
     log "cross_hardware.py exit $rc$([ "$rc" = 124 ] && echo ' (TIMED OUT: gpu_core.json holds every trial finished before)')"
   fi
+elif [ "$PART" = next ]; then
+  # what is left of the part's budget (NEXT_BUDGET from START, and the device's LIMIT less 45 s)
+  next_left() { min $((NEXT_BUDGET - $(elapsed))) $(($(left) - 45)); }
+  QUICK=()
+  WINDOW=${POI_NEXT_WINDOW_S:-6}
+  [ -n "${POI_SMOKE:-}" ] && QUICK=(--reps 1) && WINDOW=${POI_NEXT_WINDOW_S:-1}
+  mb=$(min "$NEXT_MAIN" $(($(next_left) - 120)))
+  if [ "$mb" -lt 30 ]; then
+    log "!! only $(next_left)s left of the part: next_run.py not started"
+  else
+    log "next_run.py (budget ${mb}s, killed at $((mb + 20))s)"
+    timeout -k 10 $((mb + 20)) "$PY" bench/gpu/next_run.py "${SMOKE[@]}" --commit "$COMMIT" \
+      --budget-s "$mb" --out "$OUT/gpu_next.json" 2>&1 | tee "$OUT/next_run.log"
+    rc=${PIPESTATUS[0]}
+    log "next_run.py exit $rc$([ "$rc" = 124 ] && echo ' (TIMED OUT: gpu_next.json holds every trial finished before)')"
+  fi
+  tb=$(($(next_left) - 15))
+  if [ "$tb" -lt 30 ]; then
+    log "!! only $(next_left)s left of the part: collect_traces.py --plan serving not started"
+  else
+    log "collect_traces.py --plan serving (budget ${tb}s)"
+    timeout -k 10 $((tb + 15)) "$PY" bench/gpu/collect_traces.py "${SMOKE[@]}" "${QUICK[@]}" --plan serving \
+      --seconds "$WINDOW" --commit "$COMMIT" --out /tmp/poi-serving-traces \
+      --pack "$OUT/serving_traces.tar.gz" --budget-s "$tb" 2>&1 | tee "$OUT/collect_traces.log"
+    rc=${PIPESTATUS[0]}
+    log "collect_traces.py --plan serving exit $rc"
+  fi
 else
   tb=$(min "$TRACES_BUDGET" $(($(left) - 45)))
   if [ "$tb" -lt 60 ]; then
@@ -213,6 +263,43 @@ if part == "core":
             print("  SKIPPED", s)
     except Exception as e:
         print("gpu_core.json:", type(e).__name__, e)
+elif part == "next":
+    try:
+        d = json.loads((out / "gpu_next.json").read_text())
+        print("card:", d.get("card"), "| commit:", d.get("commit"), "| complete:", d.get("complete"),
+              "| wall", d.get("wall_s"))
+        print("sections:", d.get("sections"))
+        for name, c in d.get("audit7b", {}).get("cells", {}).items():
+            print(f"  audit7b {name}: tokens {c.get('tokens')} generate {c.get('generate_s')} graphed "
+                  f"{c.get('graphed_generate_s')} audit {c.get('audit_s')} speedup {c.get('audit_speedup')} "
+                  f"per lease {c.get('audit_speedup_per_lease')} graphed {c.get('graphed_audit_speedup')} "
+                  f"{[v['verdict'] for v in c.get('verdicts', [])]}")
+        for name, c in d.get("exact_gpu", {}).get("cells", {}).items():
+            print(f"  exact_gpu {name}: {c.get('verdict')} worst {c.get('worst_residual')} "
+                  f"caught {c.get('caught')} {c.get('reason', '')[:100]}")
+        c = d.get("capacity", {})
+        print(f"  capacity: {c.get('count')} x {c.get('n')}^2 bf16 = {c.get('matrices_bytes')} B, passes "
+              f"{c.get('pass_s')} digests equal {c.get('digests_equal')} pcie {c.get('pcie')} "
+              f"derived {c.get('derived')}")
+        for e in d.get("errors", []):
+            print("  ERROR", e.get("section"), e.get("trial"), e.get("error"))
+        for s in d.get("skipped", []):
+            print("  SKIPPED", s)
+    except Exception as e:
+        print("gpu_next.json:", type(e).__name__, e)
+    try:
+        d = json.loads((out / "serving_traces_index.json").read_text())
+        print(f"serving traces: {len(d['recordings'])} recordings, {len(d['skipped'])} skipped, "
+              f"{len(d['errors'])} errors, wall {d.get('wall_s')} s, packed {d.get('packed_bytes')} B")
+        for r in d["recordings"]:
+            s = next(iter(r["summary"].values()))
+            print(f"  {r['key']:34} r{r['rep']} P={s.get('power_w_mean')} W tensor={s.get('tensor_util_mean')} "
+                  f"dram={s.get('dram_bw_util_mean')} tok/s={r['work'].get('tokens_per_s')} "
+                  f"J/TFLOP={r['work'].get('j_per_tflop_est')}")
+        for e in d["errors"]:
+            print("  ERROR", e.get("key"), e.get("rep"), e.get("error"))
+    except Exception as e:
+        print("serving_traces_index.json:", type(e).__name__, e)
 else:
     try:
         d = json.loads((out / "traces_index.json").read_text())

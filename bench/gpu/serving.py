@@ -62,6 +62,7 @@ class StaticDecoder:
             self.seq = torch.zeros(batch, max_len, dtype=torch.long, device=self.device)
         self.graph: Any = None
         self.capture_s: float | None = None
+        self.graph_error: str | None = None
 
     @property
     def graphed(self) -> bool:
@@ -104,9 +105,18 @@ class StaticDecoder:
 
     def capture(self) -> None:
         """Record one decode step in a CUDA graph (after two warm-up steps on a side stream). The
-        warm-up writes cache entries at positions 0-1, which a prefill overwrites."""
+        warm-up writes cache entries at positions 0-1, which a prefill overwrites. If capture fails,
+        decoding goes on eagerly and `graph_error` says why (`graphed` is then False)."""
         if not self.graph_wanted or self.graph is not None:
             return
+        try:
+            self._capture()
+        except Exception as e:  # noqa: BLE001 - the eager step still works; the caller records it
+            self.graph_wanted = False
+            self.graph_error = f"{type(e).__name__}: {e}"[:300]
+            sync(self.device)
+
+    def _capture(self) -> None:
         t = time.monotonic()
         with torch.no_grad():
             self.pos.zero_()
