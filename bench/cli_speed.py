@@ -5,7 +5,7 @@ cache, not the code, is what a first run measures). The machine's load average a
 recorded beside the times, since on a shared machine the wall time is mostly other people's work;
 the children's CPU time (user + sys) is recorded too, which load inflates far less.
 
-    .venv/bin/python bench/cli_speed.py            # writes bench/results/cli.json
+    .venv/bin/python -m bench.cli_speed            # writes bench/results/cli.json
 
 Goal: poi --help and poi client balance ≤ 0.5 s wall on an idle 2-core machine.
 """
@@ -13,7 +13,6 @@ Goal: poi --help and poi client balance ≤ 0.5 s wall on an idle 2-core machine
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import resource
 import socket
@@ -23,11 +22,11 @@ import sys
 import tempfile
 import time
 import urllib.request
-from datetime import UTC, datetime
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-RESULT = ROOT / "bench" / "results" / "cli.json"
+from bench.common.results import write_results
+
+WRITES = {"cli.json": ["host", "runs", "goal_wall_s", "times", "over_baseline_s", "import_alone"]}
 GOAL_S = 0.5
 # where `poi client balance`'s time goes: each module imported alone (its dependencies included)
 IMPORTS = (
@@ -92,7 +91,7 @@ def _serve(poi: str, env: dict[str, str], port: int, home: Path) -> subprocess.P
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--runs", type=int, default=7)
-    parser.add_argument("--out", type=Path, default=RESULT)
+    parser.add_argument("--out", type=Path, default=None, help="default: bench/results/cli.json")
     args = parser.parse_args()
     if args.runs < 5:
         parser.error(f"--runs must be at least 5 for a median, got {args.runs}")
@@ -127,11 +126,7 @@ def main() -> None:
             proc.terminate()
             proc.wait(timeout=30)
     load_after = os.getloadavg()
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True)
     result = {
-        "command": " ".join([Path(sys.executable).name, "bench/cli_speed.py", *sys.argv[1:]]),
-        "commit": commit.stdout.strip(),
-        "measured_at": datetime.now(UTC).isoformat(timespec="seconds"),
         "host": {
             "cores": os.cpu_count(),
             "loadavg_1_5_15_before": [round(x, 2) for x in load_before],
@@ -147,9 +142,8 @@ def main() -> None:
         },
         "import_alone": imports,
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2) + "\n")
-    print(json.dumps(result, indent=2))
+    written = write_results("cli.json", result, writes=WRITES, path=args.out)  # stamps command and commit
+    print(written.read_text())
 
 
 if __name__ == "__main__":
