@@ -59,3 +59,19 @@ def test_the_result_must_be_of_the_lease_named():
     other = Lease.issue("alice", "gpt2-small", GenerateJob(prompt="y"))
     with pytest.raises(ValueError, match="expected the result of lease"):
         ear_claims(result_for(other), LEASE)
+
+
+def test_claim_names_are_exactly_the_veraison_ear_profile_ones():
+    """ear.py says which revision its names follow (the Veraison EAR profile of draft-fv-rats-ear);
+    a renamed, dropped or added claim must change that statement too, so the names are pinned here."""
+    claims = ear_claims(result_for(LEASE), LEASE, issued_at=1.0)
+    assert claims["eat_profile"] == "tag:github.com,2023:veraison/ear"
+    assert set(claims) == {"eat_profile", "iat", "ear.verifier-id", "eat_nonce", "submods"}
+    assert set(claims["ear.verifier-id"]) == {"developer", "build"}
+    (sub,) = claims["submods"].values()
+    standard = {k for k in sub if not k.startswith("maxwell-poi.")}
+    assert standard == {"ear.status", "ear.trustworthiness-vector", "ear.appraisal-policy-id"}
+    assert set(sub["ear.trustworthiness-vector"]) <= {
+        "instance-identity", "configuration", "executables", "file-system",
+        "hardware", "runtime-opaque", "storage-opaque", "sourced-data",
+    }  # fmt: skip  (AR4SI's eight trustworthiness claims)

@@ -50,7 +50,24 @@ LEASE = dict(stake=1.0, lease_energy_j=100.0, price_per_j=0.0001)
 def test_value_picks_the_least_tier(value, tier):
     choice = POLICY.choose(value=value, headroom_j=150.0, **LEASE)
     assert choice.tier is tier and not choice.deferred
-    assert choice.audit_probability == {Tier.LOW: 0.0, Tier.HIGH: 1.0}.get(tier, choice.audit_probability)
+    # medium: the deterrence probability, (1 + margin) x saving / (value + stake), written out here
+    saving = LEASE["lease_energy_j"] * LEASE["price_per_j"]
+    medium = (1 + POLICY.margin) * saving / (value + LEASE["stake"])
+    expected = {Tier.LOW: 0.0, Tier.HIGH: 1.0, Tier.MEDIUM: medium}[tier]
+    assert choice.audit_probability == pytest.approx(expected, rel=1e-9)
+
+
+def test_medium_lottery_deters_and_falls_as_the_stake_rises():
+    """The medium tier is the only one the deterrence formula decides: its p must make cheating lose
+    money (p x (value + stake) > saving) and fall as more is at stake, never sit at 0 or 1."""
+    saving = LEASE["lease_energy_j"] * LEASE["price_per_j"]
+    ps = []
+    for stake in (0.5, 1.0, 4.0):
+        choice = POLICY.choose(value=0.1, headroom_j=150.0, **{**LEASE, "stake": stake})
+        assert choice.tier is Tier.MEDIUM and 0 < choice.audit_probability < 1
+        assert choice.audit_probability * (0.1 + stake) > saving, choice.reason
+        ps.append(choice.audit_probability)
+    assert ps[0] > ps[1] > ps[2]
 
 
 def test_spare_headroom_lifts_a_low_lease_to_the_audit_lottery():

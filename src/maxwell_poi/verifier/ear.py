@@ -1,9 +1,16 @@
-"""Attestation results as EAR (IETF draft-ietf-rats-ear-04, EAT Attestation Results), signed by
-Maxwell as a JWT (EdDSA over Ed25519, PyJWT).
+"""Attestation results as EAR (EAT Attestation Results), signed by Maxwell as a JWT (EdDSA over
+Ed25519, PyJWT).
+
+Which revision: the claim names and the profile are those of the Veraison EAR profile
+`tag:github.com,2023:veraison/ear` — the JSON serialisation of draft-fv-rats-ear (the individual draft,
+-00 to -05, since replaced by draft-ietf-rats-ear) as the reference implementations veraison/ear (Go)
+and rust-ear write it: `eat_profile`, `iat`, `eat_nonce`, `ear.verifier-id` {developer, build},
+`submods`, and per submodule `ear.status`, `ear.trustworthiness-vector`, `ear.appraisal-policy-id`.
+They have not been checked claim by claim against draft-ietf-rats-ear-04, so do not read this as
+conforming to that revision; `maxwell-poi.*` claims are this project's own (unregistered) extensions.
 
 There is no maintained Python EAR library, so the claims are written here and signed with a JOSE
-library. Claim names follow the draft's JSON serialisation (`ear.status`, `ear.verifier-id`,
-`ear.trustworthiness-vector`, …). One submodule per lease, named `lease/<lease_id>`; its
+library. One submodule per lease, named `lease/<lease_id>`; its
 trustworthiness vector maps Maxwell's layers onto AR4SI claims (0 no claim, 2 affirming,
 32 warning, 96 contraindicated):
 
