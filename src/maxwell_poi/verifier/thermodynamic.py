@@ -50,6 +50,10 @@ ACCOUNTING_SLACK_TICKS = 2
 # down for a moment after a batch. More than this is work nobody leased.
 IDLE_CPU_ALLOWANCE_S = 0.05
 IDLE_CPU_FRACTION = 0.05
+ONESHOT_EMBEDDING = (
+    "embedding jobs are one short forward pass: judged only for resident agents, whose lease window "
+    "holds no process start-up (`poi node`, with a resident embedding profile)"
+)
 
 
 def accounting_slack_s(ev: LeaseEvidence) -> float:
@@ -275,6 +279,8 @@ class ThermodynamicLayer(EvidenceLayer):
             idle = ev.idle_before
             assert idle is not None  # idle_work finds nothing without an idle gap
             return failed(problem.reason, problem.score, idle_gap_s=idle.gap_s, idle_cpu_s=idle.cpu_s)
+        if isinstance(lease.job, EmbedJob) and ev.regime == "oneshot":
+            return not_measured(ONESHOT_EMBEDDING)  # before the profile: none would help here
         profile = self.profile(ctx, ev)
         if profile is None:
             return not_measured(no_profile(lease.model_id, ev))
@@ -316,10 +322,10 @@ class ThermodynamicLayer(EvidenceLayer):
     def embedding(self, ctx: Appraisal, ev: LeaseEvidence, profile: Profile) -> Outcome:
         lease = ctx.lease
         assert isinstance(lease.job, EmbedJob)
-        if ev.regime == "oneshot" or profile.embed_cpu_s_per_token is None:
+        if profile.embed_cpu_s_per_token is None:
             return not_measured(
-                "embedding jobs are one short forward pass: judged only for resident agents, whose "
-                "lease window holds no process start-up (and with a resident embedding profile)"
+                f"the profile of {lease.model_id} on {ev.profile_key} has no embedding work: run "
+                f"`poi profile {lease.model_id} --resident`"
             )
         if ev.overlapped:
             return not_measured(
