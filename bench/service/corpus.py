@@ -358,15 +358,15 @@ def build_corpus(
         while len(seen) < want:
             # pull returns this node's outstanding leases first: ask for those plus one more round
             limit = min(MAX_PULL, len(seen) + round_size, want)
-            pulled = client.pull(1e6, agents, max_leases=limit)["leases"]
-            fresh = [p for p in pulled if p["lease"]["lease_id"] not in seen]
+            pulled = client.pull(1e6, agents, max_leases=limit).leases
+            fresh = [p for p in pulled if p.lease["lease_id"] not in seen]
             if not fresh:
                 raise RuntimeError(f"{node_id}: a pull brought no new lease with {len(seen)} of {want}")
             for p in fresh:
-                tiers[p["tier"]] = tiers.get(p["tier"], 0) + 1
-                probabilities.append(p["audit_probability"])
-                seen.add(p["lease"]["lease_id"])
-            entries += fleet.serve(node_id, [Lease.model_validate(p["lease"]) for p in fresh])
+                tiers[p.tier] = tiers.get(p.tier, 0) + 1
+                probabilities.append(p.audit_probability)
+                seen.add(p.lease["lease_id"])
+            entries += fleet.serve(node_id, [Lease.model_validate(p.lease) for p in fresh])
             say(f"{node_id}: {len(seen)}/{want} leases pulled and served")
         client.close()
     for c in clients.values():

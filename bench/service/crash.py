@@ -345,7 +345,7 @@ def two_lives(
     try:
         still_pending = drain_audits(engine, timeout_s=180)
         with server.admin() as admin:
-            api_check = admin.ledger()["check"]
+            api_check = admin.ledger().check
         server.stop()
         with engine.connect() as conn:
             received = set(conn.scalars(select(ReceiptRow.lease_id)))
@@ -353,8 +353,8 @@ def two_lives(
     finally:
         engine.dispose()
     violations += check_answers([e.lease_id for e in entries], traffic.attempts, received)
-    if not api_check["ok"]:
-        violations.append(f"GET /v1/admin/ledger: {api_check['problems'][:5]}")
+    if not api_check.ok:
+        violations.append(f"GET /v1/admin/ledger: {api_check.problems[:5]}")
     if still_pending:
         violations.append(f"{still_pending} audits still pending 180 s after the restart")
     lost = [lid for lid, tries in traffic.attempts.items() if any(a.status is None for a in tries)]
@@ -367,7 +367,7 @@ def two_lives(
         "market_ops_life1": len(traffic.market),
         "audits_pending_at_restart": pending_at_start,
         "receipts": len(received),
-        "ledger_check_ok": api_check["ok"],
+        "ledger_check_ok": api_check.ok,
         "violations": violations,
     }
 

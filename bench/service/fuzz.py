@@ -241,7 +241,7 @@ class Plane:
                 admin.deposit(name, 10**13, f"seed-{name}")
         for agent, bid in (("alice", "seed-1"), ("alice", "seed-2"), ("bob", "seed-3")):
             self.client[f"agent:{agent}"].bid(_bid(bid))
-        pulled = [p["lease"] for p in self.client["node:n1"].pull(1e9, ["alice", "bob"], 8)["leases"]]
+        pulled = [p.lease for p in self.client["node:n1"].pull(1e9, ["alice", "bob"], 8).leases]
         self.lease_json = {lease["lease_id"]: lease for lease in pulled}
         alices = [lease["lease_id"] for lease in pulled if lease["agent_id"] == "alice"]
         bobs = next(lease["lease_id"] for lease in pulled if lease["agent_id"] == "bob")
@@ -298,8 +298,8 @@ class Plane:
         while not self.pool:
             for i in range(16):
                 self.client["agent:carol"].bid(_bid(f"pool-{time.time_ns()}-{i}"))
-            pulled = self.client["node:pool"].pull(1e9, ["carol"], 16)["leases"]
-            self.pool = [p["lease"] for p in pulled if p["lease"]["lease_id"] not in self.used]
+            pulled = self.client["node:pool"].pull(1e9, ["carol"], 16).leases
+            self.pool = [p.lease for p in pulled if p.lease["lease_id"] not in self.used]
         return self.pool[0]
 
     def wait_for_audits(self, timeout_s: float = 120.0) -> None:

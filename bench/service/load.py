@@ -194,9 +194,9 @@ def verify(server: Server, db_url: str, answers: list[Answer], submitted: set[st
             f"got {receipts} receipts, {verdicts} verdicts"
         )
     with server.admin() as admin:
-        check = admin.ledger()["check"]
-    if not check["ok"]:
-        problems.append(f"expected check_ledger ok, got {check['problems'][:5]}")
+        check = admin.ledger().check
+    if not check.ok:
+        problems.append(f"expected check_ledger ok, got {check.problems[:5]}")
     return problems
 
 
