@@ -1,6 +1,7 @@
 """A node under a control plane: it pulls leases, runs them in its sandboxes, hands in the evidence.
 
-Pull, not push: the node calls `POST /v1/node/pull` (a signed request) with its headroom; each
+Pull, not push: the node calls `POST /v1/node/pull` (a signed request) with its headroom and its
+hardware class (bids for it are priced with that class's profile, service.market); each
 pull clears one auction round for it. Leases come with the enrolled agent's command; the node
 starts each agent once (resident, in its own sandbox) and hands it its leases `batch` at a time.
 For each lease it posts the agent's answer verbatim with its signed evidence to
@@ -27,7 +28,8 @@ from pydantic import BaseModel
 from ..protocol.lease import Lease
 from ..protocol.stream import TaggedOpening, refusal_line
 from ..service.client import ServiceClient, ServiceRefused
-from ..service.wire import IntakeAnswer, OpenChallenge, OpeningAnswer
+from ..service.wire import IntakeAnswer, OpenChallenge, OpeningAnswer, PullBody
+from .attest import hardware_class
 from .headroom import measure_headroom
 from .node import Node
 from .relay import StreamRelay
@@ -67,10 +69,20 @@ class RemoteNode:
     headroom: Callable[[], float] = field(default=lambda: measure_headroom().joules)
     on_answer: Callable[[IntakeAnswer | Refused], None] | None = None
     skipped: set[str] = field(default_factory=set)
+    # this node's hardware class, as its evidence carries it: the control plane prices its bids by it
+    device_class: str = field(default_factory=lambda: hardware_class()["device_class"])
 
     def step(self) -> list[Handed]:
         """One pull and everything it brought; the intake answers (and the challenges answered)."""
-        answer = self.client.pull(self.headroom(), self.agents, max_leases=4 * self.batch, wait_s=self.wait_s)
+        answer = self.client.send_pull(
+            PullBody(
+                headroom_j=self.headroom(),
+                agents=self.agents,
+                max_leases=4 * self.batch,
+                wait_s=self.wait_s,
+                device_class=self.device_class,  # signed with the body: bids for it priced by its profile
+            )
+        )
         by_agent: dict[str, list[Lease]] = defaultdict(list)
         commands: dict[str, list[str]] = {}
         stream_to: dict[str, str] = {}

@@ -23,10 +23,10 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from ..economics.auction import SealedBid, clear
-from ..economics.energy import expected_energy_j
+from ..economics.energy import FALLBACK_CPU_S_PER_TOKEN, expected_energy_j
 from ..economics.tiers import TierPolicy
 from ..ledger import Ledger
-from ..observer.evidence import resident_profile_key
+from ..observer.evidence import RESIDENT_REGIME
 from ..observer.host import this_device
 from ..protocol.errors import PoiError, UnknownModelError
 from ..protocol.lease import Job, Lease
@@ -83,11 +83,33 @@ class Market:
         self.on_expire: list[Callable[[Session, LeaseRow], None]] = []
         self._pulled = threading.Condition()  # long-polling pulls wait on it for directed leases
 
-    def expected_j(self, model_id: str, job: object) -> float:
-        profile = self.profiles.get(model_id, resident_profile_key()) or self.profiles.get(
-            model_id, this_device()
+    def expected_j(self, model_id: str, job: object, device_class: str | None = None) -> float:
+        return self.priced(model_id, job, device_class)[0]
+
+    def priced(self, model_id: str, job: object, device_class: str | None = None) -> tuple[float, str]:
+        """(expected joules of an honest run, what priced them): with the model's profile on
+        `device_class` (resident, else one-shot) — the class a node signed into its pull; None (a
+        bid as placed, no node yet) prices with this host's. No profile: the fallback estimate."""
+        device = this_device() if device_class is None else device_class
+        profile = self.profiles.get(model_id, f"{device}|{RESIDENT_REGIME}") or self.profiles.get(
+            model_id, device
         )
-        return expected_energy_j(job, profile, self.config.watts_per_core)  # type: ignore[arg-type]
+        joules = expected_energy_j(job, profile, self.config.watts_per_core)  # type: ignore[arg-type]
+        if profile is None:
+            return joules, (
+                f"no profile for {model_id} on {device}: priced with the fallback estimate "
+                f"({FALLBACK_CPU_S_PER_TOKEN * 1000:g} CPU-ms/token); run `poi profile {model_id} "
+                "--resident` there"
+            )
+        return joules, f"priced with the profile of {model_id} on {device}"
+
+    def _price_for_node(self, bid: BidRow, device_class: str) -> str:
+        """Price an open bid for the node about to clear it, with that node's hardware class; the
+        note for its reason. A node that signed no class leaves the bid as placed, and says so."""
+        if not device_class:
+            return f"the node signed no hardware class into its pull: priced as placed (on {this_device()})"
+        bid.expected_j, note = self.priced(bid.model_id, JOB.validate_json(bid.job), device_class)
+        return note
 
     def place_bid(self, agent_id: str, body: BidBody) -> tuple[dict, bool]:
         """(the bid, created). The same bid id with the same body answers the first; a different
@@ -153,7 +175,10 @@ class Market:
             session.add(row)
             session.flush()
             headroom = session.scalar(select(NodeRow.headroom_j).where(NodeRow.node_id == node_id)) or 0.0
+            node_class = session.scalar(select(NodeRow.device_class).where(NodeRow.node_id == node_id))
+            priced = self._price_for_node(row, node_class or "")
             pulled = self._issue(session, node_id, row, bid.price_micro_per_j, headroom, now)
+            row.reason = f"{row.reason}; {priced}"
             if pulled is not None:
                 extra(session, pulled)
             why = row.reason
@@ -196,7 +221,7 @@ class Market:
             session.execute(
                 update(NodeRow)
                 .where(NodeRow.node_id == node_id)
-                .values(last_seen=now, headroom_j=body.headroom_j)
+                .values(last_seen=now, headroom_j=body.headroom_j, device_class=body.device_class)
             )
             self._expire(session, now)
             self._expire_leases(session, now)
@@ -215,6 +240,7 @@ class Market:
         if body.agents:
             query = query.where(BidRow.agent_id.in_(body.agents))
         bids = {b.id: b for b in session.scalars(query.limit(10 * room + 100).with_for_update())}
+        priced = {key: self._price_for_node(b, body.device_class) for key, b in bids.items()}
         draw = 1 + self.policy.audit_cost_fraction  # a winner may need its audit too
         sealed = [
             SealedBid(b.id, b.price_micro_per_j, b.expected_j * draw, b.created_at) for b in bids.values()
@@ -225,6 +251,7 @@ class Market:
         for key in clearing.winners[:room]:
             bid = bids[key]
             pulled = self._issue(session, node_id, bid, clearing.price_micro_per_j, headroom, now)
+            bid.reason = f"{bid.reason}; {priced[key]}"
             if pulled is not None:
                 headroom -= bid.expected_j * draw
                 out.append(pulled)

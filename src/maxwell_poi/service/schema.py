@@ -67,6 +67,8 @@ class NodeRow(ServiceBase):
     enrolled_at: Mapped[float] = mapped_column(Float)
     last_seen: Mapped[float | None] = mapped_column(Float, nullable=True)
     headroom_j: Mapped[float] = mapped_column(Float, default=0.0)  # last reported thermal budget
+    # the hardware class it signed into its last pull: its bids are priced with that class's profile
+    device_class: Mapped[str] = mapped_column(String(256), default="", server_default="")
 
 
 class BidRow(ServiceBase):

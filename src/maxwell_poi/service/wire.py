@@ -71,6 +71,12 @@ class PullBody(Strict):
     wait_s: float = Field(
         default=0.0, ge=0, le=30, description="long poll: with nothing to hand out, wait up to this long"
     )
+    device_class: str = Field(
+        default="",
+        max_length=256,
+        description="the node's hardware class (as in its evidence): bids for it are priced with the "
+        "profile of that class; empty: unknown, and each bid's reason says so",
+    )
 
 
 class IntakeBody(Strict):
