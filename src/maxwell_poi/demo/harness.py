@@ -59,7 +59,9 @@ def ensure_profile(model_id: str, tokens: int, runs: int = 5) -> None:
     """L1 and L2 (and the gateway's running checks) judge against this host's resident profile."""
     store = ProfileStore()
     if store.get(model_id, resident_profile_key()) is None:
-        store.put(measure_resident_profile(model_id, runs=runs, tokens=tokens, batches=(1,)))
+        # batch 2 too: the gateway's node serves waves of 2, and L1 cannot judge a batched window
+        # without that batch size's profile (it would say so, and the verdict would be a warning)
+        store.put(measure_resident_profile(model_id, runs=runs, tokens=tokens, batches=(1, 2)))
 
 
 def adversary_argv(module: str, key: Path, *args: str) -> list[str]:
