@@ -135,7 +135,12 @@ def test_next_run_smoke_writes_every_section_with_measured_values(tmp_path):
     assert len(c["pass_s"]) == 2 and min(c["pass_s"]) > 0 and c["pass_s_median"] > 0
     assert c["digests_equal"] is True and len(c["digests"]) == 3 and len(c["digests"][0]) == 64
     assert c["digest_after_regeneration_equal"] is True and c["regenerate_all_s"] >= 0
-    assert c["pcie"] is None and "CPU" in c["pcie_why_not"]
+    assert "CPU" in c["pcie_note"] and c["pcie"]["h2d_pageable_gb_s"] > 0  # host copies here
+    derived = c["derived"]
+    assert derived["h2d_basis"] == "h2d_pageable_gb_s" and derived["relay_upload_all_s"] > 0
+    half = derived["half_memory_card_reupload_per_pass_s"]
+    assert half == pytest.approx(derived["relay_upload_all_s"] / 2, rel=1e-3)
+    assert derived["half_memory_card_slowdown_with_reupload"] >= 1
 
 
 def test_next_run_records_skips_and_failures_and_goes_on(tmp_path, monkeypatch):

@@ -190,7 +190,8 @@ class Speculative:
         self.rounds = self.proposed = self.accepted = self.full = 0  # full: every proposal kept
 
     def generate(self, prompt: torch.Tensor, new: int, until: float | None = None) -> list[int]:
-        """`new` tokens after `prompt` ([1, P]), fewer if `until` passes first (checked per round)."""
+        """`new` tokens after `prompt` ([1, P]), fewer if `until` passes first (checked per round,
+        after the first)."""
         d, t = self.draft, self.target
         d.capture()
         p = prompt.shape[1]
@@ -199,7 +200,9 @@ class Speculative:
             t.prefill(prompt)
             out = [int(t.seq[0, p])]  # the target's first token (the prefill's choice)
             n = p + 1  # positions known: prompt + out; both caches hold keys/values up to n - 2
-            while len(out) < new and (until is None or time.monotonic() < until):
+            rounds = 0  # at least one round per call, however short the time left
+            while len(out) < new and (until is None or rounds == 0 or time.monotonic() < until):
+                rounds += 1
                 last = torch.tensor([[out[-1]]], device=d.device)
                 d.ids.copy_(last)
                 d.pos.fill_(n - 1)
