@@ -5,7 +5,7 @@ cache, not the code, is what a first run measures). The machine's load average a
 recorded beside the times, since on a shared machine the wall time is mostly other people's work;
 the children's CPU time (user + sys) is recorded too, which load inflates far less.
 
-    .venv/bin/python -m bench.cli_speed            # writes bench/results/cli.json
+    .venv/bin/python -m bench.service.cli_speed            # writes bench/results/cli.json
 
 Goal: poi --help and poi client balance ≤ 0.5 s wall on an idle 2-core machine.
 """
