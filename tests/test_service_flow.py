@@ -71,7 +71,9 @@ def flow(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Flow]:
         # profiled like the agent below serves (one lease at a time, TOKENS new tokens), 5 times:
         # L2's pace floor is half the fastest profiled run, and on a busy shared host a few runs
         # may all have waited for a core, which would make an honest lease look impossibly fast
-        ProfileStore().put(measure_resident_profile("gpt2-micro", runs=5, tokens=TOKENS, batches=(1,)))
+        # batch 2 too: `held_back` serves two leases in one wave, which L1 judges at that batch size
+        # (without it L1 could not measure, and the verdict would be a warning)
+        ProfileStore().put(measure_resident_profile("gpt2-micro", runs=5, tokens=TOKENS, batches=(1, 2)))
         config = ServiceConfig.from_env(db=str(tmp / "cp.sqlite"), admin_token=TOKEN, reserve_micro_per_j=20)
         cp = ControlPlane(config)
         cp.start()
