@@ -80,7 +80,7 @@ def test_an_honest_lease_passes_l3_and_still_every_other_layer(honest, registry,
     c = claims(registry, lease, raw)
     assert json.loads(_payload(raw))["predicateType"] == PREDICATE_TYPE
     assert c.trace == trace.root(lease.nonce_bytes)  # the signed root is the kept trace's
-    verdict = Verifier.default(registry, Keyring({"alice": key.public_hex})).appraise(lease, raw)
+    verdict = Verifier.offline(registry, Keyring({"alice": key.public_hex})).appraise(lease, raw)
     assert verdict.verdict is Verdict.AFFIRMING, verdict.reason  # v3 passes L0 and L4 as v2 did
     blocks = draw_blocks(trace.blocks, 2)
     result = l3(registry, key_of_maxwell, lease, raw, Opening.of(trace, lease.nonce_bytes, blocks), blocks)

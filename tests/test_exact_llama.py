@@ -100,7 +100,7 @@ def test_an_honest_llama_lease_commits_its_ops_and_every_block_holds(model_id, r
 def test_an_honest_v3_llama_receipt_still_passes_every_other_layer(registry, tmp_path) -> None:
     agent = AgentKey.generate()
     lease, raw, _trace = serve(registry, "poi-lm", tmp_path, agent=agent)
-    verdict = Verifier.default(registry, Keyring({"alice": agent.public_hex})).appraise(lease, raw)
+    verdict = Verifier.offline(registry, Keyring({"alice": agent.public_hex})).appraise(lease, raw)
     assert verdict.verdict is Verdict.AFFIRMING, verdict.reason
 
 
