@@ -19,7 +19,10 @@ BENCH = ROOT / "bench"
 RESULTS = BENCH / "results"
 # Results written by scripts of bench/gpu/ (its own stdlib-only atomic writer, bench/gpu/gpu_env.py, so
 # the GPU machine needs nothing of this package): the writer must name each committed key literally.
-EXTERNAL = {"gpu_core.json": BENCH / "gpu" / "cross_hardware.py"}
+EXTERNAL = {
+    "gpu_core.json": BENCH / "gpu" / "cross_hardware.py",
+    "gpu_next.json": BENCH / "gpu" / "next_run.py",
+}
 WRITERS = ("write_result", "write_results")
 
 
