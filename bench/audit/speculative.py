@@ -83,7 +83,7 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     registry, key = Registry(), AgentKey.generate()
-    verifier = Verifier.default(registry, Keyring({"agent-1": key.public_hex}))
+    verifier = Verifier.offline(registry, Keyring({"agent-1": key.public_hex}))  # receipts alone
     plain = Prover(key, registry)
     registry.load(args.model), registry.load(args.draft)
     plain.claims(leases(args.model, 1, 8)[0])  # warm-up: first-call allocations are not decoding

@@ -13,9 +13,8 @@ measured, which is why Maxwell measures the sandbox it started and nothing the a
     python -m maxwell_poi.adversaries.relay_worker --key worker.pem --listen /tmp/w.sock &
     python -m maxwell_poi.adversaries.relay --key agent.pem --resident --upstream /tmp/w.sock
 
-Keeping the relay light: `python -m maxwell_poi...` runs the package's `__init__`, which loads
-torch (the public API re-exports the prover), and `protocol.receipt` loads torch through
-`protocol.fingerprint`. So `main()` re-executes the interpreter on `serve()` with a bare
+Keeping the relay light: the package's `__init__` and `protocol/` no longer load torch, but the
+adversaries package and the agent harness do. So `main()` re-executes the interpreter on `serve()` with a bare
 `maxwell_poi` package stub (same pid, same sandbox, same pipes): the serving process holds only
 the protocol's lease, stream and key modules, and re-signs the worker's DSSE payload directly
 (what `sign_receipt(open_receipt(...).claims, key)` would produce, without the heavy import).
