@@ -33,7 +33,9 @@ from maxwell_poi.ledger import Ledger, open_ledger_db
 from maxwell_poi.node.attest import NodeKey, open_evidence, sign_evidence
 from maxwell_poi.node.node import Node
 from maxwell_poi.node.remote import RemoteNode
+from maxwell_poi.node.resident_runs import measure_resident_profile
 from maxwell_poi.protocol.keys import AgentKey
+from maxwell_poi.registry.profiles import ProfileStore
 from maxwell_poi.service import ControlPlane, ServiceClient, ServiceConfig
 from maxwell_poi.service.api import create_app
 from maxwell_poi.service.dashboard import snapshot
@@ -67,6 +69,8 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("POI_HOME", str(tmp / "home"))
         mp.setenv("OMP_NUM_THREADS", "1")  # one torch thread in the agent: a shared host stays usable
+        # profile first: L1 and L2 are required, and without a profile they end the honest lease at warning
+        ProfileStore().put(measure_resident_profile("gpt2-micro", runs=3, tokens=TOKENS, batches=(1,)))
         config = ServiceConfig.from_env(db=str(tmp / "cp.sqlite"), admin_token=TOKEN, reserve_micro_per_j=20)
         cp = ControlPlane(config)
         cp.start()
