@@ -49,7 +49,7 @@ EZKL_VERSION = "23.0.5"
 
 @dataclass(frozen=True)
 class CircuitConfig:
-    """What shapes the circuit (each field is one row of bench/zk.py's settings table)."""
+    """What shapes the circuit (each field is one row of bench/zk/ezkl.py's settings table)."""
 
     tokens: int = 8
     input_scale: int = 12  # bits of the fixed-point inputs; seeded GPT-2 activations are ~1e-2
@@ -67,7 +67,7 @@ class CircuitConfig:
 
 
 def default_config(kind: Kind, d: int) -> CircuitConfig:
-    """The kept settings (bench/zk.py): 8 positions of attention; the MLP proves one position per
+    """The kept settings (bench/zk/ezkl.py): 8 positions of attention; the MLP proves one position per
     challenge (its GELU costs ~110 rows per element, so 8 positions need 2^19+ rows from d = 64)."""
     return CircuitConfig(tokens=8 if kind == "attn" else 1)
 
@@ -320,7 +320,7 @@ def calibration_inputs(
 
 
 def seeded_gpt2(d: int, heads: int = 1, layers: int = 1, seed: int = 0, vocab: int = 30522) -> LoadedModel:
-    """A seeded GPT-2 of width d (one GPT-2 block's parts at any width: bench/zk.py's sweep, tests)."""
+    """A seeded GPT-2 of width d (one GPT-2 block's parts at any width: bench/zk/ezkl.py's sweep, tests)."""
     from transformers import GPT2Config, GPT2LMHeadModel
 
     from ..registry.models import ModelSpec, _reference, find_layers, shared_tokenizer

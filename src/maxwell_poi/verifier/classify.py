@@ -3,7 +3,7 @@
 Features are normalised by the claimed model's profile on this device, so one classifier serves
 every model: the work per token, the pace, how much of the weights' memory is resident, how many
 cores were busy, how steady the CPU load was, and how bursty the token stream. Trained with
-scikit-learn on recordings of honest inference and of the physics adversaries (bench/signals.py
+scikit-learn on recordings of honest inference and of the physics adversaries (bench/signals/recordings.py
 writes the table `maxwell_poi/data/workload_features.json`).
 """
 

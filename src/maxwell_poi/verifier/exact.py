@@ -15,7 +15,7 @@ Llama block:  input_layernorm(x) -> q, k, v -> rotary, attention -> o -> x + o =
               post_attention_layernorm(h) -> gate, up -> silu(gate)·up -> down -> h + down = output
 
 Float claims (fp32) are compared with a relative tolerance calibrated on honest runs
-(bench/exact.py); the result names the first operation that fails and its residual. The products
+(bench/exact/audits.py); the result names the first operation that fails and its residual. The products
 are shaped [vectors, n] @ [n, T] (the orientation BLAS runs fastest for so few vectors) and run in
 float32; a group whose residual comes near the tolerance is decided again in float64 (SCREEN).
 """
@@ -39,7 +39,7 @@ from ..registry.w8a8 import is_w8a8, quantize_rows
 from .replay import gpt2_attention, steps
 
 VECTORS = 2  # independent r per operation: a wrong product passes both with probability ~0 (floats)
-# Relative residuals, float64, bench/exact.py `calibration_fp32` (CPU, threads 1-2, batch 1-4): honest
+# Relative residuals, float64, bench/exact/audits.py `calibration_fp32` (CPU, threads 1-2, batch 1-4): honest
 # traces of GPT-2 and Llama models up to the ~1B shapes stay under 4e-6 (worst: the GPT-2 ~1B shape);
 # 0.1 % multiplicative noise on any one weight matrix gives >= 2.7e-4 (~100x apart). The tolerance sits
 # between them on a log scale (8-12x from each side); it catches noise down to ~0.01 % of one matrix.

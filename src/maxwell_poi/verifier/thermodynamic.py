@@ -66,7 +66,7 @@ def stats_lower_bound(s: Stats, regime: str = "oneshot") -> float:
     and is counted in nanoseconds; its honest CPU has a hard lower tail (the compute itself) and a
     long upper one (contention, spinning threads) that inflates the deviation, so there the bound is
     3 deviations and 80% of the smallest run: tight enough to see one lease of a batch of two left
-    uncomputed (bench/node.py)."""
+    uncomputed (bench/node/resident.py)."""
     if regime == "oneshot":
         return max(0.25 * s.mean, min(0.6 * s.min, s.mean - 5 * s.std))
     return max(0.25 * s.mean, min(0.8 * s.min, s.mean - 3 * s.std))

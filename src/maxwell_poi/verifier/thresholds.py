@@ -1,5 +1,5 @@
 """Tolerances for the audit, per claimed precision and hardware-class pair, measured by
-bench/calibrate.py.
+bench/audit/calibrate.py.
 
 Two sets: `cross_class` (the prover ran on another kind of device than the verifier, or Maxwell
 does not know which: calibrated for cross-hardware noise) and `same_class` (Maxwell's own node

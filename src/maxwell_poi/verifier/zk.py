@@ -15,7 +15,7 @@ only if, in this order:
    output scale of the committed output rows.
 
 Tolerance: the circuit's fixed-point layer norm, exp, division and tanh lookups differ from fp32;
-bench/zk.py measures the honest gap in units of 2^-output_scale (`output_error_units`, scale 12):
+bench/zk/ezkl.py measures the honest gap in units of 2^-output_scale (`output_error_units`, scale 12):
 attn 1.2 / 8.6 / 13.5 / 120 and mlp 0.6 / 15.9 / 11.7 at d = 16 / 64 / 128 / 384. The tolerance
 is 4x the worst honest gap up to the block's width, rounded up to a power of two (TOLERANCE_UNITS);
 wider blocks than measured scale it linearly and say so. A committed output off by more is not the
