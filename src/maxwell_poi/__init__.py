@@ -16,8 +16,9 @@ Names load on first use (PEP 562), so `import maxwell_poi` and the CLI's entry p
 
 from __future__ import annotations
 
-import importlib
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
+
+from .protocol.lazy import lazy_names
 
 _HOMES = {
     "AgentKey": "protocol.keys",
@@ -76,10 +77,4 @@ if TYPE_CHECKING:
     from .verifier.policy import Verifier
 
 
-def __getattr__(name: str) -> Any:
-    home = _HOMES.get(name)
-    if home is None:
-        raise AttributeError(f"module 'maxwell_poi' has no attribute {name!r}")
-    value = getattr(importlib.import_module(f"{__name__}.{home}"), name)
-    globals()[name] = value
-    return value
+__getattr__ = lazy_names(__name__, _HOMES, globals())

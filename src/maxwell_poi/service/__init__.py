@@ -16,8 +16,9 @@ Names load on first use (PEP 562): `from maxwell_poi.service import ServiceClien
 
 from __future__ import annotations
 
-import importlib
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
+
+from ..protocol.lazy import lazy_names
 
 _HOMES = {
     "ServiceClient": "client",
@@ -33,10 +34,4 @@ if TYPE_CHECKING:
     from .control import ControlPlane
 
 
-def __getattr__(name: str) -> Any:
-    home = _HOMES.get(name)
-    if home is None:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    value = getattr(importlib.import_module(f"{__name__}.{home}"), name)
-    globals()[name] = value
-    return value
+__getattr__ = lazy_names(__name__, _HOMES, globals())
