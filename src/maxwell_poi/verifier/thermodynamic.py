@@ -18,6 +18,8 @@ Checks, in order, over the decode window (first to last streamed token):
                      must not be confident that this is something other than inference;
 5. `idle_work`       (resident) the sandbox did no work while no lease was in flight before this
                      one: a process left running between leases (mining, relaying) shows here.
+GPU leases (evidence carrying an NVML window, source nvml:<i>) are judged by verifier/gpu_signals.py
+instead of 1-4: workload class, model-size class and energy per token from the NVML telemetry.
 
 Resident agents (observer.resident) are measured as a sandbox, over a window: the CPU is the whole
 sandbox's (cgroup nanoseconds), so when leases were batched the decode window's CPU is judged
@@ -41,6 +43,7 @@ from ..registry.models import ReferenceValues, Registry
 from ..registry.profiles import Profile, ProfileStore, Stats
 from .appraisal import Appraisal, EvidenceLayer, Finding, Outcome, failed, no_profile, not_measured, passed
 from .classify import WorkloadClassifier, trace_features
+from .gpu_signals import GpuSignals, gpu_outcome, nvml_window
 
 CLASSIFIER_REJECT_BELOW = 0.2  # P(inference) under which the trace shape alone rejects
 # A short window is given two accounting ticks of benefit of the doubt before the floor and the
@@ -266,11 +269,16 @@ class ThermodynamicLayer(EvidenceLayer):
     name = LayerName.THERMODYNAMIC
 
     def __init__(
-        self, registry: Registry, profiles: ProfileStore, classifier: WorkloadClassifier | None = None
+        self,
+        registry: Registry,
+        profiles: ProfileStore,
+        classifier: WorkloadClassifier | None = None,
+        gpu_signals: GpuSignals | None = None,
     ) -> None:
         super().__init__(profiles)
         self.registry = registry
         self.classifier = classifier
+        self.gpu_signals = gpu_signals if gpu_signals is not None else GpuSignals.load()
 
     def decide_on(self, ctx: Appraisal, ev: LeaseEvidence) -> Outcome:
         lease = ctx.lease
@@ -281,6 +289,12 @@ class ThermodynamicLayer(EvidenceLayer):
             return failed(problem.reason, problem.score, idle_gap_s=idle.gap_s, idle_cpu_s=idle.cpu_s)
         if isinstance(lease.job, EmbedJob) and ev.regime == "oneshot":
             return not_measured(ONESHOT_EMBEDDING)  # before the profile: none would help here
+        gpu = nvml_window(ev.telemetry)
+        if gpu is not None and isinstance(lease.job, GenerateJob):  # a GPU lease: judged from NVML
+            if lease.job.max_new_tokens < 2:
+                return not_measured("a one-token lease has no decode window (first to last streamed token)")
+            ref = self.registry.reference(lease.model_id)
+            return gpu_outcome(self.gpu_signals, ev, gpu, ref.param_count, lease.precision)
         profile = self.profile(ctx, ev)
         if profile is None:
             return not_measured(no_profile(lease.model_id, ev))
