@@ -39,7 +39,9 @@ def recording(run: str, key: str, rep: int = 1) -> tuple[Measurement, dict]:
 def judge(m: Measurement, model_params: int, steps: int, batch: int = 1, precision: str = "bf16"):
     """L1's outcome for a lease claiming a model of `model_params` that streamed `steps` + 1 tokens
     (and `batch` - 1 peers streaming as many) inside this NVML window."""
-    lease = Lease.issue("a", "claimed", GenerateJob(prompt="hi", max_new_tokens=steps + 1), precision=precision)
+    lease = Lease.issue(
+        "a", "claimed", GenerateJob(prompt="hi", max_new_tokens=steps + 1), precision=precision
+    )
     ev = LeaseEvidence(
         started_at=0,
         finished_at=m.duration_s,
@@ -70,7 +72,9 @@ def test_replayed_inference_windows_are_affirmed_with_size_and_energy() -> None:
     out = judge(m, PARAMS["llama2-7b"], rec["work"]["decode_steps"])
     assert out.status is Status.PASS, out.reason
     assert out.details["gpu_class"] == "inference" and out.details["measured_size_class"] == "7B"
-    assert out.details["gpu_energy"] == "pass" and out.details["j_per_token"] >= out.details["j_per_token_floor"]
+    assert (
+        out.details["gpu_energy"] == "pass" and out.details["j_per_token"] >= out.details["j_per_token_floor"]
+    )
     # a launch-bound HF-generate window of a batch of 8 (run b), the energy floor from run c
     m, rec = recording("run_b", "infer-llama-1b-b8")
     out = judge(m, PARAMS["llama-1b"], rec["work"]["decode_steps"], batch=8)
@@ -121,3 +125,33 @@ def test_a_window_without_gpm_is_not_measured_never_passed() -> None:
     other_card = replace(m, device="gpu0 NVIDIA A100-SXM4-80GB")
     out = judge(other_card, PARAMS["llama2-7b"], rec["work"]["decode_steps"])
     assert out.status is Status.NOT_MEASURED and "fitted on NVIDIA H200" in out.reason
+
+
+def test_gpu_strict_fp32_to_cpu_is_a_measured_pair_with_provenance() -> None:
+    from maxwell_poi.verifier.audit import AuditLayer
+    from maxwell_poi.verifier.thresholds import Thresholds
+
+    thresholds = Thresholds.load()
+    layer = AuditLayer(None, thresholds)  # type: ignore[arg-type]  # tolerance_pair reads no model
+
+    def pair(device_class: str, precision: str) -> tuple[bool, str]:
+        lease = Lease.issue(
+            "a", "gpt2-micro", GenerateJob(prompt="hi", max_new_tokens=4), precision=precision
+        )
+        return layer.tolerance_pair(Appraisal(lease, b"", SimpleNamespace(device_class=device_class)))  # type: ignore[arg-type]
+
+    same, text = pair("cuda:NVIDIA H200@strict-fp32", "fp32")  # synthetic evidence: the node's measured class
+    assert (
+        same is True and text.startswith("cuda:NVIDIA H200@strict-fp32 -> cpu:") and "(measured pair)" in text
+    )
+    assert pair("cuda:NVIDIA H200", "fp32")[0] is False  # default GPU math (TF32 allowed): not measured
+    assert pair("cuda:NVIDIA H200@strict-fp32", "bf16")[0] is False  # only fp32 was measured exact
+    assert pair("cuda:NVIDIA H100@strict-fp32", "fp32")[0] is False  # another card: not measured
+    found = thresholds.measured_pair("cuda:NVIDIA H200@strict-fp32", layer.verifier_class(), "fp32")
+    assert found is not None
+    prov = found.provenance
+    assert prov["source"].startswith("bench/results/gpu_core.json") and prov["card"] == "NVIDIA H200"
+    assert prov["runs"] == prov["within_same_class"] > 0 and prov["worst_close_min"] == 1.0
+    # the tolerance such a claim gets is the near-exact same-class one
+    tol = thresholds.for_precision("fp32", same_class=True)
+    assert tol.min_close > thresholds.for_precision("fp32").min_close

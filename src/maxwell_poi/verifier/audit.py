@@ -61,12 +61,18 @@ class AuditLayer(TimedLayer):
         return f"cuda:{torch.cuda.get_device_name(self.device)}"
 
     def tolerance_pair(self, ctx: Appraisal) -> tuple[bool, str]:
-        """(same class?, 'prover class -> verifier class'); the prover's class is the node's
-        measurement, never the receipt's runtime claim."""
+        """(same-class tolerance?, 'prover class -> verifier class'); the prover's class is the
+        node's measurement, never the receipt's runtime claim. A measured class pair (thresholds'
+        class_pairs) earns the same-class tolerance for its precision, and says so in the text."""
         ours = self.verifier_class()
         measured = ctx.evidence.device_class if ctx.evidence is not None else ""
         theirs = numerics_class(measured) if measured else ""
-        return theirs == ours, f"{theirs or 'unknown'} -> {ours}"
+        pair = f"{theirs or 'unknown'} -> {ours}"
+        if theirs == ours:
+            return True, pair
+        if theirs and self.thresholds.measured_pair(theirs, ours, ctx.lease.precision) is not None:
+            return True, pair + " (measured pair)"
+        return False, pair
 
     def decide(self, ctx: Appraisal) -> Outcome:
         if ctx.receipt is None:
@@ -81,7 +87,13 @@ class AuditLayer(TimedLayer):
         model = self.reference_model(ctx.lease.model_id)
         same, pair = self.tolerance_pair(ctx)
         tol = self.thresholds.for_precision(ctx.lease.precision, same_class=same)
-        tolerance = {"tolerance": "same-class" if same else "cross-class", "class_pair": pair}
+        tolerance: dict[str, object] = {"tolerance": "same-class" if same else "cross-class"}
+        tolerance["class_pair"] = pair
+        if pair.endswith("(measured pair)") and ctx.evidence is not None:
+            found = self.thresholds.measured_pair(
+                numerics_class(ctx.evidence.device_class), self.verifier_class(), ctx.lease.precision
+            )
+            tolerance["class_pair_provenance"] = found.provenance if found else {}
         if isinstance(ctx.lease.job, GenerateJob):
             m = measure_generation(ctx.lease, ctx.receipt.claims, model, tol.logit_tol)
             details = {"max_token_gap": m.max_gap, "token_gap_tolerance": tol.token_gap, **tolerance}
@@ -96,9 +108,10 @@ class AuditLayer(TimedLayer):
             ok = f"{len(m.chunks)} embeddings and fingerprints match the reference"
         details["chunks"] = [c.as_dict() for c in m.chunks]
         problem = first or fingerprints_match(m.chunks, tol)
+        used = f" [{tolerance['tolerance']} tolerance, {pair}]"  # the verdict names the pair used
         if problem:
-            return failed(problem.reason, m.worst_close, **details)
-        return passed(ok, m.worst_close, **details)
+            return failed(problem.reason + used, m.worst_close, **details)
+        return passed(ok + used, m.worst_close, **details)
 
 
 def token_choice(m: AuditMeasurement, tol: Tolerance) -> Finding | None:
