@@ -11,7 +11,12 @@ import time
 import pytest
 
 from maxwell_poi.node.attest import NodeKey, open_evidence, sign_evidence
-from maxwell_poi.node.resident_runs import generate_leases, serve_wave, start_resident
+from maxwell_poi.node.resident_runs import (
+    generate_leases,
+    measure_resident_profile,
+    serve_wave,
+    start_resident,
+)
 from maxwell_poi.protocol.errors import EvidenceFormatError, UnknownAgentError
 from maxwell_poi.protocol.keys import AgentKey, Keyring
 from maxwell_poi.protocol.lease import GenerateJob, Lease
@@ -26,6 +31,7 @@ from maxwell_poi.protocol.stream import (
 )
 from maxwell_poi.prover.harness import one_at_a_time, serve_resident
 from maxwell_poi.prover.stream import current_sink
+from maxwell_poi.registry.profiles import ProfileStore
 
 LID = "0123456789abcdef0123456789abcdef"
 
@@ -196,6 +202,8 @@ def test_poi_node_serves_a_directory_and_does_not_serve_a_lease_twice(tmp_path):
             }
         )
     )
+    # profile first: L1 and L2 are required, and without a profile an honest lease ends at warning
+    ProfileStore().put(measure_resident_profile("gpt2-micro", runs=3, tokens=4, batches=(1, 2)))
     (tmp_path / "leases").mkdir()
     leases = generate_leases("gpt2-micro", 2, 4, agent_id="alice")
     for lease in leases:
@@ -211,7 +219,6 @@ def test_poi_node_serves_a_directory_and_does_not_serve_a_lease_twice(tmp_path):
         opened = open_evidence((out / "evidence.dsse.json").read_bytes(), node_keyring)
         assert opened.lease_id == lease.lease_id
         assert json.loads((out / "result.json").read_text())["lease_id"] == lease.lease_id
-    # L1 has no resident profile for gpt2-micro in this home, so the verdict rests on L0, L2, L4
     assert summary["affirmed"] == 2, summary
     assert result.exit_code == 0
     again = json.loads(CliRunner().invoke(app, ["node", str(tmp_path), "--json"]).stdout)
