@@ -76,7 +76,7 @@ class RunningChecks:
             longest = self._longest
             return f"running pace: expected at most {MAX_BURST_RUN} tokens in a row in a burst, got {longest}"
         cpu = arrivals[-1].cpu_s - arrivals[0].cpu_s
-        floor = (len(arrivals) - 1) * self.flops_per_token / self.profile.peak_flops_per_cpu_s
+        floor = self.profile.physics_floor_cpu_s(len(arrivals) - 1, self.flops_per_token)
         if cpu + 2 * 0.004 < floor:  # two accounting ticks of benefit of the doubt, as L1 gives
             return (
                 f"running work: {len(arrivals) - 1} tokens need at least {floor:.4f} CPU-s on this "

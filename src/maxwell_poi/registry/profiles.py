@@ -126,6 +126,12 @@ class Profile:
             **{"threads": [], **extra},
         )
 
+    def physics_floor_cpu_s(self, tokens: int, flops_per_token: float) -> float:
+        """The fewest CPU-seconds `tokens` tokens of a model can take on this device: their FLOPs at
+        the device's measured peak rate per CPU-second (L1's physics floor, also the gateway's
+        running check)."""
+        return tokens * flops_per_token / self.peak_flops_per_cpu_s
+
     def batch_stats(self, batch: int) -> tuple[int, Stats] | None:
         """The measured batch size to judge a batch of `batch` leases by, and its statistics: the
         smallest measured size at least `batch` (a bigger batch costs less per token, so its bound

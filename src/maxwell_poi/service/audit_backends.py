@@ -34,7 +34,6 @@ from ..protocol.keys import Keyring
 from ..protocol.lease import Lease
 from ..registry.models import Registry
 from ..verifier.audit import AuditLayer
-from ..verifier.integrity import IntegrityLayer
 from ..verifier.policy import Verifier
 from .config import AUDIT_BACKENDS
 
@@ -77,11 +76,7 @@ class BackendUnavailable(ValueError):
 
 def audit_verifier(registry: Registry, keyring: Keyring, layer: AuditLayer | None = None) -> Verifier:
     """The audit stack: L0 (replay is the database's to refuse) gating L4, drawn at rate 1."""
-    return Verifier(
-        IntegrityLayer(registry, keyring, remember_settled=False),
-        drawn=[layer or AuditLayer(registry)],
-        audit_rate=1.0,
-    )
+    return Verifier.audit_only(registry, keyring, layer)
 
 
 class AuditRunner:

@@ -20,12 +20,8 @@ from ..protocol.lease import Lease
 from ..protocol.result import AttestationResult, Verdict
 from ..registry.models import Registry, poi_home
 from ..registry.profiles import ProfileStore
-from ..verifier.boundary import BoundaryLayer
-from ..verifier.classify import WorkloadClassifier
 from ..verifier.ear import ear_claims, sign_ear
-from ..verifier.integrity import IntegrityLayer
 from ..verifier.policy import Verifier
-from ..verifier.thermodynamic import ThermodynamicLayer
 from .audit_backends import open_backend
 from .audits import AuditWorkers
 from .challenges import ChallengeBoard
@@ -60,13 +56,7 @@ class ControlPlane:
         self.agents, self.nodes = load_keyrings(self.ledger.engine)
         self.policy = self._load_policy()
         self.ear_key = AgentKey.ensure(poi_home() / "maxwell-ear.pem")
-        inline = Verifier(
-            IntegrityLayer(self.registry, self.agents, remember_settled=False),  # replay: the database
-            [
-                ThermodynamicLayer(self.registry, self.profiles, WorkloadClassifier.load()),
-                BoundaryLayer(self.profiles),
-            ],
-        )
+        inline = Verifier.inline(self.registry, self.agents, self.profiles)
         self.market = Market(self.ledger, self.registry, self.profiles, config, self.policy)
         self.live_path: Callable[[str], str | None] | None = None
         # a pending lease's audit is queued by settlement, however intake was called (HTTP or in-process)

@@ -99,6 +99,24 @@ class Verifier:
         )
 
     @classmethod
+    def inline(cls, registry: Registry, keyring: Keyring, profiles: ProfileStore) -> Verifier:
+        """The control plane's intake stack: L0 (replays are the database's to refuse) gating L1 and
+        L2 on Maxwell's evidence; L4 runs later, queued, in `audit_only` stacks."""
+        return cls(
+            IntegrityLayer(registry, keyring, remember_settled=False),
+            [ThermodynamicLayer(registry, profiles, WorkloadClassifier.load()), BoundaryLayer(profiles)],
+        )
+
+    @classmethod
+    def audit_only(cls, registry: Registry, keyring: Keyring, layer: AuditLayer | None = None) -> Verifier:
+        """A queued audit's stack: L0 (replays are the database's to refuse) gating L4, drawn at rate 1."""
+        return cls(
+            IntegrityLayer(registry, keyring, remember_settled=False),
+            drawn=[layer or AuditLayer(registry)],
+            audit_rate=1.0,
+        )
+
+    @classmethod
     def offline(
         cls, registry: Registry, keyring: Keyring, *, audit_rate: float = 1.0, device: str = "cpu"
     ) -> Verifier:

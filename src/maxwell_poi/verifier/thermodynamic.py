@@ -129,7 +129,7 @@ class DecodeWork:
             reference=ref,
             model_id=lease.model_id,
             peak_rss_mb=ev.peak_rss_mb(),
-            floor_cpu_s=window.batch_tokens * ref.flops_per_token / profile.peak_flops_per_cpu_s,
+            floor_cpu_s=profile.physics_floor_cpu_s(window.batch_tokens, ref.flops_per_token),
             lower_bound_s=stats_lower_bound(per_token, ev.regime),
             rss_floor_mb=memory_floor_mb(profile, ref.param_count, lease.precision),
             slack_s=accounting_slack_s(ev),
@@ -235,7 +235,7 @@ def embed_work(ev: LeaseEvidence, profile: Profile, ref: ReferenceValues, input_
     """A resident embedding lease: the sandbox's CPU over the lease window against its input."""
     stats = profile.embed_cpu_s_per_token
     assert stats is not None
-    floor = input_tokens * ref.flops_per_token / profile.peak_flops_per_cpu_s
+    floor = profile.physics_floor_cpu_s(input_tokens, ref.flops_per_token)
     bound = stats_lower_bound(stats, ev.regime) * input_tokens
     cpu, slack = ev.cpu_s, accounting_slack_s(ev)
     details = {
