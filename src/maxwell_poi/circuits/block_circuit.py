@@ -40,7 +40,7 @@ from torch import nn
 
 from ..protocol.errors import PoiError
 from ..registry.models import LoadedModel, poi_home
-from .capped import CAP_GB, Step, run_capped  # noqa: F401  (CAP_GB: the prover's import of it is here)
+from .capped import Step, run_capped
 
 Kind = Literal["attn", "mlp"]
 KINDS: tuple[Kind, ...] = ("attn", "mlp")

@@ -14,15 +14,8 @@ from pathlib import Path
 
 import numpy as np
 
-from ..circuits.block_circuit import (
-    CAP_GB,
-    BlockProof,
-    Circuit,
-    ZkChallenge,
-    block_input,
-    check_window,
-    run_capped,
-)
+from ..circuits.block_circuit import BlockProof, Circuit, ZkChallenge, block_input, check_window
+from ..circuits.capped import CAP_GB, run_capped
 from ..protocol.trace import Trace
 
 
