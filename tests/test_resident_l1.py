@@ -47,8 +47,10 @@ def layer(tmp_path, registry):
         Profile.from_runs(
             model_id="minilm-l6-v2",
             intervals=[0.05, 0.05],
-            cpu_per_token=[0.002, 0.0021],
-            embed_cpu_s_per_token=Stats.of([0.002, 0.0021]),
+            cpu_per_token=[0.01, 0.0105],
+            # large enough that a fabricated lease lies below the floor by more than the two
+            # accounting ticks of slack a short window is given
+            embed_cpu_s_per_token=Stats.of([0.01, 0.0105]),
             **common,
         )
     )
@@ -98,10 +100,44 @@ def test_an_honest_batch_passes_at_its_batch_size(layer, batch):
     assert r.details["batch"] == batch
 
 
-def test_a_batch_of_two_that_computed_one_fails_the_work_check(layer):
-    # two leases streamed, one computed: the window's CPU is a lone lease's, spread over 2 x tokens
-    r = judge(layer, gen_lease(), evidence(PER_TOKEN["1"] / 2, co_leases=1))
+def test_a_batch_of_two_that_did_a_tenth_of_the_work_fails_the_work_check(layer):
+    # two leases streamed, a tenth of a lone lease's work done: the window's CPU spread over 2 x tokens
+    r = judge(layer, gen_lease(), evidence(PER_TOKEN["1"] / 20, co_leases=1))
     assert r.status is Status.FAIL and "batch of 2" in r.reason
+
+
+def test_a_batch_of_two_that_computed_one_is_not_what_l1_can_tell(layer):
+    # The limit, stated as a test so that a change to it is seen: the floor is 0.35 of the smallest
+    # honest run because CPU per token drifts ~2.5x on a shared host (verifier.thermodynamic), so a
+    # batch of two answered with one computation (half the work) passes L1. The batch copier is
+    # left to the audits and to the scheduler's pricing of identical prompts (issue 23).
+    r = judge(layer, gen_lease(), evidence(PER_TOKEN["1"] / 2, co_leases=1))
+    assert r.status is Status.PASS, r.reason
+
+
+QUIET = {"others_cores": 0.05, "cpu_pressure": 0.01}
+LOADED = {"others_cores": 1.9, "cpu_pressure": 0.6}  # a neighbour on both cores: unseen by the profile
+
+
+def test_a_moderate_work_miss_under_unseen_contention_is_a_warning_not_a_failure(layer):
+    bound = 0.35 * 0.0099  # WORK_MIN_FRACTION of the smallest honest run
+    r = judge(layer, gen_lease(), evidence(0.7 * bound, contention=LOADED))
+    assert r.status is Status.WARN, r.reason
+    assert "contention the profile never saw" in r.reason and "others_cores 1.90" in r.reason
+    assert r.details["contention_others_cores"] == 1.9
+
+
+def test_the_same_miss_on_a_host_like_the_profiles_is_a_failure(layer):
+    bound = 0.35 * 0.0099
+    r = judge(layer, gen_lease(), evidence(0.7 * bound, contention=QUIET))
+    assert r.status is Status.FAIL and r.reason.startswith("work:"), r.reason
+
+
+def test_a_gross_work_miss_fails_under_any_contention(layer):
+    # a sleeper or a relay does almost nothing: waiting for a CPU never shrinks the work a token needs
+    bound = 0.35 * 0.0099
+    r = judge(layer, gen_lease(), evidence(0.3 * bound, contention=LOADED))
+    assert r.status is Status.FAIL and "never saw" not in r.reason, r.reason
 
 
 def test_a_batch_without_a_batched_profile_is_not_measured_not_passed(layer, tmp_path, registry):
@@ -131,9 +167,9 @@ def embed_evidence(cpu_s: float, regime: str = "resident", overlapped: int = 0) 
 
 def test_embedding_leases_are_judged_when_resident_and_alone(layer, registry):
     tokens = len(registry.encode_prompt("minilm-l6-v2", "Maxwell verifies inference.")) + 1
-    honest = judge(layer, embed_lease(), embed_evidence(0.002 * tokens))
+    honest = judge(layer, embed_lease(), embed_evidence(0.01 * tokens))
     assert honest.status is Status.PASS, honest.reason
-    fabricated = judge(layer, embed_lease(), embed_evidence(0.0001 * tokens))
+    fabricated = judge(layer, embed_lease(), embed_evidence(0.0005 * tokens))
     assert fabricated.status is Status.FAIL and "input tokens" in fabricated.reason
     overlapped = judge(layer, embed_lease(), embed_evidence(0.0001 * tokens, overlapped=2))
     assert overlapped.status is Status.NOT_MEASURED and "alongside 2 other leases" in overlapped.reason

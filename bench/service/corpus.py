@@ -334,7 +334,7 @@ def build_corpus(
     probe = clients[agents[0]].bid(
         {"bid_id": "probe", "model_id": MODEL, "job": job, "price_micro_per_j": 1, "stake_micro": 0}
     )
-    expected_j = float(probe["expected_j"])
+    expected_j = float(probe.expected_j)
     stake = stake_for(audit_p, expected_j)
     per_lease = math.ceil(expected_j * 3 * RESERVE) + stake  # market.HOLD_FACTOR = 3
     fleet.fund(server, min(10**15, 2 * per_lease * n + 10**9))

@@ -15,6 +15,7 @@ import threading
 import time
 from dataclasses import dataclass
 
+from ..observer.contention import between, mark
 from ..observer.evidence import LeaseEvidence
 from ..observer.host import this_device
 from ..observer.telemetry import Observer
@@ -137,6 +138,7 @@ def run_agent(
     timeout = timeout_s if timeout_s is not None else max(0.1, lease.deadline - time.time())
     started = time.time()
     t0 = time.perf_counter()
+    host_in = mark(())  # a one-shot child's run-queue delay leaves with it: the host's side only
     proc = subprocess.Popen(
         argv,
         stdin=subprocess.PIPE,
@@ -171,11 +173,12 @@ def run_agent(
     for r in readers:
         r.join(timeout=5)
     wall = time.perf_counter() - t0
+    cpu_s = rusage.ru_utime + rusage.ru_stime
     evidence = LeaseEvidence(
         started_at=started,
         finished_at=started + wall,
         wall_s=wall,
-        cpu_s=rusage.ru_utime + rusage.ru_stime,
+        cpu_s=cpu_s,
         # not rusage's ru_maxrss: Linux counts the pre-exec copy of *this* process in it
         max_rss_kb=int(1024 * max(out.rss_mb, _sampled_peak_rss_mb(telemetry))),
         bytes_in=len(payload),
@@ -191,6 +194,7 @@ def run_agent(
         stream_errors=out.errors,
         telemetry=telemetry,
         device_class=this_device(),
+        contention=between(host_in, mark(()), cpu_s),
     )
     return AgentRun(receipt=bytes(out.receipt).strip(), evidence=evidence, timed_out=timed_out)
 

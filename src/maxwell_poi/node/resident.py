@@ -23,6 +23,7 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from ..observer.contention import Mark, between, mark
 from ..observer.evidence import RESIDENT_REGIME, IdleGap, LeaseEvidence
 from ..observer.host import this_device
 from ..observer.telemetry import Measurement, NvmlSource, Observer
@@ -78,6 +79,8 @@ class _LeaseState:
     chunks: int = 0
     chunk_digest: hashlib._Hash = field(default_factory=hashlib.sha256)
     watch: StreamWatch | None = None
+    mark_in: Mark | None = None  # the host and the sandbox's run-queue delay when the lease went in
+    contention: dict[str, float] = field(default_factory=dict)
 
 
 class ResidentAgent:
@@ -151,6 +154,7 @@ class ResidentAgent:
                 idle,
                 peak_memory=usage.memory_bytes,
                 watch=watch,
+                mark_in=mark(self.sandbox.pids()),
             )
             for other in self._leases.values():
                 if not other.done.is_set():
@@ -280,11 +284,15 @@ class ResidentAgent:
 
     def _finish(self, lease_id: str, refusal: str = "") -> None:
         now, usage = time.perf_counter(), self.sandbox.usage()
+        mark_out = mark(self.sandbox.pids())
         with self._lock:
             state = self._leases.get(lease_id)
             if state is None or state.done.is_set():
                 return
             state.t_out, state.usage_out, state.refusal = now, usage, refusal
+            if state.mark_in is not None:
+                cpu_s = (usage.cpu_ns - state.usage_in.cpu_ns) / 1e9
+                state.contention = between(state.mark_in, mark_out, cpu_s)
             state.peak_memory = max(state.peak_memory, usage.memory_bytes)
             if self._in_flight() == 1:  # this one is the last: the busy span ends
                 self._end_span()
@@ -380,6 +388,7 @@ class ResidentAgent:
             window_tokens=len(self._streamed_between(s.t_in, s.t_out)),
             overlapped=len(s.overlap),
             idle_before=s.idle,
+            contention=s.contention,
         )
 
     def stderr_tail(self) -> str:

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..observer.evidence import RESIDENT_REGIME, resident_profile_key
+from ..observer.evidence import RESIDENT_REGIME, LeaseEvidence, profile_conditions, resident_profile_key
 from ..observer.host import measure_peak_flops
 from ..protocol.keys import AgentKey
 from ..protocol.lease import EmbedJob, GenerateJob, Lease
@@ -148,7 +148,7 @@ def measure_resident_profile(
     if registry.get(model_id).kind == "embedding":
         return _embed_profile(model_id, runs, registry, on_progress)
     per_batch: dict[int, list[float]] = {}
-    intervals, busy, memory = [], [], []
+    intervals, busy, memory, lone = [], [], [], []
     for b, wave in honest_batches(model_id, batches, runs, tokens, registry):
         # one value per wave: its leases share one window's CPU, they are not independent samples
         per_batch.setdefault(b, []).append(statistics.fmean(window_cpu_per_token(r) for r in wave))
@@ -157,13 +157,14 @@ def measure_resident_profile(
             w = ev.decode_window
             assert w is not None
             intervals.append(statistics.median(np.diff(ev.stream_t)))
+            lone.append(ev)
             busy.append(w.cpu_s / w.wall_s if w.wall_s > 0 else 0.0)
             memory.append(ev.peak_rss_mb())
         if on_progress:
             on_progress(f"{model_id} batch {b}: {per_batch[b][-1] * 1000:.1f} CPU-ms per token of the batch")
     if not intervals:
         raise ValueError("measure_resident_profile: batch size 1 must be among `batches`")
-    return _profile(model_id, tokens, per_batch[1], intervals, busy, memory, per_batch=per_batch)
+    return _profile(model_id, tokens, per_batch[1], intervals, busy, memory, per_batch=per_batch, lone=lone)
 
 
 def _embed_profile(
@@ -204,7 +205,11 @@ def _profile(
     *,
     per_batch: dict[int, list[float]] | None = None,
     embed: list[float] | None = None,
+    lone: list[LeaseEvidence] | None = None,
 ) -> Profile:
+    """`lone`: the evidence of the unbatched generation runs (their pace on a free core and the
+    contention they saw)."""
+    free = [ev.free_interval_s() for ev in lone or []]
     return Profile.from_runs(
         resident_profile_key(),
         model_id,
@@ -218,4 +223,6 @@ def _profile(
         regime=RESIDENT_REGIME,
         batch_cpu_s_per_token={str(b): Stats.of(v) for b, v in (per_batch or {}).items()},
         embed_cpu_s_per_token=Stats.of(embed) if embed else None,
+        interval_free_s=Stats.of(free) if free and all(f is not None for f in free) else None,  # type: ignore[arg-type]
+        conditions={k: Stats.of(v) for k, v in profile_conditions(lone or []).items()},
     )

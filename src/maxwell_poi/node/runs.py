@@ -13,14 +13,14 @@ from pathlib import Path
 
 import numpy as np
 
-from ..observer.evidence import LeaseEvidence
+from ..observer.evidence import LeaseEvidence, profile_conditions
 from ..observer.host import measure_peak_flops, this_device
 from ..observer.telemetry import Observer, TelemetrySource, default_sources
 from ..protocol.keys import AgentKey
 from ..protocol.lease import GenerateJob, Lease
 from ..protocol.receipt import max_receipt_bytes
 from ..registry.models import Registry
-from ..registry.profiles import Profile
+from ..registry.profiles import Profile, Stats
 from ..registry.prompts import PROMPTS
 from .channel import AgentRun, run_agent
 
@@ -81,8 +81,9 @@ def measure_profile(
     on_progress: Callable[[str], None] | None = None,
 ) -> Profile:
     """What honest decoding of `model_id` looks like on this device, from `runs` honest runs."""
-    intervals, cpu_per_token, busy, rss = [], [], [], []
+    intervals, cpu_per_token, busy, rss, seen = [], [], [], [], []
     for i, (n_threads, ev) in enumerate(honest_runs(model_id, runs, tokens, threads, registry)):
+        seen.append(ev)
         window = ev.decode_window
         assert window is not None  # honest_runs refuses runs without one
         intervals.append(statistics.median(np.diff(ev.stream_t)))
@@ -105,4 +106,5 @@ def measure_profile(
         peak=measure_peak_flops(),
         measured_at=time.time(),
         threads=list(threads),
+        conditions={k: Stats.of(v) for k, v in profile_conditions(seen).items()},
     )

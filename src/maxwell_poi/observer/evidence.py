@@ -8,6 +8,7 @@ from collections.abc import Mapping
 from dataclasses import MISSING, dataclass, field, fields
 from typing import Any, NamedTuple
 
+import numpy as np
 from pydantic import TypeAdapter, ValidationError
 
 from .telemetry.trace import Measurement
@@ -72,6 +73,9 @@ class LeaseEvidence:
     window_tokens: int = 0
     overlapped: int = 0  # other leases in flight in the same sandbox at some point of this one's window
     idle_before: IdleGap | None = None  # resident: the sandbox's idle gap before this lease
+    # how contended the host was over the lease window (observer.contention: wait_s, others_cores,
+    # steal_cores, cpu_pressure, load1); a figure the kernel did not give is absent, not zero
+    contention: dict[str, float] = field(default_factory=dict)
 
     @property
     def streamed(self) -> bool:
@@ -95,6 +99,17 @@ class LeaseEvidence:
     def accounting_resolution_s(self) -> float:
         """How finely the CPU figures were counted (one-shot: the kernel's 10 ms tick)."""
         return float(self.accounting.get("resolution_s", 0.01))
+
+    def free_interval_s(self) -> float | None:
+        """The median gap between streamed tokens less the run-queue delay per token: the pace on
+        a free core. The sandbox's delay is summed over its threads, so it is divided by the cores
+        the window kept busy (at least one). None without a decode window or a measured delay."""
+        w, wait = self.decode_window, self.contention.get("wait_s")
+        if w is None or wait is None or self.window_tokens <= 0:
+            return None
+        cores = max(1.0, w.cpu_s / w.wall_s) if w.wall_s > 0 else 1.0
+        gap = float(np.median(np.diff(np.asarray(self.stream_t))))
+        return max(0.0, gap - wait / self.window_tokens / cores)
 
     def peak_rss_mb(self) -> float:
         return self.max_rss_kb / 1024
@@ -152,6 +167,19 @@ def _adapters() -> dict[str, tuple[str, TypeAdapter]]:
         for f in fields(LeaseEvidence)
         if f.name != "telemetry"
     }
+
+
+def profile_conditions(runs: list[LeaseEvidence]) -> dict[str, list[float]]:
+    """The contention each honest profile run saw, by field (wait_s as seconds per streamed token);
+    a field is kept only when every run measured it."""
+    out: dict[str, list[float]] = {}
+    for name in ("others_cores", "cpu_pressure", "steal_cores", "wait_s"):
+        values = [ev.contention.get(name) for ev in runs]
+        if values and all(v is not None for v in values):
+            if name == "wait_s":
+                values = [v / max(1, ev.window_tokens) for v, ev in zip(values, runs, strict=True)]
+            out[name] = [float(v) for v in values]  # type: ignore[arg-type]
+    return out
 
 
 RESIDENT_REGIME = "resident"  # evidence of a resident agent measured as a sandbox over a window

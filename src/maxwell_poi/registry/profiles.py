@@ -85,14 +85,23 @@ class Profile:
     batch_cpu_s_per_token: dict[str, Stats] = field(default_factory=dict)
     # resident regime: sandbox CPU seconds per input token of an embedding lease (whole lease window)
     embed_cpu_s_per_token: Stats | None = None
+    # per run: the median gap less the run-queue delay per token the sandbox suffered (what the pace
+    # would have been on a host with a free core); None where the kernel gave no delay
+    interval_free_s: Stats | None = None
+    # the host's contention over the honest runs, by observer.contention field (others_cores,
+    # cpu_pressure, steal_cores, wait_s per token): a lease measured beyond it is under conditions
+    # the profile never saw
+    conditions: dict[str, Stats] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         for name in STAT_FIELDS:  # stored profiles and hand-built ones carry plain dicts
             object.__setattr__(self, name, Stats.coerce(getattr(self, name)))
         batches = {str(b): Stats.coerce(v) for b, v in self.batch_cpu_s_per_token.items()}
         object.__setattr__(self, "batch_cpu_s_per_token", batches)
-        if self.embed_cpu_s_per_token is not None:
-            object.__setattr__(self, "embed_cpu_s_per_token", Stats.coerce(self.embed_cpu_s_per_token))
+        for name in ("embed_cpu_s_per_token", "interval_free_s"):
+            if getattr(self, name) is not None:
+                object.__setattr__(self, name, Stats.coerce(getattr(self, name)))
+        object.__setattr__(self, "conditions", {k: Stats.coerce(v) for k, v in self.conditions.items()})
 
     @classmethod
     def from_runs(
@@ -146,9 +155,24 @@ class Profile:
         out = asdict(self)
         out.update({name: getattr(self, name).as_dict() for name in STAT_FIELDS})
         out["batch_cpu_s_per_token"] = {b: v.as_dict() for b, v in self.batch_cpu_s_per_token.items()}
-        if self.embed_cpu_s_per_token is not None:
-            out["embed_cpu_s_per_token"] = self.embed_cpu_s_per_token.as_dict()
+        for name in ("embed_cpu_s_per_token", "interval_free_s"):
+            if getattr(self, name) is not None:
+                out[name] = getattr(self, name).as_dict()
+        out["conditions"] = {k: v.as_dict() for k, v in self.conditions.items()}
         return out
+
+    @property
+    def fastest_free_interval_s(self) -> float:
+        """The shortest honest gap between tokens the profile saw, on a free core where the
+        run-queue delay was measured (L2's pace floor is a fraction of it)."""
+        measured = self.interval_s.min
+        return min(measured, self.interval_free_s.min) if self.interval_free_s is not None else measured
+
+    def seen(self, condition: str) -> float | None:
+        """The most of `condition` (an observer.contention field) any honest run saw; None when
+        the profile did not record it."""
+        stats = self.conditions.get(condition)
+        return stats.max if stats is not None else None
 
 
 class ProfileStore:

@@ -53,6 +53,11 @@ def failed(reason: str, score: float | None = 0.0, **details: Any) -> Outcome:
     return Outcome(Status.FAIL, reason, score, details)
 
 
+def warned(reason: str, score: float | None = None, **details: Any) -> Outcome:
+    """Measured, and neither a pass nor evidence of cheating (the verdict is at most a warning)."""
+    return Outcome(Status.WARN, reason, score, details)
+
+
 def skipped(reason: str) -> Outcome:
     """Not run by policy (a failed gate, a lottery not drawn): no claim either way."""
     return Outcome(Status.SKIPPED, reason)

@@ -43,6 +43,7 @@ from ..registry.models import ReferenceValues, Registry
 from ..registry.profiles import Profile, ProfileStore, Stats
 from .appraisal import Appraisal, EvidenceLayer, Finding, Outcome, failed, no_profile, not_measured, passed
 from .classify import WorkloadClassifier, trace_features
+from .conditions import excused
 from .gpu_signals import GpuSignals, gpu_outcome, nvml_window
 
 CLASSIFIER_REJECT_BELOW = 0.2  # P(inference) under which the trace shape alone rejects
@@ -53,6 +54,10 @@ ACCOUNTING_SLACK_TICKS = 2
 # down for a moment after a batch. More than this is work nobody leased.
 IDLE_CPU_ALLOWANCE_S = 0.05
 IDLE_CPU_FRACTION = 0.05
+WORK_MIN_FRACTION = 0.35  # of the smallest honest run's CPU per token (stats_lower_bound says why)
+# of the profile's least peak memory, allowed below it whatever the model's size: the runtime's own
+# memory moves by this much (a tiny model's user was refused at 298 MB against a 301 MB floor)
+RUNTIME_MEMORY_SLACK = 0.1
 ONESHOT_EMBEDDING = (
     "embedding jobs are one short forward pass: judged only for resident agents, whose lease window "
     "holds no process start-up (`poi node`, with a resident embedding profile)"
@@ -64,15 +69,19 @@ def accounting_slack_s(ev: LeaseEvidence) -> float:
 
 
 def stats_lower_bound(s: Stats, regime: str = "oneshot") -> float:
-    """Least value an honest run can show: 5 standard deviations under the mean, but never above
-    60% of the smallest run nor below 25% of the mean. A resident window holds no process start-up
-    and is counted in nanoseconds; its honest CPU has a hard lower tail (the compute itself) and a
-    long upper one (contention, spinning threads) that inflates the deviation, so there the bound is
-    3 deviations and 80% of the smallest run: tight enough to see one lease of a batch of two left
-    uncomputed (bench/node/resident.py)."""
+    """Least value an honest run can show: under the mean by 5 standard deviations (one-shot; 3 for
+    a resident window, whose nanosecond counts have a long upper tail that inflates the deviation),
+    but never above a fraction of the smallest run nor below 20% of the mean.
+
+    The fraction is what this host's drift allows, measured (issue 23): one honest resident
+    gpt2-micro agent showed 0.87-2.26 CPU-ms per token within minutes on the shared 2-core VM, with
+    and without a neighbour (0.38 of its first runs), and profiled in a test suite's load it was
+    later refused at 0.63 of the profile's mean. So the bound is 0.35 of the smallest honest run:
+    it catches work skipped wholesale (a sleeper, a replay, a relay doing nothing), not a model a few
+    times smaller; that is left to the audits (L4, L3) whose catch rate the tier policy prices."""
     if regime == "oneshot":
-        return max(0.25 * s.mean, min(0.6 * s.min, s.mean - 5 * s.std))
-    return max(0.25 * s.mean, min(0.8 * s.min, s.mean - 3 * s.std))
+        return max(0.2 * s.mean, min(WORK_MIN_FRACTION * s.min, s.mean - 5 * s.std))
+    return max(0.2 * s.mean, min(WORK_MIN_FRACTION * s.min, s.mean - 3 * s.std))
 
 
 def per_token_stats(profile: Profile, ev: LeaseEvidence) -> Stats | None:
@@ -91,10 +100,11 @@ def work_lower_bound(profile: Profile) -> float:
 
 def memory_floor_mb(profile: Profile, param_count: int, precision: str) -> float:
     """Least peak RSS an agent holding the weights can show: the honest minimum less half the
-    weights' size (the runtime's own memory varies by far less than that for models that matter;
-    for tiny models this check is weak, and says so by a floor close to the runtime's size)."""
+    weights' size or RUNTIME_MEMORY_SLACK of it, whichever is more (for tiny models this check is
+    weak, and says so by a floor under the runtime's own size)."""
     weights_mb = param_count * (4 if precision == "fp32" else 2) / 2**20
-    return profile.peak_rss_mb.min - 0.5 * weights_mb
+    least = profile.peak_rss_mb.min
+    return least - max(0.5 * weights_mb, RUNTIME_MEMORY_SLACK * least)
 
 
 @dataclass(frozen=True)
@@ -315,10 +325,15 @@ class ThermodynamicLayer(EvidenceLayer):
                 "--batches 1,2,4`"
             )
         w = DecodeWork.of(ev, profile, self.registry.reference(lease.model_id), lease, per_token)
-        details = w.details()
+        details = {**w.details(), **{f"contention_{k}": v for k, v in ev.contention.items()}}
         for check in (physics_floor, work_per_token, memory_floor):
             problem = check(w)
             if problem:
+                if check is work_per_token:
+                    measured = (w.window.cpu_s + w.slack_s) / w.tokens
+                    warning = excused(problem, measured, w.lower_bound_s, profile, ev, **details)
+                    if warning is not None:
+                        return warning
                 return failed(problem.reason, problem.score, **details)
         problem, said = trace_shape(self.classifier, ev, w, lease.precision)
         details.update(said)
