@@ -8,8 +8,10 @@ owns the host, so it reads the contention instead of hoping the profile's condit
 - `wait_s`        the sandbox's threads' run-queue delay (`/proc/<pid>/task/<tid>/schedstat`, field
                   2, nanoseconds): time ready to run but not running — not the agent's doing;
 - `others_cores`  cores the rest of the host kept busy (`/proc/stat` non-idle time, less the
-                  sandbox's own CPU), averaged over the window;
-- `steal_cores`   cores' worth of time the hypervisor gave to other guests (`/proc/stat` steal);
+                  sandbox's own CPU), averaged over the window (windows of MIN_TICKS ticks or more:
+                  /proc/stat counts in 10 ms ticks);
+- `steal_cores`   cores' worth of time the hypervisor gave to other guests (`/proc/stat` steal;
+                  same windows);
 - `cpu_pressure`  the fraction of the window some task on the host waited for a CPU (PSI
                   `/proc/pressure/cpu` "some" total; absent where the kernel has no PSI);
 - `load1`         the one-minute load average at the window's end (context only).
@@ -28,6 +30,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 CLK_TCK = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+# /proc/stat counts each CPU in ticks (10 ms at CLK_TCK 100): over a window of W seconds the cores
+# figures are off by up to cpus x tick / W, so they are reported only over windows this many ticks long
+MIN_TICKS = 20
 FIELDS = ("window_s", "wait_s", "others_cores", "steal_cores", "cpu_pressure", "load1")
 
 
@@ -107,11 +112,12 @@ def between(start: Mark, end: Mark, sandbox_cpu_s: float) -> dict[str, float]:
         return out
     if start.wait_s is not None and end.wait_s is not None:
         out["wait_s"] = round(max(0.0, end.wait_s - start.wait_s), 6)
-    if start.host.busy_s is not None and end.host.busy_s is not None:
-        others = (end.host.busy_s - start.host.busy_s - sandbox_cpu_s) / window
-        out["others_cores"] = round(max(0.0, others), 4)
-    if start.host.steal_s is not None and end.host.steal_s is not None:
-        out["steal_cores"] = round(max(0.0, (end.host.steal_s - start.host.steal_s) / window), 4)
+    if window >= MIN_TICKS / CLK_TCK:  # else a tick's rounding would be most of the figure
+        if start.host.busy_s is not None and end.host.busy_s is not None:
+            others = (end.host.busy_s - start.host.busy_s - sandbox_cpu_s) / window
+            out["others_cores"] = round(max(0.0, others), 4)
+        if start.host.steal_s is not None and end.host.steal_s is not None:
+            out["steal_cores"] = round(max(0.0, (end.host.steal_s - start.host.steal_s) / window), 4)
     if start.host.pressure_us is not None and end.host.pressure_us is not None:
         waited = (end.host.pressure_us - start.host.pressure_us) / 1e6
         out["cpu_pressure"] = round(min(1.0, waited / window), 4)
