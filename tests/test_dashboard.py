@@ -63,11 +63,6 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-# issue 23: on a loaded host L1/L2 can refuse this honest lease (a fresh-clone run saw it
-# contraindicated); fail-closed L1/L2 judge it against a short profile
-LOADED_HOST_FLAKE = pytest.mark.xfail(strict=False, reason="issue 23: L1/L2 false reject on a loaded host")
-
-
 @pytest.fixture(scope="module")
 def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
     tmp = tmp_path_factory.mktemp("dashboard")
@@ -150,7 +145,6 @@ def test_the_route_refuses_a_missing_or_wrong_token(served: Served, authorizatio
     assert TOKEN not in r.text
 
 
-@LOADED_HOST_FLAKE
 def test_the_route_shows_the_leases_with_their_verdicts(served: Served) -> None:
     r = _dashboard(served)
     assert r.status_code == 200, r.text
@@ -179,7 +173,6 @@ def test_the_route_shows_the_leases_with_their_verdicts(served: Served) -> None:
     assert [n["node_id"] for n in data["nodes"]] == ["n1"] and data["nodes"][0]["last_seen"] is not None
 
 
-@LOADED_HOST_FLAKE
 def test_balances_over_time_follow_the_ledger(served: Served) -> None:
     series = {s["account"]: s["points"] for s in _dashboard(served).json()["balances"]}
     balances = served.cp.ledger.balances()
@@ -350,7 +343,6 @@ def _dom(html: str) -> Element:
     return parser.root
 
 
-@LOADED_HOST_FLAKE
 def test_the_page_in_chromium_shows_leases_verdicts_and_plots(
     chromium: str, served: Served, tmp_path: Path
 ) -> None:
