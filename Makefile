@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo demo-full test bench bench-node signals lint clean calibrate bench-service-fuzz bench-service-load bench-service-crash \
+.PHONY: demo demo-full test bench bench-node bench-contention signals lint clean calibrate bench-service-fuzz bench-service-load bench-service-crash \
 	reliability peers detection-floor speculative bf16-int8 train-model classifier gateway exact exact-service audit-throughput report zk
 
 $(STAMP): pyproject.toml constraints.txt
@@ -31,6 +31,10 @@ bench: $(STAMP)
 # bench/results/node.json: resident agents in measured sandboxes (issue 8)
 bench-node: $(STAMP)
 	$(BIN)/python -m bench.node.resident
+
+# bench/results/operation.json (contention_*): honest and cheating resident leases under 0-2 CPU hogs (issue 23)
+bench-contention: $(STAMP)
+	$(BIN)/python -m bench.node.contention
 
 # bench/results/service.json (intake_*, load_*): intake load on SQLite and PostgreSQL
 bench-service-load: $(STAMP)

@@ -57,10 +57,11 @@ def layer(tmp_path, registry):
     return ThermodynamicLayer(registry, store)
 
 
-def evidence(per_token_s: float, co_leases: int = 0, **kw) -> LeaseEvidence:
-    """A resident lease that streamed TOKENS tokens, each batch peer as many in the same window."""
+def evidence(per_token_s: float, co_leases: int = 0, gap_s: float = 0.02, **kw) -> LeaseEvidence:
+    """A resident lease that streamed TOKENS tokens `gap_s` apart, each batch peer as many in the
+    same window."""
     n = TOKENS * (1 + co_leases)
-    t = [0.02 * i for i in range(TOKENS)]
+    t = [gap_s * i for i in range(TOKENS)]
     cpu = [per_token_s * n * i / (TOKENS - 1) for i in range(TOKENS)]
     return LeaseEvidence(
         started_at=0.0,
@@ -113,6 +114,20 @@ def test_a_batch_of_two_that_computed_one_is_not_what_l1_can_tell(layer):
     # left to the audits and to the scheduler's pricing of identical prompts (issue 23).
     r = judge(layer, gen_lease(), evidence(PER_TOKEN["1"] / 2, co_leases=1))
     assert r.status is Status.PASS, r.reason
+
+
+def test_a_sandbox_off_the_cpu_while_it_decoded_fails_unless_it_was_waiting_for_one(layer):
+    # the work per token is there, but spread over ten times the wall time with the sandbox idle
+    # (sleeping between tokens, or a hop to a worker elsewhere): decoding is compute-bound
+    slept = judge(layer, gen_lease(), evidence(0.010, gap_s=0.2, contention={"wait_s": 0.0}))
+    assert slept.status is Status.FAIL and "on a CPU while decoding" in slept.reason, slept.reason
+    # the same wall time spent waiting in the run queue (a busy host) is not the agent's
+    waited = judge(layer, gen_lease(), evidence(0.010, gap_s=0.2, contention={"wait_s": 2.9}))
+    assert waited.status is Status.PASS, waited.reason
+    assert waited.details["cores_on_free_cpu"] > 0.3
+    # without a measured delay (one-shot agents) the check says nothing
+    unmeasured = judge(layer, gen_lease(), evidence(0.010, gap_s=0.2))
+    assert unmeasured.status is Status.PASS and "cores_on_free_cpu" not in unmeasured.details
 
 
 QUIET = {"others_cores": 0.05, "cpu_pressure": 0.01}

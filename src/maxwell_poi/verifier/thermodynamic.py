@@ -10,7 +10,12 @@ the BMC for power (design.md section 1).
 Checks, in order, over the decode window (first to last streamed token):
 1. `physics_floor`   the claimed FLOPs cannot be done in fewer CPU seconds than the device's
                      measured peak rate allows;
-2. `work_per_token`  CPU seconds per decoded token at least the profile's honest lower bound;
+2. `on_cpu`          (where Maxwell measured the sandbox's run-queue delay) the sandbox was on a CPU
+                     for a fair share of the decode window's wall time, once the time its threads
+                     waited for a CPU is taken out: decoding is compute-bound, sleeping is not —
+                     honest gpt2-micro showed 0.96-1.02 cores busy on a free core with two CPU hogs
+                     beside it, a sleeper 0.00 (issue 23);
+2b. `work_per_token` CPU seconds per decoded token at least the profile's honest lower bound;
 3. `memory_floor`    peak resident memory reaches what holding the weights takes (necessary, not
                      sufficient: an agent can pad memory; the audit and, on GPUs, the DRAM
                      bandwidth NVML GPM sees catch what this misses);
@@ -55,6 +60,7 @@ ACCOUNTING_SLACK_TICKS = 2
 IDLE_CPU_ALLOWANCE_S = 0.05
 IDLE_CPU_FRACTION = 0.05
 WORK_MIN_FRACTION = 0.35  # of the smallest honest run's CPU per token (stats_lower_bound says why)
+ON_CPU_FRACTION = 0.3  # of the profile's least cores busy while decoding, on a free core
 # of the profile's least peak memory, allowed below it whatever the model's size: the runtime's own
 # memory moves by this much (a tiny model's user was refused at 298 MB against a 301 MB floor)
 RUNTIME_MEMORY_SLACK = 0.1
@@ -122,6 +128,7 @@ class DecodeWork:
     slack_s: float  # accounting resolution's benefit of the doubt
     batch: int = 1  # leases streaming in the window (this one and those it was batched with)
     honest_per_token_s: float = 0.0  # the profile's mean at that batch size
+    wait_s: float | None = None  # the sandbox's run-queue delay over the lease (None: not measured)
 
     @classmethod
     def of(
@@ -145,6 +152,7 @@ class DecodeWork:
             slack_s=accounting_slack_s(ev),
             batch=1 + ev.co_leases,
             honest_per_token_s=per_token.mean,
+            wait_s=ev.contention.get("wait_s"),
         )
 
     @property
@@ -154,6 +162,17 @@ class DecodeWork:
     @property
     def per_token_s(self) -> float:
         return self.window.cpu_s / self.tokens
+
+    @property
+    def cores_on_free_cpu(self) -> float | None:
+        """CPU seconds over the decode window's wall time less the time the sandbox waited for a
+        CPU (summed over its threads, so divided by the cores the profile kept busy); None when the
+        delay was not measured. At least a tenth of the wall time is kept, so it stays finite."""
+        if self.wait_s is None or self.window.wall_s <= 0:
+            return None
+        threads = max(1.0, self.profile.decode_cores_busy.max)
+        free = max(0.1 * self.window.wall_s, self.window.wall_s - self.wait_s / threads)
+        return self.window.cpu_s / free
 
     @property
     def score(self) -> float:
@@ -173,6 +192,7 @@ class DecodeWork:
             "physics_floor_cpu_s": round(self.floor_cpu_s, 5),
             "peak_rss_mb": round(self.peak_rss_mb, 1),
             "rss_floor_mb": round(self.rss_floor_mb, 1),
+            **({} if (on := self.cores_on_free_cpu) is None else {"cores_on_free_cpu": round(on, 3)}),
         }
 
 
@@ -184,6 +204,19 @@ def physics_floor(w: DecodeWork) -> Finding | None:
         f"physics floor: {w.tokens} tokens of {w.model_id} need at least {w.floor_cpu_s:.4f} "
         f"CPU-s at this device's measured peak, Maxwell measured {cpu:.4f}",
         0.0,
+    )
+
+
+def on_cpu(w: DecodeWork) -> Finding | None:
+    busy = w.cores_on_free_cpu
+    least = ON_CPU_FRACTION * w.profile.decode_cores_busy.min
+    if busy is None or busy + w.slack_s / max(w.window.wall_s, 1e-9) >= least:
+        return None
+    return Finding(
+        f"work: expected the sandbox on a CPU while decoding (>= {least:.2f} cores busy once the "
+        f"{w.wait_s:.3f} s it waited for a CPU is taken out; honest {w.model_id} here: "
+        f"{w.profile.decode_cores_busy.median:.2f}), measured {busy:.2f}",
+        float(min(1.0, busy / max(w.profile.decode_cores_busy.median, 1e-9))),
     )
 
 
@@ -326,12 +359,11 @@ class ThermodynamicLayer(EvidenceLayer):
             )
         w = DecodeWork.of(ev, profile, self.registry.reference(lease.model_id), lease, per_token)
         details = {**w.details(), **{f"contention_{k}": v for k, v in ev.contention.items()}}
-        for check in (physics_floor, work_per_token, memory_floor):
+        for check in (physics_floor, on_cpu, work_per_token, memory_floor):
             problem = check(w)
             if problem:
-                if check is work_per_token:
-                    measured = (w.window.cpu_s + w.slack_s) / w.tokens
-                    warning = excused(problem, measured, w.lower_bound_s, profile, ev, **details)
+                if check is work_per_token:  # the gross-miss test takes no benefit of the doubt
+                    warning = excused(problem, w.per_token_s, w.lower_bound_s, profile, ev, **details)
                     if warning is not None:
                         return warning
                 return failed(problem.reason, problem.score, **details)
