@@ -93,3 +93,40 @@ CATALOGUE: list[Attack] = [
            ("--mode", "oversized"), must_catch=L0, reason_has="at most"),
 ]
 # fmt: on
+
+
+@dataclass(frozen=True)
+class EconomicAttack:
+    """A cheat on the economics rather than on one receipt: no layer is expected to reject every
+    lease it serves (some of its leases are honest, or its answers are), so it is not in CATALOGUE
+    (tests/test_adversaries.py asserts a catch for each entry there). What it earns against honest
+    serving is measured through the control plane by bench/economics/profit.py
+    (bench/results/operation.json `profit_*`); tests/test_economic_adversaries.py checks that each
+    really does its cheat."""
+
+    name: str
+    module: str
+    summary: str
+    args: tuple[str, ...] = ()
+    batch: int = 1  # leases the node hands the agent at once
+    caught_by: str = ""  # what catches the leases it cheats on, as measured (profit_* in operation.json)
+
+
+# fmt: off
+ECONOMIC: list[EconomicAttack] = [
+    EconomicAttack("probabilistic-substitution", "probabilistic_substitution",
+                   "each lease with probability p served by the cheap model (claiming the leased one), "
+                   "else honestly", ("--p", "0.3", "--substitute", "{small}", "--seed", "0"),
+                   caught_by="its substituted leases: L1 work per token, and L4 when the lottery draws one"),
+    EconomicAttack("audit-aware", "audit_aware",
+                   "substitutes only where its observables suggest no audit; the lease carries no tier, "
+                   "stake or audit probability and the draw is made after the receipt, so it is a coin",
+                   ("--rate", "0.3", "--substitute", "{small}", "--seed", "0"),
+                   caught_by="as probabilistic substitution at the same rate"),
+    EconomicAttack("hidden-batch-rows", "hidden_batch_rows",
+                   "answers honestly, with private rows of its own in its forward passes, never streamed",
+                   ("--rows", "4"),
+                   caught_by="no layer per lease: L1 has no ceiling on work per token; the private work is "
+                             "billed to the agent up to its energy hold"),
+]
+# fmt: on
