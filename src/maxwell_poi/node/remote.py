@@ -8,7 +8,14 @@ For each lease it posts the agent's answer verbatim with its signed evidence to
 `/v1/node/intake` — retried on a network error, which is safe because intake is idempotent. A
 lease the node cannot run (no command for its agent) is left alone: it expires on the control
 plane, which returns the agent's hold and stake. A newly started agent first answers one warm-up
-lease the node made itself (never handed in): its model load is not billed to a paying lease.
+lease the node made itself (never handed in): its model load is not billed to a paying lease. The
+warm-up asks the node's own question (WARM_UP_PROMPT), never the paying job's: a caching agent must
+not hold the paid answer before the paid lease arrives (issue 24).
+
+A resident agent that died (crashed, killed, exited) is started again before its next wave, at most
+RESTART_LIMIT times within RESTART_WINDOW_S and after a backoff that doubles with each restart; past
+the limit its leases are left to expire (hold and stake back to the agent, nothing paid). Its exit
+code and the last lines of its stderr go to the node's log.
 """
 
 from __future__ import annotations
@@ -25,7 +32,7 @@ from typing import Any
 import httpx
 from pydantic import BaseModel
 
-from ..protocol.lease import Lease
+from ..protocol.lease import GenerateJob, Lease
 from ..protocol.stream import TaggedOpening, refusal_line
 from ..service.client import ServiceClient, ServiceRefused
 from ..service.wire import IntakeAnswer, OpenChallenge, OpeningAnswer, PullBody
@@ -36,6 +43,11 @@ from .relay import StreamRelay
 
 log = logging.getLogger(__name__)
 INTAKE_TRIES = 5
+WARM_UP_PROMPT = "Maxwell node warm-up: the model is loaded before the first paying lease."
+WARM_UP_TEXT = "Maxwell node warm-up."
+RESTART_LIMIT = 3  # restarts of one agent allowed within RESTART_WINDOW_S
+RESTART_WINDOW_S = 600.0
+RESTART_BACKOFF_S = 1.0  # before the first restart; doubled for each later one in the window
 
 
 class Refused(BaseModel):
@@ -71,6 +83,8 @@ class RemoteNode:
     skipped: set[str] = field(default_factory=set)
     # this node's hardware class, as its evidence carries it: the control plane prices its bids by it
     device_class: str = field(default_factory=lambda: hardware_class()["device_class"])
+    restarts: dict[str, list[float]] = field(default_factory=dict)  # agent id -> restart times (monotonic)
+    down: set[str] = field(default_factory=set)  # agents found dead and not restarted yet
 
     def step(self) -> list[Handed]:
         """One pull and everything it brought; the intake answers (and the challenges answered)."""
@@ -160,8 +174,33 @@ class RemoteNode:
                 stop.wait(self.poll_s)
 
     def _ensure_agent(self, agent_id: str, command: list[str], leases: list[Lease]) -> bool:
-        if agent_id in self.node.agents:
-            return True
+        running = self.node.agents.get(agent_id)
+        if running is not None and running.proc.poll() is None:
+            if running.argv == list(command) or not command:
+                return True
+            log.info("agent %s re-enrolled with another command: restarting it", agent_id)
+            self.node.stop_agent(agent_id)
+            running = None
+        if running is not None:  # it died since its last wave
+            code, tail = running.proc.poll(), running.stderr_tail().strip().splitlines()[-5:]
+            log.warning("agent %s exited (code %s): %s", agent_id, code, " | ".join(tail) or "no stderr")
+            self.node.stop_agent(agent_id)
+            self.down.add(agent_id)
+        if agent_id in self.down:  # restart it, within limits
+            wait = self._restart_wait(agent_id)
+            if wait is None or wait > 0:
+                why = (
+                    f"{RESTART_LIMIT} restarts in {RESTART_WINDOW_S:.0f} s"
+                    if wait is None
+                    else f"backing off {wait:.1f} s"
+                )
+                log.error(
+                    "agent %s not restarted (%s): its %d lease(s) will expire", agent_id, why, len(leases)
+                )
+                self.skipped.update(lease.lease_id for lease in leases)
+                return False
+            self.restarts.setdefault(agent_id, []).append(time.monotonic())
+            self.down.discard(agent_id)
         if not command:
             log.warning(
                 "no command enrolled for agent %s: its %d lease(s) will expire", agent_id, len(leases)
@@ -177,10 +216,27 @@ class RemoteNode:
         self._warm_up(agent_id, leases[0])
         return True
 
+    def _restart_wait(self, agent_id: str) -> float | None:
+        """Seconds until the agent may be restarted (0: now); None when it used up its restarts."""
+        now = time.monotonic()
+        recent = [t for t in self.restarts.get(agent_id, []) if now - t < RESTART_WINDOW_S]
+        self.restarts[agent_id] = recent
+        if len(recent) >= RESTART_LIMIT:
+            return None
+        if not recent:
+            return 0.0
+        return max(0.0, recent[-1] + RESTART_BACKOFF_S * 2 ** (len(recent) - 1) - now)
+
     def _warm_up(self, agent_id: str, first: Lease) -> None:
-        """One unbilled lease of the same model first, made here and never handed in: the agent
-        loads its model on its first lease, and that load is not the first paying lease's work."""
-        warm = Lease.issue(agent_id, first.model_id, first.job, precision=first.precision, ttl_s=600)
+        """One unbilled lease of the same model and size first, made here and never handed in: the
+        agent loads its model on its first lease, and that load is not the first paying lease's
+        work. Its question is the node's own, not the paying job's."""
+        job = first.job
+        if isinstance(job, GenerateJob):
+            job = job.model_copy(update={"prompt": WARM_UP_PROMPT})
+        else:
+            job = job.model_copy(update={"texts": [WARM_UP_TEXT]})
+        warm = Lease.issue(agent_id, first.model_id, job, precision=first.precision, ttl_s=600)
         self.node.serve(agent_id, [warm])
 
     def _hand_in(self, lease_id: str, receipt: bytes, evidence: bytes) -> IntakeAnswer | Refused:
