@@ -36,6 +36,11 @@ bench-node: $(STAMP)
 bench-contention: $(STAMP)
 	$(BIN)/python -m bench.node.contention
 
+# bench/results/operation.json (profit_*): money per lease of each economic cheat vs honest, through the control plane (~10 min; TRIALS=4 for a smoke run)
+.PHONY: bench-profit
+bench-profit: $(STAMP)
+	$(BIN)/python -m bench.economics.profit --trials $(or $(TRIALS),50)
+
 # bench/results/service.json (intake_*, load_*): intake load on SQLite and PostgreSQL
 bench-service-load: $(STAMP)
 	$(BIN)/python -m bench.service.load
