@@ -135,6 +135,7 @@ def test_only_settlement_writes_lease_states_and_moves_lease_money() -> None:
         (LEASE_MOVES, LeaseState.PULLED, LeaseState.AUDIT_PENDING),
         (LEASE_MOVES, LeaseState.PULLED, LeaseState.SETTLED),
         (LEASE_MOVES, LeaseState.PULLED, LeaseState.EXPIRED),
+        (LEASE_MOVES, LeaseState.PULLED, LeaseState.FAILED),  # no receipt: the agent never started
         (LEASE_MOVES, LeaseState.AUDIT_PENDING, LeaseState.SETTLED),
         (BID_MOVES, BidState.OPEN, BidState.WON),
         (STAKE_MOVES, StakeOutcome.PENDING, StakeOutcome.SLASHED),
@@ -152,6 +153,8 @@ def test_a_declared_move_passes(moves, current, target) -> None:  # noqa: ANN001
         (LEASE_MOVES, LeaseState.EXPIRED, LeaseState.SETTLED),  # an expired lease takes no receipt
         (LEASE_MOVES, LeaseState.AUDIT_PENDING, LeaseState.EXPIRED),  # its receipt is in: no refund
         (LEASE_MOVES, LeaseState.SETTLED, LeaseState.SETTLED),
+        (LEASE_MOVES, LeaseState.FAILED, LeaseState.SETTLED),  # a failed lease is never judged later
+        (LEASE_MOVES, LeaseState.AUDIT_PENDING, LeaseState.FAILED),  # a receipt in: not a failed lease
         (BID_MOVES, BidState.WON, BidState.OPEN),
         (BID_MOVES, BidState.REFUSED, BidState.WON),
         (STAKE_MOVES, StakeOutcome.RELEASED, StakeOutcome.SLASHED),  # released money is not slashed later
@@ -166,7 +169,7 @@ def test_an_undeclared_move_raises_naming_the_declared_ones(moves, current, targ
 
 def test_the_check_constraints_are_the_enums_and_the_migrations_agree() -> None:
     """Each CHECK constraint of the models lists its enum's values exactly as the migrations wrote
-    them (0001 as a tuple of strings, 0002 and 0003 as SQL): an existing database stays valid."""
+    them (0001 as a tuple of strings, 0002, 0003 and 0005 as SQL): an existing database stays valid."""
     migrated = "\n".join(p.read_text() for p in MIGRATIONS.glob("*.py"))
     enums = {"cp_bids": BidState, "cp_leases": LeaseState, "cp_completions": CompletionState}
     checked = 0

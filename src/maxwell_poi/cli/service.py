@@ -262,6 +262,22 @@ def leases(
     _call(c.leases, json_out)
 
 
+@client_app.command("lease")
+def lease(
+    agent_id: AgentOpt,
+    key: KeyOpt,
+    lease_id: Annotated[str, typer.Argument(help="the lease")],
+    server: ServerOpt = DEFAULT_SERVER,
+    json_out: JsonOpt = False,
+) -> None:
+    """One of your leases: its status (settled, failed, …), tier, money and verdict with its reason."""
+    c = _agent(server, key, agent_id)
+    view = _call(lambda: c.lease(lease_id), json_out)
+    if not json_out and view.verdict is not None and view.status == "failed":
+        # a failed lease (no receipt: the program never started or crashed) says why, plainly
+        err.print(f"lease {lease_id} failed: {view.verdict.reason}", markup=False, highlight=False)
+
+
 @client_app.command("balance")
 def balance(
     agent_id: AgentOpt, key: KeyOpt, server: ServerOpt = DEFAULT_SERVER, json_out: JsonOpt = False

@@ -11,12 +11,24 @@ one commits, the other's insert fails on the key and it answers as the duplicate
 A drawn audit (L4, one prefill) is not run inline: the verdict is stored `final: false`, energy is
 settled (the joules were burnt either way), the stake stays escrowed (`pending`), and the lease
 goes to the audit workers (service.audits), which finalise it.
+
+An empty receipt is not appraised (issue 23: fail closed, and never punish Maxwell's own failures).
+The node hands one in, with its signed evidence, when the agent never started (a bad `--key`, a
+missing program: it exits at once) or crashed before writing its receipt. That is a *failed lease*
+(`LeaseState.FAILED`, service.settlement.fail_lease): nothing charged, the stake released, nothing
+paid, and a verdict row whose reason names the cause from Maxwell's evidence — the exit code (or
+"no exit code seen (still running, …)" when the agent had not exited when the evidence was sealed)
+and the last lines of its stderr. Never slashed: an empty receipt claims no work, so there is nothing to catch
+lying; it cannot dodge an audit profitably either, since it earns nothing and three in a row suspend
+the agent (service.market). Whatever it streamed first does not change this. A non-empty receipt
+that fails L0 is judged as before: contraindicated, slashed.
 """
 
 from __future__ import annotations
 
 import hashlib
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import Protocol
 
@@ -26,15 +38,16 @@ from sqlalchemy.orm import Session
 from ..economics.energy import measured_energy
 from ..ledger import Ledger
 from ..node.attest import SignedEvidence, open_evidence
+from ..observer.evidence import LeaseEvidence
 from ..protocol.errors import EvidenceFormatError, EvidenceSignatureError, UnknownAgentError
 from ..protocol.keys import Keyring
 from ..protocol.lease import Lease
-from ..protocol.result import AttestationResult, LayerResult, Verdict
+from ..protocol.result import AttestationResult, LayerName, LayerResult, Status, Verdict
 from ..verifier.lottery import draw_audit
 from ..verifier.policy import Verifier
 from .errors import ApiError
 from .schema import LeaseRow, ReceiptRow, VerdictRow
-from .settlement import EXACT_TIER, Appraised, AuditQueue, pending_audits, take_in
+from .settlement import EXACT_TIER, Appraised, AuditQueue, fail_lease, pending_audits, take_in
 from .states import LeaseState, TransitionError
 from .wire import IntakeAnswer, IntakeBody
 
@@ -47,8 +60,48 @@ REFUSALS: tuple[tuple[type[Exception], int], ...] = (
 )
 
 
+STDERR_LINES = 5  # of a failed agent's stderr, the last lines its verdict quotes
+STDERR_CHARS = 500
+
+
 def refusal_status(exc: Exception) -> int:
     return next(status for kind, status in REFUSALS if isinstance(exc, kind))
+
+
+def failure_cause(evidence: LeaseEvidence) -> str:
+    """How an agent that handed back no receipt ended, as Maxwell saw it: "exit code 2: <the last
+    lines of its stderr>" (or "no exit code seen (still running, …)" when it had not exited)."""
+    how = (
+        # None: the process had not exited (or not been reaped yet) when the node sealed the evidence
+        "no exit code seen (still running, or exiting as the lease ended): no receipt before the deadline"
+        if evidence.exit_code is None
+        else f"exit code {evidence.exit_code}"
+    )
+    lines = [line.strip() for line in evidence.stderr_tail.splitlines() if line.strip()]
+    tail = " | ".join(lines[-STDERR_LINES:])
+    if len(tail) > STDERR_CHARS:
+        tail = "…" + tail[-(STDERR_CHARS - 1) :]
+    return f"{how}: {tail}" if tail else f"{how}, nothing on stderr"
+
+
+def failure_result(lease: Lease, evidence: LeaseEvidence) -> AttestationResult:
+    """The one layer a failed lease's verdict row keeps: a warning (not a pass, not a failure),
+    its reason the cause, its details what the cause was read from."""
+    cause = failure_cause(evidence)
+    streamed = f"; it streamed {len(evidence.stream_tokens)} token(s) first" if evidence.streamed else ""
+    reason = (
+        f"failed lease: the agent handed back no receipt ({cause}){streamed}. Nothing charged, the "
+        "hold and the stake returned: a failure, not cheating. 3 failed leases in a row suspend the "
+        "agent until it is re-enrolled"
+    )
+    details = {
+        "failed_lease": True,
+        "cause": cause,
+        "exit_code": evidence.exit_code,
+        "streamed_tokens": len(evidence.stream_tokens),
+    }
+    layer = LayerResult(LayerName.INTEGRITY, Status.WARN, reason, details=details)
+    return AttestationResult(lease.lease_id, lease.agent_id, lease.model_id, (layer,))
 
 
 @dataclass(frozen=True)
@@ -97,6 +150,8 @@ class Intake:
         sub = self._open(body)
         if sub.seen is not None:
             return _duplicate(sub, sub.seen, sub.seen_verdict), None
+        if not sub.receipt.strip():  # the agent never started or crashed: a failed lease, not a verdict
+            return self._failed(sub), None
         result = self.verifier.appraise(sub.lease, sub.receipt, sub.signed.evidence)
         decided = (h.audited(sub.lease.lease_id, sub.receipt) for h in self.hooks)
         audited = next((a for a in decided if a is not None), None)
@@ -109,19 +164,34 @@ class Intake:
         # dispute) came through and its challenge window closed (service.exact_audits)
         pending = drawn or (audited is None and not refused and sub.row.tier == EXACT_TIER)
         appraised = Appraised(sub.lease, sub.row, result, energy.joules, energy.memo(), drawn, pending)
+        receipt = self._receipt_row(sub)
+        answer = self._settle(sub, lambda: take_in(self.ledger, receipt, appraised, self._extra, self.queue))
+        return answer, (result if not answer.duplicate else None)
+
+    def _failed(self, sub: Submission) -> IntakeAnswer:
+        """An empty receipt: a failed lease, settled by `fail_lease` (nothing charged or slashed)."""
+        evidence = sub.signed.evidence
+        energy = measured_energy(evidence, self.watts_per_core)
+        result = failure_result(sub.lease, evidence)
+        appraised = Appraised(sub.lease, sub.row, result, energy.joules, energy.memo(), False, False)
+        receipt = self._receipt_row(sub)
+        return self._settle(sub, lambda: fail_lease(self.ledger, receipt, appraised, self._extra))
+
+    def _settle(self, sub: Submission, settle: Callable[[], VerdictRow]) -> IntakeAnswer:
+        """Run settlement; answer as the duplicate when a racing submission committed first."""
         try:
-            verdict = take_in(self.ledger, self._receipt_row(sub), appraised, self._extra, self.queue)
+            verdict = settle()
         except IntegrityError:  # a racing submission of this lease committed first
             with Session(self.ledger.engine) as session:
                 seen = session.get(ReceiptRow, sub.lease.lease_id)
                 if seen is None:
                     raise
-                return _duplicate(sub, seen, session.get(VerdictRow, sub.lease.lease_id)), None
+                return _duplicate(sub, seen, session.get(VerdictRow, sub.lease.lease_id))
         except TransitionError as exc:  # expired while it was appraised
             raise ApiError(refusal_status(exc), exc.expected, exc.got) from None
         for hook in self.hooks:
             hook.settled(sub.lease.lease_id, verdict)
-        return _answer(verdict, duplicate=False), result
+        return _answer(verdict, duplicate=False)
 
     def _extra(self, session: Session, lease: Lease, verdict: VerdictRow) -> None:
         for hook in self.hooks:

@@ -5,6 +5,14 @@ A won bid becomes a lease in one transaction with its money: the stake is escrow
 largest energy charge the lease can run up (its expected energy × HOLD_FACTOR at the clearing
 price) is held from the agent's wallet, so that settlement can never fail for want of funds. A
 winner whose wallet cannot cover both is refused (its savepoint rolls back; the round goes on).
+
+Suspension (issue 23): an agent whose last `SUSPEND_AFTER` leases, among those issued since it was
+(re-)enrolled that came back at all, were all *failed* (no receipt: its program never started or
+crashed — service.intake) bids no more: new bids are refused (403), its open bids are refused when
+a round would clear them, and the gateway issues it no lease. A failed lease costs the agent
+nothing, so without this a program that crashes could take leases for free forever. Counted from
+the leases themselves (no table of its own); re-enrolment (the admin route) moves the agent's
+enrolment time on, which starts the count afresh.
 """
 
 from __future__ import annotations
@@ -34,7 +42,7 @@ from ..registry.models import Registry
 from ..registry.profiles import ProfileStore
 from .config import ServiceConfig
 from .errors import ApiError
-from .schema import AgentRow, BidRow, LeaseRow, NodeRow
+from .schema import AgentRow, BidRow, LeaseRow, NodeRow, VerdictRow
 from .settlement import expire_bids, expire_lease, issue_lease, move_bid
 from .states import BidState, LeaseState
 from .wire import BidBody, PullBody
@@ -43,6 +51,10 @@ JOB: TypeAdapter = TypeAdapter(Job)
 EXPIRY_GRACE_S = 60.0  # after a lease's deadline, before its unspent hold and stake go back
 HOLD_FACTOR = 3.0  # an honest lease stays well inside 3x its expected energy (profiles: ±30%)
 MICRO = 1_000_000
+SUSPEND_AFTER = 3  # failed leases in a row, since the agent's enrolment, that stop its bidding
+# the leases that say how an agent's program ran: a receipt came back (an expired lease says
+# nothing about the agent: its node died with it; a pulled one is still running)
+CAME_BACK = (LeaseState.SETTLED, LeaseState.AUDIT_PENDING, LeaseState.FAILED)
 
 
 @dataclass(frozen=True)
@@ -122,6 +134,7 @@ class Market:
         digest = row.request_sha256
         try:
             with self.ledger.session() as session, session.begin():
+                self._refuse_suspended(session, agent_id, body.bid_id)
                 self._refuse_flood(session, agent_id, body.bid_id)
                 session.add(row)
                 session.flush()
@@ -137,6 +150,24 @@ class Market:
                     409, f"bid {body.bid_id!r} resent unchanged", "a different bid under that bid_id"
                 )
             return bid_view(existing), False
+
+    def _refuse_suspended(self, session: Session, agent_id: str, bid_id: str) -> None:
+        """No new bid from a suspended agent (a bid it placed before is still answered)."""
+        resent = session.scalar(select(BidRow.id).where(BidRow.agent_id == agent_id, BidRow.bid_id == bid_id))
+        why = suspension(session, agent_id) if resent is None else None
+        if why is not None:
+            expected = f"an agent in good standing (fewer than {SUSPEND_AFTER} failed leases in a row)"
+            raise ApiError(403, expected, why)
+
+    def reinstate(self, agent_id: str, command: list[str]) -> None:
+        """Re-enrolment of an enrolled agent (the same key): its enrolment time moved on — which
+        clears a suspension, counted only from leases issued since — and its command replaced by
+        the one given (none given: the enrolled one stays)."""
+        values: dict[str, object] = {"enrolled_at": time.time()}
+        if command:
+            values["command"] = json.dumps(command)
+        with self.ledger.session() as session, session.begin():
+            session.execute(update(AgentRow).where(AgentRow.agent_id == agent_id).values(**values))
 
     def _refuse_flood(self, session: Session, agent_id: str, bid_id: str) -> None:
         """At most `max_open_bids` open bids per agent (counted inside the write transaction, so
@@ -174,6 +205,9 @@ class Market:
         with self.ledger.session() as session, session.begin():
             session.add(row)
             session.flush()
+            if (suspended := suspension(session, agent_id)) is not None:
+                move_bid(row, BidState.REFUSED, suspended)
+                return None, suspended
             headroom = session.scalar(select(NodeRow.headroom_j).where(NodeRow.node_id == node_id)) or 0.0
             node_class = session.scalar(select(NodeRow.device_class).where(NodeRow.node_id == node_id))
             priced = self._price_for_node(row, node_class or "")
@@ -240,6 +274,7 @@ class Market:
         if body.agents:
             query = query.where(BidRow.agent_id.in_(body.agents))
         bids = {b.id: b for b in session.scalars(query.limit(10 * room + 100).with_for_update())}
+        self._refuse_suspended_bids(session, bids)
         priced = {key: self._price_for_node(b, body.device_class) for key, b in bids.items()}
         draw = 1 + self.policy.audit_cost_fraction  # a winner may need its audit too
         sealed = [
@@ -263,6 +298,15 @@ class Market:
                 f"got {bids[key].price_micro_per_j}",
             )
         return out
+
+    @staticmethod
+    def _refuse_suspended_bids(session: Session, bids: dict[int, BidRow]) -> None:
+        """Open bids of suspended agents are refused, not cleared (removed from `bids`)."""
+        suspended = {a: suspension(session, a) for a in {b.agent_id for b in bids.values()}}
+        for key, bid in list(bids.items()):
+            if (why := suspended[bid.agent_id]) is not None:
+                move_bid(bid, BidState.REFUSED, why)
+                del bids[key]
 
     def _issue(
         self, session: Session, node_id: str, bid: BidRow, price: int, headroom: float, now: float
@@ -331,7 +375,8 @@ class Market:
         """Leases no receipt came back for (the node died with them): past the deadline and a grace,
         the hold and the stake go back to the agent, in this transaction. An agent that answered
         badly is not helped by this — its node hands in the evidence with whatever came back, and
-        L0 judges it; only a lease that never reached intake expires."""
+        L0 judges it (nothing at all: a failed lease, service.intake); only a lease that never
+        reached intake expires."""
         stale = session.scalars(
             select(LeaseRow)
             .where(LeaseRow.status == LeaseState.PULLED, LeaseRow.deadline < now - EXPIRY_GRACE_S)
@@ -345,6 +390,35 @@ class Market:
     def _expire(self, session: Session, now: float) -> None:
         """Open bids older than a lease's lifetime expire: an agent's stale bid never wins late."""
         expire_bids(session, now - self.config.lease_ttl_s)
+
+
+def suspension(session: Session, agent_id: str) -> str | None:
+    """Why `agent_id` may not bid: its last SUSPEND_AFTER leases that came back, of those issued
+    since it was (re-)enrolled, all failed. None when it may."""
+    enrolled = session.scalar(select(AgentRow.enrolled_at).where(AgentRow.agent_id == agent_id))
+    if enrolled is None:
+        return None
+    latest = session.execute(
+        select(LeaseRow.status, VerdictRow.layers)
+        .outerjoin(VerdictRow, VerdictRow.lease_id == LeaseRow.lease_id)
+        .where(LeaseRow.agent_id == agent_id, LeaseRow.issued_at > enrolled, LeaseRow.status.in_(CAME_BACK))
+        .order_by(LeaseRow.issued_at.desc())
+        .limit(SUSPEND_AFTER)
+    ).all()
+    if len(latest) < SUSPEND_AFTER or any(status != LeaseState.FAILED for status, _ in latest):
+        return None
+    return (
+        f"agent suspended: {SUSPEND_AFTER} failed leases in a row (last: {_failure_cause(latest[0][1])}); "
+        "re-enrol or contact Maxwell"
+    )
+
+
+def _failure_cause(layers: str | None) -> str:
+    """The cause a failed lease's verdict row keeps (service.intake.failure_result)."""
+    try:
+        return str(json.loads(layers or "[]")[0]["details"]["cause"])
+    except (ValueError, LookupError, TypeError):
+        return "no cause recorded"
 
 
 def bid_view(row: BidRow) -> dict:

@@ -33,7 +33,8 @@ from .states import (
     values,
 )
 
-# the CHECK constraints list exactly the enums' values (the same strings migration 0001 wrote)
+# the CHECK constraints list exactly the enums' values (the same strings migration 0001 wrote, or
+# a later one widened a list to: 0005 added the failed lease state)
 BID_STATES = values(BidState)
 LEASE_STATES = values(LeaseState)
 VERDICTS = values(Verdict)

@@ -10,6 +10,8 @@ turns that into rows and money, once:
                      moved by the verdict, the lease settled or left pending — and a pending lease's
                      audit queued, whoever called (HTTP route, in-process intake, a test)
 - `finalise`         a pending lease's final verdict: the stake released or slashed, lease settled
+- `fail_lease`       no receipt at all (the agent never started or crashed): a failed lease — nothing
+                     charged, the hold and the stake back, its cause kept as the verdict's reason
 - `expire_lease`     no receipt came back: the hold and the stake go back to the agent
 - `hold_payment` / `settle_completion`   a gateway requester's payment held, then paid or returned
 
@@ -180,6 +182,45 @@ def take_in(
         move_lease(session, lease_id, LeaseState.AUDIT_PENDING if a.pending else LeaseState.SETTLED)
     if a.pending and queue is not None:
         queue(lease_id, a.drawn)
+    return verdict
+
+
+def fail_lease(
+    ledger: Ledger,
+    receipt: ReceiptRow,
+    appraised: Appraised,
+    extra: Callable[[Session, Lease, VerdictRow], None] = lambda _session, _lease, _verdict: None,
+) -> VerdictRow:
+    """A failed lease (`LeaseState.FAILED`): the node handed in an empty receipt with its evidence of
+    how the agent ended. Maxwell's own failure or the agent program's, never evidence of cheating:
+    like an expired lease nothing is charged (the whole hold back to the wallet) and the stake is
+    released, but the receipt and a final verdict row — `warning`, stake `released`, the reason the
+    cause — are kept, so the agent can read why. One transaction; raises IntegrityError like
+    `take_in` when a racing submission of the lease committed first."""
+    a = appraised
+    lease_id = a.lease.lease_id
+    with ledger.session() as session, session.begin():
+        session.add(receipt)
+        session.flush()  # the lease's receipt key: a duplicate fails here
+        ledger.settle_energy(a.lease.agent_id, lease_id, 0.0, a.row.price_micro_per_j, session=session)
+        outcome = StakeOutcome.RELEASED if a.row.stake_micro > 0 else StakeOutcome.NONE
+        _move_stake(ledger, session, a.lease, outcome)
+        verdict = VerdictRow(
+            lease_id=lease_id,
+            verdict=Verdict.WARNING,
+            final=True,
+            audit_drawn=False,
+            layers=json.dumps([r.as_dict() for r in a.result.layers]),
+            reason=a.result.reason[:4000],
+            energy_j=a.joules,  # what Maxwell measured; not charged
+            energy_memo=f"failed lease: not charged ({a.energy_memo})",
+            charge_micro=0,
+            stake_outcome=outcome,
+            appraised_at=time.time(),
+        )
+        extra(session, a.lease, verdict)  # the gateway's requester: refunded (not an affirming verdict)
+        session.add(verdict)
+        move_lease(session, lease_id, LeaseState.FAILED)
     return verdict
 
 

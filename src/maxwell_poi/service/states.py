@@ -4,7 +4,18 @@ orchestration rules. `service.settlement` is the one place that applies the leas
 completion moves (they move money); `service.challenges` applies the challenge ones.
 
 The values are the strings the database stores (and its CHECK constraints list, generated from
-these enums in `service.schema`): renaming one needs a migration.
+these enums in `service.schema`): renaming one, or adding one, needs a migration (0005 added
+`failed`).
+
+A *failed* lease (`LeaseState.FAILED`, issue 23): the node handed in no receipt at all — its agent
+never started (a bad `--key`, a missing program) or crashed before writing one — with Maxwell's
+signed evidence of how it ended (exit code, stderr). That is a failure, not evidence of cheating,
+so it is its own terminal state rather than a settled lease with a verdict: nothing charged, the
+stake released, nothing paid (service.settlement.fail_lease). Its verdict row is stored as
+`warning` (the enum the verdict column allows: neither an affirmation to pay for nor a
+contraindication to slash for) with stake outcome `released` and a reason naming the exit code and
+the last lines of stderr; the lease's `failed` status is what tells it apart from an appraised
+warning. Three in a row suspend the agent's bidding (service.market) until it is re-enrolled.
 """
 
 from __future__ import annotations
@@ -28,6 +39,7 @@ class LeaseState(StrEnum):
     AUDIT_PENDING = "audit_pending"  # taken in, verdict not final (a queued L4, the exact tier)
     SETTLED = "settled"
     EXPIRED = "expired"
+    FAILED = "failed"  # no receipt: the agent never started or crashed (not cheating: nothing moves)
 
 
 class StakeOutcome(StrEnum):
@@ -67,7 +79,9 @@ BID_MOVES: Transitions = {
 }
 LEASE_MOVES: Transitions = {
     LeaseState.ISSUED: frozenset({LeaseState.PULLED, LeaseState.EXPIRED}),
-    LeaseState.PULLED: frozenset({LeaseState.AUDIT_PENDING, LeaseState.SETTLED, LeaseState.EXPIRED}),
+    LeaseState.PULLED: frozenset(
+        {LeaseState.AUDIT_PENDING, LeaseState.SETTLED, LeaseState.EXPIRED, LeaseState.FAILED}
+    ),
     LeaseState.AUDIT_PENDING: frozenset({LeaseState.SETTLED}),
 }
 STAKE_MOVES: Transitions = {

@@ -251,7 +251,11 @@ class LeaseView(BaseModel):
     lease_id: str
     agent_id: str
     node_id: str
-    status: str
+    status: str = Field(
+        description="pulled, audit_pending, settled, expired (no receipt reached Maxwell) or failed "
+        "(the node handed in no receipt: the agent never started or crashed; nothing charged, the "
+        "stake returned, the cause in the verdict's reason)"
+    )
     tier: str
     audit_probability: float
     tier_reason: str

@@ -26,11 +26,22 @@ from ..wire import (
 
 router = APIRouter(prefix="/v1/admin", tags=["admin"], dependencies=[Admin])
 CREATED_OR_SAME = {200: {"description": "enrolled before, with the same key: the same answer"}}
+RE_ENROLLED = {
+    200: {
+        "description": "enrolled before, with the same key: re-enrolled (its command replaced when "
+        "one is given, a suspension for failed leases cleared)"
+    }
+}
 
 
-@router.post("/agents", status_code=201, response_model=AgentView, responses=CREATED_OR_SAME)
+@router.post("/agents", status_code=201, response_model=AgentView, responses=RE_ENROLLED)
 def enroll_agent(body: EnrollAgent, response: Response, control: Control) -> AgentView:
+    """Enrol an agent; again with the same key, re-enrol it: its command replaced when one is given
+    (a program that could not start, fixed) and its failed-lease count started afresh
+    (service.market)."""
     view, created = control.enroll_agent(body)
+    if not created:
+        control.market.reinstate(body.agent_id, body.command)
     response.status_code = 201 if created else 200
     return AgentView.model_validate(view)
 

@@ -73,6 +73,8 @@ def intake(body: IntakeBody, request: Request, control: Control) -> IntakeAnswer
         raise
     if result is not None:  # a pending lease's audit is queued by settlement, whoever calls intake
         metrics.appraised(result, answer.final)
-    metrics.intake.labels("duplicate" if answer.duplicate else "accepted").inc()
+    # a fresh answer without an appraisal is a failed lease (an empty receipt: service.intake)
+    outcome = "duplicate" if answer.duplicate else "accepted" if result is not None else "failed"
+    metrics.intake.labels(outcome).inc()
     metrics.intake_seconds.observe(time.perf_counter() - t0)
     return answer
