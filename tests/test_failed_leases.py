@@ -5,6 +5,7 @@ plane, and a real node running real agent programs that fail."""
 
 from __future__ import annotations
 
+import json
 import sys
 import time
 from collections.abc import Iterator
@@ -317,3 +318,21 @@ def test_the_failed_state_migrates_onto_a_database_with_leases(tmp_path: Path) -
     with pytest.raises(Exception, match="CHECK"), writer(engine).begin() as connection:
         connection.execute(text("UPDATE cp_leases SET status = 'bogus'"))
     engine.dispose()
+
+
+def test_poi_client_lease_prints_the_cause(
+    flow: Flow, first_failure: Failed, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from typer.testing import CliRunner
+
+    import maxwell_poi.cli.service as cli_service
+    from maxwell_poi.cli import app as cli
+
+    monkeypatch.setattr(cli_service, "_agent", lambda _server, _key, _agent_id: flow.agents["alice"])
+    (answer,) = first_failure.answers
+    argv = ["client", "lease", "--agent-id", "alice", "--key", "-", answer.lease_id]
+    result = CliRunner().invoke(cli, argv)
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["status"] == "failed"  # the server's JSON on stdout
+    said = " ".join(result.stderr.split())  # the cause on stderr (rich wraps it to the terminal)
+    assert f"lease {answer.lease_id} failed:" in said and "exit code 2" in said, said
