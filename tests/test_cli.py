@@ -160,3 +160,21 @@ def test_models_lists_reference_values(tmp_path):
     assert res.returncode == 0, res.stderr
     ids = {m["model_id"] for m in json.loads(res.stdout)["models"]}
     assert {"minilm-l6-v2", "gpt2-small", "gpt2-small-alt", "llama-small", "gpt2-mini"} <= ids
+
+
+def test_enroll_agent_makes_the_commands_local_paths_absolute(tmp_path, monkeypatch):
+    # nodes start agents in their own working directory: `--key alice.pem` as typed would name nothing
+    from maxwell_poi.cli.service import absolute_paths
+
+    (tmp_path / "alice.pem").write_text("key")
+    monkeypatch.chdir(tmp_path)
+    argv, resolved = absolute_paths(
+        ["poi", "agent", "--key", "alice.pem", "--resident", "--trace-dir=alice.pem"]
+    )
+    key = str(tmp_path / "alice.pem")
+    assert argv == ["poi", "agent", "--key", key, "--resident", f"--trace-dir={key}"]
+    assert resolved == [("alice.pem", key), ("alice.pem", key)]
+    assert absolute_paths(["poi", "agent", "--key", "missing.pem"]) == (
+        ["poi", "agent", "--key", "missing.pem"],
+        [],
+    )

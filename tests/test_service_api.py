@@ -328,6 +328,9 @@ def test_pulls_that_issue_nothing_hold_nothing(plane: Plane) -> None:
     alice = {b["bid_id"]: b for b in plane.signed("agent:alice", "GET", "/v1/agent/bids").json()}
     assert alice["cheap"]["status"] == "refused" and "reserve" in alice["cheap"]["reason"]
     assert alice["b1"]["status"] == "open"
+    # an open bid says why it was not cleared: the node's headroom, and what the lease needs
+    assert "headroom 0.0 J (its CPU busy)" in alice["b1"]["reason"], alice["b1"]["reason"]
+    assert "this lease needs" in alice["b1"]["reason"]
     report = plane.ledger()
     assert (report["balances"]["wallet:alice"], report["balances"]["wallet:bob"]) == (DEPOSIT, 1000)
     assert report["balances"].get("escrow:alice", 0) == 0 and report["check"]["ok"]

@@ -195,14 +195,36 @@ def enroll_agent(
     admin_token: TokenOpt = None,
     json_out: JsonOpt = False,
 ) -> None:
-    """Enroll an agent's public key (and the program nodes run for it)."""
+    """Enroll an agent's public key (and the program nodes run for it). Paths in the command that
+    name files here (`--key alice.pem`) are made absolute: nodes start agents in their own working
+    directory, where a relative path would name nothing."""
     import shlex
 
     from ..protocol.keys import AgentKey
 
     public = AgentKey.load(key).public_hex
+    argv, resolved = absolute_paths(shlex.split(command))
+    for was, now in resolved:
+        err.print(
+            f"enroll-agent: {was} -> {now} (nodes start agents elsewhere)", markup=False, highlight=False
+        )
     c = _admin(server, admin_token)
-    _call(lambda: c.enroll_agent(agent_id, public, shlex.split(command)), json_out)
+    _call(lambda: c.enroll_agent(agent_id, public, argv), json_out)
+
+
+def absolute_paths(argv: list[str]) -> tuple[list[str], list[tuple[str, str]]]:
+    """`argv` with every relative path that names an existing file here made absolute (also in
+    `--opt=path` form), and the (was, now) pairs."""
+    out, resolved = [], []
+    for arg in argv:
+        head, eq, tail = arg.rpartition("=") if arg.startswith("--") and "=" in arg else ("", "", arg)
+        candidate = Path(tail)
+        if tail and not candidate.is_absolute() and candidate.is_file():
+            now = str(candidate.resolve())
+            resolved.append((tail, now))
+            arg = f"{head}{eq}{now}"
+        out.append(arg)
+    return out, resolved
 
 
 @client_app.command("deposit")
@@ -260,6 +282,16 @@ def leases(
     """Your leases, with tier, audit probability and verdict."""
     c = _agent(server, key, agent_id)
     _call(c.leases, json_out)
+
+
+@client_app.command("bids")
+def bids(
+    agent_id: AgentOpt, key: KeyOpt, server: ServerOpt = DEFAULT_SERVER, json_out: JsonOpt = False
+) -> None:
+    """Your bids: open, won, refused or expired, each with why (an open bid says why no round cleared
+    it yet: the node's headroom, and what the lease needs)."""
+    c = _agent(server, key, agent_id)
+    _call(c.bids, json_out)
 
 
 @client_app.command("lease")

@@ -44,6 +44,7 @@ from .sandbox import Sandbox, Usage, open_sandbox
 # scheduler ticks and switches (steps of ~0.006 ms on a quiet host here, ~2 ms under load): judge
 # by at least this
 EFFECTIVE_TICK_S = 0.004
+EXIT_GRACE_S = 0.5  # how long a lease with no receipt waits for a dying agent's exit status
 MAX_LINE_BYTES = 64 << 20  # a resident agent's longest line; a receipt line past it is cut and fails
 # sees each token and chunk as it arrives: (the line, seconds since the lease was handed over, the
 # sandbox's CPU-seconds then); chunks carry (0, 0): only tokens are timed
@@ -325,6 +326,11 @@ class ResidentAgent:
         timed_out = not state.done.wait(timeout)
         if timed_out:
             self._finish(lease_id, refusal=f"no receipt within {timeout:.1f} s")
+        if not state.receipt.strip() and self.proc.poll() is None:
+            # no receipt: if the agent is dying, wait a moment for its exit status, so the evidence
+            # names the exit code (a failed lease's cause) instead of catching it before it is reaped
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                self.proc.wait(timeout=EXIT_GRACE_S)
         with self._lock:
             self._leases.pop(lease_id)
             evidence = self._evidence(state)

@@ -113,6 +113,8 @@ class ControlPlane:
         created = self._enroll(row, AgentRow, body.agent_id, body.public_key)
         self.agents.enroll(body.agent_id, body.public_key)
         self.ledger.open_account(f"wallet:{body.agent_id}", "wallet")
+        if not created:  # re-enrolment: a corrected command, and its failed-lease count afresh
+            self.market.reinstate(body.agent_id, body.command)
         return {"agent_id": body.agent_id, "public_key": body.public_key, "command": body.command}, created
 
     def enroll_node(self, body: EnrollNode) -> tuple[dict[str, Any], bool]:

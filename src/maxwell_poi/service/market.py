@@ -290,6 +290,16 @@ class Market:
             if pulled is not None:
                 headroom -= bid.expected_j * draw
                 out.append(pulled)
+        for key in clearing.winners[room:]:
+            bids[key].reason = f"open: cleared, but node {node_id} took at most {room} leases in this pull"
+        for key in clearing.losers:  # stays open for a later round or a node with room: say why
+            need = bids[key].expected_j * draw
+            busy = " (its CPU busy)" if body.headroom_j <= 0 else ""
+            bids[key].reason = (
+                f"open: not cleared in node {node_id}'s round at {now:.0f}: its headroom "
+                f"{body.headroom_j:.1f} J{busy} left {clearing.capacity_j - clearing.used_j:.1f} J after "
+                f"higher bids, this lease needs {need:.1f} J"
+            )
         for key in clearing.below_reserve:
             move_bid(
                 bids[key],

@@ -40,8 +40,6 @@ def enroll_agent(body: EnrollAgent, response: Response, control: Control) -> Age
     (a program that could not start, fixed) and its failed-lease count started afresh
     (service.market)."""
     view, created = control.enroll_agent(body)
-    if not created:
-        control.market.reinstate(body.agent_id, body.command)
     response.status_code = 201 if created else 200
     return AgentView.model_validate(view)
 
