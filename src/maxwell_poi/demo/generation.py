@@ -302,7 +302,8 @@ class Demo:
             model=plan.lease.model_id,
             verdict=result.verdict.value,
             caught_by=[str(name) for name in result.caught_by],
-            reason=result.reason if result.caught_by else _short_pass(result),
+            # affirmed: what passed; otherwise the failures, warnings and what was not measured
+            reason=_short_pass(result) if result.verdict is Verdict.AFFIRMING else result.reason,
             agent_wall_s=run.evidence.wall_s,
             agent_cpu_s=run.evidence.cpu_s,
             verify_s=r.verify_s,
