@@ -210,6 +210,11 @@ def run_class(flow: dict[str, Any], c: Class, trials: int, key_dir: Path) -> dic
         out["caught_of_cheated"] = f"{caught}/{cheats}"
         out["caught_of_cheated_lower95"] = clopper_pearson(caught, cheats)[0]
         out["rejected_of_its_honest_leases"] = f"{wrong}/{len(truth) - cheats}"
+        said = [v.verdict.verdict if v.verdict else "none" for v in views]
+        out["verdicts_of_cheated"] = dict(Counter(x for x, t in zip(said, truth, strict=True) if t))
+        out["verdicts_of_its_honest_leases"] = dict(
+            Counter(x for x, t in zip(said, truth, strict=True) if not t)
+        )
         out["rejected_of_its_honest_leases_upper95"] = clopper_pearson(wrong, len(truth) - cheats)[1]
     elif c.module is None:
         out["rejected_upper95"] = clopper_pearson(out["caught"], out["trials"])[1]
