@@ -117,16 +117,20 @@ ECONOMIC: list[EconomicAttack] = [
     EconomicAttack("probabilistic-substitution", "probabilistic_substitution",
                    "each lease with probability p served by the cheap model (claiming the leased one), "
                    "else honestly", ("--p", "0.3", "--substitute", "{small}", "--seed", "0"),
-                   caught_by="its substituted leases: L1 work per token, and L4 when the lottery draws one"),
+                   caught_by="its substituted leases, by L1 work per token (and L2 pace) most of the time, "
+                             "not all: 10/11, 39/39, 42/64 at p 0.1/0.3/0.5 (gpt2-micro for gpt2-mini, "
+                             "busy host); L4 only when the lottery draws one (p 0.00093, default policy)"),
     EconomicAttack("audit-aware", "audit_aware",
                    "substitutes only where its observables suggest no audit; the lease carries no tier, "
                    "stake or audit probability and the draw is made after the receipt, so it is a coin",
                    ("--rate", "0.3", "--substitute", "{small}", "--seed", "0"),
-                   caught_by="as probabilistic substitution at the same rate"),
+                   caught_by="as probabilistic substitution at the same rate: 20/39 and 31/39 in two "
+                             "runs, vs 39/39 and 27/39 for p 0.3 (the spread is host load, not a signal)"),
     EconomicAttack("hidden-batch-rows", "hidden_batch_rows",
                    "answers honestly, with private rows of its own in its forward passes, never streamed",
                    ("--rows", "4"),
-                   caught_by="no layer per lease: L1 has no ceiling on work per token; the private work is "
-                             "billed to the agent up to its energy hold"),
+                   caught_by="no layer (0/150 with 4 rows, 0/150 with 64): L1 has no ceiling on work per "
+                             "token; the private work is billed to the agent up to its energy hold, and past "
+                             "the hold it is on Maxwell"),
 ]
 # fmt: on

@@ -2,8 +2,9 @@
 from a seeded RNG, `--seed`), run the cheap `--substitute` model and claim the leased one; otherwise
 serve the lease honestly. Every receipt is signed by the enrolled key and streamed as it is
 decoded, so L0 passes; the substituted leases cost less CPU (and so less billed energy), and what
-decides whether the cheat pays is how often Maxwell's L4 audit lottery draws one of them, and
-whether L1/L2 see the smaller model's work and pace.
+decides whether the cheat pays is whether L1/L2 see the smaller model's work and pace (most of the
+time for gpt2-micro under gpt2-mini, bench/results/operation.json `profit_classes`) and how often
+the L4 lottery draws one of them (rarely at the default tier policy).
 
     python -m maxwell_poi.adversaries.probabilistic_substitution --key agent.pem --resident \
         --p 0.3 --substitute gpt2-micro --seed 0
