@@ -79,7 +79,15 @@ def world(tmp_path_factory):
 @pytest.fixture(scope="module")
 def honest_proof(world) -> BlockProof:
     _lease, _raw, _claims, trace = world["honest"]
-    return prove_block(world["circuit"], trace.tensors, CHALLENGE)
+    try:
+        return prove_block(world["circuit"], trace.tensors, CHALLENGE)
+    except PoiError as exc:
+        if "deadlocked" not in str(exc):
+            raise
+        # ezkl 23.0.5's prover holds the GIL in create_proof while a rayon worker logs through
+        # pyo3-log, which waits for the GIL: seen with gdb on this host (vorner/pyo3-log#65). The
+        # stall rule kills it; a test that needs this proof cannot run, and says so (not a pass).
+        pytest.xfail(f"ezkl prover deadlock (pyo3-log / GIL, upstream): {exc}")
 
 
 def appraise(world, proof: BlockProof | None, challenge: ZkChallenge = CHALLENGE, opening=None):
