@@ -152,15 +152,28 @@ def test_energy_hold_settles_the_measured_charge_and_returns_the_rest(book: Ledg
     with book.session() as session, session.begin():  # in the caller's transaction
         first = book.settle_energy("alice", "L1", joules=1234.5, micro_per_joule=10, session=session)
     again = book.settle_energy("alice", "L1", joules=1234.5, micro_per_joule=10)
-    capped = book.settle_energy("bob", "L2", joules=500.0, micro_per_joule=10)  # 5,000 > the 1,000 held
+    beyond = book.settle_energy("bob", "L2", joules=500.0, micro_per_joule=10)  # 5,000 > the 1,000 held
     assert first.created and not again.created and again.transfer_id == first.transfer_id
     balances = book.balances()
     assert balances["wallet:alice"] == 1_000_000 - 12_345 and balances["escrow:alice"] == 0
-    assert balances["wallet:bob"] == 1_000_000 - 1_000 and balances["escrow:bob"] == 0
-    assert balances[ENERGY] == 12_345 + 1_000
-    memo = [e.memo for e in book.entries_for("wallet:bob") if e.kind == "energy_debit"]
-    assert memo == [] and "capped_at_hold=1000" in book.entries_for(ENERGY)[-1].memo
-    assert capped.created and check_ledger(book.engine).ok
+    # the energy Maxwell measured is paid in full: the hold, then the wallet (issue 23: hidden work)
+    assert balances["wallet:bob"] == 1_000_000 - 5_000 and balances["escrow:bob"] == 0
+    assert balances[ENERGY] == 12_345 + 5_000
+    assert beyond.charge_micro == 5_000 and "beyond_hold=4000" in book.entries_for(ENERGY)[-1].memo
+    assert beyond.created and check_ledger(book.engine).ok
+    # asked again (a retried intake): the first charge, nothing moved twice
+    repeat = book.settle_energy("bob", "L2", joules=900.0, micro_per_joule=10)
+    assert (repeat.created, repeat.charge_micro, repeat.transfer_id) == (False, 5_000, beyond.transfer_id)
+
+
+def test_energy_beyond_the_hold_takes_what_the_wallet_has_and_names_the_rest_unpaid(book: Ledger) -> None:
+    book.deposit("carol", 3_000, "carol-1")
+    book.hold_energy("carol", "L9", 1_000)  # wallet 2,000 left
+    settled = book.settle_energy("carol", "L9", joules=1_000.0, micro_per_joule=10)  # 10,000 measured
+    assert settled.charge_micro == 3_000 and "unpaid=7000" in settled.memo
+    balances = book.balances()
+    assert (balances["wallet:carol"], balances["escrow:carol"]) == (0, 0)
+    assert check_ledger(book.engine).ok
 
 
 def test_a_rolled_back_caller_transaction_moves_no_money(book: Ledger) -> None:

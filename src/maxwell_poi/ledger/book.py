@@ -137,19 +137,30 @@ class Ledger:
         *,
         session: Session | None = None,
     ) -> EnergySettled:
-        """Charge round(joules × price), capped at the lease's hold, to Maxwell from the hold, and
-        return the rest of the hold to the wallet. One transfer, key `energy:<lease>`; the charge is
-        computed only here and returned with it."""
+        """Charge round(joules × price) to Maxwell: from the lease's hold, and what the hold does not
+        cover from the agent's wallet (as far as the wallet goes; what it cannot pay is named in the
+        memo as unpaid). The rest of the hold goes back to the wallet. Energy Maxwell measured is the
+        agent's to pay whatever the hold was: work hidden in a lease (private batch rows) is billed,
+        not absorbed (issue 23). One transfer, key `energy:<lease>`; the charge is computed only here
+        and returned with it; asked again, the first charge is returned."""
+        if session is None:
+            with self.session() as own, own.begin():
+                return self.settle_energy(agent, lease_id, joules, micro_per_joule, session=own)
         escrow, wallet = _agent_account("escrow", agent), _agent_account("wallet", agent)
+        key = f"energy:{lease_id}"
+        if (done := find_transfer(session, key)) is not None:  # settled before: the same answer
+            return EnergySettled(done.id, False, dict(legs_of(session, done.id)).get(ENERGY, 0), done.memo)
         held = self._escrowed(escrow, f"hold:{lease_id}", session)
         micro, memo = energy_charge(joules, micro_per_joule)
-        charge = min(micro, held)
-        if charge < micro:
-            memo += f" capped_at_hold={held}"
+        charge = micro
+        if micro > held:
+            spare = session.scalar(select(Account.balance_micro).where(Account.name == wallet)) or 0
+            charge = min(micro, held + max(0, spare))
+            memo += f" beyond_hold={charge - held}"
+            if charge < micro:
+                memo += f" unpaid={micro - charge}"
         legs = {escrow: -held, ENERGY: charge, wallet: held - charge}
-        request = make_request(
-            f"energy:{lease_id}", "energy_debit", {k: v for k, v in legs.items() if v}, memo, lease_id
-        )
+        request = make_request(key, "energy_debit", {k: v for k, v in legs.items() if v}, memo, lease_id)
         posted = self._post(request, session=session)
         return EnergySettled(posted.transfer_id, posted.created, charge, memo)
 

@@ -34,8 +34,8 @@ class TransferResult:
 
 @dataclass(frozen=True)
 class EnergySettled(TransferResult):
-    """A lease's energy settled: what was charged (computed here, once, from joules × price capped
-    at the hold) and the memo that keeps the measurement."""
+    """A lease's energy settled: what was charged (computed here, once, from joules × price: the
+    hold first, then the wallet) and the memo that keeps the measurement."""
 
     charge_micro: int = 0
     memo: str = ""
