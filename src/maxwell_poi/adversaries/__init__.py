@@ -130,7 +130,7 @@ ECONOMIC: list[EconomicAttack] = [
                    "answers honestly, with private rows of its own in its forward passes, never streamed",
                    ("--rows", "4"),
                    caught_by="no layer (0/150 with 4 rows, 0/150 with 64): L1 has no ceiling on work per "
-                             "token; the private work is billed to the agent up to its energy hold, and past "
-                             "the hold it is on Maxwell"),
+                             "token; the private work is billed to the agent at the clearing price, past its "
+                             "energy hold from its wallet (ledger.settle_energy), so it is rented, not stolen"),
 ]
 # fmt: on
