@@ -36,7 +36,10 @@ def test_honest_agents_are_affirmed(demo_rows):
     honest = [r for r in rows if r.attack is None]
     assert len(honest) == 7  # 1 thread, 2 threads, four leases in one batch, MiniLM embeddings
     for row in honest:
-        assert row.verdict == "affirming", (row.agent, row.reason)
+        # the one allowed exception: the fail-safe for a lease measured under contention its profile
+        # never saw (verifier/conditions.py) answers a warning, naming it, never a false rejection
+        unseen = row.verdict == "warning" and "contention the profile never saw" in row.reason
+        assert row.verdict == "affirming" or unseen, (row.agent, row.reason)
 
 
 @pytest.mark.parametrize("attack", CPU_ATTACKS, ids=[a.name for a in CPU_ATTACKS])
