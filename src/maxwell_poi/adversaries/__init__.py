@@ -131,6 +131,6 @@ ECONOMIC: list[EconomicAttack] = [
                    ("--rows", "4"),
                    caught_by="no layer (0/150 with 4 rows, 0/150 with 64): L1 has no ceiling on work per "
                              "token; the private work is billed to the agent at the clearing price, past its "
-                             "energy hold from its wallet (ledger.settle_energy), so it is rented, not stolen"),
+                             "energy hold from its wallet (ledger.settle_energy): rented, not stolen"),
 ]
 # fmt: on
