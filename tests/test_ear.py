@@ -12,9 +12,7 @@ from maxwell_poi.verifier.ear import ear_claims, sign_ear, verify_ear
 
 def result_for(lease: Lease, **statuses: Status) -> AttestationResult:
     layers = [LayerResult(name, statuses.get(name.name, Status.PASS), "why") for name in LayerName]
-    return AttestationResult(
-        lease.lease_id, lease.agent_id, lease.model_id, tuple(layers)
-    )
+    return AttestationResult(lease.lease_id, lease.agent_id, lease.model_id, tuple(layers))
 
 
 LEASE = Lease.issue("alice", "gpt2-small", GenerateJob(prompt="x"))
@@ -72,6 +70,12 @@ def test_claim_names_are_exactly_the_veraison_ear_profile_ones():
     standard = {k for k in sub if not k.startswith("maxwell-poi.")}
     assert standard == {"ear.status", "ear.trustworthiness-vector", "ear.appraisal-policy-id"}
     assert set(sub["ear.trustworthiness-vector"]) <= {
-        "instance-identity", "configuration", "executables", "file-system",
-        "hardware", "runtime-opaque", "storage-opaque", "sourced-data",
+        "instance-identity",
+        "configuration",
+        "executables",
+        "file-system",
+        "hardware",
+        "runtime-opaque",
+        "storage-opaque",
+        "sourced-data",
     }  # fmt: skip  (AR4SI's eight trustworthiness claims)
