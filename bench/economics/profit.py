@@ -13,12 +13,13 @@ the same node batch (positive: the cheat earns more than honest).
 
 What "profit" means on this path: a bid lease never pays the agent (only a gateway requester pays
 agents, `service/settlement.settle_completion`). The agent pays the measured energy at the clearing
-price (capped at its hold) and loses its stake on a contraindicated verdict; so money per lease is
-minus (energy charge + stake slashed), and a cheat's profit against honest is the energy it avoids
-paying less the stake it loses. On the gateway path a caught lease would also lose the requester's
-payment; that path is not measured here. A warned lease's stake stays escrowed (counted as the
-agent's). The private work of hidden rows is worth something to the agent outside Maxwell's ledger:
-reported as the private rows' share of the billed energy and the joules beyond the hold (on Maxwell).
+price (from its hold, and past the hold from its wallet) and loses its stake on a contraindicated
+verdict; so money per lease is minus (energy charge + stake slashed), and a cheat's profit against
+honest is the energy it avoids paying less the stake it loses. On the gateway path a caught lease
+would also lose the requester's payment; that path is not measured here. A warned lease's stake
+stays escrowed (counted as the agent's). The private work of hidden rows is worth something to the
+agent outside Maxwell's ledger: reported as the private rows' share of the billed energy and the
+joules beyond the hold (on Maxwell).
 
     python -m bench.economics.profit [--trials 50]      # make bench-profit; --trials 4 for a smoke run
 
@@ -303,9 +304,10 @@ def main() -> None:
         "profit_path": "bid leases (POST /v1/agent/bids, node pull, intake); gateway path not measured",
         "profit_meaning": (
             "money_micro_per_lease = change of wallet:<agent> + escrow:<agent> over the run / leases. "
-            "A bid lease never pays the agent: it pays the measured energy at the clearing price (capped "
-            "at the hold of 3 x expected joules) and loses its stake when contraindicated (a warned "
-            "lease's stake stays escrowed). expected_profit_vs_honest_micro = class money per lease - "
+            "A bid lease never pays the agent: it pays the measured energy at the clearing price (from "
+            "the hold of 3 x expected joules, then from the wallet) and loses its stake when "
+            "contraindicated (a warned lease's stake stays escrowed). "
+            "expected_profit_vs_honest_micro = class money per lease - "
             "its baseline's (honest at the same node batch); positive = the cheat earns more than "
             "honest. On the gateway path a caught lease would also lose the requester's payment "
             "(not measured)."
