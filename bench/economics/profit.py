@@ -19,7 +19,7 @@ honest is the energy it avoids paying less the stake it loses. On the gateway pa
 would also lose the requester's payment; that path is not measured here. A warned lease's stake
 stays escrowed (counted as the agent's). The private work of hidden rows is worth something to the
 agent outside Maxwell's ledger: reported as the private rows' share of the billed energy and the
-joules beyond the hold (on Maxwell).
+joules beyond the hold (billed from the agent's wallet).
 
     python -m bench.economics.profit [--trials 50]      # make bench-profit; --trials 4 for a smoke run
 
