@@ -219,7 +219,10 @@ def test_poi_node_serves_a_directory_and_does_not_serve_a_lease_twice(tmp_path):
         opened = open_evidence((out / "evidence.dsse.json").read_bytes(), node_keyring)
         assert opened.lease_id == lease.lease_id
         assert json.loads((out / "result.json").read_text())["lease_id"] == lease.lease_id
-    assert summary["affirmed"] == 2, summary
+    verdicts = [(r["verdict"], r["reason"]) for r in summary["served"]]
+    # the one allowed exception: the fail-safe for contention the profile never saw (named, a warning)
+    unseen = [v for v in verdicts if v[0] == "warning" and "contention the profile never saw" in v[1]]
+    assert summary["affirmed"] + len(unseen) == 2, verdicts
     assert result.exit_code == 0
     again = json.loads(CliRunner().invoke(app, ["node", str(tmp_path), "--json"]).stdout)
     assert again["served"] == [] and again["already_done"] == 2
