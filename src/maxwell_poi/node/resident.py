@@ -331,6 +331,8 @@ class ResidentAgent:
             # names the exit code (a failed lease's cause) instead of catching it before it is reaped
             with contextlib.suppress(subprocess.TimeoutExpired):
                 self.proc.wait(timeout=EXIT_GRACE_S)
+        if not state.receipt.strip() and self.proc.poll() is not None:
+            self._threads[1].join(timeout=EXIT_GRACE_S)  # its last stderr lines: the failure's cause
         with self._lock:
             self._leases.pop(lease_id)
             evidence = self._evidence(state)

@@ -150,11 +150,14 @@ class Intake:
         sub = self._open(body)
         if sub.seen is not None:
             return _duplicate(sub, sub.seen, sub.seen_verdict), None
-        if not sub.receipt.strip():  # the agent never started or crashed: a failed lease, not a verdict
-            return self._failed(sub), None
-        result = self.verifier.appraise(sub.lease, sub.receipt, sub.signed.evidence)
         decided = (h.audited(sub.lease.lease_id, sub.receipt) for h in self.hooks)
         audited = next((a for a in decided if a is not None), None)
+        cut = audited is not None and audited.status is Status.FAIL  # Maxwell's audit cut it mid-stream
+        if not sub.receipt.strip() and not cut:
+            # the agent never started or crashed: a failed lease, not a verdict. A lease Maxwell cut
+            # off for cheating has no receipt either, and is judged: its audit failure slashes it
+            return self._failed(sub), None
+        result = self.verifier.appraise(sub.lease, sub.receipt, sub.signed.evidence)
         if audited is not None:
             result = replace(result, layers=(*result.layers, audited))
         energy = measured_energy(sub.signed.evidence, self.watts_per_core)
