@@ -16,6 +16,7 @@ whole-system figures issue 23 asks for (>= 3,000 honest leases through `poi serv
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import statistics
 import subprocess
@@ -27,6 +28,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
+from unittest.mock import patch
 
 from maxwell_poi.node.resident_runs import (
     generate_leases,
@@ -63,35 +65,22 @@ def neighbours(n: int) -> Iterator[None]:
             h.wait()
 
 
-@contextmanager
-def floors_before_issue_23() -> Iterator[None]:
+def floors_before_issue_23() -> contextlib.AbstractContextManager[None]:
     """The floors as they were: work 0.8 of the smallest resident run, pace half the fastest gap,
-    memory the least RSS less half the weights, no contention rule (the same evidence re-judged)."""
-    saved = (
-        thermodynamic.ON_CPU_FRACTION,
-        thermodynamic.WORK_MIN_FRACTION,
-        thermodynamic.RUNTIME_MEMORY_SLACK,
-        boundary.PACE_FRACTION,
-        thermodynamic.excused,
-        boundary.excused,
+    memory the least RSS less half the weights, no on-CPU check and no contention rule (the same
+    evidence re-judged)."""
+    stack = contextlib.ExitStack()
+    stack.enter_context(
+        patch.multiple(
+            thermodynamic,
+            ON_CPU_FRACTION=0.0,
+            WORK_MIN_FRACTION=0.8,
+            RUNTIME_MEMORY_SLACK=0.0,
+            excused=lambda *a, **k: None,
+        )
     )
-    thermodynamic.WORK_MIN_FRACTION, thermodynamic.RUNTIME_MEMORY_SLACK, boundary.PACE_FRACTION = (
-        0.8,
-        0.0,
-        0.5,
-    )
-    thermodynamic.excused = boundary.excused = lambda *a, **k: None
-    try:
-        yield
-    finally:
-        (
-            thermodynamic.ON_CPU_FRACTION,
-            thermodynamic.WORK_MIN_FRACTION,
-            thermodynamic.RUNTIME_MEMORY_SLACK,
-            boundary.PACE_FRACTION,
-            thermodynamic.excused,
-            boundary.excused,
-        ) = saved
+    stack.enter_context(patch.multiple(boundary, PACE_FRACTION=0.5, excused=lambda *a, **k: None))
+    return stack
 
 
 def judge(verifier: Verifier, lease, run) -> dict[str, str]:

@@ -326,13 +326,13 @@ class ResidentAgent:
         timed_out = not state.done.wait(timeout)
         if timed_out:
             self._finish(lease_id, refusal=f"no receipt within {timeout:.1f} s")
-        if not state.receipt.strip() and self.proc.poll() is None:
-            # no receipt: if the agent is dying, wait a moment for its exit status, so the evidence
-            # names the exit code (a failed lease's cause) instead of catching it before it is reaped
+        if not state.receipt.strip():
+            # no receipt: if the agent is dying, wait a moment for its exit status and its last
+            # stderr lines, so the evidence names a failed lease's cause instead of racing its reaping
             with contextlib.suppress(subprocess.TimeoutExpired):
                 self.proc.wait(timeout=EXIT_GRACE_S)
-        if not state.receipt.strip() and self.proc.poll() is not None:
-            self._threads[1].join(timeout=EXIT_GRACE_S)  # its last stderr lines: the failure's cause
+            if self.proc.poll() is not None:
+                self._threads[1].join(timeout=EXIT_GRACE_S)
         with self._lock:
             self._leases.pop(lease_id)
             evidence = self._evidence(state)

@@ -32,7 +32,7 @@ from ..protocol.lease import GenerateJob
 from ..protocol.result import LayerName
 from ..registry.profiles import Profile
 from .appraisal import Appraisal, EvidenceLayer, Finding, Outcome, failed, no_profile, not_measured, passed
-from .conditions import excused
+from .conditions import contention_details, excused
 
 BURST_GAP = 0.1  # a gap under this fraction of the profile's median counts as a burst
 MAX_BURST_RUN = 8  # burst gaps in a row allowed: one speculative pass's accepted tokens (block <= 8)
@@ -173,18 +173,18 @@ class BoundaryLayer(EvidenceLayer):
         gaps = np.diff(np.asarray(ev.stream_t))
         mean = float(gaps.mean())
         run = longest_burst(gaps, profile)
+        lo = interval_lower_bound(profile)
         details = {
             "mean_interval_ms": round(mean * 1000, 3),
             "median_interval_ms": round(float(statistics.median(gaps)) * 1000, 3),
-            "lower_bound_ms": round(interval_lower_bound(profile) * 1000, 3),
+            "lower_bound_ms": round(lo * 1000, 3),
             "profile_interval_ms": round(profile.interval_s.median * 1000, 3),
             "burst_fraction": round(float(np.mean(gaps < BURST_GAP * profile.interval_s.median)), 3),
             "longest_burst": run,
         }
-        details.update({f"contention_{k}": v for k, v in ev.contention.items()})
+        details.update(contention_details(ev))
         problem = pace(mean, profile, ctx.lease.model_id)
         if problem:
-            lo = interval_lower_bound(profile)
             return excused(problem, mean, lo, profile, ev, **details) or failed(
                 problem.reason, problem.score, **details
             )

@@ -26,6 +26,11 @@ GROSS_FRACTION = 0.5  # under this fraction of a floor, no contention explains t
 MARGINS = {"others_cores": 0.5, "cpu_pressure": 0.2, "steal_cores": 0.25}
 
 
+def contention_details(ev: LeaseEvidence) -> dict[str, float]:
+    """The lease's contention as layer details (`contention_<field>`), beside what the layer measured."""
+    return {f"contention_{k}": v for k, v in ev.contention.items()}
+
+
 def unseen(profile: Profile, ev: LeaseEvidence) -> str | None:
     """What in the lease's contention lies outside the range the profile's runs saw, or None."""
     notes = []

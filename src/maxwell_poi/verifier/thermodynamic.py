@@ -48,7 +48,7 @@ from ..registry.models import ReferenceValues, Registry
 from ..registry.profiles import Profile, ProfileStore, Stats
 from .appraisal import Appraisal, EvidenceLayer, Finding, Outcome, failed, no_profile, not_measured, passed
 from .classify import WorkloadClassifier, trace_features
-from .conditions import excused
+from .conditions import contention_details, excused
 from .gpu_signals import GpuSignals, gpu_outcome, nvml_window
 
 CLASSIFIER_REJECT_BELOW = 0.2  # P(inference) under which the trace shape alone rejects
@@ -358,7 +358,7 @@ class ThermodynamicLayer(EvidenceLayer):
                 "--batches 1,2,4`"
             )
         w = DecodeWork.of(ev, profile, self.registry.reference(lease.model_id), lease, per_token)
-        details = {**w.details(), **{f"contention_{k}": v for k, v in ev.contention.items()}}
+        details = {**w.details(), **contention_details(ev)}
         for check in (physics_floor, on_cpu, work_per_token, memory_floor):
             problem = check(w)
             if problem:
