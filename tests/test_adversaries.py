@@ -46,16 +46,12 @@ def test_honest_agents_are_affirmed(demo_rows):
 def test_attack_is_contraindicated_by_the_right_layers(demo_rows, attack):
     rows, _, _ = demo_rows
     mine = [r for r in rows if r.attack == attack.name]
-    # one run per job kind it applies to; a batching cheat is handed `batch` generation leases
-    assert len(mine) == attack.batch * ("generate" in attack.kinds) + ("embed" in attack.kinds)
+    # one judged run per job kind it applies to (a batching cheat's batch computes all but its last
+    # lease honestly: those are its priming runs, the copy is the judged one)
+    assert len(mine) == ("generate" in attack.kinds) + ("embed" in attack.kinds)
     for row in mine:
         if attack.name == "moonlighter" and row.accounting == "proc":
             pytest.skip("the /proc fallback cannot see a child that left the process tree (the named gap)")
-        if attack.name == "batch-copier" and row.verdict != "contraindicated":
-            # L1's batch floor is host-dependent: caught 20/20 at batch 2 on the VM of bench/results/
-            # node.json, missed on the VM of issue 9's session (before and after its changes). Shown
-            # as an expected failure with the numbers, never as a pass.
-            pytest.xfail(f"batch copier not caught on this host (L1 batch floor): {row.reason[:240]}")
         assert row.verdict == "contraindicated", (row.attack, row.reason)
         # embedding leases have no token stream: there only the last listed layer applies
         expected = attack.must_catch if row.model != "minilm-l6-v2" else attack.must_catch[-1:]
@@ -74,11 +70,11 @@ def test_demo_writes_its_report_and_evidence(demo_rows):
     data = demo.report(rows)
     assert data["summary"]["attack_classes"] == len(CPU_ATTACKS) >= 12
     missed = [r for r in rows if r.attack and r.verdict != "contraindicated"]
-    assert {r.attack for r in missed} <= {"batch-copier"}, [(r.attack, r.reason) for r in missed]
-    assert data["summary"]["attacks_contraindicated"] == data["summary"]["attack_runs"] - len(missed)
+    assert not missed, [(r.attack, r.reason) for r in missed]
+    assert data["summary"]["attacks_contraindicated"] == data["summary"]["attack_runs"]
     assert (cfg.out / "results.json").exists()
     runs = sorted((cfg.out / "runs").iterdir())
-    assert len(runs) == len(rows) + sum(a.needs_priming for a in CPU_ATTACKS)
+    assert len(runs) == len(rows) + sum(a.needs_priming + a.batch - 1 for a in CPU_ATTACKS)
     assert all((d / "evidence.json").exists() and (d / "result.json").exists() for d in runs)
 
 

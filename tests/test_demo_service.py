@@ -117,7 +117,7 @@ def test_plan_enrolls_every_cpu_attack_as_one_agent(tmp_path):
         assert (attack.name in plans) != (attack.name in service_demo.skipped), attack.name
     assert set(service_demo.skipped) <= {a.name for a in CATALOGUE if a.needs_gpu}
     assert plans["replay-old-receipt"].waves == [1, 1, 1]  # one priming lease first
-    assert plans["batch-copier"].waves == [2, 1] and plans["batch-copier"].same_prompt
+    assert plans["batch-copier"].waves == [2, 1] and plans["batch-copier"].greedy
     assert plans["honest-batch4"].waves == [3]
     thief = plans["other-agents-lease"].argv
     assert thief[thief.index("--key") + 1].endswith("mallory.pem")

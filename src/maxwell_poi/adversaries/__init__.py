@@ -24,7 +24,9 @@ class Attack:
     reason_has: str = ""  # a fragment the rejection reason must contain
     needs_gpu: bool = False  # runs only where CUDA is available
     batch: int = 1  # leases handed to the (resident) agent at once
-    same_prompt: bool = False  # the batch's leases share one prompt, greedy (a copied answer is right)
+    # greedy leases (temperature 0), each its own prompt: Maxwell's scheduler answers an identical
+    # greedy job from the lease of its twin (service.market: a cached bid), so no batch holds two
+    greedy: bool = False
     pause_s: float = 0.0  # idle gap before the judged lease (after the priming one)
     needs_worker: bool = False  # forwards its leases to an honest relay worker outside its sandbox
 
@@ -82,8 +84,8 @@ CATALOGUE: list[Attack] = [
            ("--upstream", "{upstream}"), kinds=("generate",), needs_worker=True, must_catch=L1,
            reason_has="CPU"),
     Attack("batch-copier", "batch_copier",
-           "handed 2 same-prompt greedy leases, computes 1 and copies its answer to the other",
-           ("--max-batch", "2"), batch=2, same_prompt=True, must_catch=L1, reason_has="batch"),
+           "handed 2 greedy leases in one batch, computes 1 and copies its answer to the other",
+           ("--max-batch", "2"), batch=2, greedy=True, must_catch=L4, reason_has="token choice"),
     Attack("moonlighter", "moonlighter",
            "answers honestly, but a child escaped from its process tree mines between leases",
            needs_priming=True, pause_s=1.0, must_catch=L1, reason_has="between leases"),

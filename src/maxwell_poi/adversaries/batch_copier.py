@@ -5,13 +5,14 @@ fingerprints and layer root, re-bound to the last lease's id, nonce and input, a
 copied tokens are streamed right after lease 0's real ones, so the channel looks like a batch of
 N decoding in step. With only one lease waiting it answers honestly.
 
-The case it targets: N leases with the same prompt and greedy decoding (temperature 0), where the
-copy is exactly the right answer (the fingerprints are top-k of the same activations) and L0, L2
-and L4's token and fingerprint checks all pass. Only the measured work can tell: L1 judges the
-sandbox's CPU over the window against the tokens of every lease streamed in it (co_tokens), so a
-batch of N that cost N-1 rows falls below the batch-N profile's floor, and with N=2 it is one
-lease's work for two leases' tokens. (The layer root is bound to lease 0's nonce, so a dispute
-that bisects the last lease's layers would also expose it; no layer checks it today.)
+The case it was built for: N leases with the same prompt and greedy decoding (temperature 0), where
+the copy is exactly the right answer (the fingerprints are top-k of the same activations), L0, L2
+and L4 all pass, and only the measured work could tell — which on a CPU, where a batch of 2 costs
+little more than one row, L1 could not (0/150 caught through the control plane, issue 23). So
+Maxwell's scheduler no longer puts two identical greedy jobs of an agent in one batch: the second is
+answered by the first's lease as a cached bid, priced as a cached answer (no lease, hold or charge;
+service.market). Every lease this program is handed in a batch now has its own prompt, its copy is
+the wrong answer for its input, and L4 catches it whenever the lease is audited ("token choice").
 
     python -m maxwell_poi.adversaries.batch_copier --key agent.pem --resident --max-batch 2
 """

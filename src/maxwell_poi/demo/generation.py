@@ -194,18 +194,30 @@ class Demo:
         self._key(leased_to)
         out = []
 
-        def add(leases: list[Lease], **kw: object) -> None:
-            wave = next(waves)
-            out.extend(Planned(leased_to, attack, lease, argv, signer, wave=wave, **kw) for lease in leases)
+        def add(
+            leases: list[Lease], honest_first: bool = False, priming: bool = False, pause_s: float = 0.0
+        ) -> None:
+            """One wave; `honest_first`: a batching cheat computes all but the last lease honestly
+            (its copy's source), so only the last is its judged cheat and the rest are priming."""
+            wave, last = next(waves), len(leases) - 1
+            out.extend(
+                Planned(
+                    leased_to, attack, lease, argv, signer,
+                    priming=priming or (honest_first and i < last), wave=wave, pause_s=pause_s,
+                )
+                for i, lease in enumerate(leases)
+            )  # fmt: skip
 
         if "generate" in attack.kinds:
             if attack.needs_priming:  # the cheat needs an earlier answer (or an idle gap) first
                 add([self._gen(leased_to, cfg.model, PROMPTS[0])], priming=True)
-            temperature = 0.0 if attack.same_prompt else None
-            prompts = [
-                PROMPTS[0] if attack.same_prompt else PROMPTS[i % len(PROMPTS)] for i in range(attack.batch)
-            ]
-            add([self._gen(leased_to, cfg.model, p, temperature) for p in prompts], pause_s=attack.pause_s)
+            temperature = 0.0 if attack.greedy else None
+            prompts = [PROMPTS[i % len(PROMPTS)] for i in range(attack.batch)]
+            add(
+                [self._gen(leased_to, cfg.model, p, temperature) for p in prompts],
+                honest_first=attack.batch > 1,
+                pause_s=attack.pause_s,
+            )
         if "embed" in attack.kinds and cfg.embed_model:
             add([Lease.issue(leased_to, cfg.embed_model, EmbedJob(texts=TEXTS))], pause_s=attack.pause_s)
         return out
@@ -234,7 +246,8 @@ class Demo:
                         first = wave[0]
                         label = f"{first.attack.name if first.attack else 'honest'} ({first.lease.model_id})"
                         batch = f" x{len(wave)}" if len(wave) > 1 else ""
-                        on_progress(("priming " if first.priming else "") + label + batch, done, len(plans))
+                        priming = all(p.priming for p in wave)
+                        on_progress(("priming " if priming else "") + label + batch, done, len(plans))
                     time.sleep(wave[0].pause_s)
                     for plan, result in zip(wave, node.serve(name, [p.lease for p in wave]), strict=True):
                         row = self._record(plan, result, done)

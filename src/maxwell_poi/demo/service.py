@@ -72,7 +72,7 @@ class AgentPlan:
     argv: list[str]
     waves: list[int]  # leases handed to the agent at once, wave after wave
     pause_s: float = 0.0  # idle gap before every wave after the first
-    same_prompt: bool = False
+    greedy: bool = False  # temperature 0 (each lease its own prompt)
     key: AgentKey = field(default_factory=AgentKey.generate)
 
 
@@ -130,7 +130,7 @@ class ServiceDemo:
     def _attack_plan(self, attack: Attack, subs: dict[str, str], keys: Path) -> AgentPlan:
         n = self.cfg.leases
         waves = [1, *_chunks(n - 1, attack.batch)] if attack.needs_priming else _chunks(n, attack.batch)
-        p = AgentPlan(attack.name, attack, [], waves, attack.pause_s, attack.same_prompt)
+        p = AgentPlan(attack.name, attack, [], waves, attack.pause_s, attack.greedy)
         key_path = self._save(keys, attack.name, p.key)
         if attack.name == "other-agents-lease":
             # one enrolled agent whose program answers in another enrolled agent's name: the node
@@ -150,9 +150,9 @@ class ServiceDemo:
     def _job(self, plan: AgentPlan, i: int) -> dict[str, Any]:
         # a cheat that reuses an earlier answer is handed the same request again (new lease, new
         # nonce), as in the catalogue demo: a different prompt would make it a trivial L0 catch
-        reuse = plan.same_prompt or (plan.attack is not None and plan.attack.needs_priming)
+        reuse = plan.attack is not None and plan.attack.needs_priming
         prompt = PROMPTS[0] if reuse else PROMPTS[i % len(PROMPTS)]
-        temperature = 0.0 if plan.same_prompt else self.cfg.temperature
+        temperature = 0.0 if plan.greedy else self.cfg.temperature
         job = GenerateJob(prompt=prompt, max_new_tokens=self.cfg.tokens, temperature=temperature)
         return job.model_dump(mode="json")
 

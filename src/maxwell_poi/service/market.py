@@ -37,7 +37,7 @@ from ..ledger import Ledger
 from ..observer.evidence import RESIDENT_REGIME
 from ..observer.host import this_device
 from ..protocol.errors import PoiError, UnknownModelError
-from ..protocol.lease import Job, Lease
+from ..protocol.lease import GenerateJob, Job, Lease
 from ..registry.models import Registry
 from ..registry.profiles import ProfileStore
 from .config import ServiceConfig
@@ -283,16 +283,26 @@ class Market:
         clearing = clear(sealed, body.headroom_j, self.config.reserve_micro_per_j)
         out: list[PulledLease] = []
         headroom = body.headroom_j
-        for key in clearing.winners[:room]:
+        answered: dict[tuple[str, str, str, str], tuple[BidRow, str]] = {}  # greedy job -> its lease
+        for key in clearing.winners:
             bid = bids[key]
+            if (same := answered.get(_greedy_job(bid))) is not None:
+                _cache(bid, *same)
+                continue
+            if len(out) == room:
+                bid.reason = f"open: cleared, but node {node_id} took at most {room} leases in this pull"
+                continue
             pulled = self._issue(session, node_id, bid, clearing.price_micro_per_j, headroom, now)
             bid.reason = f"{bid.reason}; {priced[key]}"
             if pulled is not None:
                 headroom -= bid.expected_j * draw
                 out.append(pulled)
-        for key in clearing.winners[room:]:
-            bids[key].reason = f"open: cleared, but node {node_id} took at most {room} leases in this pull"
+                if (job_key := _greedy_job(bid)) is not None:
+                    answered[job_key] = (bid, pulled.lease.lease_id)
         for key in clearing.losers:  # stays open for a later round or a node with room: say why
+            if (same := answered.get(_greedy_job(bids[key]))) is not None:
+                _cache(bids[key], *same)
+                continue
             need = bids[key].expected_j * draw
             busy = " (its CPU busy)" if body.headroom_j <= 0 else ""
             bids[key].reason = (
@@ -400,6 +410,30 @@ class Market:
     def _expire(self, session: Session, now: float) -> None:
         """Open bids older than a lease's lifetime expire: an agent's stale bid never wins late."""
         expire_bids(session, now - self.config.lease_ttl_s)
+
+
+def _greedy_job(bid: BidRow) -> tuple[str, str, str, str] | None:
+    """What makes two of an agent's bids the same question with the same answer: a greedy
+    generation (temperature 0: no seed, so one output) of one model, precision and job. None for
+    any other job (a sampled one is seeded from its own lease's nonce, so it has its own answer)."""
+    job = JOB.validate_json(bid.job)
+    if not isinstance(job, GenerateJob) or job.temperature != 0:
+        return None
+    return bid.agent_id, bid.model_id, bid.precision, job.model_dump_json()
+
+
+def _cache(bid: BidRow, first: BidRow, lease_id: str) -> None:
+    """`bid` asks what `first` asks, and `first` won a lease in this round: it is answered by that
+    lease, priced as a cached answer. Were both issued, they would sit in one batch, where an agent
+    could compute one and copy it into the other (the batch copier) and pay for half the work an
+    honest agent pays for; cached, neither computes it twice (issue 23)."""
+    move_bid(
+        bid,
+        BidState.CACHED,
+        f"cached: the same greedy job as bid {first.bid_id!r}, which won lease {lease_id} in this round; "
+        "answered by that lease: no lease, hold, charge or stake of its own",
+        lease_id=lease_id,
+    )
 
 
 def suspension(session: Session, agent_id: str) -> str | None:

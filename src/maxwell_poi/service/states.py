@@ -5,7 +5,7 @@ completion moves (they move money); `service.challenges` applies the challenge o
 
 The values are the strings the database stores (and its CHECK constraints list, generated from
 these enums in `service.schema`): renaming one, or adding one, needs a migration (0005 added
-`failed`).
+the lease's `failed`, 0006 the bid's `cached`).
 
 A *failed* lease (`LeaseState.FAILED`, issue 23): the node handed in no receipt at all — its agent
 never started (a bad `--key`, a missing program) or crashed before writing one — with Maxwell's
@@ -31,6 +31,9 @@ class BidState(StrEnum):
     WON = "won"
     REFUSED = "refused"
     EXPIRED = "expired"
+    # answered by an identical greedy job's lease issued in the same round (its `lease_id`): a
+    # cached answer — no lease of its own, nothing held, charged or staked (service.market)
+    CACHED = "cached"
 
 
 class LeaseState(StrEnum):
@@ -75,7 +78,7 @@ Transitions = Mapping[StrEnum, frozenset[StrEnum]]
 
 # Every move allowed, by the state it leaves; a state absent from a table is terminal.
 BID_MOVES: Transitions = {
-    BidState.OPEN: frozenset({BidState.WON, BidState.REFUSED, BidState.EXPIRED}),
+    BidState.OPEN: frozenset({BidState.WON, BidState.CACHED, BidState.REFUSED, BidState.EXPIRED}),
 }
 LEASE_MOVES: Transitions = {
     LeaseState.ISSUED: frozenset({LeaseState.PULLED, LeaseState.EXPIRED}),
