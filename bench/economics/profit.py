@@ -40,7 +40,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from ..common.results import write_results
+from ..common.results import stamp, write_results
 
 WRITES = {"operation.json": ["profit_*"]}
 MODEL = "gpt2-mini"  # the leased model (4 x 256)
@@ -51,6 +51,7 @@ PRICE = 100  # micro/J bid; every bid fits the headroom, so all clear at the res
 RESERVE = 20
 DEPOSIT = 1_000_000_000
 TOKEN = "bench"
+EVERY_LEASE_AUDITED = {"medium_from_value": 0.0, "high_from_value": 0.0}  # every lease's value >= 0: high
 HEADROOM_J = 1e6  # as the flow fixture: room for every bid (spare headroom lifts low to medium)
 
 
@@ -64,6 +65,7 @@ class Class:
     coin: tuple[float, int, bool] | None = None  # (rate, seed, draws on the warm-up): which leases cheated
     baseline: str = "honest"
     rows: int = 0  # private rows beside each lease (hidden batch rows)
+    policy: dict[str, float] | None = None  # a tier policy for this class only (then the default again)
 
 
 def classes(rows: list[int]) -> list[Class]:
@@ -81,6 +83,9 @@ def classes(rows: list[int]) -> list[Class]:
         Class("honest_batch2", None, ("--max-batch", "2"), batch=2, same_prompt_greedy=True),
         Class("batch_copier_batch2", "batch_copier", ("--max-batch", "2"), batch=2, same_prompt_greedy=True,
               baseline="honest_batch2"),
+        # the same copier with every lease audited (the high tier): how often an audit catches a copy
+        Class("batch_copier_batch2_all_audited", "batch_copier", ("--max-batch", "2"), batch=2,
+              same_prompt_greedy=True, baseline="honest_batch2", policy=EVERY_LEASE_AUDITED),
     ]  # fmt: skip
 
 
@@ -148,17 +153,26 @@ def run_class(flow: dict[str, Any], c: Class, trials: int, key_dir: Path) -> dic
     remote = RemoteNode(
         flow["node_client"], node, batch=c.batch, agents=[agent_id], headroom=lambda: HEADROOM_J
     )
+    if c.policy:
+        admin.set_policy(**{**flow["policy"], **c.policy})
     handed: list[IntakeAnswer] = []
     refused: list[str] = []
     t0 = time.perf_counter()
     deadline = time.monotonic() + 60 + 20 * trials
-    while len(handed) + len(refused) < trials and time.monotonic() < deadline:
+    while time.monotonic() < deadline:
         step = remote.step()
         for a in step:
             (handed if isinstance(a, IntakeAnswer) else refused).append(a)  # type: ignore[arg-type]
         if not step:
+            bids = agent.bids(limit=1000)
+            issued = sum(b.status == "won" for b in bids)
+            if not any(b.status == "open" for b in bids) and len(handed) + len(refused) >= issued:
+                break  # every bid answered: by a lease handed in, or cached (its twin's lease)
             time.sleep(0.2)
     serve_s = time.perf_counter() - t0
+    if c.policy:
+        admin.set_policy(**flow["policy"])
+    bid_status = Counter(b.status for b in agent.bids(limit=1000))
     drained = cp.audits.drain(600)
     node.stop_agent(agent_id)
     after = money()
@@ -176,6 +190,8 @@ def run_class(flow: dict[str, Any], c: Class, trials: int, key_dir: Path) -> dic
         "node_batch": c.batch,
         "jobs": "pairs of one prompt, greedy" if c.same_prompt_greedy else "sampled (temperature 0.8)",
         "trials": len(handed),
+        "bids": sum(bid_status.values()),
+        "bid_status": dict(bid_status),
         "refused_by_control_plane": len(refused),
         "caught": verdicts.get("contraindicated", 0),
         "warned": verdicts.get("warning", 0),
@@ -223,7 +239,79 @@ def run_class(flow: dict[str, Any], c: Class, trials: int, key_dir: Path) -> dic
         out["caught_lower95"] = clopper_pearson(out["caught"], out["trials"])[0]
     if c.rows:
         out["private_tokens_per_lease"] = c.rows * TOKENS  # rows x the lease's new tokens
+    if c.module == "batch_copier":
+        out.update(copies(cp, views, bad))
+    if c.policy:
+        out["policy"] = c.policy
+    out["run"] = {k: stamp()[k] for k in ("commit", "time")}
     return out
+
+
+def copies(cp: Any, views: list[Any], bad: list[bool]) -> dict[str, Any]:
+    """Which of the copier's leases carry a copied answer, known from the receipts themselves: an
+    output equal to that of an earlier lease with another prompt (an honest greedy answer to another
+    prompt never is). Then how many copies were audited and caught."""
+    from sqlalchemy import select
+    from sqlalchemy.orm import Session
+
+    from maxwell_poi.protocol.receipt import open_receipt
+    from maxwell_poi.service.schema import ReceiptRow
+
+    ids = [v.lease_id for v in views]
+    with Session(cp.ledger.engine) as session:
+        rows = {
+            r.lease_id: r.receipt
+            for r in session.scalars(select(ReceiptRow).where(ReceiptRow.lease_id.in_(ids)))
+        }
+    prompt = {v.lease_id: v.lease["job"]["prompt"] for v in views}
+    output = {lid: tuple(open_receipt(rows[lid], 1 << 24).claims.output) for lid in ids if lid in rows}
+    # the copy is the later of the two (the copier answers a wave's last lease from its first)
+    copied = [
+        lid in output
+        and any(output.get(other) == output[lid] and prompt[other] != prompt[lid] for other in ids[:j])
+        for j, lid in enumerate(ids)
+    ]
+    audited = [bool(v.verdict and v.verdict.audit_drawn) for v in views]
+    n = sum(copied)
+    audited_copies = sum(a for a, c in zip(audited, copied, strict=True) if c)
+    caught_copies = sum(b for b, c in zip(bad, copied, strict=True) if c)
+    caught_audited = sum(b for b, a, c in zip(bad, audited, copied, strict=True) if c and a)
+    return {
+        "copied_leases": n,
+        "copied_leases_how_known": (
+            "a receipt's output equals that of an earlier-handed lease with another prompt"
+        ),
+        "copies_audited": audited_copies,
+        "caught_of_copied": f"{caught_copies}/{n}",
+        "caught_of_audited_copies": f"{caught_audited}/{audited_copies}",
+        "caught_of_audited_copies_lower95": clopper_pearson(caught_audited, audited_copies)[0],
+        "rejected_of_its_other_leases": sum(b for b, c in zip(bad, copied, strict=True) if not c),
+    }
+
+
+def with_audits(r: dict[str, Any], base: dict[str, Any], audited: dict[str, Any] | None) -> dict[str, Any]:
+    """The copier's profit in expectation under the lottery, where its run drew too few audits to
+    show it: the energy it saves against honest, less the stake it loses when an audit falls on a
+    copy (audit probability x share of leases copied x how often an audit of a copy catches it,
+    measured on its all-audited run; 1 when that run is absent — said so)."""
+    k, n = audited["caught_of_audited_copies"].split("/") if audited else ("1", "1")
+    caught_when_audited = int(k) / int(n) if int(n) else 1.0
+    saved = base["charge_micro_mean"] - r["charge_micro_mean"]
+    share = r["copied_leases"] / r["trials"]
+    loss = r["audit_probability_mean"] * share * caught_when_audited * STAKE
+    return {
+        "expected_profit_with_lottery_micro": round(saved - loss, 2),
+        "expected_profit_with_lottery_terms": {
+            "energy_saved_micro_per_lease": round(saved, 2),
+            "audit_probability_mean": r["audit_probability_mean"],
+            "copied_share": round(share, 4),
+            "caught_when_audited": round(caught_when_audited, 4),
+            "caught_when_audited_from": "batch_copier_batch2_all_audited"
+            if audited
+            else "assumed 1 (no run)",
+            "stake_micro": STAKE,
+        },
+    }
 
 
 def main() -> None:
@@ -269,6 +357,7 @@ def main() -> None:
                 admin.enroll_node("n1", node_key.public_hex)
                 node_client = ServiceClient("http://test", key=node_key, principal="node:n1", http=tc)
                 flow = {"cp": cp, "admin": admin, "tc": tc, "node": node, "node_client": node_client}
+                flow["policy"] = asdict(cp.policy)
                 for c in classes(args.rows):
                     if args.only and c.name not in args.only:
                         continue
@@ -292,6 +381,8 @@ def main() -> None:
             if base and r["money_micro_per_lease"] is not None and base["money_micro_per_lease"] is not None
             else None
         )
+        if "copied_leases" in r and base and r["trials"] and "policy" not in r:
+            r.update(with_audits(r, base, results.get("batch_copier_batch2_all_audited")))
         if "private_tokens_per_lease" in r and base and r["charge_micro_mean"] is not None:
             extra = r["charge_micro_mean"] - base["charge_micro_mean"]
             r["extra_charge_micro_per_private_token"] = round(extra / r["private_tokens_per_lease"], 4)
@@ -338,7 +429,8 @@ def main() -> None:
 
         print(json.dumps(out, indent=1))
         return
-    write_results("operation.json", out, writes=WRITES)
+    # --only reruns some classes: the others keep their last measured rows (each row says its run)
+    write_results("operation.json", out, writes=WRITES, deep=("profit_classes",))
     for name, r in results.items():
         print(
             f"{name:36s} trials {r['trials']:3d} caught {r['caught']:3d} warned {r['warned']:3d} "
