@@ -144,8 +144,9 @@ def run_class(flow: dict[str, Any], c: Class, trials: int, key_dir: Path) -> dic
     before = money()
     for i in range(trials):
         if c.same_prompt_greedy:
-            job = {"kind": "generate", "prompt": PROMPTS[(i // 2) % len(PROMPTS)], "max_new_tokens": TOKENS,
-                   "temperature": 0.0}  # fmt: skip
+            pair = i // 2  # each pair its own question (numbered), asked twice: the twin is cached
+            job = {"kind": "generate", "prompt": f"{PROMPTS[pair % len(PROMPTS)]} {pair}",
+                   "max_new_tokens": TOKENS, "temperature": 0.0}  # fmt: skip
         else:
             job = {"kind": "generate", "prompt": PROMPTS[i % len(PROMPTS)], "max_new_tokens": TOKENS}
         agent.bid({"bid_id": f"{agent_id}-{i}", "model_id": MODEL, "job": job, "price_micro_per_j": PRICE,
@@ -188,7 +189,7 @@ def run_class(flow: dict[str, Any], c: Class, trials: int, key_dir: Path) -> dic
     out: dict[str, Any] = {
         "agent_command": [shown(a) for a in argv],
         "node_batch": c.batch,
-        "jobs": "pairs of one prompt, greedy" if c.same_prompt_greedy else "sampled (temperature 0.8)",
+        "jobs": "pairs of a numbered prompt, greedy" if c.same_prompt_greedy else "sampled (temperature 0.8)",
         "trials": len(handed),
         "bids": sum(bid_status.values()),
         "bid_status": dict(bid_status),
