@@ -145,7 +145,7 @@ def run_class(flow: dict[str, Any], c: Class, trials: int, key_dir: Path) -> dic
     for i in range(trials):
         if c.same_prompt_greedy:
             pair = i // 2  # each pair its own question (numbered), asked twice: the twin is cached
-            job = {"kind": "generate", "prompt": f"{PROMPTS[pair % len(PROMPTS)]} {pair}",
+            job = {"kind": "generate", "prompt": f"Note {pair}. {PROMPTS[pair % len(PROMPTS)]}",
                    "max_new_tokens": TOKENS, "temperature": 0.0}  # fmt: skip
         else:
             job = {"kind": "generate", "prompt": PROMPTS[i % len(PROMPTS)], "max_new_tokens": TOKENS}
@@ -249,9 +249,9 @@ def run_class(flow: dict[str, Any], c: Class, trials: int, key_dir: Path) -> dic
 
 
 def copies(cp: Any, views: list[Any], bad: list[bool]) -> dict[str, Any]:
-    """Which of the copier's leases carry a copied answer, known from the receipts themselves: an
-    output equal to that of an earlier lease with another prompt (an honest greedy answer to another
-    prompt never is). Then how many copies were audited and caught."""
+    """Which of the copier's leases carry a copied answer, known from the receipts themselves, and
+    how many copies were audited and caught. (A copy whose prompt happens to have the same greedy
+    answer as its source's is right, and no audit can catch it.)"""
     from sqlalchemy import select
     from sqlalchemy.orm import Session
 
@@ -264,13 +264,11 @@ def copies(cp: Any, views: list[Any], bad: list[bool]) -> dict[str, Any]:
             r.lease_id: r.receipt
             for r in session.scalars(select(ReceiptRow).where(ReceiptRow.lease_id.in_(ids)))
         }
-    prompt = {v.lease_id: v.lease["job"]["prompt"] for v in views}
-    output = {lid: tuple(open_receipt(rows[lid], 1 << 24).claims.output) for lid in ids if lid in rows}
-    # the copy is the later of the two (the copier answers a wave's last lease from its first)
+    # the copier re-signs its source's claims, the nonce-bound layer root included: a root that an
+    # earlier lease already carried is a copy (an honest root is bound to its own lease's nonce)
+    root = {lid: open_receipt(rows[lid], 1 << 24).claims.layers for lid in ids if lid in rows}
     copied = [
-        lid in output
-        and any(output.get(other) == output[lid] and prompt[other] != prompt[lid] for other in ids[:j])
-        for j, lid in enumerate(ids)
+        lid in root and root[lid] in {root.get(other) for other in ids[:j]} for j, lid in enumerate(ids)
     ]
     audited = [bool(v.verdict and v.verdict.audit_drawn) for v in views]
     n = sum(copied)
@@ -280,7 +278,7 @@ def copies(cp: Any, views: list[Any], bad: list[bool]) -> dict[str, Any]:
     return {
         "copied_leases": n,
         "copied_leases_how_known": (
-            "a receipt's output equals that of an earlier-handed lease with another prompt"
+            "a receipt's nonce-bound layer root equals an earlier lease's (the copier re-signs its source's)"
         ),
         "copies_audited": audited_copies,
         "caught_of_copied": f"{caught_copies}/{n}",
