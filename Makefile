@@ -41,6 +41,11 @@ bench-contention: $(STAMP)
 bench-profit: $(STAMP)
 	$(BIN)/python -m bench.economics.profit --trials $(or $(TRIALS),50)
 
+# bench/results/operation.json (system_*): >= 3,000 honest leases through poi serve --local-node, a CPU hog for a third (issue 23; LEASES=200 for a smoke run)
+.PHONY: bench-system
+bench-system: $(STAMP)
+	$(BIN)/python -m bench.service.system --leases $(or $(LEASES),3000)
+
 # bench/results/service.json (intake_*, load_*): intake load on SQLite and PostgreSQL
 bench-service-load: $(STAMP)
 	$(BIN)/python -m bench.service.load
