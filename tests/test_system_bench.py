@@ -44,12 +44,14 @@ def row(index: int, verdict: str | None, condition: str = "hog_off", **kw: Any) 
     return x
 
 
-def test_thirds_gate_the_bids() -> None:
-    run = Run(total=9, thirds=(3, 6, 9), window=2, allowed=3)
-    assert [run.take() for _ in range(4)] == [0, 1, 2, None]
-    assert [run.phase(i) for i in (2, 3, 5, 6, 8)] == [0, 1, 1, 2, 2]
-    run.allowed = 6
-    assert run.take() == 3
+def test_blocks_cycle_the_hog_and_gate_the_bids() -> None:
+    run = Run(total=14, block=2, window=2)
+    assert [run.condition(i) for i in range(8)] == ["hog_off"] * 2 + ["hog_on"] * 2 + ["hog_off"] * 4
+    assert [run.next_switch(i) for i in (0, 2, 4, 9, 10, 12)] == [2, 4, 8, 10, 14, 14]
+    run.allowed = run.next_switch(0)
+    assert [run.take() for _ in range(3)] == [0, 1, None]
+    run.allowed = run.next_switch(2)
+    assert run.take() == 2
 
 
 def test_final_verdicts_count_once_and_the_bound_is_clopper_pearson() -> None:

@@ -1,7 +1,7 @@
 """Whole-system honest error rates (issue 23, item 5): honest leases through a real `poi serve
 --local-node` subprocess (control plane + one node running resident agents in measured sandboxes,
 batching on), bid by a fleet of honest agents from their own threads with the real signed client,
-with a CPU-hogging neighbour process for the middle third of the leases.
+with a CPU-hogging neighbour process for a third of the leases.
 
     python -m bench.service.system [--leases 3000]      # make bench-system; --leases 200 for a smoke run
 
@@ -11,10 +11,12 @@ Setup, in a temporary POI_HOME on SQLite (nothing is downloaded: HF_HUB_OFFLINE=
 lottery; the stake sets the audit probability, corpus.stake_for). `--bidders` honest agents (`poi agent
 --resident --max-batch B`), spread over the models, each keep at most `--window` bids or unsettled leases
 open (the control plane's own cap is max_open_bids). Jobs: `--tokens` new tokens, greedy and sampled in
-turn, prompts from the registry. The leases are split in thirds by bid order: the first and last with no
-neighbour, the middle with one busy-looping process (bench/node/contention.neighbours); at each switch the
-bidders stop until every lease of the third before has been run (its verdict is in), so each lease ran
-wholly under one condition.
+turn, numbered prompts from the registry (no cache hits). The leases are split in blocks of `--block`
+by bid order, cycling no neighbour, one busy-looping process (bench/node/contention.neighbours), no
+neighbour — a third of them with the hog, spread over the run so the host's drift (other work on a
+shared machine) falls on both conditions; at each switch the bidders stop until every lease bid before
+it has run (its verdict is in), so each lease ran wholly under one condition. `--max-minutes` stops the
+bidding (what ran is reported).
 
 A lease counts when its verdict is final (audit done if drawn). Rejected = verdict contraindicated,
 warned = verdict warning; the exact one-sided 95 % Clopper-Pearson upper bound on the reject rate is
@@ -32,6 +34,7 @@ import argparse
 import contextlib
 import json
 import os
+import signal
 import statistics
 import subprocess
 import sys
@@ -59,10 +62,11 @@ WRITES = {"operation.json": ["system_*"]}
 MODELS = ("gpt2-micro", "gpt2-mini")
 PRICE = 100  # micro/J bid: above the reserve, so every bid clears at the reserve
 HOG = [sys.executable, "-c", "while True: pass"]  # what neighbours(1) runs
-CONDITIONS = ("hog_off", "hog_on", "hog_off")  # the thirds, in bid order
+CYCLE = ("hog_off", "hog_on", "hog_off")  # blocks of --block leases, in bid order, cycling
 FIELDS = ("wait_s", "others_cores", "steal_cores", "cpu_pressure", "load1", "window_s")
 NO_LEASE = ("refused", "expired", "cached")  # bid states that end without a lease run for the bid
 CAP = 50  # reasons kept verbatim, each list
+POLL_S = 1.0  # each bidder reads its bids and leases this often (two signed GETs)
 
 
 @dataclass
@@ -110,10 +114,10 @@ class Lease:
 
 @dataclass
 class Run:
-    """What the bidders share: the next bid index, the third it belongs to, and every lease."""
+    """What the bidders share: the next bid index, the condition it belongs to, and every lease."""
 
     total: int
-    thirds: tuple[int, int, int]
+    block: int
     window: int
     allowed: int = 0  # indices below this may be bid now
     issued: int = 0
@@ -122,11 +126,18 @@ class Run:
     errors: list[str] = field(default_factory=list)
     stop: threading.Event = field(default_factory=threading.Event)
 
-    def phase(self, index: int) -> int:
-        return 0 if index < self.thirds[0] else 1 if index < self.thirds[1] else 2
+    def condition(self, index: int) -> str:
+        return CYCLE[(index // self.block) % len(CYCLE)]
+
+    def next_switch(self, index: int) -> int:
+        """The first index after `index` bid under another condition (or the total)."""
+        j = (index // self.block + 1) * self.block
+        while j < self.total and self.condition(j) == self.condition(index):
+            j += self.block
+        return min(j, self.total)
 
     def take(self) -> int | None:
-        """The next global index, or None (wait for the phase to change, or all bid)."""
+        """The next global index, or None (wait for the condition to change, or all bid)."""
         with self.lock:
             if self.issued >= min(self.allowed, self.total):
                 return None
@@ -175,7 +186,7 @@ class Bidder(threading.Thread):
         if greedy:
             job["temperature"] = 0.0
         bid_id = f"sys-{index}"
-        lease = Lease(index, self.agent_id, self.model_id, greedy, bid_id, CONDITIONS[self.run_.phase(index)])
+        lease = Lease(index, self.agent_id, self.model_id, greedy, bid_id, self.run_.condition(index))
         body = {
             "bid_id": bid_id,
             "model_id": self.model_id,
@@ -231,7 +242,7 @@ class Bidder(threading.Thread):
                     self.place(index)
                 if self.run_.issued >= self.run_.total and self.open_count() == 0:
                     return
-                time.sleep(0.5)
+                time.sleep(POLL_S)
                 self.poll()
         except Exception as exc:  # reported, and the run stops: a bidder that dies silently skews it
             with self.run_.lock:
@@ -410,6 +421,9 @@ def main() -> None:
     ap.add_argument("--bidders", type=int, default=8, help="honest agents, each bidding from its own thread")
     ap.add_argument("--models", default=",".join(MODELS), help="comma-separated; bidders spread over them")
     ap.add_argument("--batch", type=int, default=4, help="poi serve --batch and poi agent --max-batch")
+    ap.add_argument(
+        "--block", type=int, default=125, help="leases per block; blocks cycle hog off, on, off (a third on)"
+    )
     ap.add_argument("--window", type=int, default=8, help="open bids or unsettled leases per bidder")
     ap.add_argument("--tokens", type=int, default=8, help="new tokens per lease")
     ap.add_argument("--audit-p", type=float, default=0.1, help="target L4 audit probability (sets the stake)")
@@ -427,6 +441,7 @@ def main() -> None:
     ap.add_argument("--home", type=Path, default=None, help="POI_HOME to keep (default: a temporary one)")
     ap.add_argument("--no-write", action="store_true", help="print, do not write operation.json")
     args = ap.parse_args()
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # a kill stops the server and its agents too
     models = [m for m in args.models.split(",") if m]
     os.environ["HF_HUB_OFFLINE"] = "1"  # every child inherits it: a model or tokenizer not here fails
     os.environ["TRANSFORMERS_OFFLINE"] = "1"
@@ -495,7 +510,8 @@ def drive(
         stakes[model] = stake_for(args.audit_p, expected[model])
         log(f"{model}: expected {expected[model]:.4f} J a lease, stake {stakes[model]} (p {args.audit_p})")
     n = args.leases
-    run = Run(total=n, thirds=(n // 3, 2 * n // 3, n), window=args.window, allowed=n // 3)
+    run = Run(total=n, block=args.block, window=args.window)
+    run.allowed = run.next_switch(0)
     threads = [
         Bidder(
             run,
@@ -507,7 +523,7 @@ def drive(
         )
         for i, a in enumerate(bidders)
     ]
-    phase, switches = 0, []
+    switches: list[dict[str, Any]] = []
     t0 = time.monotonic()
     deadline = t0 + args.max_minutes * 60
     for t in threads:
@@ -517,24 +533,22 @@ def drive(
         time.sleep(1.0)
         c = run.counts()
         now = time.monotonic()
-        if phase < 2 and c["resolved"] >= run.thirds[phase] and run.issued >= run.thirds[phase]:
-            phase += 1
-            if CONDITIONS[phase] == "hog_on":
+        edge = run.allowed
+        if edge < run.total and c["resolved"] >= edge and run.issued >= edge:  # all before it have run
+            if run.condition(edge) == "hog_on":
                 hog.enter_context(neighbours(1))
             else:
                 hog.close()
-            switches.append(
-                {"after_leases": run.thirds[phase - 1], "to": CONDITIONS[phase], "at_s": round(now - t0, 1)}
-            )
-            log(f"phase {phase + 1}/3: {CONDITIONS[phase]} after {run.thirds[phase - 1]} leases")
+            switches.append({"after_leases": edge, "to": run.condition(edge), "at_s": round(now - t0, 1)})
+            log(f"{run.condition(edge)} from lease {edge}")
             with run.lock:
-                run.allowed = run.thirds[phase]
+                run.allowed = run.next_switch(edge)
         if now - last_print >= 10:
             last_print = now
             rate = c["ran"] / (now - t0)
             log(
                 f"{c['ran']}/{n} run, {c['final']} final ({rate:.2f}/s), rejected {c['rejected']}, "
-                f"warned {c['warned']}, {CONDITIONS[phase]}; bid {c['bid']}"
+                f"warned {c['warned']}, {run.condition(max(0, run.issued - 1))}; bid {c['bid']}"
             )
         if now > deadline and not run.stop.is_set():
             log(f"--max-minutes {args.max_minutes} passed: no more bids")
@@ -594,7 +608,8 @@ def drive(
             "expected_j": expected,
             "target_audit_p": args.audit_p,
             "hog": ["python", "-c", HOG[-1]],
-            "thirds": [CONDITIONS[i] for i in range(3)],
+            "block": args.block,
+            "cycle": list(CYCLE),
             "switches": switches,
             "agents_by_model": {
                 m: sum(1 for i in range(args.bidders) if models[i % len(models)] == m) for m in models
