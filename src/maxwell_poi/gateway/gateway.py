@@ -9,6 +9,9 @@ long-polling pull picks it up at once. The node relays tokens and fingerprint ch
 When the node hands in the receipt, intake asks this gateway for the lease's audit result
 (`audited`: decided while it ran), moves the requester's payment in its own transaction (`settle`:
 paid only for an affirmed completion) and wakes the response waiting for the verdict (`settled`).
+Before any of it, gateway.admission refuses what no node could ever run and picks a free node. A
+requester that leaves early (`leave`) stops its lease and pays only for affirmed tokens it was sent:
+nothing when the stopped lease comes back without a receipt (settlement.requester_left).
 
 Requesters' money: account `requester:<id>` (a wallet) and `requester-escrow:<id>` for holds.
 """
@@ -39,20 +42,28 @@ from ..protocol.result import LayerResult
 from ..service.control import ControlPlane, verdict_view
 from ..service.errors import ApiError
 from ..service.market import PulledLease
-from ..service.schema import CompletionRow, LeaseRow, NodeRow, OfferRow, RequesterRow, VerdictRow
-from ..service.settlement import completion_outcome, hold_payment, settle_completion
+from ..service.schema import CompletionRow, LeaseRow, OfferRow, RequesterRow, VerdictRow
+from ..service.settlement import completion_outcome, hold_payment, requester_left, settle_completion
 from ..service.states import CompletionState
 from ..service.wire import BidBody
 from ..verifier.audit import AuditLayer
 from ..verifier.lottery import draw_audit
 from ..verifier.streaming import StreamingAudit
+from .admission import (
+    BUSY_WAIT_S,
+    NodeState,
+    Unavailable,
+    choose_node,
+    node_states,
+    refuse_beyond_context,
+    refuse_unservable,
+)
 from .live import Arrival, LiveLease, RunningChecks
 from .openai_wire import ChatRequest, CompletionRequest
 
 # tokens the streaming audit feeds the model at a time: a cheat is cut within this many tokens of
 # its first bad one, at ~3.1x one prefill's cost (block 16: 16 tokens, ~2.1x; bench/service/streaming.py)
 AUDIT_BLOCK = 8
-NODE_FRESH_S = 60.0  # a node that pulled within this long is serving
 MAX_LIVE = 256  # leases streaming at once; more are refused (429), not queued in memory
 
 
@@ -81,6 +92,7 @@ class Gateway:
         self.audit = AuditLayer(control.registry)  # the reference model and tolerances for streaming audits
         self.verdict_wait_s = verdict_wait_s
         self.live: dict[str, LiveLease] = {}
+        self.busy_wait_s = BUSY_WAIT_S  # a request's wait for a busy node's next pull
         self._verdicts: dict[str, threading.Event] = {}
         self._outcomes: dict[str, str] = {}  # settled in a transaction, reported once it committed
         self.on_outcome: Callable[[str], None] | None = None  # metrics: paid / cut / refunded
@@ -195,7 +207,9 @@ class Gateway:
     # -- requests ---------------------------------------------------------------------------------------
 
     def start(self, requester_id: str, request: CompletionRequest | ChatRequest) -> Started:
-        """Auction, lease, holds; the lease is on its way to the node when this returns."""
+        """Auction, lease, holds; the lease is on its way to the node when this returns. A request
+        no node could ever serve is refused (4xx) before any of it; one that cannot be served now
+        gets a 503 (`Unavailable`: with Retry-After when it will pass)."""
         refused, ignored = request.problems()
         if refused:
             raise ApiError(400, "only what the audit can replay", refused)
@@ -204,13 +218,14 @@ class Gateway:
             prompt = request.text()
         except ValueError as exc:
             raise ApiError(400, "one prompt per request", str(exc)) from None
+        prompt_tokens = len(self.registry.encode_prompt(model_id, prompt))
+        refuse_beyond_context(self.registry, model_id, request, prompt_tokens)
         if len(self.live) >= MAX_LIVE:
             raise ApiError(429, f"at most {MAX_LIVE} completions streaming at once", f"{len(self.live)}")
-        offers, node_id = self._market_for(model_id)
+        offers = self._offers(model_id)
         won = award([Ask(o.agent_id, o.ask_micro_per_token) for o in offers])
-        if won is None or node_id is None:
-            why = "no agent offers it" if won is None else f"no node pulled in the last {NODE_FRESH_S:.0f} s"
-            raise ApiError(503, f"an agent and a node serving {model_id!r}", why)
+        if won is None:
+            raise ApiError(503, f"an agent serving {model_id!r}", "no agent offers it", code="no_agent")
         offer = next(o for o in offers if o.agent_id == won.agent_id)
         job = GenerateJob(
             prompt=prompt,
@@ -219,6 +234,8 @@ class Gateway:
             top_k=50 if request.top_k is None else request.top_k,
             chunk=16,
         )
+        refuse_unservable(self.control, model_id, job, offer, prompt_tokens)
+        node_id = choose_node(self.nodes, model_id, self.busy_wait_s)
         bid = BidBody(
             bid_id=f"gateway-{uuid.uuid4().hex}",
             model_id=model_id,
@@ -258,21 +275,20 @@ class Gateway:
             for entry in live:
                 self.forget(entry.lease.lease_id)
             raise
-        if pulled is None:
-            raise ApiError(503, f"a lease for agent {won.agent_id!r}", why)
-        prompt_tokens = len(self.registry.encode_prompt(model_id, prompt))
+        if pulled is None:  # it fits the node idle (checked above), not now: its headroom, or suspended
+            raise Unavailable(f"a lease for agent {won.agent_id!r} on node {node_id!r}", why, "not_issued")
         return Started(pulled.lease, live[0], won.price_micro_per_token, prompt_tokens, won.reason, ignored)
 
-    def _market_for(self, model_id: str) -> tuple[list[OfferRow], str | None]:
+    def _offers(self, model_id: str) -> list[OfferRow]:
         with Session(self.control.ledger.engine) as session:
-            offers = list(session.scalars(select(OfferRow).where(OfferRow.model_id == model_id)))
-            node = session.scalar(
-                select(NodeRow.node_id)
-                .where(NodeRow.last_seen > time.time() - NODE_FRESH_S)
-                .order_by(NodeRow.last_seen.desc())
-                .limit(1)
-            )
-        return offers, node
+            return list(session.scalars(select(OfferRow).where(OfferRow.model_id == model_id)))
+
+    def nodes(self) -> list[NodeState]:
+        """Every enrolled node, with its leases in flight and its last relay of a gateway lease."""
+        relays: dict[str, float] = {}
+        for entry in list(self.live.values()):
+            relays[entry.node_id] = max(relays.get(entry.node_id, 0.0), entry.last_relay)
+        return node_states(self.control.ledger.engine, relays)
 
     def _live(self, pulled: PulledLease, node_id: str) -> LiveLease:
         """The running appraisal: the audit lottery is drawn here, once, with the tier's probability."""
@@ -310,12 +326,20 @@ class Gateway:
         arrivals = [Arrival(int(p), int(t), float(s), float(c)) for p, t, s, c in tokens]
         return live.receive(arrivals, chunks)
 
+    def leave(self, lease_id: str, delivered: int, why: str) -> None:
+        """The requester's side ended after `delivered` tokens were sent to it (it disconnected, or
+        the response gave up waiting): an unfinished lease is stopped at the node's next relay, and
+        the requester is charged at most for those tokens, and only if they are affirmed (`settle`)."""
+        if (live := self.live.get(lease_id)) is not None:
+            live.leave(delivered, why)
+
     # -- intake hooks (service.intake.IntakeHook) ---------------------------------------------------
 
     def audited(self, lease_id: str, receipt: bytes) -> LayerResult | None:
         live = self.live.get(lease_id)
         if live is None:
             return None
+        live.no_receipt = not receipt.strip()  # intake will settle it as a failed lease (fail_lease)
         try:
             opened = open_receipt(
                 receipt, max_receipt_bytes(live.lease, self.registry.reference(live.lease.model_id).hidden)
@@ -329,11 +353,20 @@ class Gateway:
         if row is None or row.status != CompletionState.STREAMING:
             return
         live = self.live.get(lease.lease_id)
-        tokens = len(live.arrivals) if live else 0
+        accounts = requester_account(row.requester_id), requester_escrow(row.requester_id)
+        ledger = self.control.ledger
+        if live is not None and live.stopped and live.no_receipt:  # stopped for the requester, not failed
+            requester_left(ledger, session, row, verdict, lease.agent_id, live.delivered, accounts, live.left)
+            self._outcomes[lease.lease_id] = CompletionState.REFUNDED
+            return
+        # charged only for tokens the requester was sent: all of them, unless it left first
+        tokens = (min(live.delivered, len(live.arrivals)) if live.left else len(live.arrivals)) if live else 0
         outcome = completion_outcome(verdict, cut=bool(live and live.cut))
         why = verdict.reason if outcome is not CompletionState.PAID else ""
-        accounts = requester_account(row.requester_id), requester_escrow(row.requester_id)
-        settle_completion(self.control.ledger, session, row, lease.agent_id, outcome, tokens, accounts, why)
+        if live is not None and live.left and not live.cut:
+            sent = f"{live.left}: charged for the {tokens} tokens sent of {live.job.max_new_tokens}"
+            why = f"{sent}; {why}" if why else sent
+        settle_completion(ledger, session, row, lease.agent_id, outcome, tokens, accounts, why)
         self._outcomes[lease.lease_id] = outcome
         if (
             outcome is CompletionState.CUT

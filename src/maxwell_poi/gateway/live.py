@@ -14,12 +14,18 @@ what has arrived so far:
 The first failure cuts the lease: the node is told to stop the agent, the requester's stream ends
 with an error event saying why, and intake (which the node still hands the evidence to) records
 the failure as the lease's audit result, slashes the stake and charges the requester nothing.
+
+A requester that leaves (`leave`: it disconnected, or the gateway gave up waiting for a token) stops
+the lease the same way — the node's next relay is answered with the reason, so the node cuts the
+agent off — but it is not a finding: nothing more is appraised, the audit result is `skipped`, not
+a failure, and the tokens sent to the requester before it left are what it can be charged for.
 """
 
 from __future__ import annotations
 
 import queue
 import threading
+import time
 from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any
@@ -91,6 +97,7 @@ class EventKind(StrEnum):
     TOKENS = "tokens"
     CUT = "cut"
     VERDICT = "verdict"
+    GONE = "gone"  # the requester disconnected (a non-streamed answer's poll saw it)
 
 
 @dataclass
@@ -123,6 +130,11 @@ class LiveLease:
         self.cut_reason = ""
         self.cut_after = 0  # tokens received when the cut came
         self.first_bad: int | None = None
+        self.left = ""  # why the requester's side ended before the lease did ("" while it reads on)
+        self.delivered = 0  # tokens sent to the requester when it left
+        self.stopped = False  # the lease was unfinished when the requester left: the node is told to stop it
+        self.no_receipt = False  # the node handed in no receipt (intake settles it as a failed lease)
+        self.last_relay = 0.0  # time.time() of the node's last relay: a node relaying is alive, not gone
         self.events: queue.Queue[ClientEvent] = queue.Queue()
         self._lock = threading.Lock()  # relays of one lease are appraised one at a time, in order
 
@@ -133,8 +145,11 @@ class LiveLease:
     def receive(self, tokens: list[Arrival], chunks: list[tuple[int, bytes]]) -> str | None:
         """A relay from the node; the reason to cut the lease, or None to let it go on."""
         with self._lock:
+            self.last_relay = time.time()
             if self.cut:
                 return self.cut_reason
+            if self.stopped:  # the requester left: nothing more to appraise, the agent is cut off
+                return self.left
             if [a.position for a in tokens] != list(
                 range(len(self.arrivals), len(self.arrivals) + len(tokens))
             ):
@@ -158,6 +173,15 @@ class LiveLease:
                 self.events.put(ClientEvent(EventKind.TOKENS, [a.token]))
             return None
 
+    def leave(self, delivered: int, why: str) -> None:
+        """The requester's side ended after `delivered` tokens were sent to it. An unfinished lease is
+        stopped at the node's next relay (the agent's work is no longer wanted); not a finding."""
+        with self._lock:
+            if self.left:
+                return
+            self.left, self.delivered = why, delivered
+            self.stopped = not self.cut and len(self.arrivals) < self.job.max_new_tokens
+
     def _cut(self, reason: str, first_bad: int | None) -> str:
         self.cut_reason, self.cut_after, self.first_bad = reason, len(self.arrivals), first_bad
         self.events.put(ClientEvent(EventKind.CUT, reason=reason))
@@ -173,6 +197,14 @@ class LiveLease:
                     Status.FAIL,
                     f"cut off mid-stream after {self.cut_after} tokens: {self.cut_reason}",
                     details={"cut_after_tokens": self.cut_after, "first_bad_token": self.first_bad},
+                )
+            if self.stopped:  # unfinished on purpose: a pass would claim too much, a failure would slash
+                return LayerResult(
+                    LayerName.AUDIT,
+                    Status.SKIPPED,
+                    f"not finished: {self.left}; the lease was stopped after {len(self.arrivals)} tokens"
+                    + (", each checked as it arrived" if self.audit else ""),
+                    details={"requester_left": True, "sent_tokens": self.delivered},
                 )
             if self.audit is None:
                 return LayerResult(

@@ -11,13 +11,18 @@
 A completion that the running appraisal cuts off ends, when streamed, with an error event
 (`{"error": {"message", "type": "maxwell_cut", "code": "lease_cut", "maxwell": {...}}}`, which the
 `openai` client raises as `openai.APIError`), and otherwise with a 502 carrying the same body.
+
+A requester that disconnects (seen as the stream's cancellation, or by a task waiting on the
+connection while a non-streamed answer is computed) stops its lease: `Gateway.leave` with the
+tokens sent so far.
 """
 
 import base64
 import json
 import queue
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator, Callable
+from dataclasses import dataclass
 from typing import Annotated, Any
 
 import anyio
@@ -25,12 +30,13 @@ from fastapi import APIRouter, Depends, FastAPI, Header, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 from prometheus_client import Counter, Gauge
 from pydantic import BaseModel, ConfigDict, Field
+from starlette.types import Receive, Scope, Send
 
 from ..protocol.lease import Precision
 from ..service.deps import Admin, AgentId, NodeId
 from ..service.errors import ApiError
 from .gateway import Gateway, Started, decode_increment
-from .live import ClientEvent
+from .live import ClientEvent, EventKind
 from .openai_wire import ChatRequest, CompletionRequest, Shape, error_body, usage
 from .responses import (
     SSE,
@@ -47,6 +53,8 @@ from .responses import (
 
 UNVERIFIED = ("contraindicated", "warning")  # a completion the requester is not charged for
 EVENT_WAIT_S = 120.0  # longest wait for the next token before the response gives up
+GONE_POLL_S = 0.5  # while no token comes, how often a non-streamed answer looks for a disconnect
+CLIENT_GONE = 499  # nginx's "client closed request": logged, never read (no one is there)
 
 
 class RequesterBody(BaseModel):
@@ -115,8 +123,10 @@ def model(model_id: str, gateway: GatewayDep) -> ModelCard:
 @requesters.post(
     "/v1/completions", response_model=TextCompletion, response_model_exclude_unset=True, responses=JSON_OR_SSE
 )
-async def completions(body: CompletionRequest, requester_id: Requester, gateway: GatewayDep) -> Any:
-    return await _answer(gateway, requester_id, body, chat=False)
+async def completions(
+    body: CompletionRequest, requester_id: Requester, gateway: GatewayDep, request: Request
+) -> Any:
+    return await _answer(gateway, requester_id, body, request, chat=False)
 
 
 @requesters.post(
@@ -125,8 +135,8 @@ async def completions(body: CompletionRequest, requester_id: Requester, gateway:
     response_model_exclude_unset=True,
     responses=JSON_OR_SSE,
 )
-async def chat(body: ChatRequest, requester_id: Requester, gateway: GatewayDep) -> Any:
-    return await _answer(gateway, requester_id, body, chat=True)
+async def chat(body: ChatRequest, requester_id: Requester, gateway: GatewayDep, request: Request) -> Any:
+    return await _answer(gateway, requester_id, body, request, chat=True)
 
 
 @requesters.get(
@@ -201,18 +211,85 @@ def mount_gateway(app: FastAPI, gateway: Gateway) -> None:
         app.include_router(router)
 
 
+@dataclass
+class Progress:
+    """How far one SSE response got: tokens received, tokens whose text was sent, and whether it
+    ended with its last chunk."""
+
+    tokens: int = 0
+    delivered: int = 0
+    ended: bool = False
+
+
+class LeaseStream(StreamingResponse):
+    """The SSE of one lease. However the response ends short of its last chunk — the client
+    disconnected, which cancels the response (Starlette, ASGI spec < 2.4 as uvicorn speaks it), or
+    the send failed — the lease is stopped then, with the tokens sent so far: here, once, rather
+    than in the generator (which may never have started, or be collected only later)."""
+
+    def __init__(self, gateway: Gateway, started: Started, shape: Shape) -> None:
+        self.gateway, self.lease_id, self.progress = gateway, started.lease.lease_id, Progress()
+        self.events = _sse(gateway, started, shape, self.progress)
+        super().__init__(self.events, media_type="text/event-stream")
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            p = self.progress
+            if not p.ended:  # sync and quick: this may run inside a cancellation
+                why = f"the requester disconnected after {p.delivered} of {p.tokens} tokens were sent"
+                self.gateway.leave(self.lease_id, p.delivered, why)
+            await self.events.aclose()
+
+
 async def _answer(
-    gateway: Gateway, requester_id: str, body: CompletionRequest | ChatRequest, chat: bool
+    gateway: Gateway, requester_id: str, body: CompletionRequest | ChatRequest, request: Request, chat: bool
 ) -> Any:
-    started = await anyio.to_thread.run_sync(gateway.start, requester_id, body)
+    try:
+        started = await anyio.to_thread.run_sync(gateway.start, requester_id, body)
+    except ApiError as exc:
+        if "retry_after_s" not in exc.extra:
+            raise
+        headers = {"Retry-After": str(exc.extra["retry_after_s"])}
+        return JSONResponse(exc.body(), status_code=exc.status, headers=headers)
     shape = Shape(chat, started.lease.lease_id, started.lease.model_id)
     if body.stream:
-        return StreamingResponse(_sse(gateway, started, shape), media_type="text/event-stream")
+        return LeaseStream(gateway, started, shape)
+    # nothing else notices a disconnect here (`request.is_disconnected` cannot, behind the app's
+    # BaseHTTPMiddleware): a task waits on the connection, as StreamingResponse does for a stream
+    gone = anyio.Event()
+
+    async def watch() -> None:
+        while (await request.receive())["type"] != "http.disconnect":
+            pass
+        gone.set()
+
+    async with anyio.create_task_group() as tasks:
+        tasks.start_soon(watch)
+        try:
+            return await _whole(gateway, started, shape, gone.is_set)
+        finally:
+            tasks.cancel_scope.cancel()
+
+
+async def _whole(gateway: Gateway, started: Started, shape: Shape, gone: Callable[[], bool]) -> Any:
+    """A non-streamed answer: the whole text, once the verdict is in."""
     tokens: list[int] = []
     cut = ""
-    async for event in _events(started):
-        if event.kind == "cut":
+    lease_id = started.lease.lease_id
+    async for event in _events(started, gone):
+        if event.kind == EventKind.GONE:  # nothing was sent: the body goes out whole, at the end
+            gateway.leave(
+                lease_id, 0, f"the requester disconnected after 0 of {len(tokens)} tokens were sent"
+            )
+            return JSONResponse(
+                error_body(event.reason, "maxwell_gone", "client_gone"), status_code=CLIENT_GONE
+            )
+        if event.kind == EventKind.CUT:
             cut = event.reason
+            if not started.live.cut:  # the gateway gave up waiting, not a finding: stop the lease
+                gateway.leave(lease_id, 0, f"the gateway stopped waiting: {cut}")
             break
         tokens += event.tokens
     maxwell = await _verdict(gateway, started)
@@ -228,22 +305,32 @@ async def _answer(
     return shape.whole(text, usage(started.prompt_tokens, len(tokens)), maxwell)
 
 
-async def _sse(gateway: Gateway, started: Started, shape: Shape) -> AsyncIterator[bytes]:
-    model_id = started.lease.model_id
+async def _sse(
+    gateway: Gateway, started: Started, shape: Shape, progress: Progress
+) -> AsyncGenerator[bytes, None]:
+    """The stream; `progress.delivered` counts the tokens whose text went out (a `yield` returns
+    once the server sent the chunk); `LeaseStream` stops the lease if it ends short."""
+    model_id, lease_id = started.lease.model_id, started.lease.lease_id
     sent, tokens = "", []
     yield _data(shape.chunk(""))
     async for event in _events(started):
-        if event.kind == "cut":
+        if event.kind == EventKind.CUT:
+            if not started.live.cut:  # the gateway gave up waiting, not a finding: stop the lease
+                gateway.leave(lease_id, progress.delivered, f"the gateway stopped waiting: {event.reason}")
             maxwell = await _verdict(gateway, started)
             message = f"Maxwell cut the agent off after {len(tokens)} tokens: {event.reason}"
+            progress.ended = True
             yield _data(error_body(message, "maxwell_cut", "lease_cut", maxwell=maxwell))
             return
         tokens += event.tokens
+        progress.tokens = len(tokens)
         delta = decode_increment(lambda t: gateway.registry.decode(model_id, t), tokens, sent)
         if delta:
             sent += delta
             yield _data(shape.chunk(delta))
-    maxwell = await _verdict(gateway, started)
+            progress.delivered = len(tokens)
+    maxwell = await _verdict(gateway, started)  # settled by now: a client leaving changes nothing
+    progress.ended = True
     if maxwell.get("verdict") in UNVERIFIED:  # caught only at intake: the requester must know
         yield _data(error_body(_unverified(maxwell), "maxwell_unverified", "not_affirmed", maxwell=maxwell))
         return
@@ -252,18 +339,28 @@ async def _sse(gateway: Gateway, started: Started, shape: Shape) -> AsyncIterato
     yield b"data: [DONE]\n\n"
 
 
-async def _events(started: Started) -> AsyncIterator[ClientEvent]:
-    """The lease's token events until all its tokens came or it was cut (or nothing came in time)."""
+async def _events(started: Started, gone: Callable[[], bool] | None = None) -> AsyncIterator[ClientEvent]:
+    """The lease's token events until all its tokens came or it was cut (or nothing came in time).
+    With `gone` (a non-streamed answer), looked at after each token and at least every
+    GONE_POLL_S while none comes: a `gone` event when the requester left."""
     live, got = started.live, 0
     want = started.lease.job.max_new_tokens  # type: ignore[union-attr]
+    step = EVENT_WAIT_S if gone is None else GONE_POLL_S
     while got < want:
         wait = max(0.1, min(EVENT_WAIT_S, started.lease.deadline - time.time()))
-        event = await anyio.to_thread.run_sync(_next, live.events, wait)
+        give_up = time.monotonic() + wait
+        event = None
+        while event is None and time.monotonic() < give_up:
+            timeout = max(0.01, min(step, give_up - time.monotonic()))
+            event = await anyio.to_thread.run_sync(_next, live.events, timeout)
+            if gone is not None and gone():
+                yield ClientEvent(EventKind.GONE, reason=f"the requester disconnected after {got} tokens")
+                return
         if event is None:
-            yield ClientEvent("cut", reason=f"no token from the agent within {wait:.0f} s")
+            yield ClientEvent(EventKind.CUT, reason=f"no token from the agent within {wait:.0f} s")
             return
         yield event
-        if event.kind == "cut":
+        if event.kind == EventKind.CUT:
             return
         got += len(event.tokens)
 

@@ -14,6 +14,8 @@ turns that into rows and money, once:
                      charged, the hold and the stake back, its cause kept as the verdict's reason
 - `expire_lease`     no receipt came back: the hold and the stake go back to the agent
 - `hold_payment` / `settle_completion`   a gateway requester's payment held, then paid or returned
+- `requester_left`   a gateway lease stopped because its requester left, back without a receipt:
+                     settled by `fail_lease` as a stopped lease (not a failed one), nothing charged
 
 `tests/test_settlement.py` fails if any other module writes these states or posts such transfers.
 """
@@ -31,7 +33,7 @@ from sqlalchemy.orm import Session
 from ..economics.tiers import Tier
 from ..ledger import Ledger, LedgerError
 from ..protocol.lease import Lease
-from ..protocol.result import AttestationResult, LayerResult, Verdict
+from ..protocol.result import AttestationResult, LayerName, LayerResult, Status, Verdict
 from .schema import BidRow, CompletionRow, LeaseRow, ReceiptRow, VerdictRow
 from .states import (
     BID_MOVES,
@@ -54,6 +56,7 @@ STAKE_ON = {
     Verdict.WARNING: StakeOutcome.HELD,
 }
 AuditQueue = Callable[[str, bool], None]  # (lease id, L4 drawn): wake the audit workers
+REQUESTER_LEFT = "requester_left"  # a verdict layer's details flag: stopped because its requester left
 
 
 # -- moves --------------------------------------------------------------------------------------------
@@ -220,8 +223,16 @@ def fail_lease(
         )
         extra(session, a.lease, verdict)  # the gateway's requester: refunded (not an affirming verdict)
         session.add(verdict)
-        move_lease(session, lease_id, LeaseState.FAILED)
+        # a lease Maxwell stopped because its requester left (`requester_left`) is no failure of the
+        # agent's: settled, so that it never counts towards the agent's suspension (service.market)
+        move_lease(session, lease_id, LeaseState.SETTLED if was_stopped(verdict) else LeaseState.FAILED)
     return verdict
+
+
+def was_stopped(verdict: VerdictRow) -> bool:
+    """Whether `requester_left` marked this verdict (a stopped lease, not a failed one)."""
+    layers = json.loads(verdict.layers or "[]")
+    return any((layer.get("details") or {}).get(REQUESTER_LEFT) for layer in layers)
 
 
 def finalise(ledger: Ledger, row: LeaseRow, layers: list[LayerResult]) -> Verdict | None:
@@ -295,3 +306,37 @@ def settle_completion(
     row.status, row.charge_micro, row.tokens = outcome, charge, tokens
     if why:
         row.reason = why[:4000]
+
+
+def requester_left(
+    ledger: Ledger,
+    session: Session,
+    row: CompletionRow,
+    verdict: VerdictRow,
+    agent_id: str,
+    sent: int,
+    accounts: tuple[str, str],
+    why: str,
+) -> None:
+    """A gateway lease Maxwell stopped because its requester left (disconnected, or the gateway gave
+    up waiting), come back without a receipt — `fail_lease` is settling it, `verdict` is its row.
+    Not cheating and not the agent's failure: the stake released and no energy charged (as for a
+    failed lease), and the requester pays nothing — with no receipt no verdict covers the `sent`
+    tokens, and the gateway charges only for affirmed ones. The verdict row says why, and carries
+    the flag that makes `fail_lease` settle the lease rather than fail it."""
+    settle_completion(ledger, session, row, agent_id, CompletionState.REFUNDED, sent, accounts, why)
+    old = json.loads(verdict.layers or "[]")
+    details = dict(old[0].get("details") or {}) if old else {}
+    details.pop("failed_lease", None)
+    details.update({REQUESTER_LEFT: True, "sent_tokens": sent})
+    reason = (
+        f"stopped: {why}. Nothing charged to the requester or the agent, the hold and the stake "
+        "returned: a requester leaving is not cheating"
+    )
+    verdict.layers = json.dumps(
+        [LayerResult(LayerName.INTEGRITY, Status.WARN, reason, details=details).as_dict()]
+    )
+    verdict.reason = reason[:4000]
+    verdict.energy_memo = verdict.energy_memo.replace(
+        "failed lease: not charged", "stopped lease: not charged", 1
+    )
