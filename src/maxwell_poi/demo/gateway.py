@@ -35,11 +35,16 @@ class GatewayStack:
     workdir: Path
     audit_all: bool = True  # tier policy: every lease audited (streamed); False keeps the default tiers
     wait_s: float = 2.0
+    canary_rate: float = 0.0  # off: a test or the demo sends canaries itself (a drawn one moves balances)
     token: str = field(default_factory=lambda: secrets.token_urlsafe(24))
 
     def __enter__(self) -> GatewayStack:
         self.workdir.mkdir(parents=True, exist_ok=True)
-        config = ServiceConfig(db=str((self.workdir / "cp.sqlite").resolve()), admin_token=self.token)
+        config = ServiceConfig(
+            db=str((self.workdir / "cp.sqlite").resolve()),
+            admin_token=self.token,
+            canary_rate=self.canary_rate,
+        )
         config.validate()
         self.control = ControlPlane(config)
         self.control.start()

@@ -58,6 +58,7 @@ from .admission import (
     refuse_beyond_context,
     refuse_unservable,
 )
+from .canary import Canaries
 from .live import Arrival, LiveLease, RunningChecks
 from .openai_wire import ChatRequest, CompletionRequest
 
@@ -96,6 +97,8 @@ class Gateway:
         self._verdicts: dict[str, threading.Event] = {}
         self._outcomes: dict[str, str] = {}  # settled in a transaction, reported once it committed
         self.on_outcome: Callable[[str], None] | None = None  # metrics: paid / cut / refunded
+        self.on_settled: list[Callable[[Lease], None]] = []  # after a completion's verdict (canaries)
+        self.canaries = Canaries(self, control.config.canary_rate)
         self._lock = threading.Lock()
         control.intake.hooks.append(self)
         control.market.on_expire.append(self._expired)
@@ -206,10 +209,18 @@ class Gateway:
 
     # -- requests ---------------------------------------------------------------------------------------
 
-    def start(self, requester_id: str, request: CompletionRequest | ChatRequest) -> Started:
+    def start(
+        self,
+        requester_id: str,
+        request: CompletionRequest | ChatRequest,
+        *,
+        agent_id: str | None = None,
+        audited: bool = False,
+    ) -> Started:
         """Auction, lease, holds; the lease is on its way to the node when this returns. A request
         no node could ever serve is refused (4xx) before any of it; one that cannot be served now
-        gets a 503 (`Unavailable`: with Retry-After when it will pass)."""
+        gets a 503 (`Unavailable`: with Retry-After when it will pass). Maxwell's canaries
+        (gateway.canary) name the agent (`agent_id`: no auction) and have the lease audited."""
         refused, ignored = request.problems()
         if refused:
             raise ApiError(400, "only what the audit can replay", refused)
@@ -222,7 +233,7 @@ class Gateway:
         refuse_beyond_context(self.registry, model_id, request, prompt_tokens)
         if len(self.live) >= MAX_LIVE:
             raise ApiError(429, f"at most {MAX_LIVE} completions streaming at once", f"{len(self.live)}")
-        offers = self._offers(model_id)
+        offers = [o for o in self._offers(model_id) if agent_id in (None, o.agent_id)]
         won = award([Ask(o.agent_id, o.ask_micro_per_token) for o in offers])
         if won is None:
             raise ApiError(503, f"an agent serving {model_id!r}", "no agent offers it", code="no_agent")
@@ -262,7 +273,7 @@ class Gateway:
             accounts = requester_account(requester_id), requester_escrow(requester_id)
             hold_payment(self.control.ledger, session, row, *accounts)
             # registered before commit: the node's pull may come before issue_directed returns
-            live.append(self._live(pulled, node_id))
+            live.append(self._live(pulled, node_id, audited))
             self._verdicts[lease_id] = threading.Event()
             self.live[lease_id] = live[0]
 
@@ -290,11 +301,12 @@ class Gateway:
             relays[entry.node_id] = max(relays.get(entry.node_id, 0.0), entry.last_relay)
         return node_states(self.control.ledger.engine, relays)
 
-    def _live(self, pulled: PulledLease, node_id: str) -> LiveLease:
-        """The running appraisal: the audit lottery is drawn here, once, with the tier's probability."""
+    def _live(self, pulled: PulledLease, node_id: str, audited: bool = False) -> LiveLease:
+        """The running appraisal: the audit lottery is drawn here, once, with the tier's probability
+        (a canary's lease is always audited)."""
         lease = pulled.lease
         audit = None
-        if draw_audit(pulled.audit_probability):
+        if audited or draw_audit(pulled.audit_probability):
             model = self.audit.reference_model(lease.model_id)
             tol = self.audit.thresholds.for_precision(lease.precision, same_class=False)
             audit = StreamingAudit(lease, model, tol, block=AUDIT_BLOCK)
@@ -374,6 +386,9 @@ class Gateway:
             session.execute(delete(OfferRow).where(OfferRow.agent_id == lease.agent_id))
 
     def settled(self, lease_id: str, verdict: VerdictRow) -> None:
+        if (entry := self.live.get(lease_id)) is not None:
+            for hook in self.on_settled:
+                hook(entry.lease)
         if (event := self._verdicts.get(lease_id)) is not None:
             event.set()
         outcome = self._outcomes.pop(lease_id, None)

@@ -117,6 +117,24 @@ class OfferView(BaseModel):
     stake_micro: int
 
 
+class CanaryBody(BaseModel):
+    agent_id: str = Field(min_length=1, max_length=128)
+    model_id: str = Field(min_length=1, max_length=128)
+
+
+class CanaryView(BaseModel):
+    """A canary lease (gateway.canary): Maxwell's own request, audited, and what it found."""
+
+    agent_id: str
+    model_id: str
+    sent: bool = Field(description="false: no lease could be issued now (reason says why)")
+    lease_id: str | None
+    verdict: str | None = Field(description="affirming, warning or contraindicated; null when not sent")
+    stake: str | None = Field(description="what the verdict did to the agent's stake")
+    reason: str
+    question: str = Field(description="where its job came from: a real request's job, or a registry prompt")
+
+
 class RelayAnswer(BaseModel):
     cut: str | None = Field(description="why Maxwell cut the lease off (stop the agent), or null: go on")
 
@@ -131,6 +149,8 @@ SSE = {
 
 __all__ = [
     "SSE",
+    "CanaryBody",
+    "CanaryView",
     "ChatCompletion",
     "MaxwellView",
     "ModelCard",

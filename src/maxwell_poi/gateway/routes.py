@@ -40,6 +40,8 @@ from .live import ClientEvent, EventKind
 from .openai_wire import ChatRequest, CompletionRequest, Shape, error_body, usage
 from .responses import (
     SSE,
+    CanaryBody,
+    CanaryView,
     ChatCompletion,
     MaxwellView,
     ModelCard,
@@ -162,6 +164,21 @@ def deposit(requester_id: str, body: RequesterDeposit, gateway: GatewayDep) -> R
     return RequesterBalance.model_validate(answer)
 
 
+canaries = APIRouter(prefix="/v1/admin/canaries", tags=["admin"], dependencies=[Admin])
+
+
+@canaries.post("", response_model=CanaryView)
+def send_canary(body: CanaryBody, gateway: GatewayDep) -> CanaryView:
+    """A canary to one agent now, run to its verdict (gateway.canary; the rate-drawn ones run alone)."""
+    return CanaryView.model_validate(gateway.canaries.send(body.agent_id, body.model_id).as_dict())
+
+
+@canaries.get("", response_model=list[CanaryView])
+def recent_canaries(gateway: GatewayDep) -> list[CanaryView]:
+    """The canaries sent since this process started (at most the last 256), oldest first."""
+    return [CanaryView.model_validate(r.as_dict()) for r in list(gateway.canaries.results)]
+
+
 # agents (signed): standing offers
 agents = APIRouter(tags=["agent"])
 
@@ -207,7 +224,14 @@ def mount_gateway(app: FastAPI, gateway: Gateway) -> None:
     Gauge("poi_gateway_streaming", "gateway leases streaming now", registry=registry).set_function(
         lambda: len(gateway.live)
     )
-    for router in (requesters, admin, agents, nodes):
+    sent = Counter(
+        "poi_gateway_canaries",
+        "canary leases by verdict (not_sent: none could be issued)",
+        ["verdict"],
+        registry=registry,
+    )
+    gateway.canaries.on_result = lambda r: sent.labels(r.verdict or "not_sent").inc()
+    for router in (requesters, admin, canaries, agents, nodes):
         app.include_router(router)
 
 
