@@ -1,4 +1,4 @@
-"""Identical greedy jobs are never batched together (issue 23): an agent's bid that asks exactly
+"""What one auction round issues (issue 23). Identical greedy jobs are never batched together: an agent's bid that asks exactly
 what another of its bids won in the same round is answered by that lease — a cached bid, no lease,
 hold, charge or stake of its own — so a batch copier never holds two leases whose copy would be the
 right answer, and an honest agent never pays twice for one answer. Real parts: the HTTP app
@@ -23,7 +23,7 @@ from maxwell_poi.protocol.keys import AgentKey
 from maxwell_poi.service import ControlPlane, ServiceClient, ServiceConfig
 from maxwell_poi.service.api import create_app
 from maxwell_poi.service.store import MIGRATIONS, migrate
-from maxwell_poi.service.wire import BidView
+from maxwell_poi.service.wire import BidBody, BidView
 
 TOKEN = "t"
 STAKE = 50_000
@@ -161,3 +161,24 @@ def test_the_cached_state_migrates_onto_a_database_with_bids(tmp_path: Path) -> 
     with pytest.raises(Exception, match="CHECK"), writer(engine).begin() as connection:
         connection.execute(text("UPDATE cp_bids SET status = 'bogus'"))
     engine.dispose()
+
+
+def test_a_directed_bid_that_could_not_be_issued_now_is_refused_not_left_open(plane) -> None:
+    """The gateway's directed bid, deferred for the node's headroom, is answered 503 at once; were
+    it left open, a later round would issue it as a lease no requester waits for (found by the
+    first-hour walk-through: alice did the work and paid its energy, nobody paid her)."""
+    cp, agents, node = plane
+    node.pull(headroom_j=0.0, agents=[], max_leases=1)  # the node's last reading: no headroom
+    body = BidBody(
+        bid_id="gateway-1",
+        model_id="gpt2-micro",
+        job=_job("Rivers carve"),
+        price_micro_per_j=100,
+        stake_micro=STAKE,
+    )
+    pulled, why = cp.market.issue_directed("n1", "alice", body, lambda session, lease: None)
+    assert pulled is None and "deferred" in why, why
+    (bid,) = agents["alice"].bids()
+    assert bid.status == "refused" and "never auctioned later" in bid.reason, bid.reason
+    again = node.pull(headroom_j=1e6, agents=[], max_leases=16)
+    assert again.leases == [] and agents["alice"].leases() == []

@@ -172,3 +172,20 @@ def test_speculative_bursts_pass_l2_but_a_dumped_answer_does_not(store):
     half = [1.0 + i * 0.06 for i in range(10)] + [1.6 + i * 0.0001 for i in range(10)]
     dumped = BoundaryLayer(store).appraise(appraisal(TOKENS, times=half))
     assert dumped.status is Status.FAIL and "in a row" in dumped.reason, dumped.reason
+
+
+def test_a_burst_under_contention_the_profile_never_saw_is_a_warning(store):
+    """Under load the node's own reader bunches honest tokens (issue 23): the burst rule has no
+    gross bound, so under unseen contention it warns instead of failing; quiet, it still fails."""
+    from dataclasses import replace
+
+    half = [1.0 + i * 0.06 for i in range(10)] + [1.6 + i * 0.0001 for i in range(10)]
+    ctx = appraisal(TOKENS, times=half)
+    assert ctx.evidence is not None
+    ctx.evidence = replace(ctx.evidence, contention={"others_cores": 1.9, "cpu_pressure": 0.6})
+    loaded = BoundaryLayer(store).appraise(ctx)
+    assert loaded.status is Status.WARN, loaded.reason
+    assert "in a row" in loaded.reason and "contention the profile never saw" in loaded.reason
+    ctx.evidence = replace(ctx.evidence, contention={"others_cores": 0.0, "cpu_pressure": 0.0})
+    quiet = BoundaryLayer(store).appraise(ctx)
+    assert quiet.status is Status.FAIL and "in a row" in quiet.reason, quiet.reason

@@ -203,3 +203,18 @@ def choose_node(states: Callable[[], list[NodeState]], model_id: str, wait_s: fl
                 "node_busy",
             )
         time.sleep(BUSY_POLL_S)
+
+
+def fresh_pull(control: ControlPlane, node_id: str, wait_s: float) -> bool:
+    """Wake `node_id`'s long-polling pull and wait up to `wait_s` for its next one (which reports
+    its headroom afresh); whether it came."""
+    asked = time.time()
+    control.market.wake()
+    deadline = time.monotonic() + wait_s
+    while time.monotonic() < deadline:
+        with Session(control.ledger.engine) as session:
+            seen = session.scalar(select(NodeRow.last_seen).where(NodeRow.node_id == node_id))
+        if seen is not None and seen > asked:
+            return True
+        time.sleep(BUSY_POLL_S)
+    return False

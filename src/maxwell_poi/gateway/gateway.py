@@ -54,6 +54,7 @@ from .admission import (
     NodeState,
     Unavailable,
     choose_node,
+    fresh_pull,
     node_states,
     refuse_beyond_context,
     refuse_unservable,
@@ -278,17 +279,25 @@ class Gateway:
             self.live[lease_id] = live[0]
 
         live: list[LiveLease] = []
+        pulled, why = self._issue(node_id, won.agent_id, bid, hold, live, held)
+        # deferred for the headroom the node read at its last pull (a busy instant, a profile just
+        # run): have it pull again now, with a fresh reading, and try once more
+        if pulled is None and "deferred" in why and fresh_pull(self.control, node_id, self.busy_wait_s):
+            bid = bid.model_copy(update={"bid_id": f"gateway-{uuid.uuid4().hex}"})
+            pulled, why = self._issue(node_id, won.agent_id, bid, hold, live, held)
+        if pulled is None:  # it fits the node idle (checked above), not now: its headroom, or suspended
+            raise Unavailable(f"a lease for agent {won.agent_id!r} on node {node_id!r}", why, "not_issued")
+        return Started(pulled.lease, live[0], won.price_micro_per_token, prompt_tokens, won.reason, ignored)
+
+    def _issue(self, node_id: str, agent_id: str, bid: BidBody, hold: Any, live: list, held: int) -> Any:
         try:
-            pulled, why = self.control.market.issue_directed(node_id, won.agent_id, bid, hold)
+            return self.control.market.issue_directed(node_id, agent_id, bid, hold)
         except LedgerError as exc:
             raise ApiError(402, f"a requester balance covering {held} micro", exc.got) from None
         except Exception:  # the transaction failed after the lease was registered: forget it
             for entry in live:
                 self.forget(entry.lease.lease_id)
             raise
-        if pulled is None:  # it fits the node idle (checked above), not now: its headroom, or suspended
-            raise Unavailable(f"a lease for agent {won.agent_id!r} on node {node_id!r}", why, "not_issued")
-        return Started(pulled.lease, live[0], won.price_micro_per_token, prompt_tokens, won.reason, ignored)
 
     def _offers(self, model_id: str) -> list[OfferRow]:
         with Session(self.control.ledger.engine) as session:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from typing import Any
 
 import psutil
 
@@ -43,12 +44,30 @@ def gpu_headroom(horizon_s: float) -> Headroom | None:
     )
 
 
+_since: list[Any] = []  # the host's CPU times at the previous reading (this process's)
+
+
+def _idle_share(before: Any, after: Any) -> float | None:
+    total = sum(after) - sum(before)
+    return None if total <= 0 else max(0.0, min(1.0, (after.idle - before.idle) / total))
+
+
 def cpu_headroom(horizon_s: float, watts_per_core: float = WATTS_PER_CORE_ESTIMATE) -> Headroom:
+    """The larger of two idle shares: over 0.1 s now, and since the previous reading (a node reads
+    once a pull, so over its last long poll). One instant alone reads a busy moment — a profile just
+    run, the node's own work — as a full host, and a lease deferred for it (the gateway's) is
+    refused; a long average alone would miss a host that has just become busy for good."""
     cores = os.cpu_count() or 1
-    busy = psutil.cpu_percent(interval=0.1) / 100.0
-    joules = (1.0 - busy) * cores * watts_per_core * horizon_s
+    now = psutil.cpu_percent(interval=0.1) / 100.0
+    times = psutil.cpu_times()
+    average = _idle_share(_since[0], times) if _since else None
+    _since[:] = [times]
+    idle = max(1.0 - now, average or 0.0)
+    joules = idle * cores * watts_per_core * horizon_s
+    seen = f" (now {1 - now:.0%}, since the last reading {average:.0%})" if average is not None else ""
     return Headroom(
-        joules, f"cpu estimate: {1 - busy:.0%} idle x {cores} cores x {watts_per_core:g} W x {horizon_s:g} s"
+        joules,
+        f"cpu estimate: {idle:.0%} idle{seen} x {cores} cores x {watts_per_core:g} W x {horizon_s:g} s",
     )
 
 

@@ -215,6 +215,13 @@ class Market:
             row.reason = f"{row.reason}; {priced}"
             if pulled is not None:
                 extra(session, pulled)
+            elif row.status == BidState.OPEN:  # deferred: its requester is told now, so no later
+                # round may issue it (a lease with no one waiting for it, its energy billed to the agent)
+                move_bid(
+                    row,
+                    BidState.REFUSED,
+                    f"not issued now (a directed bid is never auctioned later): {row.reason}",
+                )
             why = row.reason
         if pulled is not None:
             with self._pulled:

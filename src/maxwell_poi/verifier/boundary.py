@@ -32,7 +32,7 @@ from ..protocol.lease import GenerateJob
 from ..protocol.result import LayerName
 from ..registry.profiles import Profile
 from .appraisal import Appraisal, EvidenceLayer, Finding, Outcome, failed, no_profile, not_measured, passed
-from .conditions import contention_details, excused
+from .conditions import contention_details, excused, unjudged
 
 BURST_GAP = 0.1  # a gap under this fraction of the profile's median counts as a burst
 MAX_BURST_RUN = 8  # burst gaps in a row allowed: one speculative pass's accepted tokens (block <= 8)
@@ -190,7 +190,8 @@ class BoundaryLayer(EvidenceLayer):
             )
         problem = steady(run, mean, profile)
         if problem:
-            return failed(problem.reason, problem.score, **details)
+            excuse = unjudged(problem, profile, ev, **details)
+            return excuse or failed(problem.reason, problem.score, **details)
         return passed(
             f"streamed tokens match the receipt; {mean * 1000:.1f} ms/token on average "
             f"(profile {profile.interval_s.median * 1000:.1f})",

@@ -8,7 +8,10 @@ profile never saw — other processes keeping more or fewer cores busy, more CPU
 miss of those floors is not evidence of cheating: the layer answers WARN with what it measured (no
 pay beyond the energy, the stake held for Maxwell to resolve), never a false FAIL. A gross miss — less
 than GROSS_FRACTION of the floor, what a sleeper, a replay or a relay shows — fails under any load:
-waiting for a CPU stretches wall time and never shrinks the work a token needs.
+waiting for a CPU stretches wall time and never shrinks the work a token needs. L2's burst rule has
+no gross bound: under load the node's own channel reader waits for a CPU and reads the tokens that
+queued meanwhile at once (an honest poi-lm stream under a CPU hog showed 12 and 18 in a row where
+the rule allows 8), so under unseen contention a burst is a WARN too.
 
 The contention is Maxwell's own reading (observer.contention), signed into the node's evidence; the
 profile records the range its honest runs saw (`Profile.conditions`). A profile that recorded none
@@ -52,6 +55,13 @@ def excused(
     floor) and the lease ran under contention the profile never saw; None when it stays a failure."""
     if measured < GROSS_FRACTION * floor:
         return None
+    return unjudged(problem, profile, ev, **details)
+
+
+def unjudged(problem: Finding, profile: Profile, ev: LeaseEvidence, **details: object) -> Outcome | None:
+    """A WARN in place of `problem` when the lease ran under contention the profile never saw (for a
+    check with no gross bound: L2's burst rule, whose tokens bunch when Maxwell's own reader of the
+    channel waits for a CPU); None when it stays a failure."""
     why = unseen(profile, ev)
     if why is None:
         return None
