@@ -189,3 +189,26 @@ def test_a_burst_under_contention_the_profile_never_saw_is_a_warning(store):
     ctx.evidence = replace(ctx.evidence, contention={"others_cores": 0.0, "cpu_pressure": 0.0})
     quiet = BoundaryLayer(store).appraise(ctx)
     assert quiet.status is Status.FAIL and "in a row" in quiet.reason, quiet.reason
+
+
+def test_tokens_that_only_arrived_bunched_warn_when_the_lease_window_holds_the_pace(tmp_path, store):
+    """The node stamps a token when its reader gets to it: late under load, never early. A resident
+    stream stamped as one instant (an honest 8-token decode in a busy `poi serve --local-node`) whose
+    window from the lease's hand-over holds the pace is a warning; a fast one is still a failure."""
+    from dataclasses import replace
+
+    from maxwell_poi.observer.evidence import RESIDENT_REGIME
+
+    resident = ProfileStore(tmp_path / "resident.json")
+    resident.put(replace(store.get("gpt2-micro", DEVICE), device_class=f"{DEVICE}|{RESIDENT_REGIME}"))
+    late = [0.9 + i * 0.00001 for i in range(len(TOKENS))]  # 20 tokens within 0.2 ms, 0.9 s in
+    ctx = appraisal(TOKENS, times=late)
+    assert ctx.evidence is not None
+    ctx.evidence = replace(ctx.evidence, regime=RESIDENT_REGIME)
+    r = BoundaryLayer(resident).appraise(ctx)
+    assert r.status is Status.WARN, r.reason
+    assert "arrived bunched" in r.reason and abs(r.details["window_interval_ms"] - 45.0) < 0.1
+    fast = [0.01 + i * 0.00001 for i in range(len(TOKENS))]  # the whole answer 10 ms after the lease
+    ctx.evidence = replace(ctx.evidence, stream_t=tuple(fast))
+    r = BoundaryLayer(resident).appraise(ctx)
+    assert r.status is Status.FAIL and "timing" in r.reason, r.reason
