@@ -364,6 +364,21 @@ def offer(
     _call(lambda: c.request("POST", "/v1/agent/offers", body, auth="signed"), json_out)  # OfferView
 
 
+@client_app.command("canary")
+def canary(
+    agent_id: Annotated[str, typer.Option(help="the agent to ask (it must have an offer for the model)")],
+    model: Annotated[str, typer.Option(help="the model it offers")],
+    server: ServerOpt = DEFAULT_SERVER,
+    admin_token: TokenOpt = None,
+    json_out: JsonOpt = False,
+) -> None:
+    """Send one canary now: Maxwell's own request (a real request's job), audited; waits for its verdict."""
+    c = _admin(server, admin_token)
+    body = {"agent_id": agent_id, "model_id": model}
+    # the raw JSON (gateway.responses.CanaryView): importing the gateway package would load torch
+    _call(lambda: c.request("POST", "/v1/admin/canaries", body, auth="admin"), json_out)
+
+
 @client_app.command("challenges")
 def challenges(
     lease_id: Annotated[str, typer.Argument(help="an exact-tier lease")],
