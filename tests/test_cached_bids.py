@@ -1,8 +1,9 @@
-"""What one auction round issues (issue 23). Identical greedy jobs are never batched together: an agent's bid that asks exactly
-what another of its bids won in the same round is answered by that lease — a cached bid, no lease,
-hold, charge or stake of its own — so a batch copier never holds two leases whose copy would be the
-right answer, and an honest agent never pays twice for one answer. Real parts: the HTTP app
-(TestClient), the control plane, the ledger; the node's pull is a real signed request (no agent
+"""What one auction round issues (issue 23). Identical greedy jobs are never batched together: an
+agent's bid that asks exactly what another of its bids won in the same round is answered by that
+lease — a cached bid, no lease, hold, charge or stake of its own — so a batch copier never holds two
+leases whose copy would be the right answer, and an honest agent never pays twice for one answer. A
+directed (gateway) bid that cannot be issued now is refused, never left open. Real parts: the HTTP
+app (TestClient), the control plane, the ledger; the node's pull is a real signed request (no agent
 runs: what is issued is the question here)."""
 
 from __future__ import annotations
@@ -11,8 +12,6 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from alembic import command
-from alembic.config import Config
 from fastapi.testclient import TestClient
 from sqlalchemy import text
 
@@ -22,7 +21,7 @@ from maxwell_poi.node.attest import NodeKey
 from maxwell_poi.protocol.keys import AgentKey
 from maxwell_poi.service import ControlPlane, ServiceClient, ServiceConfig
 from maxwell_poi.service.api import create_app
-from maxwell_poi.service.store import MIGRATIONS, migrate
+from maxwell_poi.service.store import migrate
 from maxwell_poi.service.wire import BidBody, BidView
 
 TOKEN = "t"
@@ -126,11 +125,7 @@ def test_the_twin_does_not_take_a_place_in_the_pull(plane) -> None:
 def test_the_cached_state_migrates_onto_a_database_with_bids(tmp_path: Path) -> None:
     """cp0006 rebuilds cp_bids (SQLite cannot alter a CHECK) under the leases that refer to it."""
     engine = open_ledger_db(tmp_path / "cp.sqlite")
-    config = Config()
-    config.set_main_option("script_location", str(MIGRATIONS))
-    with writer(engine).begin() as connection:
-        config.attributes["connection"] = connection
-        command.upgrade(config, "cp0005")
+    migrate(engine, "cp0005")
     rows = [
         "INSERT INTO cp_agents VALUES ('a', 'k', '[]', 1.0)",
         "INSERT INTO cp_nodes (node_id, public_key, enrolled_at, headroom_j, device_class) "
@@ -176,7 +171,7 @@ def test_a_directed_bid_that_could_not_be_issued_now_is_refused_not_left_open(pl
         price_micro_per_j=100,
         stake_micro=STAKE,
     )
-    pulled, why = cp.market.issue_directed("n1", "alice", body, lambda session, lease: None)
+    pulled, why, _ = cp.market.issue_directed("n1", "alice", body, lambda session, lease: None)
     assert pulled is None and "deferred" in why, why
     (bid,) = agents["alice"].bids()
     assert bid.status == "refused" and "never auctioned later" in bid.reason, bid.reason

@@ -13,8 +13,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from alembic import command
-from alembic.config import Config
 from fastapi.testclient import TestClient
 from sqlalchemy import text
 from sqlalchemy.orm import Session
@@ -31,7 +29,7 @@ from maxwell_poi.service.api import create_app
 from maxwell_poi.service.intake import STDERR_CHARS, STDERR_LINES
 from maxwell_poi.service.schema import LeaseRow
 from maxwell_poi.service.states import LeaseState
-from maxwell_poi.service.store import MIGRATIONS, migrate
+from maxwell_poi.service.store import migrate
 from maxwell_poi.service.wire import (
     BidBody,
     Deposit,
@@ -286,11 +284,7 @@ def test_a_non_empty_receipt_that_fails_l0_is_still_slashed(plane: tuple[Control
 def test_the_failed_state_migrates_onto_a_database_with_leases(tmp_path: Path) -> None:
     """cp0005 rebuilds cp_leases (SQLite cannot alter a CHECK) under rows that refer to it."""
     engine = open_ledger_db(tmp_path / "cp.sqlite")
-    config = Config()
-    config.set_main_option("script_location", str(MIGRATIONS))
-    with writer(engine).begin() as connection:
-        config.attributes["connection"] = connection
-        command.upgrade(config, "cp0004")
+    migrate(engine, "cp0004")
     rows = [
         "INSERT INTO cp_agents VALUES ('a', 'k', '[]', 1.0)",
         "INSERT INTO cp_nodes (node_id, public_key, enrolled_at, headroom_j, device_class) "

@@ -80,7 +80,10 @@ class Canaries:
     def _after(self, lease: Lease) -> None:
         """A completion settled: draw whether its agent gets a canary (off the caller's thread,
         which is intake's)."""
-        if lease.lease_id in self.mine or not self.rate or self.rng.random() >= self.rate:
+        if lease.lease_id in self.mine:  # a canary's own verdict draws no canary; forget it now
+            self.mine.discard(lease.lease_id)
+            return
+        if not self.rate or self.rng.random() >= self.rate:
             return
         threading.Thread(
             target=self.send, args=(lease.agent_id, lease.model_id), name="canary", daemon=True

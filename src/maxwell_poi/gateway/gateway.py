@@ -41,7 +41,7 @@ from ..protocol.receipt import max_receipt_bytes, open_receipt
 from ..protocol.result import LayerResult
 from ..service.control import ControlPlane, verdict_view
 from ..service.errors import ApiError
-from ..service.market import PulledLease
+from ..service.market import Directed, PulledLease
 from ..service.schema import CompletionRow, LeaseRow, OfferRow, RequesterRow, VerdictRow
 from ..service.settlement import completion_outcome, hold_payment, requester_left, settle_completion
 from ..service.states import CompletionState
@@ -66,6 +66,7 @@ from .openai_wire import ChatRequest, CompletionRequest
 # tokens the streaming audit feeds the model at a time: a cheat is cut within this many tokens of
 # its first bad one, at ~3.1x one prefill's cost (block 16: 16 tokens, ~2.1x; bench/service/streaming.py)
 AUDIT_BLOCK = 8
+Hold = Callable[[Session, PulledLease], None]  # what issue_directed adds to its transaction
 MAX_LIVE = 256  # leases streaming at once; more are refused (429), not queued in memory
 
 
@@ -279,17 +280,19 @@ class Gateway:
             self.live[lease_id] = live[0]
 
         live: list[LiveLease] = []
-        pulled, why = self._issue(node_id, won.agent_id, bid, hold, live, held)
+        pulled, why, deferred = self._issue(node_id, won.agent_id, bid, hold, live, held)
         # deferred for the headroom the node read at its last pull (a busy instant, a profile just
         # run): have it pull again now, with a fresh reading, and try once more
-        if pulled is None and "deferred" in why and fresh_pull(self.control, node_id, self.busy_wait_s):
+        if deferred and fresh_pull(self.control, node_id, self.busy_wait_s):
             bid = bid.model_copy(update={"bid_id": f"gateway-{uuid.uuid4().hex}"})
-            pulled, why = self._issue(node_id, won.agent_id, bid, hold, live, held)
+            pulled, why, _ = self._issue(node_id, won.agent_id, bid, hold, live, held)
         if pulled is None:  # it fits the node idle (checked above), not now: its headroom, or suspended
             raise Unavailable(f"a lease for agent {won.agent_id!r} on node {node_id!r}", why, "not_issued")
         return Started(pulled.lease, live[0], won.price_micro_per_token, prompt_tokens, won.reason, ignored)
 
-    def _issue(self, node_id: str, agent_id: str, bid: BidBody, hold: Any, live: list, held: int) -> Any:
+    def _issue(
+        self, node_id: str, agent_id: str, bid: BidBody, hold: Hold, live: list[LiveLease], held: int
+    ) -> Directed:
         try:
             return self.control.market.issue_directed(node_id, agent_id, bid, hold)
         except LedgerError as exc:

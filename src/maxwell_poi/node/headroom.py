@@ -9,6 +9,7 @@ The node is Maxwell's own, so this is Maxwell's reading, not an agent's claim.
 from __future__ import annotations
 
 import os
+import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -58,13 +59,15 @@ def cpu_headroom(horizon_s: float, watts_per_core: float = WATTS_PER_CORE_ESTIMA
     run, the node's own work — as a full host, and a lease deferred for it (the gateway's) is
     refused; a long average alone would miss a host that has just become busy for good."""
     cores = os.cpu_count() or 1
-    now = psutil.cpu_percent(interval=0.1) / 100.0
+    before = psutil.cpu_times()
+    time.sleep(0.1)
     times = psutil.cpu_times()
+    now = _idle_share(before, times) or 0.0
     average = _idle_share(_since[0], times) if _since else None
     _since[:] = [times]
-    idle = max(1.0 - now, average or 0.0)
+    idle = max(now, average or 0.0)
     joules = idle * cores * watts_per_core * horizon_s
-    seen = f" (now {1 - now:.0%}, since the last reading {average:.0%})" if average is not None else ""
+    seen = f" (now {now:.0%}, since the last reading {average:.0%})" if average is not None else ""
     return Headroom(
         joules,
         f"cpu estimate: {idle:.0%} idle{seen} x {cores} cores x {watts_per_core:g} W x {horizon_s:g} s",

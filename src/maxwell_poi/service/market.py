@@ -24,6 +24,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import NamedTuple
 
 from pydantic import TypeAdapter
 from sqlalchemy import func, select, update
@@ -63,6 +64,15 @@ class PulledLease:
     command: list[str]
     tier: str
     audit_probability: float
+
+
+class Directed(NamedTuple):
+    """What `Market.issue_directed` did: the lease, or None and why; `deferred` when the lease's tier
+    did not fit the node's last headroom reading (a fresh reading may let it in)."""
+
+    pulled: PulledLease | None
+    why: str
+    deferred: bool = False
 
 
 # model families whose blocks L3 can trace, open and check exactly (verifier.exact): GPT-2 (and its
@@ -196,10 +206,10 @@ class Market:
 
     def issue_directed(
         self, node_id: str, agent_id: str, bid: BidBody, extra: Callable[[Session, PulledLease], None]
-    ) -> tuple[PulledLease | None, str]:
+    ) -> Directed:
         """A lease for one chosen agent on one chosen node, now (the gateway's auction already chose
         them): its bid row, energy hold and stake in one transaction with whatever `extra` adds (the
-        requester's hold). (the lease, "") or (None, why it could not be issued)."""
+        requester's hold); or no lease, and why."""
         now = time.time()
         row = self._bid_row(agent_id, bid, now)
         with self.ledger.session() as session, session.begin():
@@ -207,15 +217,16 @@ class Market:
             session.flush()
             if (suspended := suspension(session, agent_id)) is not None:
                 move_bid(row, BidState.REFUSED, suspended)
-                return None, suspended
+                return Directed(None, suspended)
             headroom = session.scalar(select(NodeRow.headroom_j).where(NodeRow.node_id == node_id)) or 0.0
             node_class = session.scalar(select(NodeRow.device_class).where(NodeRow.node_id == node_id))
             priced = self._price_for_node(row, node_class or "")
             pulled = self._issue(session, node_id, row, bid.price_micro_per_j, headroom, now)
             row.reason = f"{row.reason}; {priced}"
+            deferred = pulled is None and row.status == BidState.OPEN  # else issued, or refused
             if pulled is not None:
                 extra(session, pulled)
-            elif row.status == BidState.OPEN:  # deferred: its requester is told now, so no later
+            elif deferred:  # its requester is told now, so no later
                 # round may issue it (a lease with no one waiting for it, its energy billed to the agent)
                 move_bid(
                     row,
@@ -226,7 +237,7 @@ class Market:
         if pulled is not None:
             with self._pulled:
                 self._pulled.notify_all()
-        return pulled, why
+        return Directed(pulled, why, deferred)
 
     def _bid_row(self, agent_id: str, body: BidBody, now: float) -> BidRow:
         """An open bid as stored: the same row for a signed bid and a gateway's directed one."""
@@ -293,7 +304,8 @@ class Market:
         answered: dict[tuple[str, str, str, str], tuple[BidRow, str]] = {}  # greedy job -> its lease
         for key in clearing.winners:
             bid = bids[key]
-            if (same := answered.get(_greedy_job(bid))) is not None:
+            job_key = _greedy_job(bid)
+            if (same := answered.get(job_key)) is not None:
                 _cache(bid, *same)
                 continue
             if len(out) == room:
@@ -304,10 +316,10 @@ class Market:
             if pulled is not None:
                 headroom -= bid.expected_j * draw
                 out.append(pulled)
-                if (job_key := _greedy_job(bid)) is not None:
+                if job_key is not None:
                     answered[job_key] = (bid, pulled.lease.lease_id)
         for key in clearing.losers:  # stays open for a later round or a node with room: say why
-            if (same := answered.get(_greedy_job(bids[key]))) is not None:
+            if answered and (same := answered.get(_greedy_job(bids[key]))) is not None:
                 _cache(bids[key], *same)
                 continue
             need = bids[key].expected_j * draw

@@ -18,13 +18,14 @@ from .schema import AgentRow, NodeRow
 MIGRATIONS = Path(__file__).resolve().parent / "migrations"
 
 
-def migrate(engine: Engine) -> None:
-    """`alembic upgrade head` for the control plane's tables, in one write transaction."""
+def migrate(engine: Engine, revision: str = "head") -> None:
+    """`alembic upgrade <revision>` (head: the latest) for the control plane's tables, in one write
+    transaction (a migration test stops at an earlier revision, writes rows, then goes on)."""
     config = Config()
     config.set_main_option("script_location", str(MIGRATIONS))
     with writer(engine).begin() as connection:
         config.attributes["connection"] = connection
-        command.upgrade(config, "head")
+        command.upgrade(config, revision)
 
 
 def open_store(url: str | Path | None = None) -> Ledger:
