@@ -197,17 +197,26 @@ def test_tokens_that_only_arrived_bunched_warn_when_the_lease_window_holds_the_p
     window from the lease's hand-over holds the pace is a warning; a fast one is still a failure."""
     from dataclasses import replace
 
-    from maxwell_poi.observer.evidence import RESIDENT_REGIME
+    from maxwell_poi.observer.evidence import RESIDENT_REGIME, IdleGap
 
     resident = ProfileStore(tmp_path / "resident.json")
     resident.put(replace(store.get("gpt2-micro", DEVICE), device_class=f"{DEVICE}|{RESIDENT_REGIME}"))
     late = [0.9 + i * 0.00001 for i in range(len(TOKENS))]  # 20 tokens within 0.2 ms, 0.9 s in
     ctx = appraisal(TOKENS, times=late)
     assert ctx.evidence is not None
-    ctx.evidence = replace(ctx.evidence, regime=RESIDENT_REGIME)
+    ctx.evidence = replace(ctx.evidence, regime=RESIDENT_REGIME)  # the sandbox's first lease
+    r = BoundaryLayer(resident).appraise(ctx)
+    assert r.status is Status.FAIL and "timing" in r.reason, r.reason  # its window holds the start-up
+    ctx.evidence = replace(ctx.evidence, idle_before=IdleGap(gap_s=2.0, cpu_s=0.0))  # a later lease
     r = BoundaryLayer(resident).appraise(ctx)
     assert r.status is Status.WARN, r.reason
     assert "arrived bunched" in r.reason and abs(r.details["window_interval_ms"] - 45.0) < 0.1
+    # the same late dump from a sandbox that did no work in the window: a fabricator woken late
+    idle = replace(ctx.evidence, cpu_s=0.0)
+    ctx.evidence = idle
+    r = BoundaryLayer(resident).appraise(ctx)
+    assert r.status is Status.FAIL and "timing" in r.reason, r.reason
+    ctx.evidence = replace(idle, cpu_s=1.0)
     fast = [0.01 + i * 0.00001 for i in range(len(TOKENS))]  # the whole answer 10 ms after the lease
     ctx.evidence = replace(ctx.evidence, stream_t=tuple(fast))
     r = BoundaryLayer(resident).appraise(ctx)

@@ -13,6 +13,7 @@ import base64
 import logging
 import queue
 import threading
+import time
 from collections.abc import Callable
 
 import httpx
@@ -59,10 +60,14 @@ class StreamRelay:
                 return
 
     def _gather(self, body: dict[str, list]) -> bool:
-        """Add whatever else arrives within BATCH_WAIT_S; True if the close marker came."""
+        """Add whatever else arrives within BATCH_WAIT_S of the first item; True if the close marker
+        came. The wait is bounded from the first item, not renewed by each: an agent streaming a
+        token every few ms would otherwise be gathered into one post for its whole lease, and a
+        requester's stop (carried by the answer to a post) would reach the node only at its end."""
+        until = time.monotonic() + BATCH_WAIT_S
         while True:
             try:
-                item = self._queue.get(timeout=BATCH_WAIT_S)
+                item = self._queue.get(timeout=max(0.0, until - time.monotonic()))
             except queue.Empty:
                 return False
             if item is None:

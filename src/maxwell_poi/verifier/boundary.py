@@ -45,6 +45,7 @@ from .appraisal import (
     warned,
 )
 from .conditions import contention_details, excused, unjudged
+from .thermodynamic import accounting_slack_s, per_token_stats, stats_lower_bound
 
 BURST_GAP = 0.1  # a gap under this fraction of the profile's median counts as a burst
 MAX_BURST_RUN = 8  # burst gaps in a row allowed: one speculative pass's accepted tokens (block <= 8)
@@ -129,7 +130,9 @@ def pace(mean: float, profile: Profile, model_id: str) -> Finding | None:
     )
 
 
-def bunched(problem: Finding, lo: float, ev: LeaseEvidence, **details: object) -> Outcome | None:
+def bunched(
+    problem: Finding, lo: float, profile: Profile, ev: LeaseEvidence, **details: object
+) -> Outcome | None:
     """A WARN in place of a pace failure when the tokens only *arrived* fast: the node stamps each
     token when its reader gets to it, which can be late (a reader waiting for a CPU or for the
     interpreter of a busy `poi serve --local-node` stamped a whole 8-token gpt2-micro decode as one
@@ -137,11 +140,22 @@ def bunched(problem: Finding, lo: float, ev: LeaseEvidence, **details: object) -
     whose window — from the lease handed over to its last token's arrival — holds the pace floor
     could have been decoded at an honest pace, and the gaps cannot say it was not. Not a pass: a
     cheap draft decoding after the real model's prefill can hold the window too (L4 and L1 judge
-    it). Resident evidence only: a one-shot run's stamps count from the process start."""
+    it). And only where the sandbox's CPU over that window (cgroup, from hand-over to receipt) holds
+    the honest work for the tokens: otherwise a dump that merely waited on a busy host — a fabricator
+    woken late on CI's 2 cores held a 24-token window — would be excused. Never for a sandbox's first
+    lease (no idle gap before it, nothing beside it): its window and CPU hold the agent's start-up (a
+    fabricator's imports held 81 ms a token). Resident evidence only: a one-shot run's stamps count
+    from the process start."""
     if ev.regime != RESIDENT_REGIME or not ev.stream_t:
+        return None
+    if ev.idle_before is None and not ev.overlapped:  # the sandbox's first lease: its start-up is in it
         return None
     window = ev.stream_t[-1] / len(ev.stream_t)  # stamps count from the lease's hand-over
     if window < lo:
+        return None
+    per_token = per_token_stats(profile, ev) or profile.decode_cpu_s_per_token
+    work = stats_lower_bound(per_token, ev.regime) * len(ev.stream_t) - accounting_slack_s(ev)
+    if ev.cpu_s < work:
         return None
     return warned(
         f"{problem.reason}; not judged: the tokens arrived bunched, and the lease's window holds the "
@@ -220,7 +234,9 @@ class BoundaryLayer(EvidenceLayer):
         details.update(contention_details(ev))
         problem = pace(mean, profile, ctx.lease.model_id)
         if problem:
-            excuse = excused(problem, mean, lo, profile, ev, **details) or bunched(problem, lo, ev, **details)
+            excuse = excused(problem, mean, lo, profile, ev, **details) or bunched(
+                problem, lo, profile, ev, **details
+            )
             return excuse or failed(problem.reason, problem.score, **details)
         problem = steady(run, mean, profile)
         if problem:
