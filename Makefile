@@ -42,6 +42,10 @@ bench-profit: $(STAMP)
 	$(BIN)/python -m bench.economics.profit --trials $(or $(TRIALS),50)
 
 # bench/results/operation.json (system_*): >= 3,000 honest leases through poi serve --local-node, a CPU hog for a third (issue 23; LEASES=200 for a smoke run)
+.PHONY: bench-demo-runs
+bench-demo-runs: $(STAMP)
+	$(BIN)/python -m bench.service.demo_runs --runs $(or $(RUNS),3)
+
 .PHONY: bench-system
 bench-system: $(STAMP)
 	$(BIN)/python -m bench.service.system --leases $(or $(LEASES),3000)
