@@ -1,8 +1,8 @@
-"""The demo's promise, run after run: `poi demo` (what `make demo` runs, with its service part) in a
-row, one POI_HOME shared by the runs as a user's would be (the first run measures the profiles, the
-later ones judge by them), a neighbour process keeping one core busy through the runs named by
---loaded. Each run's honest and cheating agents, their money at the end of the service part, and
-the generation part's verdicts are read from the demo's own JSON.
+"""The demo's promise, run after run: `poi demo` as `make demo` runs it (the full demo, its zk and
+service parts included) in a row, one POI_HOME shared by the runs as a user's would be (the first
+run measures the profiles, the later ones judge by them), a neighbour process keeping one core busy
+through the runs named by --loaded. Each run's honest and cheating agents, their money at the end of
+the service part, and the generation part's verdicts are read from the demo's own JSON.
 
     python -m bench.service.demo_runs                    # 3 runs, the third loaded; make bench-demo-runs
     python -m bench.service.demo_runs --runs 1 --loaded  # one loaded run
@@ -91,7 +91,9 @@ def main() -> int:
         default=None,
         help="1-based runs with a neighbour (default: the last)",
     )
-    ap.add_argument("--demo-args", default="--no-zk", help="extra `poi demo` arguments (default: --no-zk)")
+    ap.add_argument(
+        "--demo-args", default="", help="extra `poi demo` arguments (default: none, as `make demo`)"
+    )
     ap.add_argument("--no-write", action="store_true")
     args = ap.parse_args()
     loaded = set(args.loaded if args.loaded is not None else [args.runs])
