@@ -75,9 +75,21 @@ def one_run(home: Path, out: Path, loaded: bool, extra: list[str]) -> dict[str, 
             "honest_affirmed": f"{s['honest_affirmed']}/{s['honest_runs']}",
             "attacks_contraindicated": f"{s['attacks_contraindicated']}/{s['attack_runs']}",
         },
-        "gateway": {k: data["gateway"].get(k) for k in ("verdict", "cut")} if "gateway" in data else None,
+        "gateway": _gateway(data.get("gateway")),
         "load1_before_after": [round(load_before, 2), round(load_after, 2)],
         "wall_s": wall_s,
+    }
+
+
+def _gateway(chat: dict[str, Any] | None) -> dict[str, Any] | None:
+    """The demo's chat through the gateway: the honest completion's verdict, the cheater cut or not."""
+    if not chat:
+        return None
+    return {
+        "honest_verdict": chat["honest"]["maxwell"].get("verdict"),
+        "honest_charged_micro": chat["honest"]["maxwell"].get("charged_micro"),
+        "cheater_cut": chat["cheater"]["cut"],
+        "cheater_requester_charged_micro": chat["cheater"]["requester_charged_micro"],
     }
 
 
