@@ -41,7 +41,7 @@ from ..protocol.receipt import max_receipt_bytes, open_receipt
 from ..protocol.result import LayerResult
 from ..service.control import ControlPlane, verdict_view
 from ..service.errors import ApiError
-from ..service.market import Directed, PulledLease
+from ..service.market import Directed, Hold, PulledLease
 from ..service.schema import CompletionRow, LeaseRow, OfferRow, RequesterRow, VerdictRow
 from ..service.settlement import completion_outcome, hold_payment, requester_left, settle_completion
 from ..service.states import CompletionState
@@ -66,7 +66,6 @@ from .openai_wire import ChatRequest, CompletionRequest
 # tokens the streaming audit feeds the model at a time: a cheat is cut within this many tokens of
 # its first bad one, at ~3.1x one prefill's cost (block 16: 16 tokens, ~2.1x; bench/service/streaming.py)
 AUDIT_BLOCK = 8
-Hold = Callable[[Session, PulledLease], None]  # what issue_directed adds to its transaction
 MAX_LIVE = 256  # leases streaming at once; more are refused (429), not queued in memory
 
 

@@ -66,6 +66,9 @@ class PulledLease:
     audit_probability: float
 
 
+Hold = Callable[[Session, PulledLease], None]  # what a directed lease's transaction also does
+
+
 class Directed(NamedTuple):
     """What `Market.issue_directed` did: the lease, or None and why; `deferred` when the lease's tier
     did not fit the node's last headroom reading (a fresh reading may let it in)."""
@@ -204,9 +207,7 @@ class Market:
             )
             return [bid_view(r) for r in rows]
 
-    def issue_directed(
-        self, node_id: str, agent_id: str, bid: BidBody, extra: Callable[[Session, PulledLease], None]
-    ) -> Directed:
+    def issue_directed(self, node_id: str, agent_id: str, bid: BidBody, extra: Hold) -> Directed:
         """A lease for one chosen agent on one chosen node, now (the gateway's auction already chose
         them): its bid row, energy hold and stake in one transaction with whatever `extra` adds (the
         requester's hold); or no lease, and why."""
