@@ -36,6 +36,26 @@ bench-node: $(STAMP)
 bench-contention: $(STAMP)
 	$(BIN)/python -m bench.node.contention
 
+# bench/results/integrity.json (work_probe_honest, padded_*): the work probe against padding, and its honest false rejects (~13 min)
+.PHONY: bench-integrity
+bench-integrity: $(STAMP)
+	$(BIN)/python -m bench.node.integrity
+
+# bench/results/integrity.json (honest_affirmed_by_threads): honest agents and L1's cheats at 1, 2 and N torch threads, a CPU hog beside a third (~10 min)
+.PHONY: bench-threads
+bench-threads: $(STAMP)
+	$(BIN)/python -m bench.node.threads
+
+# bench/results/integrity.json (unverified_tokens_delivered): streamed chats through poi serve's gateway, verified vs immediate delivery, honest and cut cheaters (~5 min)
+.PHONY: bench-gateway-delivery
+bench-gateway-delivery: $(STAMP)
+	$(BIN)/python -m bench.service.gateway_delivery --honest 20 --cut 5
+
+# bench/results/integrity.json (sandbox_escape): escape attempts against confined and unconfined sandboxes, honest resident leases flagged (~2 min; needs root)
+.PHONY: bench-escape
+bench-escape: $(STAMP)
+	$(BIN)/python -m bench.node.escape
+
 # bench/results/operation.json (profit_*): money per lease of each economic cheat vs honest, through the control plane (~10 min; TRIALS=4 for a smoke run)
 .PHONY: bench-profit
 bench-profit: $(STAMP)
@@ -53,6 +73,12 @@ bench-system: $(STAMP)
 # bench/results/service.json (intake_*, load_*): intake load on SQLite and PostgreSQL
 bench-service-load: $(STAMP)
 	$(BIN)/python -m bench.service.load
+
+# bench/results/service.json (intake_profile) + intake_profile.stacks.txt: poi serve sampled by py-spy under intake load (issue 25)
+.PHONY: bench-intake-profile
+bench-intake-profile: $(STAMP)
+	$(BIN)/python -m pip install --quiet -c constraints.txt -e '.[profile]'
+	$(BIN)/python -m bench.service.intake_profile
 
 # bench/results/service.json (crash_*): 20 SIGKILL crash runs
 bench-service-crash: $(STAMP)
@@ -101,9 +127,11 @@ classifier: $(STAMP)
 gateway: $(STAMP)
 	$(BIN)/python -m bench.service.gateway
 
-# bench/results/exact.json: L3 exact audits and disputes (trace cost, Freivalds vs recompute, ~1B shapes; ~4 min)
+# bench/results/exact.json: L3 exact audits and disputes (trace cost, Freivalds vs recompute, ~1B shapes; ~4 min);
+# then integrity.json one_block_cheat_caught_per_challenged_lease, exact_all_blocks_vs_generation (~6 min)
 exact: $(STAMP)
 	$(BIN)/python -m bench.exact.audits
+	$(BIN)/python -m bench.exact.every_block
 
 # bench/results/exact_service.json: the exact tier through a control plane and node on loopback (~5 min)
 exact-service: $(STAMP)

@@ -140,17 +140,21 @@ def test_demo_json_shape(tmp_path):
         str(tmp_path / "demo"),
         "--no-service",  # the part through the control plane: tests/test_demo_service.py
         "--no-gateway",  # the OpenAI gateway ending: tests/test_gateway.py
+        "--no-zk",  # its EZKL challenge: tests/test_zk.py runs demo_zk_challenge (30-50 s saved here)
+        # its exact-tier ending (~65 s here): tests/test_exact_tier.py runs L3's float and integer
+        # modes, the every-block challenge and disputes through a control plane with real agents
+        "--no-exact",
         cwd=tmp_path,
     )
     assert res.returncode == 0, res.stderr.decode()[-2000:]
     data = json.loads(res.stdout)
-    assert "service" not in data
+    assert "service" not in data and "zk" not in data and "exact" not in data
     runs = data["runs"]
     assert {r["attack"] for r in runs} == {None, "sleeper", "forged-signature"}
     for r in runs:
         assert set(r) >= {"agent", "attack", "verdict", "caught_by", "reason"}
         expected = "affirming" if r["attack"] is None else "contraindicated"
-        assert r["verdict"] == expected, r
+        assert r["verdict"] == expected, (r["attack"], r["reason"], res.stderr.decode()[-3000:])
     bad = poi("demo", "--attack", "no-such-attack", cwd=tmp_path)
     assert bad.returncode == 2 and b"--attack: expected one of" in bad.stderr
 

@@ -239,15 +239,17 @@ def test_the_cli_opens_checks_and_disputes_a_kept_trace(honest, tmp_path) -> Non
     (tmp_path / "r.json").write_bytes(raw)
     kept = prover.trace_dir / f"{lease.lease_id}.npz"
     args = ["--lease", "lease.json", "--receipt", "r.json", "--json"]
-    checked = poi("audit-exact", *args, "--trace", str(kept), "--blocks", "2", cwd=tmp_path)
+    checked = poi("audit-exact", *args, "--trace", str(kept), "--per-opening", "1", cwd=tmp_path)
     assert checked.returncode == 0, checked.stderr.decode()[-800:]
-    assert json.loads(checked.stdout)["status"] == "pass"
+    passed = json.loads(checked.stdout)
+    assert passed["status"] == "pass" and passed["details"]["checked"] == list(range(trace.blocks))
+    assert passed["details"]["openings"] == [[b] for b in range(trace.blocks)]  # one block per opening
     disputed = poi("dispute", *args, "--trace", str(kept), cwd=tmp_path)
     assert disputed.returncode == 0 and json.loads(disputed.stdout)["agent_wins"] is True
     tensors = dict(trace.tensors)
     tensors[(0, "fc")] = tensors[(0, "fc")] + 1e-3
     Trace(tensors, trace.blocks).save(tmp_path / "edited.npz")
-    edited = poi("audit-exact", *args, "--trace", "edited.npz", "--blocks", str(trace.blocks), cwd=tmp_path)
+    edited = poi("audit-exact", *args, "--trace", "edited.npz", cwd=tmp_path)
     # the edited file's own digests no longer rebuild the signed root: the opening is refused
     assert edited.returncode == 1 and json.loads(edited.stdout)["reason"].startswith("opening:")
     missing = poi("audit-exact", *args, "--trace", "nope.npz", cwd=tmp_path)

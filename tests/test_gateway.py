@@ -1,8 +1,11 @@
 """The OpenAI-compatible gateway end to end, with the official `openai` client, unchanged, against a
 real server on loopback (uvicorn), a node long-polling it and REAL resident agents running the
-trained poi-lm: verified completions streamed and not, bad requests refused with reasons, and two
-cheaters cut off mid-stream — one by the running pace check, one by the streaming audit alone —
-with the requester not charged and the cheater's stake slashed."""
+trained poi-lm: verified completions streamed and not, bad requests refused with reasons, and
+cheaters cut off mid-stream — by the running pace check, by the streaming audit alone, and one only
+the same-class tolerance catches (the node measured the agent on this host: issue 24 item 4) — with
+the requester not charged and the cheater's stake slashed. Every lease here is high tier, so tokens
+are delivered verified by default (item 5): honest completions report 0 unverified tokens, a cut
+cheater too; asked for `immediate` delivery, a completion reports its count."""
 
 from __future__ import annotations
 
@@ -25,6 +28,7 @@ from maxwell_poi.demo.gateway import (
     maxwell_of,
     run_gateway_demo,
 )
+from maxwell_poi.observer.host import numerics_class, this_device
 from maxwell_poi.protocol.lease import Lease
 from maxwell_poi.protocol.receipt import max_receipt_bytes, open_receipt
 from maxwell_poi.service.schema import CompletionRow, LeaseRow, OfferRow, ReceiptRow
@@ -99,6 +103,40 @@ def test_a_completion_comes_back_verified_and_the_requester_pays_for_it(gw: Gate
     assert after["wallet:alice"] - before["wallet:alice"] == charge - energy  # paid, less its energy
 
 
+def _stream(gw: GatewayStack, **extra: object) -> tuple[str, dict]:
+    chat = [{"role": "user", "content": "Tell me about rivers."}]
+    stream = gw.client().chat.completions.create(
+        model=MODEL, messages=chat, max_tokens=TOKENS, stream=True, **extra
+    )
+    chunks = list(stream)
+    return "".join(c.choices[0].delta.content or "" for c in chunks if c.choices), maxwell_of(chunks[-1])
+
+
+def test_high_tier_completions_are_delivered_verified_and_report_zero_unverified(gw: GatewayStack) -> None:
+    text, m = _stream(gw)
+    assert m["verdict"] == "affirming" and text == receipt_text(gw, m["lease_id"])
+    assert m["delivery"] == "verified" and m["unverified_tokens"] == 0, m
+    whole = maxwell_of(gw.client().completions.create(model=MODEL, prompt="Stones", max_tokens=TOKENS))
+    assert whole["delivery"] == "verified" and whole["unverified_tokens"] == 0, whole
+
+
+def test_immediate_delivery_is_asked_for_and_reports_its_count(gw: GatewayStack) -> None:
+    text, m = _stream(gw, extra_body={"delivery": "immediate"})
+    assert m["verdict"] == "affirming" and text == receipt_text(gw, m["lease_id"])
+    assert m["delivery"] == "immediate" and isinstance(m["unverified_tokens"], int)
+    assert 0 <= m["unverified_tokens"] <= TOKENS, m
+
+
+def test_verified_delivery_sends_a_cheater_nothing_unverified_before_the_cut(gw: GatewayStack) -> None:
+    """Output tampering streamed at the middle position: under verified delivery the requester gets
+    at most the blocks before it, all verified; the cut carries the count (0)."""
+    gw.cheater("otto", "output_tampering", ["--positions", "middle", "--stream-forged"], MODEL, ask=ASK // 2)
+    message, got, m = _cut_off(gw, "otto")
+    assert "streaming audit: token choice" in message, message
+    assert m["delivery"] == "verified" and m["unverified_tokens"] == 0, m
+    assert m["cut_after_tokens"] < TOKENS and got <= TOKENS // 2
+
+
 def test_a_streamed_chat_carries_its_verdict_in_the_last_chunk(gw: GatewayStack) -> None:
     stream = gw.client().chat.completions.create(
         model=MODEL,
@@ -157,6 +195,9 @@ def _cut_off(gw: GatewayStack, name: str) -> tuple[str, int, dict]:
 @pytest.mark.parametrize(
     ("name", "module", "args", "caught_by"),
     [
+        # honest tokens, fingerprints ~7e-4 off: inside the cross-class set, outside the same-class
+        # set the node's measurement (this host, the verifier's class) calls for
+        ("nina", "nudged_fingerprints", [], ("streaming audit: fingerprint chunk",)),
         # a small model decodes, fast: the running pace check or the streaming audit's first block
         # (both judge at the 8th token) ends it
         ("mallory", "cheap_draft", ["--draft", "poi-lm-draft"], ("running pace", "streaming audit: token")),
@@ -179,6 +220,11 @@ def test_a_cheater_is_cut_off_mid_stream(gw: GatewayStack, name, module, args, c
     assert m["verdict"] == "contraindicated" and m["stake"] == "slashed"
     audit = next(d for d in m["layers"] if d["layer"] == "L4-audit")
     assert audit["status"] == "fail" and "cut off mid-stream" in audit["reason"]
+    here = f"{numerics_class(this_device())} -> {numerics_class(this_device())}"
+    assert m["tolerance"] == {"set": "same-class", "class_pair": here, "reason": m["tolerance"]["reason"]}, m
+    if "streaming audit" in message:
+        assert f"[same-class tolerance, {here}]" in message
+    assert m["delivery"] == "verified" and m["unverified_tokens"] == 0  # high tier: verified delivery
     after = gw.balances()
     assert after["requester:alice-app"] == before["requester:alice-app"]  # not charged
     assert after["requester-escrow:alice-app"] == 0

@@ -88,6 +88,6 @@ def test_the_warm_up_never_asks_the_paying_question(monkeypatch):
         r._warm_up("alice", paying)
     ((warm,),) = asked
     assert isinstance(warm.job, GenerateJob) and isinstance(paying.job, GenerateJob)
-    assert warm.job.prompt == remote_mod.WARM_UP_PROMPT != paying.job.prompt
+    assert warm.job.prompt.startswith(remote_mod.WARM_UP_PROMPT) and warm.job.prompt != paying.job.prompt
     assert (warm.model_id, warm.job.max_new_tokens) == (paying.model_id, paying.job.max_new_tokens)
     assert warm.lease_id != paying.lease_id

@@ -4,6 +4,8 @@ served alone. The real programs that produce such evidence run in test_adversari
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 
 from maxwell_poi.observer.evidence import IdleGap, LeaseEvidence
@@ -188,3 +190,34 @@ def test_embedding_leases_are_judged_when_resident_and_alone(layer, registry):
     assert fabricated.status is Status.FAIL and "input tokens" in fabricated.reason
     overlapped = judge(layer, embed_lease(), embed_evidence(0.0001 * tokens, overlapped=2))
     assert overlapped.status is Status.NOT_MEASURED and "alongside 2 other leases" in overlapped.reason
+
+
+def bunched(lease_cpu_s: float) -> LeaseEvidence:
+    """Simulated evidence (a unit test): an honest pace from the lease's hand-over, but the node read
+    every token within 0.2 ms (its reader was late), so the decode window holds no CPU; the lease's
+    own CPU is `lease_cpu_s`. Not the sandbox's first lease (an idle gap before it)."""
+    t = tuple(0.3 + 0.0002 * i / (TOKENS - 1) for i in range(TOKENS))
+    return replace(
+        evidence(PER_TOKEN["1"]),
+        stream_t=t,
+        stream_cpu_s=tuple(lease_cpu_s for _ in t),
+        cpu_s=lease_cpu_s,
+        idle_before=IdleGap(gap_s=1.0, cpu_s=0.0),
+    )
+
+
+def test_tokens_that_arrived_bunched_are_judged_over_the_lease_window(layer):
+    # honest: the lease's CPU holds the work; before, the 0.2 ms window's ~0 CPU failed L1
+    honest = judge(layer, gen_lease(), bunched(PER_TOKEN["1"] * TOKENS * 1.1))
+    assert honest.status is Status.PASS, honest.reason
+    assert honest.details["window"] == "lease (the tokens arrived bunched)"
+    # a sleeper that dumps its tokens at once: no work in the lease either, still caught
+    sleeper = judge(layer, gen_lease(), bunched(0.001))
+    assert sleeper.status is Status.FAIL and "work" in sleeper.reason, sleeper.reason
+
+
+def test_a_sandboxs_first_lease_is_not_given_the_lease_window(layer):
+    # its window would hold the agent's start-up (imports, model load): L2's bunched rule says the same
+    ev = replace(bunched(PER_TOKEN["1"] * TOKENS * 1.1), idle_before=None)
+    r = judge(layer, gen_lease(), ev)
+    assert r.status is Status.FAIL and "window" not in r.details, r.reason

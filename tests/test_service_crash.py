@@ -17,14 +17,14 @@ from bench.service.crash import Attempt, check_answers, check_database
 @pytest.fixture(scope="module")
 def crashed(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, Any]]:
     workdir = tmp_path_factory.mktemp("crash")
-    result = service_crash.crash_suite(workdir, runs=2, n=16, agents=1, audit_p=0.3, seed=20240607)
+    result = service_crash.crash_suite(workdir, runs=1, n=16, agents=1, audit_p=0.3, seed=20240607)
     return workdir, result
 
 
 def test_sigkill_mid_traffic_keeps_every_invariant(crashed: tuple[Path, dict[str, Any]]) -> None:
     _, result = crashed
     details = result["crash_details"]
-    assert result["crash_runs"] == 2 and len(details) == 2
+    assert result["crash_runs"] == 1 and len(details) == 1  # more kill points: make bench-service-crash
     assert result["crash_invariant_violations"] == 0, details
     for d in details:
         assert d["answered_before_kill"] < d["corpus"], d  # killed mid-stream, not after the fact

@@ -7,18 +7,22 @@ from __future__ import annotations
 from maxwell_poi.adversaries._agent import SwappedProver
 from maxwell_poi.adversaries.cheap_draft import DraftProver
 from maxwell_poi.adversaries.output_tampering import TamperingProver
+from maxwell_poi.observer.host import this_device
 from maxwell_poi.protocol.lease import GenerateJob, Lease
 from maxwell_poi.protocol.receipt import open_receipt
 from maxwell_poi.prover.sdk import Prover
 from maxwell_poi.verifier.audit import _split
 from maxwell_poi.verifier.streaming import StreamingAudit
-from maxwell_poi.verifier.thresholds import Thresholds
+from maxwell_poi.verifier.thresholds import Thresholds, choose_tolerance
 
 TOKENS, CHUNK = 40, 8
 
 
 def replay(lease, claims, model):
-    audit = StreamingAudit(lease, model, Thresholds.load().for_precision("fp32"))
+    # the cross-class set, as for a prover no node measured (the rule's fail-closed case)
+    choice = choose_tolerance(Thresholds.load(), "fp32", None, this_device())
+    assert choice.tolerance_set == "cross-class" and not choice.prover_measured
+    audit = StreamingAudit(lease, model, choice)
     tokens, p = claims.tokens(), len(audit.prompt)
     chunks = _split(claims.fingerprint_bytes(), len(audit.spans))
     for i, token in enumerate(tokens):

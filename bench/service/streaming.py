@@ -27,12 +27,13 @@ quiet_libraries()
 
 from bench.common.results import write_results  # noqa: E402
 from bench.common.variants import PROMPTS, attack_variants, honest_variants  # noqa: E402
+from maxwell_poi.observer.host import this_device  # noqa: E402
 from maxwell_poi.protocol.keys import AgentKey  # noqa: E402
 from maxwell_poi.protocol.lease import GenerateJob, Lease  # noqa: E402
 from maxwell_poi.registry.models import Registry  # noqa: E402
 from maxwell_poi.verifier.audit import _split, measure_generation  # noqa: E402
 from maxwell_poi.verifier.streaming import StreamingAudit  # noqa: E402
-from maxwell_poi.verifier.thresholds import Thresholds  # noqa: E402
+from maxwell_poi.verifier.thresholds import Thresholds, choose_tolerance  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[2]
 WRITES = {
@@ -47,10 +48,10 @@ BY_BLOCK = ("streaming_appraisal_cost_ratio_by_block",)  # one entry per (block,
 ATTACKS = ["cheap-draft", "smaller-model", "one-token-changed", "mid-stream-switch"]
 
 
-def replay(lease, claims, model, tol):
+def replay(lease, claims, model, choice):
     """(finding or None, seconds) of a streaming audit fed this answer as it would arrive."""
     t0 = time.perf_counter()
-    audit = StreamingAudit(lease, model, tol)
+    audit = StreamingAudit(lease, model, choice)
     tokens, prompt_len = claims.tokens(), len(audit.prompt)
     chunks = _split(claims.fingerprint_bytes(), len(audit.spans))
     due: dict[int, list[int]] = {}
@@ -83,7 +84,9 @@ def main() -> None:
     torch.set_num_threads(2)
     registry, key = Registry(), AgentKey.generate()
     model = registry.load("poi-lm")
-    tol = Thresholds.load().for_precision("fp32", same_class=True)
+    # the prover runs on this host, as a node here would measure it: the one rule gives same-class
+    choice = choose_tolerance(Thresholds.load(), "fp32", this_device(), this_device())
+    tol = choice.tolerance
     variants = {**honest_variants(registry, key), **attack_variants(registry, key)}
 
     def lease(i: int) -> Lease:
@@ -99,7 +102,7 @@ def main() -> None:
     for i in range(args.trials):
         le = lease(i)
         claims = variants["fp32-2threads" if i % 2 else "fp32-speculative"].claims(le)
-        found, streamed = replay(le, claims, model, tol)
+        found, streamed = replay(le, claims, model, choice)
         t0 = time.perf_counter()
         measure_generation(le, claims, model, tol.logit_tol)
         ratios.append(streamed / (time.perf_counter() - t0))
@@ -110,7 +113,7 @@ def main() -> None:
         for i in range(args.trials):
             le = lease(i)
             claims = variants[attack].claims(le)
-            found, _ = replay(le, claims, model, tol)
+            found, _ = replay(le, claims, model, choice)
             first = first_cheating_token(claims, le, model, tol, attack)
             rows.append(None if found is None else found.tokens_received - 1 - first)
         cut = [r for r in rows if r is not None]

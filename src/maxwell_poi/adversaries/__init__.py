@@ -72,9 +72,11 @@ CATALOGUE: list[Attack] = [
            must_catch=L1 + L4),
     Attack("cpu-miner", "cpu_miner", "SHA-256 mining on every core between paced random tokens",
            must_catch=L1 + L4),
+    # it holds the leased weights to answer the work probe, so L1's memory floor and L2's probe
+    # pass it as they should (its CPU and memory are real); only the audit sees whose answer it is
     Attack("power-burner", "power_burner",
-           "burns matmuls to look busy, answers from a small model at the leased model's pace",
-           ("--substitute", "{small}"), must_catch=L1 + L4),
+           "burns matmuls to look busy and holds the leased weights, answers from a small model at "
+           "the leased model's pace", ("--substitute", "{small}"), must_catch=L4),
     Attack("fast-fabricator", "fast_fabricator", "streams an invented answer at once, faster than physics",
            must_catch=L1 + L2 + L4),
     Attack("gpu-miner", "gpu_miner", "integer-hash kernel on the GPU between paced random tokens",
@@ -83,6 +85,10 @@ CATALOGUE: list[Attack] = [
            "forwards each lease to an honest worker outside its sandbox, re-signs the answer",
            ("--upstream", "{upstream}"), kinds=("generate",), needs_worker=True, must_catch=L1,
            reason_has="CPU"),
+    Attack("padded-relay", "relay",
+           "relays each lease, burns the sandbox's cores and holds memory meanwhile (L1 sees work)",
+           ("--upstream", "{upstream}", "--pad-cores", "2", "--hold-mb", "1024"), kinds=("generate",),
+           needs_worker=True, must_catch=L2, reason_has="work probe"),
     Attack("batch-copier", "batch_copier",
            "handed 2 greedy leases in one batch, computes 1 and copies its answer to the other",
            ("--max-batch", "2"), batch=2, greedy=True, must_catch=L4, reason_has="token choice"),

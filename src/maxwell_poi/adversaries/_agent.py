@@ -9,6 +9,7 @@ import argparse
 import sys
 from collections.abc import Callable
 from pathlib import Path
+from typing import Literal
 
 from ..protocol.keys import AgentKey
 from ..protocol.lease import Lease
@@ -43,16 +44,37 @@ def run(
     args: argparse.Namespace,
     make_answer: Callable[[AgentKey], Callable[[Lease], bytes]],
     opener: Callable[[bytes], bytes] | None = None,
+    prober: Callable[[bytes], bytes] | None | Literal["leased"] = "leased",
 ) -> None:
-    """`opener`: answers L3 challenges (a prover keeping traces); None refuses them."""
+    """`opener`: answers L3 challenges (a prover keeping traces); None refuses them. `prober`:
+    answers Maxwell's work probes; "leased" (the default) answers them honestly with the leased
+    model, as a cheat that holds real weights could; None answers that it cannot (no weights)."""
     quiet_libraries()
     key = AgentKey.load(args.key)
+    honest = Prover(key) if prober == "leased" else None
+    if honest is not None:
+        prober = honest.probe_line
     if args.threads:
         import torch
 
         torch.set_num_threads(args.threads)
     answer = make_answer(key)
-    sys.exit(serve_resident(one_at_a_time(answer), opener=opener) if args.resident else serve_one(answer))
+    if honest is not None:
+        answer = _loading_first(answer, honest)
+    resident = serve_resident(one_at_a_time(answer), opener=opener, prober=prober) if args.resident else None
+    sys.exit(serve_one(answer) if resident is None else resident)
+
+
+def _loading_first(answer: Callable[[Lease], bytes], honest: Prover) -> Callable[[Lease], bytes]:
+    """Load the leased model for the probes on the main thread before the lease starts: a seeded
+    built-in model is made from the process-wide torch RNG, and a cheat that draws random numbers
+    while a probe thread builds it (the power burner's matrices) would build other weights."""
+
+    def answer_after_loading(lease: Lease) -> bytes:
+        honest.model_for(lease)
+        return answer(lease)
+
+    return answer_after_loading
 
 
 def run_modified(args: argparse.Namespace, modify: Callable[[LoadedModel], LoadedModel]) -> None:
@@ -67,4 +89,5 @@ def run_modified(args: argparse.Namespace, modify: Callable[[LoadedModel], Loade
 
     trace_dir = getattr(args, "trace_dir", None)
     prover = SwappedProver(AgentKey.load(args.key), swap, trace_dir=trace_dir)
-    run(args, lambda _key: prover.run, prover.open_line if trace_dir else None)
+    # the probe runs on the model it serves: this cheat does not keep the honest weights beside it
+    run(args, lambda _key: prover.run, prover.open_line if trace_dir else None, prover.probe_line)

@@ -118,7 +118,10 @@ def main() -> None:
 
         torch.set_num_threads(args.threads)
     copier = BatchCopier(key)
-    sys.exit(serve_resident(copier.answer_many, max_batch=args.max_batch, gather_s=args.gather))
+    prober = copier.prover.probe_line  # it holds the real weights: it answers probes honestly
+    sys.exit(
+        serve_resident(copier.answer_many, max_batch=args.max_batch, gather_s=args.gather, prober=prober)
+    )
 
 
 if __name__ == "__main__":

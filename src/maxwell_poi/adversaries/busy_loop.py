@@ -16,7 +16,9 @@ def spin_until(deadline: float) -> None:
 
 
 def main() -> None:
-    run(parser(__doc__).parse_args(), paced_garbage_agent(spin_until))
+    run(
+        parser(__doc__).parse_args(), paced_garbage_agent(spin_until), prober=None
+    )  # no weights: it cannot answer a work probe
 
 
 if __name__ == "__main__":

@@ -37,7 +37,9 @@ def mine_on_every_core(deadline: float) -> None:
 
 
 def main() -> None:
-    run(parser(__doc__).parse_args(), paced_garbage_agent(mine_on_every_core))
+    run(
+        parser(__doc__).parse_args(), paced_garbage_agent(mine_on_every_core), prober=None
+    )  # no weights: it cannot answer a work probe
 
 
 if __name__ == "__main__":

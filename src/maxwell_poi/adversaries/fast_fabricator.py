@@ -8,7 +8,9 @@ from ._fake import paced_garbage_agent
 
 
 def main() -> None:
-    run(parser(__doc__).parse_args(), paced_garbage_agent(lambda _deadline: None, pace_s=0.0))
+    run(
+        parser(__doc__).parse_args(), paced_garbage_agent(lambda _deadline: None, pace_s=0.0), prober=None
+    )  # no weights: it cannot answer a work probe
 
 
 if __name__ == "__main__":

@@ -35,7 +35,7 @@ def main() -> None:
     if why or not torch.cuda.is_available():
         print(f"gpu_miner: needs a CUDA GPU and triton: {why or 'no CUDA device'}", file=sys.stderr)
         sys.exit(2)
-    run(args, paced_garbage_agent(hash_until))
+    run(args, paced_garbage_agent(hash_until), prober=None)  # no weights: it cannot answer a work probe
 
 
 if __name__ == "__main__":

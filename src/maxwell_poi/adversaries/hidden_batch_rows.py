@@ -111,7 +111,8 @@ def main() -> None:
 
         torch.set_num_threads(args.threads)
     agent = HiddenRows(key, args.rows)
-    sys.exit(serve_resident(agent.answer_many, max_batch=args.max_batch, gather_s=args.gather))
+    prober = agent.batched.probe_line  # it holds the real weights: it answers probes honestly
+    sys.exit(serve_resident(agent.answer_many, max_batch=args.max_batch, gather_s=args.gather, prober=prober))
 
 
 if __name__ == "__main__":

@@ -34,7 +34,7 @@ def main() -> None:
     p.add_argument("--mode", choices=["truncated", "oversized", "garbage"], required=True)
     p.add_argument("--size-mb", type=float, default=8.0, help="bytes written in oversized mode")
     args = p.parse_args()
-    run(args, malformed(args.mode, args.size_mb))
+    run(args, malformed(args.mode, args.size_mb), prober=None)  # no weights: it cannot answer a work probe
 
 
 if __name__ == "__main__":

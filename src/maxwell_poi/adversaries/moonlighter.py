@@ -34,6 +34,7 @@ from typing import BinaryIO
 
 from ..node.sandbox.base import pid_gone
 from ..protocol.keys import AgentKey
+from ..protocol.probe import PROBE_REQUEST_PREFIX
 from ..protocol.stream import RECEIPT_PREFIX, REFUSAL_PREFIX
 from ..prover.harness import one_at_a_time, quiet_libraries, serve_one, serve_resident
 from ..prover.sdk import Prover
@@ -119,7 +120,7 @@ class _WatchedInput:
 
     def __iter__(self) -> Iterator[bytes]:
         for line in self.stream:
-            if line.strip():
+            if line.strip() and not line.startswith(PROBE_REQUEST_PREFIX):  # a probe ends with no receipt
                 self.moon.lease_arrived()
             yield line
 
@@ -163,6 +164,7 @@ def main() -> None:
         one_at_a_time(prover.run),
         stdin=_WatchedInput(sys.stdin.buffer, moon),  # type: ignore[arg-type]
         stdout=_WatchedOutput(sys.stdout.buffer, moon),  # type: ignore[arg-type]
+        prober=prover.probe_line,
     )
     moon.stop()
     sys.exit(status)

@@ -13,20 +13,22 @@ measured, which is why Maxwell measures the sandbox it started and nothing the a
     python -m maxwell_poi.adversaries.relay_worker --key worker.pem --listen /tmp/w.sock &
     python -m maxwell_poi.adversaries.relay --key agent.pem --resident --upstream /tmp/w.sock
 
-Keeping the relay light: the package's `__init__` and `protocol/` no longer load torch, but the
-adversaries package and the agent harness do. So `main()` re-executes the interpreter on `serve()` with a bare
-`maxwell_poi` package stub (same pid, same sandbox, same pipes): the serving process holds only
-the protocol's lease, stream and key modules, and re-signs the worker's DSSE payload directly
-(what `sign_receipt(open_receipt(...).claims, key)` would produce, without the heavy import).
+Padded (issue 24): `--pad-cores N --hold-mb M` burns N cores in the sandbox while a lease is in
+flight and holds M MB, so L1 sees an honest agent's CPU and memory; then the work probe
+(node.probe) is what is left: with `--probes refuse` (the default) the relay says it cannot answer,
+with `--probes forward` it forwards the probe to its worker too (which passes wherever the sandbox
+can reach the worker: the sandbox's isolation is the defence there, not the probe).
+
+Kept light (adversaries._light): the serving process holds no torch, and re-signs the worker's DSSE
+payload directly (what `sign_receipt(open_receipt(...).claims, key)` would produce, without the
+heavy import).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import os
 import socket
-import sys
 from pathlib import Path
 
 from securesystemslib.dsse import Envelope
@@ -34,21 +36,14 @@ from securesystemslib.dsse import Envelope
 from ..protocol.errors import PoiError
 from ..protocol.keys import AgentKey
 from ..protocol.lease import Lease
+from ..protocol.probe import refuse_probe
 from ..protocol.stream import TaggedReceipt, TaggedRefusal, TaggedToken, parse_resident_line
 from ..prover.harness import one_at_a_time, serve_one, serve_resident
 from ..prover.stream import current_sink
+from ._light import main_light
+from ._pad import Padding
 
 MAX_LINE = 64 << 20
-PACKAGE_DIR = str(Path(__file__).resolve().parents[1])
-# Run in a fresh interpreter: serve() with `maxwell_poi` stubbed so its __init__ (torch) never runs.
-_LIGHT_BOOT = f"""
-import sys, types
-pkg = types.ModuleType("maxwell_poi")
-pkg.__path__ = [{PACKAGE_DIR!r}]
-sys.modules["maxwell_poi"] = pkg
-from maxwell_poi.adversaries.relay import serve
-sys.exit(serve(sys.argv[1:]))
-"""
 
 
 class RelayError(PoiError):
@@ -62,6 +57,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--resident", action="store_true", help="answer lease after lease until stdin closes")
     p.add_argument("--threads", type=int, default=None, help="ignored: the relay computes nothing")
     p.add_argument("--timeout", type=float, default=600.0, help="seconds to wait on the worker per lease")
+    p.add_argument("--pad-cores", type=int, default=0, help="cores burnt while a lease is in flight")
+    p.add_argument("--hold-mb", type=int, default=0, help="memory held (touched) the whole time")
+    p.add_argument("--probes", choices=("refuse", "forward"), default="refuse", help="work probes")
     return p.parse_args(argv)
 
 
@@ -115,20 +113,43 @@ def relay_answer(key: AgentKey, upstream: Path, timeout_s: float):
     return answer
 
 
+def forward_probe(upstream: Path, timeout_s: float):
+    """A prober that asks the worker: one probe line over a connection of its own, one line back."""
+
+    def prober(raw: bytes) -> bytes:
+        try:
+            with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+                sock.settimeout(timeout_s)
+                sock.connect(str(upstream))
+                with sock.makefile("rwb") as f:
+                    f.write(raw if raw.endswith(b"\n") else raw + b"\n")
+                    f.flush()
+                    return f.readline(MAX_LINE) or refuse_probe(raw, "relay: the worker hung up")
+        except OSError as exc:
+            return refuse_probe(raw, f"relay: no worker for the probe ({exc})")
+
+    return prober
+
+
+def padded(answer, padding: Padding):
+    def busy_answer(lease: Lease) -> bytes:
+        with padding.busy():
+            return answer(lease)
+
+    return busy_answer
+
+
 def serve(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     answer = relay_answer(AgentKey.load(args.key), args.upstream, args.timeout)
-    return serve_resident(one_at_a_time(answer)) if args.resident else serve_one(answer)
+    if args.pad_cores or args.hold_mb:  # forked before the harness starts its threads
+        answer = padded(answer, Padding(args.pad_cores, args.hold_mb))
+    prober = forward_probe(args.upstream, args.timeout) if args.probes == "forward" else None
+    return serve_resident(one_at_a_time(answer), prober=prober) if args.resident else serve_one(answer)
 
 
 def main() -> None:
-    args = sys.argv[1:]
-    parse_args(args)  # usage errors here, before the re-exec
-    if "torch" in sys.modules:  # loaded by the package's __init__: start over without it
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os.execv(sys.executable, [sys.executable, "-c", _LIGHT_BOOT, *args])
-    sys.exit(serve(args))
+    main_light("relay", parse_args, serve)
 
 
 if __name__ == "__main__":

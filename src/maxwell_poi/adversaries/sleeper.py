@@ -14,7 +14,9 @@ def main() -> None:
     p = parser(__doc__)
     p.add_argument("--sleep", type=float, default=1.0, help="seconds to idle before answering")
     args = p.parse_args()
-    run(args, paced_garbage_agent(sleep_until, before=lambda: time.sleep(args.sleep)))
+    run(
+        args, paced_garbage_agent(sleep_until, before=lambda: time.sleep(args.sleep)), prober=None
+    )  # no weights: it cannot answer a work probe
 
 
 if __name__ == "__main__":

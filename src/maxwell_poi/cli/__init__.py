@@ -205,18 +205,17 @@ def agent(
 
         spec = SpeculativeProver(key_, speculative, threads=threads, block=block)
         if resident:
-            raise typer.Exit(serve_resident(one_at_a_time(spec.run)))
+            raise typer.Exit(serve_resident(one_at_a_time(spec.run), prober=spec.probe_line))
         raise typer.Exit(serve_one(spec.run, _read(lease_path, "lease") if lease_path else None))
     if resident:
         if lease_path:
             raise _bad_input("--resident reads leases from stdin; --lease is for one-shot mode")
         if max_batch > 1:
-            raise typer.Exit(
-                serve_resident(BatchedProver(key_, threads=threads).run_many, max_batch=max_batch)
-            )
+            batched = BatchedProver(key_, threads=threads)
+            raise typer.Exit(serve_resident(batched.run_many, max_batch=max_batch, prober=batched.probe_line))
         one = Prover(key_, threads=threads, trace_dir=trace_dir)
         opener = one.open_line if trace_dir else None  # answers L3 challenges from the kept traces
-        raise typer.Exit(serve_resident(one_at_a_time(one.run), opener=opener))
+        raise typer.Exit(serve_resident(one_at_a_time(one.run), opener=opener, prober=one.probe_line))
     prover = Prover(key_, threads=threads, batch=batch, trace_dir=trace_dir)
     raw = _read(lease_path, "lease") if lease_path else None
     raise typer.Exit(serve_one(prover.run, raw))
@@ -278,13 +277,26 @@ def verify(
         "keyring.json"
     ),
     audit_rate: Annotated[float, typer.Option(help="L4 lottery probability")] = 1.0,
+    evidence: Annotated[
+        Path | None,
+        typer.Option(
+            help="the node's signed evidence for this receipt (poi node: out/<lease>/evidence.dsse.json)"
+        ),
+    ] = None,
+    node_key: Annotated[
+        Path | None, typer.Option(help="with --evidence: the node's public key, hex (poi node: node.pub)")
+    ] = None,
     json_out: JsonOpt = False,
 ) -> None:
-    """Appraise a receipt alone (L0 and L4; L1 and L2 need Maxwell's evidence: `poi run`). Exit 0
-    affirming, 1 contraindicated or warning, 2 bad input."""
+    """Appraise a receipt (L0 and L4 required; L1 and L2 need Maxwell's evidence: `poi run`). L4's
+    tolerance set comes from the prover's class as the node measured it: give the node's signed
+    --evidence (and its --node-key) for the same rule as the node's own audit; without it, the
+    cross-class set, and the result says the class was not measured. Exit 0 affirming, 1
+    contraindicated or warning, 2 bad input."""
     _quiet()
     from ..protocol.errors import ReceiptFormatError
     from ..protocol.receipt import open_receipt
+    from .node_evidence import EvidenceRefused, node_evidence
 
     the_lease = _load_lease(lease_path)
     raw = _read(receipt, "receipt")
@@ -293,7 +305,15 @@ def verify(
         open_receipt(raw, max_bytes=len(raw) + 1)  # shape only; the size limit is L0's
     except ReceiptFormatError as exc:
         raise _bad_input(str(exc)) from None
-    _report(verifier.appraise(the_lease, raw), json_out)
+    measured = None
+    if (evidence is None) != (node_key is None):
+        raise _bad_input("--evidence and --node-key go together (the node's key checks its signature)")
+    if evidence is not None and node_key is not None:
+        try:
+            measured = node_evidence(_read(evidence, "evidence"), node_key, the_lease, raw)
+        except EvidenceRefused as exc:
+            raise _bad_input(str(exc)) from None
+    _report(verifier.appraise(the_lease, raw, measured), json_out)
 
 
 @app.command()

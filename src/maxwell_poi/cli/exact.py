@@ -1,4 +1,4 @@
-"""`poi audit-exact` (L3: open drawn blocks of a lease's activation trace and check them exactly) and
+"""`poi audit-exact` (L3: open every block of a lease's activation trace and check it exactly) and
 `poi dispute` (bisect the trace to the first block whose committed output does not follow).
 
 Offline, from files: the lease, the agent's v3 receipt, and the trace file the agent kept
@@ -56,23 +56,34 @@ def audit_exact(
     lease_path: LeaseOpt,
     receipt: ReceiptOpt,
     trace: TraceOpt,
-    blocks: Annotated[int, typer.Option(help="blocks to open, drawn by Maxwell")] = 2,
+    per_opening: Annotated[
+        int, typer.Option(help="most blocks per opening (0: as many as the relay's byte budget takes)")
+    ] = 0,
     json_out: JsonOpt = False,
 ) -> None:
-    """L3: draw blocks, open them from the trace, check the opening against the signed root and each
-    block with Freivalds + replay. Exit 0 pass, 1 fail, 2 bad input."""
+    """L3: open every block from the trace, in openings as the service asks for them, and check each
+    against the signed root and each block with Freivalds + replay. Exit 0 pass, 1 fail, 2 bad input."""
     _quiet()
     from ..protocol.result import Status
-    from ..protocol.trace import Opening
-    from ..verifier.exact import FreivaldsKey, appraise_opening, draw_blocks
+    from ..protocol.trace import Opening, opening_keys
+    from ..verifier.every_block import appraise_every_block
+    from ..verifier.exact import key_for
 
     lease, claims, kept, model = _inputs(lease_path, receipt, trace)
-    if blocks < 1:
-        raise _bad_input(f"--blocks: expected at least 1, got {blocks}")
-    chosen = draw_blocks(len(model.layers), blocks)
-    opening = Opening.of(kept, lease.nonce_bytes, chosen) if kept.blocks == len(model.layers) else None
-    result = appraise_opening(
-        claims, lease.nonce_bytes, model, FreivaldsKey.for_model(model), chosen, opening
+    if per_opening < 0:
+        raise _bad_input(f"--per-opening: expected 0 or more, got {per_opening}")
+    leaves = kept.leaves(lease.nonce_bytes)  # the agent's side: computed once, sent with every opening
+
+    def from_file(blocks: list[int]) -> Opening | str:
+        if kept.blocks != len(model.layers):
+            return f"the trace file has {kept.blocks} blocks, {lease.model_id} has {len(model.layers)}"
+        keys = opening_keys(blocks, kept.blocks, kept.ops)
+        return Opening({k: kept.tensors[k] for k in keys if k in kept.tensors}, leaves)
+
+    positions = len(model.encode_prompt(lease.job.prompt)) + len(claims.tokens())
+    key = key_for(model)  # Maxwell's secret vectors, in the model's mode (float or W8A8)
+    result = appraise_every_block(
+        claims, lease.nonce_bytes, model, key, from_file, positions=positions, most_blocks=per_opening
     )
     _print(result.as_dict(), json_out, f"L3 {result.status.value}: {result.reason}")
     raise typer.Exit(EXIT_OK if result.status is Status.PASS else EXIT_REJECTED)

@@ -15,18 +15,30 @@ from .common import EXIT_OK, EXIT_REJECTED, JsonOpt, _bad_input, _quiet, app, er
 @app.command()
 def profile(
     model: Annotated[str, typer.Argument(help="model id to profile on this device")],
-    runs: Annotated[int, typer.Option(help="honest runs (alternating 1 and 2 threads)")] = 4,
+    runs: Annotated[
+        int,
+        typer.Option(
+            help="honest runs (one-shot: alternating 1 and 2 threads; resident: per thread count, batch size)"
+        ),
+    ] = 4,
     tokens: Annotated[int, typer.Option(help="new tokens per run")] = 48,
     resident: Annotated[
         bool, typer.Option(help="profile a resident agent in a sandbox (what `poi node` judges by)")
     ] = False,
     batches: Annotated[str, typer.Option(help="resident: batch sizes to measure, comma-separated")] = "1,2,4",
+    threads: Annotated[
+        str,
+        typer.Option(
+            help="resident: torch thread counts to measure, comma-separated, N = this host's CPUs "
+            "(L1's work floor follows the cores a lease's sandbox kept busy)"
+        ),
+    ] = "1,2,N",
     json_out: JsonOpt = False,
 ) -> None:
     """Measure what honest inference of MODEL looks like on this device (L1/L2 reference)."""
     _quiet()
-    from ..node.resident_runs import measure_resident_profile
     from ..node.runs import measure_profile
+    from ..node.thread_profiles import measure_threaded_profile, thread_counts
     from ..protocol.errors import PoiError
     from ..registry.profiles import ProfileStore
 
@@ -39,10 +51,19 @@ def profile(
     except ValueError:
         raise _bad_input(f"--batches: expected sizes like 1,2,4 starting at 1, got {batches!r}") from None
     try:
+        counts = thread_counts(threads)
+    except ValueError as exc:
+        raise _bad_input(f"--threads: {exc}") from None
+    try:
         with err.status(f"profiling {model}…") as status:
             if resident:
-                prof = measure_resident_profile(
-                    model, runs=runs, tokens=tokens, batches=sizes, on_progress=lambda m: status.update(m)
+                prof = measure_threaded_profile(
+                    model,
+                    threads=counts,
+                    runs=runs,
+                    tokens=tokens,
+                    batches=sizes,
+                    on_progress=lambda m: status.update(m),
                 )
             else:
                 prof = measure_profile(
@@ -66,6 +87,11 @@ def profile(
     for b, stats in prof.batch_cpu_s_per_token.items():
         out.print(
             f"  batch {b}: {stats.mean * 1000:.1f} CPU-ms per token of the batch (±{stats.std * 1000:.1f})"
+        )
+    for t, r in prof.threads_runs.items():
+        out.print(
+            f"  {t} threads: {r.cpu_s_per_token.mean * 1000:.1f} CPU-ms/token, "
+            f"{r.cores_busy.min:.2f}–{r.cores_busy.max:.2f} cores busy"
         )
 
 

@@ -4,6 +4,7 @@ it with resident agents in sandboxes, and three agents that bid:
 
     alice    honest, fp32 GPT-2 (gpt2-mini), keeps traces   -> L3 float mode (Freivalds + tolerance)
     carol    honest, its W8A8 variant (gpt2-mini-w8a8)       -> L3 exact integer mode (zero tolerance)
+             (each challenge opens and checks every block of the lease)
     mallory  gpt2-mini with one block's weights changed      -> L4 disagrees; the dispute bisects the
              (5 %), keeps a faithful trace of what it ran       trace and names the block and operation
 
@@ -82,7 +83,7 @@ class ExactDemo:
             admin_token=self.token,
             audit_backend="thread",
             challenge_window_s=self.window_s,
-            exact_blocks=2,
+            exact_blocks=4,  # every block is opened; gpt2-mini's 4 in one opening
         )
         config.validate()
         control = ControlPlane(config)

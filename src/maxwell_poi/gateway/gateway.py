@@ -39,10 +39,10 @@ from ..protocol.errors import PoiError
 from ..protocol.lease import GenerateJob, Lease
 from ..protocol.receipt import max_receipt_bytes, open_receipt
 from ..protocol.result import LayerResult
-from ..service.control import ControlPlane, verdict_view
+from ..service.control import ControlPlane
 from ..service.errors import ApiError
 from ..service.market import Directed, Hold, PulledLease
-from ..service.schema import CompletionRow, LeaseRow, OfferRow, RequesterRow, VerdictRow
+from ..service.schema import CompletionRow, LeaseRow, NodeRow, OfferRow, RequesterRow, VerdictRow
 from ..service.settlement import completion_outcome, hold_payment, requester_left, settle_completion
 from ..service.states import CompletionState
 from ..service.wire import BidBody
@@ -60,8 +60,10 @@ from .admission import (
     refuse_unservable,
 )
 from .canary import Canaries
+from .delivery import Delivery, DeliveryPolicy
 from .live import Arrival, LiveLease, RunningChecks
 from .openai_wire import ChatRequest, CompletionRequest
+from .verdicts import attestation
 
 # tokens the streaming audit feeds the model at a time: a cheat is cut within this many tokens of
 # its first bad one, at ~3.1x one prefill's cost (block 16: 16 tokens, ~2.1x; bench/service/streaming.py)
@@ -78,6 +80,10 @@ class Started:
     auction: str
     ignored: list[str]
 
+    @property
+    def delivery(self) -> Delivery:
+        return self.live.delivery
+
 
 def requester_account(requester_id: str) -> str:
     return f"requester:{requester_id}"
@@ -88,10 +94,13 @@ def requester_escrow(requester_id: str) -> str:
 
 
 class Gateway:
-    def __init__(self, control: ControlPlane, *, verdict_wait_s: float = 60.0) -> None:
+    def __init__(
+        self, control: ControlPlane, *, verdict_wait_s: float = 60.0, delivery: DeliveryPolicy | None = None
+    ) -> None:
         self.control = control
         self.registry = control.registry
         self.audit = AuditLayer(control.registry)  # the reference model and tolerances for streaming audits
+        self.delivery = delivery or DeliveryPolicy.from_env()  # the server's default (gateway.delivery)
         self.verdict_wait_s = verdict_wait_s
         self.live: dict[str, LiveLease] = {}
         self.busy_wait_s = BUSY_WAIT_S  # a request's wait for a busy node's next pull
@@ -274,7 +283,7 @@ class Gateway:
             accounts = requester_account(requester_id), requester_escrow(requester_id)
             hold_payment(self.control.ledger, session, row, *accounts)
             # registered before commit: the node's pull may come before issue_directed returns
-            live.append(self._live(pulled, node_id, audited))
+            live.append(self._live(session, pulled, node_id, audited, request.delivery))
             self._verdicts[lease_id] = threading.Event()
             self.live[lease_id] = live[0]
 
@@ -312,18 +321,30 @@ class Gateway:
             relays[entry.node_id] = max(relays.get(entry.node_id, 0.0), entry.last_relay)
         return node_states(self.control.ledger.engine, relays)
 
-    def _live(self, pulled: PulledLease, node_id: str, audited: bool = False) -> LiveLease:
+    def _live(
+        self,
+        session: Session,
+        pulled: PulledLease,
+        node_id: str,
+        audited: bool = False,
+        requested: Delivery | None = None,
+    ) -> LiveLease:
         """The running appraisal: the audit lottery is drawn here, once, with the tier's probability
-        (a canary's lease is always audited)."""
+        (a canary's lease, and one delivered verified, is always audited); the streaming audit's
+        tolerance by the one rule, from the class the node signed into its pull (its measurement of
+        the device the agent runs on; empty: not measured, and the rule says so)."""
         lease = pulled.lease
+        delivery = self.delivery.for_lease(requested, pulled.tier)
         audit = None
-        if audited or draw_audit(pulled.audit_probability):
-            model = self.audit.reference_model(lease.model_id)
-            tol = self.audit.thresholds.for_precision(lease.precision, same_class=False)
-            audit = StreamingAudit(lease, model, tol, block=AUDIT_BLOCK)
+        if audited or delivery is Delivery.VERIFIED or draw_audit(pulled.audit_probability):
+            measured = session.scalar(select(NodeRow.device_class).where(NodeRow.node_id == node_id))
+            choice = self.audit.tolerance(lease.precision, measured or "")
+            audit = StreamingAudit(
+                lease, self.audit.reference_model(lease.model_id), choice, block=AUDIT_BLOCK
+            )
         profile = self.control.profiles.get(lease.model_id, resident_profile_key())
         checks = RunningChecks(profile, self.registry.reference(lease.model_id)) if profile else None
-        return LiveLease(lease, audit, checks, node_id)
+        return LiveLease(lease, audit, checks, node_id, delivery)
 
     # -- the node's relay -------------------------------------------------------------------------------
 
@@ -432,43 +453,7 @@ class Gateway:
 
     def attestation(self, lease_id: str) -> dict[str, Any]:
         """The `maxwell` object: verdict, layers and reasons, joules, what was charged, the EAR."""
-        with Session(self.control.ledger.engine) as session:
-            verdict = session.get(VerdictRow, lease_id)
-            completion = session.get(CompletionRow, lease_id)
-            lease_row = session.get(LeaseRow, lease_id)
-        out: dict[str, Any] = {"lease_id": lease_id}
-        if completion is not None:
-            out.update(
-                completion_status=completion.status,
-                price_micro_per_token=completion.price_micro_per_token,
-                charged_micro=completion.charge_micro,
-                auction=completion.reason
-                if completion.status in (CompletionState.STREAMING, CompletionState.PAID)
-                else "",
-            )
-        if verdict is None:
-            out.update(verdict="pending", reason="the node has not handed in the lease's evidence yet")
-            return out
-        view = verdict_view(verdict)
-        out.update(
-            verdict=view["verdict"],
-            final=view["final"],
-            reason=view["reason"],
-            layers=[{k: r[k] for k in ("layer", "status", "reason")} for r in view["layers"]],
-            cut_after_tokens=next(
-                (
-                    r["details"]["cut_after_tokens"]
-                    for r in view["layers"]
-                    if "cut_after_tokens" in r.get("details", {})
-                ),
-                None,
-            ),
-            energy_j=view["energy_j"],
-            stake=view["stake_outcome"],
-        )
-        if view["final"] and lease_row is not None:
-            out["ear"] = self.control.ear(lease_row.agent_id, lease_id)  # a JWT; key at /v1/ear-key
-        return out
+        return attestation(self.control, lease_id)
 
     def forget(self, lease_id: str) -> None:
         """Drop the in-memory state of a finished lease (its rows stay)."""

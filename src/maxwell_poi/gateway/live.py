@@ -9,7 +9,11 @@ what has arrived so far:
   same bounds the layers apply to the whole lease, from the same profile);
 - `verifier.streaming.StreamingAudit` — when the lease was drawn for audit: the claimed model fed
   block by block on a KV cache (the total stays one prefill), each token's seeded choice and each
-  chunk's fingerprint checked as soon as the model has seen their positions.
+  chunk's fingerprint checked as soon as the model has seen their positions, within the tolerance
+  set the one rule chose for the class pair the node measured (reported in the L4 result).
+
+Tokens go to the requester's queue as they pass the running checks (`Delivery.IMMEDIATE`), or only
+once the streaming audit has verified the block holding them (`Delivery.VERIFIED`; gateway.delivery).
 
 The first failure cuts the lease: the node is told to stop the agent, the requester's stream ends
 with an error event saying why, and intake (which the node still hands the evidence to) records
@@ -38,6 +42,7 @@ from ..registry.models import ReferenceValues
 from ..registry.profiles import Profile
 from ..verifier.boundary import interval_lower_bound
 from ..verifier.streaming import StreamingAudit
+from .delivery import Delivery
 
 MIN_WINDOW = 8  # tokens before the running pace and work checks judge anything
 
@@ -109,15 +114,20 @@ class LiveLease:
         audit: StreamingAudit | None,
         checks: RunningChecks | None,
         node_id: str = "",
+        delivery: Delivery = Delivery.IMMEDIATE,
     ) -> None:
         assert isinstance(lease.job, GenerateJob)
+        if delivery is Delivery.VERIFIED and audit is None:
+            raise ValueError("a verified delivery needs the streaming audit: nothing else verifies a token")
         self.lease = lease
+        self.delivery = delivery
         self.job: GenerateJob = lease.job
         self.audit = audit  # None: not drawn for audit (the running checks still apply)
         self.checks = checks
         self.node_id = node_id  # the only node whose relays this lease takes
         self.chunk_bytes = chunk_size_bytes(self.job.fingerprint_k)
         self.arrivals: list[Arrival] = []
+        self.released = 0  # tokens put on the requester's queue
         self.chunks = 0
         self.cut_reason = ""
         self.cut_after = 0  # tokens received when the cut came
@@ -133,6 +143,11 @@ class LiveLease:
     @property
     def cut(self) -> bool:
         return bool(self.cut_reason)
+
+    @property
+    def verified(self) -> int:
+        """Tokens (from the first) whose choice the streaming audit has verified; 0 when not audited."""
+        return self.audit.checked if self.audit is not None else 0
 
     def receive(self, tokens: list[Arrival], chunks: list[tuple[int, bytes]]) -> str | None:
         """A relay from the node; the reason to cut the lease, or None to let it go on."""
@@ -155,15 +170,31 @@ class LiveLease:
                     return self._cut(f"relay: expected fingerprint chunk {self.chunks}, got {index}", None)
                 self.chunks += 1
                 if self.audit and (finding := self.audit.receive_chunk(index, data)):
-                    return self._cut(f"streaming audit: {finding.reason}", finding.first_bad_token)
+                    return self._cut(
+                        f"streaming audit: {finding.reason}{self._label()}", finding.first_bad_token
+                    )
             for a in tokens:  # one at a time: each token is forwarded only once the checks it triggers pass
                 self.arrivals.append(a)
                 if self.audit and (finding := self.audit.receive(a.token)):
-                    return self._cut(f"streaming audit: {finding.reason}", finding.first_bad_token)
+                    return self._cut(
+                        f"streaming audit: {finding.reason}{self._label()}", finding.first_bad_token
+                    )
                 if self.checks and (problem := self.checks.judge(self.arrivals)):
                     return self._cut(problem, None)
-                self.events.put(ClientEvent(EventKind.TOKENS, [a.token]))
+                self._release()
             return None
+
+    def _release(self) -> None:
+        """Hand the requester's queue every token it may have now: all that passed the running
+        checks, or (verified delivery) only those the streaming audit has verified."""
+        upto = len(self.arrivals)
+        if self.delivery is Delivery.VERIFIED:
+            upto = min(upto, self.verified)
+        if upto > self.released:
+            self.events.put(
+                ClientEvent(EventKind.TOKENS, [a.token for a in self.arrivals[self.released : upto]])
+            )
+            self.released = upto
 
     def leave(self, delivered: int, why: str) -> None:
         """The requester's side ended after `delivered` tokens were sent to it. An unfinished lease is
@@ -188,7 +219,11 @@ class LiveLease:
                     LayerName.AUDIT,
                     Status.FAIL,
                     f"cut off mid-stream after {self.cut_after} tokens: {self.cut_reason}",
-                    details={"cut_after_tokens": self.cut_after, "first_bad_token": self.first_bad},
+                    details={
+                        "cut_after_tokens": self.cut_after,
+                        "first_bad_token": self.first_bad,
+                        **self._details(),
+                    },
                 )
             if self.stopped:  # unfinished on purpose: a pass would claim too much, a failure would slash
                 return LayerResult(
@@ -204,15 +239,25 @@ class LiveLease:
                 )
             return self._finish(receipt)
 
+    def _label(self) -> str:
+        return f" {self.audit.choice.label()}" if self.audit is not None else ""
+
+    def _details(self) -> dict[str, Any]:
+        """The tolerance choice (when audited) and how tokens were delivered, for the L4 result."""
+        out: dict[str, Any] = {"delivery": self.delivery.value, "released_tokens": self.released}
+        return {**self.audit.choice.details(), **out} if self.audit is not None else out
+
     def _finish(self, receipt: OpenedReceipt | None) -> LayerResult:
         assert self.audit is not None
         if receipt is None:
             return LayerResult(LayerName.AUDIT, Status.SKIPPED, "not run: no readable receipt")
         data = receipt.claims.fingerprint_bytes()
         size = self.chunk_bytes
+        details = self._details()
         for index in range(self.chunks, len(data) // size):
             if finding := self.audit.receive_chunk(index, data[index * size : (index + 1) * size]):
-                return LayerResult(LayerName.AUDIT, Status.FAIL, f"streaming audit: {finding.reason}")
+                why = f"streaming audit: {finding.reason}{self._label()}"
+                return LayerResult(LayerName.AUDIT, Status.FAIL, why, details=details)
         unchecked = len(self.audit.spans) - self.audit.next_chunk
         if self.audit.checked < self.job.max_new_tokens or unchecked:
             return LayerResult(
@@ -220,11 +265,13 @@ class LiveLease:
                 Status.FAIL,
                 f"streaming audit: expected all {self.job.max_new_tokens} tokens and "
                 f"{len(self.audit.spans)} fingerprint chunks checked, got {self.audit.checked} and "
-                f"{self.audit.next_chunk}",
+                f"{self.audit.next_chunk}{self._label()}",
+                details=details,
             )
         return LayerResult(
             LayerName.AUDIT,
             Status.PASS,
             f"streaming audit: {self.audit.checked} token choices and {self.audit.next_chunk} "
-            f"fingerprint chunks checked as they arrived ({self.chunks} streamed)",
+            f"fingerprint chunks checked as they arrived ({self.chunks} streamed){self._label()}",
+            details=details,
         )

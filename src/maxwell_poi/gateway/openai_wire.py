@@ -2,11 +2,13 @@
 
 Served: `model`, `prompt` (completions) or `messages` (chat), `max_tokens` (or chat's
 `max_completion_tokens`), `temperature`, `top_k` (an extension: `extra_body={"top_k": 40}`),
-`stream`. Ignored on purpose and said so in the answer's `maxwell.ignored`: `seed` (the sampler's
-seed is Maxwell's, derived from the lease nonce, so the agent cannot choose its randomness), `user`,
-`stream_options`, and penalties/`top_p` at their neutral values. Refused with a 400 that names the
-field: anything that would change the computation in a way the audit does not replay (`stop`,
-`logprobs`, `tools`, `n` > 1, `top_p` < 1, non-zero penalties, `logit_bias`).
+`stream`, and Maxwell's `delivery` (`extra_body={"delivery": "verified"}`: release no token before
+the streaming audit verified it; gateway.delivery). Ignored on purpose and said so in the answer's
+`maxwell.ignored`: `seed` (the sampler's seed is Maxwell's, derived from the lease nonce, so the agent
+cannot choose its randomness), `user`, `stream_options`, and penalties/`top_p` at their neutral values.
+Refused with a 400 that names the field: anything that would change the computation in a way the
+audit does not replay (`stop`, `logprobs`, `tools`, `n` > 1, `top_p` < 1, non-zero penalties,
+`logit_bias`).
 
 The chat template of the built-in models (they are plain language models, not chat-tuned):
 
@@ -25,6 +27,8 @@ import time
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
+
+from .delivery import Delivery
 
 NEUTRAL = {"top_p": 1, "presence_penalty": 0, "frequency_penalty": 0}
 IGNORED = ("seed", "user", "stream_options", "service_tier", "metadata", "store")
@@ -57,6 +61,12 @@ class _Request(BaseModel):
     top_k: int | None = Field(default=None, ge=0, le=1_000_000)
     stream: bool = False
     n: int = Field(default=1, ge=1, le=1, description="one completion per request")
+    delivery: Delivery | None = Field(
+        default=None,
+        description="Maxwell's extension: 'verified' releases a token only once the streaming audit "
+        "verified the block holding it; 'immediate' as it passes the running checks; unset: the "
+        "server's default (by tier: verified for the high tier)",
+    )
 
     def problems(self) -> tuple[str | None, list[str]]:
         """(the first refused field with why, or None; the fields ignored)."""

@@ -31,6 +31,14 @@ class LayerBrief(BaseModel):
     reason: str
 
 
+class ToleranceView(BaseModel):
+    """The tolerance set the completion's audit used, chosen from the class pair the node measured."""
+
+    set: str = Field(description="same-class (near-exact) or cross-class")
+    class_pair: str = Field(description="'<prover class> -> <verifier class>'; 'unknown' = not measured")
+    reason: str
+
+
 class MaxwellView(BaseModel):
     """What Maxwell verified of one completion: the verdict, each layer, joules, charge and the EAR."""
 
@@ -49,6 +57,18 @@ class MaxwellView(BaseModel):
     ear: str | None = Field(default=None, description="an EAR JWT (key: GET /v1/ear-key), once final")
     ignored: list[str] | None = Field(default=None, description="request fields the gateway ignored")
     prompt_tokens: int | None = None
+    tolerance: ToleranceView | None = Field(default=None, description="when the audit ran: its tolerance set")
+    delivery: str | None = Field(
+        default=None, description="verified (no token before its block was verified) or immediate"
+    )
+    delivered_tokens: int | None = Field(
+        default=None, description="tokens whose text reached the requester; only in a completion's response"
+    )
+    unverified_tokens: int | None = Field(
+        default=None,
+        description="tokens whose text reached the requester before the streaming audit verified them "
+        "(all of them when the lease was not audited); only in a completion's response",
+    )
 
 
 class Usage(BaseModel):
@@ -160,4 +180,5 @@ __all__ = [
     "RequesterBalance",
     "RequesterKey",
     "TextCompletion",
+    "ToleranceView",
 ]

@@ -15,6 +15,10 @@ A completion that the running appraisal cuts off ends, when streamed, with an er
 A requester that disconnects (seen as the stream's cancellation, or by a task waiting on the
 connection while a non-streamed answer is computed) stops its lease: `Gateway.leave` with the
 tokens sent so far.
+
+Every completion's `maxwell` object (the last chunk, the error event, or the whole body) says how
+its tokens were delivered (`delivery`) and how many reached the requester before the streaming
+audit verified them (`unverified_tokens`, counted as each chunk is written: gateway.delivery).
 """
 
 import base64
@@ -22,7 +26,7 @@ import json
 import queue
 import time
 from collections.abc import AsyncGenerator, AsyncIterator, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Annotated, Any
 
 import anyio
@@ -35,6 +39,7 @@ from starlette.types import Receive, Scope, Send
 from ..protocol.lease import Precision
 from ..service.deps import Admin, AgentId, NodeId
 from ..service.errors import ApiError
+from .delivery import SentCount
 from .gateway import Gateway, Started, decode_increment
 from .live import ClientEvent, EventKind
 from .openai_wire import ChatRequest, CompletionRequest, Shape, error_body, usage
@@ -237,12 +242,16 @@ def mount_gateway(app: FastAPI, gateway: Gateway) -> None:
 
 @dataclass
 class Progress:
-    """How far one SSE response got: tokens received, tokens whose text was sent, and whether it
-    ended with its last chunk."""
+    """How far one SSE response got: tokens received, tokens whose text was sent (and of those, the
+    unverified), and whether it ended with its last chunk."""
 
     tokens: int = 0
-    delivered: int = 0
+    sent: SentCount = field(default_factory=SentCount)
     ended: bool = False
+
+    @property
+    def delivered(self) -> int:
+        return self.sent.delivered
 
 
 class LeaseStream(StreamingResponse):
@@ -316,7 +325,7 @@ async def _whole(gateway: Gateway, started: Started, shape: Shape, gone: Callabl
                 gateway.leave(lease_id, 0, f"the gateway stopped waiting: {cut}")
             break
         tokens += event.tokens
-    maxwell = await _verdict(gateway, started)
+    maxwell = await _verdict(gateway, started, SentCount())  # an error body sends no token
     if not cut and maxwell.get("verdict") in UNVERIFIED:
         body = error_body(_unverified(maxwell), "maxwell_unverified", "not_affirmed", maxwell=maxwell)
         return JSONResponse(body, status_code=502)
@@ -325,6 +334,9 @@ async def _whole(gateway: Gateway, started: Started, shape: Shape, gone: Callabl
             error_body(f"Maxwell cut the agent off: {cut}", "maxwell_cut", "lease_cut", maxwell=maxwell),
             status_code=502,
         )
+    sent = SentCount()
+    sent.sent(len(tokens), started.live.verified)  # the whole text goes out now, after the verdict
+    maxwell.update(delivered_tokens=sent.delivered, unverified_tokens=sent.unverified)
     text = gateway.registry.decode(started.lease.model_id, tokens)
     return shape.whole(text, usage(started.prompt_tokens, len(tokens)), maxwell)
 
@@ -332,8 +344,9 @@ async def _whole(gateway: Gateway, started: Started, shape: Shape, gone: Callabl
 async def _sse(
     gateway: Gateway, started: Started, shape: Shape, progress: Progress
 ) -> AsyncGenerator[bytes, None]:
-    """The stream; `progress.delivered` counts the tokens whose text went out (a `yield` returns
-    once the server sent the chunk); `LeaseStream` stops the lease if it ends short."""
+    """The stream; `progress.sent` counts the tokens whose text went out (a `yield` returns once the
+    server sent the chunk) and how many of them the streaming audit had not verified when their
+    chunk was written; `LeaseStream` stops the lease if it ends short."""
     model_id, lease_id = started.lease.model_id, started.lease.lease_id
     sent, tokens = "", []
     yield _data(shape.chunk(""))
@@ -341,7 +354,7 @@ async def _sse(
         if event.kind == EventKind.CUT:
             if not started.live.cut:  # the gateway gave up waiting, not a finding: stop the lease
                 gateway.leave(lease_id, progress.delivered, f"the gateway stopped waiting: {event.reason}")
-            maxwell = await _verdict(gateway, started)
+            maxwell = await _verdict(gateway, started, progress.sent)
             message = f"Maxwell cut the agent off after {len(tokens)} tokens: {event.reason}"
             progress.ended = True
             yield _data(error_body(message, "maxwell_cut", "lease_cut", maxwell=maxwell))
@@ -351,9 +364,12 @@ async def _sse(
         delta = decode_increment(lambda t: gateway.registry.decode(model_id, t), tokens, sent)
         if delta:
             sent += delta
+            verified = started.live.verified  # before the write: what the requester gets is judged now
             yield _data(shape.chunk(delta))
-            progress.delivered = len(tokens)
-    maxwell = await _verdict(gateway, started)  # settled by now: a client leaving changes nothing
+            progress.sent.sent(len(tokens), verified)
+    maxwell = await _verdict(
+        gateway, started, progress.sent
+    )  # settled by now: a client leaving changes nothing
     progress.ended = True
     if maxwell.get("verdict") in UNVERIFIED:  # caught only at intake: the requester must know
         yield _data(error_body(_unverified(maxwell), "maxwell_unverified", "not_affirmed", maxwell=maxwell))
@@ -396,10 +412,13 @@ def _next(events: queue.Queue[ClientEvent], timeout: float) -> ClientEvent | Non
         return None
 
 
-async def _verdict(gateway: Gateway, started: Started) -> dict[str, Any]:
+async def _verdict(gateway: Gateway, started: Started, sent: SentCount) -> dict[str, Any]:
     await anyio.to_thread.run_sync(gateway.wait_verdict, started.lease.lease_id)
     maxwell = await anyio.to_thread.run_sync(gateway.attestation, started.lease.lease_id)
     maxwell.update(auction=started.auction, ignored=started.ignored, prompt_tokens=started.prompt_tokens)
+    maxwell.update(
+        delivery=started.delivery.value, delivered_tokens=sent.delivered, unverified_tokens=sent.unverified
+    )
     return maxwell
 
 

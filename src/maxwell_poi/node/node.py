@@ -19,6 +19,7 @@ from ..registry.models import Registry
 from ..verifier.policy import Verifier
 from .attest import NodeKey, sign_evidence
 from .channel import AgentRun
+from .probe import WorkProbes
 from .resident import ResidentAgent, StreamWatch
 from .resident_runs import serve_wave, start_resident
 
@@ -61,11 +62,12 @@ class Node:
         self.verifier = verifier
         self.registry = registry or Registry()
         self.agents: dict[str, ResidentAgent] = {}
+        self.probes = WorkProbes(self.registry)  # every generation lease is probed (node.probe)
 
     def start_agent(self, agent_id: str, argv: Sequence[str], cwd: str | None = None) -> ResidentAgent:
         if agent_id in self.agents:
             raise ValueError(f"agent {agent_id!r} is already running on node {self.node_id}")
-        self.agents[agent_id] = start_resident(list(argv), agent_id, cwd)
+        self.agents[agent_id] = start_resident(list(argv), agent_id, cwd, probes=self.probes)
         return self.agents[agent_id]
 
     def agent(self, agent_id: str) -> ResidentAgent:

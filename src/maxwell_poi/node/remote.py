@@ -9,8 +9,9 @@ For each lease it posts the agent's answer verbatim with its signed evidence to
 lease the node cannot run (no command for its agent) is left alone: it expires on the control
 plane, which returns the agent's hold and stake. A newly started agent first answers one warm-up
 lease the node made itself (never handed in): its model load is not billed to a paying lease. The
-warm-up asks the node's own question (WARM_UP_PROMPT), never the paying job's: a caching agent must
-not hold the paid answer before the paid lease arrives (issue 24).
+warm-up asks the node's own question, never the paying job's: a caching agent must not hold the paid
+answer before the paid lease arrives (issue 24). That question carries fresh random words, so no
+requester can pre-place it in a paying lease either, even one who knows WARM_UP_PROMPT.
 
 A resident agent that died (crashed, killed, exited) is started again before its next wave, at most
 RESTART_LIMIT times within RESTART_WINDOW_S and after a backoff that doubles with each restart; past
@@ -22,6 +23,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import secrets
 import threading
 import time
 from collections import defaultdict
@@ -32,7 +34,7 @@ from typing import Any
 import httpx
 from pydantic import BaseModel
 
-from ..protocol.lease import GenerateJob, Lease
+from ..protocol.lease import EmbedJob, GenerateJob, Lease
 from ..protocol.stream import TaggedOpening, refusal_line
 from ..service.client import ServiceClient, ServiceRefused
 from ..service.wire import IntakeAnswer, OpenChallenge, OpeningAnswer, PullBody
@@ -43,8 +45,10 @@ from .relay import StreamRelay
 
 log = logging.getLogger(__name__)
 INTAKE_TRIES = 5
+# the warm-up's question starts with these words and ends with fresh random ones (warm_up_lease)
 WARM_UP_PROMPT = "Maxwell node warm-up: the model is loaded before the first paying lease."
 WARM_UP_TEXT = "Maxwell node warm-up."
+WARM_UP_NONCE_BYTES = 16  # 128 random bits: no requester guesses the warm-up's question
 RESTART_LIMIT = 3  # restarts of one agent allowed within RESTART_WINDOW_S
 RESTART_WINDOW_S = 600.0
 RESTART_BACKOFF_S = 1.0  # before the first restart; doubled for each later one in the window
@@ -230,14 +234,8 @@ class RemoteNode:
     def _warm_up(self, agent_id: str, first: Lease) -> None:
         """One unbilled lease of the same model and size first, made here and never handed in: the
         agent loads its model on its first lease, and that load is not the first paying lease's
-        work. Its question is the node's own, not the paying job's."""
-        job = first.job
-        if isinstance(job, GenerateJob):
-            job = job.model_copy(update={"prompt": WARM_UP_PROMPT})
-        else:
-            job = job.model_copy(update={"texts": [WARM_UP_TEXT]})
-        warm = Lease.issue(agent_id, first.model_id, job, precision=first.precision, ttl_s=600)
-        self.node.serve(agent_id, [warm])
+        work."""
+        self.node.serve(agent_id, [warm_up_lease(agent_id, first)])
 
     def _hand_in(self, lease_id: str, receipt: bytes, evidence: bytes) -> IntakeAnswer | Refused:
         answer: IntakeAnswer | Refused
@@ -257,3 +255,24 @@ class RemoteNode:
         if self.on_answer:
             self.on_answer(answer)
         return answer
+
+
+def warm_up_lease(agent_id: str, first: Lease) -> Lease:
+    """The warm-up for `first`'s agent: `first`'s model, precision and job size, with a question of
+    the node's own, fresh each time (never `first`'s, nor one a requester could have asked)."""
+    job = first.job
+    if isinstance(job, GenerateJob):
+        warm_job: GenerateJob | EmbedJob = job.model_copy(
+            update={"prompt": _fresh(WARM_UP_PROMPT, {job.prompt})}
+        )
+    else:
+        warm_job = job.model_copy(update={"texts": [_fresh(WARM_UP_TEXT, set(job.texts))]})
+    return Lease.issue(agent_id, first.model_id, warm_job, precision=first.precision, ttl_s=600)
+
+
+def _fresh(stem: str, paying: set[str]) -> str:
+    """`stem` and random words; drawn again in the (2^-128) case it equals a paying input."""
+    while True:
+        text = f"{stem} {secrets.token_hex(WARM_UP_NONCE_BYTES)}"
+        if text not in paying:
+            return text

@@ -16,18 +16,20 @@ import bisect
 import contextlib
 import hashlib
 import os
+import queue
 import subprocess
 import threading
 import time
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from ..observer.contention import Mark, between, mark
 from ..observer.evidence import RESIDENT_REGIME, IdleGap, LeaseEvidence
 from ..observer.host import this_device
 from ..observer.telemetry import Measurement, NvmlSource, Observer
 from ..protocol.lease import Lease
+from ..protocol.probe import ProbeAnswer
 from ..protocol.stream import (
     TaggedChunk,
     TaggedOpening,
@@ -38,7 +40,9 @@ from ..protocol.stream import (
     parse_resident_line,
 )
 from .channel import AgentRun, drain
+from .probe import PendingProbe, WorkProbes
 from .sandbox import Sandbox, Usage, open_sandbox
+from .stamper import StampedLines, start_stamper, stop_stamper
 
 # cgroup counters are in nanoseconds, but the kernel folds a running task's time into them only at
 # scheduler ticks and switches (steps of ~0.006 ms on a quiet host here, ~2 ms under load): judge
@@ -82,6 +86,7 @@ class _LeaseState:
     watch: StreamWatch | None = None
     mark_in: Mark | None = None  # the host and the sandbox's run-queue delay when the lease went in
     contention: dict[str, float] = field(default_factory=dict)
+    probe: PendingProbe | None = None  # Maxwell's work probe of this lease (node.probe)
 
 
 class ResidentAgent:
@@ -89,7 +94,8 @@ class ResidentAgent:
 
     `submit(lease, max_bytes)` writes the lease line and returns at once; `collect(lease_id)` waits
     for that lease's receipt (or its deadline) and returns the run with its evidence. Several leases
-    may be in flight at once; the agent decides how to batch them.
+    may be in flight at once; the agent decides how to batch them. With `probes`, each generation
+    lease gets a work probe while it streams (node.probe), judged in `collect`.
     """
 
     def __init__(
@@ -101,17 +107,27 @@ class ResidentAgent:
         sandbox: Sandbox | None = None,
         cwd: str | None = None,
         telemetry: Observer | None = None,
+        probes: WorkProbes | None = None,
     ) -> None:
         self.argv = list(argv)
+        self.probes = probes
+        self._probe_out: queue.Queue[tuple[_LeaseState | None, int]] = queue.Queue()
         self.sandbox = sandbox or open_sandbox(name)
-        self.proc = self.sandbox.spawn(
-            self.argv,
-            env={**os.environ, **(env or {})},
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            cwd=cwd,
-        )
+        try:
+            self.proc = self.sandbox.spawn(
+                self.argv,
+                env={**os.environ, **(env or {})},
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                cwd=cwd,
+            )
+            # the stamper (node.stamper) reads its stdout: no work of this process delays a stamp
+            self._stamper = start_stamper(self.proc.stdout)
+            self.proc.stdout.close()
+        except BaseException:
+            self.sandbox.close()  # the agent never ran (or confining it failed): release its cgroup
+            raise
         self.telemetry = telemetry if telemetry is not None else gpu_observer()
         self._span: list[str] = []  # leases of the open busy span (telemetry window); [] when none
         self._lock = threading.Lock()
@@ -126,6 +142,7 @@ class ResidentAgent:
         self._threads = [
             threading.Thread(target=self._read, daemon=True),
             threading.Thread(target=drain, args=(self.proc.stderr, 1 << 16, self._stderr), daemon=True),
+            threading.Thread(target=self._send_probes, daemon=True),
         ]
         for t in self._threads:
             t.start()
@@ -156,6 +173,7 @@ class ResidentAgent:
                 peak_memory=usage.memory_bytes,
                 watch=watch,
                 mark_in=mark(self.sandbox.pids()),
+                probe=self.probes.draw(lease) if self.probes else None,
             )
             for other in self._leases.values():
                 if not other.done.is_set():
@@ -175,18 +193,20 @@ class ResidentAgent:
 
     # --- agent -> Maxwell -------------------------------------------------------------------
     def _read(self) -> None:
-        stream = self.proc.stdout
+        lines = StampedLines(self._stamper.stdout)
         while True:
-            line = stream.readline(MAX_LINE_BYTES)
+            line, arrived = lines.readline(MAX_LINE_BYTES)
             if not line:
                 break
-            arrived = time.perf_counter()
             if not line.strip():
                 continue
             try:
                 item = parse_resident_line(line)
             except ValueError:
                 self._unreadable(line)
+                continue
+            if isinstance(item, ProbeAnswer):
+                self._probe_answered(item, arrived)
                 continue
             if self._answers_opening(item):
                 continue
@@ -244,6 +264,34 @@ class ResidentAgent:
         answer = waiting[1]
         return answer if isinstance(answer, TaggedOpening) else f"the agent refused: {answer.error}"
 
+    # --- the work probe (node.probe) -------------------------------------------------------------
+    def _send_probes(self) -> None:
+        """Writes probe lines off the reader thread (a write to a full pipe must not stop Maxwell
+        reading the agent's stdout); the probe's clock starts as its line is written."""
+        while True:
+            state, _at = self._probe_out.get()
+            if state is None:
+                return
+            probe = state.probe
+            assert probe is not None
+            try:
+                # the clock starts before the write: the agent may answer before write() returns here
+                # (this thread descheduled on a busy host), and a latency is never negative
+                probe.sent_t = time.perf_counter()
+                with self._write_lock:
+                    self.proc.stdin.write(probe.request.line())
+                    self.proc.stdin.flush()
+            except (BrokenPipeError, ValueError, OSError):
+                probe.sent_at_token, probe.sent_t = -2, None  # the agent's stdin is closed: never went out
+            probe.went_out.set()
+
+    def _probe_answered(self, answer: ProbeAnswer, arrived: float) -> None:
+        with self._lock:
+            state = self._leases.get(answer.lease_id)
+            taken = state is not None and state.probe is not None and state.probe.take(answer, arrived)
+            if not taken:
+                self.unrouted += 1
+
     def _unreadable(self, line: bytes) -> None:
         """An unreadable line cannot be routed: every lease in flight counts a stream error (the
         agent garbled its own channel), or none is and it counts as unrouted."""
@@ -267,6 +315,10 @@ class ResidentAgent:
             self._arrivals.append((arrived, item.lease_id))
         if state.watch is not None:
             state.watch(item, arrived - state.t_in, usage.cpu_ns / 1e9)
+        probe = state.probe
+        if probe is not None and probe.sent_at_token == -2 and item.position >= probe.send_at_token:
+            probe.sent_at_token = item.position
+            self._probe_out.put((state, item.position))
 
     def _chunk(self, state: _LeaseState, item: TaggedChunk) -> None:
         with self._lock:
@@ -291,6 +343,9 @@ class ResidentAgent:
             if state is None or state.done.is_set():
                 return
             state.t_out, state.usage_out, state.refusal = now, usage, refusal
+            if not refusal and state.probe is not None and state.probe.sent_at_token == -2:
+                state.probe.sent_at_token = -1  # no token reached it: probe at the receipt
+                self._probe_out.put((state, -1))
             if state.mark_in is not None:
                 cpu_s = (usage.cpu_ns - state.usage_in.cpu_ns) / 1e9
                 state.contention = between(state.mark_in, mark_out, cpu_s)
@@ -333,9 +388,18 @@ class ResidentAgent:
                 self.proc.wait(timeout=EXIT_GRACE_S)
             if self.proc.poll() is not None:
                 self._threads[1].join(timeout=EXIT_GRACE_S)
+        judged = None
+        if (
+            self.probes is not None
+            and state.probe is not None
+            and state.receipt.strip()
+            and not state.refusal
+        ):
+            self.probes.wait(state.probe)  # while the lease is still routable: a late answer lands
+            judged = self.probes.judge(state.lease, state.probe, this_device())
         with self._lock:
             self._leases.pop(lease_id)
-            evidence = self._evidence(state)
+            evidence = replace(self._evidence(state), probe=judged)
             self._forget_arrivals_before(
                 min((s.t_in for s in self._leases.values()), default=time.perf_counter())
             )
@@ -397,6 +461,7 @@ class ResidentAgent:
             overlapped=len(s.overlap),
             idle_before=s.idle,
             contention=s.contention,
+            sandbox_escapes=tuple(e.reason for e in self.sandbox.check_escapes()),
         )
 
     def stderr_tail(self) -> str:
@@ -409,11 +474,13 @@ class ResidentAgent:
             self.proc.stdin.close()
         with contextlib.suppress(subprocess.TimeoutExpired):
             self.proc.wait(timeout=grace_s)
+        self._probe_out.put((None, 0))  # ends the probe sender
         with self._lock:
             self._end_span()  # a span left open by leases that never answered
         self.sandbox.close()
         for t in self._threads:
             t.join(timeout=2)
+        stop_stamper(self._stamper)
 
     def __enter__(self) -> ResidentAgent:
         return self

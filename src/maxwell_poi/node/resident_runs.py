@@ -20,13 +20,17 @@ from ..registry.models import Registry
 from ..registry.profiles import Profile, Stats
 from ..registry.prompts import PROMPTS, TEXTS
 from .channel import AgentRun
+from .probe import WorkProbes
 from .resident import ResidentAgent, StreamWatch
 from .runs import OFFLINE_ENV, honest_agent_argv
 
 
-def start_resident(argv: list[str], name: str, cwd: str | None = None) -> ResidentAgent:
-    """An agent program started once in its own sandbox, offline, ready for leases."""
-    return ResidentAgent(argv, name=name, env=OFFLINE_ENV, cwd=cwd)
+def start_resident(
+    argv: list[str], name: str, cwd: str | None = None, probes: WorkProbes | None = None
+) -> ResidentAgent:
+    """An agent program started once in its own sandbox, offline, ready for leases; with `probes`,
+    each generation lease is probed while it streams (node.probe)."""
+    return ResidentAgent(argv, name=name, env=OFFLINE_ENV, cwd=cwd, probes=probes)
 
 
 def serve_wave(

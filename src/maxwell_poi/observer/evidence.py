@@ -35,6 +35,20 @@ class IdleGap(NamedTuple):
     cpu_s: float  # the sandbox's CPU seconds over the gap (work done between leases)
 
 
+class WorkProbe(NamedTuple):
+    """Maxwell's work probe of this lease (node.probe): a fresh random sequence the agent had to run
+    through the leased model while the lease streamed, judged by Maxwell's own recomputation."""
+
+    outcome: str  # matched | mismatched | refused | unanswered | not_sent
+    reason: str
+    sent_at_token: int = -2  # the token whose arrival sent it; -1 at the receipt; -2 never sent
+    latency_s: float = -1.0  # Maxwell's clock, probe written to answer read; -1 unanswered
+    ids: int = 0  # fresh ids in the probe
+    close_fraction: float = -1.0  # of the answer's fingerprint values; -1 when not compared
+    median_rel_error: float = -1.0
+    tolerance: str = ""  # the tolerance set and class pair the rule chose
+
+
 @dataclass(frozen=True)
 class LeaseEvidence:
     """Measured by the runner around the agent's process and its stdin/stdout channel."""
@@ -76,6 +90,10 @@ class LeaseEvidence:
     # how contended the host was over the lease window (observer.contention: wait_s, others_cores,
     # steal_cores, cpu_pressure, load1); a figure the kernel did not give is absent, not zero
     contention: dict[str, float] = field(default_factory=dict)
+    probe: WorkProbe | None = None  # the work probe sent during the lease (generation, resident)
+    # escape attempts the node saw from this agent's sandbox up to this lease's end (node.sandbox:
+    # a process outside its cgroup, session or tree), each with its reason; () = none seen
+    sandbox_escapes: tuple[str, ...] = ()
 
     @property
     def streamed(self) -> bool:
@@ -119,6 +137,7 @@ class LeaseEvidence:
         out["stream_tokens"] = list(self.stream_tokens)
         out["stream_t"] = list(self.stream_t)
         out["stream_cpu_s"] = list(self.stream_cpu_s)
+        out["sandbox_escapes"] = list(self.sandbox_escapes)
         out["telemetry"] = {name: m.to_dict() for name, m in self.telemetry.items()}
         return out
 

@@ -14,6 +14,8 @@ Resident (lease after lease over the same pipes, several at once): every line na
                        {"x":"<lease_id or empty>","error":"<why>"}\n   a lease the agent refuses
     Maxwell -> agent   {"open":"<lease_id>","keys":[[block,"op"],...]}\n   L3: open these traced tensors
     agent -> Maxwell   {"o":"<lease_id>","t":[...],"leaves":[...]}\n     the opening (protocol.trace)
+    Maxwell -> agent   {"probe":"<lease_id>",...}\n    the work probe, and its answer {"p":...}
+                                                       (protocol.probe)
 
 Maxwell timestamps each line on its side of the pipe (L1's CPU per token, L2's pace) and compares
 the streamed tokens with the receipt's output (L2). The receipt's bytes are sliced out of the
@@ -27,6 +29,8 @@ import binascii
 import json
 import re
 from dataclasses import dataclass
+
+from .probe import PROBE_ANSWER_PREFIX, ProbeAnswer, parse_probe_answer
 
 PREFIX = b'{"s":['
 RECEIPT_PREFIX = b'{"r":"'
@@ -128,7 +132,7 @@ class TaggedRefusal:
     error: str
 
 
-ResidentLine = TaggedToken | TaggedChunk | TaggedReceipt | TaggedRefusal | TaggedOpening
+ResidentLine = TaggedToken | TaggedChunk | TaggedReceipt | TaggedRefusal | TaggedOpening | ProbeAnswer
 
 
 def parse_resident_line(line: bytes) -> ResidentLine:
@@ -159,13 +163,17 @@ def parse_resident_line(line: bytes) -> ResidentLine:
         lease_id = line[len(OPENING_PREFIX) : len(OPENING_PREFIX) + 32]
         if _LEASE_ID.match(lease_id):
             return TaggedOpening(lease_id.decode(), line)
+    if line.startswith(PROBE_ANSWER_PREFIX):
+        return parse_probe_answer(line)
     if line.startswith(REFUSAL_PREFIX):
         try:
             obj = json.loads(line)
             return TaggedRefusal(str(obj["x"]), str(obj.get("error", ""))[:2000])
         except (ValueError, KeyError, TypeError):
             pass
-    raise ValueError(f"expected a tagged stream, chunk, receipt or refusal line, got {_preview(line)}")
+    raise ValueError(
+        f"expected a tagged stream, chunk, receipt, refusal or probe answer line, got {_preview(line)}"
+    )
 
 
 def _preview(line: bytes, limit: int = 60) -> str:

@@ -62,6 +62,9 @@ class BatchedProver:
         self.prover = Prover(key, registry, threads=threads, batch=1, device=device)
         self.registry = self.prover.registry
 
+    def probe_line(self, request: bytes) -> bytes:
+        return self.prover.probe_line(request)
+
     def runtime(self, rows: int) -> dict[str, JsonValue]:
         return {**self.prover.runtime(), "batch": rows}
 

@@ -22,8 +22,11 @@ from typing import BinaryIO
 
 from ..protocol.errors import PoiError
 from ..protocol.lease import Lease
+from ..protocol.probe import PROBE_REQUEST_PREFIX, refuse_probe
 from ..protocol.stream import OPEN_REQUEST_PREFIX, parse_open_request, receipt_line, refusal_line
 from .stream import bound_to_lease, streaming_leases_to, streaming_to
+
+Prober = Callable[[bytes], bytes]
 
 AnswerOne = Callable[[Lease], bytes]
 AnswerMany = Callable[[list[Lease]], list[bytes]]
@@ -85,17 +88,23 @@ def _lease_id_of(raw: bytes) -> str:
 
 class _Gatherer:
     """Lease lines from stdin (a reader thread), handed out in batches of up to `max_batch`: the
-    first waiting line, then whatever else arrives within `gather_s`."""
+    first waiting line, then whatever else arrives within `gather_s`. Work probes skip the queue:
+    `on_probe` gets them the moment they are read (a lease may be generating)."""
 
-    def __init__(self, stream: BinaryIO, max_batch: int, gather_s: float) -> None:
+    def __init__(
+        self, stream: BinaryIO, max_batch: int, gather_s: float, on_probe: Callable[[bytes], None]
+    ) -> None:
         self.max_batch, self.gather_s = max(1, max_batch), gather_s
         self.lines: queue.Queue[bytes | None] = queue.Queue()
         self.eof = False
+        self.on_probe = on_probe
         threading.Thread(target=self._read, args=(stream,), daemon=True).start()
 
     def _read(self, stream: BinaryIO) -> None:
         for line in stream:
-            if line.strip():
+            if line.startswith(PROBE_REQUEST_PREFIX):
+                self.on_probe(line)
+            elif line.strip():
                 self.lines.put(line)
         self.lines.put(None)
 
@@ -129,18 +138,29 @@ def serve_resident(
     stdin: BinaryIO | None = None,
     stdout: BinaryIO | None = None,
     opener: Callable[[bytes], bytes] | None = None,
+    prober: Prober | None = None,
 ) -> int:
     """Answer leases until stdin closes. A lease that does not parse, or that the prover refuses,
     gets a refusal line; the agent goes on with the next. An L3 challenge line
-    (`{"open": ...}`) is answered by `opener` (its opening line), or refused. Exit status 0."""
+    (`{"open": ...}`) is answered by `opener` (its opening line), or refused. A work probe
+    (`{"probe": ...}`, protocol.probe) is answered by `prober` on a thread of its own, at once,
+    while leases go on; without one, with an error line. Exit status 0."""
     out = stdout or sys.stdout.buffer
     lock = threading.Lock()
-    gatherer = _Gatherer(stdin or sys.stdin.buffer, max_batch, gather_s)
+    probes: queue.Queue[bytes] = queue.Queue()
+    gatherer = _Gatherer(stdin or sys.stdin.buffer, max_batch, gather_s, probes.put)
 
     def write(data: bytes) -> None:
         with lock:
             out.write(data)
             out.flush()
+
+    def answer_probes() -> None:
+        while True:
+            raw = probes.get()
+            write(prober(raw) if prober else refuse_probe(raw, "this agent does not answer work probes"))
+
+    threading.Thread(target=answer_probes, daemon=True).start()
 
     while batch := gatherer.next_batch():
         leases = []

@@ -15,6 +15,7 @@ from pymerkle import InmemoryTree
 
 from ..registry.fingerprint import encode_chunk
 from ..registry.models import LoadedModel
+from ..registry.unrecorded import recorded
 
 
 def _first_tensor(output: object) -> torch.Tensor:
@@ -49,7 +50,7 @@ class ActivationRecorder:
         last = index == len(self._layers) - 1
 
         def hook(_module: torch.nn.Module, _inputs: object, output: object) -> None:
-            if not self.active:
+            if not self.active or not recorded():
                 return
             t = _first_tensor(output)[self.row, self.skip :].detach()
             self._layers[index].append(t)
@@ -59,7 +60,7 @@ class ActivationRecorder:
         return hook
 
     def _keep_final(self, _module: torch.nn.Module, _inputs: object, output: object) -> None:
-        if self.active:
+        if self.active and recorded():
             self._final.append(_first_tensor(output)[self.row, self.skip :].detach())
 
     @property

@@ -34,6 +34,7 @@ from ..registry.forward import embed_one, generate
 from ..registry.models import LoadedModel, ReferenceValues, Registry
 from ..registry.sampling import SeededSampler
 from ..registry.w8a8 import is_w8a8
+from .probe import probe_answerer
 from .recorder import ActivationRecorder, CommitmentBuilder
 from .stream import chunk_sink_for, current_sink
 from .trace import TraceRecorder
@@ -158,6 +159,11 @@ class Prover:
             return refusal_line(lease_id, f"the trace has no tensor among {keys[:4]}")
         nonce = bytes.fromhex(path.with_suffix(".nonce").read_text())
         return opening_line(lease_id, Opening({k: trace.tensors[k] for k in keys}, trace.leaves(nonce)))
+
+    def probe_line(self, request: bytes) -> bytes:
+        """Answer Maxwell's work probe (protocol.probe) with the model this prover serves the
+        probe's model and precision with; an error line when it cannot."""
+        return probe_answerer(self.model_for)(request)
 
     def generate(self, lease: Lease, model: LoadedModel) -> tuple[list[int], CommitmentBuilder]:
         job = lease.job

@@ -12,6 +12,7 @@ import torch
 from ..protocol.trace import OUT, Trace
 from ..registry.blocks import linears, require_architecture
 from ..registry.models import LoadedModel
+from ..registry.unrecorded import recorded
 
 
 class TraceRecorder:
@@ -32,6 +33,8 @@ class TraceRecorder:
         self._handles.append(last.register_forward_hook(self._keep_output(self.blocks - 1, OUT)))
 
     def _keep(self, key: tuple[int, str], tensor: torch.Tensor) -> None:
+        if not recorded():
+            return
         self._parts.setdefault(key, []).append(tensor[self.row].detach().to(torch.float32).cpu())
 
     def _keep_input(self, block: int):

@@ -13,6 +13,7 @@ import torch
 from ..protocol.trace import OUT, Trace
 from ..registry.blocks import linears
 from ..registry.models import LoadedModel
+from ..registry.unrecorded import recorded
 
 
 class IntTraceRecorder:
@@ -36,12 +37,16 @@ class IntTraceRecorder:
 
     def _keep_input(self, block: int):
         def hook(_module, args, kwargs):  # noqa: ANN001, ANN202 - torch's hook signature
+            if not recorded():
+                return
             hidden = args[0] if args else kwargs["hidden_states"]
             self._x.setdefault(block, []).append(hidden[self.row].detach().to(torch.float32))
 
         return hook
 
     def _keep_out(self, _module, _inputs, output) -> None:  # noqa: ANN001
+        if not recorded():
+            return
         self._out.append((output[0] if isinstance(output, tuple) else output)[self.row].detach())
 
     def trace(self) -> Trace:

@@ -141,12 +141,18 @@ def prefill(
     Logits are computed only where a new token was chosen (the prompt's last position onward),
     which keeps the verifier's output projection to N rows.
     """
-    ids = torch.tensor([prompt_ids + tokens[:-1]], device=next(model.module.parameters()).device)
+    hidden = final_hidden(model, prompt_ids + tokens[:-1])
     with torch.inference_mode():
-        hidden = model.module.base_model(input_ids=ids).last_hidden_state[0]
         head = model.module.get_output_embeddings()
         logits = head(hidden[len(prompt_ids) - 1 :])
     return hidden, logits
+
+
+def final_hidden(model: LoadedModel, ids: list[int]) -> torch.Tensor:
+    """Final hidden states [len(ids), d] of `ids` run as a sequence of its own, one forward pass."""
+    t = torch.tensor([ids], device=next(model.module.parameters()).device)
+    with torch.inference_mode():
+        return model.module.base_model(input_ids=t).last_hidden_state[0]
 
 
 def embed_one(model: LoadedModel, text: str) -> tuple[torch.Tensor, np.ndarray]:

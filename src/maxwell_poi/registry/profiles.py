@@ -61,8 +61,68 @@ class Stats:
     def as_dict(self) -> dict[str, Any]:
         return {**asdict(self), "runs": list(self.runs)}
 
+    def scaled(self, factor: float) -> Stats:
+        """Every value times `factor` (a quantity measured per core, taken for `factor` cores)."""
+        return Stats(
+            mean=self.mean * factor,
+            std=self.std * factor,
+            min=self.min * factor,
+            max=self.max * factor,
+            median=self.median * factor,
+            runs=tuple(round(v * factor, 6) for v in self.runs),
+        )
+
 
 STAT_FIELDS = ("interval_s", "decode_cpu_s_per_token", "decode_cores_busy", "peak_rss_mb")
+
+
+def nearest_batch(table: Mapping[str, Stats], batch: int) -> tuple[int, Stats] | None:
+    """The measured batch size to judge a batch of `batch` leases by, and its statistics: the
+    smallest measured size at least `batch` (a bigger batch costs less per token, so its bound is the
+    safe one), else the largest measured; None when no batch was measured."""
+    sizes = sorted(int(b) for b in table)
+    if not sizes:
+        return None
+    chosen = next((b for b in sizes if b >= batch), sizes[-1])
+    return chosen, table[str(chosen)]
+
+
+@dataclass(frozen=True)
+class ThreadRuns:
+    """Honest resident serving at one torch thread count (issue 24). Multi-threaded BLAS burns more
+    CPU per token than one thread (spin-waits and sync: gpt2-small here, 62.7 CPU-ms at 2 threads
+    against 32.6 at 1, the same pace), so L1's work floor follows the parallelism Maxwell measured
+    rather than one thread count's runs (verifier.work_basis)."""
+
+    threads: int
+    cpu_s_per_token: Stats  # per run, unbatched: sandbox CPU seconds per decoded token
+    cores_busy: Stats  # per run: CPU seconds / wall seconds while decoding (Maxwell's measurement)
+    batch_cpu_s_per_token: dict[str, Stats] = field(default_factory=dict)  # as Profile's, this count
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "threads", int(self.threads))
+        for name in ("cpu_s_per_token", "cores_busy"):
+            object.__setattr__(self, name, Stats.coerce(getattr(self, name)))
+        batches = {str(b): Stats.coerce(v) for b, v in self.batch_cpu_s_per_token.items()}
+        object.__setattr__(self, "batch_cpu_s_per_token", batches)
+
+    @classmethod
+    def coerce(cls, value: ThreadRuns | Mapping[str, Any]) -> ThreadRuns:
+        return value if isinstance(value, ThreadRuns) else cls(**value)
+
+    def per_token(self, batch: int) -> tuple[int, Stats] | None:
+        """(the batch size measured, its CPU per token of the batch) to judge `batch` leases by."""
+        if batch <= 1:
+            return 1, self.cpu_s_per_token
+        return nearest_batch(self.batch_cpu_s_per_token, batch)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "threads": self.threads,
+            "cpu_s_per_token": self.cpu_s_per_token.as_dict(),
+            "cores_busy": self.cores_busy.as_dict(),
+            "batch_cpu_s_per_token": {b: v.as_dict() for b, v in self.batch_cpu_s_per_token.items()},
+        }
 
 
 @dataclass(frozen=True)
@@ -92,6 +152,9 @@ class Profile:
     # cpu_pressure, steal_cores, wait_s per token): a lease measured beyond it is under conditions
     # the profile never saw
     conditions: dict[str, Stats] = field(default_factory=dict)
+    # resident regime: the honest runs at each torch thread count measured (keys str(threads); the
+    # fields above are the agent's default thread count's); empty for profiles made before issue 24
+    threads_runs: dict[str, ThreadRuns] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         for name in STAT_FIELDS:  # stored profiles and hand-built ones carry plain dicts
@@ -102,6 +165,8 @@ class Profile:
             if getattr(self, name) is not None:
                 object.__setattr__(self, name, Stats.coerce(getattr(self, name)))
         object.__setattr__(self, "conditions", {k: Stats.coerce(v) for k, v in self.conditions.items()})
+        runs = {str(t): ThreadRuns.coerce(v) for t, v in self.threads_runs.items()}
+        object.__setattr__(self, "threads_runs", runs)
 
     @classmethod
     def from_runs(
@@ -142,14 +207,13 @@ class Profile:
         return tokens * flops_per_token / self.peak_flops_per_cpu_s
 
     def batch_stats(self, batch: int) -> tuple[int, Stats] | None:
-        """The measured batch size to judge a batch of `batch` leases by, and its statistics: the
-        smallest measured size at least `batch` (a bigger batch costs less per token, so its bound
-        is the safe one), else the largest measured; None when no batch was measured."""
-        sizes = sorted(int(b) for b in self.batch_cpu_s_per_token)
-        if not sizes:
-            return None
-        chosen = next((b for b in sizes if b >= batch), sizes[-1])
-        return chosen, self.batch_cpu_s_per_token[str(chosen)]
+        """The default thread count's statistics for a batch of `batch` leases (`nearest_batch`)."""
+        return nearest_batch(self.batch_cpu_s_per_token, batch)
+
+    @property
+    def least_cores_busy(self) -> float:
+        """The fewest cores any honest run of any thread count kept busy while decoding."""
+        return min([self.decode_cores_busy.min, *(r.cores_busy.min for r in self.threads_runs.values())])
 
     def as_dict(self) -> dict[str, Any]:
         out = asdict(self)
@@ -159,6 +223,7 @@ class Profile:
             if getattr(self, name) is not None:
                 out[name] = getattr(self, name).as_dict()
         out["conditions"] = {k: v.as_dict() for k, v in self.conditions.items()}
+        out["threads_runs"] = {t: r.as_dict() for t, r in self.threads_runs.items()}
         return out
 
     @property

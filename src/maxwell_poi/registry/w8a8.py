@@ -17,6 +17,7 @@ from torch import nn
 
 from .blocks import linears, replace_linears
 from .loaded import LoadedModel
+from .unrecorded import recorded
 
 __all__ = ["QMAX", "W8A8Linear", "is_w8a8", "linears", "quantize_blocks", "quantize_rows", "quantized"]
 
@@ -44,7 +45,7 @@ class W8A8Linear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x_q, x_scale = quantize_rows(x.to(torch.float32))
         acc = x_q.to(torch.int32) @ self.weight_q.to(torch.int32)  # exact: |acc| < 127² · in < 2³¹
-        if self.taps is not None:
+        if self.taps is not None and recorded():
             self.taps.append((x_q, acc, x_scale))
         return acc.to(torch.float32) * x_scale * self.weight_scale + self.bias
 

@@ -7,6 +7,10 @@ pulls, the node finds it in its next pull (`open_for`), asks its resident agent
 there is none. Nothing the node relays is trusted: the line is the agent's claim, checked against
 the receipt's signed trace root by the verifier (protocol.trace.verify_opening). A late answer is
 kept (for the record) but never counts: the question's deadline is Maxwell's clock.
+
+One lease's L3 challenge opens every block (verifier.every_block) and may be several questions here,
+one per part of the trace that fits the relay's line; they are asked one after another, each with
+its own deadline, and the first that goes unanswered or fails ends the challenge.
 """
 
 from __future__ import annotations

@@ -31,7 +31,7 @@ class ServiceConfig:
     max_body_bytes: int = 16 << 20
     max_leases_per_pull: int = 64
     max_open_bids: int = 256  # per agent: a flood of bids is refused (429), not stored
-    exact_blocks: int = 2  # exact tier: blocks an L3 challenge opens, drawn after the receipt
+    exact_blocks: int = 2  # exact tier: most blocks per opening; a challenge opens every block, in parts
     opening_timeout_s: float = 30.0  # exact tier: how long an agent has to answer one challenge
     challenge_window_s: float = 60.0  # exact tier: how long a receipt stays challengeable, stake held
     canary_rate: float = 0.02  # gateway: after a completion, its agent's chance of a canary (gateway.canary)

@@ -8,12 +8,14 @@ escrowed: the verdict is not final and the lease stays `audit_pending`. Here, fo
    against its own prefill, asking the agent for one committed block input per round, down to the
    first block whose committed output does not follow; it recomputes that one block and names the
    operation. The dispute's result joins the verdict's layers (under L3).
-3. **Challenge (L3)**, of every lease L4 did not find wrong. After the receipt is in, Maxwell draws
-   blocks from its CSPRNG, asks the agent — through the lease's node (service.challenges) — to
-   open them from its kept trace, and checks the opening against the receipt's signed trace root
-   and each block exactly (Freivalds on the linear operations with secret vectors, Maxwell's replay
-   of everything between them). No opening in time, a refusal, a forged tensor or a block that does
-   not follow: L3 fails.
+3. **Challenge (L3)**, of every lease L4 did not find wrong: **every block** (verifier.every_block),
+   so a cheat in one block is caught on every challenged lease. After the receipt is in, Maxwell
+   asks the agent — through the lease's node (service.challenges) — to open its kept trace, in
+   parts of at most `blocks` blocks and a byte budget the relay carries, and checks each part
+   against the receipt's signed trace root and each block exactly (Freivalds on the linear
+   operations with secret vectors, Maxwell's replay of everything between them). No opening in
+   time, a refusal, a forged tensor, a block missing or one that does not follow: L3 fails, and
+   the first failure ends the challenge.
 4. **Window.** A lease whose checks all passed becomes final — stake released — once its challenge
    window (`challenge_window_s` from intake) has closed; a failed check is final at once (stake
    slashed, whatever the window).
@@ -37,13 +39,14 @@ from sqlalchemy.orm import Session
 
 from ..ledger import Ledger
 from ..protocol.errors import PoiError
-from ..protocol.lease import Lease
+from ..protocol.lease import GenerateJob, Lease
 from ..protocol.receipt import ReceiptClaims, open_receipt
 from ..protocol.result import LayerName, LayerResult, Status, Verdict
 from ..protocol.trace import Opening, opening_keys
 from ..registry.models import LoadedModel, Registry
 from ..verifier.dispute import DisputeResult, bisect, reference_inputs
-from ..verifier.exact import FreivaldsKey, IntFreivaldsKey, appraise_opening, draw_blocks, key_for, traced_ops
+from ..verifier.every_block import appraise_every_block
+from ..verifier.exact import FreivaldsKey, IntFreivaldsKey, key_for, traced_ops
 from .audits import AuditWorkers, with_l4
 from .challenges import ChallengeBoard
 from .schema import AgentRow, LeaseRow, ReceiptRow, VerdictRow
@@ -62,7 +65,7 @@ class ExactAudits:
         board: ChallengeBoard,
         l4: AuditWorkers,
         *,
-        blocks: int = 2,
+        blocks: int = 2,  # most blocks per opening (one challenge on the wire); 0: the byte budget
         opening_timeout_s: float = 30.0,
         window_s: float = 60.0,
         on_done: Callable[[str, str, float], None] | None = None,
@@ -71,7 +74,7 @@ class ExactAudits:
         self.registry = registry
         self.board = board
         self.l4 = l4  # its backend runs the drawn L4 re-executions
-        self.blocks = blocks
+        self.blocks = blocks  # a lease is still opened whole: this only sizes each part
         self.opening_timeout_s = opening_timeout_s
         self.window_s = window_s
         self.on_done = on_done
@@ -154,7 +157,7 @@ class ExactAudits:
         inline: list[LayerResult],
     ) -> list[LayerResult]:
         """The new layers: a drawn L4 first — when it disagrees, the dispute bisects the trace to the
-        block (which subsumes a spot check); otherwise the L3 challenge of drawn blocks."""
+        block (which subsumes a spot check); otherwise the L3 challenge of every block."""
         lease = Lease.from_json(row.lease_json)
         try:
             claims = open_receipt(receipt.receipt, MAX_RECEIPT).claims
@@ -181,19 +184,18 @@ class ExactAudits:
         model: LoadedModel,
         key: FreivaldsKey | IntFreivaldsKey,
     ) -> LayerResult:
-        blocks = draw_blocks(len(model.layers), self.blocks)  # after the receipt: the agent cannot know
-        if claims.trace is None:
-            return appraise_opening(claims, lease.nonce_bytes, model, key, blocks, None)
-        got = self.board.ask(
-            lease.lease_id,
-            row.node_id,
-            ChallengeKind.L3,
-            opening_keys(blocks, len(model.layers), traced_ops(model)),
-            self.opening_timeout_s,
+        """Every block opened, part by part, each part one question relayed by the lease's node."""
+        total, ops = len(model.layers), traced_ops(model)
+
+        def opener(blocks: list[int]) -> Opening | str:
+            keys = opening_keys(blocks, total, ops)
+            return self.board.ask(lease.lease_id, row.node_id, ChallengeKind.L3, keys, self.opening_timeout_s)
+
+        prompt = model.encode_prompt(lease.job.prompt) if isinstance(lease.job, GenerateJob) else []
+        positions = len(prompt) + len(claims.tokens())  # only sizes the parts: a wrong size fails closed
+        return appraise_every_block(
+            claims, lease.nonce_bytes, model, key, opener, positions=positions, most_blocks=self.blocks
         )
-        if isinstance(got, str):
-            return LayerResult(LayerName.EXACT, Status.FAIL, f"opening of blocks {blocks}: {got}")
-        return appraise_opening(claims, lease.nonce_bytes, model, key, blocks, got)
 
     def _dispute(self, row: LeaseRow, lease: Lease, claims: ReceiptClaims, model: LoadedModel) -> LayerResult:
         t0 = time.perf_counter()

@@ -170,7 +170,7 @@ class ChallengeRow(ServiceBase):
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     lease_id: Mapped[str] = mapped_column(ForeignKey("cp_leases.lease_id"), index=True)
     node_id: Mapped[str] = mapped_column(String(ID_LENGTH), index=True)
-    kind: Mapped[str] = mapped_column(String(8))  # l3: drawn blocks; bisect / settle: a dispute's
+    kind: Mapped[str] = mapped_column(String(8))  # l3: a part of every block; bisect / settle: a dispute's
     keys: Mapped[str] = mapped_column(Text)  # JSON [[block, op], ...]
     status: Mapped[str] = mapped_column(String(16), index=True)
     asked_at: Mapped[float] = mapped_column(Float)

@@ -62,7 +62,7 @@ class ChallengeState(StrEnum):
 
 
 class ChallengeKind(StrEnum):
-    L3 = "l3"  # drawn blocks
+    L3 = "l3"  # a part of the lease's blocks (a challenge opens every block, in parts)
     BISECT = "bisect"  # a dispute's round
     SETTLE = "settle"  # a dispute's last opening: the culprit block whole
 

@@ -6,9 +6,10 @@ Checks, in order:
    embeddings: `embedding_match` every embedding within the calibrated distance of the reference;
 2. `fingerprints_match`          the committed top-k values match chunk by chunk within the
    claimed precision's tolerance.
-The tolerance set is chosen by hardware-class pair: same-class (near-exact) only when the node's
-own evidence says the prover ran on the verifier's kind of device; cross-class otherwise,
-including every appraisal without Maxwell-side evidence (verifier/thresholds.py).
+The tolerance set is chosen by hardware-class pair, by the one rule every audit path shares
+(`thresholds.choose_tolerance`): same-class (near-exact) only when the node's own evidence says the
+prover ran on the verifier's kind of device; cross-class otherwise, including every appraisal without
+Maxwell-side evidence, whose reason then says the class was not measured.
 `measure_generation` / `measure_embedding` return what re-execution found before any threshold
 (bench/audit/calibrate.py reads them).
 """
@@ -29,7 +30,7 @@ from ..registry.forward import embed_one, prefill
 from ..registry.models import LoadedModel, Registry
 from ..registry.sampling import SeededSampler
 from .appraisal import Appraisal, Finding, Outcome, TimedLayer, failed, passed, skipped
-from .thresholds import Thresholds, Tolerance
+from .thresholds import Thresholds, Tolerance, ToleranceChoice, choose_tolerance
 
 
 class AuditLayer(TimedLayer):
@@ -60,19 +61,20 @@ class AuditLayer(TimedLayer):
 
         return f"cuda:{torch.cuda.get_device_name(self.device)}"
 
-    def tolerance_pair(self, ctx: Appraisal) -> tuple[bool, str]:
-        """(same-class tolerance?, 'prover class -> verifier class'); the prover's class is the
-        node's measurement, never the receipt's runtime claim. A measured class pair (thresholds'
-        class_pairs) earns the same-class tolerance for its precision, and says so in the text."""
-        ours = self.verifier_class()
+    def tolerance(self, precision: str, prover_device: str | None) -> ToleranceChoice:
+        """The tolerance set for a claim at `precision` whose prover Maxwell's node measured on
+        `prover_device` ("" or None: not measured), by the one rule (thresholds.choose_tolerance)."""
+        return choose_tolerance(self.thresholds, precision, prover_device, self.verifier_class())
+
+    def tolerance_for(self, ctx: Appraisal) -> ToleranceChoice:
+        """The prover's class is the node's measurement (its evidence), never the receipt's claim."""
         measured = ctx.evidence.device_class if ctx.evidence is not None else ""
-        theirs = numerics_class(measured) if measured else ""
-        pair = f"{theirs or 'unknown'} -> {ours}"
-        if theirs == ours:
-            return True, pair
-        if theirs and self.thresholds.measured_pair(theirs, ours, ctx.lease.precision) is not None:
-            return True, pair + " (measured pair)"
-        return False, pair
+        return self.tolerance(ctx.lease.precision, measured)
+
+    def tolerance_pair(self, ctx: Appraisal) -> tuple[bool, str]:
+        """(same-class tolerance?, 'prover class -> verifier class'): `tolerance_for` in brief."""
+        choice = self.tolerance_for(ctx)
+        return choice.strict, choice.class_pair
 
     def decide(self, ctx: Appraisal) -> Outcome:
         if ctx.receipt is None:
@@ -85,15 +87,9 @@ class AuditLayer(TimedLayer):
     def _reexecute(self, ctx: Appraisal) -> Outcome:
         assert ctx.receipt is not None
         model = self.reference_model(ctx.lease.model_id)
-        same, pair = self.tolerance_pair(ctx)
-        tol = self.thresholds.for_precision(ctx.lease.precision, same_class=same)
-        tolerance: dict[str, object] = {"tolerance": "same-class" if same else "cross-class"}
-        tolerance["class_pair"] = pair
-        if pair.endswith("(measured pair)") and ctx.evidence is not None:
-            found = self.thresholds.measured_pair(
-                numerics_class(ctx.evidence.device_class), self.verifier_class(), ctx.lease.precision
-            )
-            tolerance["class_pair_provenance"] = found.provenance if found else {}
+        choice = self.tolerance_for(ctx)
+        tol = choice.tolerance
+        tolerance = choice.details()
         if isinstance(ctx.lease.job, GenerateJob):
             m = measure_generation(ctx.lease, ctx.receipt.claims, model, tol.logit_tol)
             details = {"max_token_gap": m.max_gap, "token_gap_tolerance": tol.token_gap, **tolerance}
@@ -108,7 +104,7 @@ class AuditLayer(TimedLayer):
             ok = f"{len(m.chunks)} embeddings and fingerprints match the reference"
         details["chunks"] = [c.as_dict() for c in m.chunks]
         problem = first or fingerprints_match(m.chunks, tol)
-        used = f" [{tolerance['tolerance']} tolerance, {pair}]"  # the verdict names the pair used
+        used = " " + choice.label()  # the verdict names the set and the pair it was chosen for
         if problem:
             return failed(problem.reason + used, m.worst_close, **details)
         return passed(ok + used, m.worst_close, **details)

@@ -13,7 +13,11 @@ Checks, in order:
                      gap on a free core); tokens that only *arrived* bunched while the lease's window
                      holds the pace give a warning (`bunched`: the node's stamps are late, never early);
 6. `steady`          no long burst: at most MAX_BURST_RUN tokens in a row arrive closer together
-                     than a tenth of the profile's gap.
+                     than a tenth of the profile's gap;
+and, right after the stream checks (it needs no profile), `work_probe`: the node's work probe of
+the lease (node.probe) was answered by the leased model. A probe answered wrongly, refused or left
+unanswered fails: padding (CPU burnt, memory held) cannot compute a fresh sequence through the
+leased weights. A lease the node did not probe passes this check saying so in its details.
 
 Why mean and runs rather than median and burst fraction: honest speculative decoding emits every
 token a verification pass accepted at once (about half the gaps are bursts at acceptance ~50 %),
@@ -27,7 +31,7 @@ import statistics
 
 import numpy as np
 
-from ..observer.evidence import RESIDENT_REGIME, LeaseEvidence
+from ..observer.evidence import LeaseEvidence
 from ..protocol.encoding import pack_tokens
 from ..protocol.fingerprint import chunk_size_bytes
 from ..protocol.lease import GenerateJob
@@ -45,7 +49,7 @@ from .appraisal import (
     warned,
 )
 from .conditions import contention_details, excused, unjudged
-from .thermodynamic import accounting_slack_s, per_token_stats, stats_lower_bound
+from .thermodynamic import accounting_slack_s, lease_window_fair, per_token_stats, stats_lower_bound
 
 BURST_GAP = 0.1  # a gap under this fraction of the profile's median counts as a burst
 MAX_BURST_RUN = 8  # burst gaps in a row allowed: one speculative pass's accepted tokens (block <= 8)
@@ -119,6 +123,21 @@ def chunks_match(ev: LeaseEvidence, fingerprints: bytes, k: int) -> Finding | No
     )
 
 
+def work_probe(ev: LeaseEvidence) -> Finding | None:
+    """The node's work probe (node.probe), judged there by Maxwell's recomputation."""
+    probe = ev.probe
+    if probe is None or probe.outcome in ("matched", "not_sent"):
+        return None
+    return Finding(probe.reason)
+
+
+def probe_details(ev: LeaseEvidence) -> dict[str, object]:
+    if ev.probe is None:
+        return {"work_probe": "not probed"}
+    p = ev.probe
+    return {"work_probe": p.outcome, "work_probe_latency_ms": round(p.latency_s * 1000, 2)}
+
+
 def pace(mean: float, profile: Profile, model_id: str) -> Finding | None:
     lo = interval_lower_bound(profile)
     if mean >= lo:
@@ -146,9 +165,7 @@ def bunched(
     lease (no idle gap before it, nothing beside it): its window and CPU hold the agent's start-up (a
     fabricator's imports held 81 ms a token). Resident evidence only: a one-shot run's stamps count
     from the process start."""
-    if ev.regime != RESIDENT_REGIME or not ev.stream_t:
-        return None
-    if ev.idle_before is None and not ev.overlapped:  # the sandbox's first lease: its start-up is in it
+    if not lease_window_fair(ev):
         return None
     window = ev.stream_t[-1] / len(ev.stream_t)  # stamps count from the lease's hand-over
     if window < lo:
@@ -207,9 +224,10 @@ class BoundaryLayer(EvidenceLayer):
             stream_present(ev, claimed),
             stream_matches(ev, claimed),
             chunks_match(ev, fingerprints, ctx.lease.job.fingerprint_k),
+            work_probe(ev),
         ):
             if problem:
-                return failed(problem.reason)
+                return failed(problem.reason, **probe_details(ev))
         profile = self.profile(ctx, ev)
         if profile is None:  # the stream matched, but its pace cannot be judged: not a pass
             why = no_profile(ctx.lease.model_id, ev)
@@ -230,6 +248,7 @@ class BoundaryLayer(EvidenceLayer):
             "profile_interval_ms": round(profile.interval_s.median * 1000, 3),
             "burst_fraction": round(float(np.mean(gaps < BURST_GAP * profile.interval_s.median)), 3),
             "longest_burst": run,
+            **probe_details(ev),
         }
         details.update(contention_details(ev))
         problem = pace(mean, profile, ctx.lease.model_id)
@@ -242,9 +261,10 @@ class BoundaryLayer(EvidenceLayer):
         if problem:
             excuse = unjudged(problem, profile, ev, **details)
             return excuse or failed(problem.reason, problem.score, **details)
+        answered = "; work probe answered by the leased model" if details["work_probe"] == "matched" else ""
         return passed(
             f"streamed tokens match the receipt; {mean * 1000:.1f} ms/token on average "
-            f"(profile {profile.interval_s.median * 1000:.1f})",
+            f"(profile {profile.interval_s.median * 1000:.1f}){answered}",
             _pace_score(mean, profile),
             **details,
         )

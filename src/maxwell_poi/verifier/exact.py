@@ -32,7 +32,7 @@ import torch
 
 from ..protocol.receipt import ReceiptClaims
 from ..protocol.result import LayerName, LayerResult, Status
-from ..protocol.trace import INT_OPS, OPS_BY_ARCH, Opening, output_key, verify_opening
+from ..protocol.trace import INT_OPS, OPS_BY_ARCH, Opening, opening_keys, output_key, verify_opening
 from ..registry.blocks import BRANCHES, INPUT_GROUPS, linears, require_architecture, weight_in_out
 from ..registry.models import LoadedModel
 from ..registry.w8a8 import is_w8a8, quantize_rows
@@ -222,40 +222,68 @@ def appraise_opening(
     opening: Opening | None,
     tol: float = FP32_TOLERANCE,
 ) -> LayerResult:
-    """L3 for one challenge: the opening must rebuild the receipt's trace root, and every opened
-    block must hold under Freivalds and Maxwell's replay (float mode, or with an IntFreivaldsKey the
-    exact integer mode of a W8A8 model). No opening (refused, late) fails."""
+    """L3 for one opening: it must rebuild the receipt's trace root, and every opened block must hold
+    under Freivalds and Maxwell's replay (float mode, or with an IntFreivaldsKey the exact integer
+    mode of a W8A8 model). No opening (refused, late) fails. (verifier.every_block asks for every
+    block of a challenged lease, in as many openings as the relay carries, through `check_opening`.)"""
     t0 = time.perf_counter()
     if claims.trace is None:
-        return LayerResult(
-            LayerName.EXACT, Status.FAIL, "trace: expected a v3 receipt with a trace root, got none"
-        )
+        return LayerResult(LayerName.EXACT, Status.FAIL, NO_TRACE_ROOT)
     if opening is None:
         return LayerResult(LayerName.EXACT, Status.FAIL, f"opening of blocks {blocks}: none came in time")
-    ops = traced_ops(model)
-    problem = verify_opening(opening, nonce, claims.trace, len(model.layers), ops)
-    missing = [b for b in blocks if any((b, op) not in opening.tensors for op in ops)]
-    if problem or missing:
-        why = problem or f"opening: expected blocks {blocks}, got none for {missing}"
-        return LayerResult(LayerName.EXACT, Status.FAIL, why, cost_s=time.perf_counter() - t0)
-    if isinstance(key, IntFreivaldsKey):
-        checks = [check_block_int(model, key, *_opened(opening, b, ops, len(model.layers))) for b in blocks]
-    else:
-        checks = audit_blocks(model, key, opening, blocks, tol)
+    checks, problem = check_opening(model, key, nonce, claims.trace, blocks, opening, tol)
+    cost = time.perf_counter() - t0
+    if problem:
+        return LayerResult(LayerName.EXACT, Status.FAIL, problem, cost_s=cost)
     worst = max((r for c in checks for r in c.residuals.values()), default=0.0)  # none: a shape failed
     details = {"blocks": blocks, "residuals": {str(c.block): c.residuals for c in checks}, "tolerance": tol}
     failed = next((c for c in checks if not c.ok), None)
-    cost = time.perf_counter() - t0
     if failed:
         return LayerResult(LayerName.EXACT, Status.FAIL, failed.reason, cost_s=cost, details=details)
-    if isinstance(key, IntFreivaldsKey):
-        reason = (f"blocks {blocks} opened and checked exactly: int8 products at zero tolerance (Freivalds, "
-                  f"soundness error {key.soundness_error:.0e} per operation) + replay")  # fmt: skip
-    else:
-        reason = (
-            f"blocks {blocks} opened and checked exactly (Freivalds + replay), worst residual {worst:.2g}"
-        )
+    reason = f"blocks {blocks} opened and {checked_how(key, worst)}"
     return LayerResult(LayerName.EXACT, Status.PASS, reason, score=1.0, cost_s=cost, details=details)
+
+
+NO_TRACE_ROOT = "trace: expected a v3 receipt with a trace root, got none"
+
+
+def check_opening(
+    model: LoadedModel,
+    key: FreivaldsKey | IntFreivaldsKey,
+    nonce: bytes,
+    root: str,
+    blocks: list[int],
+    opening: Opening,
+    tol: float = FP32_TOLERANCE,
+) -> tuple[list[BlockCheck], str | None]:
+    """(each block's check, None), or ([], why the opening itself is refused: it does not rebuild
+    the signed root, or lacks a tensor of a block asked for). A block whose check raises (a tensor
+    the replay cannot take) is a failed check naming the error, never a pass."""
+    ops, total = traced_ops(model), len(model.layers)
+    problem = verify_opening(opening, nonce, root, total, ops)
+    missing = [b for b in blocks if any(k not in opening.tensors for k in opening_keys([b], total, ops))]
+    if problem or missing:
+        return [], problem or f"opening: expected blocks {blocks}, got none for {missing}"
+    checks = []
+    for b in blocks:
+        _, opened, output = _opened(opening, b, ops, total)
+        try:
+            if isinstance(key, IntFreivaldsKey):
+                checks.append(check_block_int(model, key, b, opened, output, tol))
+            else:
+                checks.append(check_block(model, key, b, opened, output, tol))
+        except (ValueError, TypeError, RuntimeError, IndexError, KeyError) as exc:  # fail closed
+            why = f"block {b}: could not be checked ({type(exc).__name__}: {exc})"
+            checks.append(BlockCheck(b, False, None, {}, why))
+    return checks, None
+
+
+def checked_how(key: FreivaldsKey | IntFreivaldsKey, worst: float) -> str:
+    """How passing blocks were checked, for a verdict's reason."""
+    if isinstance(key, IntFreivaldsKey):
+        return (f"checked exactly: int8 products at zero tolerance (Freivalds, soundness error "
+                f"{key.soundness_error:.0e} per operation) + replay")  # fmt: skip
+    return f"checked exactly (Freivalds + replay), worst residual {worst:.2g}"
 
 
 # -- exact integer mode (W8A8, registry.w8a8) -------------------------------------------------------

@@ -8,8 +8,11 @@ checks as `audit.AuditLayer`, in arrival order. The first failure is returned wi
 at which it was found, so the caller can cut the agent off there (issue 11: the gateway ends the
 client's stream, the requester is not charged).
 
-In-process only so far: fingerprint chunks reach it through `receive_chunk`; the wire carrying
-them on the stream is not built yet.
+Fingerprint chunks reach it through `receive_chunk` (the gateway relays them as the node streams
+them). Its tolerance is a `thresholds.ToleranceChoice`, chosen by the one rule every audit path uses
+(`AuditLayer.tolerance`: the class pair the node measured), never a set picked here. `checked` counts
+the tokens whose choice has been verified so far: the gateway's verified-before-delivered mode
+releases no token past it.
 """
 
 from __future__ import annotations
@@ -25,7 +28,7 @@ from ..registry.fingerprint import compare_chunk
 from ..registry.forward import KVCached
 from ..registry.models import LoadedModel
 from ..registry.sampling import SeededSampler
-from .thresholds import Tolerance
+from .thresholds import ToleranceChoice
 
 
 @dataclass(frozen=True)
@@ -40,11 +43,13 @@ class StreamFinding:
 class StreamingAudit:
     """Checks one generation lease incrementally; see the module docstring."""
 
-    def __init__(self, lease: Lease, model: LoadedModel, tol: Tolerance, block: int | None = None) -> None:
+    def __init__(
+        self, lease: Lease, model: LoadedModel, tolerance: ToleranceChoice, block: int | None = None
+    ) -> None:
         job = lease.job
         if not isinstance(job, GenerateJob):
             raise ValueError("streaming appraisal is for generation leases")
-        self.job, self.tol = job, tol
+        self.job, self.choice, self.tol = job, tolerance, tolerance.tolerance
         self.block = block or job.chunk
         self.sampler = SeededSampler(lease.seed_bytes, job.temperature, job.top_k)
         self.prompt = model.encode_prompt(job.prompt)

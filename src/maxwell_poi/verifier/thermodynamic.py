@@ -7,7 +7,9 @@ streamed token arrives; with NVML (or RAPL) the same checks read joules. In prod
 Observer's readings come from a GPU driver shim in the VMM or a mediated device for the bus, and
 the BMC for power (design.md section 1).
 
-Checks, in order, over the decode window (first to last streamed token):
+First, `escape_attempts` (verifier/containment.py): the node saw none of the agent's processes leave
+its sandbox (what left was not measured). Then, in order, over the decode window (first to last
+streamed token):
 1. `physics_floor`   the claimed FLOPs cannot be done in fewer CPU seconds than the device's
                      measured peak rate allows;
 2. `on_cpu`          (where Maxwell measured the sandbox's run-queue delay) the sandbox was on a CPU
@@ -15,7 +17,9 @@ Checks, in order, over the decode window (first to last streamed token):
                      waited for a CPU is taken out: decoding is compute-bound, sleeping is not —
                      honest gpt2-micro showed 0.96-1.02 cores busy on a free core with two CPU hogs
                      beside it, a sleeper 0.00 (issue 23);
-2b. `work_per_token` CPU seconds per decoded token at least the profile's honest lower bound;
+2b. `work_per_token` CPU seconds per decoded token at least the honest lower bound of the profile
+                     runs matching the cores the sandbox kept busy (verifier.work_basis: an honest
+                     1-thread agent burns half the CPU of a 2-thread one here); the reason names them;
 3. `memory_floor`    peak resident memory reaches what holding the weights takes (necessary, not
                      sufficient: an agent can pad memory; the audit and, on GPUs, the DRAM
                      bandwidth NVML GPM sees catch what this misses);
@@ -41,7 +45,7 @@ from typing import Any
 
 import numpy as np
 
-from ..observer.evidence import DecodeWindow, LeaseEvidence
+from ..observer.evidence import RESIDENT_REGIME, DecodeWindow, LeaseEvidence
 from ..protocol.lease import EmbedJob, GenerateJob, Lease
 from ..protocol.result import LayerName, Status
 from ..registry.models import ReferenceValues, Registry
@@ -49,7 +53,9 @@ from ..registry.profiles import Profile, ProfileStore, Stats
 from .appraisal import Appraisal, EvidenceLayer, Finding, Outcome, failed, no_profile, not_measured, passed
 from .classify import WorkloadClassifier, trace_features
 from .conditions import contention_details, excused
+from .containment import escape_attempts
 from .gpu_signals import GpuSignals, gpu_outcome, nvml_window
+from .work_basis import WorkBasis, work_basis
 
 CLASSIFIER_REJECT_BELOW = 0.2  # P(inference) under which the trace shape alone rejects
 # A short window is given two accounting ticks of benefit of the doubt before the floor and the
@@ -90,13 +96,16 @@ def stats_lower_bound(s: Stats, regime: str = "oneshot") -> float:
     return max(0.2 * s.mean, min(WORK_MIN_FRACTION * s.min, s.mean - 3 * s.std))
 
 
+def basis_of(profile: Profile, ev: LeaseEvidence) -> WorkBasis | None:
+    """The honest runs this window's work floor is a fraction of: those matching the cores the
+    sandbox kept busy, at the window's batch size (None when batched and no runs measured batches)."""
+    return work_basis(profile, ev, lambda s: stats_lower_bound(s, ev.regime))
+
+
 def per_token_stats(profile: Profile, ev: LeaseEvidence) -> Stats | None:
-    """The profile's honest CPU per token for this window: unbatched, or at the batch size the
-    window's leases were served at (None when batched and the profile has no batch sizes)."""
-    if not ev.co_leases:
-        return profile.decode_cpu_s_per_token
-    chosen = profile.batch_stats(1 + ev.co_leases)
-    return chosen[1] if chosen else None
+    """The honest CPU per token L1 judges this window by (`basis_of`); L2 and the plots use the same."""
+    basis = basis_of(profile, ev)
+    return basis.per_token if basis else None
 
 
 def work_lower_bound(profile: Profile) -> float:
@@ -129,30 +138,37 @@ class DecodeWork:
     batch: int = 1  # leases streaming in the window (this one and those it was batched with)
     honest_per_token_s: float = 0.0  # the profile's mean at that batch size
     wait_s: float | None = None  # the sandbox's run-queue delay over the lease (None: not measured)
+    basis: WorkBasis | None = None  # which profile runs the work floor came from
+    from_lease_start: bool = False  # the tokens arrived bunched: `window` is the lease's (lease_window)
 
     @classmethod
     def of(
-        cls, ev: LeaseEvidence, profile: Profile, ref: ReferenceValues, lease: Lease, per_token: Stats
+        cls, ev: LeaseEvidence, profile: Profile, ref: ReferenceValues, lease: Lease, basis: WorkBasis
     ) -> DecodeWork:
-        """From evidence that has a decode window (at least two streamed tokens); `per_token` is
-        the profile's CPU per token at the window's batch size. Co-served tokens are taken to be
-        of the same model (one model per resident agent in this prototype)."""
+        """From evidence that has a decode window (at least two streamed tokens); `basis` is the
+        honest CPU per token at the window's batch size and parallelism. Co-served tokens are taken
+        to be of the same model (one model per resident agent in this prototype)."""
+        per_token = basis.per_token
         window = ev.decode_window
         if window is None:
             raise ValueError("DecodeWork needs a decode window: at least two streamed tokens")
+        lower = stats_lower_bound(per_token, ev.regime)
+        bunched = arrived_bunched(ev, window, lower, profile)
         return cls(
-            window=window,
+            window=lease_window(ev) if bunched else window,
             profile=profile,
             reference=ref,
             model_id=lease.model_id,
             peak_rss_mb=ev.peak_rss_mb(),
             floor_cpu_s=profile.physics_floor_cpu_s(window.batch_tokens, ref.flops_per_token),
-            lower_bound_s=stats_lower_bound(per_token, ev.regime),
+            lower_bound_s=lower,
             rss_floor_mb=memory_floor_mb(profile, ref.param_count, lease.precision),
             slack_s=accounting_slack_s(ev),
             batch=1 + ev.co_leases,
             honest_per_token_s=per_token.mean,
             wait_s=ev.contention.get("wait_s"),
+            basis=basis,
+            from_lease_start=bunched,
         )
 
     @property
@@ -170,9 +186,26 @@ class DecodeWork:
         delay was not measured. At least a tenth of the wall time is kept, so it stays finite."""
         if self.wait_s is None or self.window.wall_s <= 0:
             return None
-        threads = max(1.0, self.profile.decode_cores_busy.max)
+        # the delay is summed over the threads that wanted a CPU: as many as the matched runs kept
+        # busy (the default thread count's for a 1-thread agent would leave most of its wait in)
+        busy = self.basis.runs_cores if self.basis is not None else self.profile.decode_cores_busy
+        threads = max(1.0, busy.max)
         free = max(0.1 * self.window.wall_s, self.window.wall_s - self.wait_s / threads)
         return self.window.cpu_s / free
+
+    @property
+    def basis_text(self) -> str:
+        return self.basis.describe() if self.basis is not None else "floor from the profile's runs"
+
+    def basis_details(self) -> dict[str, Any]:
+        b = self.basis
+        assert b is not None
+        return {
+            "floor_threads": b.threads,
+            "floor_per_core": b.per_core,
+            "floor_from": b.describe(),
+            **({} if b.cores_busy is None else {"cores_busy": round(b.cores_busy, 3)}),
+        }
 
     @property
     def score(self) -> float:
@@ -185,15 +218,47 @@ class DecodeWork:
             "batch": self.batch,
             "batch_tokens": self.tokens,
             "decode_wall_s": round(w.wall_s, 4),
+            **({"window": "lease (the tokens arrived bunched)"} if self.from_lease_start else {}),
             "decode_cpu_s": round(w.cpu_s, 4),
             "cpu_ms_per_token": round(self.per_token_s * 1000, 3),
             "profile_cpu_ms_per_token": round(self.honest_per_token_s * 1000, 3),
             "lower_bound_cpu_ms": round(self.lower_bound_s * 1000, 3),
+            **({} if self.basis is None else self.basis_details()),
             "physics_floor_cpu_s": round(self.floor_cpu_s, 5),
             "peak_rss_mb": round(self.peak_rss_mb, 1),
             "rss_floor_mb": round(self.rss_floor_mb, 1),
             **({} if (on := self.cores_on_free_cpu) is None else {"cores_on_free_cpu": round(on, 3)}),
         }
+
+
+BUNCHED_CORES = 2.0  # a window needing this many times the cores any honest run kept busy
+
+
+def lease_window_fair(ev: LeaseEvidence) -> bool:
+    """Whether the lease's own window (hand-over to last token, its CPU to the receipt) may stand in
+    for stamps that arrived bunched: resident evidence (a one-shot run's stamps count from the process
+    start) and not the sandbox's first lease (no idle gap before it, nothing beside it: its window
+    and CPU hold the agent's start-up). L1's and L2's `bunched` rules both ask this."""
+    after_start_up = ev.idle_before is not None or bool(ev.overlapped)
+    return ev.regime == RESIDENT_REGIME and bool(ev.stream_t) and after_start_up
+
+
+def arrived_bunched(ev: LeaseEvidence, window: DecodeWindow, lower_s: float, profile: Profile) -> bool:
+    """Whether the decode window is too short to have held the least honest work even on BUNCHED_CORES
+    times the cores any profiled run kept busy: Maxwell's stamps then did not see the decode (the node's
+    reader was late and read the tokens together; stamps are late, never early), as L2's `bunched`.
+    Only a lone lease (a batch's window is shared) where the lease window is fair."""
+    if ev.co_leases or not lease_window_fair(ev):
+        return False
+    cores = BUNCHED_CORES * max(1.0, profile.decode_cores_busy.max)
+    return window.wall_s * cores < lower_s * window.batch_tokens
+
+
+def lease_window(ev: LeaseEvidence) -> DecodeWindow:
+    """From the lease's hand-over to its end: every streamed token against all the sandbox's CPU of
+    the lease (the prefill's too: more work counted, never less, so only in the agent's favour as
+    far as an honest run goes; a cheat still has to have burnt the floor inside its own lease)."""
+    return DecodeWindow(ev.stream_t[-1], ev.cpu_s, len(ev.stream_t), ev.co_tokens)
 
 
 def physics_floor(w: DecodeWork) -> Finding | None:
@@ -209,7 +274,7 @@ def physics_floor(w: DecodeWork) -> Finding | None:
 
 def on_cpu(w: DecodeWork) -> Finding | None:
     busy = w.cores_on_free_cpu
-    least = ON_CPU_FRACTION * w.profile.decode_cores_busy.min
+    least = ON_CPU_FRACTION * w.profile.least_cores_busy  # a 1-thread agent keeps one core busy
     if busy is None or busy + w.slack_s / max(w.window.wall_s, 1e-9) >= least:
         return None
     return Finding(
@@ -226,7 +291,8 @@ def work_per_token(w: DecodeWork) -> Finding | None:
     batched = f" in a batch of {w.batch} ({w.tokens} tokens in the window)" if w.batch > 1 else ""
     return Finding(
         f"work: expected >= {w.lower_bound_s * 1000:.1f} CPU-ms per token{batched} (honest "
-        f"{w.model_id} here: {w.honest_per_token_s * 1000:.1f}), measured {w.per_token_s * 1000:.2f}",
+        f"{w.model_id} here: {w.honest_per_token_s * 1000:.1f}; {w.basis_text}), measured "
+        f"{w.per_token_s * 1000:.2f}",
         w.score,
     )
 
@@ -325,7 +391,11 @@ class ThermodynamicLayer(EvidenceLayer):
 
     def decide_on(self, ctx: Appraisal, ev: LeaseEvidence) -> Outcome:
         lease = ctx.lease
+        escaped = escape_attempts(ev)  # before anything measured: what escaped was not measured
         problem = idle_work(ev)
+        if escaped:
+            also = f"; {problem.reason}" if problem else ""
+            return failed(escaped.reason + also, escaped.score, sandbox_escapes=list(ev.sandbox_escapes))
         if problem:
             idle = ev.idle_before
             assert idle is not None  # idle_work finds nothing without an idle gap
@@ -350,23 +420,26 @@ class ThermodynamicLayer(EvidenceLayer):
             return failed(
                 f"work: expected streamed tokens to measure the decode window, got {len(ev.stream_tokens)}"
             )
-        per_token = per_token_stats(profile, ev)
-        if per_token is None:
+        basis = basis_of(profile, ev)
+        if basis is None:
             return not_measured(
                 f"batched with {ev.co_leases} other leases, and the profile of {lease.model_id} on "
                 f"{ev.profile_key} has no batch sizes: run `poi profile {lease.model_id} --resident "
                 "--batches 1,2,4`"
             )
-        w = DecodeWork.of(ev, profile, self.registry.reference(lease.model_id), lease, per_token)
+        w = DecodeWork.of(ev, profile, self.registry.reference(lease.model_id), lease, basis)
         details = {**w.details(), **contention_details(ev)}
+        warning = None
         for check in (physics_floor, on_cpu, work_per_token, memory_floor):
             problem = check(w)
             if problem:
                 if check is work_per_token:  # the gross-miss test takes no benefit of the doubt
                     warning = excused(problem, w.per_token_s, w.lower_bound_s, profile, ev, **details)
                     if warning is not None:
-                        return warning
+                        continue  # the checks load cannot explain still judge (a smaller model's memory)
                 return failed(problem.reason, problem.score, **details)
+        if warning is not None:  # not the trace classifier: it judges work per token too
+            return warning
         problem, said = trace_shape(self.classifier, ev, w, lease.precision)
         details.update(said)
         if problem:
@@ -374,7 +447,7 @@ class ThermodynamicLayer(EvidenceLayer):
         return passed(
             f"{w.per_token_s * 1000:.1f} CPU-ms/token (profile {w.honest_per_token_s * 1000:.1f}"
             + (f", batch of {w.batch}" if w.batch > 1 else "")
-            + f"), {w.peak_rss_mb:.0f} MB resident, "
+            + f"; {w.basis_text}), {w.peak_rss_mb:.0f} MB resident, "
             f"{w.window.cpu_s / w.floor_cpu_s:.0f}x above the physics floor",
             w.score,
             **details,

@@ -16,6 +16,11 @@ device but were measured to agree exactly at fingerprint resolution (GPU strict 
 one H200) get the same-class tolerance for the measured precision, with the measurement named.
 A prover class is the node's measured device class, with "@strict-fp32" when the node ran the
 agent with TF32 off and math attention.
+
+`choose_tolerance` is the one rule every audit path uses to pick the set (the one-shot and the
+node's audit, the gateway's streaming audit, the control plane's queued audits, `poi verify` with a
+node's evidence); no other module reads the sets (tests/test_tolerance_rule.py checks both). Its
+answer, a `ToleranceChoice`, names the set and the class pair so each verdict can say which it used.
 """
 
 from __future__ import annotations
@@ -27,6 +32,11 @@ from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 from typing import Any
+
+from ..observer.host import numerics_class
+
+SAME, CROSS = "same-class", "cross-class"
+UNMEASURED = "unknown"  # the prover's class when no Maxwell node measured it
 
 
 @dataclass(frozen=True)
@@ -75,6 +85,14 @@ class Thresholds:
             return self.same_class[precision]
         return self.by_precision[precision]
 
+    def published(self) -> tuple[list[tuple[str, str, Tolerance]], tuple[ClassPair, ...]]:
+        """Every set's rows as (set name, precision, tolerance) in the file's order, and the measured
+        class pairs: what the wire spec prints (verifier.spec), read here so that no module but this
+        one touches the sets."""
+        rows = [("cross-class", p, t) for p, t in self.by_precision.items()]
+        rows += [("same-class", p, t) for p, t in self.same_class.items()]
+        return rows, self.class_pairs
+
     @classmethod
     def load(cls, path: Path | None = None, pairs_path: Path | None = None) -> Thresholds:
         """The tolerances (`path`, default the shipped file) and the measured class pairs
@@ -107,3 +125,72 @@ def load_class_pairs(path: Path | None = None) -> tuple[ClassPair, ...]:
         ClassPair(str(p["prover"]), str(p["verifier"]), str(p["precision"]), dict(p.get("provenance", {})))
         for p in json.loads(text)["pairs"]
     )
+
+
+@dataclass(frozen=True)
+class ToleranceChoice:
+    """The tolerance set an audit applies, and why: `tolerance_set` is SAME or CROSS, `class_pair`
+    "<prover class> -> <verifier class>" (the prover's as Maxwell's node measured it, UNMEASURED when
+    none did), `reason` the rule's words, `provenance` a measured pair's record (else empty)."""
+
+    tolerance: Tolerance
+    tolerance_set: str
+    class_pair: str
+    reason: str
+    prover_measured: bool
+    provenance: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def strict(self) -> bool:
+        return self.tolerance_set == SAME
+
+    def label(self) -> str:
+        """What a verdict's reason ends with: the set and the pair it was chosen for (and, when no
+        node measured the prover, that it was not measured)."""
+        unmeasured = "" if self.prover_measured else ": prover's class not measured"
+        return f"[{self.tolerance_set} tolerance, {self.class_pair}{unmeasured}]"
+
+    def details(self) -> dict[str, Any]:
+        """The choice as a layer result's details (and the gateway's `maxwell.tolerance`)."""
+        out: dict[str, Any] = {
+            "tolerance": self.tolerance_set,
+            "class_pair": self.class_pair,
+            "tolerance_reason": self.reason,
+        }
+        if self.provenance:
+            out["class_pair_provenance"] = self.provenance
+        return out
+
+
+def choose_tolerance(
+    thresholds: Thresholds, precision: str, prover_device: str | None, verifier_class: str
+) -> ToleranceChoice:
+    """THE rule. `prover_device`: the device class Maxwell's node measured the prover on (its
+    evidence's or its signed pull's `device_class`, never the agent's claim); empty or None when no
+    node measured it. The near-exact same-class set only when that class is the verifier's (CPU model
+    or GPU, core count ignored) or a measured class pair covers it for this precision, and a same-class
+    set exists for the precision; the cross-class set otherwise, and — fail closed — whenever the class
+    was not measured, saying so."""
+    prover = numerics_class(prover_device) if prover_device else ""
+    verifier = numerics_class(verifier_class)
+    pair = f"{prover or UNMEASURED} -> {verifier}"
+
+    def chosen(
+        strict: bool, reason: str, text: str = pair, provenance: dict[str, Any] | None = None
+    ) -> ToleranceChoice:
+        tol = thresholds.for_precision(precision, same_class=strict)
+        kind = SAME if strict else CROSS
+        return ToleranceChoice(tol, kind, text, f"{kind} tolerance: {reason}", bool(prover), provenance or {})
+
+    if not prover:
+        return chosen(False, "the prover's device class was not measured by a Maxwell node")
+    measured = None if prover == verifier else thresholds.measured_pair(prover, verifier, precision)
+    if prover != verifier and measured is None:
+        return chosen(False, "the node measured the prover on another class than the verifier's")
+    if precision not in thresholds.same_class:
+        return chosen(False, f"no same-class set is calibrated for {precision}")
+    if measured is None:
+        return chosen(True, "the node measured the prover on the verifier's class")
+    source = measured.provenance.get("source", "class_pairs.json")
+    text = pair + " (measured pair)"
+    return chosen(True, f"a measured class pair for {precision} ({source})", text, measured.provenance)

@@ -2,7 +2,10 @@
 kernel allows, so CPU time and memory of everything the agent ran come from kernel accounting.
 
 `open_sandbox` picks the best source this machine offers (cgroup v2, then v1, then a /proc tree
-walk) and records on the sandbox why each better one was not usable.
+walk) and records on the sandbox why each better one was not usable. Every kind confines its agent
+the same way where the node is root (confine.py: its own uid, mount/network/IPC/UTS namespaces, a
+file view of what it needs, no capabilities) and finds its escaped processes (escapes.py);
+`describe()` says what was confined and, where nothing was, why.
 """
 
 from __future__ import annotations
@@ -39,6 +42,13 @@ __all__ = [
 
 ENV_FORCE = "POI_SANDBOX"
 ORDER = (AccountingSource.CGROUP_V2, AccountingSource.CGROUP_V1, AccountingSource.PROC)
+# Where a sandbox kind plugs in. A microVM kind (not built: docs/node.md, "A VM instead of a
+# cgroup") is one more entry here and in ORDER, ahead of the cgroups: `spawn` boots a Firecracker
+# microVM through its jailer (or QEMU's `microvm` machine under KVM) with the agent's image and its
+# channel on a vsock; `usage` reads the cgroup the jailer puts the VMM and its vCPU threads in (the
+# cgroup readers here); `pids` is the VMM process; `close` stops the VM and removes the group. The
+# guest kernel is then the boundary: Confinement would run the VMM itself unprivileged, and
+# escapes.py would watch the VMM's processes only (a guest process cannot leave the VM).
 KINDS: dict[AccountingSource, type[Sandbox]] = {
     AccountingSource.CGROUP_V2: CgroupV2Sandbox,
     AccountingSource.CGROUP_V1: CgroupV1Sandbox,

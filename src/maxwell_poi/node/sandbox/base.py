@@ -16,6 +16,10 @@ from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any, ClassVar, Self
 
+from .confine import Confinement
+from .escapes import Escape, Kin, Left, escape, find_escapes, recognise
+from .processes import ProcessInfo, carrying, process_table, read_process
+
 
 class AccountingSource(StrEnum):
     """Where a sandbox's CPU and memory figures come from."""
@@ -99,7 +103,11 @@ class Sandbox(ABC):
         self.fallback_reason: str | None = None  # why better sources were not used (set by open_sandbox)
         self.close_error: str | None = None
         self._proc: subprocess.Popen[Any] | None = None
+        self._root_start = -1
         self._closed = False
+        # its own uid, namespaces and file view when the node can give them, else why not
+        self.confinement = Confinement(self.name, label)
+        self._escapes: dict[tuple[int, int], Escape] = {}  # every escape attempt seen, by identity
 
     # -- probing ---------------------------------------------------------------------------------
     @classmethod
@@ -119,8 +127,20 @@ class Sandbox(ABC):
             raise RuntimeError(f"sandbox {self.name} already holds pid {self._proc.pid}")
         full_env = dict(os.environ if env is None else env)
         full_env[SANDBOX_ENV] = self.name
-        self._proc = self._spawn(list(argv), full_env, popen_kwargs)
-        return self._proc
+        proc = None
+        try:
+            wrapped, full_env, kw = self.confinement.wrap(list(argv), full_env, popen_kwargs)
+            try:
+                proc = self._spawn(wrapped, full_env, kw)
+                root = read_process(proc.pid)
+                self._root_start = root.start if root is not None else -1
+            finally:
+                self.confinement.started(proc)  # raises, with the agent killed, if confining failed
+        except BaseException:
+            self.confinement.release()  # nothing of the agent runs: its folders go back now
+            raise
+        self._proc = proc
+        return proc
 
     @property
     def process(self) -> subprocess.Popen[Any] | None:
@@ -160,6 +180,63 @@ class Sandbox(ABC):
     @abstractmethod
     def pids(self) -> list[int]: ...
 
+    def held(self) -> set[int]:
+        """Processes the sandbox's accounting fully holds: one missing from here is (partly) not
+        charged. The same as `pids()` where one group or one tree does the accounting."""
+        return set(self.pids())
+
+    # -- escapes ---------------------------------------------------------------------------------
+    def _kin(self) -> Kin | None:
+        if self._proc is None:
+            return None
+        return Kin(
+            root=self._proc.pid,
+            root_start=self._root_start,
+            uid=self.confinement.uid,
+            held=frozenset(self.held()),
+            kernel_held=self.trust is SandboxTrust.KERNEL_CGROUP,
+            marked=frozenset(carrying(f"{SANDBOX_ENV}={self.name}".encode())),
+        )
+
+    def check_escapes(self) -> tuple[Escape, ...]:
+        """Look now for the agent's processes outside the sandbox (escapes.py says how they are
+        recognised; a few ms for a few hundred host processes); one outside the cgroup is killed on
+        sight. Returns every escape attempt seen since spawn: once an agent tried, every later lease
+        carries it. The node calls this at each lease's end and at close."""
+        # the process table first, the cgroup's members after: a process the agent forks in
+        # between is in neither (it is seen next time), never a member the table calls outside
+        table = process_table()
+        kin = self._kin()
+        if kin is None or self._closed:
+            return tuple(self._escapes.values())
+        for info, left, how in find_escapes(kin, table):
+            if info.identity in self._escapes:
+                continue
+            on_sight = left is Left.CGROUP
+            if on_sight and not self._still_outside(info):
+                continue  # it exited (or its pid was reused) between the two readings
+            if on_sight:
+                kill_pid(info.pid)
+            self._escapes[info.identity] = escape(info, left, how, killed=on_sight)
+        return tuple(self._escapes.values())
+
+    def _still_outside(self, info: ProcessInfo) -> bool:
+        """Confirms an escape from the cgroup before the kill: the same process still lives and the
+        sandbox's accounting does not hold it on a second reading."""
+        now = read_process(info.pid)
+        return now is not None and now.identity == info.identity and info.pid not in self.held()
+
+    @property
+    def escapes(self) -> tuple[Escape, ...]:
+        return tuple(self._escapes.values())
+
+    def _strays(self) -> set[int]:
+        """Every live process recognised as the agent's, wherever it is (close kills them all)."""
+        kin = self._kin()
+        if kin is None:
+            return set()
+        return set(recognise(kin, process_table())) - {os.getpid()}
+
     # -- teardown --------------------------------------------------------------------------------
     @abstractmethod
     def _members(self) -> list[int]:
@@ -178,15 +255,18 @@ class Sandbox(ABC):
         """Kill every process still in the sandbox, wait for them, release the sandbox. Idempotent."""
         if self._closed:
             return
+        self.check_escapes()  # before anything is killed: what left, and how
         self._closed = True
         deadline = time.monotonic() + timeout
         # Loop: a member may fork between our read of the member list and the kill.
         while True:
             self._kill_members()
+            for pid in self._strays():
+                kill_pid(pid)
             if self._proc is not None and self._proc.poll() is None:
                 with contextlib.suppress(subprocess.TimeoutExpired):
                     self._proc.wait(timeout=0.05)
-            left = [p for p in self._members() if not pid_gone(p)]
+            left = [p for p in set(self._members()) | self._strays() if not pid_gone(p)]
             if not left:
                 break
             if time.monotonic() > deadline:
@@ -202,6 +282,7 @@ class Sandbox(ABC):
         except OSError as e:
             self.close_error = f"release: {e}"
             warnings.warn(f"sandbox {self.name}: {self.close_error}", RuntimeWarning, stacklevel=2)
+        self.confinement.release()
 
     @property
     def closed(self) -> bool:
@@ -226,6 +307,8 @@ class Sandbox(ABC):
             "paths": self._paths(),
             "fallback_reason": self.fallback_reason,
             "close_error": self.close_error,
+            "confinement": self.confinement.describe(),
+            "escapes": [e.reason for e in self._escapes.values()],
         }
 
     def _paths(self) -> dict[str, str]:

@@ -119,6 +119,11 @@ class CgroupV1Sandbox(Sandbox):
         # with our privileges moved out of one of the two groups.
         return sorted({p for g in self.groups for p in read_procs(g)})
 
+    def held(self) -> set[int]:
+        # in both groups: one that left cpuacct is no longer charged for CPU, whatever memory says
+        groups = [set(read_procs(g)) for g in self.groups]
+        return set.intersection(*groups) if groups else set()
+
     def _members(self) -> list[int]:
         return self.pids()
 

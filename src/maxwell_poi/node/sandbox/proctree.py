@@ -19,6 +19,7 @@ import psutil
 
 from ...observer.telemetry.process import _CLK_TCK, _linux_proc_stat
 from .base import SANDBOX_ENV, AccountingSource, Sandbox, SandboxTrust, Usage
+from .processes import carrying
 
 _LINUX = os.path.exists("/proc/self/stat")
 
@@ -88,9 +89,10 @@ class ProcTreeSandbox(Sandbox):
     the largest sum a reading saw. A reading walks the tree through /proc/<pid>/task/*/children
     (all of /proc where the kernel lacks those files).
 
-    close() also kills processes that carry this sandbox's environment marker: that finds a
-    double-forked child that left the tree, unless it scrubbed its environment. Accounting does not
-    use the marker (an agent controls its environment).
+    close() also kills processes that carry this sandbox's environment marker, share the agent's
+    session, or (confined) hold the sandbox's uid: that finds a double-forked child that left the
+    tree (escapes.py reports it). Accounting uses none of these (an agent controls its environment
+    and its session; the tree is what /proc can attribute CPU to).
     """
 
     source = AccountingSource.PROC
@@ -165,20 +167,7 @@ class ProcTreeSandbox(Sandbox):
 
     def _tagged(self) -> list[int]:
         """Processes whose environment carries this sandbox's marker (Linux only)."""
-        if not _LINUX:
-            return []
-        needle = f"\0{SANDBOX_ENV}={self.name}\0".encode()
-        out = []
-        for entry in os.listdir("/proc"):
-            if not entry.isdigit():
-                continue
-            try:
-                with open(f"/proc/{entry}/environ", "rb") as f:
-                    if needle in b"\0" + f.read() + b"\0":
-                        out.append(int(entry))
-            except OSError:
-                continue
-        return out
+        return sorted(carrying(f"{SANDBOX_ENV}={self.name}".encode())) if _LINUX else []
 
     def _members(self) -> list[int]:
         return sorted(set(self._scan()[2]) | set(self._tagged()))
