@@ -202,7 +202,7 @@ def test_a_wave_is_not_billed_more_energy_than_its_sandbox_burnt(
     billed = [measured_energy(e, watts).joules for e in evidence]  # what intake charges
     assert sum(billed) <= 1.1 * burnt, (
         f"billed {[round(b, 3) for b in billed]} J for a wave whose sandbox burnt {burnt:.3f} J "
-        f"(cpu_s {[e.cpu_s for e in evidence]}, co_tokens {[e.co_tokens for e in evidence]})"
+        f"(cpu_s {[e.cpu_s for e in evidence]}, own_cpu_s {[e.own_cpu_s for e in evidence]})"
     )
 
 

@@ -5,8 +5,11 @@ and for the CPU the sandbox's kernel CPU-seconds times a stated watts-per-core f
 *estimate* (no per-cgroup power meter exists on this host; RAPL is package-wide), labelled as such
 in every debit's memo. A resident agent's lease window also contains the work of the batch peers
 decoding beside it (or queued ahead of it), so the window's energy is shared by tokens: the lease
-pays its own tokens' share of what the sandbox burnt in the window. Embedding leases stream no
-tokens and pay their whole window (a known over-count when several overlap).
+pays its own tokens' share of what the sandbox burnt in the window. Its CPU is attributed more
+finely where the node could (node.stream_log, `own_cpu_s`): each CPU-second of a busy span is billed
+once, to the lease whose token or receipt came next, so overlapping windows never bill a second
+twice. The GPU's joules are still shared by tokens; evidence without `own_cpu_s` (one-shot runs)
+pays its window's CPU times that share too.
 """
 
 from __future__ import annotations
@@ -57,13 +60,16 @@ def measured_energy(ev: LeaseEvidence, watts_per_core: float = WATTS_PER_CORE_ES
     if not watts_per_core > 0:
         raise ValueError(f"watts_per_core: expected a positive number, got {watts_per_core!r}")
     share = lease_share(ev)
-    cpu_j = max(0.0, ev.cpu_s) * watts_per_core
+    if ev.own_cpu_s is not None:  # the node attributed each CPU-second of the span to one lease
+        cpu_j = max(0.0, ev.own_cpu_s) * watts_per_core
+        cpu = f"sandbox own_cpu_s={ev.own_cpu_s:.6f} (window {ev.cpu_s:.6f}) x {watts_per_core:g} W/core"
+    else:
+        cpu_j = max(0.0, ev.cpu_s) * watts_per_core * share
+        cpu = f"sandbox cpu_s={ev.cpu_s:.6f} x {watts_per_core:g} W/core x share"
     gpu_j = gpu_joules(ev)
     if gpu_j is None:
-        source = f"sandbox cpu_s={ev.cpu_s:.6f} x {watts_per_core:g} W/core"
-        return EnergyMeasurement(cpu_j * share, source, True, share)
-    source = f"nvml energy_j={gpu_j:.3f} + sandbox cpu_s={ev.cpu_s:.6f} x {watts_per_core:g} W/core"
-    return EnergyMeasurement((gpu_j + cpu_j) * share, source, True, share)
+        return EnergyMeasurement(cpu_j, cpu, True, share)
+    return EnergyMeasurement(gpu_j * share + cpu_j, f"nvml energy_j={gpu_j:.3f} x share + {cpu}", True, share)
 
 
 def expected_energy_j(

@@ -12,7 +12,6 @@ are only routed by the lease id they carry, and a line naming no lease in flight
 
 from __future__ import annotations
 
-import bisect
 import contextlib
 import hashlib
 import os
@@ -20,7 +19,6 @@ import queue
 import subprocess
 import threading
 import time
-from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 
@@ -43,6 +41,7 @@ from .channel import AgentRun, drain
 from .probe import PendingProbe, WorkProbes
 from .sandbox import Sandbox, Usage, open_sandbox
 from .stamper import StampedLines, start_stamper, stop_stamper
+from .stream_log import StreamLog
 
 # cgroup counters are in nanoseconds, but the kernel folds a running task's time into them only at
 # scheduler ticks and switches (steps of ~0.006 ms on a quiet host here, ~2 ms under load): judge
@@ -87,6 +86,7 @@ class _LeaseState:
     mark_in: Mark | None = None  # the host and the sandbox's run-queue delay when the lease went in
     contention: dict[str, float] = field(default_factory=dict)
     probe: PendingProbe | None = None  # Maxwell's work probe of this lease (node.probe)
+    own_cpu_s: float | None = None  # the sandbox CPU attributed to this lease alone (node.stream_log)
 
 
 class ResidentAgent:
@@ -133,7 +133,7 @@ class ResidentAgent:
         self._lock = threading.Lock()
         self._write_lock = threading.Lock()
         self._leases: dict[str, _LeaseState] = {}
-        self._arrivals: deque[tuple[float, str]] = deque()  # (arrival, lease id) of every token
+        self._log = StreamLog()  # every token's arrival, and each lease's own share of the CPU
         # idle accounting starts when the first lease ends: start-up (imports, loading) is not idling
         self._idle_since: tuple[float, Usage] | None = None
         self.unrouted = 0  # lines naming no lease in flight, or unreadable with none in flight
@@ -156,6 +156,7 @@ class ResidentAgent:
             if lease.lease_id in self._leases:
                 raise ValueError(f"lease {lease.lease_id} is already in flight on this agent")
             now, usage = time.perf_counter(), self.sandbox.usage()
+            self._log.begin(usage.cpu_ns)
             idle = None
             if not self._in_flight():
                 self._begin_span()
@@ -312,7 +313,7 @@ class ResidentAgent:
             state.times.append(arrived)
             state.cpu.append(usage.cpu_ns / 1e9)
             state.peak_memory = max(state.peak_memory, usage.memory_bytes)
-            self._arrivals.append((arrived, item.lease_id))
+            self._log.token(item.lease_id, arrived, usage.cpu_ns)
         if state.watch is not None:
             state.watch(item, arrived - state.t_in, usage.cpu_ns / 1e9)
         probe = state.probe
@@ -343,6 +344,8 @@ class ResidentAgent:
             if state is None or state.done.is_set():
                 return
             state.t_out, state.usage_out, state.refusal = now, usage, refusal
+            last = self._in_flight() == 1  # this one is the last: the busy span ends
+            state.own_cpu_s = self._log.finish(lease_id, usage.cpu_ns, last=last)
             if not refusal and state.probe is not None and state.probe.sent_at_token == -2:
                 state.probe.sent_at_token = -1  # no token reached it: probe at the receipt
                 self._probe_out.put((state, -1))
@@ -350,7 +353,7 @@ class ResidentAgent:
                 cpu_s = (usage.cpu_ns - state.usage_in.cpu_ns) / 1e9
                 state.contention = between(state.mark_in, mark_out, cpu_s)
             state.peak_memory = max(state.peak_memory, usage.memory_bytes)
-            if self._in_flight() == 1:  # this one is the last: the busy span ends
+            if last:
                 self._end_span()
                 self._idle_since = (now, usage)
             state.done.set()
@@ -400,29 +403,16 @@ class ResidentAgent:
         with self._lock:
             self._leases.pop(lease_id)
             evidence = replace(self._evidence(state), probe=judged)
-            self._forget_arrivals_before(
-                min((s.t_in for s in self._leases.values()), default=time.perf_counter())
-            )
+            self._log.forget_before(min((s.t_in for s in self._leases.values()), default=time.perf_counter()))
         return AgentRun(receipt=state.receipt.strip(), evidence=evidence, timed_out=timed_out)
 
     def _co_served(self, state: _LeaseState) -> tuple[int, int]:
         """(tokens, leases) other leases streamed inside this lease's decode window."""
         if len(state.times) < 2:
             return 0, 0
-        window = self._streamed_between(state.times[0], state.times[-1])
+        window = self._log.between(state.times[0], state.times[-1])
         others = [lid for lid in window if lid != state.lease.lease_id]
         return len(others), len(set(others))
-
-    def _streamed_between(self, t0: float, t1: float) -> list[str]:
-        """The lease id of every token the sandbox streamed in [t0, t1]."""
-        arrivals = list(self._arrivals)
-        lo = bisect.bisect_left(arrivals, (t0,))
-        hi = bisect.bisect_right(arrivals, (t1, "\uffff"))
-        return [lid for _, lid in arrivals[lo:hi]]
-
-    def _forget_arrivals_before(self, t: float) -> None:
-        while self._arrivals and self._arrivals[0][0] < t:
-            self._arrivals.popleft()
 
     def _evidence(self, s: _LeaseState) -> LeaseEvidence:
         assert s.t_out is not None and s.usage_out is not None
@@ -457,7 +447,8 @@ class ResidentAgent:
             },
             co_tokens=co_tokens,
             co_leases=co_leases,
-            window_tokens=len(self._streamed_between(s.t_in, s.t_out)),
+            window_tokens=len(self._log.between(s.t_in, s.t_out)),
+            own_cpu_s=s.own_cpu_s,
             overlapped=len(s.overlap),
             idle_before=s.idle,
             contention=s.contention,

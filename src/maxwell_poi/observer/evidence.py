@@ -94,6 +94,9 @@ class LeaseEvidence:
     # escape attempts the node saw from this agent's sandbox up to this lease's end (node.sandbox:
     # a process outside its cgroup, session or tree), each with its reason; () = none seen
     sandbox_escapes: tuple[str, ...] = ()
+    # resident: the sandbox CPU-seconds that were this lease's alone (node.stream_log: each CPU-second
+    # of a busy span goes to the lease whose token or receipt came next); None where not attributed
+    own_cpu_s: float | None = None
 
     @property
     def streamed(self) -> bool:
