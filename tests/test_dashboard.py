@@ -27,7 +27,6 @@ import httpx
 import pytest
 import uvicorn
 from sqlalchemy.orm import Session
-from test_ledger import pg_admin, pg_schema  # noqa: F401 - the PostgreSQL fixtures
 
 from maxwell_poi.ledger import Ledger, open_ledger_db
 from maxwell_poi.node.attest import NodeKey, open_evidence, sign_evidence

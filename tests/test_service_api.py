@@ -15,7 +15,6 @@ from typing import Any
 import pytest
 from fastapi.testclient import TestClient
 from prometheus_client.parser import text_string_to_metric_families
-from test_ledger import PG_URL, pg_admin, pg_schema  # noqa: F401 - the PostgreSQL fixtures
 
 from maxwell_poi.ledger import Ledger, check_ledger, open_ledger_db
 from maxwell_poi.node.attest import NodeKey, sign_evidence
@@ -85,8 +84,8 @@ def plane(request: pytest.FixtureRequest, tmp_path, monkeypatch) -> Iterator[Pla
     )
     ledger = None
     if getattr(request, "param", "sqlite") == "postgresql":
-        _url, args = request.getfixturevalue("pg_schema")
-        ledger = Ledger(open_ledger_db(PG_URL, connect_args=args))
+        url, args = request.getfixturevalue("pg_schema")
+        ledger = Ledger(open_ledger_db(url, connect_args=args))
     cp = ControlPlane(config, ledger=ledger)
     cp.start()
     keys = {p: AgentKey.generate() for p in ("agent:alice", "agent:bob")}

@@ -45,7 +45,15 @@ MIGRATIONS = SRC / "service" / "migrations" / "versions"
 
 # -- only settlement moves a lease and its money --------------------------------------------------------
 
-LEASE_MONEY = {"hold_energy", "escrow_stake", "settle_energy", "debit_energy", "release_stake", "slash_stake"}
+LEASE_MONEY = {
+    "hold_energy",
+    "escrow_stake",
+    "settle_energy",
+    "settle_lease",
+    "debit_energy",
+    "release_stake",
+    "slash_stake",
+}
 STATE_FIELDS = {"status", "stake_outcome"}
 STATE_ROWS = {"LeaseRow", "BidRow", "CompletionRow", "VerdictRow"}
 

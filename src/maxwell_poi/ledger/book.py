@@ -25,6 +25,7 @@ from .posting import (
     post_in,
 )
 from .schema import ACCOUNT_KINDS, NAME_LENGTH, Account, Entry, Transfer
+from .settle import STAKE_VERBS, LeaseMoney, settle_lease
 
 DEPOSITS = "external:deposits"
 ENERGY = "maxwell:energy"
@@ -163,6 +164,38 @@ class Ledger:
         request = make_request(key, "energy_debit", {k: v for k, v in legs.items() if v}, memo, lease_id)
         posted = self._post(request, session=session)
         return EnergySettled(posted.transfer_id, posted.created, charge, memo)
+
+    def settle_lease(
+        self,
+        agent: str,
+        lease_id: str,
+        amounts: tuple[int, int],
+        joules: float,
+        micro_per_joule: int,
+        stake: str,
+        *,
+        session: Session,
+    ) -> EnergySettled:
+        """Intake's money for one lease, in the caller's transaction: the energy charged as
+        `settle_energy` does and the stake released (`stake="release"`), slashed ("slash") or left
+        escrowed (""). `amounts` is (hold, stake) as issuing the lease escrowed them. Written by
+        `ledger.settle` in a few Core statements; a lease with any transfer under its keys already
+        takes the general path, which answers replays and refuses rivals."""
+        if stake not in ("", *STAKE_VERBS):
+            raise LedgerError(f"a stake move in {('', *STAKE_VERBS)}", repr(stake))
+        micro, memo = energy_charge(joules, micro_per_joule)
+        held, staked = amounts
+        _agent_account("wallet", agent)  # refuses an agent id the account names cannot hold
+        money = LeaseMoney(agent, lease_id, held, staked, micro, memo, stake)
+        fast = settle_lease(session, money, ENERGY, SLASHED)
+        if fast is not None:
+            return fast
+        energy = self.settle_energy(agent, lease_id, joules, micro_per_joule, session=session)
+        if stake == "release":
+            self.release_stake(agent, lease_id, session=session)
+        elif stake == "slash":
+            self.slash_stake(agent, lease_id, session=session)
+        return energy
 
     # -- reading ------------------------------------------------------------------------------------
 

@@ -55,6 +55,7 @@ STAKE_ON = {
     Verdict.CONTRAINDICATED: StakeOutcome.SLASHED,
     Verdict.WARNING: StakeOutcome.HELD,
 }
+STAKE_VERB = {StakeOutcome.RELEASED: "release", StakeOutcome.SLASHED: "slash"}  # as the ledger names them
 AuditQueue = Callable[[str, bool], None]  # (lease id, L4 drawn): wake the audit workers
 REQUESTER_LEFT = "requester_left"  # a verdict layer's details flag: stopped because its requester left
 
@@ -160,11 +161,16 @@ def take_in(
     with ledger.session() as session, session.begin():
         session.add(receipt)
         session.flush()  # the lease's receipt key: a duplicate fails here
-        energy = ledger.settle_energy(
-            a.lease.agent_id, lease_id, a.joules, a.row.price_micro_per_j, session=session
-        )
         outcome = StakeOutcome.PENDING if a.pending else stake_outcome(a.result.verdict, a.row.stake_micro)
-        _move_stake(ledger, session, a.lease, outcome)
+        energy = ledger.settle_lease(
+            a.lease.agent_id,
+            lease_id,
+            (a.row.hold_micro, a.row.stake_micro),
+            a.joules,
+            a.row.price_micro_per_j,
+            STAKE_VERB.get(outcome, ""),
+            session=session,
+        )
         verdict = VerdictRow(
             lease_id=lease_id,
             verdict=a.result.verdict,
