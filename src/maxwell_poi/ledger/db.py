@@ -10,7 +10,7 @@ from typing import Any
 
 from alembic import command
 from alembic.config import Config
-from sqlalchemy import Engine, create_engine, event, make_url
+from sqlalchemy import Engine, create_engine, event, make_url, text
 from sqlalchemy.engine import Connection
 
 from .errors import LedgerError
@@ -60,8 +60,20 @@ def migrate(engine: Engine) -> None:
     config = Config()
     config.set_main_option("script_location", str(MIGRATIONS))
     with writer(engine).begin() as connection:
+        lock_migrations(connection)
         config.attributes["connection"] = connection
         command.upgrade(config, "head")
+
+
+MIGRATION_LOCK = 0x504F494D  # "POIM": the advisory lock every migrating process takes first
+
+
+def lock_migrations(connection: Connection) -> None:
+    """Several processes starting on one PostgreSQL database migrate one at a time: the first takes
+    this transaction-scoped advisory lock and upgrades, the others wait for it, then find the schema
+    at head and do nothing. (SQLite: the migration's BEGIN IMMEDIATE already serialises them.)"""
+    if connection.dialect.name == "postgresql":
+        connection.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": MIGRATION_LOCK})
 
 
 def writer(engine: Engine) -> Engine:

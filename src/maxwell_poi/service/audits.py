@@ -46,11 +46,17 @@ class AuditWorkers:
         self.on_done = on_done  # (lease_id, verdict, seconds): metrics
         self.queue: queue.Queue[str | None] = queue.Queue()
         self._threads: list[threading.Thread] = []
-        self._queued: set[str] = set()  # in the queue now (settlement and a restart may both queue one)
+        # queued or being audited now (settlement, a restart and the poll may all queue one)
+        self._queued: set[str] = set()
+        self._stopping = threading.Event()
+        self._failed: set[str] = set()  # audits that raised: not polled again until the next start
+        self._poller: threading.Thread | None = None
         self._lock = threading.Lock()
 
-    def start(self) -> int:
-        """Start the threads; queue every audit still pending in the database. Returns how many."""
+    def start(self, poll_s: float | None = None) -> int:
+        """Start the threads; queue every audit still pending in the database. Returns how many.
+        With `poll_s`, the database is looked at again that often (leases other API processes took
+        in: service.leader)."""
         pending = pending_audits(self.ledger)
         for lease_id in pending:
             self.submit(lease_id)
@@ -58,7 +64,21 @@ class AuditWorkers:
             t = threading.Thread(target=self._loop, name=f"poi-audit-{i}", daemon=True)
             t.start()
             self._threads.append(t)
+        if poll_s is not None:
+            self._stopping.clear()
+            t = threading.Thread(target=self._poll, args=(poll_s,), name="poi-audit-poll", daemon=True)
+            t.start()
+            self._poller = t
         return len(pending)
+
+    def _poll(self, every_s: float) -> None:
+        while not self._stopping.wait(every_s):
+            try:
+                for lease_id in pending_audits(self.ledger):
+                    if lease_id not in self._failed:  # a broken lease waits for the next start
+                        self.submit(lease_id)
+            except Exception:  # a database hiccup: the next poll tries again
+                log.exception("looking for pending audits failed")
 
     def submit(self, lease_id: str) -> None:
         """Queue a lease once: a second wake-up for a lease still queued adds nothing."""
@@ -72,6 +92,10 @@ class AuditWorkers:
         return self.queue.qsize()
 
     def stop(self) -> None:
+        self._stopping.set()
+        if self._poller is not None:
+            self._poller.join(timeout=30)
+            self._poller = None
         for _ in self._threads:
             self.queue.put(None)
         for t in self._threads:
@@ -94,12 +118,14 @@ class AuditWorkers:
 
     def _loop(self) -> None:
         while (lease_id := self.queue.get()) is not None:
-            with self._lock:
-                self._queued.discard(lease_id)
             try:
                 self.audit(lease_id)
             except Exception:  # one broken lease must not stop the worker; it stays pending
                 log.exception("audit of lease %s failed; it stays pending for the next start", lease_id)
+                self._failed.add(lease_id)
+            finally:
+                with self._lock:  # only now: a poll meanwhile must not queue it a second time
+                    self._queued.discard(lease_id)
 
     def audit(self, lease_id: str) -> Verdict | None:
         """Run L4 for one pending lease and finalise it; the verdict, or None if nothing was pending."""

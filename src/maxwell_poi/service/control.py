@@ -29,12 +29,14 @@ from .config import ServiceConfig
 from .errors import ApiError
 from .exact_audits import ExactAudits
 from .intake import Intake
-from .market import Market
+from .leader import AuditLead
+from .market import POLICY_SETTING, Market, load_policy
 from .schema import AgentRow, DisputeRow, LeaseRow, NodeRow, SettingRow, VerdictRow
 from .store import load_keyrings, migrate, open_store
 from .wire import Deposit, DisputeBody, EnrollAgent, EnrollNode, LeaseView, PolicyBody
 
-POLICY = "tier_policy"
+POLICY = POLICY_SETTING
+AUDIT_POLL_S = 1.0  # the audit leader looks for leases other processes took in this often
 
 
 class ControlPlane:
@@ -54,10 +56,9 @@ class ControlPlane:
         self.registry = registry or Registry()
         self.profiles = profiles or ProfileStore()
         self.agents, self.nodes = load_keyrings(self.ledger.engine)
-        self.policy = self._load_policy()
         self.ear_key = AgentKey.ensure(poi_home() / "maxwell-ear.pem")
         inline = Verifier.inline(self.registry, self.agents, self.profiles)
-        self.market = Market(self.ledger, self.registry, self.profiles, config, self.policy)
+        self.market = Market(self.ledger, self.registry, self.profiles, config, load_policy(self.ledger))
         self.live_path: Callable[[str], str | None] | None = None
         # a pending lease's audit is queued by settlement, however intake was called (HTTP or in-process)
         self.intake = Intake(self.ledger, inline, self.nodes, config.watts_per_core, queue=self.queue_audit)
@@ -66,6 +67,7 @@ class ControlPlane:
         )  # L0 + L4 on threads, local processes or Ray actors; finalising stays in AuditWorkers
         self.audits = AuditWorkers(self.ledger, backend, self.nodes, config.audit_workers)
         self.challenges = ChallengeBoard(self.ledger, wake_nodes=self.market.wake)
+        self.lead = AuditLead(self.ledger.engine)  # several API processes on one database: one audits
         self.exact = ExactAudits(
             self.ledger,
             self.registry,
@@ -76,18 +78,34 @@ class ControlPlane:
             window_s=config.challenge_window_s,
         )
 
+    @property
+    def policy(self) -> TierPolicy:
+        """The tier policy in force (the market's: re-read from the database now and then)."""
+        return self.market.policy
+
     def stream_to(self, lease_id: str) -> str | None:
         """Where the node relays this lease's tokens and chunks as they arrive (a path of this API),
         or None. Set by a front door that streams (gateway.Gateway)."""
         return self.live_path(lease_id) if self.live_path else None
 
     def start(self) -> int:
-        """Start the audit workers and the exact tier's; returns how many were pending from before."""
-        return self.audits.start() + self.exact.start()
+        """Start the audit workers and the exact tier's — in the one process of those on this database
+        that holds the audit lead (service.leader); the others take the lead if it is let go. Returns
+        how many audits were pending from before (0 in a process that does not lead)."""
+        if self.lead.hold():
+            return self._start_audits()
+        self.lead.follow(self._start_audits)
+        return 0
+
+    def _start_audits(self) -> int:
+        return self.audits.start(poll_s=AUDIT_POLL_S) + self.exact.start()
 
     def queue_audit(self, lease_id: str, drawn: bool) -> None:
         """After intake (called by service.settlement for every pending lease): a drawn L4 goes to the
-        audit workers; the exact tier's worker looks anyway. Queueing a lease twice adds nothing."""
+        audit workers; the exact tier's worker looks anyway. Queueing a lease twice adds nothing. A
+        process that does not lead queues nothing: the leader finds the lease in the database."""
+        if not self.lead.leading:
+            return
         if drawn:
             self.audits.submit(lease_id)
         self.exact.submit(lease_id)
@@ -97,6 +115,7 @@ class ControlPlane:
         return self.audits.drain(timeout_s) and self.exact.drain(timeout_s)
 
     def close(self) -> None:
+        self.lead.close()  # no follower takes the lead now
         self.exact.close()  # before the audit backend: its L4 runs there
         self.audits.close()  # its threads, then the backend's workers
         self.ledger.engine.dispose()
@@ -154,16 +173,10 @@ class ControlPlane:
                 "high_from_value >= medium_from_value",
                 f"{body.high_from_value} < {body.medium_from_value}",
             )
-        self.policy = TierPolicy(**body.model_dump())
-        self.market.policy = self.policy
+        self.market.policy = TierPolicy(**body.model_dump())
         with self.ledger.session() as session, session.begin():  # in this plane's database: survives a
             session.merge(SettingRow(name=POLICY, value=json.dumps(asdict(self.policy))))  # restart
         return asdict(self.policy)
-
-    def _load_policy(self) -> TierPolicy:
-        with Session(self.ledger.engine) as session:
-            row = session.get(SettingRow, POLICY)
-        return TierPolicy(**json.loads(row.value)) if row else TierPolicy()
 
     def ledger_report(self) -> dict[str, Any]:
         report = check_ledger(self.ledger.engine)
