@@ -67,6 +67,7 @@ class Server:
     token: str = "bench-admin-token"
     port: int = field(default_factory=free_port)
     env: dict[str, str] = field(default_factory=dict)  # extra POI_SERVE_* settings
+    workers: int = 1  # API processes (`poi serve --workers`)
     proc: subprocess.Popen | None = None
     lives: int = 0
 
@@ -89,6 +90,7 @@ class Server:
             "--reserve",
             str(RESERVE),
             "--no-access-log",  # a log line per request is not part of the hot path being measured
+            *(["--workers", str(self.workers)] if self.workers > 1 else []),
         ]
 
     def start(self, timeout_s: float = 90.0) -> float:

@@ -221,10 +221,33 @@ def database(kind: str, home: Path, pg_url: str) -> Iterator[tuple[str, str]]:
         admin.dispose()
 
 
-def one_database(kind: str, home: Path, fleet: Fleet, args: argparse.Namespace) -> dict[str, Any]:
+def noop_rate(url: str, concurrency: int, seconds: float = 3.0) -> dict[str, float]:
+    """The same server's rate on GET /healthz (no database, no crypto), with the same client threads:
+    the baseline each intake rate is read against on this shared, noisy machine."""
+    count, lock, deadline = [0], threading.Lock(), time.monotonic() + seconds
+
+    def worker() -> None:
+        with httpx.Client(base_url=url, timeout=30) as client:
+            while time.monotonic() < deadline:
+                client.get("/healthz")
+                with lock:
+                    count[0] += 1
+
+    threads = [threading.Thread(target=worker) for _ in range(concurrency)]
+    t0 = time.perf_counter()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return {"healthz_per_s": round(count[0] / (time.perf_counter() - t0), 1)}
+
+
+def one_database(
+    kind: str, home: Path, fleet: Fleet, args: argparse.Namespace, workers: int = 1
+) -> dict[str, Any]:
     with database(kind, home, args.pg_url) as (serve_url, read_url):
-        server = Server(home, serve_url)
-        log(f"{kind}: poi serve up in {server.start():.1f} s at {server.url}")
+        server = Server(home, serve_url, workers=workers)
+        log(f"{kind}: poi serve ({workers} API process(es)) up in {server.start():.1f} s at {server.url}")
         try:
             corpus = build_corpus(server, fleet, args.n, audit_p=args.audit_p)
             log(f"{kind}: corpus of {len(corpus.entries)} built in {corpus.build_s:.1f} s")
@@ -235,8 +258,13 @@ def one_database(kind: str, home: Path, fleet: Fleet, args: argparse.Namespace) 
                 f"{kind}: {len(warm)} warm-up submissions; "
                 f"load: {len(measured)} with {args.concurrency} workers"
             )
+            baseline = noop_rate(server.url, args.concurrency)
             run = hand_in(server.url, measured, args.concurrency, args.max_seconds)
             stats = run.measured()
+            stats |= baseline | {
+                "api_workers": workers,
+                "intake_over_healthz": round(stats["intake_per_s"] / baseline["healthz_per_s"], 4),
+            }
             log(
                 f"{kind}: {stats['requests']} in {stats['wall_s']} s = {stats['intake_per_s']}/s, "
                 f"p50 {stats['p50_ms']} ms, p99 {stats['p99_ms']} ms"
@@ -286,7 +314,9 @@ NOTES = (
     "probability ~{audit_p} from the stake; drawn L4 audits are queued and run by the server's audit worker "
     "during the load. Real receipts from honest resident gpt2-micro agents (generate, 4 tokens, batch 4). "
     "Machine: 2 CPU cores; the load generator (threads, one httpx.Client each), the server (one uvicorn "
-    "process) and PostgreSQL share them, on loopback. Latency is measured at the client per request; "
+    "process, or `poi serve --workers N` where the key says so) and PostgreSQL share them, on loopback. "
+    "healthz_per_s: the same server's GET /healthz rate with the same client threads, just before "
+    "the intake load (the baseline on this shared machine). Latency is measured at the client per request; "
     "{warmup} sequential warm-up submissions before the clock are not counted (they are in the "
     "exactly-once check). One submission per lease."
 )
@@ -304,6 +334,9 @@ def main() -> None:
     parser.add_argument("--agents", type=int, default=2)
     parser.add_argument("--audit-p", type=float, default=0.01, help="target audit probability per lease")
     parser.add_argument("--db", default="sqlite,postgresql", help="comma-separated: sqlite, postgresql")
+    parser.add_argument(
+        "--pg-workers", type=int, default=2, help="also serve PostgreSQL by this many API processes (1: not)"
+    )
     parser.add_argument("--pg-url", default=PG_URL)
     parser.add_argument("--out", type=Path, default=RESULTS, help="the results file to merge into")
     parser.add_argument("--no-write", action="store_true", help="print, do not merge into service.json")
@@ -315,6 +348,12 @@ def main() -> None:
         with Fleet(home, agents=args.agents, nodes=math.ceil(args.n / MAX_PULL)) as fleet:
             for kind in args.db.split(","):
                 results[kind] = one_database(kind, home, fleet, args)
+                if kind == "postgresql" and args.pg_workers > 1:
+                    several = one_database(kind, home, fleet, args, workers=args.pg_workers)
+                    several["rate_over_one_process"] = round(
+                        several["intake_per_s"] / results[kind]["intake_per_s"], 3
+                    )
+                    results[f"{kind}_{args.pg_workers}_workers"] = several
     for kind, r in results.items():
         print(
             f"{kind}: {r['intake_per_s']}/s p50 {r['p50_ms']} ms p99 {r['p99_ms']} ms; "

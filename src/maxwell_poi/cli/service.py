@@ -49,6 +49,13 @@ def serve(
     ] = None,
     admin_token: Annotated[str | None, typer.Option(envvar="POI_SERVE_ADMIN_TOKEN")] = None,
     access_log: Annotated[bool, typer.Option(help="log every request (uvicorn's access log)")] = True,
+    workers: Annotated[
+        int,
+        typer.Option(
+            min=1,
+            help="API processes on one database (one runs the audits; the gateway needs 1)",
+        ),
+    ] = 1,
 ) -> None:
     """Maxwell's control plane: the HTTP API (OpenAPI at /docs), ledger, auction, intake, audits.
     Settings come from flags, then POI_SERVE_* variables; all are printed at start."""
@@ -70,6 +77,11 @@ def serve(
             ray_address=ray_address,
             admin_token=admin_token,
         )
+        if workers > 1:
+            if local_node:
+                raise ValueError("--local-node: expected with --workers 1 (the node runs beside one process)")
+            _serve_workers(config, workers, access_log)
+            return
         control = ControlPlane(config)
     except ValueError as exc:
         raise _bad_input(str(exc)) from None
@@ -95,6 +107,31 @@ def serve(
         if node_thread:
             node_thread.join(timeout=30)
         control.close()
+
+
+def _serve_workers(config: Any, workers: int, access_log: bool) -> None:
+    """Migrate once here, export the settings, and let uvicorn start `workers` processes that each
+    build their control plane from them (cli.serve_workers)."""
+    import uvicorn
+
+    from ..service.config import ENV_PREFIX
+    from ..service.store import open_store
+    from .serve_workers import WORKERS_ENV
+
+    open_store(config.url).engine.dispose()  # the schema at head before any worker starts
+    config.token()  # the admin token file exists before the workers read it
+    for name, value in vars(config).items():
+        os.environ[ENV_PREFIX + name.upper()] = str(value)
+    os.environ[WORKERS_ENV] = str(workers)
+    err.print_json(json.dumps({"config": config.describe(), "api_workers": workers}))
+    uvicorn.run(
+        "maxwell_poi.cli.serve_workers:create_worker_app",
+        factory=True,
+        host=config.host,
+        port=config.port,
+        workers=workers,
+        access_log=access_log,
+    )
 
 
 def _unprofiled(control: Any) -> list[str]:

@@ -32,6 +32,7 @@ from typing import Annotated, Any
 import anyio
 from fastapi import APIRouter, Depends, FastAPI, Header, Request
 from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.routing import APIRoute
 from prometheus_client import Counter, Gauge
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.types import Receive, Scope, Send
@@ -213,6 +214,16 @@ def relay(lease_id: str, body: RelayBody, node_id: NodeId, gateway: GatewayDep) 
     except ValueError:  # binascii.Error, or text that is not ASCII at all
         raise ApiError(422, "chunks as [index, base64]", "data that is not base64") from None
     return RelayAnswer(cut=gateway.relay(node_id, lease_id, body.tokens, chunks))
+
+
+def gateway_paths() -> list[tuple[str, list[str]]]:
+    """(path, methods) of every gateway route (a server that cannot stream answers them with a refusal)."""
+    return [
+        (route.path, sorted(route.methods))
+        for router in (requesters, admin, canaries, agents, nodes)
+        for route in router.routes
+        if isinstance(route, APIRoute)
+    ]
 
 
 def mount_gateway(app: FastAPI, gateway: Gateway) -> None:
