@@ -7,6 +7,7 @@ from __future__ import annotations
 import base64
 import json
 import math
+import os
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -108,7 +109,14 @@ BOTH_DATABASES = pytest.mark.parametrize("plane", ["sqlite", "postgresql"], indi
 
 # -- anyone ---------------------------------------------------------------------------------------
 def test_healthz_and_the_ear_key(plane: Plane) -> None:
-    assert plane.tc.get("/healthz").json() == {"status": "ok", "db": "sqlite", "audit_queue": 0}
+    health = plane.tc.get("/healthz").json()
+    assert health == {
+        "status": "ok",
+        "db": "sqlite",
+        "audit_queue": 0,
+        "process": os.getpid(),
+        "audit_lead": True,  # the only control plane on its database
+    }
     jwk = plane.tc.get("/v1/ear-key").json()
     assert (jwk["kty"], jwk["crv"], jwk["alg"]) == ("OKP", "Ed25519", "EdDSA")
     x = jwk["x"] + "=" * (-len(jwk["x"]) % 4)

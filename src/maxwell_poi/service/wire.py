@@ -125,6 +125,10 @@ class Health(BaseModel):
     status: str
     db: str = Field(description="the database dialect (sqlite, postgresql)")
     audit_queue: int
+    process: int = Field(
+        description="the API process that answered (its pid; `poi serve --workers N` runs N)"
+    )
+    audit_lead: bool = Field(description="whether this process runs the audits (one per database)")
 
 
 class EarKey(BaseModel):

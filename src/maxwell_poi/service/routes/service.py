@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import os
 
 from fastapi import APIRouter, Request, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
@@ -19,7 +20,13 @@ router = APIRouter(tags=["service"])
 def healthz(control: Control) -> Health:
     with Session(control.ledger.engine) as session:
         session.execute(select(1))
-    return Health(status="ok", db=control.ledger.engine.dialect.name, audit_queue=control.audits.depth())
+    return Health(
+        status="ok",
+        db=control.ledger.engine.dialect.name,
+        audit_queue=control.audits.depth(),
+        process=os.getpid(),
+        audit_lead=control.lead.leading,
+    )
 
 
 @router.get(
