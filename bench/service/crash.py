@@ -71,6 +71,7 @@ WRITES = {
         "crash_corpus",
         "crash_command",
         "crash_seed",
+        "crash_multi_process",
     ]
 }  # bench/common/results.py
 
@@ -294,14 +295,20 @@ def drain_audits(engine: Engine, timeout_s: float) -> int:
 
 
 def crash_run(
-    run: int, template: Path, corpus: Corpus, workdir: Path, rng: random.Random, senders: int = SENDERS
+    run: int,
+    template: Path,
+    corpus: Corpus,
+    workdir: Path,
+    rng: random.Random,
+    senders: int = SENDERS,
+    workers: int = 1,
 ) -> dict[str, Any]:
     home = workdir / f"run-{run}"
     shutil.copytree(template, home, ignore=shutil.ignore_patterns("server-*.log"))
     entries = list(corpus.entries)
     rng.shuffle(entries)
     with poi_home(home):
-        server = Server(home, str(home / "ledger.sqlite"))
+        server = Server(home, str(home / "ledger.sqlite"), workers=workers)
         try:
             return {
                 "run": run,
@@ -404,7 +411,14 @@ def build_template(home: Path, n: int, agents: int, audit_p: float) -> Corpus:
 
 
 def crash_suite(
-    workdir: Path, runs: int, n: int, agents: int, audit_p: float, seed: int, senders: int = SENDERS
+    workdir: Path,
+    runs: int,
+    n: int,
+    agents: int,
+    audit_p: float,
+    seed: int,
+    senders: int = SENDERS,
+    workers: int = 1,
 ) -> dict[str, Any]:
     template = workdir / "template"
     corpus = build_template(template, n, agents, audit_p)
@@ -413,7 +427,7 @@ def crash_suite(
     details = []
     for run in range(runs):
         try:
-            detail = crash_run(run, template, corpus, workdir, rng, senders)
+            detail = crash_run(run, template, corpus, workdir, rng, senders, workers)
         except (RuntimeError, ServiceRefused, httpx.HTTPError) as exc:  # a run that could not finish
             detail = {"run": run, "violations": [f"run failed: {type(exc).__name__}: {exc}"]}
         details.append(detail)
@@ -444,15 +458,24 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=None, help="kill points (default: random)")
     parser.add_argument("--out", type=Path, default=RESULTS, help="the results file to merge into")
     parser.add_argument("--no-write", action="store_true")
+    parser.add_argument(
+        "--workers",
+        type=int,
+        default=1,
+        help="API processes (`poi serve --workers`); >1: crash_multi_process",
+    )
     args = parser.parse_args()
     seed = args.seed if args.seed is not None else random.SystemRandom().randrange(2**32)
     with tempfile.TemporaryDirectory(prefix="poi-crash-") as tmp:
-        result = crash_suite(Path(tmp), args.runs, args.n, args.agents, args.audit_p, seed, args.senders)
+        result = crash_suite(
+            Path(tmp), args.runs, args.n, args.agents, args.audit_p, seed, args.senders, args.workers
+        )
     result["crash_command"] = "python -m bench.service.crash " + " ".join(sys.argv[1:])
     result["crash_seed"] = seed
     print(json.dumps({k: v for k, v in result.items() if k != "crash_details"}, indent=2))
     if not args.no_write:
-        write_results("service.json", result, writes=WRITES, path=args.out)
+        several = {"crash_multi_process": {**result, "api_workers": args.workers}}
+        write_results("service.json", several if args.workers > 1 else result, writes=WRITES, path=args.out)
         log(f"merged into {args.out}")
     if result["crash_invariant_violations"]:
         sys.exit(1)

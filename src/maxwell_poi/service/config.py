@@ -34,6 +34,7 @@ class ServiceConfig:
     exact_blocks: int = 2  # exact tier: most blocks per opening; a challenge opens every block, in parts
     opening_timeout_s: float = 30.0  # exact tier: how long an agent has to answer one challenge
     challenge_window_s: float = 60.0  # exact tier: how long a receipt stays challengeable, stake held
+    group_commit_max: int = 64  # intake: most settlements committed together (ledger.group_commit); 0 = off
     canary_rate: float = 0.02  # gateway: after a completion, its agent's chance of a canary (gateway.canary)
     admin_token: str = field(default="", repr=False)  # "" = $POI_HOME/admin.token (created once)
 
@@ -70,6 +71,8 @@ class ServiceConfig:
         ):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}: expected >= 1, got {getattr(self, name)!r}")
+        if self.group_commit_max < 0:
+            raise ValueError(f"group_commit_max: expected >= 0 (0: off), got {self.group_commit_max!r}")
         if not 0.0 <= self.canary_rate <= 1.0:
             raise ValueError(f"canary_rate: expected a probability in [0, 1], got {self.canary_rate!r}")
         if not self.challenge_window_s >= 0:

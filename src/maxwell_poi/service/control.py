@@ -15,6 +15,7 @@ from sqlalchemy.orm import Session
 
 from ..economics.tiers import TierPolicy
 from ..ledger import Ledger, check_ledger
+from ..ledger.group_commit import GroupCommit
 from ..protocol.keys import AgentKey
 from ..protocol.lease import Lease
 from ..protocol.result import AttestationResult, Verdict
@@ -62,6 +63,10 @@ class ControlPlane:
         self.live_path: Callable[[str], str | None] | None = None
         # a pending lease's audit is queued by settlement, however intake was called (HTTP or in-process)
         self.intake = Intake(self.ledger, inline, self.nodes, config.watts_per_core, queue=self.queue_audit)
+        self.group_commit = (
+            GroupCommit(self.ledger.session, config.group_commit_max) if config.group_commit_max else None
+        )
+        self.intake.run = self.group_commit.run if self.group_commit else None
         backend = open_backend(
             config.audit_backend, config.audit_workers, registry=self.registry, ray_address=config.ray_address
         )  # L0 + L4 on threads, local processes or Ray actors; finalising stays in AuditWorkers
@@ -118,6 +123,8 @@ class ControlPlane:
         self.lead.close()  # no follower takes the lead now
         self.exact.close()  # before the audit backend: its L4 runs there
         self.audits.close()  # its threads, then the backend's workers
+        if self.group_commit is not None:
+            self.group_commit.close()  # after the HTTP server stopped: no settlement is waiting
         self.ledger.engine.dispose()
 
     # -- Maxwell's side -----------------------------------------------------------------------------

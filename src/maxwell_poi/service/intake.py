@@ -47,7 +47,7 @@ from ..verifier.lottery import draw_audit
 from ..verifier.policy import Verifier
 from .errors import ApiError
 from .schema import LeaseRow, ReceiptRow, VerdictRow
-from .settlement import EXACT_TIER, Appraised, AuditQueue, fail_lease, pending_audits, take_in
+from .settlement import EXACT_TIER, Appraised, AuditQueue, Runner, fail_lease, pending_audits, take_in
 from .states import LeaseState, TransitionError
 from .wire import IntakeAnswer, IntakeBody
 
@@ -144,6 +144,7 @@ class Intake:
         self.watts_per_core = watts_per_core
         self.queue = queue  # the control plane's audit workers: settlement wakes them for a pending lease
         self.hooks: list[IntakeHook] = []
+        self.run: Runner | None = None  # settlements' transactions: a group commit's, or their own
 
     def submit(self, body: IntakeBody) -> tuple[IntakeAnswer, AttestationResult | None]:
         """(the answer, the fresh result — None for a duplicate)."""
@@ -168,7 +169,9 @@ class Intake:
         pending = drawn or (audited is None and not refused and sub.row.tier == EXACT_TIER)
         appraised = Appraised(sub.lease, sub.row, result, energy.joules, energy.memo(), drawn, pending)
         receipt = self._receipt_row(sub)
-        answer = self._settle(sub, lambda: take_in(self.ledger, receipt, appraised, self._extra, self.queue))
+        answer = self._settle(
+            sub, lambda: take_in(self.ledger, receipt, appraised, self._extra, self.queue, self.run)
+        )
         return answer, (result if not answer.duplicate else None)
 
     def _failed(self, sub: Submission) -> IntakeAnswer:
@@ -178,7 +181,7 @@ class Intake:
         result = failure_result(sub.lease, evidence)
         appraised = Appraised(sub.lease, sub.row, result, energy.joules, energy.memo(), False, False)
         receipt = self._receipt_row(sub)
-        return self._settle(sub, lambda: fail_lease(self.ledger, receipt, appraised, self._extra))
+        return self._settle(sub, lambda: fail_lease(self.ledger, receipt, appraised, self._extra, self.run))
 
     def _settle(self, sub: Submission, settle: Callable[[], VerdictRow]) -> IntakeAnswer:
         """Run settlement; answer as the duplicate when a racing submission committed first."""

@@ -56,6 +56,7 @@ STAKE_ON = {
     Verdict.WARNING: StakeOutcome.HELD,
 }
 STAKE_VERB = {StakeOutcome.RELEASED: "release", StakeOutcome.SLASHED: "slash"}  # as the ledger names them
+Runner = Callable[[Callable[[Session], VerdictRow]], VerdictRow]  # runs a settlement's writes, commits
 AuditQueue = Callable[[str, bool], None]  # (lease id, L4 drawn): wake the audit workers
 REQUESTER_LEFT = "requester_left"  # a verdict layer's details flag: stopped because its requester left
 
@@ -152,13 +153,16 @@ def take_in(
     appraised: Appraised,
     extra: Callable[[Session, Lease, VerdictRow], None] = lambda _session, _lease, _verdict: None,
     queue: AuditQueue | None = None,
+    run: Runner | None = None,
 ) -> VerdictRow:
-    """The receipt, its verdict and its money in one transaction; then, once committed, a pending
-    lease's audit queued. Raises IntegrityError when a racing submission of the lease committed first
-    (the receipt's key is flushed before any money moves)."""
+    """The receipt, its verdict and its money in one transaction (its own, or a savepoint of the
+    group `run` commits: ledger.group_commit); then, once committed, a pending lease's audit queued.
+    Raises IntegrityError when a racing submission of the lease committed first (the receipt's key
+    is flushed before any money moves)."""
     a = appraised
     lease_id = a.lease.lease_id
-    with ledger.session() as session, session.begin():
+
+    def write(session: Session) -> VerdictRow:
         session.add(receipt)
         session.flush()  # the lease's receipt key: a duplicate fails here
         outcome = StakeOutcome.PENDING if a.pending else stake_outcome(a.result.verdict, a.row.stake_micro)
@@ -184,14 +188,25 @@ def take_in(
             stake_outcome=outcome,
             appraised_at=time.time(),
         )
-        extra(
-            session, a.lease, verdict
-        )  # a front door's own money (the gateway's requester), same transaction
+        extra(session, a.lease, verdict)  # a front door's own money (the gateway's requester)
         session.add(verdict)
         move_lease(session, lease_id, LeaseState.AUDIT_PENDING if a.pending else LeaseState.SETTLED)
+        return verdict
+
+    verdict = (run or own_transaction(ledger))(write)
     if a.pending and queue is not None:
         queue(lease_id, a.drawn)
     return verdict
+
+
+def own_transaction(ledger: Ledger) -> Runner:
+    """Run the settlement in a transaction of its own (no group commit)."""
+
+    def run(write: Callable[[Session], VerdictRow]) -> VerdictRow:
+        with ledger.session() as session, session.begin():
+            return write(session)
+
+    return run
 
 
 def fail_lease(
@@ -199,6 +214,7 @@ def fail_lease(
     receipt: ReceiptRow,
     appraised: Appraised,
     extra: Callable[[Session, Lease, VerdictRow], None] = lambda _session, _lease, _verdict: None,
+    run: Runner | None = None,
 ) -> VerdictRow:
     """A failed lease (`LeaseState.FAILED`): the node handed in an empty receipt with its evidence of
     how the agent ended. Maxwell's own failure or the agent program's, never evidence of cheating:
@@ -208,7 +224,8 @@ def fail_lease(
     `take_in` when a racing submission of the lease committed first."""
     a = appraised
     lease_id = a.lease.lease_id
-    with ledger.session() as session, session.begin():
+
+    def write(session: Session) -> VerdictRow:
         session.add(receipt)
         session.flush()  # the lease's receipt key: a duplicate fails here
         ledger.settle_energy(a.lease.agent_id, lease_id, 0.0, a.row.price_micro_per_j, session=session)
@@ -232,7 +249,9 @@ def fail_lease(
         # a lease Maxwell stopped because its requester left (`requester_left`) is no failure of the
         # agent's: settled, so that it never counts towards the agent's suspension (service.market)
         move_lease(session, lease_id, LeaseState.SETTLED if was_stopped(verdict) else LeaseState.FAILED)
-    return verdict
+        return verdict
+
+    return (run or own_transaction(ledger))(write)
 
 
 def was_stopped(verdict: VerdictRow) -> bool:

@@ -1,0 +1,90 @@
+"""ledger.group_commit: settlements that queue up are committed together, one savepoint each; one
+that fails costs only itself; a commit that fails answers none of them as stored."""
+
+from __future__ import annotations
+
+import threading
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+from sqlalchemy import event
+from sqlalchemy.orm import Session
+
+from maxwell_poi.ledger import Ledger, LedgerError, check_ledger
+from maxwell_poi.ledger.group_commit import GroupCommit
+
+
+def _pay(book: Ledger, key: str, micro: int = 1):
+    return lambda session: book.transfer(
+        key, "other", {"wallet:alice": -micro, "wallet:bob": micro}, session=session
+    )
+
+
+def test_settlements_that_queue_up_commit_together(book: Ledger) -> None:
+    group = GroupCommit(book.session)
+    gate, started = threading.Event(), threading.Event()
+
+    def held(session: Session):
+        started.set()
+        gate.wait(30)  # the writer is busy: the next settlements queue up behind it
+        return _pay(book, "first")(session)
+
+    try:
+        with ThreadPoolExecutor(8) as pool:
+            first = pool.submit(group.run, held)
+            assert started.wait(30)
+            rest = [pool.submit(group.run, _pay(book, f"t{i}")) for i in range(6)]
+            while group._queue.qsize() < 6:  # all six waiting before the writer is let go
+                threading.Event().wait(0.01)
+            gate.set()
+            results = [first.result(30)] + [f.result(30) for f in rest]
+    finally:
+        group.close()
+    assert all(r.created for r in results)
+    assert (group.batches, group.items) == (2, 7)  # the held one alone, then the six in one commit
+    assert book.balance("wallet:bob") == 1_000_000 + 7 and check_ledger(book.engine).ok
+
+
+def test_a_failing_settlement_rolls_back_alone(book: Ledger) -> None:
+    group = GroupCommit(book.session)
+    gate, started = threading.Event(), threading.Event()
+
+    def held(session: Session):
+        started.set()
+        gate.wait(30)
+        return None
+
+    try:
+        with ThreadPoolExecutor(4) as pool:
+            blocker = pool.submit(group.run, held)
+            assert started.wait(30)
+            good = pool.submit(group.run, _pay(book, "good"))
+            bad = pool.submit(group.run, _pay(book, "overdraft", micro=10**12))
+            after = pool.submit(group.run, _pay(book, "after"))
+            while group._queue.qsize() < 3:
+                threading.Event().wait(0.01)
+            gate.set()
+            blocker.result(30)
+            assert good.result(30).created and after.result(30).created
+            with pytest.raises(LedgerError, match="wallet:alice to stay"):
+                bad.result(30)
+    finally:
+        group.close()
+    assert group.batches == 2 and book.balance("wallet:bob") == 1_000_000 + 2
+    assert check_ledger(book.engine).ok
+
+
+def test_a_commit_that_fails_fails_every_settlement_of_its_group(book: Ledger) -> None:
+    def failing_session() -> Session:
+        session = book.session()
+        event.listen(session, "before_commit", lambda _s: (_ for _ in ()).throw(OSError("disk full")))
+        return session
+
+    group = GroupCommit(failing_session)
+    try:
+        with pytest.raises(OSError, match="disk full"):
+            group.run(_pay(book, "lost"))
+    finally:
+        group.close()
+    assert book.balance("wallet:bob") == 1_000_000  # nothing stored, and the caller was told
+    assert check_ledger(book.engine).ok
