@@ -74,6 +74,11 @@ bench-system: $(STAMP)
 bench-service-load: $(STAMP)
 	$(BIN)/python -m bench.service.load
 
+# bench/results/service.json (settlement_cost): intake's settlement, general postings vs ledger.settle (issue 25)
+.PHONY: bench-settle-cost
+bench-settle-cost: $(STAMP)
+	$(BIN)/python -m bench.service.settle_cost
+
 # bench/results/service.json (intake_profile) + intake_profile.stacks.txt: poi serve sampled by py-spy under intake load (issue 25)
 .PHONY: bench-intake-profile
 bench-intake-profile: $(STAMP)
