@@ -90,22 +90,35 @@ def pg_admin() -> Iterator[Engine | str]:
 
 
 @pytest.fixture()
-def pg_schema(pg_admin: Engine | str) -> Iterator[tuple[str, dict[str, str]]]:
-    """A fresh schema per test, made the connection's search_path, dropped afterwards."""
+def pg_schemas(pg_admin: Engine | str) -> Iterator[Callable[[], tuple[str, dict[str, str]]]]:
+    """Makes fresh schemas (url, connect_args with it as the search_path), all dropped afterwards."""
     if isinstance(pg_admin, str):
         url = make_url(PG_URL)
         reason = f"PostgreSQL expected at {url.host}:{url.port or 5432} under CI, got: {pg_admin}"
         if os.environ.get("CI") == "true":
             pytest.fail(reason)
         pytest.skip(reason)
-    schema = f"ledger_test_{uuid.uuid4().hex[:12]}"
-    with pg_admin.connect() as conn:
-        conn.execute(text(f'CREATE SCHEMA "{schema}"'))
+    made: list[str] = []
+
+    def make() -> tuple[str, dict[str, str]]:
+        schema = f"ledger_test_{uuid.uuid4().hex[:12]}"
+        with pg_admin.connect() as conn:
+            conn.execute(text(f'CREATE SCHEMA "{schema}"'))
+        made.append(schema)
+        return PG_URL, {"options": f"-csearch_path={schema}"}
+
     try:
-        yield PG_URL, {"options": f"-csearch_path={schema}"}
+        yield make
     finally:
         with pg_admin.connect() as conn:
-            conn.execute(text(f'DROP SCHEMA "{schema}" CASCADE'))
+            for schema in made:
+                conn.execute(text(f'DROP SCHEMA "{schema}" CASCADE'))
+
+
+@pytest.fixture()
+def pg_schema(pg_schemas: Callable[[], tuple[str, dict[str, str]]]) -> tuple[str, dict[str, str]]:
+    """A fresh schema per test, made the connection's search_path, dropped afterwards."""
+    return pg_schemas()
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])

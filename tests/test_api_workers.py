@@ -226,3 +226,22 @@ def test_poi_serve_with_two_workers_serves_one_database(served: str) -> None:
     assert report.check.ok and report.balances["wallet:alice"] == 6_000_000 - 1_000 - answer.charge_micro
     gateway = httpx.post(served + "/v1/chat/completions", json={}, timeout=10)
     assert gateway.status_code == 503 and "--workers 1" in gateway.json()["error"]["expected"]
+
+
+def test_control_planes_on_other_schemas_of_one_postgresql_database_each_lead(
+    pg_schemas: Callable[[], tuple[str, dict[str, str]]], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The audit lead is per schema: a staging control plane beside production does not take it."""
+    monkeypatch.setenv("POI_HOME", str(tmp_path / "home"))
+    config = ServiceConfig.from_env(admin_token="t", audit_backend="thread")
+    planes = []
+    try:
+        for _ in range(2):
+            url, args = pg_schemas()
+            plane = ControlPlane(config, ledger=Ledger(open_ledger_db(url, connect_args=args)))
+            plane.start()
+            planes.append(plane)
+        assert [p.lead.leading for p in planes] == [True, True]
+    finally:
+        for plane in planes:
+            plane.close()

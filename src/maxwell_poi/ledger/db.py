@@ -73,7 +73,9 @@ def lock_migrations(connection: Connection) -> None:
     this transaction-scoped advisory lock and upgrades, the others wait for it, then find the schema
     at head and do nothing. (SQLite: the migration's BEGIN IMMEDIATE already serialises them.)"""
     if connection.dialect.name == "postgresql":
-        connection.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": MIGRATION_LOCK})
+        # per schema: processes on other schemas of the database migrate their own at the same time
+        query = text("SELECT pg_advisory_xact_lock(:key, hashtext(current_schema()))")
+        connection.execute(query, {"key": MIGRATION_LOCK})
 
 
 def writer(engine: Engine) -> Engine:

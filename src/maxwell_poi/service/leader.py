@@ -21,7 +21,9 @@ from pathlib import Path
 
 from sqlalchemy import Connection, Engine, text
 
-AUDIT_LOCK = 0x504F4941  # "POIA": the PostgreSQL advisory lock key
+# the PostgreSQL advisory lock: (this class, the schema's hash): advisory locks are per database, and
+# control planes in different schemas of one database (tests, staging beside production) each lead
+AUDIT_LOCK = 0x504F4941  # "POIA"
 RETRY_S = 2.0  # how often a follower tries to take the lead
 
 
@@ -64,7 +66,8 @@ class AuditLead:
             self._thread.join(timeout=RETRY_S + 5)
         if self._pg is not None:
             with contextlib.suppress(Exception):  # a dead connection has let the lock go already
-                self._pg.execute(text("SELECT pg_advisory_unlock(:key)"), {"key": AUDIT_LOCK})
+                unlock = text("SELECT pg_advisory_unlock(:key, hashtext(current_schema()))")
+                self._pg.execute(unlock, {"key": AUDIT_LOCK})
                 self._pg.commit()
             with contextlib.suppress(Exception):
                 self._pg.close()
@@ -77,7 +80,7 @@ class AuditLead:
     def _hold_advisory(self) -> bool:
         connection = self.engine.connect()
         try:
-            query = text("SELECT pg_try_advisory_lock(:key)")
+            query = text("SELECT pg_try_advisory_lock(:key, hashtext(current_schema()))")
             got = bool(connection.execute(query, {"key": AUDIT_LOCK}).scalar())
             connection.commit()  # a session lock: it outlives this transaction, not the connection
         except Exception:
