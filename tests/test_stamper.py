@@ -12,7 +12,7 @@ import time
 
 import pytest
 
-from maxwell_poi.node.stamper import StampedLines, start_stamper, stop_stamper
+from maxwell_poi.node.stamper import NO_CPU, StampedLines, start_stamper, stop_stamper
 
 # a writer that flushes one line every 20 ms, then a line longer than the reader's limit, then a
 # tail with no newline
@@ -34,7 +34,7 @@ def stamped_run(busy_reader: bool) -> list[tuple[bytes, float]]:
     lines = StampedLines(stamper.stdout)
     out = []
     while True:
-        line, t = lines.readline(64)
+        line, t, _cpu = lines.readline(64)
         if not line:
             break
         out.append((line, t))
@@ -66,7 +66,7 @@ def test_the_stamps_are_the_readers_clock() -> None:
     )
     stamper = start_stamper(writer.stdout)
     writer.stdout.close()
-    result: list[tuple[bytes, float]] = []
+    result: list[tuple[bytes, float, int]] = []
     reader = threading.Thread(target=lambda: result.append(StampedLines(stamper.stdout).readline(64)))
     reader.start()
     before = time.perf_counter()
@@ -74,7 +74,7 @@ def test_the_stamps_are_the_readers_clock() -> None:
     writer.stdin.flush()
     reader.join(10)
     after = time.perf_counter()
-    assert result and result[0][0] == b"go\n"
+    assert result and result[0][0] == b"go\n" and result[0][2] == NO_CPU  # no CPU counter given
     assert before <= result[0][1] <= after
     writer.stdin.close()
     writer.wait()
@@ -100,3 +100,53 @@ def test_a_root_node_runs_the_stamper_ahead_of_normal_tasks() -> None:
         writer.wait()
         stop_stamper(stamper)
         stamper.stdout.close()  # never read: closing is the reader's
+
+
+@pytest.mark.parametrize(
+    ("content", "expected"),
+    [(b"123456789\n", 123456789), (b"usage_usec 77\nuser_usec 50\nsystem_usec 27\n", 77_000)],
+)
+def test_the_cpu_reading_comes_from_the_counter_file_v1_or_v2(tmp_path, content, expected) -> None:
+    counter = tmp_path / "cpu"
+    counter.write_bytes(content)
+    writer = subprocess.Popen([sys.executable, "-c", "print('one', flush=True)"], stdout=subprocess.PIPE)
+    stamper = start_stamper(writer.stdout, str(counter))
+    writer.stdout.close()
+    line, _t, cpu = StampedLines(stamper.stdout).readline(64)
+    stop_stamper(stamper)
+    writer.wait()
+    assert (line, cpu) == (b"one\n", expected)
+
+
+BURNER = """
+import sys, time
+for i in range(5):
+    t = time.process_time()
+    while time.process_time() - t < 0.03:
+        pass
+    sys.stdout.write(f"token {i}\\n"); sys.stdout.flush()
+"""
+
+
+def test_a_late_reader_still_gets_each_lines_cpu_as_it_was_when_the_line_came() -> None:
+    """Read by the node after the whole stream, every token's CPU reading would be the same (the
+    reading at the end): an honest decode window then looks idle. The stamper's readings are not."""
+    from maxwell_poi.node.sandbox import open_sandbox
+
+    sandbox = open_sandbox("stamper-cpu")
+    try:
+        if sandbox.cpu_counter() is None:
+            pytest.skip(f"{sandbox.describe()['source']}: no CPU counter file (the /proc fallback)")
+        writer = sandbox.spawn([sys.executable, "-c", BURNER], stdout=subprocess.PIPE)
+        stamper = start_stamper(writer.stdout, sandbox.cpu_counter())
+        writer.stdout.close()
+        writer.wait()  # the reader is held up until the burner is done
+        lines = StampedLines(stamper.stdout)
+        readings = []
+        while (got := lines.readline(64))[0]:
+            readings.append(got[2])
+        stop_stamper(stamper)
+    finally:
+        sandbox.close()
+    assert len(readings) == 5 and NO_CPU not in readings
+    assert all(b > a for a, b in zip(readings, readings[1:], strict=False)), readings  # 30 ms apart

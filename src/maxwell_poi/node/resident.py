@@ -40,7 +40,7 @@ from ..protocol.stream import (
 from .channel import AgentRun, drain
 from .probe import PendingProbe, WorkProbes
 from .sandbox import Sandbox, Usage, open_sandbox
-from .stamper import StampedLines, start_stamper, stop_stamper
+from .stamper import NO_CPU, StampedLines, start_stamper, stop_stamper
 from .stream_log import StreamLog
 
 # cgroup counters are in nanoseconds, but the kernel folds a running task's time into them only at
@@ -123,7 +123,7 @@ class ResidentAgent:
                 cwd=cwd,
             )
             # the stamper (node.stamper) reads its stdout: no work of this process delays a stamp
-            self._stamper = start_stamper(self.proc.stdout)
+            self._stamper = start_stamper(self.proc.stdout, self.sandbox.cpu_counter())
             self.proc.stdout.close()
         except BaseException:
             self.sandbox.close()  # the agent never ran (or confining it failed): release its cgroup
@@ -196,7 +196,7 @@ class ResidentAgent:
     def _read(self) -> None:
         lines = StampedLines(self._stamper.stdout)
         while True:
-            line, arrived = lines.readline(MAX_LINE_BYTES)
+            line, arrived, cpu_ns = lines.readline(MAX_LINE_BYTES)
             if not line:
                 break
             if not line.strip():
@@ -219,7 +219,7 @@ class ResidentAgent:
                 state.bytes_out += len(line)
                 state.digest.update(line)
             if isinstance(item, TaggedToken):
-                self._token(state, item, arrived)
+                self._token(state, item, arrived, cpu_ns)
             elif isinstance(item, TaggedChunk):
                 self._chunk(state, item)
             elif isinstance(item, TaggedReceipt):
@@ -303,19 +303,21 @@ class ResidentAgent:
             if not open_:
                 self.unrouted += 1
 
-    def _token(self, state: _LeaseState, item: TaggedToken, arrived: float) -> None:
+    def _token(self, state: _LeaseState, item: TaggedToken, arrived: float, cpu_ns: int) -> None:
+        """`cpu_ns`: the sandbox's CPU when the stamper read the token (NO_CPU: not read there)."""
         if item.position != len(state.tokens):
             state.errors += 1
             return
         usage = self.sandbox.usage()
+        cpu = cpu_ns if cpu_ns != NO_CPU else usage.cpu_ns  # the stamp's moment, where the stamper read it
         with self._lock:
             state.tokens.append(item.token)
             state.times.append(arrived)
-            state.cpu.append(usage.cpu_ns / 1e9)
+            state.cpu.append(cpu / 1e9)
             state.peak_memory = max(state.peak_memory, usage.memory_bytes)
-            self._log.token(item.lease_id, arrived, usage.cpu_ns)
+            self._log.token(item.lease_id, arrived, cpu)
         if state.watch is not None:
-            state.watch(item, arrived - state.t_in, usage.cpu_ns / 1e9)
+            state.watch(item, arrived - state.t_in, cpu / 1e9)
         probe = state.probe
         if probe is not None and probe.sent_at_token == -2 and item.position >= probe.send_at_token:
             probe.sent_at_token = item.position

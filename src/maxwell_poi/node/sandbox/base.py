@@ -174,6 +174,11 @@ class Sandbox(ABC):
     @abstractmethod
     def usage(self) -> Usage: ...
 
+    def cpu_counter(self) -> str | None:
+        """A file holding the sandbox's cumulative CPU (what `usage()` reads), for a reader of Maxwell's
+        outside this process (node.stamper); None where the CPU is summed from /proc instead."""
+        return None
+
     @abstractmethod
     def reset_peak(self) -> None: ...
 

@@ -101,6 +101,9 @@ class CgroupV1Sandbox(Sandbox):
     def _spawn(self, argv: list[str], env: dict[str, str], kw: dict[str, Any]) -> subprocess.Popen[Any]:
         return spawn_joined(self.groups, argv, env, kw)
 
+    def cpu_counter(self) -> str | None:
+        return str(self.cpu_group / "cpuacct.usage")  # nanoseconds
+
     def usage(self) -> Usage:
         self._check_open()
         cpu = pread_int(self._cpu_fd)

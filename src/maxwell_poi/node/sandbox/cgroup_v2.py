@@ -137,6 +137,9 @@ class CgroupV2Sandbox(Sandbox):
     def _spawn(self, argv: list[str], env: dict[str, str], kw: dict[str, Any]) -> subprocess.Popen[Any]:
         return spawn_joined([self.group], argv, env, kw)
 
+    def cpu_counter(self) -> str | None:
+        return str(self.group / "cpu.stat")  # its "usage_usec N" line
+
     def usage(self) -> Usage:
         self._check_open()
         stat = pread_text(self._cpu_fd)
