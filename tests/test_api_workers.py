@@ -245,3 +245,42 @@ def test_control_planes_on_other_schemas_of_one_postgresql_database_each_lead(
     finally:
         for plane in planes:
             plane.close()
+
+
+def test_concurrent_intake_through_two_planes_loses_nothing_and_never_fails(
+    pair: list[ControlPlane], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Group commits of two processes settle leases of the same agents at once: every settlement
+    commits exactly once (a deadlock between their transactions is retried, never a 500)."""
+    node_key = NodeKey.generate()
+    first, second = pair
+    first.enroll_node(EnrollNode(node_id="n1", public_key=node_key.public_hex))
+    agents = [f"agent{i}" for i in range(6)]
+    for agent in agents:
+        first.enroll_agent(EnrollAgent(agent_id=agent, public_key=AgentKey.generate().public_hex, command=[]))
+        first.deposit(Deposit(agent_id=agent, amount_micro=100_000_000, key=f"d-{agent}"))
+    job = {"kind": "generate", "prompt": "hi there", "max_new_tokens": 4}
+    for i in range(48):
+        bid = {"bid_id": f"b{i}", "model_id": "gpt2-micro", "job": job, "price_micro_per_j": 100}
+        first.market.place_bid(agents[i % len(agents)], BidBody.model_validate({**bid, "stake_micro": 1_000}))
+    pulled = first.market.pull("n1", PullBody(headroom_j=1e9, agents=[], max_leases=64))
+    assert len(pulled) == 48
+    for plane in pair:
+        monkeypatch.setattr(plane.intake, "verifier", PassingInline())
+    monkeypatch.setattr(intake, "draw_audit", lambda _p: False)
+    bodies = []
+    for p in pulled:
+        receipt, signed = _made_up_intake(p.lease.lease_id, node_key)
+        bodies.append(
+            IntakeBody(lease_id=p.lease.lease_id, receipt=receipt.decode(), evidence=signed.decode())
+        )
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(8) as pool:
+        answers = list(
+            pool.map(lambda ib: pair[hash(ib[1].lease_id) % 2].intake.submit(ib[1])[0], enumerate(bodies))
+        )
+    assert [a.duplicate for a in answers] == [False] * 48
+    assert all(a.final and a.stake_outcome == "released" for a in answers)
+    report = check_ledger(first.ledger.engine)
+    assert report.ok, report.problems

@@ -88,3 +88,43 @@ def test_a_commit_that_fails_fails_every_settlement_of_its_group(book: Ledger) -
         group.close()
     assert book.balance("wallet:bob") == 1_000_000  # nothing stored, and the caller was told
     assert check_ledger(book.engine).ok
+
+
+class _Deadlock(Exception):
+    sqlstate = "40P01"  # as psycopg names PostgreSQL's "deadlock detected"
+
+
+def test_a_settlement_that_meets_a_deadlock_is_tried_again_in_a_later_group(book: Ledger) -> None:
+    from sqlalchemy.exc import OperationalError
+
+    tries = []
+
+    def deadlocked_once(session: Session):
+        tries.append(1)
+        if len(tries) == 1:
+            raise OperationalError("SELECT … FOR UPDATE", {}, _Deadlock("deadlock detected"))
+        return _pay(book, "retried")(session)
+
+    group = GroupCommit(book.session)
+    try:
+        assert group.run(deadlocked_once).created
+    finally:
+        group.close()
+    assert (len(tries), group.retried) == (2, 1) and book.balance("wallet:bob") == 1_000_000 + 1
+
+
+def test_a_settlement_that_keeps_meeting_deadlocks_fails_after_its_retries(book: Ledger) -> None:
+    from sqlalchemy.exc import OperationalError
+
+    from maxwell_poi.ledger.group_commit import RETRIES
+
+    def always(_session: Session):
+        raise OperationalError("SELECT … FOR UPDATE", {}, _Deadlock("deadlock detected"))
+
+    group = GroupCommit(book.session)
+    try:
+        with pytest.raises(OperationalError, match="deadlock"):
+            group.run(always)
+    finally:
+        group.close()
+    assert group.retried == RETRIES and check_ledger(book.engine).ok

@@ -197,6 +197,19 @@ class Ledger:
             self.slash_stake(agent, lease_id, session=session)
         return energy
 
+    def lock_shared(self, session: Session) -> None:
+        """Lock the accounts every settlement credits (Maxwell's energy and slashed revenue), first
+        in the caller's transaction: a transaction that settles several leases (ledger.group_commit)
+        would otherwise lock them between agents' accounts, in an order another process's group
+        can cross. PostgreSQL only: SQLite's write lock already lets one transaction in at a time."""
+        if session.get_bind().dialect.name == "postgresql":
+            session.execute(
+                select(Account.id)
+                .where(Account.name.in_((ENERGY, SLASHED)))
+                .order_by(Account.name)
+                .with_for_update()
+            ).all()
+
     # -- reading ------------------------------------------------------------------------------------
 
     def balance(self, name: str) -> int:

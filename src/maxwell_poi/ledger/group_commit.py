@@ -8,6 +8,14 @@ transaction, and commits. A settlement that raises rolls back its savepoint only
 the exception; the others commit. Callers wait for the commit before they are answered, so an
 answer is never given for a settlement that did not commit (a failed COMMIT fails every caller of
 the batch, and none of them was answered yet).
+
+Several processes on one PostgreSQL database each run a writer. A group's settlements lock accounts
+one settlement after another, so two groups could each hold an account the other wants next (a
+deadlock PostgreSQL breaks after a second by failing one: seen as 500s with two API processes).
+`prepare` runs first in every group transaction — the ledger locks its shared accounts there — so
+groups of different processes take turns instead. A settlement that still meets a deadlock or a
+serialization failure (another writer's transaction) is tried again in a later group, up to
+RETRIES times.
 """
 
 from __future__ import annotations
@@ -19,30 +27,45 @@ from collections.abc import Callable
 from concurrent.futures import Future
 from typing import TypeVar
 
+from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 Work = Callable[[Session], object]
+RETRIES = 3
+RETRYABLE = {"40P01", "40001"}  # PostgreSQL: deadlock detected, serialization failure
+
+
+def retryable(exc: BaseException) -> bool:
+    return isinstance(exc, DBAPIError) and getattr(exc.orig, "sqlstate", None) in RETRYABLE
 
 
 class GroupCommit:
-    def __init__(self, session: Callable[[], Session], max_batch: int = 64) -> None:
-        """`session`: a factory of write sessions on the database (`Ledger.session`)."""
+    def __init__(
+        self,
+        session: Callable[[], Session],
+        max_batch: int = 64,
+        prepare: Callable[[Session], None] | None = None,
+    ) -> None:
+        """`session`: a factory of write sessions on the database (`Ledger.session`); `prepare`: run
+        first in each group's transaction (`Ledger.lock_shared`)."""
         self._session = session
         self.max_batch = max_batch
-        self._queue: queue.Queue[tuple[Work, Future] | None] = queue.Queue()
+        self._prepare = prepare
+        self._queue: queue.Queue[tuple[Work, Future, int] | None] = queue.Queue()
         self._thread = threading.Thread(target=self._write, name="poi-group-commit", daemon=True)
         self._thread.start()
         self.batches = 0  # transactions committed, and the settlements in them (metrics, benches)
         self.items = 0
+        self.retried = 0  # settlements tried again after a deadlock or serialization failure
 
     def run(self, work: Callable[[Session], T]) -> T:
         """Run `work(session)` in the next group's transaction; its result once that committed."""
         if not self._thread.is_alive():
             raise RuntimeError("the group-commit writer has stopped")
         done: Future = Future()
-        self._queue.put((work, done))
+        self._queue.put((work, done, 0))
         return done.result()
 
     def close(self) -> None:
@@ -63,13 +86,22 @@ class GroupCommit:
                 batch.append(item)
             self._commit(batch)
             if stop:
+                break
+        while True:  # closed: a settlement queued again after the stop is refused, not left waiting
+            try:
+                item = self._queue.get_nowait()
+            except queue.Empty:
                 return
+            if item is not None:
+                item[1].set_exception(RuntimeError("the group-commit writer has stopped"))
 
-    def _commit(self, batch: list[tuple[Work, Future]]) -> None:
+    def _commit(self, batch: list[tuple[Work, Future, int]]) -> None:
         outcomes: list[tuple[bool, object]] = []
         try:
             with self._session() as session, session.begin():
-                for work, _ in batch:
+                if self._prepare is not None:
+                    self._prepare(session)
+                for work, _, _ in batch:
                     try:
                         with session.begin_nested():
                             outcomes.append((True, work(session)))
@@ -77,13 +109,20 @@ class GroupCommit:
                         outcomes.append((False, exc))
         except Exception as exc:  # BEGIN or COMMIT failed: nothing of this batch is stored
             log.warning("group commit of %d settlements failed: %s", len(batch), exc)
-            for _, done in batch:
-                done.set_exception(exc)
+            for work, done, tries in batch:
+                self._fail(work, done, tries, exc)
             return
         self.batches += 1
         self.items += len(batch)
-        for (_, done), (ok, value) in zip(batch, outcomes, strict=True):
+        for (work, done, tries), (ok, value) in zip(batch, outcomes, strict=True):
             if ok:
                 done.set_result(value)
             else:
-                done.set_exception(value)  # type: ignore[arg-type]
+                self._fail(work, done, tries, value)  # type: ignore[arg-type]
+
+    def _fail(self, work: Work, done: Future, tries: int, exc: BaseException) -> None:
+        if retryable(exc) and tries < RETRIES:
+            self.retried += 1
+            self._queue.put((work, done, tries + 1))  # in a later group, after this one let go
+        else:
+            done.set_exception(exc)

@@ -64,7 +64,9 @@ class ControlPlane:
         # a pending lease's audit is queued by settlement, however intake was called (HTTP or in-process)
         self.intake = Intake(self.ledger, inline, self.nodes, config.watts_per_core, queue=self.queue_audit)
         self.group_commit = (
-            GroupCommit(self.ledger.session, config.group_commit_max) if config.group_commit_max else None
+            GroupCommit(self.ledger.session, config.group_commit_max, prepare=self.ledger.lock_shared)
+            if config.group_commit_max
+            else None
         )
         self.intake.run = self.group_commit.run if self.group_commit else None
         backend = open_backend(
