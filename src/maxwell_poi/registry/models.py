@@ -258,14 +258,29 @@ class Registry:
     def __init__(self, user_file: Path | None = None) -> None:
         self.user_file = user_file or poi_home() / "models.json"
         self._cache: dict[str, LoadedModel] = {}
+        # files read on every appraisal (the user registry, measured reference values): parsed once
+        # per version of the file, told by a stat (another process may add a model meanwhile)
+        self._files: dict[Path, tuple[tuple[int, int], Any]] = {}
+
+    def _json(self, path: Path) -> Any:
+        """The file's JSON, re-read only when its mtime or size changed; FileNotFoundError if absent."""
+        st = path.stat()
+        version = (st.st_mtime_ns, st.st_size)
+        cached = self._files.get(path)
+        if cached is not None and cached[0] == version:
+            return cached[1]
+        data = json.loads(path.read_text())
+        self._files[path] = (version, data)
+        return data
 
     def _user_specs(self) -> dict[str, ModelSpec]:
-        if not self.user_file.exists():
+        try:
+            data = self._json(self.user_file)
+        except FileNotFoundError:
             return {}
         try:
-            data = json.loads(self.user_file.read_text())
             return {k: ModelSpec(**v) for k, v in data.get("models", {}).items()}
-        except (ValueError, TypeError) as exc:
+        except (ValueError, TypeError, AttributeError) as exc:
             raise PoiError(f"model registry {self.user_file} is unreadable: {exc}") from exc
 
     def specs(self) -> dict[str, ModelSpec]:
@@ -323,7 +338,7 @@ class Registry:
         path = self.user_file.parent / "reference" / f"{model_id}.json"
         key = _spec_key(spec)
         try:
-            data = json.loads(path.read_text())
+            data = self._json(path)
             if data.get("key") == key:
                 return ReferenceValues(**data["values"])
         except (OSError, ValueError, TypeError):
