@@ -12,6 +12,7 @@ Used by bench/service/load.py, bench/service/crash.py and tests/test_service_cra
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -132,9 +133,11 @@ class Server:
         return self.home / f"server-{self.port}-{self.lives}.log"
 
     def kill(self) -> None:
-        """SIGKILL: no shutdown handler, no flush, no rollback — the crash under test."""
+        """SIGKILL to the server's whole process group (`poi serve --workers N`'s workers, the audit
+        pool): no shutdown handler, no flush, no rollback — the crash under test."""
         if self.proc and self.proc.poll() is None:
-            os.kill(self.proc.pid, signal.SIGKILL)
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.proc.pid, signal.SIGKILL)  # its own session: pid is the group's id
             self.proc.wait()
 
     def stop(self, timeout_s: float = 30.0) -> None:

@@ -8,17 +8,30 @@ routes answer 503 and say so.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import os
+import signal
 from collections.abc import AsyncIterator
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 
+PR_SET_PDEATHSIG = 1  # linux/prctl.h
 WORKERS_ENV = "POI_SERVE_API_WORKERS"  # set by the parent: how many processes serve (for the 503 text)
+
+
+def _stop_with_parent() -> None:
+    """A worker whose parent (uvicorn's supervisor) dies is told to stop (Linux PR_SET_PDEATHSIG),
+    instead of serving on as an orphan nobody supervises."""
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+    if os.getppid() == 1:  # the parent died before the request took effect
+        os.kill(os.getpid(), signal.SIGTERM)
 
 
 def create_worker_app() -> FastAPI:
     """uvicorn's app factory, called once in every worker process."""
+    _stop_with_parent()
     from ..gateway.routes import gateway_paths
     from ..service import ControlPlane, ServiceConfig
     from ..service.api import create_app
