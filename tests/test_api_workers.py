@@ -159,7 +159,7 @@ def _free_port() -> int:
 
 
 @pytest.fixture()
-def served(pg_schema: tuple[str, dict[str, str]], tmp_path: Path) -> Iterator[str]:
+def served(pg_schema: tuple[str, dict[str, str]], tmp_path: Path) -> Iterator[tuple[str, subprocess.Popen]]:
     url, args = pg_schema
     schema_url = f"{url}?options={args['options'].replace('=', '%3D')}"
     port = _free_port()
@@ -183,16 +183,19 @@ def served(pg_schema: tuple[str, dict[str, str]], tmp_path: Path) -> Iterator[st
         assert _until(both_up, 180), (
             f"expected 2 API processes answering, saw {seen}: {log.read_text()[-2000:]}"
         )
-        yield base
+        yield base, proc
     finally:
-        os.killpg(proc.pid, 15)
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, 15)
         try:
             proc.wait(timeout=60)
         except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, 9)
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, 9)
 
 
-def test_poi_serve_with_two_workers_serves_one_database(served: str) -> None:
+def test_poi_serve_with_two_workers_serves_one_database(served: tuple[str, subprocess.Popen]) -> None:
+    served, parent = served
     node_key, alice = NodeKey.generate(), AgentKey.generate()
 
     def fresh(**kw) -> ServiceClient:  # a new connection per call: requests spread over the processes
@@ -226,6 +229,18 @@ def test_poi_serve_with_two_workers_serves_one_database(served: str) -> None:
     assert report.check.ok and report.balances["wallet:alice"] == 6_000_000 - 1_000 - answer.charge_micro
     gateway = httpx.post(served + "/v1/chat/completions", json={}, timeout=10)
     assert gateway.status_code == 503 and "--workers 1" in gateway.json()["error"]["expected"]
+    # uvicorn's supervisor killed outright: its workers stop too (PR_SET_PDEATHSIG), none serves on
+    os.kill(parent.pid, 9)
+    parent.wait()
+
+    def stopped(pid: int) -> bool:  # gone, or a zombie its new parent has not reaped yet
+        try:
+            return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
+        except (OSError, IndexError):
+            return True
+
+    workers = list(leads)  # the pids /healthz named
+    assert _until(lambda: all(stopped(p) for p in workers), 60), f"API workers {workers} served on"
 
 
 def test_control_planes_on_other_schemas_of_one_postgresql_database_each_lead(
