@@ -15,18 +15,17 @@ from pathlib import Path
 
 import httpx
 import pytest
+from made_up_intake import PassingInline, made_up_intake, one_lease
 from sqlalchemy.orm import Session
 
 import maxwell_poi.service.intake as intake
 from maxwell_poi.ledger import Ledger, check_ledger, open_ledger_db
-from maxwell_poi.node.attest import NodeKey, sign_evidence
-from maxwell_poi.observer.evidence import LeaseEvidence
+from maxwell_poi.node.attest import NodeKey
 from maxwell_poi.protocol.keys import AgentKey
 from maxwell_poi.protocol.lease import Lease
-from maxwell_poi.protocol.result import AttestationResult, LayerName, LayerResult, Status
 from maxwell_poi.service import ControlPlane, ServiceClient, ServiceConfig
 from maxwell_poi.service.schema import LeaseRow, VerdictRow
-from maxwell_poi.service.wire import BidBody, Deposit, EnrollAgent, EnrollNode, IntakeBody, PullBody
+from maxwell_poi.service.wire import BidBody, Deposit, EnrollAgent, EnrollNode, PullBody
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -62,61 +61,19 @@ def pair(request: pytest.FixtureRequest, tmp_path: Path, monkeypatch) -> Iterato
         plane.close()
 
 
-class PassingInline:
-    """Stands in for L0-L2 so the lease is accepted and goes to its drawn L4 audit (the audit's own
-    L0 then refuses the made-up receipt): this is about which process audits, not about appraisal."""
-
-    def appraise(self, lease: Lease, _receipt: bytes, _evidence: object) -> AttestationResult:
-        layers = (LayerResult(LayerName.INTEGRITY, Status.PASS, "stand-in for the inline layers"),)
-        return AttestationResult(lease.lease_id, lease.agent_id, lease.model_id, layers)
-
-
-def _made_up_intake(lease_id: str, node_key: NodeKey) -> tuple[bytes, bytes]:
-    receipt = b'{"not": "a receipt the audit can replay"}'
-    now = time.time()
-    evidence = LeaseEvidence(
-        started_at=now - 1,
-        finished_at=now,
-        wall_s=1.0,
-        cpu_s=0.5,
-        max_rss_kb=1000,
-        bytes_in=10,
-        bytes_out=20,
-        sha256_in="0" * 64,
-        sha256_out="1" * 64,
-        exit_code=0,
-        regime="resident",
-    )  # fmt: skip  (made up: what is tested is where the audit runs, not the appraisal)
-    return receipt, sign_evidence(evidence, lease_id, receipt, node_id="n1", sandbox={}, key=node_key)
-
-
 def test_one_plane_leads_and_audits_the_lease_another_took_in(
     pair: list[ControlPlane], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     leader, other = pair
     assert (leader.lead.leading, other.lead.leading) == (True, False)
-    node_key, alice = NodeKey.generate(), AgentKey.generate()
-    leader.enroll_node(EnrollNode(node_id="n1", public_key=node_key.public_hex))
-    leader.enroll_agent(EnrollAgent(agent_id="alice", public_key=alice.public_hex, command=[]))
+    node_key, carol = NodeKey.generate(), AgentKey.generate()
+    leader.enroll_agent(EnrollAgent(agent_id="carol", public_key=carol.public_hex, command=[]))
     # enrolled through the leader, known to the other on first use (its keyring reads the row)
-    other.deposit(Deposit(agent_id="alice", amount_micro=10_000_000, key="d"))
-    job = {"kind": "generate", "prompt": "hi there", "max_new_tokens": 4}
-    bid = {
-        "bid_id": "b1",
-        "model_id": "gpt2-micro",
-        "job": job,
-        "price_micro_per_j": 100,
-        "stake_micro": 100_000,
-    }
-    other.market.place_bid("alice", BidBody.model_validate(bid))
-    (pulled,) = other.market.pull("n1", PullBody(headroom_j=1e6, agents=[], max_leases=4))
-    lease_id = pulled.lease.lease_id
+    other.deposit(Deposit(agent_id="carol", amount_micro=1_000, key="d-carol"))
+    lease_id = one_lease(other, node_key).lease.lease_id  # issued by the process that does not lead
     monkeypatch.setattr(other.intake, "verifier", PassingInline())
     monkeypatch.setattr(intake, "draw_audit", lambda _p: True)
-    receipt, signed = _made_up_intake(lease_id, node_key)
-    answer, _ = other.intake.submit(
-        IntakeBody(lease_id=lease_id, receipt=receipt.decode(), evidence=signed.decode())
-    )
+    answer, _ = other.intake.submit(made_up_intake(lease_id, node_key))
     assert (answer.final, answer.audit_drawn) == (False, True)
     assert other.audits.depth() == 0  # the process that took it in queued nothing: it does not lead
     assert leader.audits.drain(60), "the leader never found the lease another process took in"
@@ -219,7 +176,8 @@ def test_poi_serve_with_two_workers_serves_one_database(served: tuple[str, subpr
     with fresh(key=node_key, principal="node:n1") as node:
         (pulled,) = node.pull(1e6, [], max_leases=4).leases
         lease_id = Lease.model_validate(pulled.lease).lease_id
-        receipt, signed = _made_up_intake(lease_id, node_key)
+        body = made_up_intake(lease_id, node_key)
+        receipt, signed = body.receipt.encode(), body.evidence.encode()
         answer = node.intake(lease_id, receipt, signed)
         again = node.intake(lease_id, receipt, signed)  # a retry, perhaps to the other process
     assert answer.verdict == "contraindicated" and answer.final  # L0 refuses a receipt nobody signed
@@ -283,12 +241,7 @@ def test_concurrent_intake_through_two_planes_loses_nothing_and_never_fails(
     for plane in pair:
         monkeypatch.setattr(plane.intake, "verifier", PassingInline())
     monkeypatch.setattr(intake, "draw_audit", lambda _p: False)
-    bodies = []
-    for p in pulled:
-        receipt, signed = _made_up_intake(p.lease.lease_id, node_key)
-        bodies.append(
-            IntakeBody(lease_id=p.lease.lease_id, receipt=receipt.decode(), evidence=signed.decode())
-        )
+    bodies = [made_up_intake(p.lease.lease_id, node_key) for p in pulled]
     from concurrent.futures import ThreadPoolExecutor
 
     with ThreadPoolExecutor(8) as pool:

@@ -6,19 +6,16 @@ from __future__ import annotations
 
 import ast
 import re
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from made_up_intake import PassingInline, made_up_intake, one_lease
 from sqlalchemy.orm import Session
 
 import maxwell_poi.service.intake as intake
-from maxwell_poi.node.attest import NodeKey, sign_evidence
-from maxwell_poi.observer.evidence import LeaseEvidence
+from maxwell_poi.node.attest import NodeKey
 from maxwell_poi.protocol.errors import EvidenceFormatError, EvidenceSignatureError, UnknownAgentError
-from maxwell_poi.protocol.keys import AgentKey
-from maxwell_poi.protocol.lease import Lease
 from maxwell_poi.protocol.result import AttestationResult, LayerName, LayerResult, Status, Verdict
 from maxwell_poi.service import ControlPlane, ServiceConfig
 from maxwell_poi.service.schema import CompletionRow, LeaseRow, ServiceBase, VerdictRow
@@ -36,7 +33,6 @@ from maxwell_poi.service.states import (
     TransitionError,
     check_move,
 )
-from maxwell_poi.service.wire import BidBody, Deposit, EnrollAgent, EnrollNode, IntakeBody, PullBody
 
 SRC = Path(__file__).resolve().parents[1] / "src" / "maxwell_poi"
 SETTLEMENT = SRC / "service" / "settlement.py"
@@ -230,15 +226,6 @@ def test_a_result_derives_its_verdict_from_its_layers() -> None:
 # -- in-process intake: the audit is queued and run --------------------------------------------------------
 
 
-class PassingInline:
-    """Stands in for L0-L2 so that the lease is accepted and goes to its drawn L4 audit: this test is
-    about who queues the audit, not about appraisal (the audit workers' L0 + L4 then judge the receipt)."""
-
-    def appraise(self, lease: Lease, _receipt: bytes, _evidence: object) -> AttestationResult:
-        layers = (LayerResult(LayerName.INTEGRITY, Status.PASS, "stand-in for the inline layers"),)
-        return AttestationResult(lease.lease_id, lease.agent_id, lease.model_id, layers)
-
-
 @pytest.fixture()
 def plane(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[ControlPlane]:
     monkeypatch.setenv("POI_HOME", str(tmp_path / "home"))
@@ -252,43 +239,15 @@ def plane(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[ControlPl
 def test_in_process_intake_queues_its_audit_and_the_workers_finalise_it(
     plane: ControlPlane, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    cp, node_key, alice = plane, NodeKey.generate(), AgentKey.generate()
-    cp.enroll_node(EnrollNode(node_id="n1", public_key=node_key.public_hex))
-    cp.enroll_agent(EnrollAgent(agent_id="alice", public_key=alice.public_hex, command=[]))
-    cp.deposit(Deposit(agent_id="alice", amount_micro=10_000_000, key="d"))
-    job = {"kind": "generate", "prompt": "hi there", "max_new_tokens": 4}
-    bid = {
-        "bid_id": "b1",
-        "model_id": "gpt2-micro",
-        "job": job,
-        "price_micro_per_j": 100,
-        "stake_micro": 100_000,
-    }
-    cp.market.place_bid("alice", BidBody.model_validate(bid))
-    (pulled,) = cp.market.pull("n1", PullBody(headroom_j=1e6, agents=[], max_leases=4))
+    cp, node_key = plane, NodeKey.generate()
+    pulled = one_lease(cp, node_key)
     lease_id = pulled.lease.lease_id
     assert pulled.tier != "exact"  # the exact tier's worker polls the database; L4's waits to be queued
     monkeypatch.setattr(cp.intake, "verifier", PassingInline())
     monkeypatch.setattr(intake, "draw_audit", lambda _p: True)
-    receipt = b'{"not": "a receipt the audit can replay"}'
-    now = time.time()
-    evidence = LeaseEvidence(
-        started_at=now - 1,
-        finished_at=now,
-        wall_s=1.0,
-        cpu_s=0.5,
-        max_rss_kb=1000,
-        bytes_in=10,
-        bytes_out=20,
-        sha256_in="0" * 64,
-        sha256_out="1" * 64,
-        exit_code=0,
-        regime="resident",
-    )  # fmt: skip  (made up: the inline layers are stood in for, the audit judges the receipt)
-    signed = sign_evidence(evidence, lease_id, receipt, node_id="n1", sandbox={}, key=node_key)
 
     answer, _result = cp.intake.submit(
-        IntakeBody(lease_id=lease_id, receipt=receipt.decode(), evidence=signed.decode())
+        made_up_intake(lease_id, node_key)
     )  # not through the HTTP route: settlement must queue the audit itself
     assert (answer.final, answer.audit_drawn, answer.stake_outcome) == (False, True, "pending")
     assert cp.audits.drain(60), "the drawn audit stayed pending: nobody queued it"
