@@ -31,12 +31,13 @@ from .errors import ApiError
 from .exact_audits import ExactAudits
 from .intake import Intake
 from .leader import AuditLead
-from .market import POLICY_SETTING, Market, load_policy
+from .market import Market
 from .schema import AgentRow, DisputeRow, LeaseRow, NodeRow, SettingRow, VerdictRow
 from .store import load_keyrings, migrate, open_store
+from .stored_policy import SETTING as POLICY
+from .stored_policy import load_policy
 from .wire import Deposit, DisputeBody, EnrollAgent, EnrollNode, LeaseView, PolicyBody
 
-POLICY = POLICY_SETTING
 AUDIT_POLL_S = 1.0  # the audit leader looks for leases other processes took in this often
 
 

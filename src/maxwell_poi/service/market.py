@@ -43,9 +43,10 @@ from ..registry.models import Registry
 from ..registry.profiles import ProfileStore
 from .config import ServiceConfig
 from .errors import ApiError
-from .schema import AgentRow, BidRow, LeaseRow, NodeRow, SettingRow, VerdictRow
+from .schema import AgentRow, BidRow, LeaseRow, NodeRow, VerdictRow
 from .settlement import expire_bids, expire_lease, issue_lease, move_bid
 from .states import BidState, LeaseState
+from .stored_policy import StoredPolicy
 from .wire import BidBody, PullBody
 
 JOB: TypeAdapter = TypeAdapter(Job)
@@ -55,8 +56,6 @@ MICRO = 1_000_000
 SUSPEND_AFTER = 3  # failed leases in a row, since the agent's enrolment, that stop its bidding
 # the leases that say how an agent's program ran: a receipt came back (an expired lease says
 # nothing about the agent: its node died with it; a pulled one is still running)
-POLICY_SETTING = "tier_policy"  # cp_settings row of the tier policy (PUT /v1/admin/policy)
-POLICY_TTL_S = 1.0
 CAME_BACK = (LeaseState.SETTLED, LeaseState.AUDIT_PENDING, LeaseState.FAILED)
 
 
@@ -101,26 +100,13 @@ class Market:
         config: ServiceConfig,
         policy: TierPolicy,
     ) -> None:
-        self.ledger = ledger
-        self.registry = registry
-        self.profiles = profiles
-        self.config = config
-        self.policy = policy  # kept as read now; looked up again once POLICY_TTL_S has passed
+        self.ledger, self.registry, self.profiles, self.config = ledger, registry, profiles, config
+        self._policy = StoredPolicy(ledger, policy)  # re-read now and then: another process may set it
         # called in the expiry transaction for each lease that expires (the gateway refunds its requester)
         self.on_expire: list[Callable[[Session, LeaseRow], None]] = []
         self._pulled = threading.Condition()  # long-polling pulls wait on it for directed leases
 
-    @property
-    def policy(self) -> TierPolicy:
-        """The tier policy as stored: with several API processes on one database, one set through
-        another process applies here within POLICY_TTL_S."""
-        if time.monotonic() - self._policy_read_at > POLICY_TTL_S:
-            self.policy = load_policy(self.ledger)
-        return self._policy
-
-    @policy.setter
-    def policy(self, policy: TierPolicy) -> None:
-        self._policy, self._policy_read_at = policy, time.monotonic()
+    policy = property(lambda self: self._policy.get(), lambda self, p: self._policy.set(p))
 
     def expected_j(self, model_id: str, job: object, device_class: str | None = None) -> float:
         return self.priced(model_id, job, device_class)[0]
@@ -511,10 +497,3 @@ def bid_view(row: BidRow) -> dict:
         "reason": row.reason,
         "lease_id": row.lease_id,
     }
-
-
-def load_policy(ledger: Ledger) -> TierPolicy:
-    """The stored tier policy, or the default when none was set."""
-    with Session(ledger.engine) as session:
-        row = session.get(SettingRow, POLICY_SETTING)
-    return TierPolicy(**json.loads(row.value)) if row else TierPolicy()
