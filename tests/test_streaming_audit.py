@@ -64,3 +64,30 @@ def test_honest_stream_passes_and_cheats_are_cut_early(registry, agent_key):
     other = SwappedProver(agent_key, lambda _l, reg: reg.load("gpt2-micro"), registry=registry).claims(lease)
     cut = replay(lease, other, model)
     assert cut is not None and cut.tokens_received <= CHUNK + 1
+
+
+def test_a_fingerprint_chunk_that_cannot_be_read_back_cuts_the_stream_not_the_server(registry, agent_key):
+    """Fuzzing found a zeroed chunk (modulus 0) raising out of the audit as a 500; it is a cut."""
+    model = registry.load("gpt2-mini")
+    lease = lease_for(5)
+    claims = Prover(agent_key, registry).claims(lease)
+    choice = choose_tolerance(Thresholds.load(), "fp32", None, this_device())
+    audit = StreamingAudit(lease, model, choice)
+    for token in claims.tokens():
+        assert audit.receive(token) is None
+    zeroed = bytes(len(_split(claims.fingerprint_bytes(), len(audit.spans))[0]))
+    cut = audit.receive_chunk(0, zeroed)
+    assert cut is not None and "unreadable" in cut.reason, cut
+
+
+def test_evidence_whose_cpu_readings_do_not_pair_with_its_arrivals_has_no_decode_window():
+    """Fuzzing found signed evidence with fewer CPU readings than arrivals raising IndexError (a
+    500); there is no window to measure, so L1 fails the lease (thermodynamic.decide_on)."""
+    from maxwell_poi.observer.evidence import LeaseEvidence
+
+    ev = LeaseEvidence(
+        started_at=0.0, finished_at=1.0, wall_s=1.0, cpu_s=0.5, max_rss_kb=1, bytes_in=1, bytes_out=1,
+        sha256_in="0" * 64, sha256_out="1" * 64, exit_code=0, stream_tokens=(1, 2, 3),
+        stream_t=(0.1, 0.2, 0.3), stream_cpu_s=(),
+    )  # fmt: skip
+    assert ev.decode_window is None

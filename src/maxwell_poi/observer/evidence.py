@@ -104,8 +104,9 @@ class LeaseEvidence:
 
     @property
     def decode_window(self) -> DecodeWindow | None:
-        """The decode window, or None when fewer than two tokens streamed."""
-        if len(self.stream_t) < 2:
+        """The decode window, or None when fewer than two tokens streamed (or their CPU readings do
+        not pair with their arrival times: evidence no node of Maxwell's writes, seen by fuzzing)."""
+        if len(self.stream_t) < 2 or len(self.stream_cpu_s) != len(self.stream_t):
             return None
         cpu = self.stream_cpu_s[-1] - self.stream_cpu_s[0]
         return DecodeWindow(self.stream_t[-1] - self.stream_t[0], cpu, len(self.stream_t) - 1, self.co_tokens)

@@ -112,9 +112,15 @@ class StreamingAudit:
             start, end = self.spans[self.next_chunk]
             if end > computed:
                 break
-            c = compare_chunk(
-                self.chunks[self.next_chunk], self.hidden[0][start:end], self.job.fingerprint_k, (start, end)
-            )
+            try:
+                c = compare_chunk(
+                    self.chunks[self.next_chunk],
+                    self.hidden[0][start:end],
+                    self.job.fingerprint_k,
+                    (start, end),
+                )
+            except ValueError as exc:  # a chunk that cannot be read back (e.g. modulus 0: fuzzing found it)
+                return self._cut(f"fingerprint chunk at positions {start}-{end}: unreadable ({exc})", None)
             if c.close_fraction < self.tol.min_close or c.median_rel_error > self.tol.max_median_rel:
                 return self._cut(
                     f"fingerprint chunk at positions {start}-{end}: {c.close_fraction:.0%} close, median "

@@ -418,7 +418,9 @@ class ThermodynamicLayer(EvidenceLayer):
             return not_measured("a one-token lease has no decode window (first to last streamed token)")
         if ev.decode_window is None:
             return failed(
-                f"work: expected streamed tokens to measure the decode window, got {len(ev.stream_tokens)}"
+                "work: expected streamed tokens, each with its arrival and CPU reading, to measure the "
+                f"decode window, got {len(ev.stream_tokens)} tokens, {len(ev.stream_t)} arrivals, "
+                f"{len(ev.stream_cpu_s)} CPU readings"
             )
         basis = basis_of(profile, ev)
         if basis is None:
