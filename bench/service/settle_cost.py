@@ -18,18 +18,18 @@ import argparse
 import statistics
 import tempfile
 import time
-import uuid
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import Engine, create_engine, event, text
+from sqlalchemy import Engine, event
+from sqlalchemy.exc import OperationalError
 
 from bench.common.results import write_results
+from bench.service.load import PG_URL, database
 from maxwell_poi.ledger import Ledger, check_ledger, open_ledger_db
 
 WRITES = {"service.json": ["settlement_cost"]}
-PG_URL = "postgresql+psycopg://postgres@127.0.0.1:5432/test"
 HOLD, STAKE, JOULES, PRICE = 50_000, 20_000, 1.234, 1_000
 
 
@@ -81,26 +81,6 @@ def measure(engine: Engine, n: int) -> dict[str, Any]:
     return out
 
 
-def _postgres_schema() -> tuple[Engine, Callable[[], None]] | str:
-    admin = create_engine(PG_URL, isolation_level="AUTOCOMMIT", connect_args={"connect_timeout": 3})
-    schema = f"settle_bench_{uuid.uuid4().hex[:10]}"
-    try:
-        with admin.connect() as conn:
-            conn.execute(text(f'CREATE SCHEMA "{schema}"'))
-    except Exception as exc:  # unreachable server: named in the results, not a failure of the bench
-        admin.dispose()
-        return f"{type(exc).__name__}: {exc}".splitlines()[0]
-    engine = open_ledger_db(PG_URL, connect_args={"options": f"-csearch_path={schema}"})
-
-    def drop() -> None:
-        engine.dispose()
-        with admin.connect() as conn:
-            conn.execute(text(f'DROP SCHEMA "{schema}" CASCADE'))
-        admin.dispose()
-
-    return engine, drop
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--n", type=int, default=400, help="leases settled per path and database")
@@ -110,15 +90,15 @@ def main() -> None:
         engine = open_ledger_db(str(Path(tmp) / "ledger.sqlite"))
         results["sqlite"] = measure(engine, args.n)
         engine.dispose()
-    pg = _postgres_schema()
-    if isinstance(pg, str):
-        results["postgresql"] = {"skipped": pg}
-    else:
-        engine, drop = pg
-        try:
-            results["postgresql"] = measure(engine, args.n)
-        finally:
-            drop()
+    try:  # a fresh schema of the test database, dropped after (the load bench's helper)
+        with database("postgresql", Path(tempfile.gettempdir()), PG_URL) as (url, _):
+            engine = open_ledger_db(url)
+            try:
+                results["postgresql"] = measure(engine, args.n)
+            finally:
+                engine.dispose()
+    except OperationalError as exc:  # no server: named in the results, not a failure of the bench
+        results["postgresql"] = {"skipped": f"{type(exc).__name__}: {exc}".splitlines()[0]}
     print(results)
     write_results("service.json", {"settlement_cost": results}, writes=WRITES)
 
