@@ -33,6 +33,7 @@ from maxwell_poi.protocol.lease import Lease
 from maxwell_poi.protocol.receipt import max_receipt_bytes, open_receipt
 from maxwell_poi.service.schema import CompletionRow, LeaseRow, OfferRow, ReceiptRow
 from maxwell_poi.verifier.ear import verify_ear
+from maxwell_poi.gateway.timeline import STAGES
 
 MODEL = "poi-lm"
 TOKENS = 24  # more than one streaming-audit block (16): a cut before the end is mid-stream
@@ -101,6 +102,11 @@ def test_a_completion_comes_back_verified_and_the_requester_pays_for_it(gw: Gate
     assert after["requester-escrow:alice-app"] == 0  # the hold's rest went back
     energy = after["maxwell:energy"] - before["maxwell:energy"]
     assert after["wallet:alice"] - before["wallet:alice"] == charge - energy  # paid, less its energy
+    # where its time went: every stage reached, in order, none longer than the whole
+    timing = m["timing_ms"]
+    assert list(timing) == [*(name for name, _, _ in STAGES), "total"], timing
+    assert all(v >= 0 for v in timing.values())
+    assert sum(v for k, v in timing.items() if k != "total") == pytest.approx(timing["total"], abs=0.1)
 
 
 def _stream(gw: GatewayStack, **extra: object) -> tuple[str, dict]:

@@ -157,6 +157,24 @@ def test_a_gross_work_miss_fails_under_any_contention(layer):
     assert r.status is Status.FAIL and "never saw" not in r.reason, r.reason
 
 
+class SaysMiner:
+    """A stand-in for the trained trace classifier (unit test only): it calls every trace a miner."""
+
+    def predict(self, features: dict[str, float]) -> tuple[str, float, dict[str, float]]:
+        return "miner", 0.9, {"p_inference": 0.05}
+
+
+def test_a_trace_shape_rejection_under_unseen_contention_is_a_warning(layer):
+    # the classifier's features (pace, cores busy, bursts) move with the host's load: on a loaded host
+    # an honest trace it calls a miner is not judged (WARN: unpaid, the stake held), on a quiet one it fails
+    classified = ThermodynamicLayer(layer.registry, layer.profiles, classifier=SaysMiner())
+    loaded = judge(classified, gen_lease(), evidence(PER_TOKEN["1"], contention=LOADED))
+    assert loaded.status is Status.WARN, loaded.reason
+    assert "trace classifier says miner" in loaded.reason and "never saw" in loaded.reason
+    quiet = judge(classified, gen_lease(), evidence(PER_TOKEN["1"], contention=QUIET))
+    assert quiet.status is Status.FAIL and "trace classifier says miner" in quiet.reason, quiet.reason
+
+
 def test_a_batch_without_a_batched_profile_is_not_measured_not_passed(layer, tmp_path, registry):
     bare = ProfileStore(tmp_path / "bare.json")
     p = layer.profiles.get("gpt2-micro", f"{this_device()}|resident")

@@ -63,6 +63,7 @@ from .canary import Canaries
 from .delivery import Delivery, DeliveryPolicy
 from .live import Arrival, LiveLease, RunningChecks
 from .openai_wire import ChatRequest, CompletionRequest
+from .timeline import Mark, Timeline
 from .verdicts import attestation
 
 # tokens the streaming audit feeds the model at a time: a cheat is cut within this many tokens of
@@ -112,7 +113,7 @@ class Gateway:
         self._lock = threading.Lock()
         control.intake.hooks.append(self)
         control.market.on_expire.append(self._expired)
-        control.live_path = lambda lease_id: f"/v1/node/stream/{lease_id}" if lease_id in self.live else None
+        control.live_path = self._stream_path
 
     # -- Maxwell ------------------------------------------------------------------------------------
 
@@ -231,6 +232,7 @@ class Gateway:
         no node could ever serve is refused (4xx) before any of it; one that cannot be served now
         gets a 503 (`Unavailable`: with Retry-After when it will pass). Maxwell's canaries
         (gateway.canary) name the agent (`agent_id`: no auction) and have the lease audited."""
+        timeline = Timeline()
         refused, ignored = request.problems()
         if refused:
             raise ApiError(400, "only what the audit can replay", refused)
@@ -283,7 +285,7 @@ class Gateway:
             accounts = requester_account(requester_id), requester_escrow(requester_id)
             hold_payment(self.control.ledger, session, row, *accounts)
             # registered before commit: the node's pull may come before issue_directed returns
-            live.append(self._live(session, pulled, node_id, audited, request.delivery))
+            live.append(self._live(session, pulled, node_id, audited, request.delivery, timeline))
             self._verdicts[lease_id] = threading.Event()
             self.live[lease_id] = live[0]
 
@@ -296,6 +298,7 @@ class Gateway:
             pulled, why, _ = self._issue(node_id, won.agent_id, bid, hold, live, held)
         if pulled is None:  # it fits the node idle (checked above), not now: its headroom, or suspended
             raise Unavailable(f"a lease for agent {won.agent_id!r} on node {node_id!r}", why, "not_issued")
+        timeline.mark(Mark.ISSUED)
         return Started(pulled.lease, live[0], won.price_micro_per_token, prompt_tokens, won.reason, ignored)
 
     def _issue(
@@ -328,6 +331,7 @@ class Gateway:
         node_id: str,
         audited: bool = False,
         requested: Delivery | None = None,
+        timeline: Timeline | None = None,
     ) -> LiveLease:
         """The running appraisal: the audit lottery is drawn here, once, with the tier's probability
         (a canary's lease, and one delivered verified, is always audited); the streaming audit's
@@ -344,9 +348,17 @@ class Gateway:
             )
         profile = self.control.profiles.get(lease.model_id, resident_profile_key())
         checks = RunningChecks(profile, self.registry.reference(lease.model_id)) if profile else None
-        return LiveLease(lease, audit, checks, node_id, delivery)
+        return LiveLease(lease, audit, checks, node_id, delivery, timeline)
 
     # -- the node's relay -------------------------------------------------------------------------------
+
+    def _stream_path(self, lease_id: str) -> str | None:
+        """Where the node relays a gateway lease (control.stream_to, asked as its pull hands it out)."""
+        live = self.live.get(lease_id)
+        if live is None:
+            return None
+        live.timeline.mark(Mark.PULLED)
+        return f"/v1/node/stream/{lease_id}"
 
     def check_node(self, node_id: str, lease_id: str) -> None:
         """A relay must come from the lease's node: known in memory while the lease streams (no
@@ -383,6 +395,7 @@ class Gateway:
         live = self.live.get(lease_id)
         if live is None:
             return None
+        live.timeline.mark(Mark.RECEIPT)
         live.no_receipt = not receipt.strip()  # intake will settle it as a failed lease (fail_lease)
         try:
             opened = open_receipt(
@@ -419,6 +432,7 @@ class Gateway:
 
     def settled(self, lease_id: str, verdict: VerdictRow) -> None:
         if (entry := self.live.get(lease_id)) is not None:
+            entry.timeline.mark(Mark.SETTLED)
             for hook in self.on_settled:
                 hook(entry.lease)
         if (event := self._verdicts.get(lease_id)) is not None:

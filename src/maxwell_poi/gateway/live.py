@@ -43,6 +43,7 @@ from ..registry.profiles import Profile
 from ..verifier.boundary import interval_lower_bound
 from ..verifier.streaming import StreamingAudit
 from .delivery import Delivery
+from .timeline import Mark, Timeline
 
 MIN_WINDOW = 8  # tokens before the running pace and work checks judge anything
 
@@ -115,6 +116,7 @@ class LiveLease:
         checks: RunningChecks | None,
         node_id: str = "",
         delivery: Delivery = Delivery.IMMEDIATE,
+        timeline: Timeline | None = None,
     ) -> None:
         assert isinstance(lease.job, GenerateJob)
         if delivery is Delivery.VERIFIED and audit is None:
@@ -138,6 +140,7 @@ class LiveLease:
         self.no_receipt = False  # the node handed in no receipt (intake settles it as a failed lease)
         self.last_relay = 0.0  # time.time() of the node's last relay: a node relaying is alive, not gone
         self.events: queue.Queue[ClientEvent] = queue.Queue()
+        self.timeline = timeline or Timeline()  # where the completion's time went (maxwell.timing_ms)
         self._lock = threading.Lock()  # relays of one lease are appraised one at a time, in order
 
     @property
@@ -157,6 +160,8 @@ class LiveLease:
                 return self.cut_reason
             if self.stopped:  # the requester left: nothing more to appraise, the agent is cut off
                 return self.left
+            if tokens:
+                self.timeline.mark(Mark.FIRST_TOKEN)
             if [a.position for a in tokens] != list(
                 range(len(self.arrivals), len(self.arrivals) + len(tokens))
             ):
@@ -182,6 +187,8 @@ class LiveLease:
                 if self.checks and (problem := self.checks.judge(self.arrivals)):
                     return self._cut(problem, None)
                 self._release()
+            if len(self.arrivals) >= self.job.max_new_tokens:
+                self.timeline.mark(Mark.LAST_TOKEN)
             return None
 
     def _release(self) -> None:

@@ -69,6 +69,11 @@ class MaxwellView(BaseModel):
         description="tokens whose text reached the requester before the streaming audit verified them "
         "(all of them when the lease was not audited); only in a completion's response",
     )
+    timing_ms: dict[str, float] | None = Field(
+        default=None,
+        description="milliseconds per stage as the gateway saw them (gateway.timeline): issue, to_node, "
+        "first_token, tokens, receipt, settle, answer, total; only in a completion's response",
+    )
 
 
 class Usage(BaseModel):

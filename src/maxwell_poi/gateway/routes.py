@@ -43,6 +43,7 @@ from ..service.errors import ApiError
 from .delivery import SentCount
 from .gateway import Gateway, Started, decode_increment
 from .live import ClientEvent, EventKind
+from .timeline import Mark
 from .openai_wire import ChatRequest, CompletionRequest, Shape, error_body, usage
 from .responses import (
     SSE,
@@ -430,6 +431,8 @@ async def _verdict(gateway: Gateway, started: Started, sent: SentCount) -> dict[
     maxwell.update(
         delivery=started.delivery.value, delivered_tokens=sent.delivered, unverified_tokens=sent.unverified
     )
+    started.live.timeline.mark(Mark.ANSWERED)
+    maxwell["timing_ms"] = started.live.timeline.stages_ms()
     return maxwell
 
 

@@ -11,7 +11,10 @@ than GROSS_FRACTION of the floor, what a sleeper, a replay or a relay shows — 
 waiting for a CPU stretches wall time and never shrinks the work a token needs. L2's burst rule has
 no gross bound: under load the node's own channel reader waits for a CPU and reads the tokens that
 queued meanwhile at once (an honest poi-lm stream under a CPU hog showed 12 and 18 in a row where
-the rule allows 8), so under unseen contention a burst is a WARN too.
+the rule allows 8), so under unseen contention a burst is a WARN too. So is a rejection by L1's trace
+classifier (its features are pace, cores busy and bursts; an honest poi-lm lease beside a fuzzing
+server was called a miner, p_inference < 0.2), which runs only after every check with a gross
+bound has passed.
 
 The contention is Maxwell's own reading (observer.contention), signed into the node's evidence; the
 profile records the range its honest runs saw (`Profile.conditions`). A profile that recorded none

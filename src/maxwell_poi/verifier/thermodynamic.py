@@ -52,7 +52,7 @@ from ..registry.models import ReferenceValues, Registry
 from ..registry.profiles import Profile, ProfileStore, Stats
 from .appraisal import Appraisal, EvidenceLayer, Finding, Outcome, failed, no_profile, not_measured, passed
 from .classify import WorkloadClassifier, trace_features
-from .conditions import contention_details, excused
+from .conditions import contention_details, excused, unjudged
 from .containment import escape_attempts
 from .gpu_signals import GpuSignals, gpu_outcome, nvml_window
 from .work_basis import WorkBasis, work_basis
@@ -445,7 +445,9 @@ class ThermodynamicLayer(EvidenceLayer):
         problem, said = trace_shape(self.classifier, ev, w, lease.precision)
         details.update(said)
         if problem:
-            return failed(problem.reason, problem.score, **details)
+            # its features (pace, cores busy, bursts) move with the host's load, and every check with a
+            # gross bound has passed: under contention the profile's runs never saw, a WARN (unpaid)
+            return unjudged(problem, profile, ev, **details) or failed(problem.reason, problem.score, **details)
         return passed(
             f"{w.per_token_s * 1000:.1f} CPU-ms/token (profile {w.honest_per_token_s * 1000:.1f}"
             + (f", batch of {w.batch}" if w.batch > 1 else "")
