@@ -28,12 +28,12 @@ from maxwell_poi.demo.gateway import (
     maxwell_of,
     run_gateway_demo,
 )
+from maxwell_poi.gateway.timeline import STAGES
 from maxwell_poi.observer.host import numerics_class, this_device
 from maxwell_poi.protocol.lease import Lease
 from maxwell_poi.protocol.receipt import max_receipt_bytes, open_receipt
 from maxwell_poi.service.schema import CompletionRow, LeaseRow, OfferRow, ReceiptRow
 from maxwell_poi.verifier.ear import verify_ear
-from maxwell_poi.gateway.timeline import STAGES
 
 MODEL = "poi-lm"
 TOKENS = 24  # more than one streaming-audit block (16): a cut before the end is mid-stream

@@ -121,3 +121,51 @@ def test_no_stake_escrowed_moves_only_the_energy(opener: Callable[[], Engine]) -
     _fast(ledger, "erin", "E", 100.0, "release", staked=0)
     assert set(_written(ledger, "E")) == {"energy"}
     assert ledger.balance("wallet:erin") == 100_000 - 1_000 and check_ledger(ledger.engine).ok
+
+
+def _holds(book: Ledger, lease: str) -> dict[str, tuple[str, tuple]]:
+    """The lease's issue transfers: key prefix -> (kind, legs)."""
+    with Session(book.engine) as session:
+        rows = session.scalars(select(Transfer).where(Transfer.lease_id == lease)).all()
+        return {t.idempotency_key.split(":")[0]: (t.kind, legs_of(session, t.id)) for t in rows}
+
+
+def _hold(book: Ledger, agent: str, lease: str, stake: int = STAKE) -> None:
+    with book.session() as session, session.begin():
+        book.hold_lease(agent, lease, HOLD, stake, session=session)
+
+
+@pytest.mark.parametrize("stake", [STAKE, 0])
+def test_the_fast_hold_writes_what_the_general_path_writes(book: Ledger, stake: int) -> None:
+    book.deposit("carol", 1_000_000, "dep:carol")
+    _hold(book, "carol", "C0")  # an agent's first lease: its escrow is opened by the general path
+    _issue(book, "alice", "A", stake=stake)
+    _hold(book, "carol", "C", stake=stake)
+    rename = {"wallet:alice": "wallet:carol", "escrow:alice": "escrow:carol"}
+    expected = {
+        key: (kind, tuple(sorted((rename.get(n, n), a) for n, a in legs)))
+        for key, (kind, legs) in _holds(book, "A").items()
+    }
+    assert _holds(book, "C") == expected and set(expected) == ({"hold", "stake"} if stake else {"hold"})
+    assert book.balance("escrow:carol") == 2 * HOLD + STAKE + stake
+    assert check_ledger(book.engine).ok
+
+
+def test_a_hold_the_wallet_cannot_cover_is_refused_and_writes_nothing(book: Ledger) -> None:
+    book.deposit("dave", 2 * HOLD + STAKE - 1, "dep:dave")
+    _hold(book, "dave", "D0", stake=0)  # opens the escrow; HOLD + STAKE - 1 left
+    before, count = book.balances(), check_ledger(book.engine).transfers
+    with pytest.raises(LedgerError, match="wallet:dave to stay ≥ 0"):
+        _hold(book, "dave", "D")
+    assert book.balances() == before and check_ledger(book.engine).transfers == count
+
+
+def test_a_hold_posted_before_is_answered_by_the_general_path_and_moves_nothing_twice(book: Ledger) -> None:
+    _hold(book, "alice", "A0")
+    _hold(book, "alice", "A")
+    before = book.balances()
+    _hold(book, "alice", "A")  # the same lease again: the replay is accepted, nothing moves
+    assert book.balances() == before
+    with pytest.raises(LedgerError, match="reused"):
+        _hold(book, "alice", "A", stake=STAKE + 1)  # the same key asking for another amount
+    assert book.balances() == before and check_ledger(book.engine).ok

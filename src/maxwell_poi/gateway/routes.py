@@ -43,7 +43,6 @@ from ..service.errors import ApiError
 from .delivery import SentCount
 from .gateway import Gateway, Started, decode_increment
 from .live import ClientEvent, EventKind
-from .timeline import Mark
 from .openai_wire import ChatRequest, CompletionRequest, Shape, error_body, usage
 from .responses import (
     SSE,
@@ -59,6 +58,7 @@ from .responses import (
     RequesterKey,
     TextCompletion,
 )
+from .timeline import Mark
 
 UNVERIFIED = ("contraindicated", "warning")  # a completion the requester is not charged for
 EVENT_WAIT_S = 120.0  # longest wait for the next token before the response gives up

@@ -25,7 +25,7 @@ from .posting import (
     post_in,
 )
 from .schema import ACCOUNT_KINDS, NAME_LENGTH, Account, Entry, Transfer
-from .settle import STAKE_VERBS, LeaseMoney, settle_lease
+from .settle import STAKE_VERBS, LeaseMoney, hold_lease, settle_lease
 
 DEPOSITS = "external:deposits"
 ENERGY = "maxwell:energy"
@@ -196,6 +196,22 @@ class Ledger:
         elif stake == "slash":
             self.slash_stake(agent, lease_id, session=session)
         return energy
+
+    def hold_lease(
+        self, agent: str, lease_id: str, hold_micro: int, stake_micro: int, *, session: Session
+    ) -> None:
+        """A lease's money at issue, in the caller's transaction: `hold_energy` and (stake > 0)
+        `escrow_stake`, written by `ledger.settle` in a few Core statements; an agent's first lease
+        (its escrow not open yet) or a key posted before takes the general path."""
+        _positive(hold_micro, "energy hold")
+        if stake_micro < 0:
+            raise LedgerError("a stake >= 0 micro", str(stake_micro))
+        _agent_account("wallet", agent)  # refuses an agent id the account names cannot hold
+        if hold_lease(session, agent, lease_id, hold_micro, stake_micro) is not None:
+            return
+        self.hold_energy(agent, lease_id, hold_micro, session=session)
+        if stake_micro > 0:
+            self.escrow_stake(agent, lease_id, stake_micro, session=session)
 
     def lock_shared(self, session: Session) -> None:
         """Lock the accounts every settlement credits (Maxwell's energy and slashed revenue), first

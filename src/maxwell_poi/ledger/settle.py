@@ -1,14 +1,16 @@
-"""A lease's money at intake, in a few Core SQL statements: the energy debit and the stake's move.
+"""A lease's money in a few Core SQL statements: its holds when it is issued, its energy debit and
+its stake's move at intake.
 
-The general path (`Ledger.settle_energy`, then `release_stake` / `slash_stake`) posts each transfer
-on its own: it looks up its key, re-reads the hold's and the stake's legs, locks the accounts, and
-writes through the ORM — about twenty statements for one receipt, the hot path's main cost
-(`bench/results/intake_profile.stacks.txt`). Intake knows both amounts already (the lease row keeps
-the hold and the stake that issuing it escrowed), so here the two transfers are written together:
-one key check, one lock query, one insert of transfers, one of entries, one executemany of balance
-increments. Any earlier transfer under one of the lease's keys (a retried or raced settlement, an
-expired lease, a rival release or slash) returns None, and the caller takes the general path, which
-answers replays and refuses rivals exactly as before.
+The general path (`Ledger.hold_energy` and `escrow_stake` at issue; `settle_energy`, then
+`release_stake` / `slash_stake` at intake) posts each transfer on its own: it looks up its key,
+re-reads the hold's and the stake's legs, locks the accounts, and writes through the ORM — about
+twenty statements for one receipt, the hot path's main cost (`bench/results/intake_profile.stacks.txt`),
+and a third of a gateway request's issue transaction. The amounts are known (the lease row keeps the
+hold and the stake), so here a lease's transfers are written together: one key check, one lock query,
+one insert of transfers, one of entries, one executemany of balance increments. Any earlier transfer
+under one of the lease's keys (a retried or raced settlement, an expired lease, a rival release or
+slash), or an account not open yet (an agent's first lease opens its escrow), returns None, and the
+caller takes the general path, which opens accounts, answers replays and refuses rivals exactly as before.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from __future__ import annotations
 from collections import defaultdict
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from typing import Any
 
 from sqlalchemy import bindparam, insert, select
 from sqlalchemy.orm import Session
@@ -47,21 +50,10 @@ def settle_lease(session: Session, money: LeaseMoney, energy: str, slashed: str)
     lease = money.lease_id
     escrow, wallet = f"escrow:{money.agent}", f"wallet:{money.agent}"
     keys = [f"energy:{lease}", *(f"{verb}:{lease}" for verb in STAKE_VERBS)]
-    if session.execute(select(Transfer.id).where(Transfer.idempotency_key.in_(keys)).limit(1)).first():
-        return None
     names = sorted({escrow, wallet, energy} | ({slashed} if money.stake == "slash" else set()))
-    locked = {
-        row.name: row
-        for row in session.execute(
-            select(Account.id, Account.name, Account.balance_micro, Account.allow_negative)
-            .where(Account.name.in_(names))
-            .order_by(Account.name)
-            .with_for_update()
-        )
-    }
-    missing = sorted(set(names) - set(locked))
-    if missing:
-        raise LedgerError("every leg on an open account", f"unknown account(s) {', '.join(missing)}")
+    locked = _fresh_and_locked(session, keys, names)
+    if locked is None:
+        return None
     charge, memo = money.charge_micro, money.memo
     if charge > money.held_micro:  # beyond the hold: from the wallet, as far as it goes
         charge = min(charge, money.held_micro + max(0, locked[wallet].balance_micro))
@@ -69,13 +61,57 @@ def settle_lease(session: Session, money: LeaseMoney, energy: str, slashed: str)
         if charge < money.charge_micro:
             memo += f" unpaid={money.charge_micro - charge}"
     legs = {escrow: -money.held_micro, energy: charge, wallet: money.held_micro - charge}
-    transfers: list[tuple[str, str, Legs, str]] = [
+    transfers: list[Posting] = [
         (f"energy:{lease}", "energy_debit", normalise_legs({k: v for k, v in legs.items() if v}), memo)
     ]
     if money.stake and money.staked_micro > 0:
         to = wallet if money.stake == "release" else slashed
         stake_legs = normalise_legs({escrow: -money.staked_micro, to: money.staked_micro})
         transfers.append((f"{money.stake}:{lease}", STAKE_VERBS[money.stake], stake_legs, ""))
+    ids = _write(session, locked, lease, transfers)
+    return EnergySettled(ids[0], True, charge, memo)
+
+
+def hold_lease(session: Session, agent: str, lease: str, hold_micro: int, stake_micro: int) -> int | None:
+    """Post the lease's energy hold (key `hold:<lease>`) and its stake's escrow (`stake:<lease>`, when
+    `stake_micro` > 0) from the agent's wallet in the caller's write transaction: the id of the hold's
+    transfer; None when a transfer under either key exists or the escrow is not open yet. A wallet
+    that cannot cover both raises LedgerError, as the general path's postings do."""
+    escrow, wallet = f"escrow:{agent}", f"wallet:{agent}"
+    locked = _fresh_and_locked(session, [f"hold:{lease}", f"stake:{lease}"], sorted({escrow, wallet}))
+    if locked is None or locked[escrow].kind != "escrow":
+        return None
+    transfers: list[Posting] = [
+        (f"hold:{lease}", "energy_hold", normalise_legs({wallet: -hold_micro, escrow: hold_micro}), "")
+    ]
+    if stake_micro > 0:
+        stake_legs = normalise_legs({wallet: -stake_micro, escrow: stake_micro})
+        transfers.append((f"stake:{lease}", "stake_escrow", stake_legs, ""))
+    return _write(session, locked, lease, transfers)[0]
+
+
+Posting = tuple[str, str, Legs, str]  # (idempotency key, kind, legs, memo)
+
+
+def _fresh_and_locked(session: Session, keys: list[str], names: list[str]) -> dict[str, Any] | None:
+    """The accounts `names`, locked in name order; None when a transfer under one of `keys` exists or
+    an account is missing (the general path opens it, or says which is unknown)."""
+    if session.execute(select(Transfer.id).where(Transfer.idempotency_key.in_(keys)).limit(1)).first():
+        return None
+    locked = {
+        row.name: row
+        for row in session.execute(
+            select(Account.id, Account.name, Account.kind, Account.balance_micro, Account.allow_negative)
+            .where(Account.name.in_(names))
+            .order_by(Account.name)
+            .with_for_update()
+        )
+    }
+    return locked if len(locked) == len(names) else None
+
+
+def _write(session: Session, locked: dict[str, Any], lease: str, transfers: list[Posting]) -> list[int]:
+    """Refuse an overdraft, then insert the transfers and their entries and move the balances."""
     _check_floors(locked, transfers)
     now = datetime.now(UTC)
     sql = session.connection()  # Core statements: no unit of work, no identity map for these rows
@@ -83,8 +119,8 @@ def settle_lease(session: Session, money: LeaseMoney, energy: str, slashed: str)
         sql.execute(
             insert(TRANSFERS).returning(TRANSFERS.c.id, sort_by_parameter_order=True),
             [
-                {"idempotency_key": key, "kind": kind, "memo": memo_, "lease_id": lease, "created_at": now}
-                for key, kind, _, memo_ in transfers
+                {"idempotency_key": key, "kind": kind, "memo": memo, "lease_id": lease, "created_at": now}
+                for key, kind, _, memo in transfers
             ],
         )
         .scalars()
@@ -92,8 +128,8 @@ def settle_lease(session: Session, money: LeaseMoney, energy: str, slashed: str)
     )
     entries = [
         {"transfer_id": tid, "account_id": locked[name].id, "amount_micro": amount}
-        for tid, (_, _, legs_, _) in zip(ids, transfers, strict=True)
-        for name, amount in legs_
+        for tid, (_, _, legs, _) in zip(ids, transfers, strict=True)
+        for name, amount in legs
     ]
     sql.execute(insert(ENTRIES), entries)
     sql.execute(
@@ -102,10 +138,10 @@ def settle_lease(session: Session, money: LeaseMoney, energy: str, slashed: str)
         .values(balance_micro=ACCOUNTS.c.balance_micro + bindparam("delta")),
         [{"account": locked[name].id, "delta": delta} for name, delta in _net(transfers).items() if delta],
     )
-    return EnergySettled(ids[0], True, charge, memo)
+    return list(ids)
 
 
-def _net(transfers: list[tuple[str, str, Legs, str]]) -> dict[str, int]:
+def _net(transfers: list[Posting]) -> dict[str, int]:
     net: dict[str, int] = defaultdict(int)
     for _, _, legs, _ in transfers:
         for name, amount in legs:
@@ -113,8 +149,8 @@ def _net(transfers: list[tuple[str, str, Legs, str]]) -> dict[str, int]:
     return dict(sorted(net.items()))
 
 
-def _check_floors(locked: dict, transfers: list[tuple[str, str, Legs, str]]) -> None:
-    """The same overdraft refusal as a single posting, after both transfers' legs."""
+def _check_floors(locked: dict, transfers: list[Posting]) -> None:
+    """The same overdraft refusal as a single posting, after all the transfers' legs."""
     for name, delta in _net(transfers).items():
         account = locked[name]
         after = account.balance_micro + delta

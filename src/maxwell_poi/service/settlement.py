@@ -113,9 +113,7 @@ def issue_lease(ledger: Ledger, session: Session, bid: BidRow, row: LeaseRow, wo
     caller's transaction. False (the bid refused, the round goes on) when the wallet cannot cover both."""
     try:
         with session.begin_nested():
-            ledger.hold_energy(row.agent_id, row.lease_id, row.hold_micro, session=session)
-            if row.stake_micro > 0:
-                ledger.escrow_stake(row.agent_id, row.lease_id, row.stake_micro, session=session)
+            ledger.hold_lease(row.agent_id, row.lease_id, row.hold_micro, row.stake_micro, session=session)
     except LedgerError as exc:
         why = f"wallet cannot cover the energy hold {row.hold_micro} + stake {row.stake_micro} micro: {exc}"
         move_bid(bid, BidState.REFUSED, why)

@@ -24,6 +24,7 @@ trustworthiness vector maps Maxwell's layers onto AR4SI claims (0 no claim, 2 af
 
 from __future__ import annotations
 
+import functools
 import importlib.metadata
 import time
 from typing import Any
@@ -53,6 +54,12 @@ EAR_STATUS = {
 }
 
 
+@functools.cache
+def _version() -> str:
+    """This distribution's version: read once (importlib.metadata scans the path, ~2 ms a call)."""
+    return importlib.metadata.version("maxwell-poi")
+
+
 def ear_claims(result: AttestationResult, lease: Lease, *, issued_at: float | None = None) -> dict[str, Any]:
     """The EAR claims set for one appraised lease."""
     if result.lease_id != lease.lease_id:
@@ -66,7 +73,7 @@ def ear_claims(result: AttestationResult, lease: Lease, *, issued_at: float | No
         "iat": int(issued_at if issued_at is not None else time.time()),
         "ear.verifier-id": {
             "developer": "maxwell-poi",
-            "build": f"maxwell-poi {importlib.metadata.version('maxwell-poi')}",
+            "build": f"maxwell-poi {_version()}",
         },
         "eat_nonce": lease.nonce,
         "submods": {

@@ -447,7 +447,9 @@ class ThermodynamicLayer(EvidenceLayer):
         if problem:
             # its features (pace, cores busy, bursts) move with the host's load, and every check with a
             # gross bound has passed: under contention the profile's runs never saw, a WARN (unpaid)
-            return unjudged(problem, profile, ev, **details) or failed(problem.reason, problem.score, **details)
+            return unjudged(problem, profile, ev, **details) or failed(
+                problem.reason, problem.score, **details
+            )
         return passed(
             f"{w.per_token_s * 1000:.1f} CPU-ms/token (profile {w.honest_per_token_s * 1000:.1f}"
             + (f", batch of {w.batch}" if w.batch > 1 else "")
