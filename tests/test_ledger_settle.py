@@ -169,3 +169,21 @@ def test_a_hold_posted_before_is_answered_by_the_general_path_and_moves_nothing_
     with pytest.raises(LedgerError, match="reused"):
         _hold(book, "alice", "A", stake=STAKE + 1)  # the same key asking for another amount
     assert book.balances() == before and check_ledger(book.engine).ok
+
+
+def test_a_transfer_in_a_callers_transaction_posts_once_and_refuses_as_the_general_path(book: Ledger) -> None:
+    def move(key: str, legs: dict[str, int]) -> int:
+        with book.session() as session, session.begin():
+            return book.transfer(key, "deposit", legs, session=session).transfer_id
+
+    legs = {"wallet:alice": -700, "maxwell:energy": 700}
+    first = move("t1", legs)
+    before = book.balances()
+    assert move("t1", legs) == first and book.balances() == before  # a replay moves nothing
+    with pytest.raises(LedgerError, match="reused"):
+        move("t1", {"wallet:alice": -1, "maxwell:energy": 1})
+    with pytest.raises(LedgerError, match="unknown account"):
+        move("t2", {"wallet:nobody": -1, "maxwell:energy": 1})
+    with pytest.raises(LedgerError, match="to stay ≥ 0"):
+        move("t3", {"wallet:alice": -10**9, "maxwell:energy": 10**9})
+    assert book.balances() == before and check_ledger(book.engine).ok

@@ -25,7 +25,7 @@ from .posting import (
     post_in,
 )
 from .schema import ACCOUNT_KINDS, NAME_LENGTH, Account, Entry, Transfer
-from .settle import STAKE_VERBS, LeaseMoney, hold_lease, settle_lease
+from .settle import STAKE_VERBS, LeaseMoney, hold_lease, post_new, settle_lease
 
 DEPOSITS = "external:deposits"
 ENERGY = "maxwell:energy"
@@ -269,7 +269,12 @@ class Ledger:
         the caller's `session` (its transaction) when one is given, else in a transaction of its own."""
         specs = tuple(AccountSpec(name, name.split(":", 1)[0]) for name in opens)
         request = replace(request, opens=specs, exclusive_with=(exclusive,) if exclusive else ())
-        return post_in(session, request) if session is not None else post(self.engine, request)
+        if session is None:
+            return post(self.engine, request)
+        # in Core statements when nothing is to be opened or answered as a replay (ledger.settle)
+        if (transfer_id := post_new(session, request)) is not None:
+            return TransferResult(transfer_id, created=True)
+        return post_in(session, request)
 
     def _unescrow(
         self, agent: str, lease_id: str, to: str, verb: str, kind: str, rival: str, session: Session | None

@@ -24,7 +24,7 @@ from sqlalchemy import bindparam, insert, select
 from sqlalchemy.orm import Session
 
 from .errors import LedgerError
-from .posting import EnergySettled, Legs, normalise_legs
+from .posting import EnergySettled, Legs, TransferRequest, normalise_legs
 from .schema import Account, Entry, Transfer
 
 ACCOUNTS, TRANSFERS, ENTRIES = Account.__table__, Transfer.__table__, Entry.__table__
@@ -93,11 +93,27 @@ def hold_lease(session: Session, agent: str, lease: str, hold_micro: int, stake_
 Posting = tuple[str, str, Legs, str]  # (idempotency key, kind, legs, memo)
 
 
-def _fresh_and_locked(session: Session, keys: list[str], names: list[str]) -> dict[str, Any] | None:
-    """The accounts `names`, locked in name order; None when a transfer under one of `keys` exists or
-    an account is missing (the general path opens it, or says which is unknown)."""
-    if session.execute(select(Transfer.id).where(Transfer.idempotency_key.in_(keys)).limit(1)).first():
+def post_new(session: Session, request: TransferRequest) -> int | None:
+    """One transfer in the caller's write transaction, in Core statements: its id; None (the general
+    path, `posting.post_in`, answers) when its key or a rival key was posted, or an account is not
+    open as the request would open it."""
+    names = [name for name, _ in request.legs]
+    locked = _fresh_and_locked(session, [request.key, *request.exclusive_with], names)
+    if locked is None:
         return None
+    for spec in request.opens:
+        if (locked[spec.name].kind, locked[spec.name].allow_negative) != (spec.kind, spec.allow_negative):
+            return None
+    return _write(
+        session, locked, request.lease_id, [(request.key, request.kind, request.legs, request.memo)]
+    )[0]
+
+
+def _fresh_and_locked(session: Session, keys: list[str], names: list[str]) -> dict[str, Any] | None:
+    """The accounts `names`, locked in name order; None when an account is missing (the general path
+    opens it, or says which is unknown) or a transfer under one of `keys` exists. The keys are looked
+    up only once the accounts are locked, as the general path does: a racer with the same key that
+    locked them first has committed by then, and is answered as a replay, not a duplicate key."""
     locked = {
         row.name: row
         for row in session.execute(
@@ -107,10 +123,16 @@ def _fresh_and_locked(session: Session, keys: list[str], names: list[str]) -> di
             .with_for_update()
         )
     }
-    return locked if len(locked) == len(names) else None
+    if len(locked) != len(set(names)):
+        return None
+    if session.execute(select(Transfer.id).where(Transfer.idempotency_key.in_(keys)).limit(1)).first():
+        return None
+    return locked
 
 
-def _write(session: Session, locked: dict[str, Any], lease: str, transfers: list[Posting]) -> list[int]:
+def _write(
+    session: Session, locked: dict[str, Any], lease: str | None, transfers: list[Posting]
+) -> list[int]:
     """Refuse an overdraft, then insert the transfers and their entries and move the balances."""
     _check_floors(locked, transfers)
     now = datetime.now(UTC)
