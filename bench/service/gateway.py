@@ -2,11 +2,7 @@
 of a live cut per attack class, and how often an honest completion is cut — all in one run, with the
 official `openai` client against a real server on loopback and real resident agents on poi-lm.
 
-- `gateway_overhead_ratio`: median wall time of a completion through the gateway (auction, lease,
-  long-polled node, relay, running appraisal, intake, verdict; non-streamed) over the median time of
-  the same agent program answering a lease handed to it directly by a node (no control plane),
-  same model, tokens and host, interleaved. Measured with every lease audited while it streams
-  (tier policy "high") and with the default tiers (no audit at these values).
+- (the gateway's overhead against driving the agent directly is bench/service/gateway_cost.py's)
 - `detection_latency_tokens`: per attack class, tokens the node relayed after the first cheating
   token before Maxwell cut the lease (first cheating token: 0 for a model that is wrong from the
   start, the switch or tampered position otherwise); also the tokens the requester received.
@@ -29,14 +25,13 @@ from typing import Any
 from bench.common.results import write_results  # noqa: E402
 from bench.common.stats import upper95
 from maxwell_poi.demo.gateway import GatewayStack, ensure_profile, maxwell_of
-from maxwell_poi.node.resident_runs import generate_leases, honest_resident, serve_wave
-from maxwell_poi.registry.models import Registry
 from maxwell_poi.registry.prompts import PROMPTS
 
 ROOT = Path(__file__).resolve().parents[2]
 # one writer per key: the in-process streaming figures are bench/service/streaming.py's, audit throughput
 # bench/service/audit_throughput.py's
-WRITES = {"gateway.json": ["gateway_overhead_ratio", "detection_latency_tokens", "honest_cut", "gateway_run"]}
+# the gateway's fixed cost (gateway_overhead_ratio) is bench/service/gateway_cost.py's
+WRITES = {"gateway.json": ["detection_latency_tokens", "honest_cut", "gateway_run"]}
 MODEL, DRAFT = "poi-lm", "poi-lm-draft"
 TOKENS = 32
 LONG = 128  # the overhead is mostly per request: it shrinks as answers grow
@@ -48,20 +43,6 @@ ATTACKS: dict[str, tuple[str, list[str], int]] = {
     "output-tampering": ("output_tampering", ["--positions", "middle", "--stream-forged"], TOKENS // 2),
     "mid-stream-switch": ("mid_switch", ["--draft", DRAFT], TOKENS // 2),
 }
-
-
-def direct_times(n: int, registry: Registry, tokens: int = TOKENS) -> list[float]:
-    """Seconds from handing a lease to a resident honest agent to its receipt, no control plane."""
-    with tempfile.TemporaryDirectory() as tmp, honest_resident(Path(tmp), 1) as agent:
-        serve_wave(agent, generate_leases(MODEL, 1, 2), registry)  # loads the model
-        out = []
-        for i in range(n):
-            (lease,) = generate_leases(MODEL, 1, tokens, start=i)
-            t0 = time.perf_counter()
-            (run,) = serve_wave(agent, [lease], registry)
-            out.append(time.perf_counter() - t0)
-            assert run.receipt, run.evidence.stderr_tail[-300:]
-        return out
 
 
 def gateway_times(gw: GatewayStack, n: int, tokens: int = TOKENS) -> tuple[list[float], list[dict[str, Any]]]:
@@ -127,14 +108,11 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         os.environ["POI_HOME"] = str(Path(tmp) / "home")
         ensure_profile(MODEL, TOKENS)
-        registry = Registry()
         with GatewayStack(Path(tmp) / "work") as gw:
             gw.honest_agent("alice", MODEL, ask=10)
             gateway_times(gw, 2)  # starts the agent (its warm-up lease) and loads the audit model
-            direct = direct_times(args.honest, registry)
-            audited, answers = gateway_times(gw, args.honest)
-            long_direct = direct_times(args.honest // 3, registry, LONG)
-            long_audited, more = gateway_times(gw, args.honest // 3, LONG)
+            _, answers = gateway_times(gw, args.honest)
+            _, more = gateway_times(gw, args.honest // 3, LONG)
             answers += more
             gw.admin.set_policy(
                 **{
@@ -143,7 +121,7 @@ def main() -> None:
                     "high_from_value": 1e9,
                 }
             )
-            default_tiers, more = gateway_times(gw, args.honest)
+            _, more = gateway_times(gw, args.honest)
             answers += more
             honest_cut = sum(a.get("verdict") != "affirming" for a in answers)
             gw.admin.set_policy(
@@ -154,23 +132,7 @@ def main() -> None:
                 }
             )
             latency = {name: attack_trials(gw, name, args.trials) for name in ATTACKS}
-    med = statistics.median
     result = {
-        "gateway_overhead_ratio": {
-            "streaming_audit_every_lease": round(med(audited) / med(direct), 3),
-            "default_tiers_no_audit": round(med(default_tiers) / med(direct), 3),
-            f"streaming_audit_every_lease_{LONG}_tokens": round(med(long_audited) / med(long_direct), 3),
-            "median_s": {
-                "direct": round(med(direct), 4),
-                "gateway_audited": round(med(audited), 4),
-                "gateway_default": round(med(default_tiers), 4),
-            },
-            "n": args.honest,
-            "tokens": TOKENS,
-            "model": MODEL,
-            "how": "openai client, non-streamed completion, over a direct node-to-resident-agent lease; "
-            "same agent program, host and run; CPU host: ratios only",
-        },
         "detection_latency_tokens": latency,
         "honest_cut": {
             "cut_or_not_affirmed": honest_cut,

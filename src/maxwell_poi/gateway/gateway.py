@@ -250,13 +250,7 @@ class Gateway:
         if won is None:
             raise ApiError(503, f"an agent serving {model_id!r}", "no agent offers it", code="no_agent")
         offer = next(o for o in offers if o.agent_id == won.agent_id)
-        job = GenerateJob(
-            prompt=prompt,
-            max_new_tokens=request.new_tokens,
-            temperature=request.sampling_temperature,
-            top_k=50 if request.top_k is None else request.top_k,
-            chunk=16,
-        )
+        job = job_of(request, prompt)
         refuse_unservable(self.control, model_id, job, offer, prompt_tokens)
         node_id = choose_node(self.nodes, model_id, self.busy_wait_s)
         bid = BidBody(
@@ -484,6 +478,17 @@ class Gateway:
             raise ApiError(403, "one of your own completions", "another requester's")
 
 
+def job_of(request: CompletionRequest | ChatRequest, prompt: str) -> GenerateJob:
+    """The lease's job for a request whose prompt (chat template applied) is `prompt`."""
+    return GenerateJob(
+        prompt=prompt,
+        max_new_tokens=request.new_tokens,
+        temperature=request.sampling_temperature,
+        top_k=50 if request.top_k is None else request.top_k,
+        chunk=16,
+    )
+
+
 def decode_increment(decode: Any, tokens: list[int], sent: str) -> str:
     """The text not yet sent for `tokens` (held back while it ends in an incomplete character)."""
     text = decode(tokens)
@@ -492,4 +497,4 @@ def decode_increment(decode: Any, tokens: list[int], sent: str) -> str:
     return text[len(sent) :] if text.startswith(sent) else ""
 
 
-__all__ = ["Gateway", "Started", "decode_increment"]
+__all__ = ["Gateway", "Started", "decode_increment", "job_of"]
