@@ -301,8 +301,8 @@ async def _answer(
     shape = Shape(chat, started.lease.lease_id, started.lease.model_id)
     if body.stream:
         return LeaseStream(gateway, started, shape)
-    # nothing else notices a disconnect here (`request.is_disconnected` cannot, behind the app's
-    # BaseHTTPMiddleware): a task waits on the connection, as StreamingResponse does for a stream
+    # nothing else notices a disconnect while the answer is computed: a task waits on the
+    # connection, as StreamingResponse does for a stream
     gone = anyio.Event()
 
     async def watch() -> None:

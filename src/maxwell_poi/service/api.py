@@ -129,15 +129,34 @@ class BodyLimit:
         return ApiError(413, f"a body of at most {self.limit} bytes", got)
 
 
+class RequestCounter:
+    """ASGI middleware: count each answered request by route and status (/metrics). Plain ASGI, not
+    Starlette's BaseHTTPMiddleware, which relays every response (each SSE chunk of a streamed
+    completion) through a task and a memory stream of its own."""
+
+    def __init__(self, app: Any, metrics: ServiceMetrics) -> None:
+        self.app = app
+        self.metrics = metrics
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        status = []
+
+        async def sent(message: dict) -> None:
+            if message["type"] == "http.response.start":
+                status.append(message["status"])
+            await send(message)
+
+        await self.app(scope, receive, sent)
+        if status:  # the router put the matched route in the scope
+            route = getattr(scope.get("route"), "path", "unmatched")
+            self.metrics.requests.labels(route, str(status[0])).inc()
+
+
 def _limits(app: FastAPI, control: ControlPlane, metrics: ServiceMetrics) -> None:
     app.add_middleware(BodyLimit, limit=control.config.max_body_bytes)
-
-    @app.middleware("http")
-    async def count(request: Request, call_next):  # noqa: ANN001, ANN202 - Starlette's signature
-        response = await call_next(request)
-        route = request.scope.get("route")
-        metrics.requests.labels(getattr(route, "path", "unmatched"), str(response.status_code)).inc()
-        return response
+    app.add_middleware(RequestCounter, metrics=metrics)
 
 
 def _short(value: Any) -> str:
@@ -145,4 +164,4 @@ def _short(value: Any) -> str:
     return text if len(text) <= 120 else text[:117] + "..."
 
 
-__all__ = ["BodyLimit", "create_app"]
+__all__ = ["BodyLimit", "RequestCounter", "create_app"]
