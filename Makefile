@@ -51,6 +51,11 @@ bench-threads: $(STAMP)
 bench-gateway-delivery: $(STAMP)
 	$(BIN)/python -m bench.service.gateway_delivery --honest 20 --cut 5
 
+# bench/results/gateway.json (gateway_overhead_ratio, gateway_load): the gateway's fixed cost by stage, and 8 and 32 concurrent streams (~8 min)
+.PHONY: bench-gateway-cost
+bench-gateway-cost: $(STAMP)
+	$(BIN)/python -m bench.service.gateway_cost --n 30
+
 # bench/results/integrity.json (sandbox_escape): escape attempts against confined and unconfined sandboxes, honest resident leases flagged (~2 min; needs root)
 .PHONY: bench-escape
 bench-escape: $(STAMP)

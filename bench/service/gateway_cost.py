@@ -7,9 +7,11 @@ agents on poi-lm.
   hand-over to receipt and evidence), same model, tokens and host, trials interleaved. Streamed
   (the time to the last chunk, which carries the verdict) with the default tiers at 32 and 128
   tokens — the issue's goals — and, beside them, non-streamed at 32 and streamed with every lease
-  audited while it streams. `stages_ms`: the median of each completion's own `maxwell.timing_ms`
-  (gateway.timeline) per mode, and `client`: the client's wall time less the gateway's `total`
-  (HTTP, the request's parsing and auth before the gateway's clock starts, the response's writing).
+  audited while it streams. `first_token_ratio`: the first chunk with text at the client over the
+  first token the node read off the agent's sandbox, direct. `stages_ms`: the median of each
+  completion's own `maxwell.timing_ms` (gateway.timeline) per mode, and `client`: the client's wall
+  time less the gateway's `total` (HTTP, the request's parsing and auth before the gateway's clock
+  starts, the response's writing).
 - `gateway_load`: C threads (8 and 32) each streaming completions through one node and agent until
   4×C were answered: completions/s, p50/p99 at the client, refusals by status. Then exactly once: as
   many verdicts as completions answered, each completion charged once (the requester's wallet moved
@@ -42,6 +44,7 @@ from maxwell_poi.gateway.openai_wire import ChatRequest, CompletionRequest
 from maxwell_poi.node.resident import ResidentAgent
 from maxwell_poi.node.resident_runs import honest_resident, serve_wave
 from maxwell_poi.protocol.lease import Lease
+from maxwell_poi.protocol.stream import TaggedChunk, TaggedToken
 from maxwell_poi.registry.models import Registry
 from maxwell_poi.registry.prompts import PROMPTS
 from maxwell_poi.service.schema import CompletionRow, VerdictRow
@@ -77,24 +80,36 @@ class Direct:
     def _lease(request: ChatRequest | CompletionRequest) -> Lease:
         return Lease.issue("direct", MODEL, job_of(request, request.text()))
 
-    def time(self, request: ChatRequest | CompletionRequest) -> float:
+    def time(self, request: ChatRequest | CompletionRequest) -> tuple[float, float]:
+        """(seconds to the receipt and evidence, seconds to the first token read off the sandbox)."""
         lease = self._lease(request)
+        first: list[float] = []
+
+        def watch(item: TaggedToken | TaggedChunk, _t: float, _cpu: float) -> None:
+            if isinstance(item, TaggedToken) and not first:
+                first.append(time.perf_counter())
+
         t0 = time.perf_counter()
-        (run,) = serve_wave(self.agent, [lease], self.registry)
+        (run,) = serve_wave(self.agent, [lease], self.registry, watch=lambda _lease: watch)
         took = time.perf_counter() - t0
-        if not run.receipt:
+        if not run.receipt or not first:
             raise RuntimeError(f"the direct run failed: {run.evidence.stderr_tail[-300:]}")
-        return took
+        return took, first[0] - t0
 
 
 def streamed(client: openai.OpenAI, request: ChatRequest) -> tuple[float, dict[str, Any]]:
-    """Seconds to the last chunk of a streamed chat completion, and its `maxwell` object."""
+    """Seconds to the last chunk of a streamed chat completion (which carries the verdict), and its
+    `maxwell` object with `first_content_s`: seconds to the first chunk with text."""
     t0 = time.perf_counter()
     stream = client.chat.completions.create(
         model=MODEL, messages=request.model_dump()["messages"], max_tokens=request.max_tokens, stream=True
     )
-    chunks = list(stream)
-    return time.perf_counter() - t0, maxwell_of(chunks[-1])
+    first, chunks = None, []
+    for chunk in stream:
+        if first is None and chunk.choices and chunk.choices[0].delta.content:
+            first = time.perf_counter() - t0
+        chunks.append(chunk)
+    return time.perf_counter() - t0, {**maxwell_of(chunks[-1]), "first_content_s": first}
 
 
 def whole(client: openai.OpenAI, request: CompletionRequest) -> tuple[float, dict[str, Any]]:
@@ -109,6 +124,7 @@ class Mode:
     def __init__(self, name: str, ask: Any, tokens: int, chat: bool = True) -> None:
         self.name, self.ask, self.tokens, self.chat = name, ask, tokens, chat
         self.times: list[float] = []
+        self.first: list[float] = []  # seconds to the first chunk with text (streamed)
         self.stages: list[dict[str, float]] = []
         self.verdicts: Counter[str] = Counter()
 
@@ -118,6 +134,8 @@ class Mode:
     def run(self, client: openai.OpenAI, i: int) -> None:
         took, maxwell = self.ask(client, self.request(i))
         self.times.append(took)
+        if maxwell.get("first_content_s") is not None:
+            self.first.append(maxwell["first_content_s"])
         self.verdicts[str(maxwell.get("verdict"))] += 1
         timing = dict(maxwell.get("timing_ms") or {})
         if "total" in timing:
@@ -134,32 +152,45 @@ def overhead(gw: GatewayStack, direct: Direct, n: int) -> dict[str, Any]:
     client = gw.client()
     med = statistics.median
     base: dict[str, list[float]] = {}
+    first: dict[str, list[float]] = {}
     modes = [
         Mode("streamed_32", streamed, TOKENS),
         Mode("whole_32", whole, TOKENS, chat=False),
         Mode("streamed_128", streamed, LONG),
     ]
+
+    def trial(mode: Mode, i: int) -> None:
+        took, to_first = direct.time(mode.request(i))
+        base.setdefault(mode.name, []).append(took)
+        first.setdefault(mode.name, []).append(to_first)
+        mode.run(client, i)
+
     trials = {"streamed_32": n, "whole_32": n, "streamed_128": max(3, n // 3)}
     for i in range(n):  # interleaved: the same host conditions for each
         for mode in modes:
             if i < trials[mode.name]:
-                base.setdefault(mode.name, []).append(direct.time(mode.request(i)))
-                mode.run(client, i)
+                trial(mode, i)
     default = _policy(gw)
     gw.admin.set_policy(**{**default, "medium_from_value": 0.0, "high_from_value": 0.0})
     audited = Mode("streamed_32_audited", streamed, TOKENS)
     for i in range(max(3, n // 2)):
-        base.setdefault(audited.name, []).append(direct.time(audited.request(i)))
-        audited.run(client, i)
+        trial(audited, i)
     modes.append(audited)
     gw.admin.set_policy(**default)
     ratios = {m.name: round(med(m.times) / med(base[m.name]), 3) for m in modes}
+    # time to first token: the first chunk with text at the client over the first token off the sandbox
+    ttft = {m.name: round(med(m.first) / med(first[m.name]), 3) for m in modes if m.first}
     return {
         **ratios,
         "goals": {name: {"goal": goal, "met": ratios[name] <= goal} for name, goal in GOALS.items()},
         "median_s": {
             **{f"direct_{m.name}": round(med(base[m.name]), 4) for m in modes},
             **{m.name: round(med(m.times), 4) for m in modes},
+        },
+        "first_token_ratio": ttft,
+        "first_token_median_s": {
+            **{f"direct_{m.name}": round(med(first[m.name]), 4) for m in modes if m.first},
+            **{m.name: round(med(m.first), 4) for m in modes if m.first},
         },
         "stages_ms": {m.name: m.stage_medians() for m in modes},
         "verdicts": {m.name: dict(m.verdicts) for m in modes},

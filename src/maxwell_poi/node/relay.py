@@ -2,9 +2,10 @@
 as the sandbox streams it, and cut the agent off when the answer says so.
 
 The resident agent's reader thread calls `watch` for every line; it only queues (the reader's own
-timestamps must not wait for HTTP). A relay thread posts what has queued — a few tokens at a time
-when they come fast — to `POST /v1/node/stream/{lease}` (a signed request). An answer naming a
-reason to cut ends the lease at once (`ResidentAgent.cut`); the node then stops the agent.
+timestamps must not wait for HTTP). A relay thread posts what has queued — the first item alone, then
+a few tokens at a time when they come fast — to `POST /v1/node/stream/{lease}` (a signed request).
+An answer naming a reason to cut ends the lease at once (`ResidentAgent.cut`); the node then stops
+the agent.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ class StreamRelay:
         self.path = path
         self.on_cut = on_cut
         self.cut_reason = ""
+        self._posted = False  # nothing relayed yet
         self._queue: queue.Queue[tuple[str, list] | None] = queue.Queue()
         self._thread = threading.Thread(target=self._run, name="poi-relay", daemon=True)
         self._thread.start()
@@ -53,7 +55,9 @@ class StreamRelay:
                 return
             body: dict[str, list] = {"tokens": [], "chunks": []}
             body[first[0]].append(first[1])
-            closing = self._gather(body)
+            # the first token goes out alone, at once: the requester's time to first token
+            closing = self._gather(body) if self._posted else False
+            self._posted = True
             if not self.cut_reason:
                 self._post(body)
             if closing:
