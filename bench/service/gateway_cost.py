@@ -222,8 +222,9 @@ def load(gw: GatewayStack, concurrency: int) -> dict[str, Any]:
         try:
             return streamed(client, chat(i, TOKENS))
         except openai.APIStatusError as exc:
+            code = (exc.body or {}).get("code") if isinstance(exc.body, dict) else None
             with lock:
-                refused[str(exc.status_code)] += 1
+                refused[f"{exc.status_code} {code or ''}".strip()] += 1
         except openai.APIError as exc:  # an error event in the stream (a cut, an unaffirmed answer)
             with lock:
                 refused[f"stream: {(exc.body or {}).get('code', exc.message)}"] += 1

@@ -53,6 +53,7 @@ from bench.service.corpus import (
     log,
     poi_home,
 )
+from bench.service.mixed import Mix
 from maxwell_poi.service.schema import ReceiptRow, VerdictRow
 
 WRITES = {
@@ -259,8 +260,25 @@ def one_database(
                 f"load: {len(measured)} with {args.concurrency} workers"
             )
             baseline = noop_rate(server.url, args.concurrency)
-            run = hand_in(server.url, measured, args.concurrency, args.max_seconds)
+            alone, mixed = (
+                (measured[: len(measured) // 2], measured[len(measured) // 2 :])
+                if args.mixed
+                else (measured, [])
+            )
+            run = hand_in(server.url, alone, args.concurrency, args.max_seconds)
             stats = run.measured()
+            if mixed:  # the rest handed in while agents bid and other nodes pull (bench/service/mixed.py)
+                mix = Mix(server, fleet, corpus.stake_micro)
+                mix.start()
+                both = hand_in(server.url, mixed, args.concurrency, args.max_seconds)
+                mix.finish()
+                stats["mixed"] = {"intake": both.measured(), **mix.measured(both.wall_s, read_url)}
+                run.answers += both.answers
+                run.errors += both.errors
+                log(
+                    f"{kind}: mixed: intake {stats['mixed']['intake']['intake_per_s']}/s, bids "
+                    f"{stats['mixed']['bids']['per_s']}/s, pulls {stats['mixed']['pulls']['per_s']}/s"
+                )
             stats |= baseline | {
                 "api_workers": workers,
                 "intake_over_healthz": round(stats["intake_per_s"] / baseline["healthz_per_s"], 4),
@@ -272,6 +290,7 @@ def one_database(
             answers = warmup.answers + run.answers
             submitted = {a.lease_id for a in answers} | {e.split(":")[0] for e in run.errors + warmup.errors}
             problems = verify(server, read_url, answers, submitted)
+            problems += stats.get("mixed", {}).get("mix_problems", [])
             verdicts = Counter(a.body.get("verdict") for a in answers if isinstance(a.body, dict))
             drawn = sum(1 for a in answers if isinstance(a.body, dict) and a.body.get("audit_drawn"))
             log(f"{kind}: verdicts {dict(verdicts)}; audits drawn {drawn}; problems {problems or 'none'}")
@@ -336,6 +355,11 @@ def main() -> None:
     parser.add_argument("--db", default="sqlite,postgresql", help="comma-separated: sqlite, postgresql")
     parser.add_argument(
         "--pg-workers", type=int, default=2, help="also serve PostgreSQL by this many API processes (1: not)"
+    )
+    parser.add_argument(
+        "--mixed",
+        action="store_true",
+        help="hand half the corpus in alone, the other half while agents bid and other nodes pull",
     )
     parser.add_argument("--pg-url", default=PG_URL)
     parser.add_argument("--out", type=Path, default=RESULTS, help="the results file to merge into")
