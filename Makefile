@@ -77,7 +77,7 @@ bench-system: $(STAMP)
 
 # bench/results/service.json (intake_*, load_*): intake load on SQLite and PostgreSQL
 bench-service-load: $(STAMP)
-	$(BIN)/python -m bench.service.load
+	$(BIN)/python -m bench.service.load --mixed
 
 # bench/results/service.json (settlement_cost): intake's settlement, general postings vs ledger.settle (issue 25)
 .PHONY: bench-settle-cost

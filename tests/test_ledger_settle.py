@@ -185,5 +185,5 @@ def test_a_transfer_in_a_callers_transaction_posts_once_and_refuses_as_the_gener
     with pytest.raises(LedgerError, match="unknown account"):
         move("t2", {"wallet:nobody": -1, "maxwell:energy": 1})
     with pytest.raises(LedgerError, match="to stay ≥ 0"):
-        move("t3", {"wallet:alice": -10**9, "maxwell:energy": 10**9})
+        move("t3", {"wallet:alice": -(10**9), "maxwell:energy": 10**9})
     assert book.balances() == before and check_ledger(book.engine).ok

@@ -39,8 +39,7 @@ from sqlalchemy.orm import Session
 
 from bench.common.results import write_results
 from maxwell_poi.demo.gateway import GatewayStack, ensure_profile, maxwell_of
-from maxwell_poi.gateway.gateway import job_of
-from maxwell_poi.gateway.openai_wire import ChatRequest, CompletionRequest
+from maxwell_poi.gateway.openai_wire import ChatRequest, CompletionRequest, job_of
 from maxwell_poi.node.resident import ResidentAgent
 from maxwell_poi.node.resident_runs import honest_resident, serve_wave
 from maxwell_poi.protocol.lease import Lease

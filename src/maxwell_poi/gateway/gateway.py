@@ -34,9 +34,10 @@ from sqlalchemy.orm import Session
 from ..economics.asks import Ask, award
 from ..ledger import LedgerError
 from ..ledger.book import DEPOSITS
+from ..ledger.retry import RETRIES, retryable
 from ..observer.evidence import resident_profile_key
 from ..protocol.errors import PoiError
-from ..protocol.lease import GenerateJob, Lease
+from ..protocol.lease import Lease
 from ..protocol.receipt import max_receipt_bytes, open_receipt
 from ..protocol.result import LayerResult
 from ..service.control import ControlPlane
@@ -62,7 +63,7 @@ from .admission import (
 from .canary import Canaries
 from .delivery import Delivery, DeliveryPolicy
 from .live import Arrival, LiveLease, RunningChecks
-from .openai_wire import ChatRequest, CompletionRequest
+from .openai_wire import ChatRequest, CompletionRequest, job_of
 from .timeline import Mark, Timeline
 from .verdicts import attestation
 
@@ -298,14 +299,21 @@ class Gateway:
     def _issue(
         self, node_id: str, agent_id: str, bid: BidBody, hold: Hold, live: list[LiveLease], held: int
     ) -> Directed:
-        try:
-            return self.control.market.issue_directed(node_id, agent_id, bid, hold)
-        except LedgerError as exc:
-            raise ApiError(402, f"a requester balance covering {held} micro", exc.got) from None
-        except Exception:  # the transaction failed after the lease was registered: forget it
-            for entry in live:
-                self.forget(entry.lease.lease_id)
-            raise
+        """One issue transaction; run again (a fresh bid id) when PostgreSQL aborts it to break a
+        deadlock with another transaction locking the same accounts (ledger.retry)."""
+        for attempt in range(1, RETRIES + 1):
+            try:
+                return self.control.market.issue_directed(node_id, agent_id, bid, hold)
+            except LedgerError as exc:
+                raise ApiError(402, f"a requester balance covering {held} micro", exc.got) from None
+            except Exception as exc:  # the transaction failed after the lease was registered: forget it
+                for entry in live:
+                    self.forget(entry.lease.lease_id)
+                live.clear()
+                if not retryable(exc) or attempt == RETRIES:
+                    raise
+                bid = bid.model_copy(update={"bid_id": f"gateway-{uuid.uuid4().hex}"})
+        raise AssertionError("unreachable")  # the loop returns or raises
 
     def _offers(self, model_id: str) -> list[OfferRow]:
         with Session(self.control.ledger.engine) as session:
@@ -478,23 +486,4 @@ class Gateway:
             raise ApiError(403, "one of your own completions", "another requester's")
 
 
-def job_of(request: CompletionRequest | ChatRequest, prompt: str) -> GenerateJob:
-    """The lease's job for a request whose prompt (chat template applied) is `prompt`."""
-    return GenerateJob(
-        prompt=prompt,
-        max_new_tokens=request.new_tokens,
-        temperature=request.sampling_temperature,
-        top_k=50 if request.top_k is None else request.top_k,
-        chunk=16,
-    )
-
-
-def decode_increment(decode: Any, tokens: list[int], sent: str) -> str:
-    """The text not yet sent for `tokens` (held back while it ends in an incomplete character)."""
-    text = decode(tokens)
-    if text.endswith("\ufffd"):
-        return ""
-    return text[len(sent) :] if text.startswith(sent) else ""
-
-
-__all__ = ["Gateway", "Started", "decode_increment", "job_of"]
+__all__ = ["Gateway", "Started"]

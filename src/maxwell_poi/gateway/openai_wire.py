@@ -28,6 +28,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from ..protocol.lease import GenerateJob
 from .delivery import Delivery
 
 NEUTRAL = {"top_p": 1, "presence_penalty": 0, "frequency_penalty": 0}
@@ -160,3 +161,22 @@ def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
 def error_body(message: str, kind: str, code: str, **extra: Any) -> dict[str, Any]:
     """OpenAI's error shape (the `openai` client reads `error.message`), plus Maxwell's fields."""
     return {"error": {"message": message, "type": kind, "code": code, "param": None, **extra}}
+
+
+def job_of(request: CompletionRequest | ChatRequest, prompt: str) -> GenerateJob:
+    """The lease's job for a request whose prompt (chat template applied) is `prompt`."""
+    return GenerateJob(
+        prompt=prompt,
+        max_new_tokens=request.new_tokens,
+        temperature=request.sampling_temperature,
+        top_k=50 if request.top_k is None else request.top_k,
+        chunk=16,
+    )
+
+
+def decode_increment(decode: Any, tokens: list[int], sent: str) -> str:
+    """The text not yet sent for `tokens` (held back while it ends in an incomplete character)."""
+    text = decode(tokens)
+    if text.endswith("\ufffd"):
+        return ""
+    return text[len(sent) :] if text.startswith(sent) else ""

@@ -41,9 +41,9 @@ from ..protocol.lease import Precision
 from ..service.deps import Admin, AgentId, NodeId
 from ..service.errors import ApiError
 from .delivery import SentCount
-from .gateway import Gateway, Started, decode_increment
+from .gateway import Gateway, Started
 from .live import ClientEvent, EventKind
-from .openai_wire import ChatRequest, CompletionRequest, Shape, error_body, usage
+from .openai_wire import ChatRequest, CompletionRequest, Shape, decode_increment, error_body, usage
 from .responses import (
     SSE,
     CanaryBody,

@@ -27,18 +27,13 @@ from collections.abc import Callable
 from concurrent.futures import Future
 from typing import TypeVar
 
-from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session
+
+from .retry import RETRIES, retryable
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 Work = Callable[[Session], object]
-RETRIES = 3
-RETRYABLE = {"40P01", "40001"}  # PostgreSQL: deadlock detected, serialization failure
-
-
-def retryable(exc: BaseException) -> bool:
-    return isinstance(exc, DBAPIError) and getattr(exc.orig, "sqlstate", None) in RETRYABLE
 
 
 class GroupCommit:

@@ -336,7 +336,7 @@ def overheads(n: Numbers) -> Any:
         items.append(("L3 trace recording (extra)", n.val("exact", "trace_overhead_ratio") - 1))
         items.append(("L3 all blocks / generation", n.val("exact", "exact_audit_vs_generation/gpt2-small")))
     items.append(
-        ("gateway, 32 tokens (extra)", n.val("gateway", "gateway_overhead_ratio/default_tiers_no_audit") - 1)
+        ("gateway, 32 tokens streamed (extra)", n.val("gateway", "gateway_overhead_ratio/streamed_32") - 1)
     )
     if n.has("zk", "prove_to_native/attn_d384"):
         items.append(

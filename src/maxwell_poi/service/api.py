@@ -22,9 +22,11 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from sqlalchemy.exc import DBAPIError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..ledger import LedgerError
+from ..ledger.retry import retryable
 from ..protocol.errors import PoiError
 from .control import ControlPlane
 from .dashboard import mount_dashboard
@@ -89,6 +91,15 @@ def _errors(app: FastAPI) -> None:
     @app.exception_handler(LedgerError)
     async def ledger_error(_request: Request, exc: LedgerError) -> JSONResponse:
         return JSONResponse(ApiError(409, exc.expected, exc.got).body(), status_code=409)
+
+    @app.exception_handler(DBAPIError)
+    async def database_busy(_request: Request, exc: DBAPIError) -> JSONResponse:
+        if not retryable(exc):  # not contention: a fault of Maxwell's, left to the server's 500
+            raise exc
+        # a deadlock or serialization failure outlasted its tries (ledger.retry): nothing was stored
+        got = f"database contention: {exc.orig}"
+        refusal = ApiError(503, "the request again: nothing of it was stored", got)
+        return JSONResponse(refusal.body(), status_code=503, headers={"Retry-After": "1"})
 
     @app.exception_handler(PoiError)
     async def poi_error(_request: Request, exc: PoiError) -> JSONResponse:

@@ -6,13 +6,7 @@ largest energy charge the lease can run up (its expected energy × HOLD_FACTOR a
 price) is held from the agent's wallet, so that settlement can never fail for want of funds. A
 winner whose wallet cannot cover both is refused (its savepoint rolls back; the round goes on).
 
-Suspension (issue 23): an agent whose last `SUSPEND_AFTER` leases, among those issued since it was
-(re-)enrolled that came back at all, were all *failed* (no receipt: its program never started or
-crashed — service.intake) bids no more: new bids are refused (403), its open bids are refused when
-a round would clear them, and the gateway issues it no lease. A failed lease costs the agent
-nothing, so without this a program that crashes could take leases for free forever. Counted from
-the leases themselves (no table of its own); re-enrolment (the admin route) moves the agent's
-enrolment time on, which starts the count afresh.
+Suspension (issue 23): an agent whose last leases all failed bids no more (service.suspension).
 """
 
 from __future__ import annotations
@@ -35,6 +29,7 @@ from ..economics.auction import SealedBid, clear
 from ..economics.energy import FALLBACK_CPU_S_PER_TOKEN, expected_energy_j
 from ..economics.tiers import TierPolicy
 from ..ledger import Ledger
+from ..ledger.retry import retried
 from ..observer.evidence import RESIDENT_REGIME
 from ..observer.host import this_device
 from ..protocol.errors import PoiError, UnknownModelError
@@ -43,20 +38,17 @@ from ..registry.models import Registry
 from ..registry.profiles import ProfileStore
 from .config import ServiceConfig
 from .errors import ApiError
-from .schema import AgentRow, BidRow, LeaseRow, NodeRow, VerdictRow
+from .schema import AgentRow, BidRow, LeaseRow, NodeRow
 from .settlement import expire_bids, expire_lease, issue_lease, move_bid
 from .states import BidState, LeaseState
 from .stored_policy import StoredPolicy
+from .suspension import SUSPEND_AFTER, suspension
 from .wire import BidBody, PullBody
 
 JOB: TypeAdapter = TypeAdapter(Job)
 EXPIRY_GRACE_S = 60.0  # after a lease's deadline, before its unspent hold and stake go back
 HOLD_FACTOR = 3.0  # an honest lease stays well inside 3x its expected energy (profiles: ±30%)
 MICRO = 1_000_000
-SUSPEND_AFTER = 3  # failed leases in a row, since the agent's enrolment, that stop its bidding
-# the leases that say how an agent's program ran: a receipt came back (an expired lease says
-# nothing about the agent: its node died with it; a pulled one is still running)
-CAME_BACK = (LeaseState.SETTLED, LeaseState.AUDIT_PENDING, LeaseState.FAILED)
 
 
 @dataclass(frozen=True)
@@ -268,7 +260,11 @@ class Market:
 
     def pull(self, node_id: str, body: PullBody) -> list[PulledLease]:
         """One auction round for `node_id`: its own unsettled pulled leases first (a node that
-        restarted gets them again), then new winners within its headroom."""
+        restarted gets them again), then new winners within its headroom. One transaction, run again
+        if PostgreSQL aborts it to break a deadlock (its holds lock several agents' accounts)."""
+        return retried(lambda: self._pull(node_id, body), f"pull by node {node_id}")
+
+    def _pull(self, node_id: str, body: PullBody) -> list[PulledLease]:
         now = time.time()
         with self.ledger.session() as session, session.begin():
             session.execute(
@@ -454,35 +450,6 @@ def _cache(bid: BidRow, first: BidRow, lease_id: str) -> None:
         "answered by that lease: no lease, hold, charge or stake of its own",
         lease_id=lease_id,
     )
-
-
-def suspension(session: Session, agent_id: str) -> str | None:
-    """Why `agent_id` may not bid: its last SUSPEND_AFTER leases that came back, of those issued
-    since it was (re-)enrolled, all failed. None when it may."""
-    enrolled = session.scalar(select(AgentRow.enrolled_at).where(AgentRow.agent_id == agent_id))
-    if enrolled is None:
-        return None
-    latest = session.execute(
-        select(LeaseRow.status, VerdictRow.layers)
-        .outerjoin(VerdictRow, VerdictRow.lease_id == LeaseRow.lease_id)
-        .where(LeaseRow.agent_id == agent_id, LeaseRow.issued_at > enrolled, LeaseRow.status.in_(CAME_BACK))
-        .order_by(LeaseRow.issued_at.desc())
-        .limit(SUSPEND_AFTER)
-    ).all()
-    if len(latest) < SUSPEND_AFTER or any(status != LeaseState.FAILED for status, _ in latest):
-        return None
-    return (
-        f"agent suspended: {SUSPEND_AFTER} failed leases in a row (last: {_failure_cause(latest[0][1])}); "
-        "re-enrol or contact Maxwell"
-    )
-
-
-def _failure_cause(layers: str | None) -> str:
-    """The cause a failed lease's verdict row keeps (service.intake.failure_result)."""
-    try:
-        return str(json.loads(layers or "[]")[0]["details"]["cause"])
-    except (ValueError, LookupError, TypeError):
-        return "no cause recorded"
 
 
 def bid_view(row: BidRow) -> dict:
