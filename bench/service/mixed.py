@@ -1,6 +1,7 @@
-"""A platform's mix for bench/service/load.py (`--mixed`): while the intake workers hand the corpus in,
-agents post fresh signed bids and extra nodes pull (each pull an auction round that may issue leases,
-with their energy holds and stakes), on the same server. Each route's rate and p50/p99 are measured
+"""A platform's mix for bench/service/load.py (`--mixed`): while the intake workers hand the corpus in
+(closed loop, as fast as they are answered), agents post fresh signed bids at a set pace (20 a second
+in all) and two more nodes pull at theirs (4 a second each; each pull an auction round that may issue
+leases, with their energy holds and stakes), on the same server. Each route's rate and p50/p99 are measured
 at the client; exactly once after the run: every bid accepted once (as many bid rows under the run's
 prefix as bids accepted), every lease the pulls were handed issued once (no lease id twice
 across pulls of one node, as many lease rows for those nodes as distinct leases).
@@ -58,6 +59,8 @@ class Mix:
     stake: int
     bidders: int = 2
     pullers: int = 2
+    bids_per_s: float = 20.0  # all bidders together: a platform's new work, paced (open loop)
+    pulls_per_s: float = 4.0  # each node: a node polling every 250 ms
     prefix: str = field(default_factory=lambda: f"mixed-{uuid.uuid4().hex[:8]}")
     bids: Route = field(default_factory=Route)
     pulls: Route = field(default_factory=Route)
@@ -96,9 +99,9 @@ class Mix:
 
     def _bid(self, client: ServiceClient, worker: int) -> None:
         job = {"kind": "generate", "max_new_tokens": 4}
-        count = 0
+        count, every = 0, self.bidders / self.bids_per_s
         with client:
-            while not self.stop.is_set():
+            while not self.stop.wait(every):
                 body = {
                     "bid_id": f"{self.prefix}-{worker}-{count}",
                     "model_id": MODEL,
@@ -111,7 +114,7 @@ class Mix:
 
     def _pull(self, client: ServiceClient, node: str, agents: list[str]) -> None:
         with client:
-            while not self.stop.is_set():
+            while not self.stop.wait(1 / self.pulls_per_s):
                 held = len(self.leases[node])
                 limit = min(MAX_PULL, held + PULL_ROOM)
                 answer = self._timed(self.pulls, lambda k=limit: client.pull(1e6, agents, max_leases=k))

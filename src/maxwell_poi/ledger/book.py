@@ -215,9 +215,11 @@ class Ledger:
 
     def lock_shared(self, session: Session) -> None:
         """Lock the accounts every settlement credits (Maxwell's energy and slashed revenue), first
-        in the caller's transaction: a transaction that settles several leases (ledger.group_commit)
-        would otherwise lock them between agents' accounts, in an order another process's group
-        can cross. PostgreSQL only: SQLite's write lock already lets one transaction in at a time."""
+        in the caller's transaction. Every transaction that moves several agents' lease money calls
+        it — a group of settlements (ledger.group_commit), a pull (expiries, holds), the gateway's
+        issue, an audit's final stake move — so they take turns instead of locking agents' accounts
+        in orders that cross (a deadlock PostgreSQL breaks after a second; ledger.retry runs the loser
+        again). PostgreSQL only: SQLite's write lock already lets one transaction in at a time."""
         if session.get_bind().dialect.name == "postgresql":
             session.execute(
                 select(Account.id)

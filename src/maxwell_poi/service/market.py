@@ -206,6 +206,7 @@ class Market:
         now = time.time()
         row = self._bid_row(agent_id, bid, now)
         with self.ledger.session() as session, session.begin():
+            self.ledger.lock_shared(session)  # the order every money transaction locks in
             session.add(row)
             session.flush()
             if (suspended := suspension(session, agent_id)) is not None:
@@ -267,6 +268,7 @@ class Market:
     def _pull(self, node_id: str, body: PullBody) -> list[PulledLease]:
         now = time.time()
         with self.ledger.session() as session, session.begin():
+            self.ledger.lock_shared(session)  # expiry and holds lock agents' accounts: shared ones first
             session.execute(
                 update(NodeRow)
                 .where(NodeRow.node_id == node_id)

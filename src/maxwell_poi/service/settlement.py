@@ -202,6 +202,7 @@ def own_transaction(ledger: Ledger) -> Runner:
 
     def run(write: Callable[[Session], VerdictRow]) -> VerdictRow:
         with ledger.session() as session, session.begin():
+            ledger.lock_shared(session)  # the order every money transaction locks in (Ledger.lock_shared)
             return write(session)
 
     return run
@@ -265,6 +266,7 @@ def finalise(ledger: Ledger, row: LeaseRow, layers: list[LayerResult]) -> Verdic
     combined = AttestationResult(lease.lease_id, lease.agent_id, lease.model_id, tuple(layers))
     outcome = stake_outcome(combined.verdict, row.stake_micro)
     with ledger.session() as session, session.begin():
+        ledger.lock_shared(session)
         current = session.get(VerdictRow, lease.lease_id, with_for_update=True)
         if current is None or current.final:  # finalised by another worker meanwhile
             return None
