@@ -32,6 +32,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import Protocol
 
+from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
@@ -222,10 +223,15 @@ class Intake:
                 f"the receipt the node's evidence names (sha256 {signed.receipt_sha256[:16]}…)",
                 digest[:16],
             )
-        with Session(self.ledger.engine) as session:  # one read: the lease and what was taken in for it
-            row = session.get(LeaseRow, body.lease_id)
-            seen = session.get(ReceiptRow, body.lease_id) if row is not None else None
-            seen_verdict = session.get(VerdictRow, body.lease_id) if seen is not None else None
+        with Session(self.ledger.engine) as session:  # one query: the lease and what was taken in for it
+            found = session.execute(
+                select(LeaseRow, ReceiptRow, VerdictRow)
+                .outerjoin(ReceiptRow, ReceiptRow.lease_id == LeaseRow.lease_id)
+                .outerjoin(VerdictRow, VerdictRow.lease_id == LeaseRow.lease_id)
+                .where(LeaseRow.lease_id == body.lease_id)
+            ).first()
+        row, seen, seen_verdict = found if found is not None else (None, None, None)
+        seen_verdict = seen_verdict if seen is not None else None  # a verdict counts with its receipt
         if row is None:
             raise ApiError(404, "a lease this control plane issued", f"unknown lease {body.lease_id}")
         if row.status == LeaseState.EXPIRED:
