@@ -367,7 +367,11 @@ async def _sse(
             if not started.live.cut:  # the gateway gave up waiting, not a finding: stop the lease
                 gateway.leave(lease_id, progress.delivered, f"the gateway stopped waiting: {event.reason}")
             maxwell = await _verdict(gateway, started, progress.sent)
-            message = f"Maxwell cut the agent off after {len(tokens)} tokens: {event.reason}"
+            relayed = started.live.cut_after if started.live.cut else len(tokens)
+            message = (
+                f"Maxwell cut the agent off after {relayed} tokens from it ({len(tokens)} sent to you): "
+                f"{event.reason}"
+            )
             progress.ended = True
             yield _data(error_body(message, "maxwell_cut", "lease_cut", maxwell=maxwell))
             return
