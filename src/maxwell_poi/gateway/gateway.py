@@ -34,7 +34,7 @@ from sqlalchemy.orm import Session
 from ..economics.asks import Ask, award
 from ..ledger import LedgerError
 from ..ledger.book import DEPOSITS
-from ..ledger.retry import RETRIES, retryable
+from ..ledger.retry import retried
 from ..observer.evidence import resident_profile_key
 from ..protocol.errors import PoiError
 from ..protocol.lease import Lease
@@ -299,21 +299,24 @@ class Gateway:
     def _issue(
         self, node_id: str, agent_id: str, bid: BidBody, hold: Hold, live: list[LiveLease], held: int
     ) -> Directed:
-        """One issue transaction; run again (a fresh bid id) when PostgreSQL aborts it to break a
-        deadlock with another transaction locking the same accounts (ledger.retry)."""
-        for attempt in range(1, RETRIES + 1):
+        """One issue transaction, run again (with a fresh bid id) when PostgreSQL aborts it to break a
+        deadlock (ledger.retry). A failed try forgets the lease it registered."""
+        tried = [bid]
+
+        def once() -> Directed:
             try:
-                return self.control.market.issue_directed(node_id, agent_id, bid, hold)
-            except LedgerError as exc:
-                raise ApiError(402, f"a requester balance covering {held} micro", exc.got) from None
-            except Exception as exc:  # the transaction failed after the lease was registered: forget it
+                return self.control.market.issue_directed(node_id, agent_id, tried[-1], hold)
+            except Exception:
                 for entry in live:
                     self.forget(entry.lease.lease_id)
                 live.clear()
-                if not retryable(exc) or attempt == RETRIES:
-                    raise
-                bid = bid.model_copy(update={"bid_id": f"gateway-{uuid.uuid4().hex}"})
-        raise AssertionError("unreachable")  # the loop returns or raises
+                tried.append(bid.model_copy(update={"bid_id": f"gateway-{uuid.uuid4().hex}"}))
+                raise
+
+        try:
+            return retried(once, f"gateway issue for agent {agent_id}")
+        except LedgerError as exc:
+            raise ApiError(402, f"a requester balance covering {held} micro", exc.got) from None
 
     def _offers(self, model_id: str) -> list[OfferRow]:
         with Session(self.control.ledger.engine) as session:

@@ -25,7 +25,7 @@ from .posting import (
     post_in,
 )
 from .schema import ACCOUNT_KINDS, NAME_LENGTH, Account, Entry, Transfer
-from .settle import STAKE_VERBS, LeaseMoney, hold_lease, post_new, settle_lease
+from .settle import STAKE_VERBS, LeaseMoney, post_new, settle_lease
 
 DEPOSITS = "external:deposits"
 ENERGY = "maxwell:energy"
@@ -201,14 +201,9 @@ class Ledger:
         self, agent: str, lease_id: str, hold_micro: int, stake_micro: int, *, session: Session
     ) -> None:
         """A lease's money at issue, in the caller's transaction: `hold_energy` and (stake > 0)
-        `escrow_stake`, written by `ledger.settle` in a few Core statements; an agent's first lease
-        (its escrow not open yet) or a key posted before takes the general path."""
-        _positive(hold_micro, "energy hold")
+        `escrow_stake` (each in Core statements via `post_new` unless an account is to be opened)."""
         if stake_micro < 0:
             raise LedgerError("a stake >= 0 micro", str(stake_micro))
-        _agent_account("wallet", agent)  # refuses an agent id the account names cannot hold
-        if hold_lease(session, agent, lease_id, hold_micro, stake_micro) is not None:
-            return
         self.hold_energy(agent, lease_id, hold_micro, session=session)
         if stake_micro > 0:
             self.escrow_stake(agent, lease_id, stake_micro, session=session)

@@ -1,5 +1,6 @@
-"""A lease's money in a few Core SQL statements: its holds when it is issued, its energy debit and
-its stake's move at intake.
+"""Ledger postings in a few Core SQL statements: any transfer in a caller's transaction (`post_new`:
+a lease's holds at issue, the gateway's payment), and a lease's energy debit with its stake's move at
+intake (`settle_lease`).
 
 The general path (`Ledger.hold_energy` and `escrow_stake` at issue; `settle_energy`, then
 `release_stake` / `slash_stake` at intake) posts each transfer on its own: it looks up its key,
@@ -70,24 +71,6 @@ def settle_lease(session: Session, money: LeaseMoney, energy: str, slashed: str)
         transfers.append((f"{money.stake}:{lease}", STAKE_VERBS[money.stake], stake_legs, ""))
     ids = _write(session, locked, lease, transfers)
     return EnergySettled(ids[0], True, charge, memo)
-
-
-def hold_lease(session: Session, agent: str, lease: str, hold_micro: int, stake_micro: int) -> int | None:
-    """Post the lease's energy hold (key `hold:<lease>`) and its stake's escrow (`stake:<lease>`, when
-    `stake_micro` > 0) from the agent's wallet in the caller's write transaction: the id of the hold's
-    transfer; None when a transfer under either key exists or the escrow is not open yet. A wallet
-    that cannot cover both raises LedgerError, as the general path's postings do."""
-    escrow, wallet = f"escrow:{agent}", f"wallet:{agent}"
-    locked = _fresh_and_locked(session, [f"hold:{lease}", f"stake:{lease}"], sorted({escrow, wallet}))
-    if locked is None or locked[escrow].kind != "escrow":
-        return None
-    transfers: list[Posting] = [
-        (f"hold:{lease}", "energy_hold", normalise_legs({wallet: -hold_micro, escrow: hold_micro}), "")
-    ]
-    if stake_micro > 0:
-        stake_legs = normalise_legs({wallet: -stake_micro, escrow: stake_micro})
-        transfers.append((f"stake:{lease}", "stake_escrow", stake_legs, ""))
-    return _write(session, locked, lease, transfers)[0]
 
 
 Posting = tuple[str, str, Legs, str]  # (idempotency key, kind, legs, memo)
