@@ -128,3 +128,54 @@ def test_a_settlement_that_keeps_meeting_deadlocks_fails_after_its_retries(book:
     finally:
         group.close()
     assert group.retried == RETRIES and check_ledger(book.engine).ok
+
+
+def test_groups_of_two_processes_that_cross_accounts_wait_instead_of_deadlocking(
+    book: Ledger, opener
+) -> None:
+    """Two writers (as two API processes would run, each on its own engine) commit groups that move
+    alice then bob, and bob then alice. Each settlement holds its account at a barrier until the other
+    group's first settlement holds the other one: without the accounts locked in name order before a
+    group starts (`Ledger.lock_in_order`), both get there and PostgreSQL breaks the deadlock (a retry);
+    with them, the second group waits in `prepare`, the barrier times out, and nobody is retried."""
+    other = Ledger(opener())
+    barrier = threading.Barrier(2, timeout=2)
+
+    def pay(ledger: Ledger, agent: str, key: str, first: bool):
+        def work(session: Session):
+            done = ledger.transfer(
+                key, "other", {f"wallet:{agent}": -5, "maxwell:energy": 5}, session=session
+            )
+            if first:
+                try:
+                    barrier.wait()  # both groups holding their first account, if nothing ordered them
+                except threading.BrokenBarrierError:
+                    pass
+            return done
+
+        return work
+
+    groups = [GroupCommit(ledger.session, prepare=ledger.lock_in_order) for ledger in (book, other)]
+    orders = (("alice", "bob"), ("bob", "alice"))
+    gate = threading.Event()
+    try:
+        with ThreadPoolExecutor(8) as pool:
+            held = [pool.submit(g.run, lambda _s: gate.wait(30)) for g in groups]
+            while any(g._queue.qsize() for g in groups) or not all(g._thread.is_alive() for g in groups):
+                threading.Event().wait(0.01)  # each writer busy with its held item
+            futures = [
+                pool.submit(g.run, pay(ledger, agent, f"{i}-{agent}", k == 0), (f"wallet:{agent}",))
+                for i, (g, ledger, order) in enumerate(zip(groups, (book, other), orders, strict=True))
+                for k, agent in enumerate(order)
+            ]
+            while any(g._queue.qsize() < 2 for g in groups):  # each group's two settlements queued
+                threading.Event().wait(0.01)
+            gate.set()
+            results = [f.result(60) for f in (*held, *futures)]
+    finally:
+        for g in groups:
+            g.close()
+    assert all(r.created for r in results[2:])
+    assert [g.retried for g in groups] == [0, 0]
+    assert [g.items for g in groups] == [3, 3]
+    assert book.balance("maxwell:energy") == 20 and check_ledger(book.engine).ok

@@ -256,6 +256,6 @@ def test_migrating_again_is_a_no_op_and_matches_the_models(opener: Callable[[], 
     second = opener()  # a second open_ledger_db on the same database migrates once more
     assert Ledger(second).balance("wallet:alice") == 42
     with second.connect() as conn:
-        assert conn.execute(text("SELECT version_num FROM alembic_version")).scalars().all() == ["0002"]
+        assert conn.execute(text("SELECT version_num FROM alembic_version")).scalars().all() == ["0003"]
         assert compare_metadata(MigrationContext.configure(conn), Base.metadata) == []
     assert check_ledger(second).ok

@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, replace
 from datetime import datetime
 
-from sqlalchemy import Engine, select
+from sqlalchemy import Engine, func, select
 from sqlalchemy.orm import Session
 
 from .db import writer
@@ -24,12 +24,11 @@ from .posting import (
     post,
     post_in,
 )
-from .schema import ACCOUNT_KINDS, NAME_LENGTH, Account, Entry, Transfer
+from .schema import ACCOUNT_KINDS, DEPOSITS, ENERGY, NAME_LENGTH, SLASHED, Account, Entry, Transfer
 from .settle import STAKE_VERBS, LeaseMoney, post_new, settle_lease
+from .summed import current_balances, split
 
-DEPOSITS = "external:deposits"
-ENERGY = "maxwell:energy"
-SLASHED = "maxwell:slashed"
+TURN_LOCK = 0x504F494C  # "POIL": the advisory lock of `Ledger.take_turn` and `lock_in_order`
 SYSTEM_ACCOUNTS = ((DEPOSITS, "external", True), (ENERGY, "revenue", False), (SLASHED, "revenue", False))
 
 
@@ -208,35 +207,56 @@ class Ledger:
         if stake_micro > 0:
             self.escrow_stake(agent, lease_id, stake_micro, session=session)
 
-    def lock_shared(self, session: Session) -> None:
-        """Lock the accounts every settlement credits (Maxwell's energy and slashed revenue), first
-        in the caller's transaction. Every transaction that moves several agents' lease money calls
-        it — a group of settlements (ledger.group_commit), a pull (expiries, holds), the gateway's
-        issue, an audit's final stake move — so they take turns instead of locking agents' accounts
-        in orders that cross (a deadlock PostgreSQL breaks after a second; ledger.retry runs the loser
-        again). PostgreSQL only: SQLite's write lock already lets one transaction in at a time."""
-        if session.get_bind().dialect.name == "postgresql":
+    def take_turn(self, session: Session) -> None:
+        """Take the ledger's turn, first in the caller's transaction, alone: every transaction that
+        locks several agents' accounts in an order of its own (a pull's expiries and holds, the
+        gateway's issue, an audit's final stake move, a settlement in its own transaction) calls it,
+        so two of them never lock accounts in orders that cross (a deadlock PostgreSQL breaks after
+        a second; ledger.retry runs the loser again). A PostgreSQL advisory lock, not a row: nothing
+        is written under it. SQLite: a no-op (its write lock lets one transaction in at a time)."""
+        if _postgresql(session):
+            session.execute(select(func.pg_advisory_xact_lock(TURN_LOCK)))
+
+    def lock_in_order(self, session: Session, names: Iterable[str]) -> None:
+        """A group of settlements' first statements (ledger.group_commit's `prepare`): the turn lock
+        shared — groups of several API processes run side by side, a `take_turn` transaction waits
+        for them — then the accounts the group will move, locked in name order, so two groups never
+        wait on each other in a cycle. An account a settlement moves that was not named here is
+        locked when it is reached, as before (a rare cross is a deadlock, retried by the group).
+        Maxwell's revenue is not locked (ledger.summed). PostgreSQL only, as `take_turn`."""
+        if not _postgresql(session):
+            return
+        session.execute(select(func.pg_advisory_xact_lock_shared(TURN_LOCK)))
+        to_lock, _ = split(names)
+        if to_lock:
             session.execute(
-                select(Account.id)
-                .where(Account.name.in_((ENERGY, SLASHED)))
-                .order_by(Account.name)
-                .with_for_update()
+                select(Account.id).where(Account.name.in_(to_lock)).order_by(Account.name).with_for_update()
             ).all()
+
+    @staticmethod
+    def lease_accounts(agent: str) -> tuple[str, str]:
+        """(escrow, wallet) of the agent: the accounts a lease's holds and settlement move."""
+        return _agent_account("escrow", agent), _agent_account("wallet", agent)
 
     # -- reading ------------------------------------------------------------------------------------
 
     def balance(self, name: str) -> int:
-        """The cached balance (check_ledger proves it equals the sum of the account's entries)."""
+        """The account's balance: its cached balance (check_ledger proves it equals the sum of its
+        entries), or for Maxwell's revenue the sum itself (ledger.summed)."""
         with Session(self.engine) as session:
-            balance = session.scalar(select(Account.balance_micro).where(Account.name == name))
-        if balance is None:
-            raise LedgerError("an open account", f"unknown account {name!r}")
-        return balance
+            rows = session.execute(
+                select(Account.id, Account.name, Account.balance_micro).where(Account.name == name)
+            ).all()
+            if not rows:
+                raise LedgerError("an open account", f"unknown account {name!r}")
+            return current_balances(session, rows)[name]
 
     def balances(self) -> dict[str, int]:
         with Session(self.engine) as session:
-            rows = session.execute(select(Account.name, Account.balance_micro).order_by(Account.name))
-            return {name: balance for name, balance in rows}
+            rows = session.execute(
+                select(Account.id, Account.name, Account.balance_micro).order_by(Account.name)
+            ).all()
+            return current_balances(session, rows)
 
     def entries_for(self, name: str) -> list[EntryView]:
         self.balance(name)  # refuses an unknown account rather than answering "no entries"
@@ -313,3 +333,7 @@ def _agent_account(kind: str, agent: str) -> str:
 def _positive(micro: int, what: str) -> None:
     if isinstance(micro, bool) or not isinstance(micro, int) or micro <= 0:
         raise LedgerError(f"a positive integer {what} in micro-units", repr(micro))
+
+
+def _postgresql(session: Session) -> bool:
+    return session.get_bind().dialect.name == "postgresql"

@@ -8,7 +8,7 @@ from typing import Any
 from sqlalchemy import Connection, Engine, func, or_, select
 
 from .db import reader
-from .schema import Account, Entry, Transfer
+from .schema import SUMMED_ACCOUNTS, Account, Entry, Transfer
 
 
 @dataclass(frozen=True)
@@ -26,7 +26,12 @@ class LedgerCheck:
 def check_ledger(engine: Engine) -> LedgerCheck:
     """Re-derive everything from the entries, in one snapshot, and list each disagreement."""
     with reader(engine).connect() as conn, conn.begin():
-        problems = [*_unbalanced_transfers(conn), *_dishonest_balances(conn), *_zero_entries(conn)]
+        problems = [
+            *_unbalanced_transfers(conn),
+            *_dishonest_balances(conn),
+            *_zero_entries(conn),
+            *_debited_revenue(conn),
+        ]
         counts = [conn.scalar(select(func.count()).select_from(t)) or 0 for t in (Account, Transfer, Entry)]
     return LedgerCheck(not problems, problems, *counts)
 
@@ -59,7 +64,11 @@ def _dishonest_balances(conn: Connection) -> list[str]:
     )
     problems = []
     for name, allow_negative, cached, summed in rows:
-        if cached != summed:
+        if name in SUMMED_ACCOUNTS:  # no cache: its balance is the sum, read when asked (ledger.summed)
+            if cached != 0:
+                expected = "no cached balance (0: summed when read)"
+                problems.append(f"account {name}: expected {expected}, found {cached}")
+        elif cached != summed:
             problems.append(
                 f"account {name}: expected cached balance {summed} (sum of its entries), found {cached}"
             )
@@ -74,3 +83,16 @@ def _dishonest_balances(conn: Connection) -> list[str]:
 def _zero_entries(conn: Connection) -> list[str]:
     rows = conn.execute(select(Entry.id, Entry.transfer_id).where(Entry.amount_micro == 0).order_by(Entry.id))
     return [f"entry #{e} of transfer #{t}: expected a non-zero amount, found 0" for e, t in rows]
+
+
+def _debited_revenue(conn: Connection) -> list[str]:
+    rows = conn.execute(
+        select(Account.name, Entry.id, Entry.transfer_id, Entry.amount_micro)
+        .join(Entry, Entry.account_id == Account.id)
+        .where(Account.name.in_(SUMMED_ACCOUNTS), Entry.amount_micro < 0)
+        .order_by(Entry.id)
+    )
+    return [
+        f"entry #{e} of transfer #{t}: expected only credits to {name} (summed revenue), found {amount}"
+        for name, e, t, amount in rows
+    ]

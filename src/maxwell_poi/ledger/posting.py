@@ -12,6 +12,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from typing import Any
 
 from sqlalchemy import Engine, select, update
 from sqlalchemy.dialects.postgresql import insert as pg_insert
@@ -21,7 +22,8 @@ from sqlalchemy.orm import Session
 
 from .db import writer
 from .errors import LedgerError
-from .schema import KEY_LENGTH, TRANSFER_KINDS, Account, Entry, Transfer
+from .schema import KEY_LENGTH, SUMMED_ACCOUNTS, TRANSFER_KINDS, Account, Entry, Transfer
+from .summed import refuse_debits, split, unlocked_ids
 
 Legs = tuple[tuple[str, int], ...]
 
@@ -71,6 +73,7 @@ def normalise_legs(legs: Mapping[str, int]) -> Legs:
     total = sum(legs.values())
     if total != 0:
         raise LedgerError("legs summing to 0", f"sum {total} from {dict(sorted(legs.items()))}")
+    refuse_debits(legs.items())
     return tuple(sorted(legs.items()))
 
 
@@ -144,7 +147,7 @@ def _post_locked(session: Session, request: TransferRequest) -> TransferResult:
     for name, amount in request.legs:
         account = accounts[name]
         after = account.balance_micro + amount
-        if after < 0 and not account.allow_negative:
+        if after < 0 and not account.allow_negative:  # a summed account takes credits only
             raise LedgerError(
                 f"{name} to stay ≥ 0 (balance {account.balance_micro}, leg {amount})", f"{after}"
             )
@@ -162,24 +165,28 @@ def _post_locked(session: Session, request: TransferRequest) -> TransferResult:
         for name, amount in request.legs
     )
     for name, amount in request.legs:
-        session.execute(
-            update(Account)
-            .where(Account.id == accounts[name].id)
-            .values(balance_micro=Account.balance_micro + amount)
-        )
+        if name not in SUMMED_ACCOUNTS:  # a summed account's row is never written (ledger.summed)
+            session.execute(
+                update(Account)
+                .where(Account.id == accounts[name].id)
+                .values(balance_micro=Account.balance_micro + amount)
+            )
     return TransferResult(transfer.id, created=True)
 
 
-def _lock_accounts(session: Session, names: list[str]) -> dict[str, Account]:
-    """Lock the legs' accounts in name order (so two transfers never wait on each other in a cycle)."""
+def _lock_accounts(session: Session, names: list[str]) -> dict[str, Any]:
+    """Lock the legs' accounts in name order (so two transfers never wait on each other in a cycle);
+    a summed account (ledger.summed) is read, not locked: its row is never written."""
+    locked, summed = split(names)
     found = session.scalars(
         select(Account)
-        .where(Account.name.in_(names))
+        .where(Account.name.in_(locked))
         .order_by(Account.name)
         .with_for_update()
         .execution_options(populate_existing=True)  # the locked row's balance, not a cached object's
     ).all()
-    accounts = {account.name: account for account in found}
+    accounts: dict[str, Any] = {account.name: account for account in found}
+    accounts.update(unlocked_ids(session, summed))
     missing = sorted(set(names) - set(accounts))
     if missing:
         raise LedgerError("every leg on an open account", f"unknown account(s) {', '.join(missing)}")

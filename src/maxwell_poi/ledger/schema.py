@@ -34,6 +34,16 @@ TRANSFER_KINDS = (
 NAME_LENGTH = 200
 KEY_LENGTH = 200
 
+DEPOSITS = "external:deposits"
+ENERGY = "maxwell:energy"
+SLASHED = "maxwell:slashed"
+# Maxwell's revenue is credited by every settlement and never debited. A cached balance there would be
+# one row that every settlement updates, and so locks: on PostgreSQL the writers of several API
+# processes would queue on it (issue 25). These accounts' balance is the sum of their entries, read
+# when it is asked for (`ledger.summed`); their cached `balance_micro` stays 0, and postings neither
+# lock nor update their row.
+SUMMED_ACCOUNTS = frozenset({ENERGY, SLASHED})
+
 # SQLite only auto-numbers an INTEGER PRIMARY KEY, PostgreSQL gets 64-bit ids.
 Id = BigInteger().with_variant(Integer(), "sqlite")
 
@@ -61,7 +71,7 @@ class Account(Base):
     kind: Mapped[str] = mapped_column(String(16))
     allow_negative: Mapped[bool] = mapped_column(Boolean, default=False)
     # A cache of sum(entries.amount_micro), written in the same transaction as the entries;
-    # check_ledger proves it against the entries.
+    # check_ledger proves it against the entries. Always 0 for SUMMED_ACCOUNTS (summed when read).
     balance_micro: Mapped[int] = mapped_column(BigInteger, default=0)
 
 

@@ -65,7 +65,7 @@ class ControlPlane:
         # a pending lease's audit is queued by settlement, however intake was called (HTTP or in-process)
         self.intake = Intake(self.ledger, inline, self.nodes, config.watts_per_core, queue=self.queue_audit)
         self.group_commit = (
-            GroupCommit(self.ledger.session, config.group_commit_max, prepare=self.ledger.lock_shared)
+            GroupCommit(self.ledger.session, config.group_commit_max, prepare=self.ledger.lock_in_order)
             if config.group_commit_max
             else None
         )

@@ -25,6 +25,7 @@ from sqlalchemy import Engine, func, select
 from sqlalchemy.orm import Session
 
 from ..ledger.schema import Account, Entry, Transfer
+from ..ledger.summed import current_balances
 from ..node.attest import open_evidence
 from ..protocol.errors import EvidenceFormatError, UnknownAgentError
 from ..protocol.keys import Keyring
@@ -256,8 +257,9 @@ def balance_series(session: Session, agent_accounts: list[str]) -> list[dict[str
         .limit(MAX_ENTRIES)
     ).all()
     now = time.time()
-    points: dict[int, list[tuple[float, int]]] = {i: [(now, a.balance_micro)] for i, a in by_id.items()}
-    after = {i: a.balance_micro for i, a in by_id.items()}  # walking back: the balance after each entry
+    current = current_balances(session, by_id.values())  # Maxwell's revenue: summed (ledger.summed)
+    after = {i: current[a.name] for i, a in by_id.items()}  # walking back: the balance after each entry
+    points: dict[int, list[tuple[float, int]]] = {i: [(now, b)] for i, b in after.items()}
     for account_id, amount, created_at in newest:
         points[account_id].append((_unix(created_at), after[account_id]))
         after[account_id] -= amount

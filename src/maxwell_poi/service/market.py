@@ -206,7 +206,7 @@ class Market:
         now = time.time()
         row = self._bid_row(agent_id, bid, now)
         with self.ledger.session() as session, session.begin():
-            self.ledger.lock_shared(session)  # the order every money transaction locks in
+            self.ledger.take_turn(session)  # alone: it locks several agents' accounts (Ledger.take_turn)
             session.add(row)
             session.flush()
             if (suspended := suspension(session, agent_id)) is not None:
@@ -268,7 +268,7 @@ class Market:
     def _pull(self, node_id: str, body: PullBody) -> list[PulledLease]:
         now = time.time()
         with self.ledger.session() as session, session.begin():
-            self.ledger.lock_shared(session)  # expiry and holds lock agents' accounts: shared ones first
+            self.ledger.take_turn(session)  # alone: expiries and holds lock several agents' accounts
             session.execute(
                 update(NodeRow)
                 .where(NodeRow.node_id == node_id)

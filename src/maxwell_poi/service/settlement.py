@@ -56,7 +56,8 @@ STAKE_ON = {
     Verdict.WARNING: StakeOutcome.HELD,
 }
 STAKE_VERB = {StakeOutcome.RELEASED: "release", StakeOutcome.SLASHED: "slash"}  # as the ledger names them
-Runner = Callable[[Callable[[Session], VerdictRow]], VerdictRow]  # runs a settlement's writes, commits
+# runs a settlement's writes and commits them; given the accounts they move (locked first, in order)
+Runner = Callable[[Callable[[Session], VerdictRow], tuple[str, ...]], VerdictRow]
 AuditQueue = Callable[[str, bool], None]  # (lease id, L4 drawn): wake the audit workers
 REQUESTER_LEFT = "requester_left"  # a verdict layer's details flag: stopped because its requester left
 
@@ -191,7 +192,7 @@ def take_in(
         move_lease(session, lease_id, LeaseState.AUDIT_PENDING if a.pending else LeaseState.SETTLED)
         return verdict
 
-    verdict = (run or own_transaction(ledger))(write)
+    verdict = (run or own_transaction(ledger))(write, ledger.lease_accounts(a.lease.agent_id))
     if a.pending and queue is not None:
         queue(lease_id, a.drawn)
     return verdict
@@ -200,9 +201,9 @@ def take_in(
 def own_transaction(ledger: Ledger) -> Runner:
     """Run the settlement in a transaction of its own (no group commit)."""
 
-    def run(write: Callable[[Session], VerdictRow]) -> VerdictRow:
+    def run(write: Callable[[Session], VerdictRow], _locks: tuple[str, ...] = ()) -> VerdictRow:
         with ledger.session() as session, session.begin():
-            ledger.lock_shared(session)  # the order every money transaction locks in (Ledger.lock_shared)
+            ledger.take_turn(session)  # alone, as every unordered money transaction (Ledger.take_turn)
             return write(session)
 
     return run
@@ -250,7 +251,7 @@ def fail_lease(
         move_lease(session, lease_id, LeaseState.SETTLED if was_stopped(verdict) else LeaseState.FAILED)
         return verdict
 
-    return (run or own_transaction(ledger))(write)
+    return (run or own_transaction(ledger))(write, ledger.lease_accounts(a.lease.agent_id))
 
 
 def was_stopped(verdict: VerdictRow) -> bool:
@@ -266,7 +267,7 @@ def finalise(ledger: Ledger, row: LeaseRow, layers: list[LayerResult]) -> Verdic
     combined = AttestationResult(lease.lease_id, lease.agent_id, lease.model_id, tuple(layers))
     outcome = stake_outcome(combined.verdict, row.stake_micro)
     with ledger.session() as session, session.begin():
-        ledger.lock_shared(session)
+        ledger.take_turn(session)
         current = session.get(VerdictRow, lease.lease_id, with_for_update=True)
         if current is None or current.final:  # finalised by another worker meanwhile
             return None
