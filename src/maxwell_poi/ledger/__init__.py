@@ -21,7 +21,11 @@ Design, and why:
   with different legs it is refused. The database's UNIQUE constraint decides races, not a lookup.
 - **Concurrency.** Each transfer is one transaction that locks its accounts in name order
   (`SELECT … FOR UPDATE` on PostgreSQL; `BEGIN IMMEDIATE` serialises SQLite writers), so
-  concurrent transfers neither lose updates nor deadlock.
+  concurrent transfers neither lose updates nor deadlock. Maxwell's revenue accounts are credited
+  by every settlement, so they keep no cached balance and are never locked: their balance is the sum
+  of their entries, read when asked (`summed`). Transactions that move several agents' money lock
+  their accounts in name order up front (`Ledger.lock_in_order`) or take an advisory turn lock
+  alone (`Ledger.take_turn`).
 
 The schema is managed by Alembic migrations shipped in `migrations/`; `open_ledger_db` applies them.
 """
