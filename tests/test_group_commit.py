@@ -3,6 +3,7 @@ that fails costs only itself; a commit that fails answers none of them as stored
 
 from __future__ import annotations
 
+import contextlib
 import threading
 from concurrent.futures import ThreadPoolExecutor
 
@@ -147,10 +148,8 @@ def test_groups_of_two_processes_that_cross_accounts_wait_instead_of_deadlocking
                 key, "other", {f"wallet:{agent}": -5, "maxwell:energy": 5}, session=session
             )
             if first:
-                try:
+                with contextlib.suppress(threading.BrokenBarrierError):
                     barrier.wait()  # both groups holding their first account, if nothing ordered them
-                except threading.BrokenBarrierError:
-                    pass
             return done
 
         return work

@@ -26,7 +26,7 @@ from .posting import (
 )
 from .schema import ACCOUNT_KINDS, DEPOSITS, ENERGY, NAME_LENGTH, SLASHED, Account, Entry, Transfer
 from .settle import STAKE_VERBS, LeaseMoney, post_new, settle_lease
-from .summed import current_balances, split
+from .summed import current_balances, lock_accounts
 
 TURN_LOCK = 0x504F494C  # "POIL": the advisory lock of `Ledger.take_turn` and `lock_in_order`
 SYSTEM_ACCOUNTS = ((DEPOSITS, "external", True), (ENERGY, "revenue", False), (SLASHED, "revenue", False))
@@ -227,11 +227,7 @@ class Ledger:
         if not _postgresql(session):
             return
         session.execute(select(func.pg_advisory_xact_lock_shared(TURN_LOCK)))
-        to_lock, _ = split(names)
-        if to_lock:
-            session.execute(
-                select(Account.id).where(Account.name.in_(to_lock)).order_by(Account.name).with_for_update()
-            ).all()
+        lock_accounts(session, names)
 
     @staticmethod
     def lease_accounts(agent: str) -> tuple[str, str]:

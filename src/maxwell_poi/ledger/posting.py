@@ -23,7 +23,7 @@ from sqlalchemy.orm import Session
 from .db import writer
 from .errors import LedgerError
 from .schema import KEY_LENGTH, SUMMED_ACCOUNTS, TRANSFER_KINDS, Account, Entry, Transfer
-from .summed import refuse_debits, split, unlocked_ids
+from .summed import lock_accounts, refuse_debits
 
 Legs = tuple[tuple[str, int], ...]
 
@@ -175,18 +175,8 @@ def _post_locked(session: Session, request: TransferRequest) -> TransferResult:
 
 
 def _lock_accounts(session: Session, names: list[str]) -> dict[str, Any]:
-    """Lock the legs' accounts in name order (so two transfers never wait on each other in a cycle);
-    a summed account (ledger.summed) is read, not locked: its row is never written."""
-    locked, summed = split(names)
-    found = session.scalars(
-        select(Account)
-        .where(Account.name.in_(locked))
-        .order_by(Account.name)
-        .with_for_update()
-        .execution_options(populate_existing=True)  # the locked row's balance, not a cached object's
-    ).all()
-    accounts: dict[str, Any] = {account.name: account for account in found}
-    accounts.update(unlocked_ids(session, summed))
+    """The legs' accounts, locked in name order (ledger.summed); refuses an account not open."""
+    accounts = lock_accounts(session, names)
     missing = sorted(set(names) - set(accounts))
     if missing:
         raise LedgerError("every leg on an open account", f"unknown account(s) {', '.join(missing)}")

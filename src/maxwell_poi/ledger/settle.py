@@ -27,7 +27,7 @@ from sqlalchemy.orm import Session
 from .errors import LedgerError
 from .posting import EnergySettled, Legs, TransferRequest, normalise_legs
 from .schema import SUMMED_ACCOUNTS, Account, Entry, Transfer
-from .summed import split, unlocked_ids
+from .summed import lock_accounts
 
 ACCOUNTS, TRANSFERS, ENTRIES = Account.__table__, Transfer.__table__, Entry.__table__
 STAKE_VERBS = {"release": "stake_release", "slash": "stake_slash"}
@@ -98,17 +98,7 @@ def _fresh_and_locked(session: Session, keys: list[str], names: list[str]) -> di
     opens it, or says which is unknown) or a transfer under one of `keys` exists. The keys are looked
     up only once the accounts are locked, as the general path does: a racer with the same key that
     locked them first has committed by then, and is answered as a replay, not a duplicate key."""
-    to_lock, summed = split(names)  # a summed account is credited, never locked (ledger.summed)
-    locked = {
-        row.name: row
-        for row in session.execute(
-            select(Account.id, Account.name, Account.kind, Account.balance_micro, Account.allow_negative)
-            .where(Account.name.in_(to_lock))
-            .order_by(Account.name)
-            .with_for_update()
-        )
-    }
-    locked.update(unlocked_ids(session, summed))
+    locked = lock_accounts(session, names)  # a summed account read, not locked (ledger.summed)
     if len(locked) != len(set(names)):
         return None
     if session.execute(select(Transfer.id).where(Transfer.idempotency_key.in_(keys)).limit(1)).first():

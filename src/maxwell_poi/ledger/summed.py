@@ -3,7 +3,8 @@ energy and slashed-stake revenue), so that no settlement locks or updates a row 
 
 They take credits only: a debit would need their balance to check the floor, which is not cached, and
 Maxwell's revenue never pays anything out through the ledger. A posting reads their ids without a
-lock (an account's id never changes), writes their entries, and leaves their row alone; every reader
+lock, in the statement that locks its other accounts (`lock_accounts`), writes their entries, and
+leaves their row alone; every reader
 of a balance goes through `current_balances`. The cost moves to reading: one indexed SUM over the
 account's entries (`entries.account_id` is indexed), paid by the dashboard and the CLI, not by intake.
 """
@@ -13,17 +14,11 @@ from __future__ import annotations
 from collections.abc import Iterable
 from typing import Any
 
-from sqlalchemy import func, select
+from sqlalchemy import func, select, union_all
 from sqlalchemy.orm import Session
 
 from .errors import LedgerError
 from .schema import SUMMED_ACCOUNTS, Account, Entry
-
-
-def split(names: Iterable[str]) -> tuple[list[str], list[str]]:
-    """(accounts a posting locks, summed accounts it only credits), each sorted by name."""
-    unique = sorted(set(names))
-    return [n for n in unique if n not in SUMMED_ACCOUNTS], [n for n in unique if n in SUMMED_ACCOUNTS]
 
 
 def refuse_debits(legs: Iterable[tuple[str, int]]) -> None:
@@ -35,16 +30,23 @@ def refuse_debits(legs: Iterable[tuple[str, int]]) -> None:
             )
 
 
-def unlocked_ids(session: Session, names: list[str]) -> dict[str, Any]:
-    """Summed accounts' rows (id, name, kind, allow_negative), read without a lock."""
-    if not names:
-        return {}
-    rows = session.execute(
-        select(Account.id, Account.name, Account.kind, Account.balance_micro, Account.allow_negative).where(
-            Account.name.in_(names)
-        )
-    )
-    return {row.name: row for row in rows}
+def lock_accounts(session: Session, names: Iterable[str]) -> dict[str, Any]:
+    """{name: row (id, name, kind, balance_micro, allow_negative)} of the open accounts among `names`,
+    in one statement: locked in name order (so two transactions never wait on each other in a
+    cycle), except summed accounts, which are read without a lock (their row is never written)."""
+    unique = sorted(set(names))
+    to_lock = [n for n in unique if n not in SUMMED_ACCOUNTS]
+    summed = [n for n in unique if n in SUMMED_ACCOUNTS]
+    columns = (Account.id, Account.name, Account.kind, Account.balance_micro, Account.allow_negative)
+    locked = select(*columns).where(Account.name.in_(to_lock)).order_by(Account.name).with_for_update()
+    read = select(*columns).where(Account.name.in_(summed))
+    if not summed:
+        query = locked
+    elif not to_lock:
+        query = read
+    else:  # PostgreSQL locks every row a FOR UPDATE select returns: the locked ones in a CTE of their own
+        query = union_all(select(locked.cte("locked")), read)
+    return {row.name: row for row in session.execute(query)}
 
 
 def current_balances(session: Session, accounts: Iterable[Any]) -> dict[str, int]:
