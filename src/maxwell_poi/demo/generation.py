@@ -23,7 +23,6 @@ from typing import Any
 from ..adversaries import CATALOGUE, Attack
 from ..node import Node, NodeResult
 from ..node.attest import NodeKey
-from ..node.resident_runs import measure_resident_profile
 from ..node.runs import OFFLINE_ENV, honest_agent_argv
 from ..observer.evidence import resident_profile_key
 from ..protocol.files import write_json_atomic
@@ -36,7 +35,7 @@ from ..registry.profiles import ProfileStore
 from ..registry.prompts import PROMPTS, TEXTS
 from ..report.trace_plot import plot_demo_dir
 from ..verifier.policy import Verifier
-from .harness import has_cuda, python_module
+from .harness import ensure_profile, has_cuda, python_module
 
 VICTIM = "honest"
 log = logging.getLogger(__name__)
@@ -172,13 +171,12 @@ class Demo:
         store = ProfileStore()
         device = resident_profile_key()
         for model in filter(None, (self.cfg.model, self.cfg.second_model, self.cfg.embed_model)):
-            if store.get(model, device) is None:
+            known = store.get(model, device)
+            if known is None or not known.threads_runs:
                 if on_progress:
                     on_progress(f"profiling {model} as a resident agent on this device (once)", 0, 1)
-                store.put(
-                    measure_resident_profile(
-                        model, runs=self.cfg.profile_runs, tokens=self.cfg.tokens, registry=self.registry
-                    )
+                ensure_profile(
+                    model, self.cfg.tokens, self.cfg.profile_runs, batches=(1, 2, 4), registry=self.registry
                 )
 
     def _attack_plans(self, attack: Attack, subs: dict[str, str], waves: Iterator[int]) -> list[Planned]:

@@ -7,11 +7,13 @@ import socket
 import sys
 import threading
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from ..node.resident_runs import measure_resident_profile
+from ..node.thread_profiles import measure_threaded_profile, thread_counts
 from ..observer.evidence import resident_profile_key
+from ..registry.models import Registry
 from ..registry.profiles import ProfileStore
 
 
@@ -57,13 +59,29 @@ class LoopbackServer:
         self.sock.close()
 
 
-def ensure_profile(model_id: str, tokens: int, runs: int = 5) -> None:
-    """L1 and L2 (and the gateway's running checks) judge against this host's resident profile."""
+def ensure_profile(
+    model_id: str,
+    tokens: int,
+    runs: int = 5,
+    batches: Sequence[int] = (1, 2),
+    registry: Registry | None = None,
+) -> None:
+    """L1 and L2 (and the gateway's running checks) judge against this host's resident profile,
+    measured as `poi profile --resident` does: at 1, 2 and N threads. Measured when missing, and
+    again when it has only the default thread count's runs: on a busy host those spin and burn
+    several times the CPU per token an honest agent keeping fewer cores busy needs, and L1 refused
+    the demo's own honest chat by such a floor (27.2 CPU-ms per token expected of one doing 5.8).
+    Batch 2 is in the default batches: the gateway's node serves waves of 2, and L1 cannot judge a
+    batched window without that batch size's profile (the verdict would be a warning)."""
     store = ProfileStore()
-    if store.get(model_id, resident_profile_key()) is None:
-        # batch 2 too: the gateway's node serves waves of 2, and L1 cannot judge a batched window
-        # without that batch size's profile (it would say so, and the verdict would be a warning)
-        store.put(measure_resident_profile(model_id, runs=runs, tokens=tokens, batches=(1, 2)))
+    known = store.get(model_id, resident_profile_key())
+    if known is None or not known.threads_runs:
+        threads = thread_counts()  # 1, 2 and this host's CPU count: `poi profile --resident`'s default
+        store.put(
+            measure_threaded_profile(
+                model_id, threads=threads, runs=runs, tokens=tokens, batches=batches, registry=registry
+            )
+        )
 
 
 def adversary_argv(module: str, key: Path, *args: str) -> list[str]:
