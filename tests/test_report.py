@@ -48,7 +48,7 @@ def test_every_placeholder_names_a_real_key(built):
     for title in re.findall(r'<span class="m" title="([^"]+)"', built.body):
         assert title.startswith(("derived: ", "parameter: ")) or re.match(r"[\w_]+\.json: ", title), title
     for name, keys in built.numbers.used.items():
-        data = json.loads((ROOT / "bench" / "results" / f"{name}.json").read_text())
+        data = json.loads(built.numbers.path(name).read_text())  # bench/results, or OTHER_FILES
         assert data and keys
 
 
@@ -78,6 +78,10 @@ def test_strict_lookup_fails_naming_file_and_key(tmp_path):
         n.r("signals", "x")
     with pytest.raises(MissingResult, match="may be missing"):
         n.maybe("signals", "x")
+    (tmp_path / "core.json").write_text(json.dumps({"why": "token choice: got 39/256 off, worst at 3"}))
+    n = Numbers(tmp_path)
+    assert ">39/256<" in n.text("core", "why", after="got ", cut=" off")
+    assert n.shown("class_pairs") == "src/maxwell_poi/data/class_pairs.json"
 
 
 def test_soft_lookup_degrades_and_uses_what_exists(tmp_path):

@@ -175,12 +175,12 @@ def _provenance(numbers: Numbers, commands: dict[str, str]) -> str:
         cmd = commands.get(name, "(see the file's own 'command' key)")
         shown = ", ".join(f"<code>{html.escape(k)}</code>" for k in _braced(keys))
         rows.append(
-            f"<tr><td><code>bench/results/{name}.json</code></td><td><code>{html.escape(cmd)}</code>"
+            f"<tr><td><code>{numbers.shown(name)}</code></td><td><code>{html.escape(cmd)}</code>"
             f'</td><td>{len(keys)}</td><td class="keys">{shown}</td></tr>'
         )
     for name, keys in sorted(numbers.missing.items()):
         rows.append(
-            f"<tr><td><code>bench/results/{name}.json</code></td><td><code>"
+            f"<tr><td><code>{numbers.shown(name)}</code></td><td><code>"
             f'{html.escape(commands.get(name, ""))}</code></td><td>—</td><td class="keys">'
             f'<span class="miss">missing at build time: {html.escape(", ".join(sorted(keys))[:300])}'
             "</span></td></tr>"
@@ -195,7 +195,7 @@ def _provenance(numbers: Numbers, commands: dict[str, str]) -> str:
 
 def render(root: Path, out: Path, template: str = "report.md.j2", results_dir: Path | None = None) -> Built:
     src = root / "docs" / "report"
-    numbers = Numbers(results_dir or root / "bench" / "results")
+    numbers = Numbers(results_dir or root / "bench" / "results", root=root)
     figures = _Figures(numbers, src, out / "figures")
     bib = Bibliography.load(src / "bibliography.yaml")
     env = jinja2.Environment(

@@ -14,6 +14,7 @@ Two kinds of lookup:
   missing)". A key that exists is always used.
 
 Keys are paths inside the JSON: "generation/audit_speedup", list items by index ("rows/0/model").
+A few measured files live outside bench/results (`OTHER_FILES`, paths from the repository root).
 """
 
 from __future__ import annotations
@@ -26,6 +27,8 @@ from pathlib import Path
 from typing import Any
 
 SOFT_FILES = frozenset({"zk", "exact"})  # being regenerated while the report is written
+# measured files kept elsewhere: the class pair written from gpu_core.json (bench.audit.class_pairs)
+OTHER_FILES = {"class_pairs": "src/maxwell_poi/data/class_pairs.json"}
 SUPERSCRIPT = str.maketrans("-0123456789", "⁻⁰¹²³⁴⁵⁶⁷⁸⁹")
 
 
@@ -43,15 +46,27 @@ class NotANumber(MissingResult):
 @dataclass
 class Numbers:
     results_dir: Path
+    root: Path | None = None  # the repository root, for OTHER_FILES (default: results_dir/../..)
     warnings: list[str] = field(default_factory=list)
     used: dict[str, set[str]] = field(default_factory=dict)  # file -> keys read
     missing: dict[str, set[str]] = field(default_factory=dict)  # soft lookups that found nothing
     _cache: dict[str, Any] = field(default_factory=dict)
 
     # ---------------------------------------------------------------- lookups
+    def path(self, name: str) -> Path:
+        """Where result file `name` is read from."""
+        if name in OTHER_FILES:
+            return (self.root or self.results_dir.parent.parent) / OTHER_FILES[name]
+        return self.results_dir / f"{name}.json"
+
+    @staticmethod
+    def shown(name: str) -> str:
+        """The file's path as the report names it (relative to the repository root)."""
+        return OTHER_FILES.get(name, f"bench/results/{name}.json")
+
     def _file(self, name: str) -> Any:
         if name not in self._cache:
-            path = self.results_dir / f"{name}.json"
+            path = self.path(name)
             self._cache[name] = json.loads(path.read_text()) if path.exists() else None
         return self._cache[name]
 
@@ -59,7 +74,7 @@ class Numbers:
         """(found, value, why-not)."""
         data = self._file(name)
         if data is None:
-            return False, None, f"bench/results/{name}.json missing"
+            return False, None, f"{self.shown(name)} missing"
         node = data
         parts = key.split("/")
         i = 0
@@ -73,13 +88,13 @@ class Numbers:
                         node, i = node["/".join(parts[i:j])], j
                         break
                 else:
-                    return False, None, f"bench/results/{name}.json has no key {key!r} (stopped at {part!r})"
+                    return False, None, f"{self.shown(name)} has no key {key!r} (stopped at {part!r})"
             elif (
                 isinstance(node, list) and part.lstrip("-").isdigit() and -len(node) <= int(part) < len(node)
             ):
                 node, i = node[int(part)], i + 1
             else:
-                return False, None, f"bench/results/{name}.json has no key {key!r} (stopped at {part!r})"
+                return False, None, f"{self.shown(name)} has no key {key!r} (stopped at {part!r})"
         return True, node, ""
 
     def val(self, name: str, key: str) -> Any:
@@ -104,7 +119,7 @@ class Numbers:
         """Whether a result exists (file, or file and key); a miss is recorded as a warning."""
         if not key:
             ok = self._file(name) is not None
-            why = f"bench/results/{name}.json missing"
+            why = f"{self.shown(name)} missing"
         else:
             ok, _, why = self._lookup(name, key)
         if not ok:
@@ -128,7 +143,7 @@ class Numbers:
         if isinstance(value, dict | list):
             inner = list(value)[:6] if isinstance(value, dict) else list(range(min(len(value), 6)))
             raise NotANumber(
-                f"report placeholder: bench/results/{name}.json key {key!r} is a {type(value).__name__}, "
+                f"report placeholder: {self.shown(name)} key {key!r} is a {type(value).__name__}, "
                 f"not a number; name one of its items, e.g. {', '.join(f'{key}/{k}' for k in inner)}"
             )
         return value
@@ -171,10 +186,16 @@ class Numbers:
             "pct": lambda: self.pct(name, key, digits),
         }[kind]()
 
-    def text(self, name: str, key: str, maxlen: int = 90, cut: str = "|", drop: str = "") -> str:
-        """A measured string (a variant's name, a failure's reason), up to `cut`, at most `maxlen`
-        characters, without a leading `drop`; its digits count as read from the file."""
-        value = str(self.val(name, key)).split(cut)[0].strip()
+    def text(
+        self, name: str, key: str, maxlen: int = 90, cut: str = "|", drop: str = "", after: str = ""
+    ) -> str:
+        """A measured string (a variant's name, a failure's reason), from the first `after` (when
+        given and present) up to `cut`, at most `maxlen` characters, without a leading `drop`; its
+        digits count as read from the file."""
+        value = str(self.val(name, key))
+        if after and after in value:
+            value = value.split(after, 1)[1]
+        value = value.split(cut)[0].strip()
         value = value.removeprefix(drop) if drop else value
         if len(value) > maxlen:
             value = value[: maxlen - 1].rstrip() + "…"
