@@ -36,8 +36,10 @@ def plane(
     device_class: str,
     delivery: Delivery | str = Delivery.IMMEDIATE,
     low_tier: bool = False,
+    precision: str = "fp32",
 ) -> Iterator[Gateway]:
-    """`delivery`: the server's default; `low_tier`: no lease is audited unless it must be."""
+    """`delivery`: the server's default; `low_tier`: no lease is audited unless it must be;
+    `precision`: the agent's offer's."""
     tmp.mkdir(parents=True, exist_ok=True)
     config = ServiceConfig(
         db=str(tmp / "cp.sqlite"), admin_token="t" * 32, audit_backend="thread", canary_rate=0.0
@@ -53,7 +55,7 @@ def plane(
         control.market.pull(NODE, PullBody(headroom_j=1e6, agents=[AGENT], device_class=device_class))
         gw = Gateway(control, delivery=DeliveryPolicy(str(delivery)))
         gw.enroll_requester(REQUESTER, 10**9)
-        gw.offer(AGENT, model_id, "fp32", 1, 20, 1000)
+        gw.offer(AGENT, model_id, precision, 1, 20, 1000)
         yield gw
     finally:
         control.close()

@@ -25,6 +25,7 @@ import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 from sqlalchemy import delete, select
@@ -49,7 +50,7 @@ from ..service.states import CompletionState
 from ..service.wire import BidBody
 from ..verifier.audit import AuditLayer
 from ..verifier.lottery import draw_audit
-from ..verifier.streaming import StreamingAudit
+from ..verifier.streaming import streaming_audit
 from .admission import (
     BUSY_WAIT_S,
     NodeState,
@@ -348,8 +349,8 @@ class Gateway:
         if audited or delivery is Delivery.VERIFIED or draw_audit(pulled.audit_probability):
             measured = session.scalar(select(NodeRow.device_class).where(NodeRow.node_id == node_id))
             choice = self.audit.tolerance(lease.precision, measured or "")
-            audit = StreamingAudit(
-                lease, self.audit.reference_model(lease.model_id), choice, block=AUDIT_BLOCK
+            audit = streaming_audit(
+                lease, partial(self.audit.reference_model, lease.model_id), choice, block=AUDIT_BLOCK
             )
         profile = self.control.profiles.get(lease.model_id, resident_profile_key())
         checks = RunningChecks(profile, self.registry.reference(lease.model_id)) if profile else None

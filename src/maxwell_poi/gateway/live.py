@@ -41,7 +41,7 @@ from ..protocol.result import LayerName, LayerResult, Status
 from ..registry.models import ReferenceValues
 from ..registry.profiles import Profile
 from ..verifier.boundary import interval_lower_bound
-from ..verifier.streaming import StreamingAudit
+from ..verifier.streaming import EitherStream, StreamingAudit
 from .delivery import Delivery
 from .timeline import Mark, Timeline
 
@@ -112,7 +112,7 @@ class LiveLease:
     def __init__(
         self,
         lease: Lease,
-        audit: StreamingAudit | None,
+        audit: StreamingAudit | EitherStream | None,
         checks: RunningChecks | None,
         node_id: str = "",
         delivery: Delivery = Delivery.IMMEDIATE,

@@ -24,7 +24,8 @@ from ..protocol.lease import GenerateJob, Lease
 from ..protocol.probe import FIRST_JUDGED, ProbeAnswer, ProbeRequest
 from ..registry.fingerprint import compare_chunk
 from ..registry.forward import final_hidden
-from ..registry.models import Registry
+from ..registry.models import LoadedModel, Registry
+from ..verifier.audit import NATIVE_DTYPES
 from ..verifier.thresholds import Thresholds, choose_tolerance
 
 PROBE_IDS = 8  # fresh ids per probe: 7 judged positions, about one decode step of work
@@ -66,6 +67,18 @@ class WorkProbes:
         self.thresholds = thresholds or Thresholds.load()
         self._count = 0
         self._lock = threading.Lock()
+        self._copies: dict[tuple[str, str], LoadedModel] = {}  # reference copies in other precisions
+
+    def _reference(self, model_id: str, precision: str) -> LoadedModel:
+        """Maxwell's reference copy of the model in `precision` (a native choice's bf16 track)."""
+        model = self.registry.load(model_id)
+        if precision == "fp32":
+            return model
+        key = (model_id, precision)
+        with self._lock:
+            if key not in self._copies:
+                self._copies[key] = model.copied_to(NATIVE_DTYPES[precision])
+            return self._copies[key]
 
     def draw(self, lease: Lease) -> PendingProbe | None:
         """A fresh probe for a generation lease (None for other jobs: no decode to probe)."""
@@ -113,29 +126,35 @@ class WorkProbes:
                 "refused", f"the agent did not answer the work probe: {probe.answer.error}", **base
             )
         choice = choose_tolerance(self.thresholds, lease.precision, device_class, this_device())
-        tol = choice.tolerance
-        model = self.registry.load(lease.model_id)
-        hidden = final_hidden(model, list(probe.request.ids))[FIRST_JUDGED:]
-        try:
-            c = compare_chunk(
-                probe.answer.fingerprint,
-                hidden,
-                probe.request.fingerprint_k,
-                (FIRST_JUDGED, len(probe.request.ids)),
-            )
-        except ValueError as exc:
-            return WorkProbe("mismatched", f"the probe's fingerprint does not read back: {exc}", **base)
         kind = choice.label()
-        measured = {
-            "close_fraction": round(c.close_fraction, 4),
-            "median_rel_error": float(c.median_rel_error),
-        }
-        if c.close_fraction < tol.min_close or c.median_rel_error > tol.max_median_rel:
+        misses = []
+        for precision, tol in choice.tracks():  # a native choice: the claimed precision's, then fp32
+            hidden = final_hidden(self._reference(lease.model_id, precision), list(probe.request.ids))
+            try:
+                c = compare_chunk(
+                    probe.answer.fingerprint,
+                    hidden[FIRST_JUDGED:],
+                    probe.request.fingerprint_k,
+                    (FIRST_JUDGED, len(probe.request.ids)),
+                )
+            except ValueError as exc:
+                return WorkProbe("mismatched", f"the probe's fingerprint does not read back: {exc}", **base)
+            measured = {
+                "close_fraction": round(c.close_fraction, 4),
+                "median_rel_error": float(c.median_rel_error),
+            }
+            if c.close_fraction >= tol.min_close and c.median_rel_error <= tol.max_median_rel:
+                break
+            misses.append(
+                f"{'' if len(choice.tracks()) == 1 else f'in {precision}: '}(>= {tol.min_close:.0%} close, "
+                f"median error <= {tol.max_median_rel:g}), got {c.close_fraction:.0%} close, median error "
+                f"{c.median_rel_error:.3g}"
+            )
+        else:
             return WorkProbe(
                 "mismatched",
                 f"work probe: expected the leased model's fingerprint of {len(probe.request.ids)} fresh ids "
-                f"(>= {tol.min_close:.0%} close, median error <= {tol.max_median_rel:g}), got "
-                f"{c.close_fraction:.0%} close, median error {c.median_rel_error:.3g} {kind}",
+                f"{'; '.join(misses)} {kind}",
                 tolerance=kind,
                 **base,
                 **measured,

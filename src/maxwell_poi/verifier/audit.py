@@ -19,6 +19,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import numpy as np
+import torch
 
 from ..observer.host import numerics_class, this_device
 from ..protocol.fingerprint import ChunkComparison, chunk_spans
@@ -32,6 +33,8 @@ from ..registry.sampling import SeededSampler
 from .appraisal import Appraisal, Finding, Outcome, TimedLayer, failed, passed, skipped
 from .thresholds import Thresholds, Tolerance, ToleranceChoice, choose_tolerance
 
+NATIVE_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}  # a native audit's reference dtype
+
 
 class AuditLayer(TimedLayer):
     """L4: re-execution of the claimed model; see the module docstring for the checks."""
@@ -44,14 +47,16 @@ class AuditLayer(TimedLayer):
         self.device = device
         self._on_device: dict[str, LoadedModel] = {}
 
-    def reference_model(self, model_id: str) -> LoadedModel:
-        """Maxwell's float32 reference copy, on the audit device."""
+    def reference_model(self, model_id: str, precision: str = "fp32") -> LoadedModel:
+        """Maxwell's reference copy on the audit device: float32, or in the claimed precision for a
+        native audit (converted from the float32 copy once, then kept)."""
         model = self.registry.load(model_id)
-        if self.device == "cpu":
+        if self.device == "cpu" and precision == "fp32":
             return model
-        if model_id not in self._on_device:
-            self._on_device[model_id] = model.copied_to(self.device)
-        return self._on_device[model_id]
+        key = f"{model_id}@{precision}"
+        if key not in self._on_device:
+            self._on_device[key] = model.copied_to(NATIVE_DTYPES[precision]).copied_to(self.device)
+        return self._on_device[key]
 
     def verifier_class(self) -> str:
         """The numerics class of the audit device (a CUDA audit device is named by its card)."""
@@ -85,29 +90,69 @@ class AuditLayer(TimedLayer):
             return failed(f"fingerprints: expected committed values the reference can read back, got {exc}")
 
     def _reexecute(self, ctx: Appraisal) -> Outcome:
-        assert ctx.receipt is not None
-        model = self.reference_model(ctx.lease.model_id)
         choice = self.tolerance_for(ctx)
-        tol = choice.tolerance
+        used = " " + choice.label()  # the verdict names the set and the pair it was chosen for
+        fp32 = self.reference_model(ctx.lease.model_id)
+        if choice.native is None:
+            judged = self._judge(ctx, fp32, choice.tolerance, choice)
+            if judged.problem:
+                return failed(judged.problem + used, judged.worst_close, **judged.details)
+            return passed(
+                f"{judged.ok} within {ctx.lease.precision} tolerance{used}",
+                judged.worst_close,
+                **judged.details,
+            )
+        # native: the claimed precision's own kernels on this class first, then fp32 (an upgrade)
+        native = self._judge(
+            ctx, self.reference_model(ctx.lease.model_id, choice.native_precision), choice.native, choice
+        )
+        if not native.problem:
+            return passed(
+                f"{native.ok} within the native {choice.native_precision} tolerance{used}",
+                native.worst_close,
+                **native.details,
+            )
+        upgraded = self._judge(ctx, fp32, choice.tolerance, choice)
+        if not upgraded.problem:
+            return passed(
+                f"{upgraded.ok} within the fp32 tolerance: served at fp32 (re-executed in "
+                f"{choice.native_precision}: {native.problem}){used}",
+                upgraded.worst_close,
+                **upgraded.details,
+            )
+        return failed(
+            f"re-executed in {choice.native_precision}: {native.problem}; at fp32: {upgraded.problem}{used}",
+            native.worst_close,
+            **native.details,
+        )
+
+    def _judge(self, ctx: Appraisal, model: LoadedModel, tol: Tolerance, choice: ToleranceChoice) -> Judged:
+        """Re-execute on `model` and apply `tol`: the first problem, or what matched."""
+        assert ctx.receipt is not None
         tolerance = choice.details()
         if isinstance(ctx.lease.job, GenerateJob):
             m = measure_generation(ctx.lease, ctx.receipt.claims, model, tol.logit_tol)
             details = {"max_token_gap": m.max_gap, "token_gap_tolerance": tol.token_gap, **tolerance}
             first = token_choice(m, tol)
-            ok = f"{len(m.gaps)} tokens match the seeded choice; {len(m.chunks)} fingerprint chunks " + (
-                f"within {ctx.lease.precision} tolerance"
-            )
+            ok = f"{len(m.gaps)} tokens match the seeded choice; {len(m.chunks)} fingerprint chunks"
         else:
             m = measure_embedding(ctx.lease, ctx.receipt.claims, model)
             details = {"max_embedding_diff": m.max_diff, **tolerance}
             first = embedding_match(m, tol)
-            ok = f"{len(m.chunks)} embeddings and fingerprints match the reference"
+            ok = f"{len(m.chunks)} embeddings and fingerprints match the reference,"
         details["chunks"] = [c.as_dict() for c in m.chunks]
         problem = first or fingerprints_match(m.chunks, tol)
-        used = " " + choice.label()  # the verdict names the set and the pair it was chosen for
-        if problem:
-            return failed(problem.reason + used, m.worst_close, **details)
-        return passed(ok + used, m.worst_close, **details)
+        return Judged(problem.reason if problem else "", ok, m.worst_close, details)
+
+
+@dataclass(frozen=True)
+class Judged:
+    """One re-execution judged against one tolerance: `problem` ("" when none) or `ok`'s words."""
+
+    problem: str
+    ok: str
+    worst_close: float
+    details: dict
 
 
 def token_choice(m: AuditMeasurement, tol: Tolerance) -> Finding | None:

@@ -17,6 +17,7 @@ releases no token past it.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -28,7 +29,7 @@ from ..registry.fingerprint import compare_chunk
 from ..registry.forward import KVCached
 from ..registry.models import LoadedModel
 from ..registry.sampling import SeededSampler
-from .thresholds import ToleranceChoice
+from .thresholds import Tolerance, ToleranceChoice
 
 
 @dataclass(frozen=True)
@@ -44,12 +45,17 @@ class StreamingAudit:
     """Checks one generation lease incrementally; see the module docstring."""
 
     def __init__(
-        self, lease: Lease, model: LoadedModel, tolerance: ToleranceChoice, block: int | None = None
+        self,
+        lease: Lease,
+        model: LoadedModel,
+        tolerance: ToleranceChoice,
+        block: int | None = None,
+        tol: Tolerance | None = None,
     ) -> None:
         job = lease.job
         if not isinstance(job, GenerateJob):
             raise ValueError("streaming appraisal is for generation leases")
-        self.job, self.choice, self.tol = job, tolerance, tolerance.tolerance
+        self.job, self.choice, self.tol = job, tolerance, tol or tolerance.tolerance
         self.block = block or job.chunk
         self.sampler = SeededSampler(lease.seed_bytes, job.temperature, job.top_k)
         self.prompt = model.encode_prompt(job.prompt)
@@ -133,3 +139,59 @@ class StreamingAudit:
     def _cut(self, reason: str, position: int | None) -> StreamFinding:
         self.finding = StreamFinding(reason, len(self.tokens), position)
         return self.finding
+
+
+class EitherStream:
+    """A native audit as it streams (thresholds.NATIVE): the answer re-executed in the claimed
+    precision on the prover's class and at fp32 side by side; the stream is cut only when both have
+    failed (an honest bf16 claim served at fp32 fails the first, not the second), and tokens are
+    released as far as a track still standing has checked them."""
+
+    def __init__(self, native: StreamingAudit, upgraded: StreamingAudit) -> None:
+        self.tracks = [native, upgraded]
+        self.choice, self.spans = native.choice, native.spans
+
+    @property
+    def checked(self) -> int:
+        standing = [t.checked for t in self.tracks if t.finding is None]
+        return max(standing, default=self.tracks[0].checked)
+
+    @property
+    def next_chunk(self) -> int:
+        standing = [t.next_chunk for t in self.tracks if t.finding is None]
+        return max(standing, default=self.tracks[0].next_chunk)
+
+    @property
+    def finding(self) -> StreamFinding | None:
+        native, upgraded = self.tracks
+        if native.finding is None or upgraded.finding is None:
+            return None
+        reason = (
+            f"re-executed in {self.choice.native_precision}: {native.finding.reason}; "
+            f"at fp32: {upgraded.finding.reason}"
+        )
+        return StreamFinding(reason, upgraded.finding.tokens_received, native.finding.first_bad_token)
+
+    def receive(self, token: int) -> StreamFinding | None:
+        for t in self.tracks:
+            if t.finding is None:
+                t.receive(token)
+        return self.finding
+
+    def receive_chunk(self, index: int, data: bytes) -> StreamFinding | None:
+        for t in self.tracks:
+            if t.finding is None:
+                t.receive_chunk(index, data)
+        return self.finding
+
+
+def streaming_audit(
+    lease: Lease, reference: Callable[[str], LoadedModel], choice: ToleranceChoice, block: int | None = None
+) -> StreamingAudit | EitherStream:
+    """The streaming audit the rule's choice asks for: one track, or a native one beside fp32.
+    `reference(precision)` is Maxwell's reference copy of the leased model in that precision."""
+    fp32 = StreamingAudit(lease, reference("fp32"), choice, block)
+    if choice.native is None:
+        return fp32
+    native = StreamingAudit(lease, reference(choice.native_precision), choice, block, choice.native)
+    return EitherStream(native, fp32)

@@ -17,6 +17,13 @@ one H200) get the same-class tolerance for the measured precision, with the meas
 A prover class is the node's measured device class, with "@strict-fp32" when the node ran the
 agent with TF32 off and math attention.
 
+Native audits (`maxwell_poi/data/native_audit.json`, written by bench/audit/native_bf16.py from
+honest runs): a bf16 claim whose prover the node measured on the verifier's own class is re-executed
+in bf16 on that class, not only at fp32, so it is held to the bf16 kernels' own near-exact noise
+instead of the bf16-vs-fp32 gap that int8-rounded weights hide inside. Such a claim passes if it
+matches the native reference within `native`, or the fp32 reference within the same-class fp32 set
+(a bf16 claim served at fp32 is an honest upgrade).
+
 `choose_tolerance` is the one rule every audit path uses to pick the set (the one-shot and the
 node's audit, the gateway's streaming audit, the control plane's queued audits, `poi verify` with a
 node's evidence); no other module reads the sets (tests/test_tolerance_rule.py checks both). Its
@@ -35,7 +42,7 @@ from typing import Any
 
 from ..observer.host import numerics_class
 
-SAME, CROSS = "same-class", "cross-class"
+SAME, CROSS, NATIVE = "same-class", "cross-class", "same-class native"
 UNMEASURED = "unknown"  # the prover's class when no Maxwell node measured it
 
 
@@ -70,6 +77,8 @@ class Thresholds:
     by_precision: dict[str, Tolerance]  # cross-class (the safe default)
     same_class: dict[str, Tolerance] = field(default_factory=dict)
     class_pairs: tuple[ClassPair, ...] = ()
+    native: dict[str, Tolerance] = field(default_factory=dict)  # re-executed in the claimed precision
+    native_provenance: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     def measured_pair(self, prover: str, verifier: str, precision: str) -> ClassPair | None:
         """The measured pair covering this prover -> verifier claim, if one exists and a same-class
@@ -91,13 +100,18 @@ class Thresholds:
         one touches the sets."""
         rows = [("cross-class", p, t) for p, t in self.by_precision.items()]
         rows += [("same-class", p, t) for p, t in self.same_class.items()]
+        rows += [(NATIVE, p, t) for p, t in self.native.items()]
         return rows, self.class_pairs
 
     @classmethod
-    def load(cls, path: Path | None = None, pairs_path: Path | None = None) -> Thresholds:
-        """The tolerances (`path`, default the shipped file) and the measured class pairs
-        (`pairs_path`, default the shipped class_pairs.json; none when absent)."""
+    def load(
+        cls, path: Path | None = None, pairs_path: Path | None = None, native_path: Path | None = None
+    ) -> Thresholds:
+        """The tolerances (`path`, default the shipped file), the measured class pairs
+        (`pairs_path`, default the shipped class_pairs.json) and the native sets (`native_path`,
+        default the shipped native_audit.json); none of the latter two when absent."""
         pairs = load_class_pairs(pairs_path)
+        native, native_provenance = load_native(native_path)
         if path is None:
             text = resources.files("maxwell_poi.data").joinpath("thresholds.json").read_text()
         else:
@@ -106,20 +120,43 @@ class Thresholds:
         same = data.get("same_class", {})
         out = {p: Tolerance(**v) for p, v in data.items() if not p.startswith("_") and p != "same_class"}
         same_out = {p: Tolerance(**v) for p, v in same.items() if not p.startswith("_")}
-        for label, tol in [*out.items(), *(("same-class " + p, t) for p, t in same_out.items())]:
+        labelled = [
+            *out.items(),
+            *((f"same-class {p}", t) for p, t in same_out.items()),
+            *((f"{NATIVE} {p}", t) for p, t in native.items()),
+        ]
+        for label, tol in labelled:
             bad = [k for k, v in vars(tol).items() if not math.isfinite(v) or v < 0]
             if bad:  # an infinite tolerance would switch a check off without saying so
                 raise ValueError(f"thresholds for {label}: expected finite values >= 0, got {bad}")
-        return cls(out, same_out, pairs)
+        return cls(out, same_out, pairs, native, native_provenance)
+
+
+def _shipped_or(path: Path | None, name: str) -> str | None:
+    """A data file's text: `path`, else the shipped `maxwell_poi/data/<name>`; None when absent."""
+    try:
+        if path is None:
+            return resources.files("maxwell_poi.data").joinpath(name).read_text()
+        return Path(path).read_text()
+    except (FileNotFoundError, OSError):
+        return None
+
+
+def load_native(path: Path | None = None) -> tuple[dict[str, Tolerance], dict[str, dict[str, Any]]]:
+    """The native sets by precision, and each one's provenance (what measured it)."""
+    text = _shipped_or(path, "native_audit.json")
+    if text is None:
+        return {}, {}
+    sets = json.loads(text)["precisions"]
+    return (
+        {p: Tolerance(**v["tolerance"]) for p, v in sets.items()},
+        {p: dict(v.get("provenance", {})) for p, v in sets.items()},
+    )
 
 
 def load_class_pairs(path: Path | None = None) -> tuple[ClassPair, ...]:
-    try:
-        if path is None:
-            text = resources.files("maxwell_poi.data").joinpath("class_pairs.json").read_text()
-        else:
-            text = Path(path).read_text()
-    except (FileNotFoundError, OSError):
+    text = _shipped_or(path, "class_pairs.json")
+    if text is None:
         return ()
     return tuple(
         ClassPair(str(p["prover"]), str(p["verifier"]), str(p["precision"]), dict(p.get("provenance", {})))
@@ -129,9 +166,11 @@ def load_class_pairs(path: Path | None = None) -> tuple[ClassPair, ...]:
 
 @dataclass(frozen=True)
 class ToleranceChoice:
-    """The tolerance set an audit applies, and why: `tolerance_set` is SAME or CROSS, `class_pair`
-    "<prover class> -> <verifier class>" (the prover's as Maxwell's node measured it, UNMEASURED when
-    none did), `reason` the rule's words, `provenance` a measured pair's record (else empty)."""
+    """The tolerance set an audit applies, and why: `tolerance_set` is SAME, CROSS or NATIVE,
+    `class_pair` "<prover class> -> <verifier class>" (the prover's as Maxwell's node measured it,
+    UNMEASURED when none did), `reason` the rule's words, `provenance` a measured pair's or native
+    set's record (else empty). NATIVE: `native` is the set for a re-execution in the claimed precision
+    `native_precision`, and `tolerance` the same-class fp32 set for an answer served at fp32."""
 
     tolerance: Tolerance
     tolerance_set: str
@@ -139,10 +178,20 @@ class ToleranceChoice:
     reason: str
     prover_measured: bool
     provenance: dict[str, Any] = field(default_factory=dict)
+    native: Tolerance | None = None
+    native_precision: str = ""
 
     @property
     def strict(self) -> bool:
-        return self.tolerance_set == SAME
+        return self.tolerance_set in (SAME, NATIVE)
+
+    def tracks(self) -> list[tuple[str, Tolerance]]:
+        """(reference precision, tolerance) pairs, in order: an answer passes if it matches Maxwell's
+        reference in that precision within that tolerance for any one of them. One fp32 track,
+        except a native choice: the claimed precision's own kernels first, then fp32 (an upgrade)."""
+        if self.native is None:
+            return [("fp32", self.tolerance)]
+        return [(self.native_precision, self.native), ("fp32", self.tolerance)]
 
     def label(self) -> str:
         """What a verdict's reason ends with: the set and the pair it was chosen for (and, when no
@@ -189,6 +238,18 @@ def choose_tolerance(
         return chosen(False, "the node measured the prover on another class than the verifier's")
     if precision not in thresholds.same_class:
         return chosen(False, f"no same-class set is calibrated for {precision}")
+    if measured is None and precision in thresholds.native and "fp32" in thresholds.same_class:
+        return ToleranceChoice(
+            thresholds.for_precision("fp32", same_class=True),
+            NATIVE,
+            pair,
+            f"{NATIVE} tolerance: the node measured the prover on the verifier's class; re-executed "
+            f"in {precision} on this class (or at fp32, near-exact, for an answer served at fp32)",
+            True,
+            thresholds.native_provenance.get(precision, {}),
+            thresholds.native[precision],
+            precision,
+        )
     if measured is None:
         return chosen(True, "the node measured the prover on the verifier's class")
     source = measured.provenance.get("source", "class_pairs.json")
