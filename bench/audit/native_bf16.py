@@ -18,7 +18,9 @@ the held-out honest false-reject rate. Catch rates use the fitted set. Writes th
 provenance to src/maxwell_poi/data/native_audit.json and the measurements to
 bench/results/bf16_int8.json (`native_audit`).
 
-    python -m bench.audit.native_bf16                     # poi-lm and gpt2-small
+    python -m bench.audit.native_bf16                     # fit and evaluate on poi-lm
+    python -m bench.audit.native_bf16 --held-out-model gpt2-small --honest 10 --cheats 10
+                                                          # the shipped set on a model it never saw
     python -m bench.audit.native_bf16 --quick             # gpt2-micro, a few runs, writes under /tmp
 """
 
@@ -51,7 +53,9 @@ from maxwell_poi.verifier.audit import fingerprints_match, measure_generation, t
 from maxwell_poi.verifier.thresholds import Thresholds, Tolerance  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[2]
-WRITES = {"bf16_int8.json": ["native_audit"]}  # the keys this script writes (bench/common/results.py)
+WRITES = {
+    "bf16_int8.json": ["native_audit", "native_audit_held_out_model"]
+}  # the keys this script writes (bench/common/results.py)
 NATIVE_FILE = ROOT / "src/maxwell_poi/data/native_audit.json"
 DRAFTS = {"poi-lm": "poi-lm-draft", "gpt2-small": "gpt2-mini", "gpt2-micro": "gpt2-micro"}
 BF16 = torch.bfloat16
@@ -149,9 +153,65 @@ def summary(rows: list[dict]) -> dict:
     }
 
 
+def evaluate(m: dict, native: Tolerance, same_fp32: Tolerance, shipped: Thresholds, every: int = 2) -> dict:
+    """One model's held-out honest runs (every other one, or all: `every` 1) and all its cheat
+    runs, judged."""
+    held = {name: rows[every - 1 :: every] for name, rows in m["honest"].items()}
+    honest_out = {}
+    for name, rows in held.items():
+        verdicts = [judged(r, native, same_fp32) for r in rows]
+        rejects = sum(not (v["native"] or v["fp32"]) for v in verdicts)
+        honest_out[name] = {
+            **rate_block(rejects, len(rows), "rejects"),
+            "passed_native": sum(v["native"] for v in verdicts),
+            "passed_fp32_only": sum(v["fp32"] and not v["native"] for v in verdicts),
+            **summary(m["honest"][name]),
+        }
+    old = shipped.for_precision("bf16", same_class=True)  # the set bf16 claims had before
+    cheat_out = {}
+    for name, rows in m["cheats"].items():
+        verdicts = [judged(r, native, same_fp32) for r in rows]
+        caught = sum(not (v["native"] or v["fp32"]) for v in verdicts)
+        cheat_out[name] = {
+            **rate_block(caught, len(rows)),
+            "caught_by_same_class_bf16_vs_fp32": sum(not passes(r["fp32"], old) for r in rows),
+            **summary(rows),
+        }
+    all_held = [r for rows in held.values() for r in rows]
+    rejects = sum(not any(judged(r, native, same_fp32).values()) for r in all_held)
+    return {
+        "honest_held_out": rate_block(rejects, len(all_held), "rejects"),
+        "honest_by_variant": honest_out,
+        "cheats": cheat_out,
+    }
+
+
+def brief(per_model: dict) -> dict:
+    return {
+        m: {
+            "honest": f"{v['honest_held_out']['rejects']}/{v['honest_held_out']['trials']} rejected",
+            "cheats": {c: f"{x['caught']}/{x['trials']}" for c, x in v["cheats"].items()},
+        }
+        for m, v in per_model.items()
+    }
+
+
+def shipped_native() -> Tolerance:
+    native = Thresholds.load().native
+    if "bf16" not in native:
+        raise SystemExit("--held-out-model: expected a shipped bf16 native set; run without it first")
+    return native["bf16"]
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--models", default="poi-lm,gpt2-small")
+    ap.add_argument("--models", default="poi-lm")
+    ap.add_argument(
+        "--held-out-model",
+        default="",
+        help="judge this model's runs by the shipped native set (fitted without it); writes only "
+        "native_audit_held_out_model",
+    )
     ap.add_argument("--honest", type=int, default=50, help="runs per honest variant and model")
     ap.add_argument("--cheats", type=int, default=40, help="runs per cheat and model")
     ap.add_argument("--tokens", type=int, default=32)
@@ -159,6 +219,8 @@ def main() -> None:
     args = ap.parse_args()
     if args.quick:
         args.models, args.honest, args.cheats = "gpt2-micro", 4, 2
+    if args.held_out_model:
+        args.models = args.held_out_model
     out_dir = Path("/tmp/native_bf16") if args.quick else None
     t0 = time.time()
     registry, key = Registry(), AgentKey.generate()
@@ -188,38 +250,21 @@ def main() -> None:
         if name != "served-at-fp32"
         for r in rows[::2]
     ]
-    native = fit(calibration, same_bf16)
-    per_model = {}
-    for model_id, m in runs.items():
-        held = {name: rows[1::2] for name, rows in m["honest"].items()}
-        honest_out = {}
-        for name, rows in held.items():
-            verdicts = [judged(r, native, same_fp32) for r in rows]
-            rejects = sum(not (v["native"] or v["fp32"]) for v in verdicts)
-            honest_out[name] = {
-                **rate_block(rejects, len(rows), "rejects"),
-                "passed_native": sum(v["native"] for v in verdicts),
-                "passed_fp32_only": sum(v["fp32"] and not v["native"] for v in verdicts),
-                **summary(m["honest"][name]),
-            }
-        cheat_out = {}
-        for name, rows in m["cheats"].items():
-            verdicts = [judged(r, native, same_fp32) for r in rows]
-            caught = sum(not (v["native"] or v["fp32"]) for v in verdicts)
-            old = shipped.for_precision("bf16", same_class=True)  # the set bf16 claims had before
-            caught_before = sum(not passes(r["fp32"], old) for r in rows)
-            cheat_out[name] = {
-                **rate_block(caught, len(rows)),
-                "caught_by_same_class_bf16_vs_fp32": caught_before,
-                **summary(rows),
-            }
-        all_held = [r for rows in held.values() for r in rows]
-        rejects = sum(not any(judged(r, native, same_fp32).values()) for r in all_held)
-        per_model[model_id] = {
-            "honest_held_out": rate_block(rejects, len(all_held), "rejects"),
-            "honest_by_variant": honest_out,
-            "cheats": cheat_out,
+    native = shipped_native() if args.held_out_model else fit(calibration, same_bf16)
+    every = 1 if args.held_out_model else 2  # a held-out model's runs are all held out
+    per_model = {m: evaluate(v, native, same_fp32, shipped, every) for m, v in runs.items()}
+    if args.held_out_model:
+        out = {
+            "what": "the shipped native bf16 set (fitted on other models) judging a model it never saw",
+            "native_set": vars(native),
+            "per_model": per_model,
+            "machine": machine(),
+            "seconds": round(time.time() - t0, 1),
         }
+        path = out_dir / "bf16_int8.json" if out_dir else None
+        write_results("bf16_int8.json", {"native_audit_held_out_model": out}, writes=WRITES, path=path)
+        print(json.dumps(brief(per_model), indent=1))
+        return
     provenance = {
         "source": "bench/results/bf16_int8.json (native_audit), python -m bench.audit.native_bf16",
         "fitted_on": f"{len(calibration)} honest bf16-computed runs, every other one",
@@ -258,18 +303,7 @@ def main() -> None:
         )
         + "\n"
     )
-    print(
-        json.dumps(
-            {
-                m: {
-                    "honest": v["honest_held_out"],
-                    "cheats": {c: (x["caught"], x["trials"]) for c, x in v["cheats"].items()},
-                }
-                for m, v in per_model.items()
-            },
-            indent=1,
-        )
-    )
+    print(json.dumps(brief(per_model), indent=1))
 
 
 if __name__ == "__main__":
