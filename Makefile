@@ -13,6 +13,14 @@ $(STAMP): pyproject.toml constraints.txt
 	$(BIN)/python -m pip install --quiet -c constraints.txt -e '.[dev]'
 	touch $(STAMP)
 
+# the serving engines the tests run for real (issue 27): llama.cpp's server builds from source, ~14 min
+# on 2 cores the first time (pip caches the wheel); not needed by `make demo`. GGML_NATIVE=OFF: a
+# cached wheel must run on another CPU of the same architecture
+ENGINES := $(VENV)/.engines
+$(ENGINES): $(STAMP)
+	CMAKE_ARGS="-DLLAVA_BUILD=OFF -DGGML_NATIVE=OFF" $(BIN)/python -m pip install --quiet -c constraints.txt -e '.[engines]'
+	touch $(ENGINES)
+
 demo: $(STAMP)
 	$(BIN)/poi demo
 
@@ -20,7 +28,7 @@ demo: $(STAMP)
 demo-full: $(STAMP)
 	$(BIN)/poi demo --full
 
-test: $(STAMP)
+test: $(STAMP) $(ENGINES)
 	$(BIN)/ruff check src tests bench
 	$(BIN)/python -m pytest -q
 
