@@ -12,7 +12,7 @@ Per model, in process (L4 reads only the receipt's claims): honest bf16-claim va
 2 threads, in a batch of 4, speculative, bf16-rounded weights with fp32 compute, served at fp32) and
 cheats claiming bf16 (int8-rounded weights with bf16 or fp32 compute, 1 % weight noise in bf16, a
 cheap draft). The native set's fingerprint bounds are fitted on half of the honest runs (every other
-one: min_close = the worst close fraction seen minus 0.1; max_median_rel = twice the worst median
+one: min_close = half the worst close fraction seen; max_median_rel = twice the worst median
 error seen, at least 2^-10), its token bounds copied from the same-class bf16 set; the other half is
 the held-out honest false-reject rate. Catch rates use the fitted set. Writes the set with its
 provenance to src/maxwell_poi/data/native_audit.json and the measurements to
@@ -106,7 +106,8 @@ def measure(
     rows = []
     for i in range(n):
         job = GenerateJob(
-            prompt=PROMPTS[(i + offset) % len(PROMPTS)],
+            # a numbered prompt: greedy leases of a repeated prompt would be the same trial again
+            prompt=f"{PROMPTS[(i + offset) % len(PROMPTS)]} ({i + offset})",
             max_new_tokens=tokens,
             temperature=0.8 if i % 2 else 0.0,
             chunk=16,
@@ -131,12 +132,27 @@ def fit(calibration: list[dict], same_bf16: Tolerance) -> Tolerance:
     closes = [r["bf16"].worst_close for r in calibration]
     medians = [r["bf16"].worst_median_rel for r in calibration]
     return Tolerance(
-        min_close=round(max(0.0, min(closes) - 0.1), 4),
+        min_close=round(min(closes) / 2, 4),
         max_median_rel=float(max(2 * max(medians), 2.0**-10)),
         token_gap=same_bf16.token_gap,
         embed_max_abs=same_bf16.embed_max_abs,
         logit_tol=same_bf16.logit_tol,
     )
+
+
+def per_run(rows: list[dict]) -> list[list[float]]:
+    """Each run as [native worst close, native worst median error, native token gap, fp32 worst
+    close, fp32 worst median error] (what a different rule would be judged on)."""
+    return [
+        [
+            round(r["bf16"].worst_close, 4),
+            float(r["bf16"].worst_median_rel),
+            round(r["bf16"].max_gap, 5),
+            round(r["fp32"].worst_close, 4),
+            float(r["fp32"].worst_median_rel),
+        ]
+        for r in rows
+    ]
 
 
 def summary(rows: list[dict]) -> dict:
@@ -166,6 +182,7 @@ def evaluate(m: dict, native: Tolerance, same_fp32: Tolerance, shipped: Threshol
             "passed_native": sum(v["native"] for v in verdicts),
             "passed_fp32_only": sum(v["fp32"] and not v["native"] for v in verdicts),
             **summary(m["honest"][name]),
+            "runs_measured": per_run(m["honest"][name]),
         }
     old = shipped.for_precision("bf16", same_class=True)  # the set bf16 claims had before
     cheat_out = {}
@@ -176,6 +193,7 @@ def evaluate(m: dict, native: Tolerance, same_fp32: Tolerance, shipped: Threshol
             **rate_block(caught, len(rows)),
             "caught_by_same_class_bf16_vs_fp32": sum(not passes(r["fp32"], old) for r in rows),
             **summary(rows),
+            "runs_measured": per_run(rows),
         }
     all_held = [r for rows in held.values() for r in rows]
     rejects = sum(not any(judged(r, native, same_fp32).values()) for r in all_held)

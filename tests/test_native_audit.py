@@ -1,0 +1,120 @@
+"""Native audits of bf16 claims (issue 26 item 3): when a Maxwell node measured the prover on the
+verifier's own class, a bf16 claim is re-executed in bf16 on that class (the native set, fitted by
+bench/audit/native_bf16.py), and passes only if it matches that, or the fp32 reference near-exactly
+(an answer served at fp32). Int8-rounded weights computed in bf16 hid inside the bf16-vs-fp32 set
+(the H200 run caught them 1/2); here every audit path catches them on a measured class, while an
+honest bf16 prover and one that serves at fp32 pass.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from audit_paths import PATHS, Case
+
+from maxwell_poi.adversaries._agent import SwappedProver
+from maxwell_poi.adversaries.precision_downgrade import int8_rounded
+from maxwell_poi.observer.host import this_device
+from maxwell_poi.protocol.keys import AgentKey
+from maxwell_poi.protocol.lease import GenerateJob, Lease
+from maxwell_poi.protocol.result import Status
+from maxwell_poi.prover.sdk import Prover, with_dtype
+from maxwell_poi.registry.models import Registry
+from maxwell_poi.verifier.streaming import EitherStream, StreamingAudit
+from maxwell_poi.verifier.thresholds import CROSS, NATIVE, SAME, Thresholds, choose_tolerance
+
+MODEL, TOKENS = "gpt2-micro", 32
+
+
+def _lease() -> Lease:
+    job = GenerateJob(prompt="The history of the river", max_new_tokens=TOKENS, temperature=0.8, chunk=16)
+    return Lease.issue("agent-1", MODEL, job, precision="bf16")
+
+
+def _swapped(registry: Registry, make: Any) -> SwappedProver:
+    made: dict[str, Any] = {}
+
+    def swap(lease: Lease, reg: Registry) -> Any:
+        if lease.model_id not in made:
+            made[lease.model_id] = make(reg.load(lease.model_id))
+        return made[lease.model_id]
+
+    return SwappedProver(AgentKey.generate(), swap, registry=registry)
+
+
+@pytest.fixture(scope="module")
+def provers(registry: Registry) -> dict[str, Any]:
+    return {
+        "honest-bf16": Prover(AgentKey.generate(), registry),
+        "served-at-fp32": _swapped(registry, lambda m: m),
+        "int8-weights-bf16": _swapped(registry, lambda m: with_dtype(int8_rounded(m), torch.bfloat16)),
+    }
+
+
+def _case(prover: Any) -> Case:
+    lease = _lease()
+    return Case(lease, prover.run(lease), prover)
+
+
+def test_the_rule_gives_bf16_claims_on_a_measured_class_the_native_set() -> None:
+    t = Thresholds.load()
+    assert "bf16" in t.native, "src/maxwell_poi/data/native_audit.json: expected a bf16 native set"
+    here = this_device()
+    c = choose_tolerance(t, "bf16", here, here)
+    assert c.tolerance_set == NATIVE and c.native == t.native["bf16"] and c.native_precision == "bf16"
+    assert c.tolerance == t.for_precision("fp32", same_class=True)  # for an answer served at fp32
+    assert c.provenance.get("fitted_on"), c.provenance
+    assert choose_tolerance(t, "fp32", here, here).tolerance_set == SAME
+    assert choose_tolerance(t, "bf16", "", here).tolerance_set == CROSS  # fail closed, as before
+    assert choose_tolerance(t, "bf16", "cuda:NVIDIA H100", here).tolerance_set == CROSS
+
+
+def test_without_a_native_set_bf16_keeps_the_same_class_set(tmp_path: Path) -> None:
+    t = Thresholds.load(native_path=tmp_path / "absent.json")
+    c = choose_tolerance(t, "bf16", this_device(), this_device())
+    assert c.tolerance_set == SAME and c.native is None
+
+
+@pytest.mark.parametrize("path", sorted(PATHS))
+def test_every_path_holds_bf16_claims_to_the_native_rule(
+    path: str, provers: dict[str, Any], registry: Registry, tmp_path: Path
+) -> None:
+    run = PATHS[path]
+    verdicts = {}
+    for name, prover in provers.items():
+        (tmp_path / name).mkdir()
+        verdicts[name] = run(_case(prover), this_device(), registry, tmp_path / name)
+    for name, r in verdicts.items():
+        assert r.details["tolerance"] == NATIVE, f"{path} {name}: {r.details}"
+    honest, upgraded, cheat = (verdicts[n] for n in ("honest-bf16", "served-at-fp32", "int8-weights-bf16"))
+    assert honest.status is Status.PASS, f"{path}: {honest.reason}"
+    assert upgraded.status is Status.PASS, f"{path}: {upgraded.reason}"
+    assert cheat.status is Status.FAIL, f"{path}: int8 weights passed: {cheat.reason}"
+    assert "re-executed in bf16" in cheat.reason and "at fp32" in cheat.reason, cheat.reason
+    if path != "gateway":  # the full audit says which reference matched; the stream says what it checked
+        assert "native bf16 tolerance" in honest.reason, honest.reason
+        assert "served at fp32" in upgraded.reason, upgraded.reason
+
+
+def test_the_stream_releases_tokens_as_far_as_a_standing_track_checked(
+    provers: dict[str, Any], registry: Registry
+) -> None:
+    """EitherStream cuts only when both tracks failed, and `checked` follows the track still standing."""
+    case = _case(provers["served-at-fp32"])
+    choice = choose_tolerance(Thresholds.load(), "bf16", this_device(), this_device())
+    model = registry.load(MODEL)
+    native = StreamingAudit(case.lease, with_dtype(model, torch.bfloat16), choice, 4, choice.native)
+    stream = EitherStream(native, StreamingAudit(case.lease, model, choice, 4))
+    answer = case.prover.claims(case.lease)  # what its receipt signed (the prover is deterministic)
+    data, spans = answer.fingerprint_bytes(), stream.spans
+    size = len(data) // len(spans)
+    for i in range(len(spans)):
+        stream.receive_chunk(i, data[i * size : (i + 1) * size])
+    for token in answer.tokens():
+        assert stream.receive(token) is None
+    assert stream.tracks[0].finding is not None, "an fp32 answer should fail the native bf16 track"
+    assert stream.checked == TOKENS, stream.checked
+    assert stream.next_chunk == len(spans)
