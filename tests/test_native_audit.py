@@ -26,11 +26,13 @@ from maxwell_poi.registry.models import Registry
 from maxwell_poi.verifier.streaming import EitherStream, StreamingAudit
 from maxwell_poi.verifier.thresholds import CROSS, NATIVE, SAME, Thresholds, choose_tolerance
 
-MODEL, TOKENS = "gpt2-micro", 32
+MODEL, TOKENS = "poi-lm", 32  # the model the shipped native set was fitted on
 
 
 def _lease() -> Lease:
-    job = GenerateJob(prompt="The history of the river", max_new_tokens=TOKENS, temperature=0.8, chunk=16)
+    # greedy, so every run is the same trial: int8 passed the native set on 11 of 40 of the bench's
+    # leases (bench/results/bf16_int8.json), on this one it fails
+    job = GenerateJob(prompt="The history of the river", max_new_tokens=TOKENS, temperature=0.0, chunk=16)
     return Lease.issue("agent-1", MODEL, job, precision="bf16")
 
 
@@ -63,18 +65,27 @@ def test_the_rule_gives_bf16_claims_on_a_measured_class_the_native_set() -> None
     t = Thresholds.load()
     assert "bf16" in t.native, "src/maxwell_poi/data/native_audit.json: expected a bf16 native set"
     here = this_device()
-    c = choose_tolerance(t, "bf16", here, here)
+    c = choose_tolerance(t, "bf16", here, here, MODEL)
     assert c.tolerance_set == NATIVE and c.native == t.native["bf16"] and c.native_precision == "bf16"
     assert c.tolerance == t.for_precision("fp32", same_class=True)  # for an answer served at fp32
-    assert c.provenance.get("fitted_on"), c.provenance
-    assert choose_tolerance(t, "fp32", here, here).tolerance_set == SAME
-    assert choose_tolerance(t, "bf16", "", here).tolerance_set == CROSS  # fail closed, as before
-    assert choose_tolerance(t, "bf16", "cuda:NVIDIA H100", here).tolerance_set == CROSS
+    assert c.provenance.get("fitted_on") and MODEL in c.provenance["models"], c.provenance
+    assert choose_tolerance(t, "fp32", here, here, MODEL).tolerance_set == SAME
+    assert choose_tolerance(t, "bf16", "", here, MODEL).tolerance_set == CROSS  # fail closed, as before
+    assert choose_tolerance(t, "bf16", "cuda:NVIDIA H100", here, MODEL).tolerance_set == CROSS
+
+
+def test_a_model_the_native_set_was_not_fitted_on_keeps_the_same_class_set() -> None:
+    """Honest bf16 drifts from a bf16 prefill by a model's own amount: poi-lm's set rejected 49 of
+    60 honest gpt2-small runs (bf16_int8.json native_audit_held_out_model), so it is not applied."""
+    t = Thresholds.load()
+    for other in ("gpt2-small", "gpt2-micro", ""):
+        c = choose_tolerance(t, "bf16", this_device(), this_device(), other)
+        assert c.tolerance_set == SAME and c.native is None, other
 
 
 def test_without_a_native_set_bf16_keeps_the_same_class_set(tmp_path: Path) -> None:
     t = Thresholds.load(native_path=tmp_path / "absent.json")
-    c = choose_tolerance(t, "bf16", this_device(), this_device())
+    c = choose_tolerance(t, "bf16", this_device(), this_device(), MODEL)
     assert c.tolerance_set == SAME and c.native is None
 
 
@@ -104,7 +115,7 @@ def test_the_stream_releases_tokens_as_far_as_a_standing_track_checked(
 ) -> None:
     """EitherStream cuts only when both tracks failed, and `checked` follows the track still standing."""
     case = _case(provers["served-at-fp32"])
-    choice = choose_tolerance(Thresholds.load(), "bf16", this_device(), this_device())
+    choice = choose_tolerance(Thresholds.load(), "bf16", this_device(), this_device(), MODEL)
     model = registry.load(MODEL)
     native = StreamingAudit(case.lease, with_dtype(model, torch.bfloat16), choice, 4, choice.native)
     stream = EitherStream(native, StreamingAudit(case.lease, model, choice, 4))

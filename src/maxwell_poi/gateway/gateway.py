@@ -348,7 +348,7 @@ class Gateway:
         audit = None
         if audited or delivery is Delivery.VERIFIED or draw_audit(pulled.audit_probability):
             measured = session.scalar(select(NodeRow.device_class).where(NodeRow.node_id == node_id))
-            choice = self.audit.tolerance(lease.precision, measured or "")
+            choice = self.audit.tolerance(lease.precision, measured or "", lease.model_id)
             audit = streaming_audit(
                 lease, partial(self.audit.reference_model, lease.model_id), choice, block=AUDIT_BLOCK
             )

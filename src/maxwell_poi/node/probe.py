@@ -125,7 +125,9 @@ class WorkProbes:
             return WorkProbe(
                 "refused", f"the agent did not answer the work probe: {probe.answer.error}", **base
             )
-        choice = choose_tolerance(self.thresholds, lease.precision, device_class, this_device())
+        choice = choose_tolerance(
+            self.thresholds, lease.precision, device_class, this_device(), lease.model_id
+        )
         kind = choice.label()
         misses = []
         for precision, tol in choice.tracks():  # a native choice: the claimed precision's, then fp32

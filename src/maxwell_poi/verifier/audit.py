@@ -66,15 +66,15 @@ class AuditLayer(TimedLayer):
 
         return f"cuda:{torch.cuda.get_device_name(self.device)}"
 
-    def tolerance(self, precision: str, prover_device: str | None) -> ToleranceChoice:
+    def tolerance(self, precision: str, prover_device: str | None, model_id: str = "") -> ToleranceChoice:
         """The tolerance set for a claim at `precision` whose prover Maxwell's node measured on
         `prover_device` ("" or None: not measured), by the one rule (thresholds.choose_tolerance)."""
-        return choose_tolerance(self.thresholds, precision, prover_device, self.verifier_class())
+        return choose_tolerance(self.thresholds, precision, prover_device, self.verifier_class(), model_id)
 
     def tolerance_for(self, ctx: Appraisal) -> ToleranceChoice:
         """The prover's class is the node's measurement (its evidence), never the receipt's claim."""
         measured = ctx.evidence.device_class if ctx.evidence is not None else ""
-        return self.tolerance(ctx.lease.precision, measured)
+        return self.tolerance(ctx.lease.precision, measured, ctx.lease.model_id)
 
     def tolerance_pair(self, ctx: Appraisal) -> tuple[bool, str]:
         """(same-class tolerance?, 'prover class -> verifier class'): `tolerance_for` in brief."""
