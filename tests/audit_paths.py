@@ -10,6 +10,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from types import SimpleNamespace
+from typing import Any
 
 from inproc_gateway import REQUESTER, plane, relay
 from typer.testing import CliRunner
@@ -26,6 +27,18 @@ from maxwell_poi.protocol.result import AttestationResult, LayerName, LayerResul
 from maxwell_poi.registry.models import Registry
 from maxwell_poi.service.audit_backends import AuditJob, AuditRunner
 from maxwell_poi.verifier.policy import Verifier
+
+
+def swapped_once(registry: Registry, make: Callable[[Any], Any]) -> SwappedProver:
+    """A prover answering with `make(the leased model)`, built once per model, claiming the leased one."""
+    made: dict[str, Any] = {}
+
+    def swap(lease: Lease, reg: Registry) -> Any:
+        if lease.model_id not in made:
+            made[lease.model_id] = make(reg.load(lease.model_id))
+        return made[lease.model_id]
+
+    return SwappedProver(AgentKey.generate(), swap, registry=registry)
 
 
 @dataclass(frozen=True)

@@ -13,9 +13,8 @@ from typing import Any
 
 import pytest
 import torch
-from audit_paths import PATHS, Case
+from audit_paths import PATHS, Case, swapped_once
 
-from maxwell_poi.adversaries._agent import SwappedProver
 from maxwell_poi.adversaries.precision_downgrade import int8_rounded
 from maxwell_poi.observer.host import this_device
 from maxwell_poi.protocol.keys import AgentKey
@@ -36,23 +35,12 @@ def _lease() -> Lease:
     return Lease.issue("agent-1", MODEL, job, precision="bf16")
 
 
-def _swapped(registry: Registry, make: Any) -> SwappedProver:
-    made: dict[str, Any] = {}
-
-    def swap(lease: Lease, reg: Registry) -> Any:
-        if lease.model_id not in made:
-            made[lease.model_id] = make(reg.load(lease.model_id))
-        return made[lease.model_id]
-
-    return SwappedProver(AgentKey.generate(), swap, registry=registry)
-
-
 @pytest.fixture(scope="module")
 def provers(registry: Registry) -> dict[str, Any]:
     return {
         "honest-bf16": Prover(AgentKey.generate(), registry),
-        "served-at-fp32": _swapped(registry, lambda m: m),
-        "int8-weights-bf16": _swapped(registry, lambda m: with_dtype(int8_rounded(m), torch.bfloat16)),
+        "served-at-fp32": swapped_once(registry, lambda m: m),
+        "int8-weights-bf16": swapped_once(registry, lambda m: with_dtype(int8_rounded(m), torch.bfloat16)),
     }
 
 

@@ -17,17 +17,16 @@ from __future__ import annotations
 import ast
 import json
 from pathlib import Path
-from typing import Any
 
 import pytest
-from audit_paths import PATHS, Case, evidence, one_shot
+from audit_paths import PATHS, Case, evidence, one_shot, swapped_once
 from typer.testing import CliRunner
 
 from maxwell_poi.adversaries._agent import SwappedProver
 from maxwell_poi.adversaries.nudged_fingerprints import nudged
 from maxwell_poi.node.attest import NodeKey, sign_evidence
 from maxwell_poi.observer.host import numerics_class, this_device
-from maxwell_poi.protocol.keys import AgentKey, Keyring
+from maxwell_poi.protocol.keys import Keyring
 from maxwell_poi.protocol.lease import GenerateJob, Lease
 from maxwell_poi.protocol.result import Status
 from maxwell_poi.registry.models import Registry
@@ -76,14 +75,7 @@ def test_a_same_class_without_a_calibrated_set_says_so(tmp_path: Path) -> None:
 
 @pytest.fixture(scope="module")
 def cheat(registry: Registry) -> SwappedProver:
-    made: dict[str, Any] = {}
-
-    def swap(lease: Lease, reg: Registry) -> Any:
-        if lease.model_id not in made:
-            made[lease.model_id] = nudged(reg.load(lease.model_id))
-        return made[lease.model_id]
-
-    return SwappedProver(AgentKey.generate(), swap, registry=registry)
+    return swapped_once(registry, nudged)
 
 
 def _lease() -> Lease:
