@@ -112,14 +112,14 @@ class RemoteNode:
             commands[lease.agent_id] = item.command
             if item.stream_to:
                 stream_to[lease.lease_id] = item.stream_to
-        answers: list[Handed] = []
+        # questions first: each one's clock runs from when Maxwell asked, and waves of new leases
+        # can take longer than it has (a busy host's demo slashed an honest agent that way)
+        answers: list[Handed] = [self._answer_challenge(c) for c in answer.challenges]
         for agent_id, leases in by_agent.items():
             if not self._ensure_agent(agent_id, commands[agent_id], leases):
                 continue
             for i in range(0, len(leases), self.batch):
                 answers.extend(self._serve_wave(agent_id, leases[i : i + self.batch], stream_to))
-        for challenge in answer.challenges:
-            answers.append(self._answer_challenge(challenge))
         return answers
 
     def _answer_challenge(self, challenge: OpenChallenge) -> ChallengeHandled:
