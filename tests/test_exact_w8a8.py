@@ -36,7 +36,10 @@ def serve(registry: Registry, tmp, bad_block: int | None = None):
             w = linears(model.layers[bad_block])["fc"].weight_q
             w[3, 5] = -w[3, 5] if w[3, 5] != 0 else 7
         prover._converted[(MODEL, "fp32")] = model
-    lease = Lease.issue("carol", MODEL, GenerateJob(prompt="The old mill by the river", max_new_tokens=10))
+    # greedy, one fixed trial: at T 0.8 the nonce drew the answer, and once in a fresh-clone suite the
+    # cheat won its dispute (not reproduced in 5 runs here)
+    job = GenerateJob(prompt="The old mill by the river", max_new_tokens=10, temperature=0.0)
+    lease = Lease.issue("carol", MODEL, job)
     claims = open_receipt(
         prover.run(lease), max_receipt_bytes(lease, registry.reference(MODEL).hidden)
     ).claims

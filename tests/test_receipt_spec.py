@@ -30,7 +30,7 @@ from maxwell_poi.protocol.receipt import (
 )
 from maxwell_poi.verifier import spec
 from maxwell_poi.verifier.exact import FP32_TOLERANCE
-from maxwell_poi.verifier.thresholds import Thresholds, Tolerance, load_class_pairs
+from maxwell_poi.verifier.thresholds import NATIVE, Thresholds, Tolerance, load_class_pairs
 
 DOC = Path(__file__).resolve().parents[1] / "docs" / "receipt.md"
 URI = re.compile(r"https://maxwell-poi\.dev/[a-z]+/v\d+")
@@ -67,7 +67,7 @@ def shipped_sets() -> dict[tuple[str, str], dict[str, float]]:
     t = Thresholds.load()
     return {
         (name, precision): vars(tol)
-        for name, sets in (("cross-class", t.by_precision), ("same-class", t.same_class))
+        for name, sets in (("cross-class", t.by_precision), ("same-class", t.same_class), (NATIVE, t.native))
         for precision, tol in sets.items()
     }
 

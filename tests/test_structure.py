@@ -176,6 +176,7 @@ def _declared() -> set[str]:
 OPTIONAL = {"triton", "ray"}  # extras: imported lazily where they are used
 OPTIONAL |= {"jinja2", "markdown_it", "yaml", "weasyprint"}  # the `report` extra (report/build.py only)
 OPTIONAL |= {"ezkl", "onnx"}  # the `zk` extra (circuits/block_circuit.py, verifier/zk.py; imported lazily)
+OPTIONAL |= {"gguf"}  # the `engines` extra (registry/gguf_export.py, used by the engine tests only)
 
 
 def test_every_import_is_declared():
