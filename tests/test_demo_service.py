@@ -78,9 +78,11 @@ def test_caught_cheaters_are_slashed_by_the_layers_meant_to_catch_them(demo):
     for name, layer in expected.items():
         r = rows[name]
         assert r["verdicts"] == {"contraindicated": 2}, r
-        # L1 may see the smaller model first (less work per token); then no audit is needed
+        # L1 (less work per token) or L2's work probe (the leased weights must answer a fresh
+        # question) may see the smaller model first; then no audit is needed
         caught = set(r["caught_by"])
-        assert layer in caught or (name == "smaller-model" and "L1-thermodynamic" in caught), r
+        earlier = {"L1-thermodynamic", "L2-boundary"}
+        assert layer in caught or (name == "smaller-model" and caught & earlier), r
         assert r["stake_slashed_micro"] == 2 * stake and r["stake_released_micro"] == 0
         assert r["final_micro"] == r["deposit_micro"] - r["energy_paid_micro"] - 2 * stake
 
