@@ -125,8 +125,12 @@ def gateway(case: Case, device: str, registry: Registry, tmp: Path) -> LayerResu
     ) as gw:
         job = case.lease.job
         assert isinstance(job, GenerateJob)
-        request = CompletionRequest(
-            model=case.lease.model_id, prompt=job.prompt, max_tokens=job.max_new_tokens
+        request = CompletionRequest(  # the case's sampling too: a greedy case stays one fixed trial
+            model=case.lease.model_id,
+            prompt=job.prompt,
+            max_tokens=job.max_new_tokens,
+            temperature=job.temperature,
+            top_k=job.top_k,
         )
         lease = gw.start(REQUESTER, request, audited=True).lease
         receipt = case.prover.run(lease)
