@@ -24,8 +24,7 @@ from ..protocol.lease import GenerateJob, Lease
 from ..protocol.probe import FIRST_JUDGED, ProbeAnswer, ProbeRequest
 from ..registry.fingerprint import compare_chunk
 from ..registry.forward import final_hidden
-from ..registry.models import LoadedModel, Registry
-from ..verifier.audit import NATIVE_DTYPES
+from ..registry.models import Registry
 from ..verifier.thresholds import Thresholds, choose_tolerance
 
 PROBE_IDS = 8  # fresh ids per probe: 7 judged positions, about one decode step of work
@@ -67,18 +66,6 @@ class WorkProbes:
         self.thresholds = thresholds or Thresholds.load()
         self._count = 0
         self._lock = threading.Lock()
-        self._copies: dict[tuple[str, str], LoadedModel] = {}  # reference copies in other precisions
-
-    def _reference(self, model_id: str, precision: str) -> LoadedModel:
-        """Maxwell's reference copy of the model in `precision` (a native choice's bf16 track)."""
-        model = self.registry.load(model_id)
-        if precision == "fp32":
-            return model
-        key = (model_id, precision)
-        with self._lock:
-            if key not in self._copies:
-                self._copies[key] = model.copied_to(NATIVE_DTYPES[precision])
-            return self._copies[key]
 
     def draw(self, lease: Lease) -> PendingProbe | None:
         """A fresh probe for a generation lease (None for other jobs: no decode to probe)."""
@@ -129,9 +116,9 @@ class WorkProbes:
             self.thresholds, lease.precision, device_class, this_device(), lease.model_id
         )
         kind = choice.label()
-        misses = []
-        for precision, tol in choice.tracks():  # a native choice: the claimed precision's, then fp32
-            hidden = final_hidden(self._reference(lease.model_id, precision), list(probe.request.ids))
+        misses, tracks = [], choice.tracks()
+        for precision, tol in tracks:  # a native choice: the claimed precision's, then fp32
+            hidden = final_hidden(self.registry.load_in(lease.model_id, precision), list(probe.request.ids))
             try:
                 c = compare_chunk(
                     probe.answer.fingerprint,
@@ -148,7 +135,7 @@ class WorkProbes:
             if c.close_fraction >= tol.min_close and c.median_rel_error <= tol.max_median_rel:
                 break
             misses.append(
-                f"{'' if len(choice.tracks()) == 1 else f'in {precision}: '}(>= {tol.min_close:.0%} close, "
+                f"{'' if len(tracks) == 1 else f'in {precision}: '}(>= {tol.min_close:.0%} close, "
                 f"median error <= {tol.max_median_rel:g}), got {c.close_fraction:.0%} close, median error "
                 f"{c.median_rel_error:.3g}"
             )

@@ -31,7 +31,7 @@ from ..protocol.stream import parse_open_request, refusal_line
 from ..protocol.trace import Opening, Trace, opening_line
 from ..registry.blocks import architecture
 from ..registry.forward import embed_one, generate
-from ..registry.models import LoadedModel, ReferenceValues, Registry
+from ..registry.models import PRECISION_DTYPES, LoadedModel, ReferenceValues, Registry
 from ..registry.sampling import SeededSampler
 from ..registry.w8a8 import is_w8a8
 from .probe import probe_answerer
@@ -39,8 +39,6 @@ from .recorder import ActivationRecorder, CommitmentBuilder
 from .stream import chunk_sink_for, current_sink
 from .trace import TraceRecorder
 from .w8a8 import IntTraceRecorder
-
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
 def claims_for(
@@ -104,7 +102,7 @@ class Prover:
     def model_for(self, lease: Lease) -> LoadedModel:
         key = (lease.model_id, lease.precision)
         if key not in self._converted:
-            model = with_dtype(self.registry.load(lease.model_id), DTYPES[lease.precision])
+            model = with_dtype(self.registry.load(lease.model_id), PRECISION_DTYPES[lease.precision])
             if self.device != "cpu":  # a copy on the accelerator; the registry's stays on the CPU
                 model = model.copied_to(self.device)
             self._converted[key] = model

@@ -252,12 +252,16 @@ def _reference(spec: ModelSpec, module: nn.Module) -> ReferenceValues:
     )
 
 
+PRECISION_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}  # a lease's precision as a dtype
+
+
 class Registry:
     """Built-in models plus user models recorded in a JSON file (default $POI_HOME/models.json)."""
 
     def __init__(self, user_file: Path | None = None) -> None:
         self.user_file = user_file or poi_home() / "models.json"
         self._cache: dict[str, LoadedModel] = {}
+        self._converted: dict[tuple[str, str], LoadedModel] = {}  # load_in's copies in other precisions
         # files read on every appraisal (the user registry, measured reference values): parsed once
         # per version of the file, told by a stat (another process may add a model meanwhile)
         self._files: dict[Path, tuple[tuple[int, int], Any]] = {}
@@ -314,6 +318,17 @@ class Registry:
                 reference=reference,
             )
         return self._cache[model_id]
+
+    def load_in(self, model_id: str, precision: str) -> LoadedModel:
+        """The model in a lease's precision: the float32 model itself, else a copy converted from it
+        once and kept (a native audit's and the work probe's bf16 reference)."""
+        model = self.load(model_id)
+        if precision == "fp32":
+            return model
+        key = (model_id, precision)
+        if key not in self._converted:
+            self._converted[key] = model.copied_to(PRECISION_DTYPES[precision])
+        return self._converted[key]
 
     def encode_prompt(self, model_id: str, text: str) -> list[int]:
         """The prompt's token ids for `model_id` without building the model."""

@@ -19,7 +19,6 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import numpy as np
-import torch
 
 from ..observer.host import numerics_class, this_device
 from ..protocol.fingerprint import ChunkComparison, chunk_spans
@@ -32,8 +31,6 @@ from ..registry.models import LoadedModel, Registry
 from ..registry.sampling import SeededSampler
 from .appraisal import Appraisal, Finding, Outcome, TimedLayer, failed, passed, skipped
 from .thresholds import Thresholds, Tolerance, ToleranceChoice, choose_tolerance
-
-NATIVE_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}  # a native audit's reference dtype
 
 
 class AuditLayer(TimedLayer):
@@ -50,12 +47,12 @@ class AuditLayer(TimedLayer):
     def reference_model(self, model_id: str, precision: str = "fp32") -> LoadedModel:
         """Maxwell's reference copy on the audit device: float32, or in the claimed precision for a
         native audit (converted from the float32 copy once, then kept)."""
-        model = self.registry.load(model_id)
-        if self.device == "cpu" and precision == "fp32":
+        model = self.registry.load_in(model_id, precision)
+        if self.device == "cpu":
             return model
         key = f"{model_id}@{precision}"
         if key not in self._on_device:
-            self._on_device[key] = model.copied_to(NATIVE_DTYPES[precision]).copied_to(self.device)
+            self._on_device[key] = model.copied_to(self.device)
         return self._on_device[key]
 
     def verifier_class(self) -> str:
