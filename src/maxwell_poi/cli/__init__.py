@@ -175,9 +175,28 @@ def agent(
     trace_dir: Annotated[
         Path | None, typer.Option(help="keep each generation's activation trace here (receipt v3, L3)")
     ] = None,
+    engine: Annotated[
+        str | None, typer.Option(help="answer through this OpenAI-compatible engine (URL .../v1)")
+    ] = None,
+    engine_cmd: Annotated[
+        str | None, typer.Option(help="start this engine command as the agent's child and answer through it")
+    ] = None,
+    engine_name: Annotated[
+        str | None, typer.Option(help="the engine's name in receipts (default: guessed)")
+    ] = None,
+    engine_model: Annotated[str | None, typer.Option(help="the model name the engine serves")] = None,
+    engine_top: Annotated[int, typer.Option(help="top log-probs asked per position (1-20)")] = 5,
 ) -> None:
     """The honest reference agent: reads a lease, runs it with the prover SDK, prints the receipt
-    (with --resident: stays loaded and answers leases until stdin closes, see docs/receipt.md)."""
+    (with --resident: stays loaded and answers leases until stdin closes, see docs/receipt.md).
+    With --engine / --engine-cmd: the engine adapter (docs/receipt.md, "Engine receipts")."""
+    if engine or engine_cmd:
+        from .engine import engine_agent
+
+        engine_agent(key, engine_url=engine, engine_cmd=engine_cmd, name=engine_name,
+                     served_model=engine_model, top=engine_top, resident=resident,
+                     lease_path=lease_path)  # fmt: skip
+        return
     _quiet()
     from ..protocol.errors import PoiError
     from ..protocol.keys import AgentKey

@@ -13,10 +13,11 @@ from typing import TYPE_CHECKING, Any, Literal
 from google.protobuf import json_format
 from in_toto_attestation.v1 import statement_pb2
 from in_toto_attestation.v1.statement import Statement
-from pydantic import BaseModel, ConfigDict, Field, JsonValue, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, JsonValue, ValidationError, model_validator
 from securesystemslib.dsse import Envelope
 
 from .encoding import b64, pack_tokens, sha256_hex, token_width, unb64, unpack_tokens
+from .engine import EngineClaim, engine_body_bytes
 from .errors import ReceiptFormatError
 from .fingerprint import chunk_size_bytes, chunk_spans
 from .keys import AgentKey
@@ -30,6 +31,9 @@ STATEMENT_TYPE = "https://in-toto.io/Statement/v1"
 # still read. v2: leases of version 2 (fingerprint_k).
 PREDICATE_TYPE = "https://maxwell-poi.dev/receipt/v3"
 PREDICATE_V2 = "https://maxwell-poi.dev/receipt/v2"
+# v4: an engine receipt (protocol.engine, issue 27): the `engine` object in place of `fp`, `layers`
+# and `trace`; only engine receipts use it, SDK receipts stay v3
+PREDICATE_V4 = "https://maxwell-poi.dev/receipt/v4"
 PAYLOAD_TYPE = "application/vnd.in-toto+json"
 
 HEX64 = r"^[0-9a-f]{64}$"
@@ -69,12 +73,29 @@ class ReceiptClaims(BaseModel):
     precision: Literal["fp32", "bf16"]
     input: str = Field(pattern=HEX64, description="sha256 of the lease input as the agent read it")
     output: Output
-    fp: Fingerprints
-    layers: str = Field(pattern=HEX64, description="Merkle root of nonce-bound per-layer digests")
+    fp: Fingerprints | None = None  # required, except in an engine receipt (v4), which has none
+    layers: str | None = Field(
+        default=None, pattern=HEX64, description="Merkle root of nonce-bound per-layer digests"
+    )
     trace: str | None = Field(
         default=None, pattern=HEX64, description="Merkle root of the activation trace (v3; L3 opens it)"
     )
     runtime: dict[str, JsonValue] = Field(default_factory=dict, description="self-reported, any JSON")
+    engine: EngineClaim | None = Field(default=None, description="v4: what a serving engine returned")
+
+    @model_validator(mode="after")
+    def _commitments(self) -> ReceiptClaims:
+        """An SDK receipt commits to activations (fp, layers); an engine receipt cannot and must not."""
+        if self.engine is None and (self.fp is None or self.layers is None):
+            missing = [f for f in ("fp", "layers") if getattr(self, f) is None]
+            raise ValueError(f"{' and '.join(missing)}: required (only an engine receipt, v4, has none)")
+        if self.engine is not None and (self.fp, self.layers, self.trace) != (None, None, None):
+            raise ValueError("an engine receipt (v4) carries no fp, layers or trace")
+        return self
+
+    @property
+    def predicate_type(self) -> str:
+        return PREDICATE_V4 if self.engine is not None else PREDICATE_TYPE
 
     def tokens(self) -> list[int]:
         if self.output.tokens is None:
@@ -90,7 +111,7 @@ class ReceiptClaims(BaseModel):
         return np.frombuffer(raw, dtype="<f4").reshape(self.output.shape)
 
     def fingerprint_bytes(self) -> bytes:
-        return unb64(self.fp.data, "fp.data")
+        return b"" if self.fp is None else unb64(self.fp.data, "fp.data")
 
     def output_digest(self) -> str:
         return sha256_hex(self.output.to_bytes())
@@ -151,13 +172,17 @@ def fingerprint_size(lease: Lease) -> int:
     return chunks * chunk_size_bytes(job.fingerprint_k)
 
 
-def max_receipt_bytes(lease: Lease, hidden: int) -> int:
+def max_receipt_bytes(lease: Lease, hidden: int, engine: bool | None = None) -> int:
     """Size limit for a lease's receipt: generous for honest receipts, fatal for floods.
-    `hidden` is the model's hidden size (reference values; the model is never built for it)."""
+    `hidden` is the model's hidden size (reference values; the model is never built for it).
+    `engine`: False for an SDK receipt, True for an engine receipt (v4), None for either (the
+    channel's limit, before the receipt is read)."""
     job = lease.job
     if isinstance(job, GenerateJob):
         chunks = 1 + -(-job.max_new_tokens // job.chunk)
-        body = job.max_new_tokens * 4 + chunks * chunk_size_bytes(job.fingerprint_k)
+        sdk = job.max_new_tokens * 4 + chunks * chunk_size_bytes(job.fingerprint_k)
+        eng = engine_body_bytes(job.max_new_tokens)
+        body = sdk if engine is False else eng if engine else max(sdk, eng)
     else:
         assert isinstance(job, EmbedJob)
         body = len(job.texts) * (hidden * 4 + chunk_size_bytes(job.fingerprint_k))
@@ -168,7 +193,7 @@ def statement_for(claims: ReceiptClaims) -> dict[str, Any]:
     return {
         "_type": STATEMENT_TYPE,
         "subject": [{"name": f"lease/{claims.lease}/output", "digest": {"sha256": claims.output_digest()}}],
-        "predicateType": PREDICATE_TYPE,
+        "predicateType": claims.predicate_type,
         "predicate": claims.model_dump(exclude_none=True),
     }
 
@@ -245,9 +270,15 @@ def _statement(payload: bytes) -> dict[str, Any]:
     if statement.get("_type") != STATEMENT_TYPE:
         raise ReceiptFormatError(f"_type {STATEMENT_TYPE!r}", repr(statement.get("_type"))[:80])
     kind = statement.get("predicateType")
-    if kind not in (PREDICATE_TYPE, PREDICATE_V2):
-        raise ReceiptFormatError(f"predicateType {PREDICATE_TYPE!r} (or v2)", repr(kind)[:80])
+    if kind not in (PREDICATE_TYPE, PREDICATE_V2, PREDICATE_V4):
+        raise ReceiptFormatError(f"predicateType {PREDICATE_TYPE!r} (or v2, v4)", repr(kind)[:80])
     predicate = statement.get("predicate")
+    has_engine = isinstance(predicate, dict) and "engine" in predicate
+    if (kind == PREDICATE_V4) != has_engine:
+        raise ReceiptFormatError(
+            "an engine object exactly in a v4 (engine) receipt",
+            f"a {kind.rsplit('/', 1)[-1]} receipt {'with' if has_engine else 'without'} one",
+        )
     if kind == PREDICATE_V2 and isinstance(predicate, dict) and "trace" in predicate:
         raise ReceiptFormatError("no trace root in a v2 receipt (v3 carries it)", "a v2 receipt with one")
     try:  # the reference in-toto implementation checks subjects and digests

@@ -81,6 +81,10 @@ class AuditLayer(TimedLayer):
     def decide(self, ctx: Appraisal) -> Outcome:
         if ctx.receipt is None:
             return skipped("not run: receipt failed integrity")
+        if ctx.receipt.claims.engine is not None:  # an engine receipt (v4): verifier.engine_audit
+            from .engine_audit import audit_engine
+
+            return audit_engine(self, ctx)
         try:
             return self._reexecute(ctx)
         except ValueError as exc:  # committed values the right size but unreadable (e.g. modulus 0)

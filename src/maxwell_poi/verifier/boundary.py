@@ -219,12 +219,13 @@ class BoundaryLayer(EvidenceLayer):
             return passed("lease bytes on the channel match")
         claimed = ctx.receipt.claims.tokens()
         fingerprints = ctx.receipt.claims.fingerprint_bytes()
+        engine = ctx.receipt.claims.engine is not None  # no hidden states: the probe cannot be answered
         for problem in (
             stream_order(ev),
             stream_present(ev, claimed),
             stream_matches(ev, claimed),
             chunks_match(ev, fingerprints, ctx.lease.job.fingerprint_k),
-            work_probe(ev),
+            None if engine else work_probe(ev),
         ):
             if problem:
                 return failed(problem.reason, **probe_details(ev))
@@ -262,6 +263,13 @@ class BoundaryLayer(EvidenceLayer):
             excuse = unjudged(problem, profile, ev, **details)
             return excuse or failed(problem.reason, problem.score, **details)
         answered = "; work probe answered by the leased model" if details["work_probe"] == "matched" else ""
+        if engine and (unanswered := work_probe(ev)):  # judged, but never a silent pass
+            return warned(
+                f"streamed tokens match the receipt at an honest pace; work probe not judged: an engine "
+                f"receipt carries no hidden states ({unanswered.reason})",
+                _pace_score(mean, profile),
+                **details,
+            )
         return passed(
             f"streamed tokens match the receipt; {mean * 1000:.1f} ms/token on average "
             f"(profile {profile.interval_s.median * 1000:.1f}){answered}",

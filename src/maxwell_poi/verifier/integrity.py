@@ -18,6 +18,7 @@ from securesystemslib.exceptions import VerificationError
 from securesystemslib.signer import SSlibKey
 
 from ..protocol.encoding import sha256_hex, token_width
+from ..protocol.engine import engine_shape_problem
 from ..protocol.errors import ReceiptFormatError, UnknownAgentError, UnknownModelError
 from ..protocol.keys import Keyring
 from ..protocol.lease import GenerateJob
@@ -56,6 +57,7 @@ class IntegrityLayer(TimedLayer):
         except ReceiptFormatError as exc:
             return failed(str(exc))
         for problem in (
+            kind_size(receipt, max_receipt_bytes(lease, ref.hidden, receipt.claims.engine is not None)),
             signature(self.keyring, key, ctx, receipt),
             bindings(ctx, receipt, ref),
             deadline(ctx),
@@ -82,6 +84,16 @@ def flood(ctx: Appraisal, limit: int) -> Finding | None:
     if counted > limit:
         return Finding(f"receipt: expected at most {limit} bytes for this lease, got {counted}")
     return None
+
+
+def kind_size(receipt: OpenedReceipt, limit: int) -> Finding | None:
+    """The channel allowed the larger of the SDK and engine bounds; the receipt's own kind has its own."""
+    if receipt.size <= limit:
+        return None
+    kind = "an engine" if receipt.claims.engine is not None else "an SDK"
+    return Finding(
+        f"receipt: expected at most {limit} bytes for {kind} receipt of this lease, got {receipt.size}"
+    )
 
 
 def signature(keyring: Keyring, key: SSlibKey, ctx: Appraisal, receipt: OpenedReceipt) -> Finding | None:
@@ -125,6 +137,17 @@ def deadline(ctx: Appraisal) -> Finding | None:
 def output_shape(ctx: Appraisal, receipt: OpenedReceipt, ref: ReferenceValues) -> Finding | None:
     lease = ctx.lease
     c, job = receipt.claims, lease.job
+    if c.engine is not None:  # an engine receipt (v4): tokens and log-probs, no activations
+        if not isinstance(job, GenerateJob):
+            return Finding("engine receipt: expected a generation lease, got an embedding lease")
+        if c.output.tokens is None or c.output.width != token_width(ref.vocab):
+            want = token_width(ref.vocab)
+            return Finding(f"output token width: expected {want} bytes, got {c.output.width}")
+        why = engine_shape_problem(
+            c.engine, c.tokens(), job.max_new_tokens, job.temperature, c.output.width, ref.vocab
+        )
+        return Finding(why) if why else None
+    assert c.fp is not None  # the claims' validator: an SDK receipt has fingerprints
     if c.fp.k != job.fingerprint_k:
         return Finding(f"fingerprint k: expected {job.fingerprint_k}, got {c.fp.k}")
     if isinstance(job, GenerateJob):
