@@ -99,6 +99,7 @@ class EngineAdapter:
         registry: Registry | None = None,
         timeout_s: float = 600.0,
         tamper: Callable[[Lease, list[int]], list[int]] | None = None,
+        alter_prompt: Callable[[str], str] | None = None,
     ) -> None:
         if not 1 <= top <= ENGINE_MAX_TOP:
             raise PoiError(f"--engine-top: expected 1-{ENGINE_MAX_TOP}, got {top}")
@@ -110,6 +111,7 @@ class EngineAdapter:
         self._dialects: dict[str, Dialect] = {}
         self._pieces: dict[str, PieceMap] = {}
         self.tamper = tamper  # adversaries only: change the tokens before signing
+        self.alter_prompt = alter_prompt  # adversaries only: send the engine another prompt
 
     # -- talking to the engine -------------------------------------------------------------------
     def served_models(self) -> list[str]:
@@ -221,7 +223,7 @@ class EngineAdapter:
         seed = int.from_bytes(lease.seed_bytes[:4], "little")
         body: dict[str, Any] = {
             "model": d.model,
-            "prompt": d.prefix + job.prompt,
+            "prompt": d.prefix + (self.alter_prompt(job.prompt) if self.alter_prompt else job.prompt),
             "max_tokens": job.max_new_tokens,
             "temperature": job.temperature,
             **self._extra(d, job.temperature, job.top_k, None if greedy else seed),

@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 from ..protocol.errors import PoiError
-from .models import Registry, model_dir
+from .models import LoadedModel, Registry, model_dir
 
 GgufType = Literal["f32", "f16", "q8_0"]
 GGUF_TYPES: tuple[GgufType, ...] = ("f32", "f16", "q8_0")
@@ -86,18 +86,24 @@ def _tokenizer_tables(folder: Path) -> tuple[list[str], list[int], list[str]]:
 
 
 def export_gguf(
-    model_id: str, out: str | Path, ftype: GgufType = "f32", registry: Registry | None = None
+    model_id: str,
+    out: str | Path,
+    ftype: GgufType = "f32",
+    registry: Registry | None = None,
+    loaded: LoadedModel | None = None,
 ) -> Path:
     """Write `model_id` (a registered Llama causal LM with its own tokenizer) to `out` as GGUF.
 
     f32 and f16 store every matrix at that type; q8_0 quantises them (blocks of 32, one f16 scale:
     llama.cpp's Q8_0). 1-D norm weights stay f32 at every type, as llama.cpp's converter keeps them.
+    `loaded`: write these weights instead of the registry's (a modified copy: the engine benchmark's
+    weight-noise cheat); the tokenizer and config are still `model_id`'s.
     """
     gguf = _gguf()
     if ftype not in GGUF_TYPES:
         raise PoiError(f"GGUF type must be one of {GGUF_TYPES}, got {ftype!r}")
     registry = registry or Registry()
-    loaded = registry.load(model_id)  # the registry's weights, digest-checked, from local files
+    loaded = loaded or registry.load(model_id)  # the registry's weights, digest-checked, from local files
     cfg = loaded.module.config
     if getattr(cfg, "model_type", None) != "llama" or loaded.spec.path is None:
         raise PoiError(f"GGUF export handles the registry's Llama causal LMs, not {model_id!r}")

@@ -25,6 +25,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shlex
 import shutil
 import stat
 import sys
@@ -36,6 +37,8 @@ from ...registry.home import poi_home
 
 # variables that name folders an agent reads (where set): granted read-only
 PATH_VARIABLES = ("HF_HOME", "HF_HUB_CACHE", "TRANSFORMERS_CACHE", "POI_TOKENIZER")
+# options whose value is a whole command line the agent starts as its child (prover.engine_process)
+NESTED_COMMANDS = frozenset({"--engine-cmd"})
 # an option value taken as a path the agent may create: no spaces or shell syntax, one "/" at least
 _CLEAN_PATH = re.compile(r"^[\w.~+@%=,-]*/[\w./~+@%=,-]*$")
 
@@ -112,8 +115,15 @@ def command_line(argv: Sequence[str], cwd: Path) -> Grants:
             previous = arg
             continue
         is_option_value = bool(eq) or previous.startswith("--")
+        nested = (arg.partition("=")[0] if eq else previous) in NESTED_COMMANDS
         previous = ""
         if not value or "\0" in value:
+            continue
+        if nested:  # `--engine-cmd "python -m llama_cpp.server --model x.gguf"`: what the child names
+            inner = command_line(["engine", *shlex.split(value)], cwd)
+            read += inner.read
+            copies += inner.copies
+            outputs += inner.outputs
             continue
         path = _absolute(value, cwd)
         try:
