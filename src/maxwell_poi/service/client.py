@@ -214,8 +214,12 @@ class ServiceClient:
         """A pull with every field of its body (service.wire.PullBody: the one place it is defined)."""
         return self.call(PullAnswer, "POST", "/v1/node/pull", body.model_dump(mode="json"), auth="signed")
 
-    def opening(self, challenge_id: int, lease_id: str, line: bytes) -> OpeningAnswer:
-        body = {"challenge_id": challenge_id, "lease_id": lease_id, "line": line.decode()}
+    def opening(
+        self, challenge_id: int, lease_id: str, line: bytes, cpu_wait_s: float | None = None
+    ) -> OpeningAnswer:
+        body: dict[str, Any] = {"challenge_id": challenge_id, "lease_id": lease_id, "line": line.decode()}
+        if cpu_wait_s is not None:  # the node's measurement (service.wire.OpeningBody)
+            body["cpu_wait_s"] = cpu_wait_s
         return self.call(OpeningAnswer, "POST", "/v1/node/openings", body, auth="signed")
 
     def intake(self, lease_id: str, receipt: bytes, evidence: bytes) -> IntakeAnswer:

@@ -14,8 +14,12 @@ escrowed: the verdict is not final and the lease stays `audit_pending`. Here, fo
    parts of at most `blocks` blocks and a byte budget the relay carries, and checks each part
    against the receipt's signed trace root and each block exactly (Freivalds on the linear
    operations with secret vectors, Maxwell's replay of everything between them). No opening in
-   time, a refusal, a forged tensor, a block missing or one that does not follow: L3 fails, and
-   the first failure ends the challenge.
+   time after the node took the question, a refusal, a forged tensor, a block missing or one that
+   does not follow: L3 fails, and the first failure ends the challenge. A question no pull of the
+   node took before its deadline (`Outcome.UNDELIVERED`) is Maxwell's failure, not evidence: it
+   ends the challenge as an L3 **warning** naming the node — settled as every warning is, the
+   stake neither released nor slashed (held). A dispute's undelivered question leaves its L3 entry
+   a warning too (the L4 disagreement that started the dispute still stands).
 4. **Window.** A lease whose checks all passed becomes final — stake released — once its challenge
    window (`challenge_window_s` from intake) has closed; a failed check is final at once (stake
    slashed, whatever the window).
@@ -48,7 +52,7 @@ from ..verifier.dispute import DisputeResult, bisect, reference_inputs
 from ..verifier.every_block import appraise_every_block
 from ..verifier.exact import FreivaldsKey, IntFreivaldsKey, key_for, traced_ops
 from .audits import AuditWorkers, with_l4
-from .challenges import ChallengeBoard
+from .challenges import Asked, ChallengeBoard
 from .schema import AgentRow, LeaseRow, ReceiptRow, VerdictRow
 from .settlement import finalise, pending_audits
 from .states import ChallengeKind
@@ -186,21 +190,29 @@ class ExactAudits:
     ) -> LayerResult:
         """Every block opened, part by part, each part one question relayed by the lease's node."""
         total, ops = len(model.layers), traced_ops(model)
+        undelivered: list[Asked] = []
 
         def opener(blocks: list[int]) -> Opening | str:
             keys = opening_keys(blocks, total, ops)
-            return self.board.ask(lease.lease_id, row.node_id, ChallengeKind.L3, keys, self.opening_timeout_s)
+            asked = self.board.ask(
+                lease.lease_id, row.node_id, ChallengeKind.L3, keys, self.opening_timeout_s
+            )
+            if not asked.evidence:
+                undelivered.append(asked)  # ends the challenge (its reason is the opening's problem)
+            return asked.opening if asked.opening is not None else asked.reason
 
         prompt = model.encode_prompt(lease.job.prompt) if isinstance(lease.job, GenerateJob) else []
         positions = len(prompt) + len(claims.tokens())  # only sizes the parts: a wrong size fails closed
-        return appraise_every_block(
+        result = appraise_every_block(
             claims, lease.nonce_bytes, model, key, opener, positions=positions, most_blocks=self.blocks
         )
+        return not_evidence(result, undelivered)
 
     def _dispute(self, row: LeaseRow, lease: Lease, claims: ReceiptClaims, model: LoadedModel) -> LayerResult:
         t0 = time.perf_counter()
         reference = reference_inputs(model, model.encode_prompt(lease.job.prompt), claims.tokens())
         why: list[str] = []
+        undelivered: list[Asked] = []
         waited = [0.0]  # the round trips through the node: the agent's time, not Maxwell's work
 
         def opener(keys: list[tuple[int, str]]) -> Opening | None:
@@ -208,19 +220,34 @@ class ExactAudits:
             asked = time.perf_counter()
             got = self.board.ask(lease.lease_id, row.node_id, kind, keys, self.opening_timeout_s)
             waited[0] += time.perf_counter() - asked
-            if isinstance(got, str):
-                why.append(got)
-                return None
-            return got
+            if got.opening is None:  # bisect stops at the first opening that does not come
+                why.append(got.reason)
+                if not got.evidence:
+                    undelivered.append(got)
+            return got.opening
 
         result = bisect(model, reference, claims.trace or "", lease.nonce_bytes, opener)
-        return dispute_layer(result, why, time.perf_counter() - t0, waited[0])
+        return not_evidence(dispute_layer(result, why, time.perf_counter() - t0, waited[0]), undelivered)
 
     def _keep_layers(self, lease_id: str, layers: list[LayerResult]) -> None:
         with self.ledger.session() as session, session.begin():
             current = session.get(VerdictRow, lease_id, with_for_update=True)
             if current is not None and not current.final:
                 current.layers = json.dumps([r.as_dict() for r in layers])
+
+
+def not_evidence(result: LayerResult, undelivered: list[Asked]) -> LayerResult:
+    """An L3 failure that came from a question Maxwell never delivered is no evidence about the
+    agent: a WARN with the same reason and details (settled as a warning: the stake held, neither
+    released nor slashed). Any other result stands as it is."""
+    if not undelivered or result.status is not Status.FAIL:
+        return result
+    details = {**result.details, "undelivered_challenge": undelivered[-1].challenge_id}
+    reason = result.reason
+    if "dispute" in result.details:  # not "dispute lost": it could not go on
+        probes = len(result.details["dispute"].get("probes", []))
+        reason = f"dispute not finished ({probes} openings): {undelivered[-1].reason}"
+    return LayerResult(LayerName.EXACT, Status.WARN, reason, cost_s=result.cost_s, details=details)
 
 
 def dispute_layer(result: DisputeResult, why: list[str], cost_s: float, waited_s: float = 0.0) -> LayerResult:

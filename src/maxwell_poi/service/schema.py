@@ -160,7 +160,9 @@ class SettingRow(ServiceBase):
 
 class ChallengeRow(ServiceBase):
     """One opening Maxwell asked of an exact-tier lease's agent (through the lease's node): which
-    traced tensors, by when, and what came back (verbatim; judged by service.exact_audits)."""
+    traced tensors, when a pull of the node took it (`delivered_at`, None: never), by when, and what
+    came back (verbatim; judged by service.exact_audits). The deadline counts from delivery
+    (service.challenges)."""
 
     __tablename__ = "cp_challenges"
     __table_args__ = (
@@ -174,6 +176,7 @@ class ChallengeRow(ServiceBase):
     keys: Mapped[str] = mapped_column(Text)  # JSON [[block, op], ...]
     status: Mapped[str] = mapped_column(String(16), index=True)
     asked_at: Mapped[float] = mapped_column(Float)
+    delivered_at: Mapped[float | None] = mapped_column(Float, nullable=True)  # Maxwell's clock (cp0007)
     deadline: Mapped[float] = mapped_column(Float)
     answered_at: Mapped[float | None] = mapped_column(Float, nullable=True)
     answer: Mapped[bytes | None] = mapped_column(LargeBinary, nullable=True)

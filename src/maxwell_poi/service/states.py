@@ -58,6 +58,8 @@ class StakeOutcome(StrEnum):
 class ChallengeState(StrEnum):
     OPEN = "open"
     ANSWERED = "answered"
+    # closed without an answer in time; `cp_challenges.delivered_at` tells the agent's silence (set)
+    # from a question no pull of its node took before the deadline (NULL: Maxwell's failure)
     LATE = "late"
 
 

@@ -102,6 +102,14 @@ class OpeningBody(Strict):
         description='the agent\'s opening line ({"o": ...}) or refusal ({"x": ...}), verbatim; '
         "empty when the agent gave none",
     )
+    cpu_wait_s: float | None = Field(
+        default=None,
+        ge=0,
+        le=86_400,
+        description="how long the agent's sandbox waited for a CPU while it answered, as the node "
+        "measured it (run-queue delay; never the agent's word); extends the deadline by at most the "
+        "question's `cpu_wait_cap_s`. Absent: not measured, no extension",
+    )
 
 
 class ErrorDetail(BaseModel):
@@ -207,6 +215,7 @@ class ChallengeView(BaseModel):
     keys: list[tuple[int, str]] = Field(description="[block, op] of each tensor asked for")
     status: str
     asked_at: float
+    delivered_at: float | None = Field(default=None, description="when a pull of the node took it")
     deadline: float
     answered_at: float | None
     answer_bytes: int
@@ -299,13 +308,15 @@ class PulledLeaseView(BaseModel):
 
 
 class OpenChallenge(BaseModel):
-    """An L3 challenge waiting for the node's agent: open these tensors before `timeout_s`."""
+    """An L3 challenge waiting for the node's agent: open these tensors before `timeout_s` (counted
+    from this delivery), extended by the sandbox's measured CPU wait up to `cpu_wait_cap_s`."""
 
     challenge_id: int
     lease_id: str
     agent_id: str
     keys: list[tuple[int, str]]
     timeout_s: float
+    cpu_wait_cap_s: float = 0.0
 
 
 class PullAnswer(BaseModel):
