@@ -227,8 +227,9 @@ def appraise_opening(
     mode of a W8A8 model). No opening (refused, late) fails. (verifier.every_block asks for every
     block of a challenged lease, in as many openings as the relay carries, through `check_opening`.)"""
     t0 = time.perf_counter()
-    if claims.trace is None:
-        return LayerResult(LayerName.EXACT, Status.FAIL, NO_TRACE_ROOT)
+    if claims.trace is None:  # an engine receipt (v4) never has one: the reason says which it was
+        engine = " (an engine receipt: engines commit to no activations)" if claims.engine else ""
+        return LayerResult(LayerName.EXACT, Status.FAIL, NO_TRACE_ROOT + engine)
     if opening is None:
         return LayerResult(LayerName.EXACT, Status.FAIL, f"opening of blocks {blocks}: none came in time")
     checks, problem = check_opening(model, key, nonce, claims.trace, blocks, opening, tol)
