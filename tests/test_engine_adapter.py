@@ -137,7 +137,10 @@ def test_transformers_serve_token_only_honest_passes_and_a_substitute_is_caught(
     assert audit.status is Status.PASS, audit.reason
     assert "token-only receipt" in audit.reason and audit.details["engine"]["fp_kind"] == "tokens"
     ((_, cheat),) = through_agent(
-        world, transformers_serve_argv(model_dir(registry.get("poi-lm-draft"))), "engine-tf-draft", leases(0.0)
+        world,
+        transformers_serve_argv(model_dir(registry.get("poi-lm-draft"))),
+        "engine-tf-draft",
+        leases(0.0),
     )
     assert cheat.verdict == "contraindicated", cheat.layer(LayerName.AUDIT).reason
     print("transformers serve:", audit.reason, "|", cheat.layer(LayerName.AUDIT).reason)
@@ -149,7 +152,9 @@ def test_clear_errors_for_an_unreachable_or_failing_engine(world):
     folder = world[0]
     key = str(folder / "agent.pem")
     gone = CliRunner().invoke(app, ["agent", "--key", key, "--resident", "--engine", "http://127.0.0.1:9/v1"])
-    assert gone.exit_code == 2 and "engine not reachable: tried GET http://127.0.0.1:9/v1/models" in gone.stderr
+    assert (
+        gone.exit_code == 2 and "engine not reachable: tried GET http://127.0.0.1:9/v1/models" in gone.stderr
+    )
     crash = f"{sys.executable} -c 'import sys; print(\"no model here\", file=sys.stderr); sys.exit(3)'"
     failed = CliRunner().invoke(app, ["agent", "--key", key, "--resident", "--engine-cmd", crash])
     assert failed.exit_code == 2 and "engine start failed: exited with 3" in failed.stderr

@@ -143,10 +143,20 @@ def claims() -> ReceiptClaims:
     )
 
 
+def engine_claims() -> ReceiptClaims:
+    """An engine receipt's claims (v4, docs/receipt.md "Engine receipts"): no fp or layers."""
+    from maxwell_poi.protocol.engine import EngineClaim
+
+    engine = EngineClaim(name="spec", fp_kind="tokens", decoding="greedy", finish="length")
+    return claims().model_copy(update={"fp": None, "layers": None, "engine": engine})
+
+
 def reads(predicate_type: str) -> bool:
-    """Whether Maxwell's receipt parser accepts a receipt of this predicate type (without `trace`)."""
-    statement = {**statement_for(claims()), "predicateType": predicate_type}
-    raw = json.loads(sign_receipt(claims(), AgentKey.generate()))
+    """Whether Maxwell's receipt parser accepts a receipt of this predicate type (without `trace`;
+    v4, the engine receipt, with its `engine` object)."""
+    made = engine_claims() if predicate_type.endswith("/v4") else claims()
+    statement = {**statement_for(made), "predicateType": predicate_type}
+    raw = json.loads(sign_receipt(made, AgentKey.generate()))
     raw["payload"] = b64(json.dumps(statement).encode())  # open_receipt checks shape, not signature
     try:
         open_receipt(json.dumps(raw).encode(), 1 << 20)
