@@ -81,6 +81,7 @@ class Dialect:
     model: str  # the name the engine serves the model under
     prefix: str = ""  # text put before the prompt (the bos token, for engines that add none)
     logprobs: bool = True  # the engine returns log-probabilities
+    eos: int | None = None  # the model's end-of-sequence id (transformers serve needs it in its config)
     notes: list[str] = field(default_factory=list)
 
 
@@ -173,7 +174,7 @@ class EngineAdapter:
         tok = tokenizer_for(spec)
         probe = "Hello"
         want = len(self.registry.encode_prompt(model_id, probe))
-        d = Dialect(model=name)
+        d = Dialect(model=name, eos=getattr(tok, "eos_token_id", None))
         body = {"model": name, "prompt": probe, "max_tokens": 1, "temperature": 0, "logprobs": self.top}
         answer = self._post({**body, **self._extra(d, 0, 0, None)})
         got = int((answer.get("usage") or {}).get("prompt_tokens") or 0)
@@ -205,6 +206,7 @@ class EngineAdapter:
                 "top_p": 1.0,
                 "top_k": top_k or None,
                 "repetition_penalty": 1.0,
+                "eos_token_id": d.eos,
             }
             if temperature > 0:
                 cfg["temperature"] = temperature
