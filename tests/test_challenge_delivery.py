@@ -13,8 +13,10 @@ from __future__ import annotations
 
 import itertools
 import json
+import os
 import sys
 import time
+import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,6 +32,7 @@ import maxwell_poi.service.intake as intake
 from maxwell_poi.ledger import Ledger, check_ledger, open_ledger_db
 from maxwell_poi.ledger.db import writer
 from maxwell_poi.node.attest import NodeKey, sign_evidence
+from maxwell_poi.node.resident import ResidentAgent
 from maxwell_poi.observer.evidence import LeaseEvidence
 from maxwell_poi.protocol.keys import AgentKey
 from maxwell_poi.protocol.lease import Lease
@@ -238,6 +241,38 @@ def test_a_claimed_cpu_wait_past_the_cap_buys_nothing(plane: Plane, timeout: flo
     verdict, l3 = plane.final(lease_id)
     assert (verdict.verdict, verdict.stake_outcome) == ("contraindicated", "slashed"), verdict.reason
     assert plane.slashed() == slashed + STAKE
+
+
+# -- the node's measurement ---------------------------------------------------------------------------
+
+# answers an L3 question (with a refusal: only its arrival matters here) `delay` seconds after it
+# came; with `hogs`, that many busy children share its sandbox all along, so its threads wait for a CPU
+SLOW_AGENT = """
+import json, subprocess, sys, time
+delay, hogs = float(sys.argv[1]), int(sys.argv[2])
+busy = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(hogs)]
+for line in sys.stdin:
+    lease_id = json.loads(line)["open"]
+    time.sleep(delay)
+    sys.stdout.write(json.dumps({"x": lease_id, "error": "here, late"}, separators=(",", ":")) + "\\n")
+    sys.stdout.flush()
+"""
+
+
+@pytest.mark.parametrize("hogs", [0, 2 * len(os.sched_getaffinity(0)) + 1])
+def test_the_node_waits_past_the_timeout_only_for_cpu_wait_it_measured(hogs: int) -> None:
+    """The node's side: an agent whose threads wait for a CPU gets its measured wait on top of the
+    timeout (within the cap), and its answer is relayed; an agent that merely sleeps gets nothing."""
+    lease_id = uuid.uuid4().hex
+    argv = [sys.executable, "-c", SLOW_AGENT, "1.5", str(hogs)]
+    with ResidentAgent(argv, name=f"slow-{hogs}") as agent:
+        window = agent.open_measured(lease_id, [(0, "x")], timeout_s=1.0, wait_cap_s=3.0)
+    assert window.cpu_wait_s is not None, "no schedstat here: the node cannot measure CPU wait"
+    if hogs:
+        assert window.answer == "the agent refused: here, late", window  # waited for: it was starved
+        assert window.cpu_wait_s > 0
+    else:
+        assert isinstance(window.answer, str) and window.answer.startswith("no opening within 1 s"), window
 
 
 # -- the migration ---------------------------------------------------------------------------------

@@ -124,18 +124,22 @@ class RemoteNode:
 
     def _answer_challenge(self, challenge: OpenChallenge) -> ChallengeHandled:
         """Ask the lease's resident agent to open what Maxwell asked for; post its line verbatim (a
-        refusal line when it gave none: Maxwell judges either, against the receipt's trace root)."""
+        refusal line when it gave none: Maxwell judges either, against the receipt's trace root),
+        with the CPU wait its sandbox measured meanwhile (extends the deadline, within Maxwell's cap)."""
         lease_id, agent_id = challenge.lease_id, challenge.agent_id
         keys = list(challenge.keys)
         agent = self.node.agents.get(agent_id)
+        cpu_wait_s = None
         if agent is None:  # not resident here (stopped, or this node restarted): no one to ask
             line = refusal_line(lease_id, f"agent {agent_id} is not running on node {self.node.node_id}")
         else:
-            got = agent.open(lease_id, keys, timeout_s=max(0.1, challenge.timeout_s))
+            timeout_s, cap_s = max(0.1, challenge.timeout_s), challenge.cpu_wait_cap_s
+            window = agent.open_measured(lease_id, keys, timeout_s=timeout_s, wait_cap_s=cap_s)
+            got, cpu_wait_s = window.answer, window.cpu_wait_s
             line = got.line if isinstance(got, TaggedOpening) else refusal_line(lease_id, got)
         answer: OpeningAnswer | Refused
         try:
-            answer = self.client.opening(challenge.challenge_id, lease_id, line)
+            answer = self.client.opening(challenge.challenge_id, lease_id, line, cpu_wait_s=cpu_wait_s)
         except ServiceRefused as exc:  # late, or already answered: nothing more to do for it
             answer = Refused(lease_id=lease_id, refused=exc.status, error=exc.body)
         return ChallengeHandled(lease_id=lease_id, challenge_id=challenge.challenge_id, answer=answer)
