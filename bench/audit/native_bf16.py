@@ -311,16 +311,16 @@ def main() -> None:
     )
     native_file = out_dir / "native_audit.json" if out_dir else NATIVE_FILE
     native_file.parent.mkdir(parents=True, exist_ok=True)
-    native_file.write_text(
-        json.dumps(
-            {
-                "_note": "written by python -m bench.audit.native_bf16 (see verifier/thresholds.py)",
-                "precisions": {"bf16": {"tolerance": vars(native), "provenance": provenance}},
-            },
-            indent=1,
-        )
-        + "\n"
+    kept = json.loads(native_file.read_text()) if native_file.exists() else {}
+    kept.update(  # the decode-replay set (bench/audit/native_replay.py) is kept
+        {
+            "_note": kept.get(
+                "_note", "written by python -m bench.audit.native_bf16 (see verifier/thresholds.py)"
+            ),
+            "precisions": {"bf16": {"tolerance": vars(native), "provenance": provenance}},
+        }
     )
+    native_file.write_text(json.dumps(kept, indent=1) + "\n")
     print(json.dumps(brief(per_model), indent=1))
 
 

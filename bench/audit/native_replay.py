@@ -1,126 +1,226 @@
-"""The next step for native bf16 audits, measured: re-execute a bf16 answer the way the prover
-decoded it (the prompt in one pass, then one token at a time on a KV cache) instead of in one
-prefill over prompt + output.
+"""Decode replay for native bf16 audits: fit the near-exact `replay` set and judge honest and
+cheating bf16 claims by the audit's final rule (verifier.audit.AuditLayer.replayed).
 
-bench/audit/native_bf16.py found that a native bf16 prefill leaves honest bf16 runs only 56-91 %
-of their top-k values close (the prefill rounds differently from the prover's token-by-token
-decode), so int8-rounded weights hide in that room (29 / 40 caught on poi-lm). Here each run's
-fingerprint chunks are compared against both references in bf16 on this class: honest provers at
-2 and 1 threads, in a batch of 4 and decoding speculatively (its verify passes feed blocks of
-tokens, so a token-by-token replay does not reproduce them), and int8 weights computing in bf16.
-Nothing here changes the audit; it measures whether a decode replay would separate them.
+bench/audit/native_bf16.py found that a native bf16 *prefill* leaves honest bf16 runs only 56-91 %
+of their top-k values close (a prefill rounds differently from the prover's token-by-token decode),
+so int8-rounded weights computing in bf16 hid in that room (29 / 40 caught on poi-lm). Here each
+answer is re-executed the way its prover decoded it (protocol.schedule: one token per pass, or the
+passes a speculative decoder declares in its receipt) in bf16 on this class, and at fp32 as a
+prefill (an answer served at fp32). The replay set is fitted on every other honest bf16-computed run
+and judged on the rest and on every cheat run; the rule: pass if the replay is within the replay set
+or the fp32 prefill within the same-class fp32 set. Each run also keeps its native-prefill numbers,
+so the old rule is judged on the same answers.
 
-    python -m bench.audit.native_replay            # poi-lm, 20 bf16-claim leases per variant
+    python -m bench.audit.native_replay                   # poi-lm and gpt2-small; writes the set
+    python -m bench.audit.native_replay --quick           # gpt2-micro, a few runs, writes under /tmp
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import time
-
-import numpy as np
-import torch
+from pathlib import Path
 
 from maxwell_poi.prover.harness import quiet_libraries
 
 quiet_libraries()
 
+from bench.audit.native_bf16 import BF16, DRAFTS, NATIVE_FILE, cheats, honest, passes  # noqa: E402
 from bench.audit.reliability import machine  # noqa: E402
-from bench.common.results import write_results  # noqa: E402
-from bench.common.variants import PROMPTS, Variant, swapped  # noqa: E402
-from maxwell_poi.adversaries.precision_downgrade import int8_rounded  # noqa: E402
-from maxwell_poi.protocol.fingerprint import ChunkComparison, chunk_spans  # noqa: E402
+from bench.common.results import commit, write_results  # noqa: E402
+from bench.common.stats import rate_block  # noqa: E402
+from bench.common.variants import PROMPTS, Variant  # noqa: E402
 from maxwell_poi.protocol.keys import AgentKey  # noqa: E402
 from maxwell_poi.protocol.lease import GenerateJob, Lease  # noqa: E402
-from maxwell_poi.protocol.receipt import ReceiptClaims  # noqa: E402
-from maxwell_poi.prover.sdk import Prover, with_dtype  # noqa: E402
-from maxwell_poi.prover.speculative import SpeculativeProver  # noqa: E402
-from maxwell_poi.registry.fingerprint import compare_chunk  # noqa: E402
-from maxwell_poi.registry.forward import KVCached  # noqa: E402
-from maxwell_poi.registry.models import LoadedModel, Registry  # noqa: E402
-from maxwell_poi.verifier.audit import measure_generation  # noqa: E402
+from maxwell_poi.protocol.schedule import schedule_of  # noqa: E402
+from maxwell_poi.prover.sdk import with_dtype  # noqa: E402
+from maxwell_poi.registry.models import Registry  # noqa: E402
+from maxwell_poi.verifier.audit import AuditMeasurement, measure_generation  # noqa: E402
+from maxwell_poi.verifier.thresholds import Thresholds, Tolerance  # noqa: E402
 
 WRITES = {"bf16_int8.json": ["native_replay"]}  # the keys this script writes (bench/common/results.py)
-DRAFTS = {"poi-lm": "poi-lm-draft", "gpt2-small": "gpt2-mini"}
+NOT_BF16_COMPUTE = ("served-at-fp32", "bf16-weights-fp32-compute")  # judged, never fitted on
 
 
-def replayed(model: LoadedModel, lease: Lease, claims: ReceiptClaims) -> list[ChunkComparison]:
-    """The fingerprint chunks against a token-by-token decode of the answer (the last token is
-    never fed: the prover chose it from the previous step's logits)."""
-    job = lease.job
-    assert isinstance(job, GenerateJob)
-    prompt, tokens = model.encode_prompt(job.prompt), claims.tokens()
-    kv = KVCached(model)
-    hidden = [kv.feed_hidden(prompt)[0], *(kv.feed_hidden([t])[0] for t in tokens[:-1])]
-    states = torch.cat(hidden)
-    spans = chunk_spans(len(prompt), len(tokens), job.chunk)
-    data = claims.fingerprint_bytes()
-    size = len(data) // len(spans)
-    return [
-        compare_chunk(data[i * size : (i + 1) * size], states[s:e], job.fingerprint_k, (s, e))
-        for i, (s, e) in enumerate(spans)
-    ]
+def measure(model_id: str, v: Variant, n: int, refs: dict, edges: dict, tokens: int, offset: int) -> list:
+    """n bf16-claim leases answered by `v`: each re-executed as a bf16 decode replay (the declared
+    schedule), a bf16 prefill (the native rule before) and an fp32 prefill (served at fp32)."""
+    rows = []
+    for i in range(n):
+        job = GenerateJob(
+            prompt=f"{PROMPTS[(i + offset) % len(PROMPTS)]} ({i + offset})",  # numbered: no repeated trial
+            max_new_tokens=tokens,
+            temperature=0.8 if i % 2 else 0.0,
+            chunk=16,
+        )
+        lease = Lease.issue("agent-1", model_id, job, precision="bf16")
+        claims = v.claims(lease)
+        schedule = schedule_of(claims.runtime, len(claims.tokens()))
+        rows.append(
+            {
+                "replay": measure_generation(lease, claims, refs["bf16"], edges["bf16"], schedule.passes),
+                "bf16": measure_generation(lease, claims, refs["bf16"], edges["bf16"]),
+                "fp32": measure_generation(lease, claims, refs["fp32"], edges["fp32"]),
+                "declared": schedule.declared,
+            }
+        )
+    return rows
 
 
-def spread(values: list[float]) -> list[float]:
-    return [float(min(values)), float(np.median(values)), float(max(values))]
+def fit(calibration: list[dict], native: Tolerance) -> Tolerance:
+    """The replay set from honest bf16-computed runs: a 5-point margin under the worst chunk's close
+    fraction seen, and twice the largest median error seen (at least 2^-12); token bounds copied
+    from the native set (the replay's logits are the prover's, so its token checks are not looser)."""
+    closes = [r["replay"].worst_close for r in calibration]
+    medians = [r["replay"].worst_median_rel for r in calibration]
+    return Tolerance(
+        min_close=round(min(closes) - 0.05, 4),
+        max_median_rel=float(max(2 * max(medians), 2.0**-12)),
+        token_gap=native.token_gap,
+        embed_max_abs=native.embed_max_abs,
+        logit_tol=native.logit_tol,
+    )
+
+
+def verdict(row: dict, replay: Tolerance, same_fp32: Tolerance) -> dict:
+    """The final rule (AuditLayer.replayed) on one run: the decode replay, then fp32."""
+    return {"replay": passes(row["replay"], replay), "fp32": passes(row["fp32"], same_fp32)}
+
+
+def spread(ms: list[AuditMeasurement]) -> dict:
+    closes = [m.worst_close for m in ms]
+    return {"worst_close_min": min(closes), "worst_close_max": max(closes)}
+
+
+def judge(rows: list[dict], replay: Tolerance, same_fp32: Tolerance, old: Tolerance, what: str) -> dict:
+    verdicts = [verdict(r, replay, same_fp32) for r in rows]
+    bad = sum(not (v["replay"] or v["fp32"]) for v in verdicts)
+    old_bad = sum(not (passes(r["bf16"], old) or passes(r["fp32"], same_fp32)) for r in rows)
+    return {
+        **rate_block(bad, len(rows), what),
+        f"{what}_by_native_prefill_rule": old_bad,
+        "passed_replay": sum(v["replay"] for v in verdicts),
+        "passed_fp32_only": sum(v["fp32"] and not v["replay"] for v in verdicts),
+        "declared_schedule": sum(r["declared"] for r in rows),
+        "replay": spread([r["replay"] for r in rows]),
+        "native_prefill": spread([r["bf16"] for r in rows]),
+        "runs_measured": [
+            [
+                round(r["replay"].worst_close, 4),
+                float(r["replay"].worst_median_rel),
+                round(r["replay"].max_gap, 5),
+            ]
+            for r in rows
+        ],
+    }
+
+
+def write_set(path: Path, replay: Tolerance, provenance: dict) -> None:
+    """Add (or replace) the `replay` section of native_audit.json, keeping the native sets."""
+    data = json.loads(path.read_text()) if path.exists() else {"precisions": {}}
+    data["replay"] = {"bf16": {"tolerance": vars(replay), "provenance": provenance}}
+    data["_note"] = (
+        "precisions: python -m bench.audit.native_bf16; replay: python -m bench.audit.native_replay "
+        "(see verifier/thresholds.py)"
+    )
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(data, indent=1) + "\n")
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--model", default="poi-lm")
-    ap.add_argument("--runs", type=int, default=20, help="bf16-claim leases per variant")
+    ap.add_argument("--models", default="poi-lm,gpt2-small")
+    ap.add_argument("--honest", default="20,12", help="runs per honest variant, per model")
+    ap.add_argument("--cheats", default="40,12", help="runs per cheat, per model")
+    ap.add_argument("--tokens", type=int, default=32)
+    ap.add_argument("--quick", action="store_true", help="gpt2-micro, a few runs, writes under /tmp")
     args = ap.parse_args()
+    if args.quick:
+        args.models, args.honest, args.cheats = "gpt2-micro", "4", "2"
+    out_dir = Path("/tmp/native_replay") if args.quick else None
+    models = args.models.split(",")
+    n_honest = dict(zip(models, map(int, args.honest.split(",")), strict=False))
+    n_cheats = dict(zip(models, map(int, args.cheats.split(",")), strict=False))
     t0 = time.time()
     registry, key = Registry(), AgentKey.generate()
-    ref16 = with_dtype(registry.load(args.model), torch.bfloat16)
-    variants = {
-        "honest-bf16-2threads": Variant("a", Prover(key, registry), threads=2, precision="bf16"),
-        "honest-bf16-1thread": Variant("b", Prover(key, registry), threads=1, precision="bf16"),
-        "honest-bf16-batch4": Variant("c", Prover(key, registry, batch=4), precision="bf16"),
-        "honest-bf16-speculative": Variant(
-            "d", SpeculativeProver(key, DRAFTS[args.model], registry=registry), precision="bf16"
-        ),
-        "int8-weights-bf16-compute": Variant(
-            "e",
-            swapped(key, registry, lambda m: with_dtype(int8_rounded(m), torch.bfloat16)),
-            precision="bf16",
-        ),
-    }
-    out = {}
-    for name, v in variants.items():
-        prefill, decode = [], []
-        for i in range(args.runs):
-            job = GenerateJob(
-                prompt=f"{PROMPTS[i % len(PROMPTS)]} ({i})",  # numbered: a greedy repeat is no new trial
-                max_new_tokens=32,
-                temperature=0.8 if i % 2 else 0.0,
-                chunk=16,
-            )
-            lease = Lease.issue("agent-1", args.model, job, precision="bf16")
-            claims = v.claims(lease)
-            m = measure_generation(lease, claims, ref16, 0.0)
-            r = replayed(ref16, lease, claims)
-            prefill.append((m.worst_close, m.worst_median_rel))
-            decode.append((min(c.close_fraction for c in r), max(c.median_rel_error for c in r)))
-        out[name] = {
-            "runs": args.runs,
-            "prefill_worst_close": spread([p[0] for p in prefill]),
-            "prefill_worst_median_rel": spread([p[1] for p in prefill]),
-            "decode_replay_worst_close": spread([d[0] for d in decode]),
-            "decode_replay_worst_median_rel": spread([d[1] for d in decode]),
+    shipped = Thresholds.load()
+    same_fp32, old = shipped.same_class["fp32"], shipped.native.get("bf16", shipped.same_class["bf16"])
+    edges = {"bf16": shipped.same_class["bf16"].logit_tol, "fp32": same_fp32.logit_tol}
+    runs: dict[str, dict[str, dict[str, list]]] = {}
+    for model_id in models:
+        ref32 = registry.load(model_id)
+        refs = {"fp32": ref32, "bf16": with_dtype(ref32, BF16)}
+        runs[model_id] = {"honest": {}, "cheats": {}}
+        for kind, variants, n in (
+            ("honest", honest(registry, key, DRAFTS[model_id]), n_honest.get(model_id, 4)),
+            ("cheats", cheats(registry, key, DRAFTS[model_id]), n_cheats.get(model_id, 2)),
+        ):
+            for name, v in variants.items():
+                runs[model_id][kind][name] = measure(model_id, v, n, refs, edges, args.tokens, len(name))
+                print(f"[{time.time() - t0:7.1f} s] {model_id} {name}: {n} runs", flush=True)
+    calibration = [
+        r
+        for m in runs.values()
+        for name, rows in m["honest"].items()
+        if name not in NOT_BF16_COMPUTE
+        for r in rows[::2]
+    ]
+    replay = fit(calibration, old)
+    per_model = {}
+    for model_id, m in runs.items():
+        held = {name: rows[1::2] for name, rows in m["honest"].items()}
+        honest_out = {name: judge(rows, replay, same_fp32, old, "rejects") for name, rows in held.items()}
+        all_held = [r for rows in held.values() for r in rows]
+        bf16_held = [r for name, rows in held.items() if name not in NOT_BF16_COMPUTE for r in rows]
+        per_model[model_id] = {
+            "honest_held_out": judge(all_held, replay, same_fp32, old, "rejects"),
+            "honest_bf16_compute_held_out": judge(bf16_held, replay, same_fp32, old, "rejects"),
+            "honest_by_variant": honest_out,
+            "cheats": {
+                name: judge(rows, replay, same_fp32, old, "caught") for name, rows in m["cheats"].items()
+            },
         }
-        print(f"[{time.time() - t0:6.1f} s] {name}: {out[name]}", flush=True)
+        for row in (
+            per_model[model_id]["honest_held_out"],
+            per_model[model_id]["honest_bf16_compute_held_out"],
+        ):
+            row.pop("runs_measured")
+    provenance = {
+        "source": "bench/results/bf16_int8.json (native_replay), python -m bench.audit.native_replay",
+        "fitted_on": f"{len(calibration)} honest bf16-computed runs, every other one",
+        "models": models,
+        "class": machine()["numerics_class"],
+        "commit": commit(),
+        "token_bounds": "copied from the native set (not fitted here)",
+    }
     result = {
-        "what": "fingerprint closeness of bf16-claim answers against a bf16 prefill and a bf16 "
-        "token-by-token decode replay, on this class ([min, median, max] over runs of each run's "
-        "worst chunk)",
-        "model": args.model,
-        "variants": out,
+        "what": "bf16 claims re-executed on this class as a bf16 decode replay (the prover's declared "
+        "passes, or one token per pass) and as an fp32 prefill",
+        "rule": "pass if the decode replay is within the replay set, or the fp32 prefill within the "
+        "same-class fp32 set; the native-prefill rule before it is judged on the same runs",
+        "replay_set": vars(replay),
+        "fitted_on_runs": len(calibration),
+        "tokens_per_lease": args.tokens,
+        "per_model": per_model,
         "machine": machine(),
         "seconds": round(time.time() - t0, 1),
     }
-    write_results("bf16_int8.json", {"native_replay": result}, writes=WRITES)
+    write_results(
+        "bf16_int8.json",
+        {"native_replay": result},
+        writes=WRITES,
+        path=out_dir / "bf16_int8.json" if out_dir else None,
+    )
+    write_set(out_dir / "native_audit.json" if out_dir else NATIVE_FILE, replay, provenance)
+    brief = {
+        m: {
+            "honest": f"{v['honest_held_out']['rejects']}/{v['honest_held_out']['trials']} rejected",
+            "cheats": {c: f"{x['caught']}/{x['trials']}" for c, x in v["cheats"].items()},
+        }
+        for m, v in per_model.items()
+    }
+    print(json.dumps(brief, indent=1))
 
 
 if __name__ == "__main__":

@@ -345,16 +345,18 @@ class Gateway:
         the device the agent runs on; empty: not measured, and the rule says so)."""
         lease = pulled.lease
         delivery = self.delivery.for_lease(requested, pulled.tier)
-        audit = None
+        audit, replay = None, None
         if audited or delivery is Delivery.VERIFIED or draw_audit(pulled.audit_probability):
             measured = session.scalar(select(NodeRow.device_class).where(NodeRow.node_id == node_id))
             choice = self.audit.tolerance(lease.precision, measured or "", lease.model_id)
             audit = streaming_audit(
                 lease, partial(self.audit.reference_model, lease.model_id), choice, block=AUDIT_BLOCK
             )
+            if choice.replay is not None:  # the final verdict replays the answer as it was decoded
+                replay = partial(self.audit.replayed, lease, choice=choice)
         profile = self.control.profiles.get(lease.model_id, resident_profile_key())
         checks = RunningChecks(profile, self.registry.reference(lease.model_id)) if profile else None
-        return LiveLease(lease, audit, checks, node_id, delivery, timeline)
+        return LiveLease(lease, audit, checks, node_id, delivery, timeline, replay)
 
     # -- the node's relay -------------------------------------------------------------------------------
 

@@ -30,16 +30,18 @@ from __future__ import annotations
 import queue
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any
 
 from ..protocol.fingerprint import chunk_size_bytes
 from ..protocol.lease import GenerateJob, Lease
-from ..protocol.receipt import OpenedReceipt
+from ..protocol.receipt import OpenedReceipt, ReceiptClaims
 from ..protocol.result import LayerName, LayerResult, Status
 from ..registry.models import ReferenceValues
 from ..registry.profiles import Profile
+from ..verifier.audit import Judged
 from ..verifier.boundary import interval_lower_bound
 from ..verifier.streaming import EitherStream, StreamingAudit
 from .delivery import Delivery
@@ -117,6 +119,7 @@ class LiveLease:
         node_id: str = "",
         delivery: Delivery = Delivery.IMMEDIATE,
         timeline: Timeline | None = None,
+        replay: Callable[[ReceiptClaims], Judged] | None = None,
     ) -> None:
         assert isinstance(lease.job, GenerateJob)
         if delivery is Delivery.VERIFIED and audit is None:
@@ -126,6 +129,9 @@ class LiveLease:
         self.job: GenerateJob = lease.job
         self.audit = audit  # None: not drawn for audit (the running checks still apply)
         self.checks = checks
+        # the final verdict's decode replay (AuditLayer.replayed) where the tolerance choice has one:
+        # the stream is judged before the receipt declares how it was decoded
+        self.replay = replay
         self.node_id = node_id  # the only node whose relays this lease takes
         self.chunk_bytes = chunk_size_bytes(self.job.fingerprint_k)
         self.arrivals: list[Arrival] = []
@@ -275,10 +281,14 @@ class LiveLease:
                 f"{self.audit.next_chunk}{self._label()}",
                 details=details,
             )
-        return LayerResult(
-            LayerName.AUDIT,
-            Status.PASS,
+        streamed = (
             f"streaming audit: {self.audit.checked} token choices and {self.audit.next_chunk} "
-            f"fingerprint chunks checked as they arrived ({self.chunks} streamed){self._label()}",
-            details=details,
+            f"fingerprint chunks checked as they arrived ({self.chunks} streamed)"
         )
+        if self.replay is not None:
+            judged = self.replay(receipt.claims)
+            if judged.problem:
+                why = f"{streamed}; at intake, {judged.problem}{self._label()}"
+                return LayerResult(LayerName.AUDIT, Status.FAIL, why, details=details)
+            streamed = f"{streamed}; at intake, {judged.ok}"
+        return LayerResult(LayerName.AUDIT, Status.PASS, f"{streamed}{self._label()}", details=details)

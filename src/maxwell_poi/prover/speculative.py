@@ -25,6 +25,8 @@ import torch
 from ..protocol.errors import PoiError
 from ..protocol.fingerprint import chunk_spans
 from ..protocol.lease import GenerateJob, Lease
+from ..protocol.receipt import ReceiptClaims
+from ..protocol.schedule import RUNTIME_KEY, DecodeSchedule
 from ..registry.forward import KVCached
 from ..registry.models import LoadedModel
 from ..registry.sampling import SeededSampler
@@ -58,12 +60,14 @@ def speculative_generate(
     after_pass: Callable[[], None] | None = None,
     on_token: Callable[[int, int], None] | None = None,
     stats: DraftStats | None = None,
+    passes: list[tuple[int, int]] | None = None,
 ) -> list[int]:
     """Seeded generation whose every token is `model`'s choice, proposals from `draft`.
 
     `recorder` (on `model`) loses the rows of refused proposals after each pass; `after_pass()`
     runs after each of the claimed model's passes once its rows are settled; `on_token(pos, id)`
-    the moment a token is final.
+    the moment a token is final; `passes` gains (fed, kept rows) for each verification pass (the
+    decode schedule a receipt declares, protocol.schedule).
     """
     if block < 1:
         raise ValueError(f"block must be >= 1, got {block}")
@@ -105,6 +109,8 @@ def speculative_generate(
             stats.accepted += kept
             refused = len(proposals) - kept  # fed positions whose input token was not kept
             target.crop(len(target.fed) - refused)
+            if passes is not None:
+                passes.append((len(proposals) + 1, kept + 1))
             if recorder is not None:
                 recorder.discard_last(refused)
             if after_pass:
@@ -121,6 +127,7 @@ class SpeculativeProver(Prover):
         self.block = block
         self.stats = DraftStats()
         self._draft: LoadedModel | None = None
+        self._passes: dict[str, list[tuple[int, int]]] = {}  # by lease id, until its claims are made
 
     def draft(self, model: LoadedModel) -> LoadedModel:
         """The draft on the claimed model's device; never the claimed model's own module, whose
@@ -133,6 +140,16 @@ class SpeculativeProver(Prover):
 
     def runtime(self):
         return {**super().runtime(), "decoding": f"speculative ({self.draft_id}, block {self.block})"}
+
+    def claims(self, lease: Lease) -> ReceiptClaims:
+        """The receipt declares its verification passes (protocol.schedule): a native audit replays
+        them, since how many positions a pass computes together shapes its low-precision rounding."""
+        claims = super().claims(lease)
+        passes = self._passes.pop(lease.lease_id, None)
+        if passes is None:
+            return claims
+        declared = DecodeSchedule(tuple(passes), True).as_runtime()
+        return claims.model_copy(update={"runtime": {**claims.runtime, RUNTIME_KEY: declared}})
 
     def generate(self, lease: Lease, model: LoadedModel) -> tuple[list[int], CommitmentBuilder]:
         job = lease.job
@@ -157,6 +174,7 @@ class SpeculativeProver(Prover):
                 after_pass=commit_ready,
                 on_token=current_sink(),
                 stats=self.stats,
+                passes=self._passes.setdefault(lease.lease_id, []),
             )
             if sizes or recorder.pending:
                 raise PoiError(

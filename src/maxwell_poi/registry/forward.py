@@ -211,3 +211,26 @@ class KVCached:
             same += 1
         self.crop(min(same, len(seq) - 1))
         return self.feed(seq[len(self.fed) :])
+
+
+def replay_decode(
+    model: LoadedModel, prompt_ids: list[int], tokens: list[int], passes: tuple[tuple[int, int], ...]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The answer fed back the way its prover decoded it (protocol.schedule): the prompt in one pass,
+    then each declared pass of `fed` positions on the KV cache, keeping its first `kept` rows and
+    cropping the rest (a speculative decoder's refused proposals). Refused rows are fed as copies of
+    the pass's last kept token: causal attention keeps them out of the kept rows, and only their count
+    shapes the pass's kernels. Same shapes as `prefill`: (hidden [P+N-1, d], logits [N, V])."""
+    kv = KVCached(model)
+    seq = prompt_ids + tokens[:-1]
+    rows = [kv.feed_hidden(prompt_ids)[0]]
+    at = len(prompt_ids)
+    for fed, kept in passes:
+        piece = seq[at : at + kept]
+        rows.append(kv.feed_hidden(piece + [piece[-1]] * (fed - kept))[0][:kept])
+        kv.crop(at + kept)
+        at += kept
+    hidden = torch.cat(rows)
+    with torch.inference_mode():
+        logits = model.module.get_output_embeddings()(hidden[len(prompt_ids) - 1 :])
+    return hidden, logits

@@ -16,7 +16,7 @@ Maxwell-side evidence, whose reason then says the class was not measured.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 
@@ -25,8 +25,9 @@ from ..protocol.fingerprint import ChunkComparison, chunk_spans
 from ..protocol.lease import EmbedJob, GenerateJob, Lease
 from ..protocol.receipt import ReceiptClaims
 from ..protocol.result import LayerName
+from ..protocol.schedule import schedule_of
 from ..registry.fingerprint import compare_chunk
-from ..registry.forward import embed_one, prefill
+from ..registry.forward import embed_one, prefill, replay_decode
 from ..registry.models import LoadedModel, Registry
 from ..registry.sampling import SeededSampler
 from .appraisal import Appraisal, Finding, Outcome, TimedLayer, failed, passed, skipped
@@ -93,9 +94,16 @@ class AuditLayer(TimedLayer):
     def _reexecute(self, ctx: Appraisal) -> Outcome:
         choice = self.tolerance_for(ctx)
         used = " " + choice.label()  # the verdict names the set and the pair it was chosen for
+        assert ctx.receipt is not None  # decide() skips a receipt that failed integrity
+        lease, claims = ctx.lease, ctx.receipt.claims
+        if choice.replay is not None and isinstance(lease.job, GenerateJob):
+            judged = self.replayed(lease, claims, choice)
+            if judged.problem:
+                return failed(judged.problem + used, judged.worst_close, **judged.details)
+            return passed(judged.ok + used, judged.worst_close, **judged.details)
         fp32 = self.reference_model(ctx.lease.model_id)
         if choice.native is None:
-            judged = self._judge(ctx, fp32, choice.tolerance, choice)
+            judged = self._judge(lease, claims, fp32, choice.tolerance, choice)
             if judged.problem:
                 return failed(judged.problem + used, judged.worst_close, **judged.details)
             return passed(
@@ -105,7 +113,11 @@ class AuditLayer(TimedLayer):
             )
         # native: the claimed precision's own kernels on this class first, then fp32 (an upgrade)
         native = self._judge(
-            ctx, self.reference_model(ctx.lease.model_id, choice.native_precision), choice.native, choice
+            lease,
+            claims,
+            self.reference_model(lease.model_id, choice.native_precision),
+            choice.native,
+            choice,
         )
         if not native.problem:
             return passed(
@@ -113,7 +125,7 @@ class AuditLayer(TimedLayer):
                 native.worst_close,
                 **native.details,
             )
-        upgraded = self._judge(ctx, fp32, choice.tolerance, choice)
+        upgraded = self._judge(lease, claims, fp32, choice.tolerance, choice)
         if not upgraded.problem:
             return passed(
                 f"{upgraded.ok} within the fp32 tolerance: served at fp32 (re-executed in "
@@ -127,17 +139,56 @@ class AuditLayer(TimedLayer):
             **native.details,
         )
 
-    def _judge(self, ctx: Appraisal, model: LoadedModel, tol: Tolerance, choice: ToleranceChoice) -> Judged:
-        """Re-execute on `model` and apply `tol`: the first problem, or what matched."""
-        assert ctx.receipt is not None
+    def replayed(self, lease: Lease, claims: ReceiptClaims, choice: ToleranceChoice) -> Judged:
+        """The final verdict on a generation claim whose choice carries a decode-replay set
+        (thresholds.REPLAY): the answer re-executed the way it was decoded, in the claimed precision
+        on this class, within the near-exact replay set; else at fp32 (a prefill) within the
+        same-class fp32 set, an answer served at fp32. Shared by every audit path that judges a whole
+        receipt (this layer, the gateway's streaming audit at intake)."""
+        assert choice.replay is not None and choice.served_fp32 is not None
+        precision = choice.replay_precision
+        try:
+            schedule = schedule_of(claims.runtime, len(claims.tokens()))
+        except ValueError as exc:
+            native = Judged(str(exc), "", 0.0, choice.details())
+        else:
+            model = self.reference_model(lease.model_id, precision)
+            native = self._judge(lease, claims, model, choice.replay, choice, schedule.passes)
+            if not native.problem:
+                how = "the declared passes" if schedule.declared else "one token per pass"
+                ok = f"{native.ok} within the {precision} decode-replay tolerance ({how})"
+                return replace(native, ok=ok)
+        upgraded = self._judge(
+            lease, claims, self.reference_model(lease.model_id), choice.served_fp32, choice
+        )
+        if not upgraded.problem:
+            return replace(
+                upgraded,
+                ok=f"{upgraded.ok} within the fp32 tolerance: served at fp32 (a {precision} decode "
+                f"replay: {native.problem})",
+            )
+        problem = f"a {precision} decode replay: {native.problem}; at fp32: {upgraded.problem}"
+        return replace(native, problem=problem)
+
+    def _judge(
+        self,
+        lease: Lease,
+        claims: ReceiptClaims,
+        model: LoadedModel,
+        tol: Tolerance,
+        choice: ToleranceChoice,
+        passes: tuple[tuple[int, int], ...] | None = None,
+    ) -> Judged:
+        """Re-execute on `model` (a prefill, or a decode replay of `passes`) and apply `tol`: the
+        first problem, or what matched."""
         tolerance = choice.details()
-        if isinstance(ctx.lease.job, GenerateJob):
-            m = measure_generation(ctx.lease, ctx.receipt.claims, model, tol.logit_tol)
+        if isinstance(lease.job, GenerateJob):
+            m = measure_generation(lease, claims, model, tol.logit_tol, passes)
             details = {"max_token_gap": m.max_gap, "token_gap_tolerance": tol.token_gap, **tolerance}
             first = token_choice(m, tol)
             ok = f"{len(m.gaps)} tokens match the seeded choice; {len(m.chunks)} fingerprint chunks"
         else:
-            m = measure_embedding(ctx.lease, ctx.receipt.claims, model)
+            m = measure_embedding(lease, claims, model)
             details = {"max_embedding_diff": m.max_diff, **tolerance}
             first = embedding_match(m, tol)
             ok = f"{len(m.chunks)} embeddings and fingerprints match the reference,"
@@ -221,15 +272,23 @@ def _split(data: bytes, parts: int) -> list[bytes]:
 
 
 def measure_generation(
-    lease: Lease, claims: ReceiptClaims, model: LoadedModel, edge_tol: float = 0.0
+    lease: Lease,
+    claims: ReceiptClaims,
+    model: LoadedModel,
+    edge_tol: float = 0.0,
+    passes: tuple[tuple[int, int], ...] | None = None,
 ) -> AuditMeasurement:
-    """Re-execute the claimed model on prompt + output and compare, before any threshold.
+    """Re-execute the claimed model on prompt + output and compare, before any threshold: one
+    prefill, or (`passes`) a decode replay of those passes after the prompt's (protocol.schedule).
     `edge_tol` is the logit allowance for the prover's rounding (see SeededSampler.score_gaps)."""
     job = lease.job
     assert isinstance(job, GenerateJob)
     prompt = model.encode_prompt(job.prompt)
     tokens = claims.tokens()
-    hidden, logits = prefill(model, prompt, tokens)
+    if passes is None:
+        hidden, logits = prefill(model, prompt, tokens)
+    else:
+        hidden, logits = replay_decode(model, prompt, tokens, passes)
     sampler = SeededSampler(lease.seed_bytes, job.temperature, job.top_k)
     gaps = sampler.score_gaps(logits, tokens, edge_tol).numpy()
     spans = chunk_spans(len(prompt), len(tokens), job.chunk)

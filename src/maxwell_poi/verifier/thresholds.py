@@ -25,6 +25,15 @@ matches the native reference within `native`, or the fp32 reference within the s
 (a bf16 claim served at fp32 is an honest upgrade). A native set holds for the models it was fitted
 on only (its provenance names them); other models keep the same-class set.
 
+Decode replay (`replay` in the same file, written by bench/audit/native_replay.py): a bf16 prefill
+rounds differently from the prover's token-by-token decode, so the native set above still leaves room
+(honest runs keep 56-91 % of values close in their worst chunk). Re-executing the answer the way it
+was decoded (protocol.schedule: one token per pass, or a speculative decoder's declared passes)
+reproduces honest bf16 on this class bit for bit, so the final L4 verdict on a generation claim holds
+it to the near-exact `replay` set: it passes if the decode replay in the claimed precision matches
+within it, or the fp32 prefill within the same-class fp32 set (an answer served at fp32). The
+streaming cut and the work probe keep the sets above: they judge before the schedule is known.
+
 `choose_tolerance` is the one rule every audit path uses to pick the set (the one-shot and the
 node's audit, the gateway's streaming audit, the control plane's queued audits, `poi verify` with a
 node's evidence); no other module reads the sets (tests/test_tolerance_rule.py checks both). Its
@@ -36,7 +45,7 @@ from __future__ import annotations
 import fnmatch
 import json
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -44,6 +53,7 @@ from typing import Any
 from ..observer.host import numerics_class
 
 SAME, CROSS, NATIVE = "same-class", "cross-class", "same-class native"
+REPLAY = "same-class decode replay"
 UNMEASURED = "unknown"  # the prover's class when no Maxwell node measured it
 
 
@@ -80,6 +90,8 @@ class Thresholds:
     class_pairs: tuple[ClassPair, ...] = ()
     native: dict[str, Tolerance] = field(default_factory=dict)  # re-executed in the claimed precision
     native_provenance: dict[str, dict[str, Any]] = field(default_factory=dict)
+    replay: dict[str, Tolerance] = field(default_factory=dict)  # a decode replay in the claimed precision
+    replay_provenance: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     def measured_pair(self, prover: str, verifier: str, precision: str) -> ClassPair | None:
         """The measured pair covering this prover -> verifier claim, if one exists and a same-class
@@ -102,6 +114,7 @@ class Thresholds:
         rows = [("cross-class", p, t) for p, t in self.by_precision.items()]
         rows += [("same-class", p, t) for p, t in self.same_class.items()]
         rows += [(NATIVE, p, t) for p, t in self.native.items()]
+        rows += [(REPLAY, p, t) for p, t in self.replay.items()]
         return rows, self.class_pairs
 
     @classmethod
@@ -113,6 +126,7 @@ class Thresholds:
         default the shipped native_audit.json); none of the latter two when absent."""
         pairs = load_class_pairs(pairs_path)
         native, native_provenance = load_native(native_path)
+        replay, replay_provenance = load_native(native_path, "replay")
         if path is None:
             text = resources.files("maxwell_poi.data").joinpath("thresholds.json").read_text()
         else:
@@ -125,12 +139,13 @@ class Thresholds:
             *out.items(),
             *((f"same-class {p}", t) for p, t in same_out.items()),
             *((f"{NATIVE} {p}", t) for p, t in native.items()),
+            *((f"{REPLAY} {p}", t) for p, t in replay.items()),
         ]
         for label, tol in labelled:
             bad = [k for k, v in vars(tol).items() if not math.isfinite(v) or v < 0]
             if bad:  # an infinite tolerance would switch a check off without saying so
                 raise ValueError(f"thresholds for {label}: expected finite values >= 0, got {bad}")
-        return cls(out, same_out, pairs, native, native_provenance)
+        return cls(out, same_out, pairs, native, native_provenance, replay, replay_provenance)
 
 
 def _shipped_or(path: Path | None, name: str) -> str | None:
@@ -143,12 +158,15 @@ def _shipped_or(path: Path | None, name: str) -> str | None:
         return None
 
 
-def load_native(path: Path | None = None) -> tuple[dict[str, Tolerance], dict[str, dict[str, Any]]]:
-    """The native sets by precision, and each one's provenance (what measured it)."""
+def load_native(
+    path: Path | None = None, section: str = "precisions"
+) -> tuple[dict[str, Tolerance], dict[str, dict[str, Any]]]:
+    """The native sets (`section` "precisions") or the decode-replay sets ("replay") by precision,
+    and each one's provenance (what measured it)."""
     text = _shipped_or(path, "native_audit.json")
     if text is None:
         return {}, {}
-    sets = json.loads(text)["precisions"]
+    sets = json.loads(text).get(section, {})
     return (
         {p: Tolerance(**v["tolerance"]) for p, v in sets.items()},
         {p: dict(v.get("provenance", {})) for p, v in sets.items()},
@@ -181,6 +199,10 @@ class ToleranceChoice:
     provenance: dict[str, Any] = field(default_factory=dict)
     native: Tolerance | None = None
     native_precision: str = ""
+    replay: Tolerance | None = None  # REPLAY: the final verdict's set for a decode replay
+    replay_precision: str = ""
+    served_fp32: Tolerance | None = None  # REPLAY: the same-class fp32 set (an answer served at fp32)
+    replay_provenance: dict[str, Any] = field(default_factory=dict)
 
     @property
     def strict(self) -> bool:
@@ -209,6 +231,8 @@ class ToleranceChoice:
         }
         if self.provenance:
             out["class_pair_provenance"] = self.provenance
+        if self.replay is not None:
+            out["decode_replay"] = self.replay_precision
         return out
 
 
@@ -247,19 +271,50 @@ def choose_tolerance(
         return chosen(False, f"no same-class set is calibrated for {precision}")
     native_for = thresholds.native_provenance.get(precision, {}).get("models", [])
     if measured is None and model_id in native_for and "fp32" in thresholds.same_class:
-        return ToleranceChoice(
-            thresholds.for_precision("fp32", same_class=True),
-            NATIVE,
-            pair,
-            f"{NATIVE} tolerance: the node measured the prover on the verifier's class; re-executed "
-            f"in {precision} on this class (or at fp32, near-exact, for an answer served at fp32)",
-            True,
-            thresholds.native_provenance.get(precision, {}),
-            thresholds.native[precision],
+        return _with_replay(
+            thresholds,
+            ToleranceChoice(
+                thresholds.for_precision("fp32", same_class=True),
+                NATIVE,
+                pair,
+                f"{NATIVE} tolerance: the node measured the prover on the verifier's class; re-executed "
+                f"in {precision} on this class (or at fp32, near-exact, for an answer served at fp32)",
+                True,
+                thresholds.native_provenance.get(precision, {}),
+                thresholds.native[precision],
+                precision,
+            ),
             precision,
+            model_id,
         )
     if measured is None:
-        return chosen(True, "the node measured the prover on the verifier's class")
+        return _with_replay(
+            thresholds,
+            chosen(True, "the node measured the prover on the verifier's class"),
+            precision,
+            model_id,
+        )
     source = measured.provenance.get("source", "class_pairs.json")
     text = pair + " (measured pair)"
     return chosen(True, f"a measured class pair for {precision} ({source})", text, measured.provenance)
+
+
+def _with_replay(
+    thresholds: Thresholds, choice: ToleranceChoice, precision: str, model_id: str
+) -> ToleranceChoice:
+    """A same-class choice gains the decode-replay set for the final verdict where one is fitted for
+    this precision and model (its provenance's `models`) and the fp32 same-class set exists for an
+    answer served at fp32; unchanged otherwise."""
+    provenance = thresholds.replay_provenance.get(precision, {})
+    if precision not in thresholds.replay or model_id not in provenance.get("models", []):
+        return choice
+    if "fp32" not in thresholds.same_class:
+        return choice
+    return replace(
+        choice,
+        reason=f"{choice.reason}; final verdict by a {precision} decode replay ({REPLAY} set)",
+        replay=thresholds.replay[precision],
+        replay_precision=precision,
+        served_fp32=thresholds.same_class["fp32"],
+        replay_provenance=provenance,
+    )
