@@ -26,6 +26,7 @@ from typer.testing import CliRunner
 from maxwell_poi.node.resident_runs import serve_wave, start_resident
 from maxwell_poi.protocol.keys import AgentKey, Keyring
 from maxwell_poi.protocol.lease import GenerateJob, Lease
+from maxwell_poi.protocol.receipt import open_receipt
 from maxwell_poi.protocol.result import LayerName, Status
 from maxwell_poi.prover.engine_process import llama_cpp_argv, missing_engine, transformers_serve_argv
 from maxwell_poi.registry.models import Registry, model_dir
@@ -80,7 +81,7 @@ def ggufs(world) -> dict[str, Path]:
 
 
 def leases(*temperatures: float) -> list[Lease]:
-    prompts = ["Return the number of items in a container.", "Open the file and return a stream."]
+    prompts = ["Return the number of items in the", "Open the file and return a"]
     return [
         Lease.issue(AGENT, MODEL, GenerateJob(prompt=prompts[i % 2], max_new_tokens=TOKENS, temperature=t))
         for i, t in enumerate(temperatures)
@@ -99,6 +100,8 @@ def through_agent(world, engine_cmd: list[str], name: str, the_leases: list[Leas
             (run,) = serve_wave(agent, [lease], registry, timeout_s=240)
             assert run.receipt, f"no receipt: {run.evidence.stderr_tail[-1500:]}"
             out.append((run, verifier.appraise(lease, run.receipt, run.evidence)))
+        print(f"{name}: sandbox {agent.sandbox.describe().get('confinement', {})}; agent stderr "
+              f"{run.evidence.stderr_tail[-300:]!r}")  # fmt: skip
     return out
 
 
@@ -111,7 +114,8 @@ def test_llama_cpp_honest_leases_through_the_agent_are_affirmed_by_l4(world, ggu
         assert "engine receipt (llama.cpp)" in audit.reason and "log-probs within" in audit.reason
         assert result.layer(LayerName.INTEGRITY).status is Status.PASS
         # Maxwell saw the engine's tokens stream one by one, and they are the receipt's
-        assert len(run.evidence.stream_tokens) >= 1 and run.evidence.stream_errors == 0
+        claimed = open_receipt(run.receipt, 1 << 20).claims.tokens()
+        assert list(run.evidence.stream_tokens) == claimed and run.evidence.stream_errors == 0
         boundary = result.layer(LayerName.BOUNDARY)
         assert boundary.status is not Status.FAIL, boundary.reason
     print("llama.cpp honest:", [r.layer(LayerName.AUDIT).reason for _, r in runs])

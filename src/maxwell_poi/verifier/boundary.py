@@ -85,7 +85,7 @@ def stream_order(ev: LeaseEvidence) -> Finding | None:
 
 
 def stream_present(ev: LeaseEvidence, claimed: list[int]) -> Finding | None:
-    if ev.stream_tokens:
+    if ev.stream_tokens or not claimed:  # none claimed: an engine that ended at once (engine receipt)
         return None
     return Finding(f"token stream: expected {len(claimed)} tokens streamed as they were chosen, got none")
 
