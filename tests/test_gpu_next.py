@@ -9,6 +9,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import re
 import subprocess
 import sys
 import tarfile
@@ -90,14 +91,13 @@ def test_speculative_decoding_returns_the_targets_greedy_output():
 def test_next_run_smoke_writes_every_section_with_measured_values(tmp_path):
     nr = load("next_run")
     out = tmp_path / "gpu_next.json"
-    assert (
-        nr.main(["--device", "cpu", "--quick", "--tokens", "4", "--out", str(out), "--commit", "c0ffee"]) == 0
-    )
+    args = ["--device", "cpu", "--quick", "--tokens", "4", "--replay-leases", "1", "--replay-tokens", "20"]
+    assert nr.main([*args, "--out", str(out), "--commit", "c0ffee"]) == 0
     assert [p.name for p in tmp_path.iterdir()] == ["gpu_next.json"]  # no temp file left behind
     d = json.loads(out.read_text())
     assert d["format"] == "maxwell-poi-gpu-next/v1" and d["kind"] == "cpu-smoke" and d["complete"] is True
     assert d["commit"] == "c0ffee" and d["env"]["commit"] == "c0ffee" and d["card"].startswith("none")
-    assert list(d["sections"]) == ["audit7b", "exact_gpu", "capacity"]  # priority order
+    assert list(d["sections"]) == ["audit7b", "native_replay", "exact_gpu", "capacity"]  # priority order
     assert all(s["status"] == "done" and s["wall_s"] >= 0 for s in d["sections"].values())
     assert d["errors"] == [] and d["skipped"] == []
     assert d["precision"]["settings"]["cuda_matmul_allow_tf32"] is False
@@ -114,6 +114,27 @@ def test_next_run_smoke_writes_every_section_with_measured_values(tmp_path):
         assert c["verdicts"][0]["verdict"] == "pass", c["verdicts"]  # honest, same weights
         assert c["generation_loop_graphed"] is False and c["warmup"]["graph_error"] is None
         assert bool(c["audit_claimed_s"]) == (c["precision"] == "bf16")
+
+    # the decode replay reproduces honest bf16 provers exactly on one machine (the CPU here), and
+    # not int8-rounded weights computing in bf16
+    r = d["native_replay"]
+    m = r["models"]["gpt2-micro"]
+    assert set(m["runs"]) == {"honest-bf16", "honest-speculative", "int8-weights-bf16-compute"}
+    assert m["params"] > 0 and m["warmup_s"] > 0
+    for variant, s in m["by_variant"].items():
+        assert s["runs"] == 1 and len(m["runs"][variant]) == 1, variant
+        run = m["runs"][variant][0]
+        assert run["tokens"] == 20 and run["temperature"] == 0.8
+        assert min(run["generate_s"], run["replay_s"], run["prefill_s"]) > 0
+        assert s["replay_over_prefill"] > 0 and s["generate_over_replay"] > 0
+        assert s["declared_schedule"] == (variant == "honest-speculative")
+    for variant in ("honest-bf16", "honest-speculative"):
+        replay = m["by_variant"][variant]["replay"]
+        assert replay["runs_all_chunks_close"] == 1 and replay["worst_close"]["min"] == 1.0, variant
+        assert replay["worst_median_rel"]["max"] == 0 and replay["max_token_gap"]["max"] == 0
+    cheat = m["by_variant"]["int8-weights-bf16-compute"]["replay"]
+    assert cheat["runs_all_chunks_close"] == 0 and cheat["worst_close"]["max"] < 0.9
+    assert "1/1 runs every chunk" in r["summary"]["gpt2-micro"]["honest-bf16"]
 
     e = d["exact_gpu"]
     tol = e["tolerance_fp32"]
@@ -158,6 +179,22 @@ def test_next_run_records_skips_and_failures_and_goes_on(tmp_path, monkeypatch):
     assert d["skipped"][0]["section"] == "audit7b" and "budget" in d["skipped"][0]["reason"]
     assert [(x["section"], x["trial"]) for x in d["errors"]] == [("capacity", None)]
     assert "injected: capacity" in d["errors"][0]["traceback"] and d["complete"] is False
+
+
+def test_next_run_section_budgets_fit_run_alls_share_and_an_unfunded_replay_is_listed(tmp_path):
+    nr = load("next_run")
+    assert list(nr.BUDGETS) == list(nr.SECTIONS)
+    main_s = re.search(r"NEXT_MAIN=\$\{POI_NEXT_MAIN_S:-(\d+)\}", (GPU / "run_all.sh").read_text())
+    assert main_s and sum(nr.BUDGETS.values()) <= int(main_s.group(1)) - 10  # its last trial may overrun
+    with pytest.raises(SystemExit):
+        nr.parse_args(["--replay-models", "gpt2-large"])  # no draft named for it
+    out = tmp_path / "r.json"
+    args = ["--device", "cpu", "--quick", "--sections", "native_replay", "--out", str(out)]
+    assert nr.main([*args, "--section-budgets", "native_replay=0"]) == 1
+    d = json.loads(out.read_text())
+    assert d["sections"]["native_replay"]["status"] == "done" and d["errors"] == []
+    assert [x["trial"] for x in d["skipped"]] == ["gpt2-micro setup"]
+    assert d["native_replay"]["summary"] == {"gpt2-micro": {}}
 
 
 def test_run_all_knows_the_next_part():

@@ -1,4 +1,4 @@
-"""The second GPU run (issue 26, item 4): three measurements, most valuable first, each under its own
+"""The second GPU run (issue 26, item 4): four measurements, most valuable first, each under its own
 time sub-budget, written into one JSON after every trial (gpu_env.Run: a failure is recorded with
 its traceback and the run goes on; a trial that no longer fits is listed in `skipped`).
 
@@ -13,6 +13,14 @@ its traceback and the run goes on; a trial that no longer fits is listed in `ski
   (serving.StaticDecoder: static KV cache, CUDA-graph decode steps, greedy), for the speed-up
   against a fast server. When a cell's generation would not fit its share of the budget, fewer
   tokens are generated and the cell says so (`new_tokens`, `tokens_reduced`).
+- native_replay: is the native bf16 audit's decode replay bit-exact on a GPU? (On the CPU it
+  reproduces honest bf16 provers exactly.) poi-lm, then gpt2-small: 6 bf16-claim leases (32 tokens,
+  chunk 16) answered on the GPU by the honest bf16 Prover, the honest SpeculativeProver (its receipt
+  declares its passes) and int8-rounded weights computing in bf16 (a cheat); each answer re-executed
+  on a separate bf16 copy on the same GPU as a decode replay (verifier.audit.measure_generation with
+  protocol.schedule's passes) and as one bf16 prefill: per run the worst chunk's close fraction and
+  median relative error and the max token gap, per variant how many runs had every chunk 100 % close,
+  and one replay's time against one prefill's and the generation's.
 - exact_gpu: the exact tier (L3) on GPU traces: gpt2-small and llama-small provers on the GPU
   (strict fp32, and bf16) record the activation trace (`Prover(trace_dir=...)`, prover.trace), it
   goes to the CPU and every block is checked there by `verifier.exact` (Freivalds + replay against
@@ -26,7 +34,8 @@ its traceback and the run goes on; a trial that no longer fits is listed in `ski
   card with half the memory cannot hold, per pass.
 
     python bench/gpu/next_run.py --out $OUT/gpu_next.json --budget-s 280
-    python bench/gpu/next_run.py --device cpu --quick --out /tmp/gpu_next.json    # CPU smoke, < 1 min
+    python bench/gpu/next_run.py --device cpu --quick --out /tmp/gpu_next.json    # CPU smoke, ~1 min
+    python bench/gpu/next_run.py --device cpu --quick --sections native_replay --out /tmp/gpu_next.json
 
 `--device cpu --quick` runs tiny shapes on the CPU (no CUDA graphs, no PCIe): its numbers test the
 script only, and the file says `"kind": "cpu-smoke"`. The NVML traces of the serving loop are
@@ -54,8 +63,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import gpu_env  # bench/gpu/gpu_env.py: environment block, atomic JSON write, Run (stdlib only)
 
 FORMAT = "maxwell-poi-gpu-next/v1"
-SECTIONS = ("audit7b", "exact_gpu", "capacity")  # in priority order
-BUDGETS = {"audit7b": 165.0, "exact_gpu": 60.0, "capacity": 40.0}  # seconds per section (GPU)
+SECTIONS = ("audit7b", "native_replay", "exact_gpu", "capacity")  # in priority order
+# seconds per section (GPU), 265 in all, inside run_all.sh's POI_NEXT_MAIN_S (280); the H200 run
+# before native_replay used 137 / 165 (audit7b), 15 / 60 (exact_gpu), 14 / 40 (capacity)
+BUDGETS = {"audit7b": 150.0, "native_replay": 45.0, "exact_gpu": 40.0, "capacity": 30.0}
 PROMPTS = [
     "The history of the steam engine begins with",
     "In a quiet village by the sea, the old lighthouse keeper",
@@ -366,6 +377,222 @@ def audit_cell(
         )
         run.save()
     state.clear()
+
+
+# ---------------------------------------------------------------------------------------------
+# native_replay
+
+REPLAY_DRAFTS = {"poi-lm": "poi-lm-draft", "gpt2-small": "gpt2-mini", "gpt2-micro": "gpt2-micro"}
+REPLAY_VARIANTS = ("honest-bf16", "honest-speculative", "int8-weights-bf16-compute")
+
+
+def native_replay(run: gpu_env.Run, args: argparse.Namespace) -> None:
+    from maxwell_poi.protocol.keys import AgentKey
+    from maxwell_poi.registry.models import Registry
+    from maxwell_poi.verifier.thresholds import Thresholds
+
+    out = run.result.setdefault("native_replay", {})
+    thresholds = Thresholds.load()
+    edge = thresholds.same_class["bf16"].logit_tol
+    replay_set = thresholds.replay.get("bf16")
+    out.update(
+        {
+            "question": "is a bf16 decode replay on the GPU bit-exact against the same GPU's bf16 decode, "
+            "as it is on the CPU (every fingerprint chunk 100 % close for honest provers)?",
+            "leases": f"{args.replay_leases} bf16-claim GenerateJobs per model, {args.replay_tokens} tokens, "
+            "chunk 16, numbered prompts, temperature alternating 0 / 0.8; each answered by every variant",
+            "variants": {
+                "honest-bf16": "Prover(device=GPU): the registry's weights rounded to bf16, one token per "
+                "pass",
+                "honest-speculative": "SpeculativeProver(draft, block 4, device=GPU): bf16, blocks of tokens "
+                "per pass, declared in the receipt's runtime['decode']",
+                "int8-weights-bf16-compute": "adversaries.precision_downgrade.int8_rounded weights (per-row "
+                "weight-only int8) computing in bf16 on the GPU, claiming the model (a cheat)",
+            },
+            "replay": "verifier.audit.measure_generation(passes=protocol.schedule.schedule_of(runtime)): the "
+            "answer re-executed the way it was decoded, on a separate bf16 copy of the registry's weights "
+            "on the same GPU (Maxwell's reference)",
+            "prefill": "measure_generation(passes=None): one bf16 prefill over prompt + output (the native "
+            "rule before the replay)",
+            "per_run": "worst chunk's close fraction, worst chunk's median relative error, max token gap; "
+            "all_chunks_close: every chunk 100 % close",
+            "logit_tol": edge,
+            "replay_set": vars(replay_set) if replay_set else None,
+            "drafts": {m: REPLAY_DRAFTS[m] for m in args.replay_models},
+            "models": {},
+        }
+    )
+    registry, key = Registry(), AgentKey.generate()
+    for i, model_id in enumerate(args.replay_models):
+        # each model gets an equal share of what is left (time the first leaves over goes on)
+        until = time.monotonic() + run.left("native_replay") / (len(args.replay_models) - i)
+        try:
+            replay_model(run, args, out["models"], (registry, key), model_id, until, edge, replay_set)
+        finally:
+            free_gpu(args.device)
+    out["summary"] = {
+        model_id: {
+            variant: f"{s['replay']['runs_all_chunks_close']}/{s['runs']} runs every chunk 100 % close under "
+            f"the replay ({s['prefill']['runs_all_chunks_close']}/{s['runs']} under a prefill); worst chunk "
+            f"close {s['replay']['worst_close']['min']}-{s['replay']['worst_close']['max']}"
+            for variant, s in m.get("by_variant", {}).items()
+        }
+        for model_id, m in out["models"].items()
+    }
+    run.save()
+
+
+def replay_model(
+    run: gpu_env.Run,
+    args: argparse.Namespace,
+    models: dict[str, Any],
+    registry_key: tuple[Any, Any],
+    model_id: str,
+    until: float,
+    edge: float,
+    replay_set: Any,
+) -> None:
+    """One model: its three provers and Maxwell's bf16 copy on the device, a warm-up (first-call
+    kernel selection, not timed), then the leases, each answered by every variant (one trial each)."""
+    import torch
+
+    from maxwell_poi.adversaries._agent import SwappedProver
+    from maxwell_poi.adversaries.precision_downgrade import int8_rounded
+    from maxwell_poi.protocol.lease import GenerateJob, Lease
+    from maxwell_poi.protocol.schedule import schedule_of
+    from maxwell_poi.prover.sdk import Prover, with_dtype
+    from maxwell_poi.prover.speculative import SpeculativeProver
+    from maxwell_poi.verifier.audit import fingerprints_match, measure_generation, token_choice
+
+    dev, section = args.device, "native_replay"
+    registry, key = registry_key
+    cell = models[model_id] = {"runs": {v: [] for v in REPLAY_VARIANTS}}
+    state: dict[str, Any] = {}
+
+    def on_device(m: Any) -> Any:
+        return m if dev == "cpu" else m.copied_to(dev)
+
+    def setup() -> dict[str, Any]:
+        t = time.monotonic()
+        ref32 = registry.load(model_id)
+        state["ref"] = on_device(with_dtype(ref32, torch.bfloat16))  # Maxwell's copy, not a prover's
+        cheat = on_device(with_dtype(int8_rounded(ref32), torch.bfloat16))
+        state["provers"] = {
+            "honest-bf16": Prover(key, registry, device=dev),
+            "honest-speculative": SpeculativeProver(
+                key, REPLAY_DRAFTS[model_id], registry=registry, device=dev
+            ),
+            "int8-weights-bf16-compute": SwappedProver(
+                key, lambda _lease, _reg: cheat, registry=registry, device=dev
+            ),
+        }
+        return {
+            "params": sum(p.numel() for p in ref32.module.parameters()),
+            "setup_s": round(time.monotonic() - t, 2),
+        }
+
+    def lease_for(i: int, tokens: int) -> Any:
+        job = GenerateJob(
+            prompt=f"{PROMPTS[i % len(PROMPTS)]} ({i})",  # numbered: greedy leases are not one trial again
+            max_new_tokens=tokens,
+            temperature=0.8 if i % 2 else 0.0,
+            chunk=16,
+        )
+        return Lease.issue("gpu", model_id, job, precision="bf16")
+
+    def timed(fn: Any) -> tuple[Any, float]:
+        sync(dev)
+        t = time.perf_counter()
+        value = fn()
+        sync(dev)
+        return value, time.perf_counter() - t
+
+    def measured(m: Any) -> dict[str, Any]:
+        within = None
+        if replay_set is not None:
+            within = token_choice(m, replay_set) is None and fingerprints_match(m.chunks, replay_set) is None
+        return {
+            "worst_close": round(m.worst_close, 4),
+            "worst_median_rel": sig(float(m.worst_median_rel)),
+            "max_token_gap": round(m.max_gap, 5),
+            "all_chunks_close": m.worst_close == 1.0,
+            "within_replay_set": within,
+        }
+
+    def answer(variant: str, lease: Any) -> dict[str, Any]:
+        claims, gen_s = timed(lambda: state["provers"][variant].claims(lease))
+        schedule = schedule_of(claims.runtime, len(claims.tokens()))
+        ref = state["ref"]
+        replay, replay_s = timed(lambda: measure_generation(lease, claims, ref, edge, schedule.passes))
+        prefill, prefill_s = timed(lambda: measure_generation(lease, claims, ref, edge))
+        return {
+            "tokens": len(claims.tokens()),
+            "temperature": lease.job.temperature,
+            "declared_schedule": schedule.declared,
+            "passes": len(schedule.passes),
+            "replay": measured(replay),
+            "prefill": measured(prefill),
+            "generate_s": round(gen_s, 5),
+            "replay_s": round(replay_s, 5),
+            "prefill_s": round(prefill_s, 5),
+        }
+
+    facts = run.trial(section, f"{model_id} setup", setup)
+    if facts is None:
+        return
+    cell.update(facts)
+    warm = run.trial(
+        section,
+        f"{model_id} warm-up",
+        lambda: timed(lambda: [answer(v, lease_for(0, 8)) for v in REPLAY_VARIANTS])[1],
+    )
+    if warm is None:
+        return
+    cell["warmup_s"] = round(warm, 3)
+    run.save()
+    for i in range(args.replay_leases):
+        lease = lease_for(i + 1, args.replay_tokens)
+        for variant in REPLAY_VARIANTS:
+            name = f"{model_id}/{variant} lease {i}"
+            if time.monotonic() > until:
+                run.skip(section, name, "budget: this model's share of the section is spent")
+                continue
+            r = run.trial(section, name, lambda v=variant, lease=lease: answer(v, lease))
+            if r is None:
+                continue
+            cell["runs"][variant].append(r)
+            cell["by_variant"] = {v: replay_summary(rows) for v, rows in cell["runs"].items() if rows}
+            log(
+                f"native_replay {name}: replay close {r['replay']['worst_close']} gap "
+                f"{r['replay']['max_token_gap']}, prefill close {r['prefill']['worst_close']}; generate "
+                f"{r['generate_s']:.3f}s replay {r['replay_s']:.3f}s prefill {r['prefill_s']:.3f}s"
+            )
+            run.save()
+    state.clear()
+
+
+def replay_summary(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """One variant's runs: min / median / max of each measure, the runs with every chunk 100 %
+    close, and the median times (what one replay costs against a prefill and the generation)."""
+
+    def spread(xs: list[float]) -> dict[str, float]:
+        return {"min": min(xs), "median": sig(statistics.median(xs)), "max": max(xs)}
+
+    out: dict[str, Any] = {"runs": len(rows), "declared_schedule": sum(r["declared_schedule"] for r in rows)}
+    for how in ("replay", "prefill"):
+        ms = [r[how] for r in rows]
+        within = [m["within_replay_set"] for m in ms if m["within_replay_set"] is not None]
+        out[how] = {
+            **{k: spread([m[k] for m in ms]) for k in ("worst_close", "worst_median_rel", "max_token_gap")},
+            "runs_all_chunks_close": sum(m["all_chunks_close"] for m in ms),
+            "runs_within_replay_set": sum(within) if within else None,
+        }
+    gen, rep, pre = (statistics.median(r[k] for r in rows) for k in ("generate_s", "replay_s", "prefill_s"))
+    out["median_s"] = {"generate": sig(gen), "replay": sig(rep), "prefill": sig(pre)}
+    out["replay_over_prefill"] = _sig3(rep / pre)
+    out["generate_over_replay"] = _sig3(gen / rep)
+    out["generate_over_prefill"] = _sig3(gen / pre)
+    return out
 
 
 # ---------------------------------------------------------------------------------------------
@@ -766,6 +993,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--warmup-tokens", type=int, help="audit7b: tokens of the warm-up calls (8; --quick 2)")
     ap.add_argument("--reps", type=int, help="audit7b: timed repetitions per cell (2; --quick 1)")
     ap.add_argument(
+        "--replay-models", help="native_replay: comma list (poi-lm,gpt2-small; --quick gpt2-micro)"
+    )
+    ap.add_argument("--replay-leases", type=int, help="native_replay: leases per model (6; --quick 2)")
+    ap.add_argument("--replay-tokens", type=int, default=32, help="native_replay: new tokens per lease")
+    ap.add_argument(
         "--exact-models", help="exact_gpu: comma list (gpt2-small,llama-small; --quick gpt2-micro)"
     )
     ap.add_argument("--exact-tokens", type=int, help="exact_gpu: new tokens (32; --quick 8)")
@@ -795,6 +1027,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args.min_tokens = min(args.min_tokens, args.tokens)
     args.warmup_tokens = args.warmup_tokens or (2 if q else 8)
     args.reps = args.reps if args.reps is not None else (1 if q else 2)
+    args.replay_models = (args.replay_models or ("gpt2-micro" if q else "poi-lm,gpt2-small")).split(",")
+    unknown = [m for m in args.replay_models if m not in REPLAY_DRAFTS]
+    if unknown:
+        ap.error(f"--replay-models: no draft known for {unknown}; known: {', '.join(REPLAY_DRAFTS)}")
+    args.replay_leases = args.replay_leases if args.replay_leases is not None else (2 if q else 6)
     args.exact_models = (args.exact_models or ("gpt2-micro" if q else "gpt2-small,llama-small")).split(",")
     args.exact_tokens = args.exact_tokens or (8 if q else 32)
     args.cap_n = args.cap_n or (128 if q else 8192)
@@ -815,8 +1052,8 @@ def main(argv: list[str] | None = None) -> int:
     commit = gpu_env.commit_of(args.commit)
     result: dict[str, Any] = {
         "format": FORMAT,
-        "what": "issue 26 item 4: L4 audit speed-up at a 7B shape, the exact tier on GPU traces, a timed "
-        "capacity challenge",
+        "what": "issue 26 item 4: L4 audit speed-up at a 7B shape, a bf16 decode replay on the GPU, the "
+        "exact tier on GPU traces, a timed capacity challenge",
         "kind": "gpu" if gpu else "cpu-smoke",
         "card": torch.cuda.get_device_name(0)
         if gpu and torch.cuda.is_available()
@@ -837,6 +1074,9 @@ def main(argv: list[str] | None = None) -> int:
             "section_budgets_s": args.budgets,
             "tokens": args.tokens,
             "reps": args.reps,
+            "replay_models": args.replay_models,
+            "replay_leases": args.replay_leases,
+            "replay_tokens": args.replay_tokens,
             "exact_models": args.exact_models,
             "exact_tokens": args.exact_tokens,
             "cap_n": args.cap_n,

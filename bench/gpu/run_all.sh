@@ -5,7 +5,8 @@
 #   POI_COMMIT=<sha> bash bench/gpu/run_all.sh core     # ~4 min: wheels, environment, cross_hardware
 #   POI_COMMIT=<sha> bash bench/gpu/run_all.sh traces   # ~7 min: wheels, collect_traces (budget 520 s)
 #   POI_COMMIT=<sha> bash bench/gpu/run_all.sh next     # <= 8 min: wheels, next_run (7B audit speed-up,
-#                                                       # L3 on GPU traces, capacity challenge), then
+#                                                       # bf16 decode replay, L3 on GPU traces,
+#                                                       # capacity challenge), then
 #                                                       # collect_traces --plan serving
 #
 # (no argument means core; -h prints this). The device's copy of the tree has no .git: pass the
@@ -24,8 +25,9 @@
 #            $OUT/collect_traces.log
 #            $OUT/run_all.log
 #   next:    $OUT/env.txt
-#            $OUT/gpu_next.json    bench/gpu/next_run.py: audit7b, exact_gpu, capacity (in that order,
-#                                  each with its sub-budget), rewritten after every trial
+#            $OUT/gpu_next.json    bench/gpu/next_run.py: audit7b, native_replay, exact_gpu, capacity
+#                                  (in that order, each with its sub-budget), rewritten after every
+#                                  trial
 #            $OUT/next_run.log
 #            $OUT/serving_traces.tar.gz, $OUT/serving_traces_index.json   collect_traces --plan serving
 #            $OUT/collect_traces.log
@@ -38,8 +40,8 @@
 # repetitions, never whole workloads; cross_hardware by skipping its last trials (listed).
 # next: the whole part ends by POI_NEXT_BUDGET_S=480 s from the start: next_run.py gets
 # --budget-s min(POI_NEXT_MAIN_S=280, what is left of 480 - 120) under `timeout` +20 s (its own
-# sub-budgets: audit7b 165, exact_gpu 60, capacity 40); collect_traces --plan serving gets what is
-# left of the 480 s less 15 (killed 15 s after), so it ends by ~480 s.
+# sub-budgets: audit7b 150, native_replay 45, exact_gpu 40, capacity 30); collect_traces --plan
+# serving gets what is left of the 480 s less 15 (killed 15 s after), so it ends by ~480 s.
 #
 # Rehearsal without a GPU (the current environment, no install, CPU smoke runs):
 #   POI_SMOKE=1 PYTHON=.venv/bin/python OUT=/tmp/run_all_smoke bash bench/gpu/run_all.sh core
@@ -56,8 +58,8 @@ usage: [POI_COMMIT=<sha>] [OUT=<dir>] bash bench/gpu/run_all.sh [core|traces]
           (audit speed-up first, then acceptance and cheats)       -> $OUT/gpu_core.json
   traces  install .whl/, run bench/gpu/collect_traces.py with a time budget
                                                                     -> $OUT/traces.tar.gz
-  next    install .whl/, run bench/gpu/next_run.py (7B audit speed-up, L3 on GPU traces,
-          capacity challenge), then collect_traces.py --plan serving; <= 480 s
+  next    install .whl/, run bench/gpu/next_run.py (7B audit speed-up, bf16 decode replay,
+          L3 on GPU traces, capacity challenge), then collect_traces.py --plan serving; <= 480 s
                                                    -> $OUT/gpu_next.json, serving_traces.tar.gz
   (no argument: core). Each part fits one 10-minute device command.
 
