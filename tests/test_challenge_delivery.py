@@ -20,6 +20,7 @@ import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -32,6 +33,7 @@ import maxwell_poi.service.intake as intake
 from maxwell_poi.ledger import Ledger, check_ledger, open_ledger_db
 from maxwell_poi.ledger.db import writer
 from maxwell_poi.node.attest import NodeKey, sign_evidence
+from maxwell_poi.node.remote import RemoteNode
 from maxwell_poi.node.resident import ResidentAgent
 from maxwell_poi.observer.evidence import LeaseEvidence
 from maxwell_poi.protocol.keys import AgentKey
@@ -43,7 +45,7 @@ from maxwell_poi.service.api import create_app
 from maxwell_poi.service.challenges import CPU_WAIT_CAP, ChallengeBoard
 from maxwell_poi.service.schema import ServiceBase, VerdictRow
 from maxwell_poi.service.store import migrate
-from maxwell_poi.service.wire import BidBody, ChallengeView, IntakeBody, OpenChallenge
+from maxwell_poi.service.wire import BidBody, ChallengeView, IntakeBody, OpenChallenge, OpeningAnswer
 
 TOKEN = "t"
 STAKE = 100_000
@@ -259,20 +261,42 @@ for line in sys.stdin:
 """
 
 
+class Posts:
+    """Stands in for the node's client: records what the node posts for each question."""
+
+    def __init__(self) -> None:
+        self.posted: list[tuple[bytes, float | None]] = []
+
+    def opening(self, challenge_id: int, lease_id: str, line: bytes, cpu_wait_s: float | None = None) -> Any:
+        self.posted.append((line, cpu_wait_s))
+        return OpeningAnswer(challenge_id=challenge_id, lease_id=lease_id, status="answered")
+
+
 @pytest.mark.parametrize("hogs", [0, 2 * len(os.sched_getaffinity(0)) + 1])
 def test_the_node_waits_past_the_timeout_only_for_cpu_wait_it_measured(hogs: int) -> None:
-    """The node's side: an agent whose threads wait for a CPU gets its measured wait on top of the
-    timeout (within the cap), and its answer is relayed; an agent that merely sleeps gets nothing."""
-    lease_id = uuid.uuid4().hex
-    argv = [sys.executable, "-c", SLOW_AGENT, "1.5", str(hogs)]
-    with ResidentAgent(argv, name=f"slow-{hogs}") as agent:
-        window = agent.open_measured(lease_id, [(0, "x")], timeout_s=1.0, wait_cap_s=3.0)
-    assert window.cpu_wait_s is not None, "no schedstat here: the node cannot measure CPU wait"
+    """The node's side (RemoteNode relaying to a real sandboxed agent): an agent whose threads wait
+    for a CPU gets its measured wait on top of the timeout, within the question's cap, and the node
+    posts the figure with the answer; an agent that merely sleeps gets nothing."""
+    question = OpenChallenge(
+        challenge_id=1,
+        lease_id=uuid.uuid4().hex,
+        agent_id="slow",
+        keys=[(0, "x")],
+        timeout_s=1.0,
+        cpu_wait_cap_s=3.0,
+    )
+    client = Posts()
+    with ResidentAgent([sys.executable, "-c", SLOW_AGENT, "1.5", str(hogs)], name=f"slow-{hogs}") as agent:
+        node = RemoteNode(client, SimpleNamespace(agents={"slow": agent}, node_id="n"), device_class="cpu:x")  # type: ignore[arg-type]
+        node._answer_challenge(question)
+    ((line, cpu_wait_s),) = client.posted
+    assert cpu_wait_s is not None, "no schedstat here: the node cannot measure CPU wait"
+    refused = json.loads(line)["error"]
     if hogs:
-        assert window.answer == "the agent refused: here, late", window  # waited for: it was starved
-        assert window.cpu_wait_s > 0
+        assert refused.endswith("here, late"), refused  # waited for: it was starved
+        assert cpu_wait_s > 0
     else:
-        assert isinstance(window.answer, str) and window.answer.startswith("no opening within 1 s"), window
+        assert refused.startswith("no opening within 1 s"), refused
 
 
 # -- the migration ---------------------------------------------------------------------------------

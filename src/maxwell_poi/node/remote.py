@@ -17,6 +17,10 @@ A resident agent that died (crashed, killed, exited) is started again before its
 RESTART_LIMIT times within RESTART_WINDOW_S and after a backoff that doubles with each restart; past
 the limit its leases are left to expire (hold and stake back to the agent, nothing paid). Its exit
 code and the last lines of its stderr go to the node's log.
+
+L3 questions that come with a pull are answered before its leases are served: the node asks the
+resident agent, waiting the question's timeout plus the CPU wait it measures of the agent's sandbox
+meanwhile (`CpuWait`, within the question's `cpu_wait_cap_s`), and posts the figure with the line.
 """
 
 from __future__ import annotations
@@ -34,6 +38,7 @@ from typing import Any
 import httpx
 from pydantic import BaseModel
 
+from ..observer.contention import mark
 from ..protocol.lease import EmbedJob, GenerateJob, Lease
 from ..protocol.stream import TaggedOpening, refusal_line
 from ..service.client import ServiceClient, ServiceRefused
@@ -42,6 +47,7 @@ from .attest import hardware_class
 from .headroom import measure_headroom
 from .node import Node
 from .relay import StreamRelay
+from .sandbox import Sandbox
 
 log = logging.getLogger(__name__)
 INTAKE_TRIES = 5
@@ -71,6 +77,28 @@ class ChallengeHandled(BaseModel):
 
 
 Handed = IntakeAnswer | Refused | ChallengeHandled  # what one step handed in, item by item
+
+
+class CpuWait:
+    """How long an agent's sandbox has waited for a CPU since this was made — Maxwell's reading, never
+    the agent's: its threads' run-queue delay (observer.contention) per core it kept busy (as L1's
+    free pace counts it, observer.evidence), at most the wall time. Kept at its most over the reads,
+    since a thread that exits takes its delay with it; None where the kernel gives no schedstat."""
+
+    def __init__(self, sandbox: Sandbox) -> None:
+        self.sandbox = sandbox
+        self.start, self.usage = mark(sandbox.pids()), sandbox.usage()
+        self.most: float | None = None
+
+    def read(self) -> float | None:
+        end, usage = mark(self.sandbox.pids()), self.sandbox.usage()
+        wall = end.host.at - self.start.host.at
+        if self.start.wait_s is None or end.wait_s is None or wall <= 0:
+            return self.most
+        cores = max(1.0, (usage.cpu_ns - self.usage.cpu_ns) / 1e9 / wall)
+        now = round(min(wall, max(0.0, end.wait_s - self.start.wait_s) / cores), 6)
+        self.most = now if self.most is None else max(self.most, now)
+        return self.most
 
 
 @dataclass
@@ -133,9 +161,10 @@ class RemoteNode:
         if agent is None:  # not resident here (stopped, or this node restarted): no one to ask
             line = refusal_line(lease_id, f"agent {agent_id} is not running on node {self.node.node_id}")
         else:
-            timeout_s, cap_s = max(0.1, challenge.timeout_s), challenge.cpu_wait_cap_s
-            window = agent.open_measured(lease_id, keys, timeout_s=timeout_s, wait_cap_s=cap_s)
-            got, cpu_wait_s = window.answer, window.cpu_wait_s
+            waited, cap = CpuWait(agent.sandbox), challenge.cpu_wait_cap_s
+            more = (lambda: min(cap, waited.read() or 0.0)) if cap > 0 else None
+            got = agent.open(lease_id, keys, timeout_s=max(0.1, challenge.timeout_s), more_s=more)
+            cpu_wait_s = waited.read()
             line = got.line if isinstance(got, TaggedOpening) else refusal_line(lease_id, got)
         answer: OpeningAnswer | Refused
         try:

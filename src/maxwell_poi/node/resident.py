@@ -47,12 +47,12 @@ from .stream_log import StreamLog
 # scheduler ticks and switches (steps of ~0.006 ms on a quiet host here, ~2 ms under load): judge
 # by at least this
 EFFECTIVE_TICK_S = 0.004
-OPENING_SAMPLE_S = 0.25  # how often an L3 opening's CPU wait is read while the node waits for it
 EXIT_GRACE_S = 0.5  # how long a lease with no receipt waits for a dying agent's exit status
 MAX_LINE_BYTES = 64 << 20  # a resident agent's longest line; a receipt line past it is cut and fails
 # sees each token and chunk as it arrives: (the line, seconds since the lease was handed over, the
 # sandbox's CPU-seconds then); chunks carry (0, 0): only tokens are timed
 StreamWatch = Callable[[TaggedToken | TaggedChunk, float, float], None]
+MoreTime = Callable[[], float]  # how much longer than its timeout an L3 opening may take, now
 
 
 @dataclass
@@ -88,17 +88,6 @@ class _LeaseState:
     contention: dict[str, float] = field(default_factory=dict)
     probe: PendingProbe | None = None  # Maxwell's work probe of this lease (node.probe)
     own_cpu_s: float | None = None  # the sandbox CPU attributed to this lease alone (node.stream_log)
-
-
-@dataclass(frozen=True)
-class OpeningWindow:
-    """One L3 opening as the node saw it: the agent's opening line (or why none), the CPU wait of
-    its sandbox meanwhile (Maxwell's reading, never the agent's; None: not measurable here), and
-    the wall time."""
-
-    answer: TaggedOpening | str
-    cpu_wait_s: float | None
-    wall_s: float
 
 
 class ResidentAgent:
@@ -257,59 +246,32 @@ class ResidentAgent:
         waiting[0].set()
         return True
 
-    def open(self, lease_id: str, keys: list[tuple[int, str]], timeout_s: float) -> TaggedOpening | str:
-        """L3: ask the agent to open these traced tensors of an answered lease; its opening line, or
-        why there is none (a refusal, or no answer within `timeout_s`: a late opening is refused)."""
-        return self.open_measured(lease_id, keys, timeout_s).answer
-
-    def open_measured(
-        self, lease_id: str, keys: list[tuple[int, str]], timeout_s: float, wait_cap_s: float = 0.0
-    ) -> OpeningWindow:
-        """`open`, measured: the wait lasts `timeout_s` plus the CPU wait the sandbox's threads
-        measured meanwhile (`cpu_wait_s`), at most `wait_cap_s` more — the control plane extends the
-        question's deadline by the same figure within the same cap (service.challenges). Read every
-        OPENING_SAMPLE_S and kept at its most: a thread that exits takes its delay with it."""
+    def open(
+        self, lease_id: str, keys: list[tuple[int, str]], timeout_s: float, more_s: MoreTime | None = None
+    ) -> TaggedOpening | str:
+        """L3: ask the agent to open these traced tensors of an answered lease: its opening line, or why
+        none (a refusal; none within `timeout_s` + `more_s()`, read every 0.25 s: a late one is refused)."""
         waiting = [threading.Event(), None]
-        t0, start = time.perf_counter(), (mark(self.sandbox.pids()), self.sandbox.usage())
+        t0, extra = time.perf_counter(), 0.0
         with self._lock:
             self._openings[lease_id] = waiting
-        answer: TaggedOpening | str | None = None
-        waited: float | None = None  # the most CPU wait read so far (None: not measurable here)
         try:
             with self._write_lock:
                 self.proc.stdin.write(open_request_line(lease_id, keys))
                 self.proc.stdin.flush()
-            while True:
-                waited = _most(waited, self._cpu_wait_s(start))
-                allowed = timeout_s + min(wait_cap_s, waited or 0.0)
-                left = t0 + allowed - time.perf_counter()
-                if left <= 0:
-                    answer = f"no opening within {timeout_s:.0f} s + {allowed - timeout_s:.1f} s of CPU wait"
+            while (left := t0 + timeout_s + extra - time.perf_counter()) > 0:
+                if waiting[0].wait(min(left, 0.25) if more_s else left):
                     break
-                if waiting[0].wait(min(left, OPENING_SAMPLE_S)):
-                    break
+                extra = more_s() if more_s else 0.0
+            else:
+                return f"no opening within {timeout_s + extra:.0f} s"
         except (BrokenPipeError, ValueError):
-            answer = "the agent's stdin is closed (the agent exited)"
+            return "the agent's stdin is closed (the agent exited)"
         finally:
             with self._lock:
                 self._openings.pop(lease_id, None)
-        if answer is None:
-            got = waiting[1]
-            answer = got if isinstance(got, TaggedOpening) else f"the agent refused: {got.error}"
-        return OpeningWindow(answer, _most(waited, self._cpu_wait_s(start)), time.perf_counter() - t0)
-
-    def _cpu_wait_s(self, start: tuple[Mark, Usage]) -> float | None:
-        """How long the sandbox waited for a CPU since `start`: its threads' run-queue delay per core
-        it kept busy (as L1's free pace counts it, observer.evidence), at most the wall time; None
-        where the kernel gives no schedstat."""
-        (mark_in, usage_in), mark_out, usage = start, mark(self.sandbox.pids()), self.sandbox.usage()
-        if mark_in.wait_s is None or mark_out.wait_s is None:
-            return None
-        wall = mark_out.host.at - mark_in.host.at
-        if wall <= 0:
-            return 0.0
-        cores = max(1.0, (usage.cpu_ns - usage_in.cpu_ns) / 1e9 / wall)
-        return round(min(wall, max(0.0, mark_out.wait_s - mark_in.wait_s) / cores), 6)
+        answer = waiting[1]
+        return answer if isinstance(answer, TaggedOpening) else f"the agent refused: {answer.error}"
 
     # --- the work probe (node.probe) -------------------------------------------------------------
     def _send_probes(self) -> None:
@@ -536,8 +498,3 @@ def gpu_observer() -> Observer | None:
         return Observer([nv])
     nv.close()
     return None
-
-
-def _most(a: float | None, b: float | None) -> float | None:
-    """The larger of two readings, either of which may be missing (None)."""
-    return b if a is None else a if b is None else max(a, b)

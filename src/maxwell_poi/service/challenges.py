@@ -3,11 +3,11 @@ lease's node relays the question to its resident agent and the agent's answer ba
 
 The database is the mailbox (`cp_challenges`): `ask` writes the question and wakes long-polling
 pulls, the node finds it in its next pull (`open_for`, which stamps `delivered_at` the first time a
-pull takes it), asks its resident agent (`ResidentAgent.open_measured`) and posts the agent's line
-verbatim (`answer`); `ask` returns what came of it (`Asked`). Nothing the node relays is trusted:
-the line is the agent's claim, checked against the receipt's signed trace root by the verifier
-(protocol.trace.verify_opening). A late answer is kept (for the record) but never counts: the
-question's deadline is Maxwell's clock.
+pull takes it), asks its resident agent (`ResidentAgent.open`, its wait measured by
+node.remote.CpuWait) and posts the agent's line verbatim (`answer`); `ask` returns what came of it
+(`Asked`). Nothing the node relays is trusted: the line is the agent's claim, checked against the
+receipt's signed trace root by the verifier (protocol.trace.verify_opening). A late answer is kept
+(for the record) but never counts: the question's deadline is Maxwell's clock.
 
 Whose clock runs when ("never punish Maxwell's own failures"):
 
