@@ -15,6 +15,7 @@ import itertools
 import json
 import os
 import sys
+import threading
 import time
 import uuid
 from collections.abc import Iterator
@@ -42,15 +43,24 @@ from maxwell_poi.protocol.stream import open_request_line
 from maxwell_poi.prover.sdk import Prover
 from maxwell_poi.service import ControlPlane, ServiceClient, ServiceConfig, ServiceRefused
 from maxwell_poi.service.api import create_app
-from maxwell_poi.service.challenges import CPU_WAIT_CAP, ChallengeBoard
+from maxwell_poi.service.challenges import CPU_WAIT_CAP, Asked, ChallengeBoard, Outcome
 from maxwell_poi.service.schema import ServiceBase, VerdictRow
+from maxwell_poi.service.states import ChallengeKind
 from maxwell_poi.service.store import migrate
-from maxwell_poi.service.wire import BidBody, ChallengeView, IntakeBody, OpenChallenge, OpeningAnswer
+from maxwell_poi.service.wire import (
+    BidBody,
+    ChallengeView,
+    IntakeBody,
+    OpenChallenge,
+    OpeningAnswer,
+    OpeningBody,
+)
 
 TOKEN = "t"
 STAKE = 100_000
 MODEL = "gpt2-micro"
 JOB = {"kind": "generate", "prompt": "the mill by the river", "max_new_tokens": 8}
+LEASE = "ab" * 16  # the old database's lease
 
 
 @dataclass
@@ -320,11 +330,12 @@ def old_database(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Eng
         "VALUES (1, 'a', 'b', 'x', 'm', 'fp32', '{}', 1, 1, 1.0, 'won', '', 1.0)",
         "INSERT INTO cp_leases (lease_id, agent_id, node_id, bid_pk, lease_json, tier, audit_probability, "
         "tier_reason, price_micro_per_j, hold_micro, stake_micro, status, issued_at, deadline) "
-        "VALUES ('L1', 'a', 'n', 1, '{}', 'exact', 0.1, '', 1, 1, 1, 'settled', 1.0, 2.0)",
-        "INSERT INTO cp_challenges (id, lease_id, node_id, kind, keys, status, asked_at, deadline, "
-        "answered_at) VALUES (1, 'L1', 'n', 'l3', '[[0, \"x\"]]', 'answered', 10.0, 40.0, 12.0)",
-        "INSERT INTO cp_challenges (id, lease_id, node_id, kind, keys, status, asked_at, deadline, "
-        "answered_at) VALUES (2, 'L1', 'n', 'l3', '[[1, \"x\"]]', 'late', 50.0, 80.0, NULL)",
+        "VALUES ('" + LEASE + "', 'a', 'n', 1, '{}', 'exact', 0.1, '', 1, 1, 1, 'settled', 1.0, 2.0)",
+        # no ids given: PostgreSQL's sequence must hand out the next ones (the board's test asks more)
+        "INSERT INTO cp_challenges (lease_id, node_id, kind, keys, status, asked_at, deadline, answered_at) "
+        "VALUES ('" + LEASE + "', 'n', 'l3', '[[0, \"x\"]]', 'answered', 10.0, 40.0, 12.0)",
+        "INSERT INTO cp_challenges (lease_id, node_id, kind, keys, status, asked_at, deadline, answered_at) "
+        "VALUES ('" + LEASE + "', 'n', 'l3', '[[1, \"x\"]]', 'late', 50.0, 80.0, NULL)",
     ]
     with writer(engine).begin() as connection:
         for sql in rows:
@@ -341,13 +352,42 @@ def test_the_migration_reads_old_questions_as_delivered_when_asked(old_database:
 
     migrate(old_database)
     with writer(old_database).begin() as connection:
-        got = connection.execute(
-            text("SELECT id, asked_at, delivered_at FROM cp_challenges ORDER BY id")
-        ).all()
-        assert [tuple(r) for r in got] == [(1, 10.0, 10.0), (2, 50.0, 50.0)]
+        got = connection.execute(text("SELECT asked_at, delivered_at FROM cp_challenges ORDER BY id")).all()
+        assert [tuple(r) for r in got] == [(10.0, 10.0), (50.0, 50.0)]
         context = MigrationContext.configure(connection, opts={"version_table": "cp_alembic_version"})
         diff = [d for d in compare_metadata(context, ServiceBase.metadata) if "cp_challenges" in repr(d)]
         assert diff == []
-    views = ChallengeBoard(Ledger(old_database)).of_lease("L1")
+    views = ChallengeBoard(Ledger(old_database)).of_lease(LEASE)
     assert [(v["status"], v["delivered_at"]) for v in views] == [("answered", 10.0), ("late", 50.0)]
     migrate(old_database)  # again: a no-op
+
+
+def test_the_board_tells_its_endings_apart_on_each_database(old_database: Engine) -> None:
+    """`ask` itself, with the delivery stamped by `open_for`'s compare-and-set on SQLite and on
+    PostgreSQL: a typed outcome, never a string to match."""
+    migrate(old_database)
+    board = ChallengeBoard(Ledger(old_database))
+    undelivered = board.ask(LEASE, "n", ChallengeKind.L3, [(0, "x")], 0.3)
+    assert (undelivered.outcome, undelivered.evidence, undelivered.opening) == (
+        Outcome.UNDELIVERED,
+        False,
+        None,
+    )
+    got: list[Asked] = []
+    asking = threading.Thread(
+        target=lambda: got.append(board.ask(LEASE, "n", ChallengeKind.L3, [(0, "x")], 2.0))
+    )
+    asking.start()
+    deadline = time.monotonic() + 30
+    while not (questions := board.open_for("n")) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    (question,) = questions
+    assert board.open_for("n")[0]["timeout_s"] <= question["timeout_s"]  # delivered once: its clock runs
+    refusal = json.dumps({"x": LEASE, "error": "no kept trace"}, separators=(",", ":"))
+    board.answer("n", OpeningBody(challenge_id=question["challenge_id"], lease_id=LEASE, line=refusal))
+    asking.join(30)
+    (refused,) = got
+    assert (refused.outcome, refused.evidence) == (Outcome.NOT_OPENED, True)
+    assert refused.reason == "the agent refused: no kept trace"
+    views = board.of_lease(LEASE)[-2:]
+    assert [(v["status"], v["delivered_at"] is None) for v in views] == [("late", True), ("answered", False)]
