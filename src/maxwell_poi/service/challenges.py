@@ -13,7 +13,8 @@ Whose clock runs when ("never punish Maxwell's own failures"):
 
 - **Not delivered.** Until a pull of the lease's node takes the question, the agent cannot have
   seen it: a question no pull took within `timeout_s` of asking is `UNDELIVERED` — Maxwell's
-  failure (node down or busy, network), no evidence about the agent.
+  failure (node down or busy, network), no evidence about the agent. Delivered means a pull's
+  answer carried it: one lost on its way back to the node still counts as delivered.
 - **From delivery.** The agent's `timeout_s` counts from delivery: a question taken late (at most
   `timeout_s` after asking, else it is undelivered) has its deadline moved to `delivered_at +
   timeout_s` — so never later than twice the timeout from asking.
