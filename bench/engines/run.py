@@ -102,7 +102,9 @@ EXTRA_PROMPTS = [
     "Each element of the iterable",
     "The encoding defaults to",
 ]
-PROMPTS = [*BASE_PROMPTS, *EXTRA_PROMPTS]
+# open-ended prompts only: poi-lm often ends a whole sentence with eos at once, and an empty answer
+# carries one position of evidence
+PROMPTS = [*(p.rstrip(".") + " and" for p in BASE_PROMPTS if p.endswith(".")), *EXTRA_PROMPTS]
 
 
 def leases(n: int, offset: int, tokens: int) -> list[Lease]:
@@ -290,21 +292,25 @@ def overhead(bench: Bench, url: str, n: int) -> dict:
     adapter = bench.adapter(url)
     client = httpx.Client(timeout=120)
     bare_lp, bare_plain, adapted = [], [], []
-    for lease in leases(n, 10_000, bench.tokens):
-        job = lease.job
-        assert isinstance(job, GenerateJob)
-        body = {"model": MODEL, "prompt": job.prompt, "max_tokens": job.max_new_tokens,
-                "temperature": job.temperature, "stream": True, "repeat_penalty": 1.0, "top_p": 1.0,
-                "min_p": 0.0, "top_k": job.top_k}  # fmt: skip
-        for which, kw in ((bare_lp, {"logprobs": 5}), (bare_plain, {})):
+    for i, lease in enumerate(leases(n, 10_000, bench.tokens)):
+        body = {**adapter.request_body(lease), "stream": True}  # the very request the adapter sends
+        plain = {k: v for k, v in body.items() if k != "logprobs"}
+
+        def bare(request: dict) -> float:
             t = time.perf_counter()
-            with client.stream("POST", f"{url}/completions", json={**body, **kw}) as resp:
+            with client.stream("POST", f"{url}/completions", json=request) as resp:
                 for _ in resp.iter_lines():
                     pass
-            which.append(time.perf_counter() - t)
-        t = time.perf_counter()
-        adapter.run(lease)
-        adapted.append(time.perf_counter() - t)
+            return time.perf_counter() - t
+
+        def adapted_run(lease: Lease) -> float:
+            t = time.perf_counter()
+            adapter.run(lease)
+            return time.perf_counter() - t
+
+        order = [(bare_lp, bare, body), (bare_plain, bare, plain), (adapted, adapted_run, lease)]
+        for which, measure, arg in order[i % 3 :] + order[: i % 3]:  # rotate: no step always goes first
+            which.append(measure(arg))
     med = statistics.median
     return {
         "leases": n,
@@ -337,10 +343,14 @@ def transformers_part(bench: Bench, n: int, trials: int) -> tuple[dict, dict | N
     out["refused_by_adapter"] = len(pairs) - len(answered)
     out["max_gap_greedy"] = max([r["max_gap"] for r in rows if r["greedy"]] or [0.0])
     out["z_sampled"] = sorted(round(r["z"], 2) for r in rows if r["z"] is not None)[:5]
-    out["bytes_per_token"] = round(
-        statistics.mean(r["bytes"] / max(1, r["tokens"]) for r in rows), 1
-    ) if rows else None  # fmt: skip
+    out["bytes_per_token"] = per_token(rows)
     return out | {"_pairs": answered}, tf_fit
+
+
+def per_token(rows: list[dict]) -> float | None:
+    """Receipt bytes per token over the leases that ran to max_new_tokens (else all with tokens)."""
+    full = [r for r in rows if r["finish"] == "length"] or [r for r in rows if r["tokens"]]
+    return round(sum(r["bytes"] for r in full) / sum(r["tokens"] for r in full), 1) if full else None
 
 
 def main() -> None:
@@ -412,10 +422,9 @@ def main() -> None:
             }  # fmt: skip
             lp_rows = [r for r in rows if r["max_logprob_err"] is not None]
             result["receipt_bytes"] = {
-                "logprobs_top5_per_token": round(
-                    statistics.mean(r["bytes"] / r["tokens"] for r in lp_rows), 1
-                ),
-                "note": "whole DSSE receipt bytes / tokens, 32-token leases, top 5 float32 log-probs",
+                "logprobs_top5_per_token": per_token(lp_rows),
+                "note": "whole DSSE receipt bytes / tokens over the leases that ran to max_new_tokens "
+                "(finish 'length'), top 5 float32 log-probs",
                 "transformers_serve_tokens_only_per_token": tf.get("bytes_per_token"),
             }
             result["transformers_serve"] = tf

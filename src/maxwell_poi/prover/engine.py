@@ -55,6 +55,11 @@ def byte_level_table() -> dict[int, str]:
     return dict(zip(bs, map(chr, cs), strict=True))
 
 
+def engine_seed(lease: Lease) -> int:
+    """The seed sent to the engine for a sampled lease: u32le of the lease seed's first 4 bytes."""
+    return int.from_bytes(lease.seed_bytes[:4], "little")
+
+
 class PieceMap:
     """Token text as an engine returns it -> the vocabulary id (None where it names no token)."""
 
@@ -214,6 +219,24 @@ class EngineAdapter:
         return {"top_p": 1.0, **({"seed": seed} if seed is not None else {})}
 
     # -- one lease -------------------------------------------------------------------------------
+    def request_body(self, lease: Lease) -> dict[str, Any]:
+        """The completion request for `lease` (streamed by `run`; the benchmark sends it bare too)."""
+        job = lease.job
+        assert isinstance(job, GenerateJob)
+        d = self.dialect(lease.model_id)
+        body: dict[str, Any] = {
+            "model": d.model,
+            "prompt": d.prefix + (self.alter_prompt(job.prompt) if self.alter_prompt else job.prompt),
+            "max_tokens": job.max_new_tokens,
+            "temperature": job.temperature,
+            **self._extra(
+                d, job.temperature, job.top_k, None if job.temperature == 0 else engine_seed(lease)
+            ),
+        }
+        if d.logprobs:
+            body["logprobs"] = self.top
+        return body
+
     def run(self, lease: Lease) -> bytes:
         job = lease.job
         if not isinstance(job, GenerateJob):
@@ -222,16 +245,8 @@ class EngineAdapter:
         pieces = self._pieces[lease.model_id]
         ref = self.registry.reference(lease.model_id)
         greedy = job.temperature == 0
-        seed = int.from_bytes(lease.seed_bytes[:4], "little")
-        body: dict[str, Any] = {
-            "model": d.model,
-            "prompt": d.prefix + (self.alter_prompt(job.prompt) if self.alter_prompt else job.prompt),
-            "max_tokens": job.max_new_tokens,
-            "temperature": job.temperature,
-            **self._extra(d, job.temperature, job.top_k, None if greedy else seed),
-        }
-        if d.logprobs:
-            body["logprobs"] = self.top
+        seed = engine_seed(lease)
+        body = self.request_body(lease)
         sink = current_sink()
         tokens: list[int] = []
         chosen_lp: list[float] = []
