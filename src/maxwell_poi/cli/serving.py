@@ -33,10 +33,18 @@ def profile(
             "(L1's work floor follows the cores a lease's sandbox kept busy)"
         ),
     ] = "1,2,N",
+    engine_cmd: Annotated[
+        str | None,
+        typer.Option(
+            help="resident: profile the engine adapter serving through this engine command (`poi agent "
+            "--engine-cmd`); only agents enrolled with this very engine command are judged by it"
+        ),
+    ] = None,
     json_out: JsonOpt = False,
 ) -> None:
     """Measure what honest inference of MODEL looks like on this device (L1/L2 reference)."""
     _quiet()
+    from ..node.resident_runs import measure_resident_profile
     from ..node.runs import measure_profile
     from ..node.thread_profiles import measure_threaded_profile, thread_counts
     from ..protocol.errors import PoiError
@@ -54,9 +62,20 @@ def profile(
         counts = thread_counts(threads)
     except ValueError as exc:
         raise _bad_input(f"--threads: {exc}") from None
+    if engine_cmd and not resident:
+        raise _bad_input("--engine-cmd: expected with --resident (engine agents are resident), got without")
     try:
         with err.status(f"profiling {model}…") as status:
-            if resident:
+            if engine_cmd:  # the engine's own threads are in its command: no torch thread counts here
+                prof = measure_resident_profile(
+                    model,
+                    runs=runs,
+                    tokens=tokens,
+                    batches=sizes,
+                    on_progress=lambda m: status.update(m),
+                    engine_cmd=engine_cmd,
+                )
+            elif resident:
                 prof = measure_threaded_profile(
                     model,
                     threads=counts,
@@ -69,7 +88,7 @@ def profile(
                 prof = measure_profile(
                     model, runs=runs, tokens=tokens, on_progress=lambda m: status.update(m)
                 )
-    except (PoiError, RuntimeError) as exc:
+    except (PoiError, RuntimeError, ValueError) as exc:
         raise _bad_input(str(exc)) from None
     store = ProfileStore()
     store.put(prof)

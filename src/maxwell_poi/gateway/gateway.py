@@ -19,6 +19,7 @@ Requesters' money: account `requester:<id>` (a wallet) and `requester-escrow:<id
 from __future__ import annotations
 
 import hashlib
+import json
 import secrets
 import threading
 import time
@@ -37,18 +38,22 @@ from ..ledger import LedgerError
 from ..ledger.book import DEPOSITS
 from ..ledger.retry import retried
 from ..observer.evidence import resident_profile_key
+from ..protocol.engine import engine_of_command
 from ..protocol.errors import PoiError
 from ..protocol.lease import Lease
-from ..protocol.receipt import max_receipt_bytes, open_receipt
+from ..protocol.receipt import OpenedReceipt, max_receipt_bytes, open_receipt
 from ..protocol.result import LayerResult
 from ..service.control import ControlPlane
 from ..service.errors import ApiError
 from ..service.market import Directed, Hold, PulledLease
-from ..service.schema import CompletionRow, LeaseRow, NodeRow, OfferRow, RequesterRow, VerdictRow
+from ..service.schema import AgentRow, CompletionRow, LeaseRow, NodeRow, OfferRow, RequesterRow, VerdictRow
 from ..service.settlement import completion_outcome, hold_payment, requester_left, settle_completion
 from ..service.states import CompletionState
 from ..service.wire import BidBody
+from ..verifier.appraisal import Appraisal
 from ..verifier.audit import AuditLayer
+from ..verifier.engine_audit import stream_tie_gap
+from ..verifier.engine_stream import EngineStream, EngineStreamChoice
 from ..verifier.lottery import draw_audit
 from ..verifier.streaming import streaming_audit
 from .admission import (
@@ -342,11 +347,20 @@ class Gateway:
         """The running appraisal: the audit lottery is drawn here, once, with the tier's probability
         (a canary's lease, and one delivered verified, is always audited); the streaming audit's
         tolerance by the one rule, from the class the node signed into its pull (its measurement of
-        the device the agent runs on; empty: not measured, and the rule says so)."""
+        the device the agent runs on; empty: not measured, and the rule says so). An agent enrolled
+        with an engine command (the program the node runs, not a claim) is an engine agent: its
+        tokens go through EngineStream, its receipt's L4 is judged whole at intake, and its running
+        checks use its engine's own profile (none measured: no running checks, L1 says so)."""
         lease = pulled.lease
         delivery = self.delivery.for_lease(requested, pulled.tier)
+        command = session.scalar(select(AgentRow.command).where(AgentRow.agent_id == lease.agent_id))
+        engine = engine_of_command(json.loads(command or "[]"))
+        judge = partial(self._judge, lease)  # for any engine receipt (v4), whichever agent sent it
         audit, replay = None, None
-        if audited or delivery is Delivery.VERIFIED or draw_audit(pulled.audit_probability):
+        if engine and (audited or delivery is Delivery.VERIFIED or draw_audit(pulled.audit_probability)):
+            choice = EngineStreamChoice(*stream_tie_gap(lease.precision))
+            audit = EngineStream(lease, self.audit.reference_model(lease.model_id), choice, AUDIT_BLOCK)
+        elif audited or delivery is Delivery.VERIFIED or draw_audit(pulled.audit_probability):
             measured = session.scalar(select(NodeRow.device_class).where(NodeRow.node_id == node_id))
             choice = self.audit.tolerance(lease.precision, measured or "", lease.model_id)
             audit = streaming_audit(
@@ -354,9 +368,13 @@ class Gateway:
             )
             if choice.replay is not None:  # the final verdict replays the answer as it was decoded
                 replay = partial(self.audit.replayed, lease, choice=choice)
-        profile = self.control.profiles.get(lease.model_id, resident_profile_key())
+        profile = self.control.profiles.get(lease.model_id, resident_profile_key(engine))
         checks = RunningChecks(profile, self.registry.reference(lease.model_id)) if profile else None
-        return LiveLease(lease, audit, checks, node_id, delivery, timeline, replay)
+        return LiveLease(lease, audit, checks, node_id, delivery, timeline, replay, judge)
+
+    def _judge(self, lease: Lease, receipt: OpenedReceipt) -> LayerResult:
+        """A whole receipt's L4 at intake, by AuditLayer itself (an engine receipt: its engine path)."""
+        return self.audit.appraise(Appraisal(lease, b"", receipt=receipt))
 
     # -- the node's relay -------------------------------------------------------------------------------
 

@@ -43,6 +43,7 @@ from ..registry.models import ReferenceValues
 from ..registry.profiles import Profile
 from ..verifier.audit import Judged
 from ..verifier.boundary import interval_lower_bound
+from ..verifier.engine_stream import EngineStream
 from ..verifier.streaming import EitherStream, StreamingAudit
 from .delivery import Delivery
 from .timeline import Mark, Timeline
@@ -114,12 +115,13 @@ class LiveLease:
     def __init__(
         self,
         lease: Lease,
-        audit: StreamingAudit | EitherStream | None,
+        audit: StreamingAudit | EitherStream | EngineStream | None,
         checks: RunningChecks | None,
         node_id: str = "",
         delivery: Delivery = Delivery.IMMEDIATE,
         timeline: Timeline | None = None,
         replay: Callable[[ReceiptClaims], Judged] | None = None,
+        judge: Callable[[OpenedReceipt], LayerResult] | None = None,
     ) -> None:
         assert isinstance(lease.job, GenerateJob)
         if delivery is Delivery.VERIFIED and audit is None:
@@ -132,6 +134,11 @@ class LiveLease:
         # the final verdict's decode replay (AuditLayer.replayed) where the tolerance choice has one:
         # the stream is judged before the receipt declares how it was decoded
         self.replay = replay
+        # the whole receipt's L4 (AuditLayer.appraise, the judge of every path) at intake: for an
+        # engine receipt (v4), and for every receipt of an engine agent (EngineStream)
+        self.judge = judge
+        self.expected: int | None = None  # the answer's length once the receipt is in (an engine may stop)
+        self.final = False  # the whole answer passed L4 at intake: every token is verified now
         self.node_id = node_id  # the only node whose relays this lease takes
         self.chunk_bytes = chunk_size_bytes(self.job.fingerprint_k)
         self.arrivals: list[Arrival] = []
@@ -155,8 +162,22 @@ class LiveLease:
 
     @property
     def verified(self) -> int:
-        """Tokens (from the first) whose choice the streaming audit has verified; 0 when not audited."""
+        """Tokens (from the first) whose choice the streaming audit has verified (all of them once
+        the whole answer passed at intake); 0 when not audited."""
+        if self.final:
+            return len(self.arrivals)
         return self.audit.checked if self.audit is not None else 0
+
+    @property
+    def engine(self) -> bool:
+        """The lease's agent is enrolled as an engine adapter (its tokens checked by EngineStream)."""
+        return isinstance(self.audit, EngineStream)
+
+    @property
+    def want(self) -> int:
+        """Tokens the requester's response waits for: the lease's, or fewer once the receipt says
+        the answer ended early (an engine stopped at end-of-sequence)."""
+        return self.job.max_new_tokens if self.expected is None else self.expected
 
     def receive(self, tokens: list[Arrival], chunks: list[tuple[int, bytes]]) -> str | None:
         """A relay from the node; the reason to cut the lease, or None to let it go on."""
@@ -225,32 +246,40 @@ class LiveLease:
 
     def audit_result(self, receipt: OpenedReceipt | None) -> LayerResult:
         """The lease's L4 result at intake: the cut, or the streaming audit finished on the receipt's
-        fingerprint chunks the agent did not stream (the receipt binds them all)."""
+        fingerprint chunks the agent did not stream (the receipt binds them all); for an engine
+        receipt or agent, the whole receipt's L4 (`judge`). Nothing more streams after this: the
+        requester's response is told how many tokens the answer has."""
         with self._lock:
-            if self.cut:
-                return LayerResult(
-                    LayerName.AUDIT,
-                    Status.FAIL,
-                    f"cut off mid-stream after {self.cut_after} tokens: {self.cut_reason}",
-                    details={
-                        "cut_after_tokens": self.cut_after,
-                        "first_bad_token": self.first_bad,
-                        **self._details(),
-                    },
-                )
-            if self.stopped:  # unfinished on purpose: a pass would claim too much, a failure would slash
-                return LayerResult(
-                    LayerName.AUDIT,
-                    Status.SKIPPED,
-                    f"not finished: {self.left}; the lease was stopped after {len(self.arrivals)} tokens"
-                    + (", each checked as it arrived" if self.audit else ""),
-                    details={"requester_left": True, "sent_tokens": self.delivered},
-                )
-            if self.audit is None:
-                return LayerResult(
-                    LayerName.AUDIT, Status.SKIPPED, "not drawn by the audit lottery (drawn at issue)"
-                )
-            return self._finish(receipt)
+            result = self._result(receipt)
+            self.expected = len(self.arrivals)  # the node relayed every token before it handed in
+            self.events.put(ClientEvent(EventKind.TOKENS))  # wakes a response waiting for more tokens
+            return result
+
+    def _result(self, receipt: OpenedReceipt | None) -> LayerResult:
+        if self.cut:
+            return LayerResult(
+                LayerName.AUDIT,
+                Status.FAIL,
+                f"cut off mid-stream after {self.cut_after} tokens: {self.cut_reason}",
+                details={
+                    "cut_after_tokens": self.cut_after,
+                    "first_bad_token": self.first_bad,
+                    **self._details(),
+                },
+            )
+        if self.stopped:  # unfinished on purpose: a pass would claim too much, a failure would slash
+            return LayerResult(
+                LayerName.AUDIT,
+                Status.SKIPPED,
+                f"not finished: {self.left}; the lease was stopped after {len(self.arrivals)} tokens"
+                + (", each checked as it arrived" if self.audit else ""),
+                details={"requester_left": True, "sent_tokens": self.delivered},
+            )
+        if self.audit is None:
+            return LayerResult(
+                LayerName.AUDIT, Status.SKIPPED, "not drawn by the audit lottery (drawn at issue)"
+            )
+        return self._finish(receipt)
 
     def _label(self) -> str:
         return f" {self.audit.choice.label()}" if self.audit is not None else ""
@@ -264,6 +293,8 @@ class LiveLease:
         assert self.audit is not None
         if receipt is None:
             return LayerResult(LayerName.AUDIT, Status.SKIPPED, "not run: no readable receipt")
+        if self.judge is not None and (self.engine or receipt.claims.engine is not None):
+            return self._judged(receipt)
         data = receipt.claims.fingerprint_bytes()
         size = self.chunk_bytes
         details = self._details()
@@ -292,3 +323,25 @@ class LiveLease:
                 return LayerResult(LayerName.AUDIT, Status.FAIL, why, details=details)
             streamed = f"{streamed}; at intake, {judged.ok}"
         return LayerResult(LayerName.AUDIT, Status.PASS, f"{streamed}{self._label()}", details=details)
+
+    def _judged(self, receipt: OpenedReceipt) -> LayerResult:
+        """An engine receipt or agent at intake: the tokens' running check, then the whole receipt's
+        L4 by the judge every path uses. Tokens a verified delivery still holds (an engine's sampled
+        tokens, a short last block) go out only if it passes; if it fails they never do, and the
+        lease is cut as a mid-stream failure would be."""
+        assert self.audit is not None and self.judge is not None
+        streamed = (
+            f"streamed: {self.audit.checked} of {len(self.arrivals)} tokens verified as they arrived"
+            f"{self._label()}"
+        )
+        final = self.judge(receipt)
+        details = {**final.details, **self._details()}
+        why = f"at intake, {final.reason} ({streamed})"
+        if final.status is Status.FAIL and self.released < len(self.arrivals):
+            self._cut(why, None)
+            why = f"cut off at intake: {why}"
+            return LayerResult(LayerName.AUDIT, Status.FAIL, why, final.score, details=details)
+        if final.status in (Status.PASS, Status.WARN):
+            self.final = True
+            self._release()
+        return LayerResult(LayerName.AUDIT, final.status, why, final.score, final.cost_s, details)

@@ -390,7 +390,8 @@ async def _sse(
     if maxwell.get("verdict") in UNVERIFIED:  # caught only at intake: the requester must know
         yield _data(error_body(_unverified(maxwell), "maxwell_unverified", "not_affirmed", maxwell=maxwell))
         return
-    final = shape.chunk("", "length", usage=usage(started.prompt_tokens, len(tokens)), maxwell=maxwell)
+    finish = "length" if len(tokens) >= started.live.job.max_new_tokens else "stop"  # an engine's eos
+    final = shape.chunk("", finish, usage=usage(started.prompt_tokens, len(tokens)), maxwell=maxwell)
     yield _data(final)
     yield b"data: [DONE]\n\n"
 
@@ -400,9 +401,8 @@ async def _events(started: Started, gone: Callable[[], bool] | None = None) -> A
     With `gone` (a non-streamed answer), looked at after each token and at least every
     GONE_POLL_S while none comes: a `gone` event when the requester left."""
     live, got = started.live, 0
-    want = started.lease.job.max_new_tokens  # type: ignore[union-attr]
     step = EVENT_WAIT_S if gone is None else GONE_POLL_S
-    while got < want:
+    while got < live.want:  # fewer than the lease's tokens once intake saw an engine stop early
         wait = max(0.1, min(EVENT_WAIT_S, started.lease.deadline - time.time()))
         give_up = time.monotonic() + wait
         event = None

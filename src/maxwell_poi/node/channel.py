@@ -19,6 +19,7 @@ from ..observer.contention import between, mark
 from ..observer.evidence import LeaseEvidence
 from ..observer.host import this_device
 from ..observer.telemetry import Observer
+from ..protocol.engine import engine_of_command
 from ..protocol.lease import Lease
 from ..protocol.stream import parse_stream_line
 
@@ -195,6 +196,7 @@ def run_agent(
         telemetry=telemetry,
         device_class=this_device(),
         contention=between(host_in, mark(()), cpu_s),
+        engine=engine_of_command(argv),
     )
     return AgentRun(receipt=bytes(out.receipt).strip(), evidence=evidence, timed_out=timed_out)
 

@@ -26,6 +26,7 @@ from ..observer.contention import Mark, between, mark
 from ..observer.evidence import RESIDENT_REGIME, IdleGap, LeaseEvidence
 from ..observer.host import this_device
 from ..observer.telemetry import Measurement, NvmlSource, Observer
+from ..protocol.engine import engine_of_command
 from ..protocol.lease import Lease
 from ..protocol.probe import ProbeAnswer
 from ..protocol.stream import (
@@ -463,6 +464,7 @@ class ResidentAgent:
             idle_before=s.idle,
             contention=s.contention,
             sandbox_escapes=tuple(e.reason for e in self.sandbox.check_escapes()),
+            engine=engine_of_command(self.argv),  # the program this node runs: selects the profile
         )
 
     def stderr_tail(self) -> str:

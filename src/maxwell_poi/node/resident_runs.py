@@ -13,6 +13,7 @@ import numpy as np
 
 from ..observer.evidence import RESIDENT_REGIME, LeaseEvidence, profile_conditions, resident_profile_key
 from ..observer.host import measure_peak_flops
+from ..protocol.engine import engine_of_command
 from ..protocol.keys import AgentKey
 from ..protocol.lease import EmbedJob, GenerateJob, Lease
 from ..protocol.receipt import max_receipt_bytes
@@ -74,11 +75,23 @@ def window_cpu_per_token(run: AgentRun) -> float:
     return w.cpu_s / w.batch_tokens
 
 
-def honest_resident(key_dir: Path, max_batch: int, threads: int | None = None) -> ResidentAgent:
+def honest_resident(
+    key_dir: Path, max_batch: int, threads: int | None = None, engine_cmd: str | None = None
+) -> ResidentAgent:
+    """The honest reference agent, resident in a sandbox; with `engine_cmd`, the engine adapter
+    serving through that engine command (`poi agent --resident --engine-cmd`), started as its child."""
+    return start_resident(honest_resident_argv(key_dir, max_batch, threads, engine_cmd), "honest")
+
+
+def honest_resident_argv(
+    key_dir: Path, max_batch: int, threads: int | None = None, engine_cmd: str | None = None
+) -> list[str]:
     key = key_dir / "honest.pem"
     AgentKey.ensure(key)
+    if engine_cmd:
+        return honest_agent_argv(key, "--resident", "--engine-cmd", engine_cmd)
     extra = ["--resident", "--max-batch", str(max_batch)] + (["--threads", str(threads)] if threads else [])
-    return start_resident(honest_agent_argv(key, *extra), "honest")
+    return honest_agent_argv(key, *extra)
 
 
 def _checked(runs: list[AgentRun]) -> list[AgentRun]:
@@ -95,14 +108,16 @@ def honest_batches(
     tokens: int,
     registry: Registry,
     threads: int | None = None,
+    engine_cmd: str | None = None,
 ) -> Iterator[tuple[int, list[AgentRun]]]:
-    """Honest resident waves: `runs` waves at each batch size (after one warm-up lease)."""
+    """Honest resident waves: `runs` waves at each batch size (after one warm-up lease); with
+    `engine_cmd`, of the engine adapter serving through it."""
     with tempfile.TemporaryDirectory() as tmp:
-        warm_host_caches(model_id, registry, Path(tmp))
-        yield from _honest_waves(model_id, batches, runs, tokens, registry, threads, Path(tmp))
+        warm_host_caches(model_id, registry, Path(tmp), engine_cmd)
+        yield from _honest_waves(model_id, batches, runs, tokens, registry, threads, Path(tmp), engine_cmd)
 
 
-def warm_host_caches(model_id: str, registry: Registry, key_dir: Path) -> None:
+def warm_host_caches(model_id: str, registry: Registry, key_dir: Path, engine_cmd: str | None = None) -> None:
     """One throwaway agent answers one lease first. The kernel charges a shared library's (and a
     weights file's) page cache to the first sandbox that reads it: measured cold, the profile's peak
     memory was 33 MB above what every later honest gpt2-mini agent showed, and L1's memory floor
@@ -113,7 +128,7 @@ def warm_host_caches(model_id: str, registry: Registry, key_dir: Path) -> None:
         if registry.get(model_id).kind == "embedding"
         else generate_leases(model_id, 1, 2)
     )
-    with honest_resident(key_dir, 1) as agent:
+    with honest_resident(key_dir, 1, engine_cmd=engine_cmd) as agent:
         _checked(serve_wave(agent, leases, registry))
 
 
@@ -125,8 +140,9 @@ def _honest_waves(
     registry: Registry,
     threads: int | None,
     tmp: Path,
+    engine_cmd: str | None = None,
 ) -> Iterator[tuple[int, list[AgentRun]]]:
-    with honest_resident(tmp, max(batches), threads) as agent:
+    with honest_resident(tmp, max(batches), threads, engine_cmd) as agent:
         _checked(serve_wave(agent, generate_leases(model_id, 1, 2), registry))  # loads the model
         for b in batches:
             for i in range(runs):
@@ -144,16 +160,22 @@ def measure_resident_profile(
     batches: Sequence[int] = (1, 2, 4),
     registry: Registry | None = None,
     on_progress: Callable[[str], None] | None = None,
+    engine_cmd: str | None = None,
 ) -> Profile:
     """What honest serving of `model_id` by a resident agent looks like on this device: per batch
     size, sandbox CPU per token of the batch; at batch 1 also pace, cores busy and memory. For an
-    embedding model, CPU per input token over the whole lease window."""
+    embedding model, CPU per input token over the whole lease window. With `engine_cmd`: the engine
+    adapter serving through that engine (`poi agent --resident --engine-cmd`), stored under that
+    engine's own key (`resident_profile_key(engine_of_command(...))`): an engine's work per token is
+    its own, and only an agent enrolled with the same engine command is judged by it."""
     registry = registry or Registry()
     if registry.get(model_id).kind == "embedding":
+        if engine_cmd:
+            raise ValueError("an engine profile: expected a generation model, got an embedding model")
         return _embed_profile(model_id, runs, registry, on_progress)
     per_batch: dict[int, list[float]] = {}
     intervals, busy, memory, lone = [], [], [], []
-    for b, wave in honest_batches(model_id, batches, runs, tokens, registry):
+    for b, wave in honest_batches(model_id, batches, runs, tokens, registry, engine_cmd=engine_cmd):
         # one value per wave: its leases share one window's CPU, they are not independent samples
         per_batch.setdefault(b, []).append(statistics.fmean(window_cpu_per_token(r) for r in wave))
         if b == 1:
@@ -168,7 +190,11 @@ def measure_resident_profile(
             on_progress(f"{model_id} batch {b}: {per_batch[b][-1] * 1000:.1f} CPU-ms per token of the batch")
     if not intervals:
         raise ValueError("measure_resident_profile: batch size 1 must be among `batches`")
-    return _profile(model_id, tokens, per_batch[1], intervals, busy, memory, per_batch=per_batch, lone=lone)
+    engine = lone[0].engine  # the node's record of the command it ran ("" for the SDK agent)
+    assert engine == (engine_of_command(["--engine-cmd", engine_cmd]) if engine_cmd else "")
+    return _profile(
+        model_id, tokens, per_batch[1], intervals, busy, memory, per_batch=per_batch, lone=lone, engine=engine
+    )
 
 
 def _embed_profile(
@@ -210,12 +236,13 @@ def _profile(
     per_batch: dict[int, list[float]] | None = None,
     embed: list[float] | None = None,
     lone: list[LeaseEvidence] | None = None,
+    engine: str = "",
 ) -> Profile:
     """`lone`: the evidence of the unbatched generation runs (their pace on a free core and the
     contention they saw)."""
     free = [ev.free_interval_s() for ev in lone or []]
     return Profile.from_runs(
-        resident_profile_key(),
+        resident_profile_key(engine),
         model_id,
         tokens,
         intervals=intervals,

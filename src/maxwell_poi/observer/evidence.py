@@ -97,6 +97,10 @@ class LeaseEvidence:
     # resident: the sandbox CPU-seconds that were this lease's alone (node.stream_log: each CPU-second
     # of a busy span goes to the lease whose token or receipt came next); None where not attributed
     own_cpu_s: float | None = None
+    # the engine the agent's enrolled command serves with (protocol.engine.engine_of_command: "" for an
+    # SDK agent): the node's record of the program it runs, never the receipt's claim. An engine's work
+    # per token is the engine's own, so its profile is its own (`profile_key`)
+    engine: str = ""
 
     @property
     def streamed(self) -> bool:
@@ -113,9 +117,10 @@ class LeaseEvidence:
 
     @property
     def profile_key(self) -> str:
-        """The profile this evidence is compared with: the device class, and the regime when
-        it is not the one-shot default."""
-        return self.device_class if self.regime == "oneshot" else f"{self.device_class}|{self.regime}"
+        """The profile this evidence is compared with: the device class, the regime when it is not
+        the one-shot default, and the engine when the agent is an engine adapter."""
+        key = self.device_class if self.regime == "oneshot" else f"{self.device_class}|{self.regime}"
+        return f"{key}|engine:{self.engine}" if self.engine else key
 
     @property
     def accounting_resolution_s(self) -> float:
@@ -208,8 +213,10 @@ def profile_conditions(runs: list[LeaseEvidence]) -> dict[str, list[float]]:
 RESIDENT_REGIME = "resident"  # evidence of a resident agent measured as a sandbox over a window
 
 
-def resident_profile_key() -> str:
-    """The profile store key of this device's resident-agent profiles (`LeaseEvidence.profile_key`'s form)."""
+def resident_profile_key(engine: str = "") -> str:
+    """The profile store key of this device's resident-agent profiles (`LeaseEvidence.profile_key`'s
+    form): the SDK agent's, or (`engine`: protocol.engine.engine_of_command) an engine agent's."""
     from .host import this_device
 
-    return f"{this_device()}|{RESIDENT_REGIME}"
+    key = f"{this_device()}|{RESIDENT_REGIME}"
+    return f"{key}|engine:{engine}" if engine else key

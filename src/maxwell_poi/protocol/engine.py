@@ -20,6 +20,7 @@ Wire encoding (compact, no numpy needed to read it): `ids` is b64 of the top ids
 
 from __future__ import annotations
 
+import hashlib
 import math
 import struct
 from typing import Literal
@@ -156,3 +157,24 @@ def engine_shape_problem(
     if any(i is not None and i >= vocab for row in ids for i in row):
         return f"engine top ids: expected ids < {vocab}"
     return None
+
+
+ENGINE_FLAGS = ("--engine-cmd", "--engine")  # `poi agent`'s engine adapter options (cli.engine)
+
+
+def engine_of_command(argv: list[str] | tuple[str, ...]) -> str:
+    """Which engine an enrolled agent command serves with: "" for an SDK agent, else
+    `cmd:<sha256 prefix of the --engine-cmd value>` (the engine runs as the adapter's child, in
+    the agent's sandbox) or `url:<prefix of the --engine URL>` (an engine started elsewhere, whose
+    work no sandbox of Maxwell's measures). It is Maxwell's record of the program its node runs,
+    not the receipt's claim: L1's profile and the gateway's streaming audit are chosen by it."""
+    args = list(argv)
+    for i, arg in enumerate(args):
+        for flag in ENGINE_FLAGS:
+            value = arg.removeprefix(flag + "=") if arg.startswith(flag + "=") else None
+            if arg == flag and i + 1 < len(args):
+                value = args[i + 1]
+            if value is not None:
+                kind = "cmd" if flag == "--engine-cmd" else "url"
+                return f"{kind}:{hashlib.sha256(value.encode()).hexdigest()[:16]}"
+    return ""

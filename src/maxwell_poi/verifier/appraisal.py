@@ -72,6 +72,13 @@ def not_measured(reason: str, **details: Any) -> Outcome:
 def no_profile(model_id: str, ev: LeaseEvidence) -> str:
     """Why a layer had no profile, and how to make one."""
     resident = " --resident" if ev.regime != "oneshot" else ""
+    if ev.engine:  # an engine agent is judged by its own engine's profile, never the SDK agent's
+        how = (
+            f"run `poi profile {model_id} --resident --engine-cmd CMD` there, with the agent's engine command"
+            if ev.engine.startswith("cmd:")
+            else "none can be measured: its engine runs outside the agent's sandbox (--engine URL)"
+        )
+        return f"no profile for {model_id} on {ev.profile_key} (an engine agent's own): {how}"
     return f"no profile for {model_id} on {ev.profile_key}: run `poi profile {model_id}{resident}` there"
 
 

@@ -271,3 +271,11 @@ def _shipped() -> EngineTolerances:
     if "shipped" not in _cache:
         _cache["shipped"] = EngineTolerances.load()
     return _cache["shipped"]
+
+
+def stream_tie_gap(precision: str) -> tuple[float, str]:
+    """The tie gap a running check of an engine agent's greedy tokens may cut at before the receipt
+    names its engine (verifier.engine_stream): the loosest calibrated one, so it never cuts where
+    the final check, with the receipt's engine, would pass."""
+    loosest = _shipped().for_claim("", precision)
+    return loosest.tie_gap, "the loosest calibrated engine's"

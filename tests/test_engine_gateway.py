@@ -1,0 +1,185 @@
+"""Engine agents through the gateway (issue 27 items 4 and L1), end to end: the official `openai`
+client against a real server on loopback, a node long-polling it, and REAL engine agents (`poi agent
+--resident --engine-cmd "python -m llama_cpp.server ..."`, llama.cpp's server on a GGUF of poi-lm)
+that the node starts in their sandboxes (demo.gateway.GatewayStack: every lease high tier, so
+audited and delivered verified).
+
+- L1 is fair to an engine agent: with no profile of its engine command the node judges it by none
+  (not the SDK agent's) — L1 is `not_measured` naming its engine's own profile key; once `poi
+  profile --resident --engine-cmd` measured that very command, L1 passes;
+- an honest greedy completion streams verified token by token (EngineStream: the model's argmax),
+  an honest sampled one is held until the whole answer passed at intake (0 unverified either way),
+  and the L4 in its verdict is AuditLayer's engine path on the receipt at intake. Its verdict is
+  `warning` (so not paid), for one reason only: L2's work probe cannot be answered by an engine
+  (the existing rule for engine receipts; docs/gateway.md says what would change it);
+- a cheat is caught: the q8_0 GGUF under an fp32 lease (its greedy tokens are the model's, its
+  log-probs are not: failed at intake, contraindicated) and poi-lm-draft served under poi-lm's name
+  (cut mid-stream by the running greedy check, nothing unverified sent).
+
+A missing engine skips these tests with the reason, or fails them under CI=true.
+"""
+
+from __future__ import annotations
+
+import os
+import shlex
+import stat
+import sys
+from collections.abc import Iterator
+
+import openai
+import pytest
+
+from maxwell_poi.demo.gateway import GatewayStack, maxwell_of
+from maxwell_poi.node.resident_runs import measure_resident_profile
+from maxwell_poi.protocol.engine import engine_of_command
+from maxwell_poi.protocol.keys import AgentKey
+from maxwell_poi.prover.engine_process import llama_cpp_argv, missing_engine
+from maxwell_poi.registry.profiles import ProfileStore
+
+MODEL, TOKENS = "poi-lm", 16
+PROMPT = "Open the file and return a"
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[GatewayStack, dict[str, str]]]:
+    reason = missing_engine("llama.cpp")
+    if reason is not None:
+        if os.environ.get("CI") == "true":
+            pytest.fail(reason)
+        pytest.skip(reason)
+    from maxwell_poi.registry.gguf_export import export_gguf
+
+    tmp = tmp_path_factory.mktemp("engine-gateway")
+    os.chmod(tmp, 0o755)  # a confined agent (its own uid) reads the GGUFs here
+    commands = {}
+    for name, model, kind in (
+        ("f32", MODEL, "f32"),
+        ("q8_0", MODEL, "q8_0"),
+        ("draft", "poi-lm-draft", "f32"),
+    ):
+        path = export_gguf(model, tmp / f"{name}.gguf", kind)
+        os.chmod(path, stat.S_IRUSR | stat.S_IWUSR | stat.S_IRGRP | stat.S_IROTH)
+        commands[name] = shlex.join(llama_cpp_argv(path))
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("POI_HOME", str(tmp / "home"))
+        mp.setenv("OMP_NUM_THREADS", "1")
+        with GatewayStack(tmp / "work") as gw:
+            yield gw, commands
+
+
+def engine_agent(gw: GatewayStack, name: str, command: str, ask: int) -> list[str]:
+    key = AgentKey.generate()
+    path = gw.workdir / f"{name}.pem"
+    key.save(path)
+    argv = [
+        sys.executable,
+        "-m",
+        "maxwell_poi",
+        "agent",
+        "--key",
+        str(path),
+        "--resident",
+        "--engine-cmd",
+        command,
+    ]
+    gw.add_agent(name, argv, key, model_id=MODEL, ask=ask)
+    return argv
+
+
+def stream(gw: GatewayStack, temperature: float) -> tuple[str, dict, str]:
+    """A streamed completion: (the text received, the maxwell object, the error event's message or
+    "" when it ended with its last chunk)."""
+    text, last, message = "", None, ""
+    answer = gw.client().completions.create(
+        model=MODEL, prompt=PROMPT, max_tokens=TOKENS, temperature=temperature, stream=True
+    )
+    try:
+        for chunk in answer:
+            last = chunk
+            text += "".join(c.text for c in chunk.choices)
+    except openai.APIError as exc:
+        return text, (exc.body or {}).get("maxwell", {}), str(exc)
+    return text, maxwell_of(last), message
+
+
+def layers(m: dict) -> dict[str, dict]:
+    return {d["layer"]: d for d in m["layers"]}
+
+
+PROBE_ONLY = "work probe not judged: an engine receipt carries no hidden states"
+
+
+def test_an_honest_engine_agent_is_judged_by_its_own_profile_and_its_receipts_l4(stack) -> None:
+    """The honest engine agent's completions stream through the gateway with their verdict. L1:
+    with no profile of its engine command, `not_measured` naming that profile; once measured, a pass.
+    The verdict stays `warning` (not paid) for one reason only, L2's: the node's work probe cannot be
+    answered by an engine (docs/receipt.md, "what engine receipts cannot catch")."""
+    gw, commands = stack
+    argv = engine_agent(gw, "eve", commands["f32"], ask=10)
+    key = f"engine:{engine_of_command(argv)}"
+    before = gw.balances()
+    text, m, message = stream(gw, 0.0)  # no profile of this engine command here (nor the SDK agent's)
+    assert text and "did not affirm this completion (warning)" in message, message
+    l1 = layers(m)["L1-thermodynamic"]
+    assert l1["status"] == "not_measured" and "an engine agent's own" in l1["reason"], l1
+    assert key in l1["reason"] and "--engine-cmd" in l1["reason"], l1
+    l4 = layers(m)["L4-audit"]
+    assert l4["status"] == "pass" and "at intake, engine receipt (llama.cpp)" in l4["reason"], l4
+    assert gw.balances()["requester:alice-app"] == before["requester:alice-app"]  # a warning is not paid
+    # Maxwell measures this engine command's profile (`poi profile --resident --engine-cmd`)
+    profile = measure_resident_profile(MODEL, runs=2, tokens=TOKENS, batches=(1,), engine_cmd=commands["f32"])
+    assert profile.device_class.endswith(f"|{key}")
+    ProfileStore().put(profile)
+    for temperature in (0.0, 0.8):
+        text, m, message = stream(gw, temperature)
+        assert text and m["verdict"] == "warning", (message, m)
+        status = {name: d["status"] for name, d in layers(m).items()}
+        assert status == {"L0-integrity": "pass", "L1-thermodynamic": "pass", "L2-boundary": "warn",
+                          "L4-audit": "pass"}, m["layers"]  # fmt: skip
+        assert PROBE_ONLY in layers(m)["L2-boundary"]["reason"], layers(m)["L2-boundary"]
+        assert m["delivery"] == "verified" and m["unverified_tokens"] == 0, m
+        l4 = layers(m)["L4-audit"]["reason"]
+        assert "at intake, engine receipt (llama.cpp)" in l4 and "engine agent, streamed" in l4, l4
+        if temperature == 0:  # greedy: verified token by token as they streamed
+            assert "greedy choice" in l4 and "verified as they arrived" in l4, l4
+        else:  # sampled: judged only as a whole (likelihood test), so held until intake
+            assert "likelihood z" in l4 and "streamed: 0 of" in l4, l4
+        print(f"engine, temperature {temperature}:", repr(text), "|", l4)
+
+
+def test_engine_cheats_are_caught_through_the_gateway(stack) -> None:
+    gw, commands = stack
+    # q8_0 weights under the fp32 lease, offering cheaper: the greedy tokens are the model's, so they
+    # stream; its log-probs are not, and the receipt's L4 at intake fails it
+    engine_agent(gw, "mallory", commands["q8_0"], ask=5)
+    before = gw.balances()
+    _, m, message = stream(gw, 0.0)
+    assert m["verdict"] == "contraindicated", (message, m)
+    l4 = layers(m)["L4-audit"]
+    assert l4["status"] == "fail" and "log-probs" in l4["reason"], l4
+    after = gw.balances()
+    assert after["requester:alice-app"] == before["requester:alice-app"]  # not charged
+    assert after["maxwell:slashed"] > before["maxwell:slashed"]
+    print("q8_0 under fp32:", message[:300])
+    # poi-lm-draft served under poi-lm's name, cheaper still: the running greedy check cuts it
+    engine_agent(gw, "dan", commands["draft"], ask=2)
+    before = gw.balances()
+    _, m, message = stream(gw, 0.0)
+    assert "cut the agent off" in message, message
+    assert "token choice: expected the claimed model's greedy choice" in message, message
+    assert m["verdict"] == "contraindicated" and m["unverified_tokens"] == 0, m
+    after = gw.balances()
+    assert after["requester:alice-app"] == before["requester:alice-app"]
+    assert after["maxwell:slashed"] > before["maxwell:slashed"]
+    print("draft under poi-lm:", message[:300])
+
+
+def test_the_enrolled_command_names_the_engine_not_the_receipt() -> None:
+    sdk = [sys.executable, "-m", "maxwell_poi", "agent", "--key", "k.pem", "--resident"]
+    assert engine_of_command(sdk) == ""
+    a = engine_of_command([*sdk, "--engine-cmd", "python -m llama_cpp.server --model a.gguf"])
+    b = engine_of_command([*sdk, "--engine-cmd=python -m llama_cpp.server --model b.gguf"])
+    url = engine_of_command([*sdk, "--engine", "http://127.0.0.1:8000/v1"])
+    assert a.startswith("cmd:") and b.startswith("cmd:") and a != b and url.startswith("url:")
+    assert engine_of_command([*sdk, "--engine-cmd", "python -m llama_cpp.server --model a.gguf"]) == a
