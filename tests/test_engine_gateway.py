@@ -183,3 +183,44 @@ def test_the_enrolled_command_names_the_engine_not_the_receipt() -> None:
     url = engine_of_command([*sdk, "--engine", "http://127.0.0.1:8000/v1"])
     assert a.startswith("cmd:") and b.startswith("cmd:") and a != b and url.startswith("url:")
     assert engine_of_command([*sdk, "--engine-cmd", "python -m llama_cpp.server --model a.gguf"]) == a
+
+
+def test_l1_never_judges_an_engine_agent_by_the_sdk_agents_profile(tmp_path) -> None:
+    """Engine-free: the SDK agent's resident profile of the model is on this host; evidence the node
+    signed for an engine agent (its enrolled command's engine) is not judged by it: L1 is
+    `not_measured`, naming the engine's own key and how to measure it; an `--engine URL` agent's
+    reason says no profile can be measured. The SDK agent's evidence is judged by its profile."""
+    from maxwell_poi.observer.evidence import LeaseEvidence, resident_profile_key
+    from maxwell_poi.observer.host import this_device
+    from maxwell_poi.protocol.lease import GenerateJob, Lease
+    from maxwell_poi.protocol.result import Status
+    from maxwell_poi.registry.models import Registry
+    from maxwell_poi.registry.profiles import Profile
+    from maxwell_poi.verifier.appraisal import Appraisal
+    from maxwell_poi.verifier.thermodynamic import ThermodynamicLayer
+
+    store = ProfileStore(tmp_path / "profiles.json")
+    peak = {"peak_flops_per_s": 1e11, "peak_flops_per_cpu_s": 1e11}
+    store.put(Profile.from_runs(resident_profile_key(), MODEL, TOKENS, intervals=[0.005, 0.006],
+                                cpu_per_token=[0.003, 0.0031], busy=[0.6, 0.7], memory=[300.0, 301.0],
+                                peak=peak, measured_at=0.0, regime="resident"))  # fmt: skip
+    lease = Lease.issue("a", MODEL, GenerateJob(prompt=PROMPT, max_new_tokens=TOKENS))
+    times = tuple(0.1 + 0.005 * i for i in range(TOKENS))
+
+    def l1(engine: str):
+        ev = LeaseEvidence(started_at=0.0, finished_at=1.0, wall_s=1.0, cpu_s=0.1, max_rss_kb=310 * 1024,
+                           bytes_in=0, bytes_out=0, sha256_in="", sha256_out="", exit_code=None,
+                           stream_tokens=tuple(range(TOKENS)), stream_t=times,
+                           stream_cpu_s=tuple(0.003 * i for i in range(TOKENS)), device_class=this_device(),
+                           regime="resident", engine=engine)  # fmt: skip
+        return ThermodynamicLayer(Registry(), store).appraise(Appraisal(lease, b"", evidence=ev))
+
+    sdk = [sys.executable, "-m", "maxwell_poi", "agent", "--key", "k.pem", "--resident"]
+    engine = engine_of_command([*sdk, "--engine-cmd", "python -m llama_cpp.server --model a.gguf"])
+    judged = l1(engine)
+    assert judged.status is Status.NOT_MEASURED, judged.reason
+    assert f"|resident|engine:{engine}" in judged.reason and "--engine-cmd" in judged.reason, judged.reason
+    url = l1(engine_of_command([*sdk, "--engine", "http://127.0.0.1:8000/v1"]))
+    assert url.status is Status.NOT_MEASURED and "none can be measured" in url.reason, url.reason
+    own = l1("")
+    assert own.status is not Status.NOT_MEASURED and "no profile" not in own.reason, own.reason
