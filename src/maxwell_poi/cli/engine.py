@@ -52,7 +52,6 @@ def engine_agent(
     _quiet()
     from ..protocol.errors import PoiError
     from ..protocol.keys import AgentKey
-    from ..protocol.probe import refuse_probe
     from ..prover.engine import EngineAdapter
     from ..prover.harness import one_at_a_time, serve_one, serve_resident
 
@@ -73,11 +72,8 @@ def engine_agent(
         adapter.served_models()  # fails now, with the URL tried, if the engine does not answer
         if not resident:
             raise typer.Exit(serve_one(adapter.run, _read(lease_path, "lease") if lease_path else None))
-
-        def no_hidden_states(raw: bytes) -> bytes:
-            return refuse_probe(raw, "an engine adapter returns no hidden states (engine receipt, v4)")
-
-        raise typer.Exit(serve_resident(one_at_a_time(adapter.run), prober=no_hidden_states))
+        # the work probe through the engine: its log-probs after the probe's ids (protocol.probe `e`)
+        raise typer.Exit(serve_resident(one_at_a_time(adapter.run), prober=adapter.probe))
     except PoiError as exc:  # EngineError included: unreachable, failed start (with its log tail)
         err.print(f"[bold red]error:[/] {exc}")
         raise typer.Exit(2) from None

@@ -176,7 +176,7 @@ class ResidentAgent:
                 peak_memory=usage.memory_bytes,
                 watch=watch,
                 mark_in=mark(self.sandbox.pids()),
-                probe=self.probes.draw(lease) if self.probes else None,
+                probe=self.probes.draw(lease, self.argv) if self.probes else None,
             )
             for other in self._leases.values():
                 if not other.done.is_set():

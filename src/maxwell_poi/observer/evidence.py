@@ -39,7 +39,7 @@ class WorkProbe(NamedTuple):
     """Maxwell's work probe of this lease (node.probe): a fresh random sequence the agent had to run
     through the leased model while the lease streamed, judged by Maxwell's own recomputation."""
 
-    outcome: str  # matched | mismatched | refused | unanswered | not_sent
+    outcome: str  # matched | mismatched | refused | unanswered | not_sent | uncalibrated (engine agents)
     reason: str
     sent_at_token: int = -2  # the token whose arrival sent it; -1 at the receipt; -2 never sent
     latency_s: float = -1.0  # Maxwell's clock, probe written to answer read; -1 unanswered

@@ -9,10 +9,17 @@ earlier answers has no weights to answer from, however much CPU and memory it bu
 
     Maxwell -> agent   {"probe":"<lease_id>","n":0,"model":"<id>","precision":"fp32","ids":[...],"k":16}\n
     agent -> Maxwell   {"p":"<lease_id>","n":0,"f":"<base64 fingerprint chunk>"}\n
+                       {"p":"<lease_id>","n":0,"e":{"v":1,"top":5,"ids":[...],"lp":[...]}}\n   an engine agent
                        {"p":"<lease_id>","n":0,"error":"<why>"}\n         an agent that cannot answer
 
 The fingerprint is `protocol.fingerprint`'s chunk encoding with `k` top values. Neither line ends
 the lease; an answer is routed by lease id and probe number.
+
+An engine agent (issue 27: an unmodified serving engine behind `poi agent --engine-cmd`) has no
+hidden states to fingerprint. It answers with `e` (version 1): the engine's `top` best log-probs at
+the position after the probe's ids, as a 1-token greedy completion of the ids' text (the model's
+tokenizer decodes them; the engine re-encodes the text like a lease prompt): `ids` its top ids in
+the engine's order (at most `top`, fewer where a piece names no token), `lp` their log-probs.
 """
 
 from __future__ import annotations
@@ -20,11 +27,16 @@ from __future__ import annotations
 import base64
 import binascii
 import json
+import math
 from dataclasses import dataclass
+
+from .engine import ENGINE_MAX_TOP
 
 PROBE_REQUEST_PREFIX = b'{"probe":"'
 PROBE_ANSWER_PREFIX = b'{"p":"'
 FIRST_JUDGED = 1  # positions before this one are left out of the fingerprint (see the docstring)
+ENGINE_ANSWER_VERSION = 1  # the `e` form's version
+MAX_LOGPROB = 1e-3  # a log-prob above this is no log-prob (float noise of an engine's 0.0 allowed)
 
 
 @dataclass(frozen=True)
@@ -49,18 +61,54 @@ class ProbeRequest:
 
 
 @dataclass(frozen=True)
+class ProbeLogprobs:
+    """An engine agent's answer (`e`): its `top` best log-probs after the probe's ids. Checked on
+    construction: 1 <= len(ids) == len(lp) <= top <= ENGINE_MAX_TOP, distinct ids in [0, 2^32),
+    finite log-probs <= MAX_LOGPROB."""
+
+    top: int
+    ids: tuple[int, ...]
+    lp: tuple[float, ...]
+    version: int = ENGINE_ANSWER_VERSION
+
+    def __post_init__(self) -> None:
+        if self.version != ENGINE_ANSWER_VERSION:
+            raise ValueError(
+                f"engine probe answer: expected version {ENGINE_ANSWER_VERSION}, got {self.version}"
+            )
+        if not 1 <= self.top <= ENGINE_MAX_TOP:
+            raise ValueError(f"engine probe answer: expected top in 1-{ENGINE_MAX_TOP}, got {self.top}")
+        if not 1 <= len(self.ids) <= self.top or len(self.lp) != len(self.ids):
+            raise ValueError(
+                f"engine probe answer: expected 1-{self.top} ids and as many log-probs, got "
+                f"{len(self.ids)} ids and {len(self.lp)} log-probs"
+            )
+        if len(set(self.ids)) != len(self.ids) or any(not 0 <= i < 1 << 32 for i in self.ids):
+            raise ValueError(f"engine probe answer: expected distinct ids in [0, 2^32), got {list(self.ids)}")
+        if not all(math.isfinite(v) and v <= MAX_LOGPROB for v in self.lp):
+            raise ValueError(f"engine probe answer: expected finite log-probs <= 0, got {list(self.lp)}")
+
+    def body(self) -> dict[str, object]:
+        return {"v": self.version, "top": self.top, "ids": list(self.ids), "lp": list(self.lp)}
+
+
+@dataclass(frozen=True)
 class ProbeAnswer:
-    """An agent's answer to probe `number` of a lease: the fingerprint, or why it has none."""
+    """An agent's answer to probe `number` of a lease: the fingerprint, an engine's log-probs, or
+    why it has neither."""
 
     lease_id: str
     number: int
     fingerprint: bytes = b""
     error: str = ""
+    logprobs: ProbeLogprobs | None = None  # an engine agent's answer (`e`) instead of `f`
 
     def line(self) -> bytes:
         body: dict[str, object] = {"p": self.lease_id, "n": self.number}
         if self.error:
             body["error"] = self.error[:2000]
+        elif self.logprobs is not None:
+            body["e"] = self.logprobs.body()
         else:
             body["f"] = base64.b64encode(self.fingerprint).decode()
         return json.dumps(body, separators=(",", ":")).encode() + b"\n"
@@ -93,15 +141,44 @@ def parse_probe_request(line: bytes) -> ProbeRequest:
 
 def parse_probe_answer(line: bytes) -> ProbeAnswer:
     """An agent's probe answer line; ValueError saying what was expected otherwise."""
-    form = '{"p":"<lease_id>","n":<int>,"f":"<base64>"} or {"p":...,"n":...,"error":"<why>"}'
+    form = (
+        '{"p":"<lease_id>","n":<int>,"f":"<base64>"}, {"p":...,"n":...,"e":{"v":1,"top":<int>,'
+        '"ids":[<int>...],"lp":[<float>...]}} or {"p":...,"n":...,"error":"<why>"}'
+    )
     try:
         obj = json.loads(line)
         lease_id, number = str(obj["p"]), int(obj["n"])
         if "error" in obj:
             return ProbeAnswer(lease_id, number, error=str(obj["error"])[:2000] or "no reason given")
-        return ProbeAnswer(lease_id, number, base64.b64decode(str(obj["f"]), validate=True))
+        if "e" not in obj:
+            return ProbeAnswer(lease_id, number, base64.b64decode(str(obj["f"]), validate=True))
+        if "f" in obj:
+            raise ValueError
     except (ValueError, KeyError, TypeError, binascii.Error):
         raise _expected(form, line) from None
+    return ProbeAnswer(lease_id, number, logprobs=engine_answer(obj["e"]))
+
+
+def engine_answer(e: object) -> ProbeLogprobs:
+    """The `e` object of an engine agent's answer; ValueError naming expected vs got."""
+    form = '{"v":1,"top":<int>,"ids":[<int>...],"lp":[<float>...]}'
+    if not isinstance(e, dict) or set(e) != {"v", "top", "ids", "lp"}:
+        got = sorted(e) if isinstance(e, dict) else type(e).__name__
+        raise ValueError(f'probe answer "e": expected {form}, got {got}')
+    ids, lp = e["ids"], e["lp"]
+    if not (isinstance(ids, list) and isinstance(lp, list)):
+        raise ValueError(f'probe answer "e": expected lists "ids" and "lp", got {type(ids).__name__} and '
+                         f"{type(lp).__name__}")  # fmt: skip
+    if max(len(ids), len(lp)) > ENGINE_MAX_TOP:
+        raise ValueError(f'probe answer "e": expected at most {ENGINE_MAX_TOP} ids and log-probs, got '
+                         f"{len(ids)} and {len(lp)}")  # fmt: skip
+    numbers = [e["v"], e["top"], *ids]
+    if not all(type(i) is int for i in numbers) or not all(type(v) in (int, float) for v in lp):
+        raise ValueError(f'probe answer "e": expected integer v, top and ids and numeric lp, got {e}'[:300])
+    try:
+        return ProbeLogprobs(top=e["top"], ids=tuple(ids), lp=tuple(float(v) for v in lp), version=e["v"])
+    except ValueError as exc:
+        raise ValueError(f'probe answer "e": {str(exc).removeprefix("engine probe answer: ")}') from None
 
 
 def refuse_probe(raw: bytes, why: str) -> bytes:

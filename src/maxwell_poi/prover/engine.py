@@ -34,6 +34,7 @@ from ..protocol.engine import ENGINE_MAX_TOP, encode_engine_claim
 from ..protocol.errors import PoiError
 from ..protocol.keys import AgentKey
 from ..protocol.lease import GenerateJob, Lease
+from ..protocol.probe import ProbeAnswer, ProbeLogprobs, ProbeRequest, parse_probe_request, refuse_probe
 from ..protocol.receipt import ReceiptClaims, sign_receipt, token_output
 from ..registry.models import Registry, tokenizer_for
 from .engine_process import EngineError
@@ -332,6 +333,60 @@ class EngineAdapter:
             row = [(pieces.id_of(p), float(v)) for p, v in ranked]
             out.append((tid, float(chosen) if chosen is not None else math.nan, row))
         return out
+
+    # -- Maxwell's work probe (protocol.probe, the engine form `e`) -----------------------------
+    def probe(self, raw: bytes) -> bytes:
+        """A serve_resident `prober`: one probe line in, one answer line out (an error line when the
+        engine cannot answer it; never an exception, the lease goes on)."""
+        try:
+            req = parse_probe_request(raw)
+        except ValueError as exc:
+            return refuse_probe(raw, str(exc))
+        try:
+            return ProbeAnswer(req.lease_id, req.number, logprobs=self.probe_logprobs(req)).line()
+        except (PoiError, ValueError, KeyError, TypeError) as exc:
+            return ProbeAnswer(req.lease_id, req.number, error=f"{type(exc).__name__}: {exc}").line()
+
+    def probe_logprobs(self, req: ProbeRequest) -> ProbeLogprobs:
+        """The engine's top log-probs after the probe's ids: a 1-token greedy completion of their text.
+        Engines' completions take text (llama-cpp-python's server refuses token-id prompts), so the
+        ids are decoded with the leased model's tokenizer and the engine re-encodes them like a lease
+        prompt; Maxwell judges the position after that re-encoding (node.probe), and the engine's
+        prompt-token count must be the model's."""
+        d = self.dialect(req.model_id)
+        if not d.logprobs:
+            raise EngineError(
+                "the engine returns no log-probabilities (token-only): its work probe answer could not "
+                "be judged"
+            )
+        vocab = self.registry.reference(req.model_id).vocab
+        if any(not 0 <= i < vocab for i in req.ids):
+            raise ValueError(
+                f"probe ids: expected token ids in [0, {vocab}), got {min(req.ids)}..{max(req.ids)}"
+            )
+        text = self.registry.decode(req.model_id, list(req.ids))
+        want = len(self.registry.encode_prompt(req.model_id, text))
+        pieces = self._pieces[req.model_id]
+        # a position whose best pieces all end inside a UTF-8 character names no id: ask for more once
+        for top in dict.fromkeys((self.top, ENGINE_MAX_TOP)):
+            body = {"model": d.model, "prompt": d.prefix + text, "max_tokens": 1, "temperature": 0,
+                    "logprobs": top, **self._extra(d, 0, 0, None)}  # fmt: skip
+            answer = self._post(body)
+            got = int((answer.get("usage") or {}).get("prompt_tokens") or 0)
+            if got != want:
+                raise EngineError(
+                    f"the engine read the probe's text as {got} prompt tokens, the leased model as {want}"
+                )
+            lp = (answer.get("choices") or [{}])[0].get("logprobs") or {}
+            cands = ((lp.get("top_logprobs") or [None])[0] or {}).items()
+            # the best `top`, ids mapped back as for leases; a piece naming no token is left out
+            ranked = sorted(((pieces.id_of(p), float(v)) for p, v in cands), key=lambda iv: -iv[1])[:top]
+            named = [(i, v) for i, v in ranked if i is not None]
+            if named:
+                return ProbeLogprobs(top=top, ids=tuple(i for i, _ in named), lp=tuple(v for _, v in named))
+        raise EngineError(
+            f"the engine's top {ENGINE_MAX_TOP} log-probs at the probe's position name no token of the model"
+        )
 
     def close(self) -> None:
         self.client.close()

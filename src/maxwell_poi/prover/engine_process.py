@@ -247,11 +247,13 @@ def llama_cpp_argv(
 ) -> list[str]:
     """llama-cpp-python's OpenAI-compatible server on a GGUF file (no port: `with_port` adds it).
     `logits_all` is on because its completions endpoint refuses `logprobs` without it; the KV cache
-    is f32 (type 0) because its f16 default alone moves poi-lm's log-probs by ~2e-3 from fp32."""
+    is f32 (type 0) because its f16 default alone moves poi-lm's log-probs by ~2e-3 from fp32.
+    `interrupt_requests` is off: by default the server ends a streaming completion early when another
+    request arrives, so the work probe's request (prover.engine) would cut the lease it probes short."""
     argv = [
         sys.executable, "-m", "llama_cpp.server", "--model", str(gguf_path), "--model_alias", alias,
         "--n_ctx", "1024", "--n_threads", str(threads), "--n_threads_batch", str(threads),
-        "--logits_all", "true", "--verbose", "false",
+        "--logits_all", "true", "--interrupt_requests", "false", "--verbose", "false",
     ]  # fmt: skip
     return argv + (["--type_k", "0", "--type_v", "0"] if kv_f32 else [])
 

@@ -17,7 +17,9 @@ Checks, in order:
 and, right after the stream checks (it needs no profile), `work_probe`: the node's work probe of
 the lease (node.probe) was answered by the leased model. A probe answered wrongly, refused or left
 unanswered fails: padding (CPU burnt, memory held) cannot compute a fresh sequence through the
-leased weights. A lease the node did not probe passes this check saying so in its details.
+leased weights. A lease the node did not probe passes this check saying so in its details. An
+engine agent answers with its engine's log-probs (node.probe); one whose engine returns none
+(token-only) or is not calibrated gets a warning, never a pass.
 
 Why mean and runs rather than median and burst fraction: honest speculative decoding emits every
 token a verification pass accepted at once (about half the gaps are bursts at acceptance ~50 %),
@@ -131,6 +133,19 @@ def work_probe(ev: LeaseEvidence) -> Finding | None:
     return Finding(probe.reason)
 
 
+ENGINE_UNJUDGED = ("refused", "uncalibrated")  # an engine agent's probe outcomes that warn, not fail
+
+
+def engine_probe_unjudged(ev: LeaseEvidence) -> str:
+    """Why an engine agent's work probe could not be judged ("" when it was, or for an SDK agent): its
+    engine returns no log-probs (token-only: the adapter refuses the probe) or has no calibrated
+    tolerance. The agent is an engine agent by the command the node enrolled (`ev.engine`), never by
+    its receipt; a mismatched or unanswered probe fails like an SDK agent's."""
+    if not ev.engine or ev.probe is None or ev.probe.outcome not in ENGINE_UNJUDGED:
+        return ""
+    return ev.probe.reason
+
+
 def probe_details(ev: LeaseEvidence) -> dict[str, object]:
     if ev.probe is None:
         return {"work_probe": "not probed"}
@@ -219,13 +234,13 @@ class BoundaryLayer(EvidenceLayer):
             return passed("lease bytes on the channel match")
         claimed = ctx.receipt.claims.tokens()
         fingerprints = ctx.receipt.claims.fingerprint_bytes()
-        engine = ctx.receipt.claims.engine is not None  # no hidden states: the probe cannot be answered
+        unjudged_probe = engine_probe_unjudged(ev)
         for problem in (
             stream_order(ev),
             stream_present(ev, claimed),
             stream_matches(ev, claimed),
             chunks_match(ev, fingerprints, ctx.lease.job.fingerprint_k),
-            None if engine else work_probe(ev),
+            None if unjudged_probe else work_probe(ev),
         ):
             if problem:
                 return failed(problem.reason, **probe_details(ev))
@@ -263,10 +278,10 @@ class BoundaryLayer(EvidenceLayer):
             excuse = unjudged(problem, profile, ev, **details)
             return excuse or failed(problem.reason, problem.score, **details)
         answered = "; work probe answered by the leased model" if details["work_probe"] == "matched" else ""
-        if engine and (unanswered := work_probe(ev)):  # judged, but never a silent pass
+        if unjudged_probe:  # never a silent pass
             return warned(
-                f"streamed tokens match the receipt at an honest pace; work probe not judged: an engine "
-                f"receipt carries no hidden states ({unanswered.reason})",
+                "streamed tokens match the receipt at an honest pace; work probe not judged: "
+                + unjudged_probe,
                 _pace_score(mean, profile),
                 **details,
             )
