@@ -18,9 +18,7 @@ Requesters' money: account `requester:<id>` (a wallet) and `requester-escrow:<id
 
 from __future__ import annotations
 
-import hashlib
 import json
-import secrets
 import threading
 import time
 import uuid
@@ -30,12 +28,10 @@ from functools import partial
 from typing import Any
 
 from sqlalchemy import delete, select
-from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from ..economics.asks import Ask, award
 from ..ledger import LedgerError
-from ..ledger.book import DEPOSITS
 from ..ledger.retry import retried
 from ..observer.evidence import resident_profile_key
 from ..protocol.engine import engine_of_command
@@ -46,7 +42,7 @@ from ..protocol.result import LayerResult
 from ..service.control import ControlPlane
 from ..service.errors import ApiError
 from ..service.market import Directed, Hold, PulledLease
-from ..service.schema import AgentRow, CompletionRow, LeaseRow, NodeRow, OfferRow, RequesterRow, VerdictRow
+from ..service.schema import AgentRow, CompletionRow, LeaseRow, NodeRow, OfferRow, VerdictRow
 from ..service.settlement import completion_outcome, hold_payment, requester_left, settle_completion
 from ..service.states import CompletionState
 from ..service.wire import BidBody
@@ -70,6 +66,7 @@ from .canary import Canaries
 from .delivery import Delivery, DeliveryPolicy
 from .live import Arrival, LiveLease, RunningChecks
 from .openai_wire import ChatRequest, CompletionRequest, job_of
+from .requesters import RequesterAccounts, requester_account, requester_escrow
 from .timeline import Mark, Timeline
 from .verdicts import attestation
 
@@ -93,15 +90,7 @@ class Started:
         return self.live.delivery
 
 
-def requester_account(requester_id: str) -> str:
-    return f"requester:{requester_id}"
-
-
-def requester_escrow(requester_id: str) -> str:
-    return f"requester-escrow:{requester_id}"
-
-
-class Gateway:
+class Gateway(RequesterAccounts):
     def __init__(
         self, control: ControlPlane, *, verdict_wait_s: float = 60.0, delivery: DeliveryPolicy | None = None
     ) -> None:
@@ -121,61 +110,6 @@ class Gateway:
         control.intake.hooks.append(self)
         control.market.on_expire.append(self._expired)
         control.live_path = self._stream_path
-
-    # -- Maxwell ------------------------------------------------------------------------------------
-
-    def enroll_requester(self, requester_id: str, deposit_micro: int) -> dict[str, Any]:
-        """A new requester and its API key (shown once; only its SHA-256 is kept)."""
-        key = "poi-" + secrets.token_urlsafe(24)
-        row = RequesterRow(
-            requester_id=requester_id,
-            key_sha256=hashlib.sha256(key.encode()).hexdigest(),
-            enrolled_at=time.time(),
-        )
-        try:
-            with self.control.ledger.session() as session, session.begin():
-                session.add(row)
-        except IntegrityError:
-            raise ApiError(409, f"a new requester id ({requester_id!r} is taken)", requester_id) from None
-        self.control.ledger.open_account(requester_account(requester_id), "wallet")
-        self.control.ledger.open_account(requester_escrow(requester_id), "escrow")
-        if deposit_micro:
-            self.deposit(requester_id, deposit_micro, f"enroll:{requester_id}")
-        return {"requester_id": requester_id, "api_key": key, **self.balance(requester_id)}
-
-    def deposit(self, requester_id: str, micro: int, key: str) -> dict[str, Any]:
-        self._requester(requester_id)
-        legs = {DEPOSITS: -micro, requester_account(requester_id): micro}
-        self.control.ledger.transfer(f"deposit:{key}", "deposit", legs, memo=f"deposit for {requester_id}")
-        return self.balance(requester_id)
-
-    def balance(self, requester_id: str) -> dict[str, Any]:
-        """The requester's two accounts (opened at enrolment), not every balance in the ledger."""
-        return {
-            "wallet_micro": self.control.ledger.balance(requester_account(requester_id)),
-            "held_micro": self.control.ledger.balance(requester_escrow(requester_id)),
-        }
-
-    def _requester(self, requester_id: str) -> RequesterRow:
-        with Session(self.control.ledger.engine) as session:
-            row = session.get(RequesterRow, requester_id)
-        if row is None:
-            raise ApiError(404, "an enrolled requester", f"unknown requester {requester_id!r}")
-        return row
-
-    def authenticate(self, authorization: str | None) -> str:
-        """The requester id of a `Bearer <api key>` header (401 otherwise)."""
-        scheme, _, key = (authorization or "").partition(" ")
-        if scheme.lower() != "bearer" or not key:
-            raise ApiError(401, "Authorization: Bearer <API key from POST /v1/admin/requesters>", "none")
-        digest = hashlib.sha256(key.strip().encode()).hexdigest()
-        with Session(self.control.ledger.engine) as session:
-            requester = session.scalar(
-                select(RequesterRow.requester_id).where(RequesterRow.key_sha256 == digest)
-            )
-        if requester is None:
-            raise ApiError(401, "an API key Maxwell issued", "an unknown key")
-        return requester
 
     # -- agents ---------------------------------------------------------------------------------------
 

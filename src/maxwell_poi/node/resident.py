@@ -25,7 +25,7 @@ from dataclasses import dataclass, field, replace
 from ..observer.contention import Mark, between, mark
 from ..observer.evidence import RESIDENT_REGIME, IdleGap, LeaseEvidence
 from ..observer.host import this_device
-from ..observer.telemetry import Measurement, NvmlSource, Observer
+from ..observer.telemetry import Measurement, Observer, gpu_observer
 from ..protocol.engine import engine_of_command
 from ..protocol.lease import Lease
 from ..protocol.probe import ProbeAnswer
@@ -490,13 +490,3 @@ class ResidentAgent:
 
     def __exit__(self, *_exc: object) -> None:
         self.close()
-
-
-def gpu_observer() -> Observer | None:
-    """NVML over each busy span when this host can read a GPU; None on a CPU-only host (the
-    sandbox's cgroup already gives CPU and memory at every token)."""
-    nv = NvmlSource()
-    if nv.available:
-        return Observer([nv])
-    nv.close()
-    return None

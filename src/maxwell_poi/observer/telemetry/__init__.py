@@ -20,7 +20,7 @@ it standalone, without the rest of maxwell_poi.
 """
 
 from .nvml import NvmlSource
-from .observer import Observer, default_sources
+from .observer import Observer, default_sources, gpu_observer
 from .process import ProcessSource
 from .rapl import RaplSource
 from .replay import ReplaySource
@@ -28,6 +28,7 @@ from .sampler import SampledSource, TelemetrySource
 from .trace import TRACE_FORMAT, Capability, Measurement, TrustLevel, load_trace, save_trace
 
 __all__ = [
+    "gpu_observer",
     "TRACE_FORMAT",
     "Capability",
     "Measurement",

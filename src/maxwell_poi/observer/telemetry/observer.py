@@ -66,3 +66,13 @@ def default_sources(hz: float = 10.0, nvml_index: int = 0) -> list[TelemetrySour
     if rapl.available:
         sources.append(rapl)
     return sources
+
+
+def gpu_observer() -> Observer | None:
+    """NVML alone when this host can read a GPU (a resident agent's busy spans); None on a CPU-only
+    host, where the sandbox's cgroup already gives CPU and memory at every token."""
+    nv = NvmlSource()
+    if nv.available:
+        return Observer([nv])
+    nv.close()
+    return None
