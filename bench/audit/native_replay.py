@@ -6,13 +6,14 @@ of their top-k values close (a prefill rounds differently from the prover's toke
 so int8-rounded weights computing in bf16 hid in that room (29 / 40 caught on poi-lm). Here each
 answer is re-executed the way its prover decoded it (protocol.schedule: one token per pass, or the
 passes a speculative decoder declares in its receipt) in bf16 on this class, and at fp32 as a
-prefill (an answer served at fp32). The replay set is fitted on every other honest bf16-computed run
-and judged on the rest and on every cheat run; the rule: pass if the replay is within the replay set
+prefill (an answer served at fp32). The replay set is fitted per model on every other honest bf16-computed
+run and judged on the rest and on every cheat run; the rule: pass if the replay is within the replay set
 or the fp32 prefill within the same-class fp32 set. Each run also keeps its native-prefill numbers,
 so the old rule is judged on the same answers.
 
     python -m bench.audit.native_replay                   # poi-lm and gpt2-small; writes the set
     python -m bench.audit.native_replay --quick           # gpt2-micro, a few runs, writes under /tmp
+    python -m bench.audit.native_replay --refit           # re-fit and re-judge the stored runs
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from maxwell_poi.prover.harness import quiet_libraries
 
 quiet_libraries()
 
-from bench.audit.native_bf16 import BF16, DRAFTS, NATIVE_FILE, cheats, honest, passes  # noqa: E402
+from bench.audit.native_bf16 import BF16, DRAFTS, NATIVE_FILE, ROOT, cheats, honest  # noqa: E402
 from bench.audit.reliability import machine  # noqa: E402
 from bench.common.results import commit, write_results  # noqa: E402
 from bench.common.stats import rate_block  # noqa: E402
@@ -59,21 +60,35 @@ def measure(model_id: str, v: Variant, n: int, refs: dict, edges: dict, tokens: 
         schedule = schedule_of(claims.runtime, len(claims.tokens()))
         rows.append(
             {
-                "replay": measure_generation(lease, claims, refs["bf16"], edges["bf16"], schedule.passes),
-                "bf16": measure_generation(lease, claims, refs["bf16"], edges["bf16"]),
-                "fp32": measure_generation(lease, claims, refs["fp32"], edges["fp32"]),
+                "replay": brief(
+                    measure_generation(lease, claims, refs["bf16"], edges["bf16"], schedule.passes)
+                ),
+                "bf16": brief(measure_generation(lease, claims, refs["bf16"], edges["bf16"])),
+                "fp32": brief(measure_generation(lease, claims, refs["fp32"], edges["fp32"])),
                 "declared": schedule.declared,
             }
         )
     return rows
 
 
+def brief(m: AuditMeasurement) -> list[float]:
+    """What the rule reads of one re-execution: [worst chunk's close fraction, worst chunk's median
+    error, largest token score gap] (a chunk check passes for every chunk iff it passes for these)."""
+    return [round(m.worst_close, 6), float(m.worst_median_rel), float(m.max_gap)]
+
+
+def passes(row: list[float], tol: Tolerance) -> bool:
+    """token_choice and fingerprints_match (verifier.audit) on a run's brief."""
+    close, median, gap = row
+    return gap <= tol.token_gap and close >= tol.min_close and median <= tol.max_median_rel
+
+
 def fit(calibration: list[dict], native: Tolerance) -> Tolerance:
     """The replay set from honest bf16-computed runs: a 5-point margin under the worst chunk's close
     fraction seen, and twice the largest median error seen (at least 2^-12); token bounds copied
     from the native set (the replay's logits are the prover's, so its token checks are not looser)."""
-    closes = [r["replay"].worst_close for r in calibration]
-    medians = [r["replay"].worst_median_rel for r in calibration]
+    closes = [r["replay"][0] for r in calibration]
+    medians = [r["replay"][1] for r in calibration]
     return Tolerance(
         min_close=round(min(closes) - 0.05, 4),
         max_median_rel=float(max(2 * max(medians), 2.0**-12)),
@@ -88,8 +103,8 @@ def verdict(row: dict, replay: Tolerance, same_fp32: Tolerance) -> dict:
     return {"replay": passes(row["replay"], replay), "fp32": passes(row["fp32"], same_fp32)}
 
 
-def spread(ms: list[AuditMeasurement]) -> dict:
-    closes = [m.worst_close for m in ms]
+def spread(ms: list[list[float]]) -> dict:
+    closes = [m[0] for m in ms]
     return {"worst_close_min": min(closes), "worst_close_max": max(closes)}
 
 
@@ -105,21 +120,13 @@ def judge(rows: list[dict], replay: Tolerance, same_fp32: Tolerance, old: Tolera
         "declared_schedule": sum(r["declared"] for r in rows),
         "replay": spread([r["replay"] for r in rows]),
         "native_prefill": spread([r["bf16"] for r in rows]),
-        "runs_measured": [
-            [
-                round(r["replay"].worst_close, 4),
-                float(r["replay"].worst_median_rel),
-                round(r["replay"].max_gap, 5),
-            ]
-            for r in rows
-        ],
     }
 
 
-def write_set(path: Path, replay: Tolerance, provenance: dict) -> None:
+def write_set(path: Path, sets: dict[str, Tolerance], provenance: dict) -> None:
     """Add (or replace) the `replay` section of native_audit.json, keeping the native sets."""
     data = json.loads(path.read_text()) if path.exists() else {"precisions": {}}
-    data["replay"] = {"bf16": {"tolerance": vars(replay), "provenance": provenance}}
+    data["replay"] = {"bf16": {"models": {m: vars(t) for m, t in sets.items()}, "provenance": provenance}}
     data["_note"] = (
         "precisions: python -m bench.audit.native_bf16; replay: python -m bench.audit.native_replay "
         "(see verifier/thresholds.py)"
@@ -135,6 +142,9 @@ def main() -> None:
     ap.add_argument("--cheats", default="40,12", help="runs per cheat, per model")
     ap.add_argument("--tokens", type=int, default=32)
     ap.add_argument("--quick", action="store_true", help="gpt2-micro, a few runs, writes under /tmp")
+    ap.add_argument(
+        "--refit", action="store_true", help="re-fit and re-judge the runs stored in bf16_int8.json"
+    )
     args = ap.parse_args()
     if args.quick:
         args.models, args.honest, args.cheats = "gpt2-micro", "4", "2"
@@ -143,10 +153,64 @@ def main() -> None:
     n_honest = dict(zip(models, map(int, args.honest.split(",")), strict=False))
     n_cheats = dict(zip(models, map(int, args.cheats.split(",")), strict=False))
     t0 = time.time()
-    registry, key = Registry(), AgentKey.generate()
     shipped = Thresholds.load()
     same_fp32, old = shipped.same_class["fp32"], shipped.native.get("bf16", shipped.same_class["bf16"])
     edges = {"bf16": shipped.same_class["bf16"].logit_tol, "fp32": same_fp32.logit_tol}
+    if args.refit:
+        stored = (out_dir or ROOT / "bench/results") / "bf16_int8.json"
+        saved = json.loads(stored.read_text())["native_replay"]
+        runs = saved["runs"]  # the stored measurements, re-judged by this script's current rule
+    else:
+        runs = measure_all(models, n_honest, n_cheats, edges, args.tokens, t0)
+    sets, per_model, fitted_on = {}, {}, {}
+    for model_id, m in runs.items():
+        # fitted per model: how far an honest prover's batching moves its rounding is the model's own
+        calibration = [
+            r for name, rows in m["honest"].items() if name not in NOT_BF16_COMPUTE for r in rows[::2]
+        ]
+        sets[model_id], fitted_on[model_id] = fit(calibration, old), len(calibration)
+        per_model[model_id] = judge_model(m, sets[model_id], same_fp32, old)
+    provenance = {
+        "source": "bench/results/bf16_int8.json (native_replay), python -m bench.audit.native_replay",
+        "fitted_on": {m: f"{n} honest bf16-computed runs, every other one" for m, n in fitted_on.items()},
+        "class": machine()["numerics_class"],
+        "commit": commit(),
+        "token_bounds": "copied from the native set (not fitted here)",
+    }
+    result = {
+        "what": "bf16 claims re-executed on this class as a bf16 decode replay (the prover's declared "
+        "passes, or one token per pass) and as an fp32 prefill",
+        "rule": "pass if the decode replay is within the model's replay set, or the fp32 prefill within the "
+        "same-class fp32 set; the native-prefill rule before it is judged on the same runs",
+        "replay_sets": {m: vars(t) for m, t in sets.items()},
+        "fitted_on_runs": fitted_on,
+        "tokens_per_lease": args.tokens,
+        "per_model": per_model,
+        "runs": runs,
+        "machine": machine(),
+        "seconds": round(time.time() - t0, 1),
+    }
+    write_results(
+        "bf16_int8.json",
+        {"native_replay": result},
+        writes=WRITES,
+        path=out_dir / "bf16_int8.json" if out_dir else None,
+    )
+    write_set(out_dir / "native_audit.json" if out_dir else NATIVE_FILE, sets, provenance)
+    brief = {
+        m: {
+            "honest": f"{v['honest_held_out']['rejects']}/{v['honest_held_out']['trials']} rejected",
+            "cheats": {c: f"{x['caught']}/{x['trials']}" for c, x in v["cheats"].items()},
+        }
+        for m, v in per_model.items()
+    }
+    print(json.dumps(brief, indent=1))
+
+
+def measure_all(
+    models: list[str], n_honest: dict, n_cheats: dict, edges: dict, tokens: int, t0: float
+) -> dict:
+    registry, key = Registry(), AgentKey.generate()
     runs: dict[str, dict[str, dict[str, list]]] = {}
     for model_id in models:
         ref32 = registry.load(model_id)
@@ -157,70 +221,25 @@ def main() -> None:
             ("cheats", cheats(registry, key, DRAFTS[model_id]), n_cheats.get(model_id, 2)),
         ):
             for name, v in variants.items():
-                runs[model_id][kind][name] = measure(model_id, v, n, refs, edges, args.tokens, len(name))
+                runs[model_id][kind][name] = measure(model_id, v, n, refs, edges, tokens, len(name))
                 print(f"[{time.time() - t0:7.1f} s] {model_id} {name}: {n} runs", flush=True)
-    calibration = [
-        r
-        for m in runs.values()
-        for name, rows in m["honest"].items()
-        if name not in NOT_BF16_COMPUTE
-        for r in rows[::2]
-    ]
-    replay = fit(calibration, old)
-    per_model = {}
-    for model_id, m in runs.items():
-        held = {name: rows[1::2] for name, rows in m["honest"].items()}
-        honest_out = {name: judge(rows, replay, same_fp32, old, "rejects") for name, rows in held.items()}
-        all_held = [r for rows in held.values() for r in rows]
-        bf16_held = [r for name, rows in held.items() if name not in NOT_BF16_COMPUTE for r in rows]
-        per_model[model_id] = {
-            "honest_held_out": judge(all_held, replay, same_fp32, old, "rejects"),
-            "honest_bf16_compute_held_out": judge(bf16_held, replay, same_fp32, old, "rejects"),
-            "honest_by_variant": honest_out,
-            "cheats": {
-                name: judge(rows, replay, same_fp32, old, "caught") for name, rows in m["cheats"].items()
-            },
-        }
-        for row in (
-            per_model[model_id]["honest_held_out"],
-            per_model[model_id]["honest_bf16_compute_held_out"],
-        ):
-            row.pop("runs_measured")
-    provenance = {
-        "source": "bench/results/bf16_int8.json (native_replay), python -m bench.audit.native_replay",
-        "fitted_on": f"{len(calibration)} honest bf16-computed runs, every other one",
-        "models": models,
-        "class": machine()["numerics_class"],
-        "commit": commit(),
-        "token_bounds": "copied from the native set (not fitted here)",
-    }
-    result = {
-        "what": "bf16 claims re-executed on this class as a bf16 decode replay (the prover's declared "
-        "passes, or one token per pass) and as an fp32 prefill",
-        "rule": "pass if the decode replay is within the replay set, or the fp32 prefill within the "
-        "same-class fp32 set; the native-prefill rule before it is judged on the same runs",
+    return runs
+
+
+def judge_model(m: dict, replay: Tolerance, same_fp32: Tolerance, old: Tolerance) -> dict:
+    """One model's held-out honest runs (every other one) and all its cheat runs, judged."""
+    held = {name: rows[1::2] for name, rows in m["honest"].items()}
+    all_held = [r for rows in held.values() for r in rows]
+    bf16_held = [r for name, rows in held.items() if name not in NOT_BF16_COMPUTE for r in rows]
+    return {
         "replay_set": vars(replay),
-        "fitted_on_runs": len(calibration),
-        "tokens_per_lease": args.tokens,
-        "per_model": per_model,
-        "machine": machine(),
-        "seconds": round(time.time() - t0, 1),
+        "honest_held_out": judge(all_held, replay, same_fp32, old, "rejects"),
+        "honest_bf16_compute_held_out": judge(bf16_held, replay, same_fp32, old, "rejects"),
+        "honest_by_variant": {
+            name: judge(rows, replay, same_fp32, old, "rejects") for name, rows in held.items()
+        },
+        "cheats": {name: judge(rows, replay, same_fp32, old, "caught") for name, rows in m["cheats"].items()},
     }
-    write_results(
-        "bf16_int8.json",
-        {"native_replay": result},
-        writes=WRITES,
-        path=out_dir / "bf16_int8.json" if out_dir else None,
-    )
-    write_set(out_dir / "native_audit.json" if out_dir else NATIVE_FILE, replay, provenance)
-    brief = {
-        m: {
-            "honest": f"{v['honest_held_out']['rejects']}/{v['honest_held_out']['trials']} rejected",
-            "cheats": {c: f"{x['caught']}/{x['trials']}" for c, x in v["cheats"].items()},
-        }
-        for m, v in per_model.items()
-    }
-    print(json.dumps(brief, indent=1))
 
 
 if __name__ == "__main__":

@@ -90,7 +90,9 @@ class Thresholds:
     class_pairs: tuple[ClassPair, ...] = ()
     native: dict[str, Tolerance] = field(default_factory=dict)  # re-executed in the claimed precision
     native_provenance: dict[str, dict[str, Any]] = field(default_factory=dict)
-    replay: dict[str, Tolerance] = field(default_factory=dict)  # a decode replay in the claimed precision
+    # a decode replay in the claimed precision: precision -> model -> set (fitted per model: how far an
+    # honest prover's batching moves its rounding is the model's own)
+    replay: dict[str, dict[str, Tolerance]] = field(default_factory=dict)
     replay_provenance: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     def measured_pair(self, prover: str, verifier: str, precision: str) -> ClassPair | None:
@@ -114,7 +116,7 @@ class Thresholds:
         rows = [("cross-class", p, t) for p, t in self.by_precision.items()]
         rows += [("same-class", p, t) for p, t in self.same_class.items()]
         rows += [(NATIVE, p, t) for p, t in self.native.items()]
-        rows += [(REPLAY, p, t) for p, t in self.replay.items()]
+        rows += [(f"{REPLAY} ({m})", p, t) for p, sets in self.replay.items() for m, t in sets.items()]
         return rows, self.class_pairs
 
     @classmethod
@@ -126,7 +128,7 @@ class Thresholds:
         default the shipped native_audit.json); none of the latter two when absent."""
         pairs = load_class_pairs(pairs_path)
         native, native_provenance = load_native(native_path)
-        replay, replay_provenance = load_native(native_path, "replay")
+        replay, replay_provenance = load_replay(native_path)
         if path is None:
             text = resources.files("maxwell_poi.data").joinpath("thresholds.json").read_text()
         else:
@@ -139,7 +141,7 @@ class Thresholds:
             *out.items(),
             *((f"same-class {p}", t) for p, t in same_out.items()),
             *((f"{NATIVE} {p}", t) for p, t in native.items()),
-            *((f"{REPLAY} {p}", t) for p, t in replay.items()),
+            *((f"{REPLAY} {p} ({m})", t) for p, sets in replay.items() for m, t in sets.items()),
         ]
         for label, tol in labelled:
             bad = [k for k, v in vars(tol).items() if not math.isfinite(v) or v < 0]
@@ -158,15 +160,26 @@ def _shipped_or(path: Path | None, name: str) -> str | None:
         return None
 
 
-def load_native(
-    path: Path | None = None, section: str = "precisions"
-) -> tuple[dict[str, Tolerance], dict[str, dict[str, Any]]]:
-    """The native sets (`section` "precisions") or the decode-replay sets ("replay") by precision,
-    and each one's provenance (what measured it)."""
+def load_replay(
+    path: Path | None = None,
+) -> tuple[dict[str, dict[str, Tolerance]], dict[str, dict[str, Any]]]:
+    """The decode-replay sets by precision and model, and each precision's provenance."""
     text = _shipped_or(path, "native_audit.json")
     if text is None:
         return {}, {}
-    sets = json.loads(text).get(section, {})
+    sets = json.loads(text).get("replay", {})
+    return (
+        {p: {m: Tolerance(**t) for m, t in v["models"].items()} for p, v in sets.items()},
+        {p: dict(v.get("provenance", {})) for p, v in sets.items()},
+    )
+
+
+def load_native(path: Path | None = None) -> tuple[dict[str, Tolerance], dict[str, dict[str, Any]]]:
+    """The native sets by precision, and each one's provenance (what measured it)."""
+    text = _shipped_or(path, "native_audit.json")
+    if text is None:
+        return {}, {}
+    sets = json.loads(text)["precisions"]
     return (
         {p: Tolerance(**v["tolerance"]) for p, v in sets.items()},
         {p: dict(v.get("provenance", {})) for p, v in sets.items()},
@@ -303,17 +316,18 @@ def _with_replay(
     thresholds: Thresholds, choice: ToleranceChoice, precision: str, model_id: str
 ) -> ToleranceChoice:
     """A same-class choice gains the decode-replay set for the final verdict where one is fitted for
-    this precision and model (its provenance's `models`) and the fp32 same-class set exists for an
+    this precision and model and the fp32 same-class set exists for an
     answer served at fp32; unchanged otherwise."""
     provenance = thresholds.replay_provenance.get(precision, {})
-    if precision not in thresholds.replay or model_id not in provenance.get("models", []):
+    fitted = thresholds.replay.get(precision, {}).get(model_id)
+    if fitted is None:
         return choice
     if "fp32" not in thresholds.same_class:
         return choice
     return replace(
         choice,
         reason=f"{choice.reason}; final verdict by a {precision} decode replay ({REPLAY} set)",
-        replay=thresholds.replay[precision],
+        replay=fitted,
         replay_precision=precision,
         served_fp32=thresholds.same_class["fp32"],
         replay_provenance=provenance,
