@@ -28,10 +28,11 @@ import time
 import pytest
 import torch
 
-from maxwell_poi.node.probe import WorkProbes, enrolled_engine
+from maxwell_poi.node.probe import ANSWER_WAIT_S, WorkProbes, enrolled_engine
 from maxwell_poi.observer.evidence import LeaseEvidence, WorkProbe
 from maxwell_poi.protocol.lease import GenerateJob, Lease
 from maxwell_poi.protocol.probe import ProbeAnswer, ProbeLogprobs, parse_probe_answer
+from maxwell_poi.protocol.receipt import open_receipt
 from maxwell_poi.registry.forward import prefill
 from maxwell_poi.registry.models import Registry
 from maxwell_poi.verifier.boundary import engine_probe_unjudged, work_probe
@@ -253,8 +254,12 @@ def test_an_honest_llama_cpp_agent_answers_the_work_probe_through_its_engine(eng
         assert probe is not None and probe.outcome == "matched", (probe, run.evidence.stderr_tail[-800:])
         assert "llama.cpp fp32 (calibrated)" in probe.reason and probe.sent_at_token != -2, probe
         assert run.evidence.engine.startswith("cmd:")
-        # the probe's request did not cut the lease short: all its tokens, and L4 affirms them
-        assert len(run.evidence.stream_tokens) == TOKENS
+        # the probe's request did not cut the lease short: every token the receipt signs streamed, and
+        # L4 affirms them, an early end included (only where the model itself chooses end-of-sequence;
+        # a sampled lease may get there before TOKENS)
+        claims = open_receipt(run.receipt, 1 << 24).claims
+        assert len(run.evidence.stream_tokens) == len(claims.tokens()) > 0
+        assert len(claims.tokens()) == TOKENS or claims.engine is not None and claims.engine.finish == "stop"
         assert result.layer(LayerName.AUDIT).status is Status.PASS, result.layer(LayerName.AUDIT).reason
         boundary = result.layer(LayerName.BOUNDARY)  # no profile of this engine here: pace not judged
         assert boundary.status is not Status.FAIL and "no profile for poi-lm" in boundary.reason, boundary
@@ -272,3 +277,20 @@ def test_a_q8_0_engine_under_an_fp32_lease_fails_the_work_probe(engine_world) ->
     assert boundary.status is Status.FAIL and boundary.reason == probe.reason, boundary.reason
     assert result.verdict == "contraindicated"
     print("llama.cpp q8_0 work probe:", probe.reason)
+
+
+def test_an_engine_probe_is_timed_from_its_receipt_an_sdk_probe_from_sending(probes: WorkProbes) -> None:
+    """A one-slot engine answers after the lease it is decoding: 9 s after sending, 1 s after the
+    receipt, is in time for an engine agent; for an SDK agent it is 9 s, past ANSWER_WAIT_S."""
+    lease = Lease.issue("a", MODEL, GenerateJob(prompt="x", max_new_tokens=TOKENS))
+    for command, late in ((ENGINE_AGENT, False), (SDK_AGENT, True)):
+        probe = probes.draw(lease, command)
+        assert probe is not None
+        probe.sent_at_token, probe.sent_t, probe.lease_done_t = 0, 100.0, 108.0
+        probe.answered_t = 109.0
+        assert probe.clock_start() == (100.0 if late else 108.0)
+        assert (probe.answered_t - probe.clock_start() > ANSWER_WAIT_S) is late
+    early = probes.draw(lease, ENGINE_AGENT)
+    assert early is not None
+    early.sent_t, early.lease_done_t, early.answered_t = 100.0, 108.0, 101.0  # an engine with two slots
+    assert early.clock_start() == 100.0

@@ -77,12 +77,25 @@ class PendingProbe:
     sent_t: float | None = None  # perf_counter as the line was written (None: it never went out)
     answer: ProbeAnswer | None = None
     answered_t: float | None = None
+    lease_done_t: float | None = None  # perf_counter as the lease's receipt (or refusal) arrived
     arrived: threading.Event = field(default_factory=threading.Event)
     went_out: threading.Event = field(default_factory=threading.Event)  # the write was tried
 
     @property
     def sent(self) -> bool:
         return self.sent_t is not None
+
+    def clock_start(self) -> float | None:
+        """When the answer's ANSWER_WAIT_S starts: as the probe went out; for an engine agent not
+        before its lease's receipt, since a serving engine with one slot (llama-cpp-python's server)
+        answers the probe only after the lease it is decoding: an honest long lease must not fail
+        for that. An answer that came earlier is timed from sending."""
+        if self.sent_t is None:
+            return None
+        if self.engine and self.lease_done_t is not None:
+            start = max(self.sent_t, self.lease_done_t)
+            return start if self.answered_t is None or self.answered_t >= start else self.sent_t
+        return self.sent_t
 
     def take(self, answer: ProbeAnswer, at: float) -> bool:
         """Record the first answer to this probe; False for any other line."""
@@ -139,23 +152,24 @@ class WorkProbes:
         """Give a queued probe its write, then its answer until ANSWER_WAIT_S after it went out."""
         if probe.sent_at_token != -2:
             probe.went_out.wait(ANSWER_WAIT_S)
-        if probe.sent_t is not None and probe.answer is None:
-            probe.arrived.wait(max(0.0, probe.sent_t + ANSWER_WAIT_S - time.perf_counter()))
+        start = probe.clock_start()
+        if start is not None and probe.answer is None:
+            probe.arrived.wait(max(0.0, start + ANSWER_WAIT_S - time.perf_counter()))
 
     def judge(self, lease: Lease, probe: PendingProbe, device_class: str) -> WorkProbe:
         """What the probe showed, by Maxwell's recomputation of the fresh sequence."""
         sent_at = probe.sent_at_token
-        latency = (
-            probe.answered_t - probe.sent_t
-            if probe.answered_t is not None and probe.sent_t is not None
-            else -1.0
-        )
+        start = probe.clock_start()
+        latency = probe.answered_t - start if probe.answered_t is not None and start is not None else -1.0
         base = {"sent_at_token": sent_at, "latency_s": round(latency, 6), "ids": len(probe.request.ids)}
         if not probe.sent:
             return WorkProbe("not_sent", "the lease ended before the probe could be sent", **base)
         if probe.answer is None:
             return WorkProbe(
-                "unanswered", f"no answer to the work probe within {ANSWER_WAIT_S:.0f} s", **base
+                "unanswered",
+                f"no answer to the work probe within {ANSWER_WAIT_S:.0f} s"
+                + (" of its lease's receipt" if probe.engine else ""),
+                **base,
             )
         if probe.answer.error:
             return WorkProbe(

@@ -357,6 +357,8 @@ class ResidentAgent:
             state.t_out, state.usage_out, state.refusal = now, usage, refusal
             last = self._in_flight() == 1  # this one is the last: the busy span ends
             state.own_cpu_s = self._log.finish(lease_id, usage.cpu_ns, last=last)
+            if state.probe is not None:
+                state.probe.lease_done_t = now  # an engine's probe answer is timed from here (node.probe)
             if not refusal and state.probe is not None and state.probe.sent_at_token == -2:
                 state.probe.sent_at_token = -1  # no token reached it: probe at the receipt
                 self._probe_out.put((state, -1))
