@@ -4,6 +4,10 @@ bench/audit/native_bf16.py), and passes only if it matches that, or the fp32 ref
 (an answer served at fp32). Int8-rounded weights computed in bf16 hid inside the bf16-vs-fp32 set
 (the H200 run caught them 1/2); here every audit path catches them on a measured class, while an
 honest bf16 prover and one that serves at fp32 pass.
+
+Since the decode replay (tests/test_decode_replay.py) the native set judges only what is judged
+before a receipt declares how it was decoded: the gateway's streaming cut and the work probe; the
+final verdict on every audit path is the replay's, tested there.
 """
 
 from __future__ import annotations
@@ -13,13 +17,12 @@ from typing import Any
 
 import pytest
 import torch
-from audit_paths import PATHS, Case, swapped_once
+from audit_paths import Case, swapped_once
 
 from maxwell_poi.adversaries.precision_downgrade import int8_rounded
 from maxwell_poi.observer.host import this_device
 from maxwell_poi.protocol.keys import AgentKey
 from maxwell_poi.protocol.lease import GenerateJob, Lease
-from maxwell_poi.protocol.result import Status
 from maxwell_poi.prover.sdk import Prover, with_dtype
 from maxwell_poi.registry.models import Registry
 from maxwell_poi.verifier.streaming import EitherStream, StreamingAudit
@@ -75,27 +78,6 @@ def test_without_a_native_set_bf16_keeps_the_same_class_set(tmp_path: Path) -> N
     t = Thresholds.load(native_path=tmp_path / "absent.json")
     c = choose_tolerance(t, "bf16", this_device(), this_device(), MODEL)
     assert c.tolerance_set == SAME and c.native is None
-
-
-@pytest.mark.parametrize("path", sorted(PATHS))
-def test_every_path_holds_bf16_claims_to_the_native_rule(
-    path: str, provers: dict[str, Any], registry: Registry, tmp_path: Path
-) -> None:
-    run = PATHS[path]
-    verdicts = {}
-    for name, prover in provers.items():
-        (tmp_path / name).mkdir()
-        verdicts[name] = run(_case(prover), this_device(), registry, tmp_path / name)
-    for name, r in verdicts.items():
-        assert r.details["tolerance"] == NATIVE, f"{path} {name}: {r.details}"
-    honest, upgraded, cheat = (verdicts[n] for n in ("honest-bf16", "served-at-fp32", "int8-weights-bf16"))
-    assert honest.status is Status.PASS, f"{path}: {honest.reason}"
-    assert upgraded.status is Status.PASS, f"{path}: {upgraded.reason}"
-    assert cheat.status is Status.FAIL, f"{path}: int8 weights passed: {cheat.reason}"
-    assert "re-executed in bf16" in cheat.reason and "at fp32" in cheat.reason, cheat.reason
-    if path != "gateway":  # the full audit says which reference matched; the stream says what it checked
-        assert "native bf16 tolerance" in honest.reason, honest.reason
-        assert "served at fp32" in upgraded.reason, upgraded.reason
 
 
 def test_the_stream_releases_tokens_as_far_as_a_standing_track_checked(

@@ -275,6 +275,22 @@ def choose_tolerance(
         kind = SAME if strict else CROSS
         return ToleranceChoice(tol, kind, text, f"{kind} tolerance: {reason}", bool(prover), provenance or {})
 
+    def with_replay(choice: ToleranceChoice) -> ToleranceChoice:
+        """A same-class choice gains the model's decode-replay set for the final verdict where one is
+        fitted for this precision and model and the fp32 same-class set exists (an answer served at
+        fp32); unchanged otherwise."""
+        fitted = thresholds.replay.get(precision, {}).get(model_id)
+        if fitted is None or "fp32" not in thresholds.same_class:
+            return choice
+        return replace(
+            choice,
+            reason=f"{choice.reason}; final verdict by a {precision} decode replay ({REPLAY} set)",
+            replay=fitted,
+            replay_precision=precision,
+            served_fp32=thresholds.same_class["fp32"],
+            replay_provenance=thresholds.replay_provenance.get(precision, {}),
+        )
+
     if not prover:
         return chosen(False, "the prover's device class was not measured by a Maxwell node")
     measured = None if prover == verifier else thresholds.measured_pair(prover, verifier, precision)
@@ -284,8 +300,7 @@ def choose_tolerance(
         return chosen(False, f"no same-class set is calibrated for {precision}")
     native_for = thresholds.native_provenance.get(precision, {}).get("models", [])
     if measured is None and model_id in native_for and "fp32" in thresholds.same_class:
-        return _with_replay(
-            thresholds,
+        return with_replay(
             ToleranceChoice(
                 thresholds.for_precision("fp32", same_class=True),
                 NATIVE,
@@ -296,39 +311,10 @@ def choose_tolerance(
                 thresholds.native_provenance.get(precision, {}),
                 thresholds.native[precision],
                 precision,
-            ),
-            precision,
-            model_id,
+            )
         )
     if measured is None:
-        return _with_replay(
-            thresholds,
-            chosen(True, "the node measured the prover on the verifier's class"),
-            precision,
-            model_id,
-        )
+        return with_replay(chosen(True, "the node measured the prover on the verifier's class"))
     source = measured.provenance.get("source", "class_pairs.json")
     text = pair + " (measured pair)"
     return chosen(True, f"a measured class pair for {precision} ({source})", text, measured.provenance)
-
-
-def _with_replay(
-    thresholds: Thresholds, choice: ToleranceChoice, precision: str, model_id: str
-) -> ToleranceChoice:
-    """A same-class choice gains the decode-replay set for the final verdict where one is fitted for
-    this precision and model and the fp32 same-class set exists for an
-    answer served at fp32; unchanged otherwise."""
-    provenance = thresholds.replay_provenance.get(precision, {})
-    fitted = thresholds.replay.get(precision, {}).get(model_id)
-    if fitted is None:
-        return choice
-    if "fp32" not in thresholds.same_class:
-        return choice
-    return replace(
-        choice,
-        reason=f"{choice.reason}; final verdict by a {precision} decode replay ({REPLAY} set)",
-        replay=fitted,
-        replay_precision=precision,
-        served_fp32=thresholds.same_class["fp32"],
-        replay_provenance=provenance,
-    )
