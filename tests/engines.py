@@ -12,8 +12,11 @@ engine adapter (`poi agent --engine-cmd`) uses too.
 from __future__ import annotations
 
 import contextlib
+import os
 from collections.abc import Iterator
 from pathlib import Path
+
+import pytest
 
 from maxwell_poi.prover.engine_process import (
     ENGINE_MODULES,
@@ -32,8 +35,20 @@ __all__ = [
     "free_port",
     "llama_cpp_server",
     "missing_engine",
+    "require_engine",
     "transformers_server",
 ]
+
+
+def require_engine(engine: str) -> None:
+    """Skip the test when `engine` is not installed, with the reason; under CI=true fail it instead
+    (CI installs the `engines` extra, so a missing engine there is a broken install)."""
+    reason = missing_engine(engine)
+    if reason is None:
+        return
+    if os.environ.get("CI") == "true":
+        pytest.fail(reason)
+    pytest.skip(reason)
 
 
 @contextlib.contextmanager

@@ -28,24 +28,16 @@ from maxwell_poi.protocol.keys import AgentKey, Keyring
 from maxwell_poi.protocol.lease import GenerateJob, Lease
 from maxwell_poi.protocol.receipt import open_receipt
 from maxwell_poi.protocol.result import LayerName, Status
-from maxwell_poi.prover.engine_process import llama_cpp_argv, missing_engine, transformers_serve_argv
+from maxwell_poi.prover.engine_process import llama_cpp_argv, transformers_serve_argv
 from maxwell_poi.registry.models import Registry, model_dir
 from maxwell_poi.registry.profiles import ProfileStore
 from maxwell_poi.verifier.audit import AuditLayer
 from maxwell_poi.verifier.boundary import BoundaryLayer
 from maxwell_poi.verifier.integrity import IntegrityLayer
 from maxwell_poi.verifier.policy import Verifier
+from tests.engines import require_engine
 
 MODEL, AGENT, TOKENS = "poi-lm", "engine-agent", 16
-
-
-def require(engine: str) -> None:
-    reason = missing_engine(engine)
-    if reason is None:
-        return
-    if os.environ.get("CI") == "true":
-        pytest.fail(reason)
-    pytest.skip(reason)
 
 
 @pytest.fixture(scope="module")
@@ -106,7 +98,7 @@ def through_agent(world, engine_cmd: list[str], name: str, the_leases: list[Leas
 
 
 def test_llama_cpp_honest_leases_through_the_agent_are_affirmed_by_l4(world, ggufs):
-    require("llama.cpp")
+    require_engine("llama.cpp")
     runs = through_agent(world, llama_cpp_argv(ggufs["f32"]), "engine-llama", leases(0.0, 0.8))
     for run, result in runs:
         audit = result.layer(LayerName.AUDIT)
@@ -123,7 +115,7 @@ def test_llama_cpp_honest_leases_through_the_agent_are_affirmed_by_l4(world, ggu
 
 @pytest.mark.parametrize(("cheat", "why"), [("q8_0", "log-probs"), ("draft", "token choice")])
 def test_llama_cpp_cheats_are_caught(world, ggufs, cheat, why):
-    require("llama.cpp")
+    require_engine("llama.cpp")
     ((_, result),) = through_agent(world, llama_cpp_argv(ggufs[cheat]), f"engine-{cheat}", leases(0.0))
     audit = result.layer(LayerName.AUDIT)
     assert result.verdict == "contraindicated" and audit.status is Status.FAIL, audit.reason
@@ -132,7 +124,7 @@ def test_llama_cpp_cheats_are_caught(world, ggufs, cheat, why):
 
 
 def test_transformers_serve_token_only_honest_passes_and_a_substitute_is_caught(world):
-    require("transformers serve")
+    require_engine("transformers serve")
     registry = world[1]
     (honest,) = through_agent(
         world, transformers_serve_argv(model_dir(registry.get(MODEL))), "engine-tf", leases(0.0)

@@ -34,8 +34,9 @@ from maxwell_poi.demo.gateway import GatewayStack, maxwell_of
 from maxwell_poi.node.resident_runs import measure_resident_profile
 from maxwell_poi.protocol.engine import engine_of_command
 from maxwell_poi.protocol.keys import AgentKey
-from maxwell_poi.prover.engine_process import llama_cpp_argv, missing_engine
+from maxwell_poi.prover.engine_process import llama_cpp_argv
 from maxwell_poi.registry.profiles import ProfileStore
+from tests.engines import require_engine
 
 MODEL, TOKENS = "poi-lm", 16
 PROMPT = "Open the file and return a"
@@ -43,11 +44,7 @@ PROMPT = "Open the file and return a"
 
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[GatewayStack, dict[str, str]]]:
-    reason = missing_engine("llama.cpp")
-    if reason is not None:
-        if os.environ.get("CI") == "true":
-            pytest.fail(reason)
-        pytest.skip(reason)
+    require_engine("llama.cpp")
     from maxwell_poi.registry.gguf_export import export_gguf
 
     tmp = tmp_path_factory.mktemp("engine-gateway")

@@ -192,14 +192,10 @@ def test_a_refused_probe_warns_for_an_engine_agent_and_fails_for_an_sdk_agent() 
 # -- end to end: a real engine agent in the node's sandbox -------------------------------------------
 @pytest.fixture(scope="module")
 def engine_world(tmp_path_factory: pytest.TempPathFactory):
-    from maxwell_poi.prover.engine_process import missing_engine
     from maxwell_poi.registry.gguf_export import export_gguf
+    from tests.engines import require_engine
 
-    reason = missing_engine("llama.cpp")
-    if reason is not None:
-        if os.environ.get("CI") == "true":
-            pytest.fail(reason)
-        pytest.skip(reason)
+    require_engine("llama.cpp")
     from maxwell_poi.protocol.keys import AgentKey, Keyring
     from maxwell_poi.protocol.result import LayerName
     from maxwell_poi.registry.profiles import ProfileStore

@@ -4,7 +4,6 @@
 
 from __future__ import annotations
 
-import os
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -12,24 +11,16 @@ import pytest
 import torch
 from openai import OpenAI
 
+from maxwell_poi.prover.engine import byte_level_table
 from maxwell_poi.registry.loaded import LoadedModel
 from maxwell_poi.registry.models import Registry, model_dir
-from tests.engines import llama_cpp_server, missing_engine, transformers_server
+from tests.engines import llama_cpp_server, require_engine, transformers_server
 
 PROMPT = "Once upon a time"
 MAX_TOKENS = 16
 # llama-cpp-python's server samples with repeat_penalty 1.1 unless told otherwise, even at
 # temperature 0: its "greedy" is then not the model's argmax
 LLAMA_GREEDY = {"repeat_penalty": 1.0, "top_k": 0, "top_p": 1.0, "min_p": 0.0}
-
-
-def require(engine: str) -> None:
-    reason = missing_engine(engine)
-    if reason is None:
-        return
-    if os.environ.get("CI") == "true":
-        pytest.fail(reason)
-    pytest.skip(reason)
 
 
 @pytest.fixture(scope="module")
@@ -56,23 +47,11 @@ def hf_logprobs(lm: LoadedModel, ids: list[int]) -> torch.Tensor:
     return torch.log_softmax(lm.module(torch.tensor([ids])).logits[0].double(), -1)
 
 
-def _byte_level() -> dict[int, str]:
-    """GPT-2's byte -> printable character table (how byte-level BPE vocabularies spell bytes)."""
-    bs = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
-    cs, n = bs[:], 0
-    for b in range(256):
-        if b not in bs:
-            bs.append(b)
-            cs.append(256 + n)
-            n += 1
-    return dict(zip(bs, map(chr, cs), strict=True))
-
-
 def token_ids(lm: LoadedModel, pieces: list[str]) -> list[int | None]:
     """The vocabulary ids of llama.cpp's returned token strings (None where a string names no token:
     llama-cpp-python decodes each token with errors="ignore", so a token ending inside a UTF-8
     character comes back shortened or empty)."""
-    table = _byte_level()
+    table = byte_level_table()
     vocab = lm.tokenizer.get_vocab()
     return [vocab.get("".join(table[b] for b in p.encode("utf-8"))) for p in pieces]
 
@@ -86,7 +65,7 @@ def ggufs(tmp_path_factory: pytest.TempPathFactory, poi_lm: LoadedModel) -> Iter
 
 
 def test_llama_cpp_greedy_matches_hf(request: pytest.FixtureRequest, poi_lm: LoadedModel) -> None:
-    require("llama.cpp")  # before the exports, so a missing engine fails the test, not its set-up
+    require_engine("llama.cpp")  # before the exports, so a missing engine fails the test, not its set-up
     ggufs: dict[str, Path] = request.getfixturevalue("ggufs")
     ids = poi_lm.encode_prompt(PROMPT)
     want = hf_greedy(poi_lm, ids, MAX_TOKENS)
@@ -126,7 +105,7 @@ def test_llama_cpp_greedy_matches_hf(request: pytest.FixtureRequest, poi_lm: Loa
 
 
 def test_transformers_serve_greedy_matches_hf(poi_lm: LoadedModel) -> None:
-    require("transformers serve")
+    require_engine("transformers serve")
     folder = model_dir(poi_lm.spec)
     ids = poi_lm.encode_prompt(PROMPT)
     want = hf_greedy(poi_lm, ids, MAX_TOKENS)
