@@ -30,7 +30,7 @@ from maxwell_poi.protocol.receipt import (
 )
 from maxwell_poi.verifier import spec
 from maxwell_poi.verifier.exact import FP32_TOLERANCE
-from maxwell_poi.verifier.thresholds import NATIVE, Thresholds, Tolerance, load_class_pairs
+from maxwell_poi.verifier.thresholds import NATIVE, REPLAY, Thresholds, Tolerance, load_class_pairs
 
 DOC = Path(__file__).resolve().parents[1] / "docs" / "receipt.md"
 URI = re.compile(r"https://maxwell-poi\.dev/[a-z]+/v\d+")
@@ -65,11 +65,14 @@ def table(text: str, first_header: str) -> tuple[list[str], list[list[str]]]:
 
 def shipped_sets() -> dict[tuple[str, str], dict[str, float]]:
     t = Thresholds.load()
-    return {
+    out = {
         (name, precision): vars(tol)
         for name, sets in (("cross-class", t.by_precision), ("same-class", t.same_class), (NATIVE, t.native))
         for precision, tol in sets.items()
     }
+    for precision, models in t.replay.items():  # one decode-replay set per model
+        out.update({(f"{REPLAY} ({model})", precision): vars(tol) for model, tol in models.items()})
+    return out
 
 
 def test_the_tolerance_table_is_every_shipped_set_value_for_value(doc: str) -> None:
