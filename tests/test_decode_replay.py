@@ -17,14 +17,16 @@ from maxwell_poi.observer.host import this_device
 from maxwell_poi.protocol.fingerprint import chunk_spans
 from maxwell_poi.protocol.keys import AgentKey
 from maxwell_poi.protocol.lease import GenerateJob, Lease
-from maxwell_poi.protocol.receipt import ReceiptClaims
+from maxwell_poi.protocol.receipt import ReceiptClaims, sign_receipt
 from maxwell_poi.protocol.result import Status
-from maxwell_poi.protocol.schedule import MAX_FED, RUNTIME_KEY, schedule_of
+from maxwell_poi.protocol.schedule import MAX_FED, MAX_PAD, MAX_ROWS, RUNTIME_KEY, schedule_of
+from maxwell_poi.prover.batched import BatchedProver
 from maxwell_poi.prover.sdk import Prover, with_dtype
 from maxwell_poi.prover.speculative import SpeculativeProver
 from maxwell_poi.registry.fingerprint import compare_chunk
 from maxwell_poi.registry.forward import replay_decode
 from maxwell_poi.registry.models import Registry
+from maxwell_poi.verifier.audit import measure_generation
 from maxwell_poi.verifier.thresholds import REPLAY, Thresholds, choose_tolerance
 
 MODEL, DRAFT, TOKENS = "poi-lm", "poi-lm-draft", 32
@@ -46,6 +48,36 @@ class MalformedSchedule(Prover):
     def claims(self, lease: Lease) -> ReceiptClaims:
         claims = super().claims(lease)
         return claims.model_copy(update={"runtime": {**claims.runtime, RUNTIME_KEY: {"passes": [[2, 3]]}}})
+
+
+class ResidentBatch:
+    """An honest resident agent's batch (prover.batched): the lease beside three shorter and longer
+    prompts, left-padded, declaring the batch's shape; `declare=False` strips the declaration."""
+
+    def __init__(self, key: AgentKey, registry: Registry, declare: bool = True) -> None:
+        self.key, self.batched, self.declare = key, BatchedProver(key, registry), declare
+
+    def claims(self, lease: Lease) -> ReceiptClaims:
+        job = lease.job
+        assert isinstance(job, GenerateJob)
+        others = [
+            job.model_copy(update={"prompt": p})
+            for p in (
+                "A",
+                "Return the number of items in a container, then open the file and return a stream",
+                "x y",
+            )
+        ]
+        leases = [lease, *(Lease.issue("agent-1", MODEL, o, precision="bf16") for o in others)]
+        claims = self.batched.claims_many(leases)[0]
+        if self.declare:
+            return claims
+        return claims.model_copy(
+            update={"runtime": {k: v for k, v in claims.runtime.items() if k != RUNTIME_KEY}}
+        )
+
+    def run(self, lease: Lease) -> bytes:
+        return sign_receipt(self.claims(lease), self.key)
 
 
 def _lease(temperature: float = 0.0) -> Lease:
@@ -75,6 +107,16 @@ def test_a_declared_schedule_is_read_and_bounded() -> None:
     for claim in bad:
         with pytest.raises(ValueError, match="decode schedule: expected"):
             schedule_of({RUNTIME_KEY: claim}, 5)
+
+
+def test_a_declared_batch_is_read_and_bounded() -> None:
+    s = schedule_of({RUNTIME_KEY: {"batch": 4, "width": 9}}, 5, prompt_len=6)
+    assert s.declared and s.batched and (s.batch, s.pad) == (4, 3) and s.passes == ((1, 1),) * 4
+    assert schedule_of({RUNTIME_KEY: {"batch": 4}}, 5, prompt_len=6).pad == 0  # peers of its own length
+    for claim in ({"batch": 0}, {"batch": MAX_ROWS + 1}, {"batch": 2, "width": 5}, {"batch": "4"},
+                  {"batch": 2, "width": 6 + MAX_PAD + 1}, {"batch": 2, "rows": 3}):  # fmt: skip
+        with pytest.raises(ValueError, match="decode schedule: expected"):
+            schedule_of({RUNTIME_KEY: claim}, 5, prompt_len=6)
 
 
 def test_the_rule_gives_measured_same_class_bf16_generation_claims_the_replay_set() -> None:
@@ -120,6 +162,21 @@ def test_a_speculative_answer_replays_bit_for_bit_with_its_declared_passes(regis
     assert worst(schedule_of({}, len(claims.tokens())).passes) < 1.0  # token by token: not its rounding
 
 
+def test_a_padded_batch_row_replays_bit_for_bit_only_with_its_declared_shape(registry: Registry) -> None:
+    """A resident batch left-pads the lease's prompt: replayed as one row it is not its rounding."""
+    key = AgentKey.generate()
+    lease = _lease()  # greedy: one fixed trial
+    ref = with_dtype(registry.load(MODEL), torch.bfloat16)
+    prompt_len = len(ref.encode_prompt(lease.job.prompt))  # type: ignore[union-attr]
+    declared = ResidentBatch(key, registry).claims(lease)
+    undeclared = ResidentBatch(key, registry, declare=False).claims(lease)
+    schedule = schedule_of(declared.runtime, len(declared.tokens()), prompt_len)
+    assert schedule.batch == 4 and schedule.pad > 0, schedule
+    assert measure_generation(lease, declared, ref, 0.0, schedule).worst_close == 1.0
+    one_row = schedule_of(undeclared.runtime, len(undeclared.tokens()), prompt_len)
+    assert not one_row.batched and measure_generation(lease, undeclared, ref, 0.0, one_row).worst_close < 1.0
+
+
 @pytest.fixture(scope="module")
 def provers(registry: Registry) -> dict[str, Any]:
     key = AgentKey.generate()
@@ -130,6 +187,7 @@ def provers(registry: Registry) -> dict[str, Any]:
         "int8-weights-bf16": swapped_once(registry, lambda m: with_dtype(int8_rounded(m), torch.bfloat16)),
         "undeclared-speculative": UndeclaredSpeculative(key, DRAFT, registry=registry),
         "malformed-schedule": MalformedSchedule(key, registry),
+        "honest-resident-batch": ResidentBatch(key, registry),
     }
 
 
@@ -143,11 +201,12 @@ def test_every_path_gives_the_final_verdict_by_decode_replay(
         (tmp_path / name).mkdir()
         lease = _lease(0.8 if name == "int8-weights-bf16" else 0.0)
         verdicts[name] = run(Case(lease, prover.run(lease), prover), this_device(), registry, tmp_path / name)
-    for name in ("honest-bf16", "honest-speculative", "served-at-fp32"):
+    for name in ("honest-bf16", "honest-speculative", "served-at-fp32", "honest-resident-batch"):
         assert verdicts[name].status is Status.PASS, f"{path} {name}: {verdicts[name].reason}"
     assert "decode-replay tolerance" in verdicts["honest-speculative"].reason
     assert "the declared passes" in verdicts["honest-speculative"].reason
     assert "served at fp32" in verdicts["served-at-fp32"].reason
+    assert "in a batch of 4" in verdicts["honest-resident-batch"].reason
     for name in ("int8-weights-bf16", "undeclared-speculative", "malformed-schedule"):
         assert verdicts[name].status is Status.FAIL, f"{path} {name} passed: {verdicts[name].reason}"
         if (

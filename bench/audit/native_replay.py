@@ -34,7 +34,9 @@ from bench.common.stats import rate_block  # noqa: E402
 from bench.common.variants import PROMPTS, Variant  # noqa: E402
 from maxwell_poi.protocol.keys import AgentKey  # noqa: E402
 from maxwell_poi.protocol.lease import GenerateJob, Lease  # noqa: E402
+from maxwell_poi.protocol.receipt import ReceiptClaims  # noqa: E402
 from maxwell_poi.protocol.schedule import schedule_of  # noqa: E402
+from maxwell_poi.prover.batched import BatchedProver  # noqa: E402
 from maxwell_poi.prover.sdk import with_dtype  # noqa: E402
 from maxwell_poi.registry.models import Registry  # noqa: E402
 from maxwell_poi.verifier.audit import AuditMeasurement, measure_generation  # noqa: E402
@@ -57,18 +59,48 @@ def measure(model_id: str, v: Variant, n: int, refs: dict, edges: dict, tokens: 
         )
         lease = Lease.issue("agent-1", model_id, job, precision="bf16")
         claims = v.claims(lease)
-        schedule = schedule_of(claims.runtime, len(claims.tokens()))
+        prompt_len = len(refs["bf16"].encode_prompt(job.prompt))
+        schedule = schedule_of(claims.runtime, len(claims.tokens()), prompt_len)
         rows.append(
             {
-                "replay": brief(
-                    measure_generation(lease, claims, refs["bf16"], edges["bf16"], schedule.passes)
-                ),
+                "replay": brief(measure_generation(lease, claims, refs["bf16"], edges["bf16"], schedule)),
                 "bf16": brief(measure_generation(lease, claims, refs["bf16"], edges["bf16"])),
                 "fp32": brief(measure_generation(lease, claims, refs["fp32"], edges["fp32"])),
                 "declared": schedule.declared,
             }
         )
     return rows
+
+
+class ResidentBatch:
+    """A resident agent's batch (prover.batched, `poi agent --resident --max-batch 4`): the lease is
+    decoded beside three other leases with prompts of other lengths, left-padded to the longest, and
+    declares the batch's shape in its receipt (protocol.schedule)."""
+
+    def __init__(self, key: AgentKey, registry: Registry) -> None:
+        self.batched = BatchedProver(key, registry)
+
+    def claims(self, lease: Lease) -> ReceiptClaims:
+        job = lease.job
+        assert isinstance(job, GenerateJob)
+        others = [
+            Lease.issue(
+                "agent-1",
+                lease.model_id,
+                job.model_copy(update={"prompt": PROMPTS[(i * 5) % len(PROMPTS)][: 12 + 9 * i]}),
+                precision="bf16",
+            )
+            for i in range(3)
+        ]
+        return self.batched.claims_many([lease, *others])[0]
+
+
+def resident(registry: Registry, key: AgentKey) -> dict[str, Variant]:
+    return {
+        "bf16-resident-batch4": Variant(
+            "bf16-resident-batch4", ResidentBatch(key, registry), precision="bf16"
+        )
+    }  # type: ignore[arg-type]
 
 
 def brief(m: AuditMeasurement) -> list[float]:
@@ -227,7 +259,11 @@ def measure_all(
         refs = {"fp32": ref32, "bf16": with_dtype(ref32, BF16)}
         runs[model_id] = {"honest": {}, "cheats": {}}
         for kind, variants, n in (
-            ("honest", honest(registry, key, DRAFTS[model_id]), n_honest.get(model_id, 4)),
+            (
+                "honest",
+                {**honest(registry, key, DRAFTS[model_id]), **resident(registry, key)},
+                n_honest.get(model_id, 4),
+            ),
             ("cheats", cheats(registry, key, DRAFTS[model_id]), n_cheats.get(model_id, 2)),
         ):
             for name, v in variants.items():

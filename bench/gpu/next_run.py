@@ -409,10 +409,10 @@ def native_replay(run: gpu_env.Run, args: argparse.Namespace) -> None:
                 "int8-weights-bf16-compute": "adversaries.precision_downgrade.int8_rounded weights (per-row "
                 "weight-only int8) computing in bf16 on the GPU, claiming the model (a cheat)",
             },
-            "replay": "verifier.audit.measure_generation(passes=protocol.schedule.schedule_of(runtime)): the "
+            "replay": "verifier.audit.measure_generation(schedule=schedule_of(runtime)): the "
             "answer re-executed the way it was decoded, on a separate bf16 copy of the registry's weights "
             "on the same GPU (Maxwell's reference)",
-            "prefill": "measure_generation(passes=None): one bf16 prefill over prompt + output (the native "
+            "prefill": "measure_generation(schedule=None): one bf16 prefill over prompt + output (the native "
             "rule before the replay)",
             "per_run": "worst chunk's close fraction, worst chunk's median relative error, max token gap; "
             "all_chunks_close: every chunk 100 % close",
@@ -523,7 +523,7 @@ def replay_model(
         claims, gen_s = timed(lambda: state["provers"][variant].claims(lease))
         schedule = schedule_of(claims.runtime, len(claims.tokens()))
         ref = state["ref"]
-        replay, replay_s = timed(lambda: measure_generation(lease, claims, ref, edge, schedule.passes))
+        replay, replay_s = timed(lambda: measure_generation(lease, claims, ref, edge, schedule))
         prefill, prefill_s = timed(lambda: measure_generation(lease, claims, ref, edge))
         return {
             "tokens": len(claims.tokens()),

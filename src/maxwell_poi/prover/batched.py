@@ -20,6 +20,7 @@ from pydantic import JsonValue
 from ..protocol.keys import AgentKey
 from ..protocol.lease import GenerateJob, Lease
 from ..protocol.receipt import ReceiptClaims, sign_receipt, token_output
+from ..protocol.schedule import RUNTIME_KEY, batch_declaration
 from ..registry.forward import generate_batch
 from ..registry.models import LoadedModel, Registry
 from ..registry.sampling import SeededSampler
@@ -90,6 +91,9 @@ class BatchedProver:
         claimed = self.registry.reference(leases[0].model_id)
         outputs, builders = self.generate(leases, model)
         runtime = self.runtime(len(leases))
+        if len(leases) > 1:  # the batch's shape, so a native audit can replay it (protocol.schedule)
+            width = max(len(model.encode_prompt(lease.job.prompt)) for lease in leases)  # type: ignore[union-attr]
+            runtime[RUNTIME_KEY] = batch_declaration(len(leases), width)
         return [
             claims_for(lease, claimed, builder, output=token_output(tokens, claimed.vocab), runtime=runtime)
             for lease, tokens, builder in zip(leases, outputs, builders, strict=True)

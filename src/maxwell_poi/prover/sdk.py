@@ -27,6 +27,7 @@ from ..protocol.receipt import (
     sign_receipt,
     token_output,
 )
+from ..protocol.schedule import RUNTIME_KEY
 from ..protocol.stream import parse_open_request, refusal_line
 from ..protocol.trace import Opening, Trace, opening_line
 from ..registry.blocks import architecture
@@ -109,13 +110,16 @@ class Prover:
         return self._converted[key]
 
     def runtime(self) -> dict[str, JsonValue]:
-        return {
+        out: dict[str, JsonValue] = {
             "device": self.device if self.device == "cpu" else torch.cuda.get_device_name(self.device),
             "threads": torch.get_num_threads(),
             "batch": self.batch,
             "torch": torch.__version__,
             "host": platform.machine(),
         }
+        if self.batch > 1:  # peers of the prompt's length beside it: the pass shape a replay needs
+            out[RUNTIME_KEY] = {"batch": self.batch}
+        return out
 
     def run(self, lease: Lease) -> bytes:
         return sign_receipt(self.claims(lease), self.key)

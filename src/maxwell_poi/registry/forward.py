@@ -214,13 +214,24 @@ class KVCached:
 
 
 def replay_decode(
-    model: LoadedModel, prompt_ids: list[int], tokens: list[int], passes: tuple[tuple[int, int], ...]
+    model: LoadedModel,
+    prompt_ids: list[int],
+    tokens: list[int],
+    passes: tuple[tuple[int, int], ...],
+    batch: int = 1,
+    pad: int = 0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The answer fed back the way its prover decoded it (protocol.schedule): the prompt in one pass,
     then each declared pass of `fed` positions on the KV cache, keeping its first `kept` rows and
     cropping the rest (a speculative decoder's refused proposals). Refused rows are fed as copies of
     the pass's last kept token: causal attention keeps them out of the kept rows, and only their count
-    shapes the pass's kernels. Same shapes as `prefill`: (hidden [P+N-1, d], logits [N, V])."""
+    shapes the pass's kernels. A declared batch (`batch` rows, `pad` columns of left padding: plain
+    decoding only) is replayed as `generate_batch` ran it, the lease in row 0. Same shapes as
+    `prefill`: (hidden [P+N-1, d], logits [N, V])."""
+    if batch > 1 or pad > 0:
+        hidden = _replay_batched(model, prompt_ids, tokens, batch, pad)
+        with torch.inference_mode():
+            return hidden, model.module.get_output_embeddings()(hidden[len(prompt_ids) - 1 :])
     kv = KVCached(model)
     seq = prompt_ids + tokens[:-1]
     rows = [kv.feed_hidden(prompt_ids)[0]]
@@ -234,3 +245,34 @@ def replay_decode(
     with torch.inference_mode():
         logits = model.module.get_output_embeddings()(hidden[len(prompt_ids) - 1 :])
     return hidden, logits
+
+
+def _replay_batched(
+    model: LoadedModel, prompt_ids: list[int], tokens: list[int], rows: int, pad: int
+) -> torch.Tensor:
+    """Row 0's final hidden states when the answer is decoded one token per pass in a batch of `rows`
+    rows, its prompt left-padded by `pad` columns (mask and positions as `generate_batch` sets them).
+    The other rows repeat row 0: a pass's rounding depends on its shape, not on the other rows."""
+    device = next(model.module.parameters()).device
+    ids = torch.tensor([[_pad_id(model)] * pad + prompt_ids] * rows, device=device)
+    mask = torch.tensor([[0] * pad + [1] * len(prompt_ids)] * rows, device=device)
+    cache_kw = _cache_keyword(model.module)
+    with torch.inference_mode():
+        out = model.module.base_model(
+            input_ids=ids,
+            attention_mask=mask,
+            position_ids=(mask.cumsum(-1) - 1).clamp_min(0),
+            use_cache=True,
+        )
+        hidden = [out.last_hidden_state[0, pad:]]
+        for pos, token in enumerate(tokens[:-1]):
+            mask = torch.cat([mask, mask.new_ones(rows, 1)], dim=1)
+            out = model.module.base_model(
+                input_ids=torch.tensor([[token]] * rows, device=device),
+                attention_mask=mask,
+                position_ids=torch.tensor([[len(prompt_ids) + pos]] * rows, device=device),
+                use_cache=True,
+                **{cache_kw: getattr(out, cache_kw)},
+            )
+            hidden.append(out.last_hidden_state[0])
+    return torch.cat(hidden)

@@ -25,7 +25,7 @@ from ..protocol.fingerprint import ChunkComparison, chunk_spans
 from ..protocol.lease import EmbedJob, GenerateJob, Lease
 from ..protocol.receipt import ReceiptClaims
 from ..protocol.result import LayerName
-from ..protocol.schedule import schedule_of
+from ..protocol.schedule import DecodeSchedule, schedule_of
 from ..registry.fingerprint import compare_chunk
 from ..registry.forward import embed_one, prefill, replay_decode
 from ..registry.models import LoadedModel, Registry
@@ -148,14 +148,21 @@ class AuditLayer(TimedLayer):
         assert choice.replay is not None and choice.served_fp32 is not None
         precision = choice.replay_precision
         try:
-            schedule = schedule_of(claims.runtime, len(claims.tokens()))
+            prompt_len = len(self.registry.encode_prompt(lease.model_id, lease.job.prompt))  # type: ignore[union-attr]
+            schedule = schedule_of(claims.runtime, len(claims.tokens()), prompt_len)
         except ValueError as exc:
             native = Judged(str(exc), "", 0.0, choice.details())
         else:
             model = self.reference_model(lease.model_id, precision)
-            native = self._judge(lease, claims, model, choice.replay, choice, schedule.passes)
+            native = self._judge(lease, claims, model, choice.replay, choice, schedule)
             if not native.problem:
-                how = "the declared passes" if schedule.declared else "one token per pass"
+                how = (
+                    f"in a batch of {schedule.batch}, {schedule.pad} columns of padding"
+                    if schedule.batched
+                    else "the declared passes"
+                    if schedule.declared
+                    else "one token per pass"
+                )
                 ok = f"{native.ok} within the {precision} decode-replay tolerance ({how})"
                 return replace(native, ok=ok)
         upgraded = self._judge(
@@ -177,13 +184,13 @@ class AuditLayer(TimedLayer):
         model: LoadedModel,
         tol: Tolerance,
         choice: ToleranceChoice,
-        passes: tuple[tuple[int, int], ...] | None = None,
+        schedule: DecodeSchedule | None = None,
     ) -> Judged:
-        """Re-execute on `model` (a prefill, or a decode replay of `passes`) and apply `tol`: the
+        """Re-execute on `model` (a prefill, or a decode replay of `schedule`) and apply `tol`: the
         first problem, or what matched."""
         tolerance = choice.details()
         if isinstance(lease.job, GenerateJob):
-            m = measure_generation(lease, claims, model, tol.logit_tol, passes)
+            m = measure_generation(lease, claims, model, tol.logit_tol, schedule)
             details = {"max_token_gap": m.max_gap, "token_gap_tolerance": tol.token_gap, **tolerance}
             first = token_choice(m, tol)
             ok = f"{len(m.gaps)} tokens match the seeded choice; {len(m.chunks)} fingerprint chunks"
@@ -276,19 +283,19 @@ def measure_generation(
     claims: ReceiptClaims,
     model: LoadedModel,
     edge_tol: float = 0.0,
-    passes: tuple[tuple[int, int], ...] | None = None,
+    schedule: DecodeSchedule | None = None,
 ) -> AuditMeasurement:
     """Re-execute the claimed model on prompt + output and compare, before any threshold: one
-    prefill, or (`passes`) a decode replay of those passes after the prompt's (protocol.schedule).
+    prefill, or (`schedule`) a decode replay of its passes and batch (protocol.schedule).
     `edge_tol` is the logit allowance for the prover's rounding (see SeededSampler.score_gaps)."""
     job = lease.job
     assert isinstance(job, GenerateJob)
     prompt = model.encode_prompt(job.prompt)
     tokens = claims.tokens()
-    if passes is None:
+    if schedule is None:
         hidden, logits = prefill(model, prompt, tokens)
     else:
-        hidden, logits = replay_decode(model, prompt, tokens, passes)
+        hidden, logits = replay_decode(model, prompt, tokens, schedule.passes, schedule.batch, schedule.pad)
     sampler = SeededSampler(lease.seed_bytes, job.temperature, job.top_k)
     gaps = sampler.score_gaps(logits, tokens, edge_tol).numpy()
     spans = chunk_spans(len(prompt), len(tokens), job.chunk)
