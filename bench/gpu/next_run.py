@@ -394,7 +394,7 @@ def native_replay(run: gpu_env.Run, args: argparse.Namespace) -> None:
     out = run.result.setdefault("native_replay", {})
     thresholds = Thresholds.load()
     edge = thresholds.same_class["bf16"].logit_tol
-    replay_set = thresholds.replay.get("bf16")
+    replay_sets = thresholds.replay.get("bf16", {})  # per model (verifier.thresholds)
     out.update(
         {
             "question": "is a bf16 decode replay on the GPU bit-exact against the same GPU's bf16 decode, "
@@ -417,7 +417,7 @@ def native_replay(run: gpu_env.Run, args: argparse.Namespace) -> None:
             "per_run": "worst chunk's close fraction, worst chunk's median relative error, max token gap; "
             "all_chunks_close: every chunk 100 % close",
             "logit_tol": edge,
-            "replay_set": vars(replay_set) if replay_set else None,
+            "replay_sets": {m: vars(t) for m, t in replay_sets.items()},
             "drafts": {m: REPLAY_DRAFTS[m] for m in args.replay_models},
             "models": {},
         }
@@ -427,7 +427,9 @@ def native_replay(run: gpu_env.Run, args: argparse.Namespace) -> None:
         # each model gets an equal share of what is left (time the first leaves over goes on)
         until = time.monotonic() + run.left("native_replay") / (len(args.replay_models) - i)
         try:
-            replay_model(run, args, out["models"], (registry, key), model_id, until, edge, replay_set)
+            replay_model(
+                run, args, out["models"], (registry, key), model_id, until, edge, replay_sets.get(model_id)
+            )
         finally:
             free_gpu(args.device)
     out["summary"] = {
