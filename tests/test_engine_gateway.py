@@ -130,6 +130,11 @@ def test_an_honest_engine_agent_is_judged_by_its_own_profile_and_its_receipts_l4
     ProfileStore().put(profile)
     for temperature in (0.0, 0.8):
         text, m, message = stream(gw, temperature)
+        for _ in range(3):  # a sampled answer may end at end-of-sequence after 1-2 tokens: too short to time
+            if m["verdict"] != "warning" or "expected at least 3 streamed tok" not in message:
+                break
+            assert m["completion_status"] == "refunded", m  # not judged: not paid (fail closed)
+            text, m, message = stream(gw, temperature)
         assert text and m["verdict"] == "affirming" and m["completion_status"] == "paid", (message, m)
         status = {name: d["status"] for name, d in layers(m).items()}
         assert status == {"L0-integrity": "pass", "L1-thermodynamic": "pass", "L2-boundary": "pass",
