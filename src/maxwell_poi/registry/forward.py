@@ -65,6 +65,16 @@ def generate(
     return tokens
 
 
+def left_padded(
+    prompts: list[list[int]], width: int, pad: int, device: torch.device | str
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Prompts left-padded to `width` as one batch: (ids, attention mask, position ids counting from
+    each row's first real token). One place, so a decode replay pads exactly as `generate_batch` did."""
+    ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts], device=device)
+    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=device)
+    return ids, mask, (mask.cumsum(-1) - 1).clamp_min(0)  # pads sit at 0; they are masked anyway
+
+
 def _pad_id(model: LoadedModel) -> int:
     pad = getattr(model.tokenizer, "pad_token_id", None)
     return int(pad) if pad is not None else 0
@@ -94,9 +104,7 @@ def generate_batch(
     device = next(model.module.parameters()).device
     pad = _pad_id(model)
     rows, width, steps = len(prompts), max(len(p) for p in prompts), max(new_tokens)
-    ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts], device=device)
-    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=device)
-    positions = (mask.cumsum(-1) - 1).clamp_min(0)  # pads sit at 0; they are masked anyway
+    ids, mask, positions = left_padded(prompts, width, pad, device)
     tokens: list[list[int]] = [[] for _ in prompts]
     cache_kw = _cache_keyword(model.module)
     with torch.inference_mode():
@@ -254,15 +262,11 @@ def _replay_batched(
     rows, its prompt left-padded by `pad` columns (mask and positions as `generate_batch` sets them).
     The other rows repeat row 0: a pass's rounding depends on its shape, not on the other rows."""
     device = next(model.module.parameters()).device
-    ids = torch.tensor([[_pad_id(model)] * pad + prompt_ids] * rows, device=device)
-    mask = torch.tensor([[0] * pad + [1] * len(prompt_ids)] * rows, device=device)
+    ids, mask, positions = left_padded([prompt_ids] * rows, len(prompt_ids) + pad, _pad_id(model), device)
     cache_kw = _cache_keyword(model.module)
     with torch.inference_mode():
         out = model.module.base_model(
-            input_ids=ids,
-            attention_mask=mask,
-            position_ids=(mask.cumsum(-1) - 1).clamp_min(0),
-            use_cache=True,
+            input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True
         )
         hidden = [out.last_hidden_state[0, pad:]]
         for pos, token in enumerate(tokens[:-1]):
